@@ -1,0 +1,34 @@
+# fastpeft: make test | make bench | make gpu-check   (each installs what it needs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastpeft-installed
+
+.PHONY: test bench gpu-check install clean
+
+# The venv: torch 2.13.0 CPU (pip takes it from local disk) unless a torch is there,
+# triton 3.6.0 (its interpreter runs the kernels on the CPU) with numpy < 2.4, and the
+# package with its test and bench extras. The CUDA C++ extension builds when nvcc is found.
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=70" wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet triton==3.6.0 "numpy<2.4"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+# On the GPU machine (no network): system python, build csrc for sm_90, run every test
+# and every benchmark, write benchmarks/results/, print the summary last.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info fastpeft/_C*.so $(VENV)

@@ -1,0 +1,72 @@
+"""Input validation shared by every public function: clear ValueError / TypeError messages."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fmt(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(name: str, t: object, *, ndim: int | None = None, min_ndim: int | None = None,
+           dtypes: Iterable[torch.dtype] | None = None) -> torch.Tensor:
+    """Check that ``t`` is a tensor with the given rank and dtype; return it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; "
+                            f"supported: {_fmt(dtypes)}")
+    return t
+
+
+def same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    dtypes = {v.dtype for v in present.values()}
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{k}={str(v.dtype).replace('torch.', '')}" for k, v in present.items())
+        raise TypeError(f"dtypes must match: {desc}")
+    return next(iter(dtypes))
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        desc = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"tensors must be on one device: {desc}")
+    return next(iter(devices))
+
+
+def positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v <= 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def finite_float(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def probability(name: str, v: object) -> float:
+    v = finite_float(name, v)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {v}")
+    return v

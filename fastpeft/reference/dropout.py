@@ -1,0 +1,69 @@
+"""Counter-based dropout mask shared by every backend.
+
+The LoRA kernels apply dropout inside the kernel and never store the mask: the
+backward pass regenerates it. For that to work, and for every backend (torch,
+Triton, CUDA C++) to draw the *same* mask from the same seed, the mask is a pure
+function of ``(seed, row, col)``:
+
+    mix32(x):  x ^= x >> 16;  x *= 0x7FEB352D;  x ^= x >> 15;
+               x *= 0x846CA68B;  x ^= x >> 16          (all mod 2**32)
+    h(seed, i, j) = mix32(mix32(seed ^ mix32(i)) ^ j)
+    keep(i, j)    = (h >> 1) >= floor(p * 2**31)
+
+``i`` is the row of the 2-D (flattened) input and ``j`` its column. A kept
+element is scaled by ``1 / (1 - p)``. ``mix32`` is Chris Wellons' "lowbias32"
+integer hash; its output is close to uniform, so P(keep) = 1 - p up to 2**-31.
+
+This file is the specification; kernels/ and csrc/ implement the same function.
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_C1 = 0x7FEB352D
+_C2 = 0x846CA68B
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding uint32 values, without int64 overflow."""
+    lo = x & 0xFFFF
+    hi = x >> 16
+    return (lo * c + (((hi * (c & 0xFFFF)) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding uint32 values."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, _C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _C2)
+    x = x ^ (x >> 16)
+    return x
+
+
+def dropout_threshold(p: float) -> int:
+    """The 31-bit threshold below which an element is dropped."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return int(p * 2**31)
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean [rows, cols] mask of the kept elements for ``seed`` and ``p``."""
+    thr = dropout_threshold(p)
+    i = torch.arange(rows, dtype=torch.int64, device=device)
+    j = torch.arange(cols, dtype=torch.int64, device=device)
+    row_key = mix32((seed & _M32) ^ mix32(i))
+    h = mix32(row_key[:, None] ^ j[None, :])
+    return (h >> 1) >= thr
+
+
+def dropout_2d(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x * keep / (1 - p) on a 2-D tensor, with the mask above (the reference dropout)."""
+    if p == 0.0:
+        return x
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))

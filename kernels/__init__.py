@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``fastpeft.kernels``. Kernels only: no modules, no policy."""

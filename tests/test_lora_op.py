@@ -1,0 +1,259 @@
+"""fastpeft.lora_linear against the float64 reference: outputs and every gradient."""
+import itertools
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import _backend
+from fastpeft.reference import lora as ref
+from fastpeft.reference.dropout import dropout_keep_mask, mix32
+
+from _utils import DEVICE, TOL, assert_close, rel_err
+
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and _backend.cuda_ext_status()[0] else [])
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def make(M, K, N, r, dtype, bias=True, lead=(), adapter_dtype=None, device=DEVICE):
+    g = torch.Generator().manual_seed(1000 * M + 10 * K + N + r)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    adt = adapter_dtype or dtype
+    x = rnd(*lead, M, K).to(device, dtype).requires_grad_()
+    w = (rnd(N, K) / K ** 0.5).to(device, dtype)
+    b = rnd(N).to(device, dtype) if bias else None
+    A = (rnd(r, K) / K ** 0.5).to(device, adt).requires_grad_()
+    B = (rnd(N, r) / r ** 0.5).to(device, adt).requires_grad_()
+    return x, w, b, A, B
+
+
+def check_against_reference(x, w, b, A, B, s, p, seed, backend, dtype, **kw):
+    y = fastpeft.lora_linear(x, w, b, A, B, s, dropout_p=p, training=True, seed=seed, backend=backend, **kw)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(y.device)
+    y.backward(dy.to(y.dtype))
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, A, B)]
+    yr = ref.lora_linear(leaves[0], w.cpu().double(), None if b is None else b.cpu().double(),
+                         leaves[1], leaves[2], s, p, seed)
+    yr.backward(dy.cpu())
+    assert_close("y", y, yr, dtype)
+    for name, t, leaf in zip(("dx", "dA", "dB"), (x, A, B), leaves):
+        assert t.grad is not None, f"{name} missing"
+        assert t.grad.dtype == t.dtype
+        assert_close(name, t.grad, leaf.grad, dtype)
+
+
+SHAPES = [(1, 37, 45), (16, 64, 48), (33, 70, 50), (65, 96, 130)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("r", [1, 4, 16, 64])
+def test_matches_reference(backend, dtype, shape, r, poison_outputs):
+    M, K, N = shape
+    x, w, b, A, B = make(M, K, N, r, dtype)
+    check_against_reference(x, w, b, A, B, 2.0 / r, 0.0, 0, backend, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("shape,r", [((1, 40, 33), 4), ((48, 72, 40), 16), ((20, 50, 70), 64)])
+def test_triton_both_fusions_with_dropout(dtype, fuse, p, shape, r, poison_outputs):
+    """The in-loop shrink and the separate shrink kernel, forward and backward, with dropout."""
+    M, K, N = shape
+    x, w, b, A, B = make(M, K, N, r, dtype)
+    check_against_reference(x, w, b, A, B, 0.5, p, 1234, "triton", dtype, fuse_shrink=fuse)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dropout_with_kernel_backends(backend, poison_outputs):
+    x, w, b, A, B = make(37, 64, 40, 8, torch.float32)
+    check_against_reference(x, w, b, A, B, 1.0, 0.25, 99, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+def test_large_rank_loops_over_rank_blocks(backend, poison_outputs):
+    x, w, b, A, B = make(9, 40, 36, 200, torch.float32)
+    check_against_reference(x, w, b, A, B, 0.25, 0.0, 0, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+def test_leading_dims_and_non_contiguous_input(backend):
+    x, w, b, A, B = make(12, 24, 20, 4, torch.float32, lead=(2, 3))
+    # a non-contiguous view: every other feature of a wider tensor, transposed batch dims
+    wide = torch.randn(3, 2, 12, 48, device=DEVICE).transpose(0, 1)
+    xv = wide[..., ::2].detach().requires_grad_(False)
+    assert not xv.is_contiguous()
+    y = fastpeft.lora_linear(xv, w, b, A, B, 0.5, backend=backend)
+    yr = ref.lora_linear(xv.double(), w.double(), b.double(), A.double(), B.double(), 0.5)
+    assert y.shape == (2, 3, 12, 20)
+    assert_close("y", y, yr, torch.float32)
+    check_against_reference(x, w, b, A, B, 0.5, 0.0, 0, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+def test_empty_input(backend):
+    x, w, b, A, B = make(0, 16, 8, 4, torch.float32, lead=(3,))
+    y = fastpeft.lora_linear(x, w, b, A, B, 1.0, backend=backend)
+    assert y.shape == (3, 0, 8)
+    y.sum().backward()
+    assert A.grad is not None and A.grad.abs().sum() == 0 and B.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+def test_no_bias_and_trainable_bias(backend):
+    x, w, _, A, B = make(10, 20, 12, 4, torch.float32, bias=False)
+    check_against_reference(x, w, None, A, B, 1.0, 0.0, 0, backend, torch.float32)
+    x, w, b, A, B = make(10, 20, 12, 4, torch.float32)
+    b.requires_grad_()
+    y = fastpeft.lora_linear(x, w, b, A, B, 1.0, backend=backend)
+    y.backward(torch.ones_like(y))
+    assert torch.allclose(b.grad, torch.full_like(b, 10.0))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+def test_weight_never_gets_a_gradient(backend):
+    x, w, b, A, B = make(5, 16, 8, 2, torch.float32)
+    w.requires_grad_()
+    fastpeft.lora_linear(x, w, b, A, B, 1.0, backend=backend).sum().backward()
+    assert w.grad is None and A.grad is not None
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+def test_fp32_adapters_on_half_base(backend):
+    x, w, b, A, B = make(17, 32, 24, 8, torch.float16, adapter_dtype=torch.float32)
+    y = fastpeft.lora_linear(x, w, b, A, B, 0.5, backend=backend)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    yr = ref.lora_linear(x.double(), w.double(), b.double(), A.double(), B.double(), 0.5)
+    assert_close("y", y, yr, torch.float16)
+
+
+def test_dropout_off_in_eval_and_same_seed_same_mask():
+    x, w, b, A, B = make(64, 32, 16, 4, torch.float32)
+    y_eval = fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=0.5, training=False)
+    assert_close("eval", y_eval, ref.lora_linear(x.double(), w.double(), b.double(), A.double(), B.double(), 1.0),
+                 torch.float32)
+    y1 = fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=0.5, training=True, seed=5)
+    y2 = fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=0.5, training=True, seed=5)
+    y3 = fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=0.5, training=True, seed=6)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    torch.manual_seed(3)
+    y4 = fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=0.5, training=True)
+    torch.manual_seed(3)
+    y5 = fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=0.5, training=True)
+    assert torch.equal(y4, y5), "the drawn seed must follow torch.manual_seed"
+
+
+def test_triton_and_torch_draw_the_same_mask():
+    x, w, b, A, B = make(40, 48, 24, 8, torch.float32)
+    yt = fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=0.4, training=True, seed=77, backend="triton")
+    yp = fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=0.4, training=True, seed=77, backend="torch")
+    assert rel_err(yt, yp) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_mask_keeps_one_minus_p(p):
+    keep = dropout_keep_mask(seed=11, rows=256, cols=512, p=p)
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p)) < 0.01, frac
+    # rows and columns are not copies of each other
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+
+
+def test_mix32_matches_plain_python():
+    def py_mix32(x):
+        m = 0xFFFFFFFF
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & m
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & m
+        x ^= x >> 16
+        return x
+    vals = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
+    got = mix32(torch.tensor(vals, dtype=torch.int64)).tolist()
+    assert got == [py_mix32(v) for v in vals]
+
+
+# --------------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w, b, A, B = make(4, 8, 6, 2, torch.float32)
+    cases = [
+        ((x[:, :7], w, b, A, B, 1.0), ValueError, "features"),
+        ((x, w, b[:5], A, B, 1.0), ValueError, "bias"),
+        ((x, w, b, A[:, :7], B, 1.0), ValueError, "lora_A"),
+        ((x, w, b, A, B[:, :1], 1.0), ValueError, "lora_B"),
+        ((x, w, b, A[:0], B[:, :0], 1.0), ValueError, "r must be > 0"),
+        ((x.half(), w, b, A, B, 1.0), TypeError, "dtypes must match"),
+        ((x.int(), w, b, A, B, 1.0), TypeError, "dtype"),
+        ((x, w, b, A, B, float("nan")), ValueError, "scaling"),
+        (("x", w, b, A, B, 1.0), TypeError, "torch.Tensor"),
+        ((x, w[0], b, A, B, 1.0), ValueError, "2-D"),
+    ]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fastpeft.lora_linear(*args)
+    with pytest.raises(ValueError, match="dropout_p"):
+        fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=1.0, training=True)
+    with pytest.raises(ValueError, match="one device"):
+        fastpeft.lora_linear(x, w.to("meta"), b, A, B, 1.0)
+
+
+def test_forced_backend_that_cannot_run():
+    x, w, b, A, B = make(4, 8, 6, 2, torch.float32, device="cpu")
+    with pytest.raises(fastpeft.BackendUnavailableError, match="cuda.*forced"):
+        fastpeft.lora_linear(x, w, b, A, B, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastpeft.lora_linear(x, w, b, A, B, 1.0, backend="cutlass")
+
+
+def test_backend_env_and_context(monkeypatch):
+    dev = torch.device("cpu")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    assert _backend.select("op", dev, ("triton",), ("triton", "torch")) == "torch"
+    with fastpeft.use_backend("triton"):  # the context manager wins over the environment
+        expected = "triton" if _backend.interpreter_active() else None
+        if expected:
+            assert _backend.select("op", dev, ("triton",), ("triton", "torch")) == "triton"
+        else:
+            with pytest.raises(fastpeft.BackendUnavailableError, match="TRITON_INTERPRET"):
+                _backend.select("op", dev, ("triton",), ("triton", "torch"))
+    monkeypatch.setenv("FASTPEFT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTPEFT_BACKEND"):
+        _backend.select("op", dev, ("triton",), ("triton", "torch"))
+    monkeypatch.delenv("FASTPEFT_BACKEND")
+    with pytest.raises(fastpeft.BackendUnavailableError, match="no cuda implementation"):
+        _backend.select("op", dev, ("torch",), ("torch",), explicit="cuda")
+
+
+def test_auto_on_cpu_picks_interpreter_or_torch():
+    dev = torch.device("cpu")
+    got = _backend.select("lora_linear", dev, ("triton", "cuda", "torch"), ("triton", "cuda", "torch"))
+    assert got == ("triton" if _backend.interpreter_active() else "torch")
+
+
+# --------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 16, 300, 1100])
+@pytest.mark.parametrize("r", [8, 64])
+def test_gpu_realistic_shapes(backend, dtype, M, r, poison_outputs):
+    x, w, b, A, B = make(M, 1032, 776, r, dtype)
+    check_against_reference(x, w, b, A, B, 2.0, 0.1, 3, backend, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 512, 2048])
+def test_gpu_autotuned_configs_are_correct(M, monkeypatch, poison_outputs):
+    monkeypatch.setenv("FASTPEFT_AUTOTUNE", "1")
+    for fuse in (True, False):
+        x, w, b, A, B = make(M, 512, 640, 16, torch.bfloat16)
+        check_against_reference(x, w, b, A, B, 1.0, 0.0, 0, "triton", torch.bfloat16, fuse_shrink=fuse)
