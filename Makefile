@@ -20,7 +20,7 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs tests
+	$(VENV)/bin/pytest -q -rs tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -3,10 +3,13 @@ efficient inference of large language models."""
 from ._backend import BackendUnavailableError, use_backend
 from .nn.lora import LoRALinear
 from .ops.lora import lora_linear
+from .model import inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from .adapter_io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "use_backend",
     "LoRALinear", "lora_linear",
+    "inject_lora", "mark_only_lora_as_trainable", "lora_state_dict", "save_adapter", "load_adapter",
 ]

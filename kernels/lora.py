@@ -67,7 +67,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 # kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "thr31"])
 def _lora_gemm_kernel(
     X, W, BIAS, U, A, UOUT, BL, Y,
     M, N, K, R, M_BUCKET,
@@ -96,9 +96,22 @@ def _lora_gemm_kernel(
     mask_n = offs_n < N
     dt = X.dtype.element_ty
 
+    # With U precomputed, the update s * U Bt (masked for backward dx) starts the
+    # accumulator, so no second [BLOCK_M, BLOCK_N] tile is live next to it.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FUSE_SHRINK:
+    if not FUSE_SHRINK:
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + offs_r
+            u = tl.load(U + offs_m[:, None] * s_um + rr[None, :] * s_ur,
+                        mask=mask_m[:, None] & (rr < R)[None, :], other=0.0)
+            b = tl.load(BL + offs_n[None, :] * s_bn + rr[:, None] * s_br,
+                        mask=(rr < R)[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot((u * scaling).to(dt), b, acc, UPCAST, PRECISION)
+        if EPILOGUE_DROPOUT:
+            acc = tl.where(_keep_mask(seed, offs_m, offs_n, thr31), acc * drop_scale, 0.0)
+    else:
         acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+
     x_ptrs = X + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk
     w_ptrs = W + offs_k[:, None] * s_wk + offs_n[None, :] * s_wn
     for k0 in range(0, K, BLOCK_K):
@@ -115,8 +128,7 @@ def _lora_gemm_kernel(
         x_ptrs += BLOCK_K * s_xk
         w_ptrs += BLOCK_K * s_wk
 
-    # low-rank update: lo = s * U Bt, U [BLOCK_M, R] (fp32), Bt [R, BLOCK_N]
-    if FUSE_SHRINK:
+    if FUSE_SHRINK:  # U was accumulated from the X tiles: the update goes in the epilogue
         u = acc_u * shrink_scale
         if STORE_U:
             tl.store(UOUT + offs_m[:, None] * s_om + offs_r[None, :] * s_or, u,
@@ -126,24 +138,9 @@ def _lora_gemm_kernel(
         us = (u * scaling).to(dt)
         if EPILOGUE_DROPOUT:
             lo = _dot(us, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+            acc += tl.where(_keep_mask(seed, offs_m, offs_n, thr31), lo * drop_scale, 0.0)
         else:
             acc = _dot(us, b, acc, UPCAST, PRECISION)
-    else:
-        if EPILOGUE_DROPOUT:
-            lo = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + offs_r
-            u = tl.load(U + offs_m[:, None] * s_um + rr[None, :] * s_ur,
-                        mask=mask_m[:, None] & (rr < R)[None, :], other=0.0)
-            b = tl.load(BL + offs_n[None, :] * s_bn + rr[:, None] * s_br,
-                        mask=(rr < R)[:, None] & mask_n[None, :], other=0.0)
-            us = (u * scaling).to(dt)
-            if EPILOGUE_DROPOUT:
-                lo = _dot(us, b, lo, UPCAST, PRECISION)
-            else:
-                acc = _dot(us, b, acc, UPCAST, PRECISION)
-    if EPILOGUE_DROPOUT:
-        acc += tl.where(_keep_mask(seed, offs_m, offs_n, thr31), lo * drop_scale, 0.0)
 
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -151,7 +148,7 @@ def _lora_gemm_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "thr31"])
 def _shrink_kernel(
     X, A, U, M, K, R,
     s_xm, s_xk, s_ar, s_ak, s_um, s_ur,
@@ -188,7 +185,7 @@ def _shrink_kernel(
         tl.atomic_add(u_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "thr31"])
 def _grad_a_kernel(
     V, X, P, M, K, R,
     s_vm, s_vr, s_xm, s_xk, s_ps, s_pr, s_pk,
@@ -278,15 +275,22 @@ def _autotune_enabled() -> bool:
     return os.environ.get("FASTPEFT_AUTOTUNE", "1") != "0"
 
 
-def _fixed_gemm_config(M: int, block_r: int) -> dict:
-    """One config per M range: the interpreter's small tiles, or the GPU's without autotuning."""
+def _fixed_gemm_config(M: int, block_r: int, dtype: torch.dtype) -> dict:
+    """One config per M range: the interpreter's small tiles, or the GPU's without autotuning.
+
+    The GPU configs fit the shared memory of sm_80 (164 KiB) and sm_90 in every dtype
+    (tests/test_triton_compile.py checks it); fp32 tiles take fewer pipeline stages.
+    """
     if _interpreted():  # the interpreter runs one program at a time in numpy
         return {"BLOCK_M": 16 if M <= 16 else 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+    wide = dtype == torch.float32
     if M <= 32:
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
-    if M <= 128 or block_r > 32:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3 if wide else 4}
+    elif M <= 128 or block_r > 32:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3 if wide else 4}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2 if wide else 3}
+    return {**cfg, "GROUP_M": 8}
 
 
 def _block_r(r: int, cap: int = 64) -> int:
@@ -359,7 +363,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, N: int, w_strides: tuple[int, in
                  SHRINK_DROPOUT=shrink_dropout, EPILOGUE_DROPOUT=epilogue_dropout,
                  UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), BLOCK_R=_block_r(R))
     if _interpreted() or not _autotune_enabled():
-        cfg = _fixed_gemm_config(M, flags["BLOCK_R"])
+        cfg = _fixed_gemm_config(M, flags["BLOCK_R"], x.dtype)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _lora_gemm_kernel[grid](*args, **flags, **cfg)
     else:
@@ -411,7 +415,7 @@ def grad_a(v: torch.Tensor, x: torch.Tensor, out_scale: float, *, dropout_p: flo
     if _interpreted():
         block_k, block_m, warps, stages = 32, 32, 4, 1
     else:
-        block_k, block_m, warps, stages = 128, 64, 4, 3
+        block_k, block_m, warps, stages = 128, 64, 8, 3
     block_r = _block_r(R)
     grid_k, grid_r = triton.cdiv(K, block_k), triton.cdiv(R, block_r)
     split_m = 1

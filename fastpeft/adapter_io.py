@@ -1,0 +1,345 @@
+"""LoRA adapters on disk in Hugging Face PEFT's format.
+
+A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and
+``adapter_model.safetensors`` with, for each adapted module at path P of the base model,
+``base_model.model.P.lora_A.weight`` [r, in] and ``base_model.model.P.lora_B.weight``
+[out, r]. A layer computes y = x W^T + b + scaling * (x A^T) B^T, scaling = lora_alpha / r
+(lora_alpha / sqrt(r) with use_rslora), with r and lora_alpha from the config's
+rank_pattern / alpha_pattern where a key matches P, else its r / lora_alpha. Files written
+by PEFT's ``save_pretrained`` load here, and ``PeftModel.from_pretrained`` loads ours.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+
+from . import _checks
+from .model import (ALL_LINEAR, BASE_TYPES, find_targets, lora_modules, mark_only_lora_as_trainable,
+                    name_matches, replace_with_lora)
+from .nn.lora import lora_scaling
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# init_lora_weights values whose saved A and B apply to the unmodified base weights as plain LoRA.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+# LoraConfig fields for features LoRALinear does not have: any truthy value is refused.
+UNSUPPORTED_FIELDS = ("use_dora", "fan_in_fan_out", "modules_to_save", "layer_replication", "lora_bias",
+                      "target_parameters", "trainable_token_indices", "use_qalora",
+                      "alora_invocation_tokens", "use_bdlora", "arrow_config", "velora_config",
+                      "kasa_config", "monteclora_config", "megatron_config")
+_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as e:  # pragma: no cover - safetensors comes with transformers / the test extra
+        raise ImportError("save_adapter / load_adapter need the safetensors package "
+                          "(pip install safetensors)") from e
+    return safetensors.torch
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's matching rules: peft.tuners.tuners_utils.check_target_module_exists and
+# peft.utils.other.get_pattern_key
+
+
+def _layer_index_ok(config: dict, name: str) -> bool:
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    if not match:
+        return False
+    idx = int(match.group("idx"))
+    return idx == layers if isinstance(layers, int) else idx in layers
+
+
+def _excluded(config: dict, name: str) -> bool:
+    exclude = config.get("exclude_modules")
+    return bool(exclude) and name_matches(name, exclude)
+
+
+def peft_matches(config: dict, name: str) -> bool:
+    """Whether PEFT would put LoRA on the module called ``name`` under ``config``
+    (target_modules as a list or regex, exclude_modules, layers_to_transform / layers_pattern)."""
+    targets = config["target_modules"]
+    if _excluded(config, name) or not name_matches(name, targets):
+        return False
+    return isinstance(targets, str) or _layer_index_ok(config, name)
+
+
+def pattern_value(pattern: dict | None, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key K with
+    re.match(rf"(.*\\.)?({K})$", name), else ``default``."""
+    for key, value in (pattern or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error as e:
+            raise ValueError(f"rank_pattern/alpha_pattern key {key!r} is not a valid regex: {e}") from None
+    return default
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _uniform(modules: dict, attr: str):
+    values = {getattr(m, attr) for m in modules.values()}
+    if len(values) > 1:
+        by = {n: getattr(m, attr) for n, m in modules.items()}
+        raise ValueError(f"PEFT's format has one {attr} per adapter but the LoRALinear modules differ: {by}")
+    return values.pop()
+
+
+def _target_modules(model: nn.Module, names: list[str]):
+    """The shortest target_modules under which PEFT selects exactly ``names``: their leaf
+    names, else their qualified paths, else a regex of the escaped paths."""
+    wanted = set(names)
+    everything = [n for n, _ in model.named_modules() if n]
+    for candidate in (sorted({n.rpartition(".")[2] for n in names}), sorted(wanted)):
+        if {n for n in everything if name_matches(n, candidate)} == wanted:
+            return candidate
+    return "(?:" + "|".join(re.escape(n) for n in sorted(wanted)) + ")"
+
+
+def _exact(name: str) -> str:
+    """A rank_pattern key that PEFT matches to module ``name`` only."""
+    return "^" + re.escape(name)
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    for value in (model.__dict__.get("name_or_path"), getattr(config, "_name_or_path", None),
+                  getattr(config, "name_or_path", None)):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def adapter_config(model: nn.Module, task_type: str | None = None) -> dict:
+    """The adapter_config.json contents that describe the LoRALinear modules of ``model``."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRALinear modules: call fastpeft.inject_lora first")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
+    r = Counter(m.r for m in modules.values()).most_common(1)[0][0]
+    alpha = Counter(m.lora_alpha for m in modules.values()).most_common(1)[0][0]
+    model_cls = type(model)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "auto_mapping": None if task_type else {"base_model_class": model_cls.__name__,
+                                                 "parent_library": model_cls.__module__},
+        "base_model_name_or_path": _name_or_path(model),
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "lora_dropout": _uniform(modules, "lora_dropout"),
+        "use_rslora": _uniform(modules, "use_rslora"),
+        "target_modules": _target_modules(model, list(modules)),
+        "rank_pattern": {_exact(n): m.r for n, m in modules.items() if m.r != r},
+        "alpha_pattern": {_exact(n): _number(m.lora_alpha) for n, m in modules.items()
+                          if m.lora_alpha != alpha},
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "lora_bias": False,
+        "layer_replication": None,
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None) -> None:
+    """Write the LoRALinear modules of ``model`` to ``directory`` as a PEFT LoRA adapter.
+
+    Every LoRALinear must share lora_dropout and use_rslora (PEFT keeps one of each); r and
+    lora_alpha may differ per module (rank_pattern / alpha_pattern). Tensors keep their dtype.
+    """
+    config = adapter_config(model, task_type)
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"save_adapter: {directory!r} exists and is not a directory")
+    tensors = {}
+    for name, m in lora_modules(model).items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+    os.makedirs(directory, exist_ok=True)
+    _safetensors().save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def _read(directory: str) -> tuple[dict, dict]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"load_adapter: adapter directory {directory!r} does not exist"
+                                if not os.path.exists(directory) else
+                                f"load_adapter: {directory!r} is not a directory")
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"load_adapter: {config_path!r} not found")
+    with open(config_path) as f:
+        config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"load_adapter: {config_path!r} does not hold a JSON object")
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        state = _safetensors().load_file(weights, device="cpu")
+    elif os.path.isfile(legacy):
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"load_adapter: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} "
+                                f"found in {directory!r}")
+    return config, state
+
+
+def check_config(config: dict) -> None:
+    """Raise for a config that is not plain LoRA on linear layers (naming the field)."""
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    for field in UNSUPPORTED_FIELDS:
+        if config.get(field):
+            raise NotImplementedError(f"adapter config field {field}={config[field]!r} is not "
+                                      f"supported by fastpeft (plain LoRA only)")
+    if config.get("bias", "none") != "none":
+        raise NotImplementedError(f"adapter config field bias={config['bias']!r} is not supported "
+                                  f"(only 'none')")
+    init = config.get("init_lora_weights", True)
+    if init not in PLAIN_INITS:
+        raise NotImplementedError(f"adapter config field init_lora_weights={init!r} is not supported: "
+                                  f"it changes the base weights or the layer (supported: {PLAIN_INITS})")
+    if config.get("target_modules") is None:
+        raise ValueError("adapter config has target_modules=null; fastpeft needs the modules named")
+
+
+def _ranks(config: dict, names: list[str]) -> dict[str, tuple[int, float]]:
+    """module name -> (r, lora_alpha) under the config's r / lora_alpha and patterns."""
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    out = {}
+    for n in names:
+        r_n = pattern_value(config.get("rank_pattern"), n, r)
+        alpha_n = pattern_value(config.get("alpha_pattern"), n, alpha)
+        out[n] = (_checks.positive_int(f"r of {n!r}", r_n),
+                  _checks.finite_float(f"lora_alpha of {n!r}", alpha_n))
+    return out
+
+
+def _planned_names(model: nn.Module, config: dict) -> list[str]:
+    """The modules PEFT would adapt in ``model`` (which has no LoRA yet) under ``config``."""
+    targets = config["target_modules"]
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            raise NotImplementedError("target_modules='all-linear' on a model with transformers "
+                                      "Conv1D layers: fastpeft adapts nn.Linear only")
+        names = [n for n in find_targets(model, ALL_LINEAR)
+                 if not _excluded(config, n) and _layer_index_ok(config, n)]
+    else:
+        names = [n for n, _ in model.named_modules() if n and peft_matches(config, n)]
+        for n in names:
+            module = model.get_submodule(n)
+            if not isinstance(module, BASE_TYPES):
+                raise NotImplementedError(f"target_modules={targets!r} selects {n!r} of type "
+                                          f"{type(module).__name__}: fastpeft adapts nn.Linear only")
+    if not names:
+        raise ValueError(f"adapter config target_modules={targets!r} selects no module of this model")
+    return names
+
+
+def _parse_keys(state: dict) -> tuple[dict, list[str]]:
+    """(module name, "A"|"B") -> (file key, tensor); and the keys that are not LoRA weights."""
+    found, other, adapters = {}, [], set()
+    for key, tensor in state.items():
+        match = _KEY.fullmatch(key.removeprefix(PREFIX))
+        if not match:
+            other.append(key)
+            continue
+        slot = (match["module"], match["which"])
+        if slot in found:
+            raise ValueError(f"load_adapter: keys {found[slot][0]!r} and {key!r} hold the same weight")
+        found[slot] = (key, tensor)
+        adapters.add(match["adapter"])
+    if len(adapters) > 1:
+        raise ValueError(f"load_adapter: the file holds several adapters {sorted(map(str, adapters))}")
+    return found, other
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load the PEFT LoRA adapter in ``directory`` into ``model``; return ``model``.
+
+    A model without LoRALinear modules first gets them where the config's target_modules
+    (list, regex, "all-linear"; exclude_modules, layers_to_transform) select them, with
+    r / lora_alpha from rank_pattern / alpha_pattern, lora_dropout and use_rslora, and only
+    LoRA trains. A model that has them must match the adapter's modules and scalings. The
+    weights are copied into lora_A / lora_B, keeping their dtype and device; keys may carry
+    an adapter name ("...lora_A.default.weight"). Nothing is changed when a check fails
+    (missing or unexpected keys, a wrong shape or scaling).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapter expects an nn.Module, got {type(model).__name__}")
+    config, state = _read(os.fspath(directory))
+    check_config(config)
+    existing = lora_modules(model)
+    names = list(existing) if existing else _planned_names(model, config)
+    ranks = _ranks(config, names)
+    use_rslora = bool(config.get("use_rslora", False))
+    found, other = _parse_keys(state)
+    expected = {(n, w) for n in names for w in "AB"}
+    missing = sorted(f"{PREFIX}{n}.lora_{w}.weight" for n, w in expected - found.keys())
+    unexpected = sorted(other + [found[s][0] for s in found.keys() - expected])
+    if missing or unexpected:
+        raise ValueError(f"load_adapter: the adapter in {os.fspath(directory)!r} does not fit the model: "
+                         f"missing keys {missing}, unexpected keys {unexpected}")
+    for n, m in existing.items():
+        r, alpha = ranks[n]
+        want = lora_scaling(r, alpha, use_rslora)
+        if m.r != r or not math.isclose(m.scaling, want, rel_tol=1e-6):
+            raise ValueError(f"load_adapter: module {n!r} has r={m.r}, lora_alpha={m.lora_alpha:g}, "
+                             f"use_rslora={m.use_rslora} (scaling {m.scaling:g}) but the adapter config "
+                             f"gives r={r}, lora_alpha={alpha:g}, use_rslora={use_rslora} (scaling {want:g})")
+    for (n, w), (key, tensor) in found.items():
+        base, r = model.get_submodule(n), ranks[n][0]
+        want = (r, base.in_features) if w == "A" else (base.out_features, r)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"load_adapter: {key!r} has shape {tuple(tensor.shape)} but the model's "
+                             f"{n}.lora_{w} has shape {want}")
+    if not existing:
+        replace_with_lora(model, ranks, config.get("lora_dropout", 0.0), use_rslora)
+        mark_only_lora_as_trainable(model, "none")
+    modules = lora_modules(model)
+    with torch.no_grad():
+        for (n, w), (_, tensor) in found.items():
+            getattr(modules[n], f"lora_{w}").copy_(tensor)
+    return model

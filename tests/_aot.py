@@ -1,0 +1,271 @@
+"""Compile the Triton kernels for a GPU on a machine without one.
+
+The launchers in fastpeft.kernels are run on CPU tensors with their kernels swapped
+for recorders, so the exact arguments, flags and configs that a GPU launch would
+use are captured; each captured launch is then compiled ahead of time for a chosen
+target (sm_90 for the H200) with the same specialization the JIT would apply
+(ints equal to 1 become constants, multiples of 16 get a divisibility hint).
+
+``python tests/_aot.py`` prints registers, spills and shared memory per launch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use
+_TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                    torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
+
+
+@dataclasses.dataclass
+class Launch:
+    fn: object                    # the JITFunction
+    args: dict                    # runtime args by name
+    constexprs: dict              # constexpr args by name
+    num_warps: int = 4
+    num_stages: int = 3
+    tuned: bool = False           # one of an autotuner's configs (may not fit: it is then skipped)
+
+    def key(self) -> tuple:
+        spec = tuple((k, _spec(v)) for k, v in self.args.items())
+        return (self.fn.__name__, spec, tuple(sorted(self.constexprs.items())), self.num_warps, self.num_stages)
+
+    def label(self) -> str:
+        c = self.constexprs
+        blocks = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in c)
+        flags = ",".join(k for k, v in c.items() if v is True)
+        dt = next((str(v.dtype).replace("torch.", "") for v in self.args.values() if isinstance(v, torch.Tensor)), "")
+        return f"{self.fn.__name__}[{dt} {blocks} w{self.num_warps}s{self.num_stages} {flags}]"
+
+
+def _spec(v):
+    if isinstance(v, torch.Tensor):
+        return ("ptr", v.dtype)
+    if isinstance(v, bool):
+        return ("i1",)
+    if isinstance(v, int):
+        return ("int", 1 if v == 1 else (16 if v % 16 == 0 else 0))
+    return (type(v).__name__,)
+
+
+class _Recorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kw)`` records the launch."""
+
+    def __init__(self, fn, sink, configs=None, prune=None):
+        self.fn, self.sink, self.configs, self.prune = fn, sink, configs, prune
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        names = self.fn.arg_names
+        bound = dict(zip(names, args))
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        configs = [None]
+        if self.configs is not None:
+            configs = self.prune(self.configs, bound, **kwargs) if self.prune else self.configs
+        for cfg in configs:
+            kw = dict(kwargs)
+            o = dict(opts)
+            if cfg is not None:
+                kw.update(cfg.kwargs)
+                o = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            runtime = {n: bound[n] for n in names if n in bound}
+            consts = {n: kw[n] for n in names if n in kw}
+            self.sink.append(Launch(self.fn, runtime, consts, tuned=cfg is not None, **o))
+
+
+def capture(module, run) -> list[Launch]:
+    """Run ``run()`` with ``module``'s kernels recorded instead of launched, as on a GPU."""
+    import triton
+    sink: list[Launch] = []
+    saved = {}
+    kernels = [n for n, v in vars(module).items() if isinstance(v, triton.runtime.jit.JITFunction)]
+    from fastpeft import _backend
+    if not kernels:
+        raise RuntimeError("no JIT kernels found: run this without TRITON_INTERPRET=1")
+    tuned = module._make_autotuned() if hasattr(module, "_make_autotuned") else None
+    saved_interp = _backend.interpreter_active
+    _backend.interpreter_active = lambda: True  # lets fastpeft route CPU tensors to the triton backend
+    try:
+        saved["_interpreted"] = module._interpreted
+        module._interpreted = lambda: False
+        for n in kernels:
+            saved[n] = getattr(module, n)
+            setattr(module, n, _Recorder(saved[n], sink))
+        if tuned is not None:
+            saved["_gemm_launcher"] = module._gemm_launcher
+            module._gemm_launcher = lambda: _Recorder(tuned.fn, sink, configs=tuned.configs,
+                                                      prune=tuned.early_config_prune)
+        run()
+    finally:
+        _backend.interpreter_active = saved_interp
+        for n, v in saved.items():
+            setattr(module, n, v)
+    return sink
+
+
+def compile_launch(launch: Launch, arch: int = 90):
+    """Compile one captured launch for sm_<arch>; returns triton's CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = launch.fn
+    signature, constexprs, attrs = {}, dict(launch.constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        v = launch.args[name]
+        if isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TORCH_TO_TRITON[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1 and i not in fn.do_not_specialize and name not in fn.do_not_specialize:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+                continue
+            signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0 and i not in fn.do_not_specialize and name not in fn.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: cannot type {type(v).__name__}")
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+
+
+def resource_usage(compiled) -> dict:
+    """Registers, stack (spills) and local memory from cuobjdump, plus shared memory."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    out = {"shared": compiled.metadata.shared}
+    for line in text.splitlines():
+        if "REG:" in line:
+            for field in line.split():
+                if ":" in field:
+                    k, v = field.split(":", 1)
+                    if k in ("REG", "STACK", "LOCAL") and v.isdigit():
+                        out[k.lower()] = int(v)
+    return out
+
+
+def lora_launches(dtypes=(torch.bfloat16,), shapes=((1, 512, 512), (2048, 512, 512), (300, 100, 70)),
+                  ranks=(16, 64), dropout=(0.0, 0.1)) -> list[Launch]:
+    """Every launch fastpeft.lora_linear (triton backend) makes, forward and backward."""
+    import fastpeft
+    from fastpeft.kernels import lora as klora
+
+    def run():
+        for dtype in dtypes:
+            for (M, K, N) in shapes:
+                for r in ranks:
+                    for p in dropout:
+                        x = torch.zeros(M, K, dtype=dtype, requires_grad=True)
+                        w = torch.zeros(N, K, dtype=dtype)
+                        b = torch.zeros(N, dtype=dtype)
+                        A = torch.zeros(r, K, dtype=dtype, requires_grad=True)
+                        B = torch.zeros(N, r, dtype=dtype, requires_grad=True)
+                        y = fastpeft.lora_linear(x, w, b, A, B, 1.0, dropout_p=p, training=True, seed=3,
+                                                 backend="triton")
+                        y.backward(torch.zeros_like(y))
+    launches = capture(klora, run)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+_POOL_LAUNCHES: list[Launch] = []
+
+
+def _compile_report(job: tuple[int, int]) -> tuple[int, int, dict | str]:
+    i, arch = job
+    try:
+        return i, arch, resource_usage(compile_launch(_POOL_LAUNCHES[i], arch))
+    except Exception as exc:  # a compile error is the finding
+        return i, arch, f"{type(exc).__name__}: {exc}"[:400]
+
+
+def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2) -> tuple[list[str], list[str]]:
+    """Compile every launch; returns (report lines, problems)."""
+    import multiprocessing
+
+    if autotuned:
+        launches = lora_launches(dtypes=dtypes)
+    else:
+        saved = os.environ.get("FASTPEFT_AUTOTUNE")
+        os.environ["FASTPEFT_AUTOTUNE"] = "0"
+        try:
+            launches = lora_launches(dtypes=dtypes, shapes=((1, 512, 512), (64, 512, 512), (2048, 512, 512)))
+        finally:
+            if saved is None:
+                del os.environ["FASTPEFT_AUTOTUNE"]
+            else:
+                os.environ["FASTPEFT_AUTOTUNE"] = saved
+    _POOL_LAUNCHES[:] = launches
+    jobs_list = [(i, a) for i in range(len(launches)) for a in archs]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        results = pool.map(_compile_report, jobs_list)
+    lines, problems = [], []
+    fits: dict[tuple, bool] = {}
+    for i, arch, ru in results:
+        launch = launches[i]
+        name = f"{launch.label():84s} {arch:3d}"
+        if isinstance(ru, str):
+            problems.append(f"{name} COMPILE FAILED: {ru}")
+            lines.append(problems[-1])
+            continue
+        ok = ru["shared"] <= SHARED_LIMIT[arch]
+        group = (arch, launch.fn.__name__, tuple(sorted((k, _spec(v)) for k, v in launch.args.items())),
+                 tuple(sorted((k, v) for k, v in launch.constexprs.items() if not k.startswith("BLOCK")
+                              and k != "GROUP_M")))
+        if launch.tuned:
+            fits[group] = fits.get(group, False) or ok
+        elif not ok:
+            problems.append(f"{name} needs {ru['shared']} B of shared memory > {SHARED_LIMIT[arch]}")
+        lines.append(f"{name} {ru.get('reg', -1):5d} {ru.get('stack', -1):6d} {ru.get('local', -1):6d} "
+                     f"{ru['shared']:7d}{'' if ok else '  SMEM OVER LIMIT'}")
+    problems += [f"no autotune config of {g[1]} fits sm_{g[0]}'s shared memory" for g, ok in fits.items() if not ok]
+    return lines, problems
+
+
+def main(argv: list[str]) -> int:
+    """Compile every captured launch for sm_90 (AOT_ARCHS overrides); print one line each."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real JIT", file=sys.stderr)
+        return 2
+    archs = tuple(int(a) for a in os.environ.get("AOT_ARCHS", "90").split(","))
+    all_dt = (torch.bfloat16, torch.float16, torch.float32)
+    print(f"{'launch':84s} {'sm':>3s} {'regs':>5s} {'stack':>6s} {'local':>6s} {'smem':>7s}")
+    problems = []
+    if "--fixed" not in argv:
+        lines, p = check(archs, autotuned=True, dtypes=all_dt if "--all-dtypes" in argv else all_dt[:1])
+        print("\n".join(lines))
+        problems += p
+    if "--tuned" not in argv:  # the configs used when FASTPEFT_AUTOTUNE=0, in every dtype
+        lines, p = check(archs, autotuned=False, dtypes=all_dt)
+        print("\n".join(lines))
+        problems += p
+    print("\n".join(["PROBLEMS:"] + problems) if problems else "all launches compiled and fit")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
