@@ -6,7 +6,9 @@ use are captured; each captured launch is then compiled ahead of time for a chos
 target (sm_90 for the H200) with the same specialization the JIT would apply
 (ints equal to 1 become constants, multiples of 16 get a divisibility hint).
 
-``python tests/_aot.py`` prints registers, spills and shared memory per launch.
+``python tests/_aot.py`` prints registers, spills and shared memory per launch;
+``--warm`` (on a GPU machine) compiles the benchmark's launches in parallel into triton's
+cache before ``make gpu-check`` times them.
 """
 from __future__ import annotations
 
@@ -96,6 +98,9 @@ def capture(module, run) -> list[Launch]:
     try:
         saved["_interpreted"] = module._interpreted
         module._interpreted = lambda: False
+        if hasattr(module, "_sm_count"):  # split-K/M factors are constexprs: use the GPU's count
+            saved["_sm_count"] = module._sm_count
+            module._sm_count = lambda device: int(os.environ.get("AOT_SM_COUNT", "132"))
         for n in kernels:
             saved[n] = getattr(module, n)
             setattr(module, n, _Recorder(saved[n], sink))
@@ -166,7 +171,7 @@ def resource_usage(compiled) -> dict:
     return out
 
 
-def lora_launches(dtypes=(torch.bfloat16,), shapes=((1, 512, 512), (2048, 512, 512), (300, 100, 70)),
+def lora_launches(dtypes=(torch.bfloat16,), shapes=((1, 512, 512), (2048, 512, 512), (300, 100, 72)),
                   ranks=(16, 64), dropout=(0.0, 0.1)) -> list[Launch]:
     """Every launch fastpeft.lora_linear (triton backend) makes, forward and backward."""
     import fastpeft
@@ -192,6 +197,19 @@ def lora_launches(dtypes=(torch.bfloat16,), shapes=((1, 512, 512), (2048, 512, 5
     return list(unique.values())
 
 
+def fixed_launches(dtypes, shapes=((1, 512, 512), (64, 512, 512), (2048, 512, 512))) -> list[Launch]:
+    """The launches made with FASTPEFT_AUTOTUNE=0 (one fixed config per M range)."""
+    saved = os.environ.get("FASTPEFT_AUTOTUNE")
+    os.environ["FASTPEFT_AUTOTUNE"] = "0"
+    try:
+        return lora_launches(dtypes=dtypes, shapes=shapes)
+    finally:
+        if saved is None:
+            del os.environ["FASTPEFT_AUTOTUNE"]
+        else:
+            os.environ["FASTPEFT_AUTOTUNE"] = saved
+
+
 _POOL_LAUNCHES: list[Launch] = []
 
 
@@ -207,18 +225,7 @@ def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2) 
     """Compile every launch; returns (report lines, problems)."""
     import multiprocessing
 
-    if autotuned:
-        launches = lora_launches(dtypes=dtypes)
-    else:
-        saved = os.environ.get("FASTPEFT_AUTOTUNE")
-        os.environ["FASTPEFT_AUTOTUNE"] = "0"
-        try:
-            launches = lora_launches(dtypes=dtypes, shapes=((1, 512, 512), (64, 512, 512), (2048, 512, 512)))
-        finally:
-            if saved is None:
-                del os.environ["FASTPEFT_AUTOTUNE"]
-            else:
-                os.environ["FASTPEFT_AUTOTUNE"] = saved
+    launches = lora_launches(dtypes=dtypes) if autotuned else fixed_launches(dtypes)
     _POOL_LAUNCHES[:] = launches
     jobs_list = [(i, a) for i in range(len(launches)) for a in archs]
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
@@ -246,11 +253,41 @@ def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2) 
     return lines, problems
 
 
+def _warm_one(i: int) -> str | None:
+    launch = _POOL_LAUNCHES[i]
+    try:
+        launch.fn.warmup(**launch.args, **launch.constexprs, grid=(1,),
+                         num_warps=launch.num_warps, num_stages=launch.num_stages)
+    except Exception as exc:  # OutOfResources for an autotune config that does not fit is expected
+        return f"{launch.label()}: {type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def warm(jobs: int) -> int:
+    """On a GPU machine: compile every launch of the benchmark shapes in parallel processes into
+    triton's on-disk cache, so the benchmark and autotuner then find them compiled."""
+    import multiprocessing
+    launches = lora_launches(dtypes=(torch.bfloat16,), shapes=((1, 512, 512), (16, 512, 1024),
+                                                               (128, 512, 512), (2048, 512, 512)),
+                             ranks=(8, 16, 64), dropout=(0.0,))
+    launches += fixed_launches((torch.bfloat16, torch.float16, torch.float32),
+                               shapes=((1, 512, 512), (64, 512, 512), (2048, 512, 512), (300, 100, 72)))
+    _POOL_LAUNCHES[:] = launches
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        errors = [e for e in pool.map(_warm_one, range(len(launches))) if e]
+    print(f"warmed {len(launches) - len(errors)} of {len(launches)} launches with {jobs} processes")
+    for e in errors:
+        print("  not compiled:", e)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Compile every captured launch for sm_90 (AOT_ARCHS overrides); print one line each."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real JIT", file=sys.stderr)
         return 2
+    if "--warm" in argv:
+        return warm(int(os.environ.get("AOT_JOBS", "8")))
     archs = tuple(int(a) for a in os.environ.get("AOT_ARCHS", "90").split(","))
     all_dt = (torch.bfloat16, torch.float16, torch.float32)
     print(f"{'launch':84s} {'sm':>3s} {'regs':>5s} {'stack':>6s} {'local':>6s} {'smem':>7s}")

@@ -13,7 +13,20 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None,
+                     help="I/N: run only every N-th test starting at I (parallel runs in make gpu-check)")
+
+
 def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if shard:
+        i, n = (int(v) for v in shard.split("/"))
+        if not 0 <= i < n:
+            raise pytest.UsageError(f"--shard {shard}: expected I/N with 0 <= I < N")
+        keep = [it for k, it in enumerate(items) if k % n == i]
+        config.hook.pytest_deselected(items=[it for k, it in enumerate(items) if k % n != i])
+        items[:] = keep
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (runs in `make gpu-check`)")
