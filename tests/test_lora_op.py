@@ -257,3 +257,23 @@ def test_gpu_autotuned_configs_are_correct(M, monkeypatch, poison_outputs):
     for fuse in (True, False):
         x, w, b, A, B = make(M, 512, 640, 16, torch.bfloat16)
         check_against_reference(x, w, b, A, B, 1.0, 0.0, 0, "triton", torch.bfloat16, fuse_shrink=fuse)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("wants", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True)], ids=lambda w: "x{}A{}B{}".format(*map(int, w)))
+def test_partial_gradients(backend, wants, poison_outputs):
+    """Only the requested gradients are computed, and each is right on its own."""
+    x, w, b, A, B = make(20, 48, 36, 8, torch.float32)
+    for t, want in zip((x, A, B), wants):
+        t.requires_grad_(want)
+    y = fastpeft.lora_linear(x, w, b, A, B, 0.7, dropout_p=0.2, training=True, seed=4, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    ref.lora_linear(leaves[0], w.double(), b.double(), leaves[1], leaves[2], 0.7, 0.2, 4).backward(dy.double())
+    for name, t, leaf, want in zip(("dx", "dA", "dB"), (x, A, B), leaves, wants):
+        if want:
+            assert_close(name, t.grad, leaf.grad, torch.float32)
+        else:
+            assert t.grad is None

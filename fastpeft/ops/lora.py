@@ -37,12 +37,12 @@ def _fuse_shrink(M: int, R: int, fuse_shrink: bool | None) -> bool:
 # backend implementations on 2-D tensors: forward -> (y, u); backward -> (dx, v)
 
 
-def _triton_forward(x, w, b, A, B, s, p, seed, fuse):
+def _triton_forward(x, w, b, A, B, s, p, seed, fuse, need_u):
     from ..kernels import lora as k
     N, R = w.shape[0], A.shape[0]
     if fuse:
         return k.lora_gemm(x, w, N, (w.stride(0), w.stride(1)), b, B, (B.stride(0), B.stride(1)), R, s,
-                           a=A, a_strides=(A.stride(0), A.stride(1)), store_u=True,
+                           a=A, a_strides=(A.stride(0), A.stride(1)), store_u=need_u,
                            dropout_p=p, seed=seed, shrink_dropout=True)
     u = k.shrink(x, A, (A.stride(0), A.stride(1)), R, dropout_p=p, seed=seed)
     y, _ = k.lora_gemm(x, w, N, (w.stride(0), w.stride(1)), b, B, (B.stride(0), B.stride(1)), R, s, u=u)
@@ -69,7 +69,7 @@ def _triton_grad_a(v, x, s, p, seed):
     return k.grad_a(v, x, s, dropout_p=p, seed=seed)
 
 
-def _cuda_forward(x, w, b, A, B, s, p, seed, fuse):
+def _cuda_forward(x, w, b, A, B, s, p, seed, fuse, need_u):
     from . import _cext
     R = A.shape[0]
     y = torch.nn.functional.linear(x, w, b)
@@ -105,8 +105,10 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse):
         fwd, _, _ = _IMPL[backend]
-        y, u = fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, u)
+        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+        y, u = fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse, need_B)
+        # keep only what backward reads: x for dA, U for dB (fp32 [M, r])
+        ctx.save_for_backward(x if need_A else None, weight, lora_A, lora_B, u if need_B else None)
         ctx.cfg = (scaling, dropout_p, seed, backend, fuse, bias is not None)
         return y
 

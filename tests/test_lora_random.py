@@ -1,0 +1,24 @@
+"""Property test: lora_linear on random shapes (hypothesis), every gradient against float64."""
+import pytest
+import torch
+
+import fastpeft
+from test_lora_op import KERNEL_BACKENDS, check_against_reference, make
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
+@hypothesis.given(M=st.integers(0, 40), K=st.integers(1, 80), N=st.integers(1, 80), r=st.integers(1, 70),
+                  half=st.booleans(), p=st.sampled_from([0.0, 0.25]), fuse=st.sampled_from([None, True, False]),
+                  bias=st.booleans())
+def test_random_shapes_match_reference(M, K, N, r, half, p, fuse, bias):
+    dtype = torch.float16 if half else torch.float32
+    x, w, b, A, B = make(M, K, N, r, dtype, bias=bias)
+    if M == 0:
+        y = fastpeft.lora_linear(x, w, b, A, B, 0.5, backend=KERNEL_BACKENDS[0])
+        assert y.shape == (0, N)
+        return
+    check_against_reference(x, w, b, A, B, 0.5, p, 21, KERNEL_BACKENDS[0], dtype,
+                            **({"fuse_shrink": fuse} if KERNEL_BACKENDS[0] == "triton" else {}))
