@@ -8,6 +8,8 @@ weight never gets a gradient (it is frozen); the bias gets one when it requires 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _backend, _checks
@@ -99,6 +101,11 @@ _IMPL = {
 }
 
 
+def _on_device(t: torch.Tensor):
+    """Kernels launch on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Fused LoRA on 2-D x with a kernel backend ('triton' or 'cuda')."""
 
@@ -106,7 +113,8 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse):
         fwd, _, _ = _IMPL[backend]
         need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
-        y, u = fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse, need_B)
+        with _on_device(x):
+            y, u = fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse, need_B)
         # keep only what backward reads: x for dA, U for dB (fp32 [M, r])
         ctx.save_for_backward(x if need_A else None, weight, lora_A, lora_B, u if need_B else None)
         ctx.cfg = (scaling, dropout_p, seed, backend, fuse, bias is not None)
@@ -119,13 +127,14 @@ class LoRALinearFunction(torch.autograd.Function):
         _, bwd_dx, grad_a = _IMPL[backend]
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        dx = v = None
-        if need_x or need_A:
+        dx = v = dA = None
+        with _on_device(dy):
             if need_x:
                 dx, v = bwd_dx(dy, weight, lora_A, lora_B, scaling, p, seed, fuse)
-            if v is None:
-                v = (dy @ lora_B).float()
-        dA = grad_a(v, x, scaling, p, seed).to(lora_A.dtype) if need_A else None
+            if need_A:
+                if v is None:
+                    v = (dy @ lora_B).float()
+                dA = grad_a(v, x, scaling, p, seed).to(lora_A.dtype)
         dB = (scaling * (dy.t() @ u.to(dy.dtype))).to(lora_B.dtype) if need_B else None
         db = dy.sum(0) if (need_b and has_bias) else None
         return dx, None, db, dA, dB, None, None, None, None, None
