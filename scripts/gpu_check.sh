@@ -59,13 +59,21 @@ if [ $BUILD_RC -ne 0 ]; then
     FASTPEFT_BUILD_CUDA=0 timeout -k 5 60 $PY -m pip install --no-build-isolation --no-deps -e . >> "$BUILD_LOG" 2>&1 \
         || echo "!!!! the pure-Python install FAILED too (see $BUILD_LOG)"
 fi
-C_STATUS=$($PY -c "import fastpeft._C; print('fastpeft._C imports')" 2>&1 | tail -1)
+if ! $PY -P -c "import fastpeft.kernels.lora" >/dev/null 2>&1; then
+    # editable installs of the kernels/ -> fastpeft.kernels mapping need setuptools >= 70
+    echo "!!!! fastpeft.kernels does not import after the editable install (setuptools $($PY -c 'import setuptools; print(setuptools.__version__)' 2>&1)); installing non-editable"
+    echo "# ---- fallback: non-editable install" >> "$BUILD_LOG"
+    FASTPEFT_BUILD_CUDA=1 FASTPEFT_CUDA_ARCHS=90 timeout -k 5 "$T_BUILD" \
+        $PY -m pip install --no-build-isolation --no-deps . >> "$BUILD_LOG" 2>&1 \
+        || echo "!!!! the non-editable install FAILED too (see $BUILD_LOG)"
+fi
+C_STATUS=$($PY -P -c "import fastpeft._C; print('fastpeft._C imports')" 2>&1 | tail -1)
 case "$C_STATUS" in
     "fastpeft._C imports") ;;
     *) echo "!!!! fastpeft._C does not import ($C_STATUS): the cuda backend is NOT measured"
        BUILD_STATUS="$BUILD_STATUS; fastpeft._C NOT importable" ;;
 esac
-PKG=$($PY -c "import fastpeft, fastpeft.kernels.lora; print('fastpeft from', fastpeft.__file__)" 2>&1 | tail -1)
+PKG=$($PY -P -c "import fastpeft, fastpeft.kernels.lora; print('fastpeft from', fastpeft.__file__)" 2>&1 | tail -1)
 echo "build: $BUILD_STATUS in $(elapsed)s; $C_STATUS; $PKG"
 echo "# result: $BUILD_STATUS; $C_STATUS; $PKG" >> "$BUILD_LOG"
 
