@@ -14,34 +14,7 @@ from fastpeft import LoRALinear, inject_lora, load_adapter, save_adapter
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(autouse=True)
-def torch_backend():
-    """Whole models run on the op's torch backend (the kernels have their own tests; under
-    the Triton CPU interpreter a model step takes seconds), on one thread: these tensors are
-    tiny, and spare threads only spin when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with fastpeft.use_backend("torch"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    """2-layer Llama, float32, random weights, random attention biases (no download)."""
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, attention_bias=True)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.uniform_(-0.1, 0.1)
-    return model
+from _hf import tiny_llama, torch_backend  # noqa: E402,F401  (torch_backend: autouse fixture)
 
 
 @pytest.fixture(scope="module")
