@@ -241,7 +241,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         if mb <= 128 and bm > 64:
             continue
-        if br > 32 and bm * bn > 128 * 128:  # the fused update tile would not fit next to acc
+        if br > 32 and bm * bn > 128 * 128:  # U and Bt tiles of 64 ranks next to acc: spills
             continue
         keep.append(c)
     return keep or configs[:1]

@@ -48,6 +48,11 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
         big = torch.full((t.shape[0] * 2, t.shape[1] * 3), float("nan"), dtype=t.dtype, device=t.device)
         big[::2, ::3] = t
         return big[::2, ::3]
+    if kind == "misaligned":  # row-major, starting one element past a 16-byte boundary (rows 32 bytes padded)
+        pad = 16 // t.element_size()
+        big = torch.full((t.shape[0], t.shape[1] + 2 * pad), float("nan"), dtype=t.dtype, device=t.device)
+        big[:, 1:t.shape[1] + 1] = t
+        return big[:, 1:t.shape[1] + 1]
     return t.contiguous()
 
 

@@ -1,0 +1,205 @@
+"""The CUDA C++ kernels of csrc/ on the CPU, through an EMULATOR. Not a GPU test.
+
+tests/cuda_emu compiles csrc/lora.cu unchanged with g++ against stand-in CUDA headers (one OS
+thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding) under
+AddressSanitizer + UBSan, and a subset under ThreadSanitizer. Patched in for fastpeft._C, it runs
+the checks of test_cuda_ext.py on CPU tensors, so CI (no GPU) checks the kernels' indexing,
+bounds, barriers, dropout masks and numerics. What it cannot check (warp execution, the real
+wmma fragment layouts and accumulation order, the memory model, performance) is listed in
+tests/cuda_emu/README.md: the GPU tests of test_cuda_ext.py remain the real check.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+
+import pytest
+import torch
+
+import test_cuda_ext as checks  # the check_* helpers the GPU tests use
+from cuda_emu import emulator
+from fastpeft import _backend
+from fastpeft.ops import _cext
+
+pytestmark = [
+    pytest.mark.skipif(emulator.compiler() is None, reason="g++ not found: the CUDA kernel emulator needs it"),
+    pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: tests/test_cuda_ext.py runs the real kernels"),
+]
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DTYPES = checks.DTYPES
+
+
+@pytest.fixture(scope="module")
+def device_exe():
+    """The device executable of a variant ('asan' or 'tsan'), built once per module (and cached on disk)."""
+    built, errors = {}, {}
+
+    def get(variant: str):
+        if variant not in built and variant not in errors:
+            try:
+                built[variant] = emulator.build(variant)
+            except subprocess.CalledProcessError as e:
+                errors[variant] = (f"the emulator does not compile csrc/ ({variant}); a CUDA API csrc/ uses may be "
+                                   f"missing from tests/cuda_emu/include:\n{e.stderr}")
+        if variant in errors:
+            pytest.fail(errors[variant], pytrace=False)
+        return built[variant]
+
+    return get
+
+
+def _one_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"the CUDA C++ kernels need all tensors on one device; got {devices}")
+    return devices.pop()
+
+
+@pytest.fixture
+def emulate(monkeypatch, device_exe):
+    """Routes fastpeft's cuda backend to the emulator: CPU tensors stand in for device memory."""
+    def install(variant: str = "asan", fault: str | None = None) -> emulator.EmulatedExtension:
+        ext = emulator.EmulatedExtension(device_exe(variant), fault=fault)
+        monkeypatch.setattr(_cext, "_extension", lambda: ext)
+        monkeypatch.setattr(_cext, "_cuda_device", _one_device)
+        monkeypatch.setattr(_cext, "_stream", lambda device: 0)
+        why_not = _backend.why_cannot_run
+        monkeypatch.setattr(_backend, "why_cannot_run", lambda backend, device, supported: (
+            None if backend == "cuda" and backend in supported else why_not(backend, device, supported)))
+        return ext
+
+    return install
+
+
+@pytest.fixture
+def emu(emulate):
+    return emulate("asan")
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU tests' checks, on a subset of their shapes that covers every kernel instantiation
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,R,x_layout,a_transposed", [
+    (1, 1000, 16, "contiguous", False),  # one row, 16-byte loads, split-K from the SM count
+    (7, 33, 4, "transposed", True),  # column-major x (scalar loads), A as a transposed view, K < BK
+    (7, 1000, 30, "contiguous", False),  # two rank fragments per warp
+    (300, 1000, 64, "strided", False),  # three row blocks, four rank fragments
+    (300, 33, 200, "contiguous", True),  # four rank blocks, the last one partial
+    (7, 1000, 30, "misaligned", False),  # x not 16-byte aligned: scalar loads
+])
+def test_shrink(emu, dtype, M, K, R, x_layout, a_transposed):
+    checks.check_shrink("cpu", dtype, M, K, R, x_layout, a_transposed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,R,split_k", [(1, 4096, 16, 0), (7, 1000, 64, 3), (130, 777, 200, 16), (3, 100, 4, 1)])
+def test_shrink_split_k(emu, dtype, M, K, R, split_k):
+    checks.check_shrink_split_k("cpu", dtype, M, K, R, split_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,R,x_layout,a_transposed", [(7, 1000, 16, "contiguous", False),
+                                                        (300, 200, 64, "strided", True)])
+def test_shrink_dropout(emu, dtype, M, K, R, x_layout, a_transposed):
+    checks.check_shrink("cpu", dtype, M, K, R, x_layout, a_transposed, p=0.3, seed=99)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,R,y_layout,b_transposed", [
+    (1, 50, 1, "contiguous", False),
+    (1, 1000, 200, "contiguous", False),  # one row with 16-byte accesses
+    (7, 1000, 4, "contiguous", True),  # 16-byte loads and stores of y, B^T view
+    (70, 130, 16, "transposed", False),  # column-major y (scalar path), two row and column blocks
+    (300, 257, 200, "strided", True),  # 13 rank chunks, the last partial
+    (129, 1000, 64, "contiguous", False),
+    (7, 1000, 16, "misaligned", True),  # y not 16-byte aligned: scalar loads and stores
+])
+def test_expand(emu, dtype, M, N, R, y_layout, b_transposed):
+    checks.check_expand("cpu", dtype, M, N, R, y_layout, b_transposed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,R", [(7, 1000, 16), (300, 257, 64)])
+def test_expand_epilogue_dropout(emu, dtype, M, N, R):
+    checks.check_expand("cpu", dtype, M, N, R, b_transposed=True, p=0.3, seed=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,R", [(1, 9, 4), (70, 130, 16), (129, 1000, 64)])
+def test_expand_writes_only_its_view(emu, dtype, M, N, R):
+    checks.check_expand_bounds("cpu", dtype, M, N, R)
+
+
+@pytest.mark.parametrize("M,K,p,seed", [(1, 7, 0.5, 0), (300, 296, 0.3, 1234), (129, 77, 0.9, 2**31 - 1),
+                                        (64, 1024, 0.1, 42)])
+def test_dropout_masks_match_reference(emu, M, K, p, seed):
+    checks.check_dropout_masks("cpu", M, K, p, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N,r", [((3, 5), 48, 40, 8), ((300,), 200, 130, 16), ((1,), 64, 96, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_linear_cuda_backend(emu, dtype, lead, K, N, r, p):
+    """fastpeft.lora_linear(backend="cuda"), forward and every gradient, through the emulated kernels."""
+    checks.check_lora_linear("cpu", dtype, lead, K, N, r, p)
+    assert emu.calls["lora_shrink"] and emu.calls["lora_expand"], "the cuda backend did not reach the kernels"
+
+
+def test_wrapper_errors_and_empty_inputs(emu):
+    checks.check_wrapper_errors("cpu")
+    checks.check_empty("cpu")  # K = 0 runs the zeroing kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# ThreadSanitizer: a missing or misplaced __syncthreads is a data race between the threads of a block
+
+
+@pytest.mark.parametrize("check,args", [
+    (checks.check_shrink, (F32, 7, 1000, 16)),  # 16-byte loads, split-K (atomics into zeroed U)
+    (checks.check_shrink, (F16, 300, 33, 200, "strided", True, 0.3)),  # scalar loads, dropout
+    (checks.check_shrink_split_k, (BF16, 130, 777, 30, 3)),
+    (checks.check_expand, (F32, 70, 1000, 64, "contiguous", False, 0.3)),  # vector epilogue, dropout
+    (checks.check_expand, (BF16, 300, 257, 200, "transposed", True)),  # scalar epilogue
+], ids=["shrink-f32", "shrink-f16-dropout", "shrink-bf16-split", "expand-f32-dropout", "expand-bf16"])
+def test_no_data_races(emulate, check, args):
+    emulate("tsan")
+    check("cpu", *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the emulator itself: its checks fire, and it takes fastpeft._C's arguments
+
+
+def test_emulator_reports_missing_barriers(emulate):
+    emulate("tsan", fault="no_barriers")  # every __syncthreads a no-op
+    with pytest.raises(emulator.EmulatorFault, match="ThreadSanitizer: data race"):
+        checks.check_shrink("cpu", F32, 7, 100, 16)
+
+
+def test_emulator_reports_out_of_bounds_reads(emulate):
+    emulate("asan", fault="short_operand")  # every input operand allocated one byte short
+    with pytest.raises(emulator.EmulatorFault, match="AddressSanitizer: heap-buffer-overflow"):
+        checks.check_expand("cpu", F32, 7, 50, 4)
+
+
+def _cpp_default(text: str | None):
+    if not text:
+        return inspect.Parameter.empty
+    text = text.strip()
+    if text in ("true", "false"):
+        return text == "true"
+    return float(text.rstrip("f")) if "." in text else int(text.rstrip("uU"))
+
+
+@pytest.mark.parametrize("name", ["lora_shrink", "lora_expand"])
+def test_emulated_extension_mirrors_the_bindings(name):
+    """EmulatedExtension's functions take the arguments of csrc/bindings.cpp, with its defaults."""
+    text = (emulator.CSRC / "bindings.cpp").read_text()
+    chunk = next(c for c in text.split("m.def(")[1:] if c.lstrip().startswith(f'"{name}"'))
+    want = [(n, _cpp_default(d)) for n, d in re.findall(r'"(\w+)"_a(?:\s*=\s*([^,)]+))?', chunk)]
+    params = list(inspect.signature(getattr(emulator.EmulatedExtension, name)).parameters.values())[1:]
+    assert [(p.name, p.default) for p in params] == want
