@@ -23,6 +23,13 @@ void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s
                  uintptr_t b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R, int dtype,
                  float scaling, bool dropout, uint32_t seed, uint32_t thr31, float drop_scale, int device,
                  uintptr_t stream);
+void int8_quant_rows(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t q, int64_t s_qm, uintptr_t row_scale,
+                     int64_t M, int64_t K, int dtype, float threshold, uintptr_t col_flags, int device,
+                     uintptr_t stream);
+void int8_gemm(uintptr_t q, int64_t s_qm, uintptr_t row_scale, uintptr_t w, int64_t s_wn, uintptr_t w_scale,
+               uintptr_t y, int64_t s_ym, int64_t M, int64_t N, int64_t K, int dtype, uintptr_t bias, uintptr_t x,
+               int64_t s_xm, int64_t s_xk, uintptr_t col_flags, uintptr_t cols, int64_t n_cols, uintptr_t count,
+               int tile, int device, uintptr_t stream);
 int cuda_device_count();
 std::vector<int> compiled_archs();
 }  // namespace fastpeft
@@ -43,6 +50,27 @@ PYBIND11_MODULE(_C, m) {
         "y"_a, "s_ym"_a, "s_yn"_a, "u"_a, "s_um"_a, "s_ur"_a, "b"_a, "s_bn"_a, "s_br"_a, "M"_a, "N"_a, "R"_a,
         "dtype"_a, "scaling"_a = 1.0f, "dropout"_a = false, "seed"_a = 0u, "thr31"_a = 0u, "drop_scale"_a = 1.0f,
         "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("int8_quant_rows", &fastpeft::int8_quant_rows,
+        "LLM.int8() row quantization of X [M, K] (element (m, k) at x + m*s_xm + k*s_xk):\n"
+        "row_scale[m] = max |X[m, k]| over the entries with |X| < threshold (all when threshold is 0),\n"
+        "q[m, k] (int8, at q + m*s_qm + k) = round-half-even(X[m, k] * 127 / row_scale[m]) clamped to\n"
+        "[-127, 127], 0 for outlier entries, NaN and scale 0; col_flags[k] (int32 [K], zeroed by the\n"
+        "caller; 0: not given) is set to 1 where some |X[m, k]| >= threshold > 0. Outlier columns are\n"
+        "not zeroed in q (int8_gemm masks them).",
+        "x"_a, "s_xm"_a, "s_xk"_a, "q"_a, "s_qm"_a, "row_scale"_a, "M"_a, "K"_a, "dtype"_a, "threshold"_a = 0.0f,
+        "col_flags"_a = 0, "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("int8_gemm", &fastpeft::int8_gemm,
+        "Y[m, n] (at y + m*s_ym + n) = (sum_k q'[m, k] W[n, k]) * row_scale[m] * w_scale[n] / 127^2\n"
+        "  + sum_{c in cols[:count]} X[m, c] W[n, c] * w_scale[n] / 127 + bias[n]  (overwritten).\n"
+        "q [M, K] and W [N, K] are int8 with unit column stride; q' is q with the columns where\n"
+        "col_flags != 0 zeroed (col_flags 0: none). cols (int32, n_cols entries) and count (int32 [1],\n"
+        "read on the device, clamped to [0, min(n_cols, K)]) list the outlier columns of X (element\n"
+        "(m, k) at x + m*s_xm + k*s_xk, dtype of Y); bias 0: none. int32 accumulation on int8 tensor\n"
+        "cores, fp32 epilogue. tile: 0 chooses, 1 128x128, 2 64x64, 3 16x32 (K split over warps).",
+        "q"_a, "s_qm"_a, "row_scale"_a, "w"_a, "s_wn"_a, "w_scale"_a, "y"_a, "s_ym"_a, "M"_a, "N"_a, "K"_a,
+        "dtype"_a, "bias"_a = 0, "x"_a = 0, "s_xm"_a = 0, "s_xk"_a = 0, "col_flags"_a = 0, "cols"_a = 0,
+        "n_cols"_a = 0, "count"_a = 0, "tile"_a = 0, "device"_a = 0, "stream"_a = 0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("cuda_device_count", &fastpeft::cuda_device_count,
         "Number of CUDA devices this module's runtime sees (0 without a driver or GPU).");
   m.def("compiled_archs", &fastpeft::compiled_archs, "The sm_XX targets compiled into this module, as ints.");

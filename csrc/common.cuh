@@ -219,4 +219,41 @@ template <int PASSES> struct WarpMma<float, PASSES> {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// host-side helpers shared by the launchers
+
+constexpr int kMaxDevices = 64;
+
+// Makes `device` current for the launch and restores the caller's device afterwards (this
+// module carries its own static CUDA runtime, but the current context is shared with torch's).
+class DeviceGuard {
+ public:
+  DeviceGuard(int device, const char* func) {
+    require(device >= 0 && device < kMaxDevices, func, "bad device index " + std::to_string(device));
+    FP_CUDA_CHECK(func, cudaGetDevice(&prev_));
+    if (prev_ != device) FP_CUDA_CHECK(func, cudaSetDevice(device));
+    else prev_ = -1;
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = -1;
+};
+
+// Multiprocessor count of `device`, read once.
+inline int sm_count(int device, const char* func) {
+  static int cache[kMaxDevices] = {};
+  if (cache[device] == 0) {
+    int n = 0;
+    FP_CUDA_CHECK(func, cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = n > 0 ? n : 1;
+  }
+  return cache[device];
+}
+
+
 }  // namespace fastpeft

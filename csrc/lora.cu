@@ -22,7 +22,6 @@ namespace fastpeft {
 namespace {
 
 constexpr int kThreads = 256;  // 8 warps per block
-constexpr int kMaxDevices = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -286,35 +285,6 @@ expand_kernel(T* __restrict__ y, int64_t s_ym, int64_t s_yn,
 // ---------------------------------------------------------------------------------------------
 // host side
 
-// Makes `device` current for the launch and restores the caller's device afterwards (this
-// module carries its own static CUDA runtime, but the current context is shared with torch's).
-class DeviceGuard {
- public:
-  DeviceGuard(int device, const char* func) {
-    require(device >= 0 && device < kMaxDevices, func, "bad device index " + std::to_string(device));
-    FP_CUDA_CHECK(func, cudaGetDevice(&prev_));
-    if (prev_ != device) FP_CUDA_CHECK(func, cudaSetDevice(device));
-    else prev_ = -1;
-  }
-  ~DeviceGuard() {
-    if (prev_ >= 0) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = -1;
-};
-
-int sm_count(int device, const char* func) {
-  static int cache[kMaxDevices] = {};
-  if (cache[device] == 0) {
-    int n = 0;
-    FP_CUDA_CHECK(func, cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = n > 0 ? n : 1;
-  }
-  return cache[device];
-}
 
 void check_sizes(const char* func, int64_t M, int64_t K, int64_t R) {
   require(M >= 0 && K >= 0, func, "sizes must be >= 0, got " + std::to_string(M) + " x " + std::to_string(K));

@@ -1,10 +1,10 @@
 """The CUDA C++ kernels of csrc/ on the CPU, through an EMULATOR. Not a GPU test.
 
-tests/cuda_emu compiles csrc/lora.cu unchanged with g++ against stand-in CUDA headers (one OS
+tests/cuda_emu compiles csrc/lora.cu and csrc/int8.cu unchanged with g++ against stand-in CUDA headers (one OS
 thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding) under
 AddressSanitizer + UBSan, and a subset under ThreadSanitizer. Patched in for fastpeft._C, it runs
 the checks of test_cuda_ext.py on CPU tensors, so CI (no GPU) checks the kernels' indexing,
-bounds, barriers, dropout masks and numerics. What it cannot check (warp execution, the real
+bounds, barriers, dropout masks, int8 codes and numerics. What it cannot check (warp execution, the real
 wmma fragment layouts and accumulation order, the memory model, performance) is listed in
 tests/cuda_emu/README.md: the GPU tests of test_cuda_ext.py remain the real check.
 """
@@ -155,6 +155,65 @@ def test_wrapper_errors_and_empty_inputs(emu):
 
 
 # ---------------------------------------------------------------------------------------------
+# LLM.int8(): row quantization (exact codes, scales, flags) and the int8 GEMM, every tile shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,threshold,x_layout", [
+    (1, 37, 0.0, "contiguous"),  # one row, scalar loads (K not a multiple of the vector)
+    (7, 130, 6.0, "strided"),  # planted outliers, scalar loads, special rows (zero, NaN, -inf)
+    (7, 1000, 6.0, "contiguous"),  # 16-byte loads, 64..128 threads per row
+    (300, 96, 0.0, "contiguous"),  # 16 threads per row, 16 rows per block; -inf row: scale inf, codes 0
+    (9, 4096, 2.5, "misaligned"),  # 256 threads per row, x not 16-byte aligned: scalar loads
+])
+def test_int8_quant_rows(emu, dtype, M, K, threshold, x_layout):
+    checks.check_int8_quant("cpu", dtype, M, K, threshold, x_layout, special=checks.INT8_SPECIAL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,threshold", [(1, 37, 0.0), (7, 130, 6.0), (33, 1024, 2.5)])
+def test_int8_quant_rows_writes_only_its_views(emu, dtype, M, K, threshold):
+    checks.check_int8_quant_bounds("cpu", dtype, M, K, threshold)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,threshold,tile,x_layout", [
+    (1, 37, 130, 6.0, 0, "contiguous"),  # decode tile (16 x 32, K over 4 warps), byte loads of q and w
+    (7, 130, 1024, 6.0, 3, "strided"),  # decode tile, 16-byte loads, 4 K chunks; outliers, special rows
+    (300, 130, 256, 6.0, 1, "transposed"),  # 128 x 128 tiles, partial in m and n, two epilogue rounds
+    (300, 130, 37, 0.0, 2, "contiguous"),  # 64 x 64 tiles, K < 16: zero padding in one chunk
+    (70, 64, 1000, 6.0, 2, "strided"),  # K = 1000: byte loads of q and w, 16 chunks; 16-byte y stores
+])
+def test_int8_gemm(emu, dtype, M, N, K, threshold, tile, x_layout):
+    checks.check_int8_gemm("cpu", dtype, M, N, K, threshold, bias=tile != 2, tile=tile, x_layout=x_layout,
+                           special=checks.INT8_SPECIAL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,threshold,tile", [(1, 9, 37, 0.0, 0), (70, 130, 64, 6.0, 1), (20, 100, 256, 6.0, 3)])
+def test_int8_gemm_writes_only_its_view(emu, dtype, M, N, K, threshold, tile):
+    checks.check_int8_gemm_bounds("cpu", dtype, M, N, K, threshold, tile)
+
+
+@pytest.mark.parametrize("w_layout", ["padded", "misaligned"])
+def test_int8_gemm_weight_layouts(emu, w_layout):
+    checks.check_int8_gemm("cpu", F16, 7, 40, 128, 6.0, w_layout=w_layout, x_layout="transposed")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,threshold", [(5, 48, 64, 6.0), (150, 40, 96, 0.0)])
+def test_int8_linear_flow(emu, dtype, M, N, K, threshold):
+    """quant_rows -> flags -> gemm through the emulated kernels, against reference.int8_linear."""
+    checks.check_int8_linear_flow("cpu", dtype, M, N, K, threshold, special=checks.INT8_SPECIAL)
+    assert emu.calls["int8_quant_rows"] and emu.calls["int8_gemm"]
+
+
+def test_int8_bad_cols_errors_and_empty(emu):
+    checks.check_int8_gemm_bad_cols("cpu")
+    checks.check_int8_errors_and_empty("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
 # ThreadSanitizer: a missing or misplaced __syncthreads is a data race between the threads of a block
 
 
@@ -164,7 +223,11 @@ def test_wrapper_errors_and_empty_inputs(emu):
     (checks.check_shrink_split_k, (BF16, 130, 777, 30, 3)),
     (checks.check_expand, (F32, 70, 1000, 64, "contiguous", False, 0.3)),  # vector epilogue, dropout
     (checks.check_expand, (BF16, 300, 257, 200, "transposed", True)),  # scalar epilogue
-], ids=["shrink-f32", "shrink-f16-dropout", "shrink-bf16-split", "expand-f32-dropout", "expand-bf16"])
+    (checks.check_int8_quant, (F16, 33, 1024, 2.5)),  # block reduction of the row absmax, flags
+    (checks.check_int8_gemm, (BF16, 70, 130, 256, 6.0, True, 1)),  # double-buffered chunks, 2 epilogue rounds, outliers
+    (checks.check_int8_gemm, (F32, 7, 40, 512, 6.0, False, 3)),  # K-split warps summed in the epilogue
+], ids=["shrink-f32", "shrink-f16-dropout", "shrink-bf16-split", "expand-f32-dropout", "expand-bf16",
+        "int8-quant-f16", "int8-gemm-bf16-large", "int8-gemm-f32-decode"])
 def test_no_data_races(emulate, check, args):
     emulate("tsan")
     check("cpu", *args)
@@ -195,7 +258,7 @@ def _cpp_default(text: str | None):
     return float(text.rstrip("f")) if "." in text else int(text.rstrip("uU"))
 
 
-@pytest.mark.parametrize("name", ["lora_shrink", "lora_expand"])
+@pytest.mark.parametrize("name", ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm"])
 def test_emulated_extension_mirrors_the_bindings(name):
     """EmulatedExtension's functions take the arguments of csrc/bindings.cpp, with its defaults."""
     text = (emulator.CSRC / "bindings.cpp").read_text()

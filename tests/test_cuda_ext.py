@@ -15,6 +15,7 @@ import torch
 
 import fastpeft
 from fastpeft.ops import _cext
+from fastpeft.reference import int8 as ref_int8
 from fastpeft.reference.dropout import dropout_2d, dropout_keep_mask, dropout_threshold
 from fastpeft.reference.lora import lora_linear as ref_lora_linear
 
@@ -247,6 +248,264 @@ def _stream(device) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# LLM.int8(): row quantization and the int8 GEMM, against fastpeft/reference/int8.py
+
+
+def int8_x(M, K, dtype, threshold, special=(), seed=0, device="cpu"):
+    """Fresh x [M, K] ~ N(0, 1) (no natural outliers at threshold 6) with planted outliers when
+    threshold > 0: three columns get entries of 1.2 .. 4 x threshold in a few rows, one entry is exactly
+    the threshold (an outlier: |x| >= t) and one just below it (kept; it sets its row's scale).
+    ``special`` (when M > 3; the outliers then go to rows >= 3): "zero" (row 0 all zeros), "nan"
+    (row 1 gets a NaN), "inf" (row 2 gets a -inf: an outlier when threshold > 0).
+    """
+    g = torch.Generator().manual_seed(seed * 7919 + M * 131 + K)
+    x = torch.randn(M, K, generator=g)
+    first = 3 if special and M > 3 else 0
+    if threshold > 0 and K >= 3:
+        cols = torch.randperm(K, generator=g)[:3]
+        for c in cols.tolist():
+            rows = first + torch.randperm(M - first, generator=g)[:max(1, M // 50)]
+            mag = threshold * (1.2 + 2.8 * torch.rand(len(rows), generator=g))
+            x[rows, c] = torch.where(torch.rand(len(rows), generator=g) < 0.5, -mag, mag)
+        x[M - 1, cols[0]] = threshold
+        x[M - 1, cols[1]] = -threshold
+        x[max(first, M // 2), (cols[2] + 1) % K] = -threshold * 0.999
+    if first:
+        if "zero" in special:
+            x[0] = 0.0
+        if "nan" in special:
+            x[1, K // 2] = float("nan")
+        if "inf" in special:
+            x[2, K // 3] = float("-inf")
+    return x.to(device, dtype)
+
+
+def int8_codes(x, threshold, row_scale):
+    """The reference's codes before it zeroes the outlier columns (what the kernels write)."""
+    xf = x.float().cpu()
+    kept = xf.masked_fill(xf.abs() >= threshold, 0.0) if threshold > 0 else xf
+    rs = row_scale.cpu()
+    inv = torch.where(rs > 0, 127.0 / rs, torch.zeros_like(rs))
+    q = torch.round(kept * inv[:, None]).clamp_(-127, 127)
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8)
+
+
+def check_int8_quant(device, dtype, M, K, threshold, x_layout="contiguous", special=()):
+    """Codes, scales and outlier flags equal the reference's exactly (NaN scales included)."""
+    x = layout(int8_x(M, K, dtype, threshold, special, device=device), x_layout)
+    q, rs, flags = _cext.int8_quant_rows(x, threshold)
+    rq, rrs, rcols = ref_int8.int8_vectorwise_quant(x.cpu(), threshold)
+    assert q.dtype == torch.int8 and q.shape == (M, K) and q.is_contiguous()
+    assert rs.dtype == torch.float32 and rs.shape == (M,)
+    torch.testing.assert_close(rs.cpu(), rrs, rtol=0, atol=0, equal_nan=True)
+    if threshold == 0:
+        assert flags is None
+        assert torch.equal(q.cpu(), rq)
+        return
+    assert flags.dtype == torch.int32 and flags.shape == (K,)
+    assert set(flags.cpu().unique().tolist()) <= {0, 1}
+    assert torch.equal(torch.nonzero(flags.cpu()).flatten(), rcols)
+    if K >= 3:
+        assert rcols.numel() >= 3, "the planted outlier columns were not found"
+    masked = q.cpu().clone()
+    masked[:, rcols] = 0
+    assert torch.equal(masked, rq)  # the reference zeroes the outlier columns; the GEMM masks them
+    assert torch.equal(q.cpu(), int8_codes(x, threshold, rrs))  # outlier columns: codes of the kept entries
+
+
+def check_int8_quant_bounds(device, dtype, M, K, threshold, pad=5):
+    """The binding directly: q, row_scale and col_flags as views inside poisoned buffers; only the views change."""
+    C = _cext._extension()
+    x = int8_x(M, K, dtype, threshold, ("zero",), device=device)
+    qbuf = torch.full((M + 2, K + pad), -128, dtype=torch.int8, device=device)
+    q = qbuf[1:-1, 1:K + 1]
+    sbuf = torch.full((M + 2,), float("nan"), device=device)
+    fbuf = torch.full((K + 2,), 7, dtype=torch.int32, device=device)
+    fbuf[1:-1] = 0
+    C.int8_quant_rows(x.data_ptr(), x.stride(0), x.stride(1), q.data_ptr(), q.stride(0), sbuf[1:].data_ptr(), M, K,
+                      _cext._DTYPE_CODES[dtype], threshold=threshold, col_flags=fbuf[1:].data_ptr(),
+                      device=x.device.index or 0, stream=_stream(device))
+    rq, rrs, rcols = ref_int8.int8_vectorwise_quant(x.cpu(), threshold)
+    assert torch.equal(q.cpu(), int8_codes(x, threshold, rrs))
+    torch.testing.assert_close(sbuf[1:-1].cpu(), rrs, rtol=0, atol=0)
+    want = rcols if threshold > 0 else torch.zeros(0, dtype=torch.long)
+    assert torch.equal(torch.nonzero(fbuf[1:-1].cpu()).flatten(), want)
+    qpad = qbuf.clone()
+    qpad[1:-1, 1:K + 1] = -128
+    assert torch.all(qpad == -128), "quant_rows wrote outside q"
+    assert torch.isnan(sbuf[0]) and torch.isnan(sbuf[-1]), "quant_rows wrote outside row_scale"
+    assert fbuf[0].item() == 7 and fbuf[-1].item() == 7, "quant_rows wrote outside col_flags"
+
+
+def int8_gemm_inputs(M, N, K, dtype, threshold, special=(), seed=0, device="cpu", bias=True):
+    """x, the kernels' unmasked codes q, row_scale, col_flags, cols (padded to K with decoys), count,
+    and w_int8, w_scale, bias, on ``device``."""
+    x = int8_x(M, K, dtype, threshold, special, seed)
+    _, rs, cols = ref_int8.int8_vectorwise_quant(x, threshold)
+    q = int8_codes(x, threshold, rs)
+    g = torch.Generator().manual_seed(seed + 17)
+    w_int8, w_scale = ref_int8.quantize_weight(torch.randn(N, K, generator=g) / math.sqrt(K))
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    flags = cols_pad = count = None
+    if threshold > 0:
+        flags = torch.zeros(K, dtype=torch.int32)
+        flags[cols] = 1
+        cols_pad = torch.zeros(K, dtype=torch.int32)  # decoys past count: column 0, which must not be added
+        cols_pad[:cols.numel()] = cols.to(torch.int32)
+        count = torch.tensor([cols.numel()], dtype=torch.int32)
+    to = (lambda t: None if t is None else t.to(device))
+    return dict(x=to(x), q=to(q), rs=to(rs), w=to(w_int8), ws=to(w_scale), bias=to(b), flags=to(flags),
+                cols=to(cols_pad), count=to(count))
+
+
+def int8_gemm_ref(q, rs, w, ws, bias, x=None, flags=None, cols=None):
+    """float64 y of the kernel's contract: q masked by flags, outliers over the valid entries of ``cols``."""
+    q, w = q.cpu().double(), w.cpu().double()  # int8 products summed exactly in float64 (< 2^53)
+    if flags is not None:
+        q = q.masked_fill(flags.cpu().bool()[None, :], 0)
+    y = (q @ w.t()) * (rs.cpu().double()[:, None] * ws.cpu().double()[None, :]) / 127.0**2
+    if cols is not None:
+        cols = cols.cpu().long()
+        cols = cols[(cols >= 0) & (cols < q.shape[1])]
+        if cols.numel():
+            wc = w[:, cols] * (ws.cpu().double()[:, None] / 127.0)
+            y = y + x.cpu().double()[:, cols] @ wc.t()
+    if bias is not None:
+        y = y + bias.cpu().double()
+    return y
+
+
+def assert_rows_match(y, ref, dtype):
+    """Rows whose reference is finite within tolerance; the others non-finite in the same places."""
+    y, ref = y.cpu().double(), ref.cpu().double()
+    bad = ~torch.isfinite(ref).all(dim=1)
+    assert torch.equal(torch.isfinite(y[bad]), torch.isfinite(ref[bad])), "non-finite rows differ"
+    if (~bad).any():
+        err = rel_err(y[~bad], ref[~bad])
+        assert err <= TOL[dtype], f"rel err {err:.2e}"
+
+
+def check_int8_gemm(device, dtype, M, N, K, threshold, bias=True, tile=0, x_layout="contiguous", special=(),
+                    w_layout="contiguous"):
+    t = int8_gemm_inputs(M, N, K, dtype, threshold, special, device=device, bias=bias)
+    x = layout(t["x"], x_layout)
+    w = t["w"]
+    if w_layout == "padded":  # rows 16-byte aligned but longer than K; or misaligned: byte loads
+        big = torch.zeros(N, K + 16, dtype=torch.int8, device=device)
+        big[:, :K] = w
+        w = big[:, :K]
+    elif w_layout == "misaligned":
+        big = torch.zeros(N, K + 16, dtype=torch.int8, device=device)
+        big[:, 1:K + 1] = w
+        w = big[:, 1:K + 1]
+    kw = dict(x=x, col_flags=t["flags"], cols=t["cols"], count=t["count"]) if threshold > 0 else {}
+    y = _cext.int8_gemm(t["q"], t["rs"], w, t["ws"], t["bias"], dtype, tile=tile, **kw)
+    assert y.dtype == dtype and y.shape == (M, N)
+    n = int(t["count"].item()) if threshold > 0 else 0
+    ref = int8_gemm_ref(t["q"], t["rs"], t["w"], t["ws"], t["bias"], x, t["flags"],
+                        t["cols"][:n] if threshold > 0 else None)
+    assert_rows_match(y, ref, dtype)
+
+
+def check_int8_linear_flow(device, dtype, M, N, K, threshold, special=()):
+    """quant_rows -> nonzero(col_flags) -> gemm, as the ops layer runs them, against reference.int8_linear."""
+    t = int8_gemm_inputs(M, N, K, dtype, threshold, special, seed=3, device=device)
+    q, rs, flags = _cext.int8_quant_rows(t["x"], threshold)
+    kw = {}
+    if flags is not None:
+        nz = torch.nonzero(flags).flatten().to(torch.int32)
+        cols = torch.zeros(K, dtype=torch.int32, device=device)
+        cols[:nz.numel()] = nz
+        kw = dict(x=t["x"], col_flags=flags, cols=cols, count=torch.tensor([nz.numel()], dtype=torch.int32,
+                                                                            device=device))
+    y = _cext.int8_gemm(q, rs, t["w"], t["ws"], t["bias"], dtype, **kw)
+    ref = ref_int8.int8_linear(t["x"].cpu().double(), t["w"].cpu(), t["ws"].cpu(), t["bias"].cpu().double(),
+                               threshold)
+    assert_rows_match(y, ref, dtype)
+
+
+def check_int8_gemm_bounds(device, dtype, M, N, K, threshold, tile=0):
+    """The binding directly: y a view inside a NaN buffer (written exactly once per element, padding untouched)."""
+    C = _cext._extension()
+    t = int8_gemm_inputs(M, N, K, dtype, threshold, device=device)
+    buf = torch.full((M + 2, N + 3), float("nan"), dtype=dtype, device=device)
+    y = buf[1:-1, 2:-1]
+    x = t["x"]
+    ptr = (lambda v: 0 if v is None else v.data_ptr())
+    C.int8_gemm(t["q"].data_ptr(), t["q"].stride(0), t["rs"].data_ptr(), t["w"].data_ptr(), t["w"].stride(0),
+                t["ws"].data_ptr(), y.data_ptr(), y.stride(0), M, N, K, _cext._DTYPE_CODES[dtype],
+                bias=ptr(t["bias"]), x=x.data_ptr(), s_xm=x.stride(0), s_xk=x.stride(1), col_flags=ptr(t["flags"]),
+                cols=ptr(t["cols"]), n_cols=K if threshold > 0 else 0, count=ptr(t["count"]), tile=tile,
+                device=x.device.index or 0, stream=_stream(device))
+    n = int(t["count"].item()) if threshold > 0 else 0
+    ref = int8_gemm_ref(t["q"], t["rs"], t["w"], t["ws"], t["bias"], x, t["flags"],
+                        t["cols"][:n] if threshold > 0 else None)
+    assert rel_err(y, ref) <= TOL[dtype]
+    pad = buf.clone()
+    pad[1:-1, 2:-1] = float("nan")
+    assert torch.isnan(pad).all(), "int8_gemm wrote outside y"
+
+
+def check_int8_gemm_bad_cols(device, dtype=torch.float32, M=7, N=40, K=50):
+    """Out-of-range entries in cols are skipped, count is clamped to len(cols): no fault, no stray reads."""
+    t = int8_gemm_inputs(M, N, K, dtype, 6.0, device=device)
+    cols = torch.tensor([-1, K, 2**31 - 1, 3], dtype=torch.int32, device=device)
+    count = torch.tensor([1000], dtype=torch.int32, device=device)  # more than len(cols) and K
+    y = _cext.int8_gemm(t["q"], t["rs"], t["w"], t["ws"], t["bias"], dtype, x=t["x"], col_flags=t["flags"],
+                        cols=cols, count=count)
+    ref = int8_gemm_ref(t["q"], t["rs"], t["w"], t["ws"], t["bias"], t["x"], t["flags"], cols)
+    assert rel_err(y, ref) <= TOL[dtype]
+    count.fill_(-5)  # negative: no outlier columns
+    y = _cext.int8_gemm(t["q"], t["rs"], t["w"], t["ws"], None, dtype, x=t["x"], cols=cols, count=count)
+    assert rel_err(y, int8_gemm_ref(t["q"], t["rs"], t["w"], t["ws"], None)) <= TOL[dtype]
+
+
+def check_int8_errors_and_empty(device):
+    x = torch.randn(4, 8, device=device)
+    q8, rs = torch.zeros(4, 8, dtype=torch.int8, device=device), torch.ones(4, device=device)
+    w8, ws = torch.zeros(5, 8, dtype=torch.int8, device=device), torch.ones(5, device=device)
+    with pytest.raises(ValueError, match="threshold"):
+        _cext.int8_quant_rows(x, -1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        _cext.int8_quant_rows(x, float("nan"))
+    with pytest.raises(TypeError, match="int8"):
+        _cext.int8_quant_rows(x.to(torch.int8), 0.0)
+    with pytest.raises(TypeError, match="w_int8 has dtype"):
+        _cext.int8_gemm(q8, rs, w8.float(), ws, None, torch.float32)
+    with pytest.raises(ValueError, match="disagree on K"):
+        _cext.int8_gemm(q8, rs, w8[:, :7], ws, None, torch.float32)
+    with pytest.raises(ValueError, match="row_scale has shape"):
+        _cext.int8_gemm(q8, rs[:3], w8, ws, None, torch.float32)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        _cext.int8_gemm(q8, rs, w8, ws, torch.zeros(5, device=device, dtype=torch.float16), torch.float32)
+    with pytest.raises(ValueError, match="unit column stride"):
+        _cext.int8_gemm(q8, rs, w8.t().contiguous().t(), ws, None, torch.float32)
+    cols, count = torch.zeros(8, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="come together"):
+        _cext.int8_gemm(q8, rs, w8, ws, None, torch.float32, x=x, cols=cols)
+    with pytest.raises(ValueError, match="need x"):
+        _cext.int8_gemm(q8, rs, w8, ws, None, torch.float32, cols=cols, count=count)
+    with pytest.raises(TypeError, match="x has dtype"):
+        _cext.int8_gemm(q8, rs, w8, ws, None, torch.float16, x=x, cols=cols, count=count)
+    with pytest.raises(TypeError, match="out_dtype"):
+        _cext.int8_gemm(q8, rs, w8, ws, None, torch.int32)
+    big_k = 133144  # 127 * 127 * K would overflow the int32 accumulators
+    with pytest.raises(ValueError, match="exceeds"):
+        _cext.int8_gemm(torch.zeros(1, big_k, dtype=torch.int8, device=device), rs[:1],
+                        torch.zeros(1, big_k, dtype=torch.int8, device=device), ws[:1], None, torch.float32)
+    # empty inputs
+    q, s, f = _cext.int8_quant_rows(torch.randn(0, 8, device=device), 6.0)
+    assert q.shape == (0, 8) and s.shape == (0,) and torch.equal(f, torch.zeros(8, dtype=torch.int32, device=device))
+    q, s, f = _cext.int8_quant_rows(torch.randn(3, 0, device=device), 0.0)
+    assert q.shape == (3, 0) and torch.equal(s, torch.zeros(3, device=device)) and f is None
+    assert _cext.int8_gemm(q8[:0], rs[:0], w8, ws, None, torch.float32).shape == (0, 5)
+    assert _cext.int8_gemm(q8, rs, w8[:0], ws[:0], None, torch.float32).shape == (4, 0)
+    b = torch.randn(5, device=device)
+    y = _cext.int8_gemm(q8[:, :0], rs, w8[:, :0], ws, b, torch.float32)  # K = 0: the bias
+    assert torch.equal(y, b.expand(4, 5))
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU tests
 
 
@@ -333,3 +592,74 @@ def test_wrapper_errors_and_empty_inputs():
         x, A = torch.randn(4, 8, device="cuda:0"), torch.randn(2, 8, device="cuda:1")
         with pytest.raises(ValueError, match="one device"):
             _cext.lora_shrink(x, A, A.stride(), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU tests: LLM.int8()
+
+INT8_SPECIAL = ("zero", "nan", "inf")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 7, 300])
+@pytest.mark.parametrize("K", [37, 130, 1000, 4096])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("x_layout", ["contiguous", "strided", "misaligned"])
+def test_int8_quant_rows(dtype, M, K, threshold, x_layout):
+    check_int8_quant("cuda", dtype, M, K, threshold, x_layout, special=INT8_SPECIAL)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,threshold", [(1, 37, 0.0), (7, 130, 6.0), (300, 1000, 6.0), (33, 4096, 2.5)])
+def test_int8_quant_rows_writes_only_its_views(dtype, M, K, threshold):
+    check_int8_quant_bounds("cuda", dtype, M, K, threshold)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 7, 300])
+@pytest.mark.parametrize("N,K", [(37, 130), (130, 37), (1000, 1000), (256, 4096)])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("tile", [0, 1, 2, 3])
+def test_int8_gemm(dtype, M, N, K, threshold, tile):
+    check_int8_gemm("cuda", dtype, M, N, K, threshold, bias=M != 7, tile=tile, x_layout="strided",
+                    special=INT8_SPECIAL)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("w_layout", ["padded", "misaligned"])
+@pytest.mark.parametrize("M,N,K", [(7, 130, 1024), (300, 64, 256)])
+def test_int8_gemm_weight_layouts(dtype, w_layout, M, N, K):
+    check_int8_gemm("cuda", dtype, M, N, K, 6.0, w_layout=w_layout, x_layout="transposed")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,threshold,tile", [(1, 9, 37, 0.0, 0), (70, 130, 1000, 6.0, 1), (129, 1000, 64, 6.0, 2),
+                                                  (16, 200, 300, 6.0, 3)])
+def test_int8_gemm_writes_only_its_view(dtype, M, N, K, threshold, tile):
+    check_int8_gemm_bounds("cuda", dtype, M, N, K, threshold, tile)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (300, 1000, 1000), (2048, 512, 1024)])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_int8_linear_flow(dtype, M, N, K, threshold):
+    check_int8_linear_flow("cuda", dtype, M, N, K, threshold, special=INT8_SPECIAL)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_int8_bad_cols_errors_and_empty():
+    check_int8_gemm_bad_cols("cuda")
+    check_int8_errors_and_empty("cuda")

@@ -128,3 +128,114 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, b_strides: t
                     dropout=p > 0.0, seed=int(seed) & 0xFFFFFFFF, thr31=dropout_threshold(p),
                     drop_scale=1.0 / (1.0 - p), device=device.index or 0, stream=_stream(device))
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# LLM.int8(): row quantization and the int8 GEMM with its dequantizing epilogue
+
+def _vector(name: str, t: torch.Tensor, n: int, dtypes) -> None:
+    """t must be a contiguous 1-D tensor of n elements with one of ``dtypes``."""
+    _checks.tensor(name, t, ndim=1, dtypes=dtypes)
+    if t.shape[0] != n:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{n}]")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
+
+
+def _unit_col_stride(name: str, t: torch.Tensor) -> None:
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) needs unit column stride")
+
+
+def int8_quant_rows(x: torch.Tensor, threshold: float):
+    """LLM.int8() row quantization of a 2-D x: ``(q, row_scale, col_flags)``.
+
+    row_scale[m] = max |x[m, k]| over the entries with |x| < threshold (every entry when
+    threshold == 0), float32 [M]; q[m, k] = round-half-even(x[m, k] * 127 / row_scale[m]) as int8
+    [M, K] (contiguous), clamped to [-127, 127], 0 for outlier entries (|x| >= threshold > 0), for
+    NaN and where row_scale is 0. col_flags: int32 [K], 1 for each column holding an outlier,
+    else 0; None when threshold == 0. The outlier *columns* are not zeroed in q: ``int8_gemm``
+    masks them with col_flags. x: fp32, fp16 or bf16, any strides.
+    """
+    _checks.tensor("x", x, ndim=2)
+    device = _cuda_device(x=x)
+    _checks.tensor("x", x, dtypes=_DTYPE_CODES)
+    threshold = _checks.finite_float("threshold", threshold)
+    if threshold < 0.0:
+        raise ValueError(f"threshold must be >= 0 (0: no outliers), got {threshold}")
+    M, K = x.shape
+    ext = _extension()
+    q = torch.empty((M, K), dtype=torch.int8, device=device)
+    row_scale = torch.empty((M,), dtype=torch.float32, device=device)
+    flags = torch.zeros((K,), dtype=torch.int32, device=device) if threshold > 0.0 else None
+    ext.int8_quant_rows(x.data_ptr(), x.stride(0), x.stride(1), q.data_ptr(), q.stride(0), row_scale.data_ptr(),
+                        M, K, _DTYPE_CODES[x.dtype], threshold=threshold,
+                        col_flags=flags.data_ptr() if flags is not None else 0,
+                        device=device.index or 0, stream=_stream(device))
+    return q, row_scale, flags
+
+
+def int8_gemm(q: torch.Tensor, row_scale: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype, *, x: torch.Tensor | None = None,
+              col_flags: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+              count: torch.Tensor | None = None, tile: int = 0) -> torch.Tensor:
+    """y = (q' @ w_int8^T) * row_scale[:, None] * w_scale[None, :] / 127^2 + outliers + bias, [M, N].
+
+    q: int8 [M, K], w_int8: int8 [N, K] (both with unit column stride); row_scale float32 [M],
+    w_scale float32 [N]; bias [N] of out_dtype or None; out_dtype fp32, fp16 or bf16. int32
+    accumulation on int8 tensor cores, fp32 epilogue, rounded once to out_dtype.
+    q' = q with the columns where ``col_flags`` (int32 [K]) is nonzero set to 0.
+    Outliers (with ``cols`` and ``count``, which need ``x``):
+    sum over c in cols[:count] of x[m, c] * w_int8[n, c] * w_scale[n] / 127 in fp32, with x [M, K]
+    of out_dtype (any strides), cols int32 1-D (the first ``count`` entries valid), count int32 [1]
+    read on the device (no host sync), clamped to [0, min(len(cols), K)].
+    ``tile`` forces a tile shape (0 chooses; 1: 128x128, 2: 64x64, 3: 16x32) for tests.
+    """
+    _checks.tensor("q", q, ndim=2)
+    _checks.tensor("w_int8", w_int8, ndim=2)
+    tensors = dict(q=q, row_scale=row_scale, w_int8=w_int8, w_scale=w_scale, bias=bias, x=x, col_flags=col_flags,
+                   cols=cols, count=count)
+    device = _cuda_device(**{k: v for k, v in tensors.items() if v is not None})
+    if out_dtype not in _DTYPE_CODES:
+        raise TypeError(f"out_dtype {out_dtype} is not supported; supported: float32, float16, bfloat16")
+    _checks.tensor("q", q, dtypes=(torch.int8,))
+    _checks.tensor("w_int8", w_int8, dtypes=(torch.int8,))
+    M, K = q.shape
+    N = w_int8.shape[0]
+    if w_int8.shape[1] != K:
+        raise ValueError(f"q {tuple(q.shape)} and w_int8 {tuple(w_int8.shape)} disagree on K")
+    _unit_col_stride("q", q)
+    _unit_col_stride("w_int8", w_int8)
+    _vector("row_scale", row_scale, M, (torch.float32,))
+    _vector("w_scale", w_scale, N, (torch.float32,))
+    if bias is not None:
+        _vector("bias", bias, N, (out_dtype,))
+    if col_flags is not None:
+        _vector("col_flags", col_flags, K, (torch.int32,))
+    if (cols is None) != (count is None):
+        raise ValueError("cols and count come together (both or neither)")
+    if cols is not None:
+        if x is None:
+            raise ValueError("the outlier columns (cols, count) need x")
+        _checks.tensor("cols", cols, ndim=1, dtypes=(torch.int32,))
+        if cols.numel() > 1 and cols.stride(0) != 1:
+            raise ValueError(f"cols must be contiguous, got stride {cols.stride()}")
+        _vector("count", count, 1, (torch.int32,))
+    if x is not None:
+        _checks.tensor("x", x, ndim=2, dtypes=(out_dtype,))
+        if tuple(x.shape) != (M, K):
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [{M}, {K}] like q")
+    if isinstance(tile, bool) or tile not in (0, 1, 2, 3):
+        raise ValueError(f"tile must be 0, 1, 2 or 3, got {tile!r}")
+    ext = _extension()
+    y = torch.empty((M, N), dtype=out_dtype, device=device)
+
+    def ptr(t):
+        return t.data_ptr() if t is not None else 0
+
+    ext.int8_gemm(q.data_ptr(), q.stride(0), row_scale.data_ptr(), w_int8.data_ptr(), w_int8.stride(0),
+                  w_scale.data_ptr(), y.data_ptr(), y.stride(0), M, N, K, _DTYPE_CODES[out_dtype], bias=ptr(bias),
+                  x=ptr(x), s_xm=x.stride(0) if x is not None else 0, s_xk=x.stride(1) if x is not None else 0,
+                  col_flags=ptr(col_flags), cols=ptr(cols), n_cols=cols.numel() if cols is not None else 0,
+                  count=ptr(count), tile=tile, device=device.index or 0, stream=_stream(device))
+    return y

@@ -1,5 +1,5 @@
 // The emulated device of tests/cuda_emu: runs one call of a fastpeft._C kernel entry point
-// (csrc/lora.cu, compiled with g++ against the stand-in headers in include/) on host memory.
+// (csrc/lora.cu and csrc/int8.cu, compiled with g++ against the stand-in headers in include/) on host memory.
 //
 // Protocol (emulator.py writes it to stdin):
 //   one text line:  <function> <nbuf> {<size> <head> <offset> <is_output>}*nbuf <arguments...>
@@ -9,7 +9,7 @@
 // A buffer holds exactly the bytes an operand spans; it is allocated at that size after <head>
 // bytes of padding that keep the host tensor's address modulo 64, so AddressSanitizer reports
 // any access outside the operand and vector loads see the real alignment. The kernel gets
-// buffer + <offset>. After the call the output buffer goes to stdout. Exit status: 3 for
+// buffer + <offset>. After the call the output buffers go to stdout, in order. Exit status: 3 for
 // std::invalid_argument (ValueError in pybind11), 4 for other exceptions (RuntimeError),
 // 5 when the call wrote into an input operand. FASTPEFT_CUDA_EMU_FAULT=short_operand allocates
 // each input operand one byte short (its last byte is dropped), to check that ASan catches it.
@@ -37,6 +37,13 @@ void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s
                  uintptr_t b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R, int dtype,
                  float scaling, bool dropout, uint32_t seed, uint32_t thr31, float drop_scale, int device,
                  uintptr_t stream);
+void int8_quant_rows(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t q, int64_t s_qm, uintptr_t row_scale,
+                     int64_t M, int64_t K, int dtype, float threshold, uintptr_t col_flags, int device,
+                     uintptr_t stream);
+void int8_gemm(uintptr_t q, int64_t s_qm, uintptr_t row_scale, uintptr_t w, int64_t s_wn, uintptr_t w_scale,
+               uintptr_t y, int64_t s_ym, int64_t M, int64_t N, int64_t K, int dtype, uintptr_t bias, uintptr_t x,
+               int64_t s_xm, int64_t s_xk, uintptr_t col_flags, uintptr_t cols, int64_t n_cols, uintptr_t count,
+               int tile, int device, uintptr_t stream);
 }  // namespace fastpeft
 
 namespace {
@@ -129,6 +136,36 @@ void dispatch(Call& c) {
     const auto stream = static_cast<uintptr_t>(c.i64());
     fastpeft::lora_expand(y, s_ym, s_yn, u, s_um, s_ur, b, s_bn, s_br, M, N, R, dtype, scaling, dropout, seed,
                           thr31, drop_scale, device, stream);
+  } else if (c.function() == "int8_quant_rows") {
+    const uintptr_t x = c.ptr();
+    const int64_t s_xm = c.i64(), s_xk = c.i64();
+    const uintptr_t q = c.ptr();
+    const int64_t s_qm = c.i64();
+    const uintptr_t row_scale = c.ptr();
+    const int64_t M = c.i64(), K = c.i64();
+    const int dtype = c.i32();
+    const float threshold = c.f32();
+    const uintptr_t col_flags = c.ptr();
+    const int device = c.i32();
+    const auto stream = static_cast<uintptr_t>(c.i64());
+    fastpeft::int8_quant_rows(x, s_xm, s_xk, q, s_qm, row_scale, M, K, dtype, threshold, col_flags, device, stream);
+  } else if (c.function() == "int8_gemm") {
+    const uintptr_t q = c.ptr();
+    const int64_t s_qm = c.i64();
+    const uintptr_t row_scale = c.ptr(), w = c.ptr();
+    const int64_t s_wn = c.i64();
+    const uintptr_t w_scale = c.ptr(), y = c.ptr();
+    const int64_t s_ym = c.i64(), M = c.i64(), N = c.i64(), K = c.i64();
+    const int dtype = c.i32();
+    const uintptr_t bias = c.ptr(), x = c.ptr();
+    const int64_t s_xm = c.i64(), s_xk = c.i64();
+    const uintptr_t col_flags = c.ptr(), cols = c.ptr();
+    const int64_t n_cols = c.i64();
+    const uintptr_t count = c.ptr();
+    const int tile = c.i32(), device = c.i32();
+    const auto stream = static_cast<uintptr_t>(c.i64());
+    fastpeft::int8_gemm(q, s_qm, row_scale, w, s_wn, w_scale, y, s_ym, M, N, K, dtype, bias, x, s_xm, s_xk, col_flags,
+                        cols, n_cols, count, tile, device, stream);
   } else {
     throw std::runtime_error("emulator: unknown function " + c.function());
   }

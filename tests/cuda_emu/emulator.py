@@ -1,8 +1,8 @@
 """Build and drive the CPU emulator of the CUDA C++ kernels (csrc/). EMULATION, NOT A GPU.
 
-g++ compiles csrc/lora.cu and csrc/common.cuh, unchanged, against the stand-in CUDA headers in
-include/ into a small executable, the emulated "device" (device_main.cpp). The build compiles a
-generated copy of lora.cu (``#line`` keeps diagnostics pointing at csrc/lora.cu) with two
+g++ compiles csrc/lora.cu, csrc/int8.cu and csrc/common.cuh, unchanged, against the stand-in CUDA
+headers in include/ into a small executable, the emulated "device" (device_main.cpp). The build
+compiles a generated copy of each .cu (``#line`` keeps diagnostics pointing at csrc/) with two
 mechanical rewrites: each ``kernel<<<cfg>>>(args)`` launch, which g++ cannot parse, becomes
 ``::emu::launch(::emu::Config(cfg), kernel, args)``, and each ``__shared__`` array is declared
 under another name, its real name bound to heap memory of its exact size that the emulator
@@ -11,8 +11,9 @@ fills with NaN before every block (``emu::shared_memory`` in include/cuda_runtim
 ``EmulatedExtension`` has ``fastpeft._C``'s kernel functions with the same arguments (raw
 pointers and element strides). For each call it copies exactly the bytes every operand spans
 out of the host tensors' memory, runs the call in a fresh device process, and copies the output
-operand back. With it patched in for ``fastpeft._C``, the checks of tests/test_cuda_ext.py run on
-CPU tensors. Variants:
+operands back (outputs the kernel must overwrite start poisoned: NaN, or -128 for int8 codes).
+With it patched in for ``fastpeft._C``, the checks of tests/test_cuda_ext.py run on CPU tensors.
+Variants:
 
   asan   -O1, AddressSanitizer + UBSan: each operand and each __shared__ array is its own
          exact-size allocation, so any access outside it is reported; so are misaligned 16-byte
@@ -39,7 +40,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent.parent / "csrc"
-KERNELS = "lora.cu"  # the translation unit of csrc/ with the kernels (it includes common.cuh)
+KERNELS = ("lora.cu", "int8.cu")  # the translation units of csrc/ with kernels (they include common.cuh)
 
 _COMMON = ["-std=c++20", "-pthread", "-fno-strict-aliasing", f"-I{HERE / 'include'}"]
 VARIANTS = {
@@ -95,9 +96,9 @@ def build(variant: str = "asan", csrc: str | os.PathLike | None = None,
     if cxx is None:
         raise RuntimeError("g++ not found")
     csrc = Path(csrc or CSRC).resolve()
-    kernel_source = csrc / KERNELS
+    kernel_sources = [csrc / k for k in KERNELS]
     flags = [*_COMMON, f"-I{csrc}", *VARIANTS[variant]]
-    inputs = [kernel_source, *sorted(csrc.glob("*.cuh")), *sorted((HERE / "include").glob("*.h")),
+    inputs = [*kernel_sources, *sorted(csrc.glob("*.cuh")), *sorted((HERE / "include").glob("*.h")),
               HERE / "device_main.cpp", Path(__file__)]
     key = hashlib.sha256(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode())
     key.update(" ".join(flags).encode())
@@ -110,11 +111,14 @@ def build(variant: str = "asan", csrc: str | os.PathLike | None = None,
         return exe
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        kernels = Path(tmp) / "lora_emu.cpp"
-        kernels.write_text(emulation_source(kernel_source.read_text(), kernel_source))
-        objects = [Path(tmp) / "kernels.o", Path(tmp) / "device_main.o"]
+        sources = []
+        for src in kernel_sources:
+            sources.append(Path(tmp) / f"{src.stem}_emu.cpp")
+            sources[-1].write_text(emulation_source(src.read_text(), src))
+        sources.append(HERE / "device_main.cpp")
+        objects = [Path(tmp) / f"{src.stem}.o" for src in sources]
         jobs = [subprocess.Popen([cxx, *flags, "-c", str(src), "-o", str(obj)], stderr=subprocess.PIPE, text=True)
-                for src, obj in zip((kernels, HERE / "device_main.cpp"), objects)]  # in parallel
+                for src, obj in zip(sources, objects)]  # in parallel
         for job in jobs:
             _, err = job.communicate()
             if job.returncode:
@@ -140,16 +144,21 @@ def _u32(name: str, v) -> int:
 
 
 _ELEMENT_BYTES = {0: 4, 1: 2, 2: 2}  # by dtype code
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 
 
 class _Operand:
     """The bytes a [rows, cols] operand at address ``ptr`` with element strides spans in host memory.
 
-    ``output``: copied back after the call; ``overwritten``: its elements start as NaN on the device.
+    ``output``: copied back after the call; ``overwritten``: its elements start as ``poison`` on
+    the device (an integer of the element's size: -1, all bits set, is a NaN in every float type;
+    -128 is no int8 code the kernels write).
     """
 
-    def __init__(self, ptr, rows, cols, s0, s1, elem: int, output: bool = False, overwritten: bool = False):
+    def __init__(self, ptr, rows, cols, s0, s1, elem: int, output: bool = False, overwritten: bool = False,
+                 poison: int = -1):
         self.ptr, self.output, self.overwritten = _index("pointer", ptr), output, overwritten
+        self.elem, self.poison = elem, poison
         rows, cols, s0, s1 = (_index("size", v) for v in (rows, cols, s0, s1))
         self.start, self.size, self.offset = self.ptr, 0, 0
         if rows > 0 and cols > 0 and self.ptr != 0:
@@ -163,8 +172,8 @@ class _Operand:
 
     def payload(self) -> bytes:
         data = bytearray(ctypes.string_at(self.start, self.size) if self.size else b"")
-        if self.overwritten and self.size:  # the kernels' only overwritten operand, U, is fp32
-            torch.frombuffer(data, dtype=torch.float32).as_strided(*self.view).fill_(float("nan"))
+        if self.overwritten and self.size:
+            torch.frombuffer(data, dtype=_INT_OF_SIZE[self.elem]).as_strided(*self.view).fill_(self.poison)
         return bytes(data)
 
 
@@ -198,6 +207,27 @@ class EmulatedExtension:
                 bool(dropout), _u32("seed", seed), _u32("thr31", thr31), float(drop_scale), device, stream]
         self._call("lora_expand", ops, args)
 
+    def int8_quant_rows(self, x, s_xm, s_xk, q, s_qm, row_scale, M, K, dtype, threshold=0.0, col_flags=0, device=0,
+                        stream=0):
+        e = _ELEMENT_BYTES.get(dtype, 1)
+        ops = [_Operand(x, M, K, s_xm, s_xk, e),
+               _Operand(q, M, K, s_qm, 1, 1, output=True, overwritten=True, poison=-128),
+               _Operand(row_scale, M, 1, 1, 1, 4, output=True, overwritten=True),
+               _Operand(col_flags, K, 1, 1, 1, 4, output=True)]  # zeroed by the caller, only set
+        args = [ops[0], s_xm, s_xk, ops[1], s_qm, ops[2], M, K, dtype, float(threshold), ops[3], device, stream]
+        self._call("int8_quant_rows", ops, args)
+
+    def int8_gemm(self, q, s_qm, row_scale, w, s_wn, w_scale, y, s_ym, M, N, K, dtype, bias=0, x=0, s_xm=0, s_xk=0,
+                  col_flags=0, cols=0, n_cols=0, count=0, tile=0, device=0, stream=0):
+        e = _ELEMENT_BYTES.get(dtype, 1)
+        ops = [_Operand(q, M, K, s_qm, 1, 1), _Operand(row_scale, M, 1, 1, 1, 4), _Operand(w, N, K, s_wn, 1, 1),
+               _Operand(w_scale, N, 1, 1, 1, 4), _Operand(y, M, N, s_ym, 1, e, output=True, overwritten=True),
+               _Operand(bias, N, 1, 1, 1, e), _Operand(x, M, K, s_xm, s_xk, e), _Operand(col_flags, K, 1, 1, 1, 4),
+               _Operand(cols, n_cols, 1, 1, 1, 4), _Operand(count, 1, 1, 1, 1, 4)]
+        args = [ops[0], s_qm, ops[1], ops[2], s_wn, ops[3], ops[4], s_ym, M, N, K, dtype, ops[5], ops[6], s_xm, s_xk,
+                ops[7], ops[8], n_cols, ops[9], tile, device, stream]
+        self._call("int8_gemm", ops, args)
+
     def _call(self, function: str, ops: list[_Operand], args: list) -> None:
         def token(v) -> str:
             if isinstance(v, _Operand):
@@ -220,8 +250,12 @@ class EmulatedExtension:
             raise RuntimeError(err)
         if res.returncode != 0:
             raise EmulatorFault(f"{function} failed in the emulator (exit status {res.returncode}):\n{err[:5000]}")
-        out = [op for op in ops if op.output][0]
-        if len(res.stdout) != out.size:
-            raise EmulatorFault(f"{function}: got {len(res.stdout)} output bytes, expected {out.size}\n{err}")
-        if out.size:
-            ctypes.memmove(out.start, res.stdout, out.size)
+        outs = [op for op in ops if op.output]
+        if len(res.stdout) != sum(op.size for op in outs):
+            raise EmulatorFault(f"{function}: got {len(res.stdout)} output bytes, expected "
+                                f"{sum(op.size for op in outs)}\n{err}")
+        pos = 0
+        for op in outs:
+            if op.size:
+                ctypes.memmove(op.start, res.stdout[pos:pos + op.size], op.size)
+            pos += op.size

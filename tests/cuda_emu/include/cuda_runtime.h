@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>  // rintf, fabsf: CUDA's runtime header brings in the math functions too
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -37,6 +38,10 @@ struct alignas(16) uint4 {  // 16-byte aligned like CUDA's: UBSan flags misalign
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct alignas(8) uint2 {  // 8-byte aligned like CUDA's
+  unsigned x, y;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
@@ -45,6 +50,7 @@ template <typename T> inline T __ldg(const T* p) { return *p; }
 inline float __uint_as_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline int atomicOr(int* p, int v) { return std::atomic_ref<int>(*p).fetch_or(v); }
 
 // ---- runtime API: one device (device 0) with the H200's 132 SMs (the split-K heuristic reads it)
 

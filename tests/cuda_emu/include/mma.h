@@ -8,6 +8,8 @@
 // truncates tf32 operands to those bits (a no-op on converted values; an operand csrc forgot to
 // convert loses precision instead of passing silently); each mma_sync sums in double and rounds
 // once to fp32 (the tensor cores' internal accumulation order and precision are not modelled).
+// int8: signed char operands (poisoned with -128, a code the kernels never produce) and int
+// accumulators (poisoned with 0x7F7F7F7F); mma_sync sums exactly and wraps to int32 like the hardware.
 #pragma once
 #include <cstdio>
 #include <limits>
@@ -51,6 +53,8 @@ inline double tf32_value(float v) { return __uint_as_float(__float_as_uint(v) & 
 template <typename E> E nan() { return std::numeric_limits<E>::quiet_NaN(); }
 template <> inline __half nan<__half>() { return __half{0x7E00}; }
 template <> inline __nv_bfloat16 nan<__nv_bfloat16>() { return __nv_bfloat16{0x7FC0}; }
+template <> inline signed char nan<signed char>() { return -128; }  // "never loaded" poison of int types
+template <> inline int nan<int>() { return 0x7F7F7F7F; }
 }  // namespace detail
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
@@ -101,6 +105,34 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
       out[i * N + j] = static_cast<float>(s);
     }
   std::memcpy(d.x, out, sizeof(out));
+}
+
+// d = a b + c on int8 operands, exact in int64 and wrapped to int32 (s32 accumulation)
+template <int M, int N, int K, typename LA, typename LB>
+void mma_sync(fragment<accumulator, M, N, K, int>& d, const fragment<matrix_a, M, N, K, signed char, LA>& a,
+              const fragment<matrix_b, M, N, K, signed char, LB>& b, const fragment<accumulator, M, N, K, int>& c) {
+  if (!detail::lane0()) return;
+  int out[M * N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      int64_t s = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) s += int64_t{a.x[i * K + k]} * int64_t{b.x[k * N + j]};
+      out[i * N + j] = static_cast<int>(static_cast<uint32_t>(s));
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+template <int M, int N, int K> void fill_fragment(fragment<accumulator, M, N, K, int>& f, int v) {
+  if (!detail::lane0()) return;
+  for (auto& e : f.x) e = v;
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(int* p, const fragment<accumulator, M, N, K, int>& f, unsigned ldm, layout_t layout) {
+  if (!detail::lane0()) return;
+  detail::check_operand("store_matrix_sync", p, ldm, sizeof(int));
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
 }
 
 template <int M, int N, int K>

@@ -1,0 +1,546 @@
+// LLM.int8() kernels (fastpeft/reference/int8.py is the specification):
+//
+//   quant_rows:  row_scale[m] = max |x[m, k]| over the entries with |x| < t (all when t == 0)
+//                q[m, k]      = rint(x[m, k] * ((1 / row_scale[m]) * 127)), clamped to [-127, 127];
+//                               0 for outlier entries (|x| >= t, t > 0), NaN products and scale 0
+//                col_flags[k] = 1 where some |x[m, k]| >= t (atomicOr into a zeroed array: red.or,
+//                               fire and forget; outliers are rare)
+//   gemm:        y[m, n] = (sum_k q'[m, k] w[n, k]) * row_scale[m] * w_scale[n] / 127^2
+//                        + sum_{c in cols[0:count)} x[m, c] w[n, c] * w_scale[n] / 127   + bias[n]
+//                with q' = q with the columns where col_flags != 0 zeroed.
+//
+// quant_rows runs 256 threads per block and 16..256 threads per row: pass 1 reads the row and
+// reduces the absmax (NaN-propagating: the max of the |x| bit patterns, so any NaN wins over
+// inf), pass 2 reads it again (from L1/L2) and writes the codes; 16-byte loads when aligned.
+//
+// gemm multiplies int8 tiles on tensor cores (nvcuda::wmma m16n16k16, signed char operands,
+// int32 accumulators; exact). Tiles move global -> registers -> shared memory, double-buffered
+// in shared memory (the next chunk is loaded while the current one is multiplied; one barrier
+// per chunk); the column mask of q is applied in registers. The epilogue stages the int32
+// accumulators in shared memory (summing the K-split warps of the small-M tile), converts them
+// to fp32 scaled by row_scale / 127, adds the outlier columns (the count is read on the
+// device; chunks of 32 columns of x and w are staged in shared memory and accumulated in fp32
+// on the CUDA cores: a few dozen columns cost little next to the int8 main loop), scales by
+// w_scale / 127, adds the bias and stores y with 16-byte stores where aligned.
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace fastpeft {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps per block, both kernels
+constexpr int64_t kMaxK = 133143;  // 127 * 127 * K < 2^31: the int32 accumulators cannot overflow
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+// The int8 code of x * inv, rounded half to even; NaN -> 0 (the reference's nan_to_num after
+// its clamp: +-inf clamp to +-127).
+__device__ __forceinline__ uint32_t code_byte(float x, float inv, bool outlier) {
+  const float r = rintf(x * inv);
+  int c = 0;  // outliers and NaN
+  if (!outlier) {
+    if (r >= -127.0f && r <= 127.0f) c = static_cast<int>(r);
+    else if (r > 0.0f) c = 127;
+    else if (r < 0.0f) c = -127;
+  }
+  return static_cast<uint32_t>(c) & 0xFFu;
+}
+
+// ---------------------------------------------------------------------------------------------
+// row quantization
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+quant_rows_kernel(const T* __restrict__ x, int64_t s_xm, int64_t s_xk, int8_t* __restrict__ q, int64_t s_qm,
+                  float* __restrict__ row_scale, int* __restrict__ flags, int64_t M, int64_t K, float threshold,
+                  int tpr_log2) {
+  constexpr int V = VEC ? 16 / static_cast<int>(sizeof(T)) : 1;
+  __shared__ uint32_t red[kThreads];
+  const int tid = threadIdx.x;
+  const int tpr = 1 << tpr_log2;  // threads per row, 16 .. 256
+  const int lane = tid & (tpr - 1);
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * (kThreads >> tpr_log2) + (tid >> tpr_log2);
+  const bool row_in = m < M;
+  const bool outliers = threshold > 0.0f;
+  const T* xr = x + (row_in ? m : 0) * s_xm;
+  const int64_t step = static_cast<int64_t>(tpr) * V;
+
+  auto load = [&](float (&v)[V], int64_t k) {
+    if (VEC) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(xr + k));
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = vec_get<T>(raw, j);
+    } else {
+      v[0] = to_float(xr[k * s_xk]);
+    }
+  };
+
+  // pass 1: absmax of the kept entries as bits (|x| >= 0: the uint order is the float order,
+  // and every NaN is above inf), outlier columns flagged
+  uint32_t amax = 0;
+  if (row_in) {
+    for (int64_t k = static_cast<int64_t>(lane) * V; k < K; k += step) {
+      float v[V];
+      load(v, k);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float a = fabsf(v[j]);
+        if (outliers && a >= threshold) {
+          if (flags != nullptr) atomicOr(flags + k + j, 1);  // rows of one block may share the column
+        } else {
+          amax = umax(amax, __float_as_uint(a));
+        }
+      }
+    }
+  }
+  red[tid] = amax;
+  __syncthreads();
+  if ((tid & 15) == 0) {
+    uint32_t mx = red[tid];
+#pragma unroll
+    for (int i = 1; i < 16; ++i) mx = umax(mx, red[tid + i]);
+    red[tid] = mx;
+  }
+  __syncthreads();
+  uint32_t bits = 0;
+  const int base = tid & ~(tpr - 1);
+  for (int i = 0; i < tpr; i += 16) bits = umax(bits, red[base + i]);
+  const float scale = __uint_as_float(bits);
+  if (!row_in) return;  // no barrier follows
+  if (lane == 0) row_scale[m] = scale;
+  // as the reference computes it: torch's `127.0 / scale` is `scale.reciprocal() * 127` (two
+  // roundings), which decides ties such as 63.5 vs 63.49999; a NaN scale gives codes 0
+  const float inv = scale > 0.0f ? (1.0f / scale) * 127.0f : 0.0f;
+
+  // pass 2: the codes
+  int8_t* qr = q + m * s_qm;
+  for (int64_t k = static_cast<int64_t>(lane) * V; k < K; k += step) {
+    float v[V];
+    load(v, k);
+    uint32_t packed[(V + 3) / 4] = {};
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      packed[j / 4] |= code_byte(v[j], inv, outliers && fabsf(v[j]) >= threshold) << (8 * (j % 4));
+    }
+    if (V == 8) {
+      *reinterpret_cast<uint2*>(qr + k) = make_uint2(packed[0], packed[V > 4 ? 1 : 0]);
+    } else if (V == 4) {
+      *reinterpret_cast<uint32_t*>(qr + k) = packed[0];
+    } else {
+      qr[k] = static_cast<int8_t>(static_cast<signed char>(packed[0] & 0xFFu));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 GEMM with the dequantizing epilogue
+//
+// Block tile BM x BN, K in chunks of BK. The 8 warps are WM (m) x WN (n) x WK (k): warp (wm, wn,
+// wk) owns FM x FN fragments of 16 x 16 at rows wm*FM*16.., columns wn*FN*16.., and the k-steps
+// wk*KSW .. of each chunk. A chunk of q (or w) lives in shared memory as BK/16 planes, plane kb
+// holding columns kb*16 .. kb*16+15 of every row, 16 bytes per row: a fragment is 256 contiguous
+// bytes (32-byte aligned, as wmma requires; no bank conflicts), and a 32-byte pad per plane keeps
+// the 16-byte stores of 8 lanes (2 rows x 4 planes) on distinct banks.
+
+template <int WM_, int WN_, int WK_, int FM_, int FN_, int KSW_, int FMR_> struct GemmTile {
+  static constexpr int WM = WM_, WN = WN_, WK = WK_, FM = FM_, FN = FN_, KSW = KSW_;
+  static constexpr int BM = WM * FM * 16, BN = WN * FN * 16, BK = WK * KSW * 16, KB = BK / 16;
+  static constexpr int PLANE_A = BM * 16 + 32, PLANE_B = BN * 16 + 32;
+  static constexpr int STAGE = KB * (PLANE_A + PLANE_B);
+  static constexpr int A_LOADS = BM * KB / kThreads, B_LOADS = BN * KB / kThreads;
+  // epilogue: the accumulators go through shared memory FMR fragment rows per warp at a time
+  static constexpr int FMR = FMR_, ROUNDS = FM / FMR, BMR = WM * FMR * 16, LDC = BN + 4;
+  static constexpr int EV = 8;  // contiguous outputs per thread
+  static constexpr int GROUPS = BMR * BN / EV, PASSES = (GROUPS + kThreads - 1) / kThreads;
+  static constexpr int OC = 32;  // outlier columns per staged chunk
+  static constexpr int C_BYTES = WK * BMR * LDC * 4, O_BYTES = OC * (BM + BN) * 4;
+  static constexpr int SMEM = 2 * STAGE > C_BYTES ? (2 * STAGE > O_BYTES ? 2 * STAGE : O_BYTES)
+                                                  : (C_BYTES > O_BYTES ? C_BYTES : O_BYTES);
+  static_assert(WM * WN * WK == kThreads / 32, "8 warps");
+  static_assert(KB % 4 == 0 && BM * KB % kThreads == 0 && BN * KB % kThreads == 0, "even tile loads");
+  static_assert(FM % FMR == 0 && BN % EV == 0, "epilogue rounds");
+  static_assert(SMEM <= 48 * 1024, "static shared memory");
+};
+
+using TileLarge = GemmTile<2, 4, 1, 4, 2, 4, 2>;   // 128 x 128, BK 64: many tiles
+using TileMid = GemmTile<2, 4, 1, 2, 1, 4, 2>;     // 64 x 64, BK 64: fewer tiles than SMs
+using TileDecode = GemmTile<1, 2, 4, 1, 1, 4, 1>;  // 16 x 32, BK 256, K split over 4 warps: M <= 16
+
+// Slot s of a chunk (one 16-byte piece of one row): 4 consecutive slots are the 4 planes of a
+// group of one row (64 contiguous bytes in global memory), then the next row.
+template <int ROWS> __device__ __forceinline__ void slot_of(int s, int& row, int& kb) {
+  row = (s >> 2) % ROWS;
+  kb = (s / (4 * ROWS)) * 4 + (s & 3);
+}
+
+// 16 bytes of an int8 row from column k (zero outside [0, K) and for rows outside the matrix).
+// VW16: 16-byte loads (K, the row stride and the base are multiples of 16); else byte loads.
+template <bool VW16>
+__device__ __forceinline__ uint4 load16(const int8_t* __restrict__ row, bool row_ok, int64_t k, int64_t K) {
+  if (VW16) {
+    return (row_ok && k < K) ? __ldg(reinterpret_cast<const uint4*>(row + k)) : make_uint4(0, 0, 0, 0);
+  }
+  uint32_t w[4] = {0, 0, 0, 0};
+  if (row_ok) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      if (k + j < K) w[j / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(row[k + j])) << (8 * (j % 4));
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Byte mask of columns k .. k+15: 0x00 where col_flags != 0, else 0xFF.
+__device__ __forceinline__ uint4 flag_mask(const int* __restrict__ flags, bool flags_vec, int64_t k, int64_t K) {
+  uint32_t w[4] = {0, 0, 0, 0};
+  if (flags_vec && k + 16 <= K) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint4 f = __ldg(reinterpret_cast<const uint4*>(flags + k) + i);
+      w[i] = (f.x ? 0u : 0xFFu) | (f.y ? 0u : 0xFF00u) | (f.z ? 0u : 0xFF0000u) | (f.w ? 0u : 0xFF000000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      if (k + j >= K || flags[k + j] == 0) w[j / 4] |= 0xFFu << (8 * (j % 4));
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ uint4 and4(uint4 a, uint4 b) {
+  return make_uint4(a.x & b.x, a.y & b.y, a.z & b.z, a.w & b.w);
+}
+
+template <typename T, typename Tile, bool VW16>
+__global__ void __launch_bounds__(kThreads, 2)
+int8_gemm_kernel(const int8_t* __restrict__ q, int64_t s_qm, const float* __restrict__ row_scale,
+                 const int8_t* __restrict__ w, int64_t s_wn, const float* __restrict__ w_scale,
+                 const T* __restrict__ bias, T* __restrict__ y, int64_t s_ym, int64_t M, int64_t N, int64_t K,
+                 const T* __restrict__ x, int64_t s_xm, int64_t s_xk, const int* __restrict__ flags,
+                 bool flags_vec, const int* __restrict__ cols, int64_t n_cols, const int* __restrict__ count,
+                 bool vec_y) {
+  constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, FM = Tile::FM, FN = Tile::FN, KSW = Tile::KSW;
+  constexpr int EV = Tile::EV, LDC = Tile::LDC, BMR = Tile::BMR, FMR = Tile::FMR, OC = Tile::OC;
+  constexpr int GROUP_M = 8;
+  using namespace nvcuda;
+  __shared__ __align__(128) unsigned char smem[Tile::SMEM];
+
+  // grouped tile order: GROUP_M row tiles share their column tiles of w while in L2
+  const int64_t tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  const int64_t pid = blockIdx.x, per_group = GROUP_M * tiles_n;
+  const int64_t first_m = pid / per_group * GROUP_M;
+  const int64_t group_m = tiles_m - first_m < GROUP_M ? tiles_m - first_m : GROUP_M;
+  const int64_t m0 = (first_m + pid % per_group % group_m) * BM;
+  const int64_t n0 = pid % per_group / group_m * BN;
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int wm = warp % Tile::WM, wn = warp / Tile::WM % Tile::WN, wk = warp / (Tile::WM * Tile::WN);
+
+  // ---- main loop: acc[i][j] += q'[rows i] w[cols j]^T over this warp's k-steps of each chunk
+  wmma::fragment<wmma::accumulator, 16, 16, 16, int> acc[FM][FN];
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0);
+
+  uint4 ra[Tile::A_LOADS], rb[Tile::B_LOADS];
+  auto load_chunk = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < Tile::A_LOADS; ++i) {
+      int r, kb;
+      slot_of<BM>(tid + i * kThreads, r, kb);
+      const bool in = m0 + r < M;
+      const int64_t k = k0 + kb * 16;
+      ra[i] = load16<VW16>(q + (in ? m0 + r : 0) * s_qm, in, k, K);
+      if (flags != nullptr) ra[i] = and4(ra[i], flag_mask(flags, flags_vec, k, K));
+    }
+#pragma unroll
+    for (int i = 0; i < Tile::B_LOADS; ++i) {
+      int r, kb;
+      slot_of<BN>(tid + i * kThreads, r, kb);
+      const bool in = n0 + r < N;
+      rb[i] = load16<VW16>(w + (in ? n0 + r : 0) * s_wn, in, k0 + kb * 16, K);
+    }
+  };
+  auto store_chunk = [&](int buf) {
+    unsigned char* as = smem + buf * Tile::STAGE;
+    unsigned char* bs = as + Tile::KB * Tile::PLANE_A;
+#pragma unroll
+    for (int i = 0; i < Tile::A_LOADS; ++i) {
+      int r, kb;
+      slot_of<BM>(tid + i * kThreads, r, kb);
+      *reinterpret_cast<uint4*>(as + kb * Tile::PLANE_A + r * 16) = ra[i];
+    }
+#pragma unroll
+    for (int i = 0; i < Tile::B_LOADS; ++i) {
+      int r, kb;
+      slot_of<BN>(tid + i * kThreads, r, kb);
+      *reinterpret_cast<uint4*>(bs + kb * Tile::PLANE_B + r * 16) = rb[i];
+    }
+  };
+
+  const int64_t chunks = (K + BK - 1) / BK;
+  if (chunks > 0) {
+    load_chunk(0);
+    store_chunk(0);
+  }
+  __syncthreads();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int buf = static_cast<int>(c & 1);
+    if (c + 1 < chunks) load_chunk((c + 1) * BK);
+    const signed char* as = reinterpret_cast<const signed char*>(smem + buf * Tile::STAGE);
+    const signed char* bs = as + Tile::KB * Tile::PLANE_A;
+#pragma unroll
+    for (int ks = 0; ks < KSW; ++ks) {
+      const int kb = wk * KSW + ks;
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, signed char, wmma::row_major> fa[FM];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], as + kb * Tile::PLANE_A + (wm * FM + i) * 256, 16);
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, signed char, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, bs + kb * Tile::PLANE_B + (wn * FN + j) * 256, 16);
+#pragma unroll
+        for (int i = 0; i < FM; ++i) wmma::mma_sync(acc[i][j], fa[i], fb, acc[i][j]);
+      }
+    }
+    if (c + 1 < chunks) store_chunk(buf ^ 1);  // the other buffer: read in the previous chunk, before its barrier
+    __syncthreads();
+  }
+
+  // ---- epilogue. Thread slot g = tid + p * kThreads of a round covers row g / (BN / EV) of the
+  // round's BMR rows and columns (g % (BN / EV)) * EV + 0..EV-1; out = acc * row_scale / 127.
+  auto tile_row = [&](int round, int g) {  // row in the block tile of round-local slot g
+    const int rr = g / (BN / EV);
+    return rr / (FMR * 16) * (FM * 16) + round * FMR * 16 + rr % (FMR * 16);
+  };
+  int* cs = reinterpret_cast<int*>(smem);
+  float out[Tile::ROUNDS][Tile::PASSES][EV];
+#pragma unroll
+  for (int round = 0; round < Tile::ROUNDS; ++round) {
+    if (round > 0) __syncthreads();  // the previous round has been read
+#pragma unroll
+    for (int i = 0; i < FMR; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        int* p = cs + (wk * BMR + (wm * FMR + i) * 16) * LDC + (wn * FN + j) * 16;
+        wmma::store_matrix_sync(p, acc[round * FMR + i][j], LDC, wmma::mem_row_major);
+      }
+    __syncthreads();
+#pragma unroll
+    for (int p = 0; p < Tile::PASSES; ++p) {
+      const int g = tid + p * kThreads;
+      if (Tile::GROUPS % kThreads != 0 && g >= Tile::GROUPS) continue;
+      const int rr = g / (BN / EV), cc = g % (BN / EV) * EV;
+      const int64_t m = m0 + tile_row(round, g);
+      const float rs = m < M ? row_scale[m] * (1.0f / 127.0f) : 0.0f;
+#pragma unroll
+      for (int e = 0; e < EV; ++e) {
+        int sum = 0;
+#pragma unroll
+        for (int kk = 0; kk < Tile::WK; ++kk) sum += cs[(kk * BMR + rr) * LDC + cc + e];
+        out[round][p][e] = static_cast<float>(sum) * rs;
+      }
+    }
+  }
+
+  // ---- outlier columns: out[m, n] += sum_c x[m, c] w[n, c], chunks of OC columns in shared memory
+  if (cols != nullptr) {
+    int64_t cnt = *count;
+    cnt = cnt < 0 ? 0 : cnt;
+    cnt = cnt < n_cols ? cnt : n_cols;
+    cnt = cnt < K ? cnt : K;
+    float* xo = reinterpret_cast<float*>(smem);  // [OC][BM]
+    float* wo = xo + OC * BM;                    // [OC][BN]
+    for (int64_t c0 = 0; c0 < cnt; c0 += OC) {
+      __syncthreads();  // the accumulators (or the previous chunk) have been read
+      for (int e = tid; e < OC * BM; e += kThreads) {
+        const int cc = e / BM, mm = e % BM;
+        const int64_t col = c0 + cc < cnt ? cols[c0 + cc] : -1;
+        const bool in = col >= 0 && col < K && m0 + mm < M;
+        xo[e] = in ? to_float(x[(m0 + mm) * s_xm + col * s_xk]) : 0.0f;
+      }
+      for (int e = tid; e < OC * BN; e += kThreads) {
+        const int cc = e / BN, nn = e % BN;
+        const int64_t col = c0 + cc < cnt ? cols[c0 + cc] : -1;
+        const bool in = col >= 0 && col < K && n0 + nn < N;
+        wo[e] = in ? static_cast<float>(w[(n0 + nn) * s_wn + col]) : 0.0f;
+      }
+      __syncthreads();
+      const int nc = cnt - c0 < OC ? static_cast<int>(cnt - c0) : OC;
+#pragma unroll
+      for (int round = 0; round < Tile::ROUNDS; ++round)
+#pragma unroll
+        for (int p = 0; p < Tile::PASSES; ++p) {
+          const int g = tid + p * kThreads;
+          if (Tile::GROUPS % kThreads != 0 && g >= Tile::GROUPS) continue;
+          const int row = tile_row(round, g), cc = g % (BN / EV) * EV;
+          for (int k = 0; k < nc; ++k) {
+            const float xv = xo[k * BM + row];
+#pragma unroll
+            for (int e = 0; e < EV; ++e) out[round][p][e] += xv * wo[k * BN + cc + e];
+          }
+        }
+    }
+  }
+
+  // ---- y = out * w_scale / 127 + bias
+#pragma unroll
+  for (int round = 0; round < Tile::ROUNDS; ++round)
+#pragma unroll
+    for (int p = 0; p < Tile::PASSES; ++p) {
+      const int g = tid + p * kThreads;
+      if (Tile::GROUPS % kThreads != 0 && g >= Tile::GROUPS) continue;
+      const int64_t m = m0 + tile_row(round, g), n = n0 + g % (BN / EV) * EV;
+      if (m >= M || n >= N) continue;
+      float v[EV];
+#pragma unroll
+      for (int e = 0; e < EV; ++e) {
+        const bool in = n + e < N;
+        const float ws = in ? w_scale[n + e] * (1.0f / 127.0f) : 0.0f;
+        const float b = (in && bias != nullptr) ? to_float(bias[n + e]) : 0.0f;
+        v[e] = out[round][p][e] * ws + b;
+      }
+      T* yp = y + m * s_ym + n;
+      if (vec_y) {  // N, s_ym and y are multiples of EV elements: the EV outputs are all in
+        constexpr int V = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+        for (int h = 0; h < EV / V; ++h) {
+          uint4 pk = make_uint4(0, 0, 0, 0);
+#pragma unroll
+          for (int e = 0; e < V; ++e) vec_put<T>(pk, e, v[h * V + e]);
+          *reinterpret_cast<uint4*>(yp + h * V) = pk;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < EV; ++e) {
+          if (n + e < N) yp[e] = from_float<T>(v[e]);
+        }
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+
+
+void check_dtype(const char* func, int dtype) {
+  require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, func,
+          "unsupported dtype code " + std::to_string(dtype) + " (0 float32, 1 float16, 2 bfloat16)");
+}
+
+template <typename T, typename Tile>
+void launch_gemm(bool vw16, int64_t tiles, cudaStream_t stream, const int8_t* q, int64_t s_qm, const float* rs,
+                 const int8_t* w, int64_t s_wn, const float* ws, const T* bias, T* y, int64_t s_ym, int64_t M,
+                 int64_t N, int64_t K, const T* x, int64_t s_xm, int64_t s_xk, const int* flags, bool flags_vec,
+                 const int* cols, int64_t n_cols, const int* count, bool vec_y) {
+  const dim3 grid(static_cast<unsigned>(tiles));
+  if (vw16) {
+    int8_gemm_kernel<T, Tile, true><<<grid, kThreads, 0, stream>>>(q, s_qm, rs, w, s_wn, ws, bias, y, s_ym, M, N, K,
+                                                                    x, s_xm, s_xk, flags, flags_vec, cols, n_cols,
+                                                                    count, vec_y);
+  } else {
+    int8_gemm_kernel<T, Tile, false><<<grid, kThreads, 0, stream>>>(q, s_qm, rs, w, s_wn, ws, bias, y, s_ym, M, N,
+                                                                     K, x, s_xm, s_xk, flags, flags_vec, cols,
+                                                                     n_cols, count, vec_y);
+  }
+}
+
+}  // namespace
+
+void int8_quant_rows(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t q, int64_t s_qm, uintptr_t row_scale,
+                     int64_t M, int64_t K, int dtype, float threshold, uintptr_t col_flags, int device,
+                     uintptr_t stream_handle) {
+  const char* func = "int8_quant_rows";
+  require(M >= 0 && K >= 0, func, "sizes must be >= 0, got " + std::to_string(M) + " x " + std::to_string(K));
+  check_dtype(func, dtype);
+  require(threshold >= 0.0f, func, "threshold must be >= 0 (0: no outliers), got " + std::to_string(threshold));
+  if (M == 0) return;
+  require(row_scale != 0 && (K == 0 || (x != 0 && q != 0)), func, "null device pointer");
+  DeviceGuard guard(device, func);
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+
+  dispatch_dtype(dtype, func, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = vec_width<T>();
+    const bool vec = s_xk == 1 && K % V == 0 && (M == 1 || (s_xm % V == 0 && s_qm % V == 0)) && aligned16(x) &&
+                     q % V == 0;
+    const int64_t per_thread = vec ? V : 1;
+    const int64_t pieces = ceil_div(K, per_thread);
+    int tpr_log2 = 4;  // 16 .. 256 threads per row, about two pieces each
+    while (tpr_log2 < 8 && (int64_t{2} << tpr_log2) < pieces) ++tpr_log2;
+    const int64_t rows_per_block = kThreads >> tpr_log2;
+    const int64_t blocks = ceil_div(M, rows_per_block);
+    require(blocks < (int64_t{1} << 31), func, "problem too large for the grid");
+    auto xp = reinterpret_cast<const T*>(x);
+    auto qp = reinterpret_cast<int8_t*>(q);
+    auto sp = reinterpret_cast<float*>(row_scale);
+    auto fp = reinterpret_cast<int*>(col_flags);
+    const dim3 grid(static_cast<unsigned>(blocks));
+    if (vec) {
+      quant_rows_kernel<T, true><<<grid, kThreads, 0, stream>>>(xp, s_xm, s_xk, qp, s_qm, sp, fp, M, K, threshold,
+                                                                tpr_log2);
+    } else {
+      quant_rows_kernel<T, false><<<grid, kThreads, 0, stream>>>(xp, s_xm, s_xk, qp, s_qm, sp, fp, M, K, threshold,
+                                                                 tpr_log2);
+    }
+    FP_CHECK_LAUNCH(func);
+  });
+}
+
+void int8_gemm(uintptr_t q, int64_t s_qm, uintptr_t row_scale, uintptr_t w, int64_t s_wn, uintptr_t w_scale,
+               uintptr_t y, int64_t s_ym, int64_t M, int64_t N, int64_t K, int dtype, uintptr_t bias, uintptr_t x,
+               int64_t s_xm, int64_t s_xk, uintptr_t col_flags, uintptr_t cols, int64_t n_cols, uintptr_t count,
+               int tile, int device, uintptr_t stream_handle) {
+  const char* func = "int8_gemm";
+  require(M >= 0 && N >= 0 && K >= 0, func,
+          "sizes must be >= 0, got M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
+  require(K <= kMaxK, func, "K=" + std::to_string(K) + " exceeds " + std::to_string(kMaxK) +
+                                " (the int32 accumulators could overflow)");
+  check_dtype(func, dtype);
+  require(tile >= 0 && tile <= 3, func, "tile must be 0 (choose), 1 (128x128), 2 (64x64) or 3 (16x32)");
+  require((cols == 0) == (count == 0), func, "cols and count come together (both or neither)");
+  require(n_cols >= 0, func, "n_cols must be >= 0");
+  if (M == 0 || N == 0) return;
+  require(y != 0 && row_scale != 0 && w_scale != 0 && (K == 0 || (q != 0 && w != 0)), func, "null device pointer");
+  require(cols == 0 || K == 0 || x != 0, func, "the outlier columns (cols, count) need x");
+  DeviceGuard guard(device, func);
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+
+  int cfg = tile;
+  if (cfg == 0) {
+    if (M <= 16) cfg = 3;
+    else if (ceil_div(M, TileLarge::BM) * ceil_div(N, TileLarge::BN) >= sm_count(device, func)) cfg = 1;
+    else cfg = 2;
+  }
+  const bool vw16 = K % 16 == 0 && aligned16(q) && aligned16(w) && (M == 1 || s_qm % 16 == 0) &&
+                    (N == 1 || s_wn % 16 == 0);
+  const bool flags_vec = aligned16(col_flags);
+  dispatch_dtype(dtype, func, [&](auto tag) {
+    using T = decltype(tag);
+    const bool vec_y = N % 8 == 0 && (M == 1 || s_ym % 8 == 0) && aligned16(y);
+    auto go = [&](auto tile_tag) {
+      using Tile = decltype(tile_tag);
+      const int64_t tiles = ceil_div(M, Tile::BM) * ceil_div(N, Tile::BN);
+      require(tiles < (int64_t{1} << 31), func, "problem too large for the grid");
+      launch_gemm<T, Tile>(vw16, tiles, stream, reinterpret_cast<const int8_t*>(q), s_qm,
+                           reinterpret_cast<const float*>(row_scale), reinterpret_cast<const int8_t*>(w), s_wn,
+                           reinterpret_cast<const float*>(w_scale), reinterpret_cast<const T*>(bias),
+                           reinterpret_cast<T*>(y), s_ym, M, N, K, reinterpret_cast<const T*>(x), s_xm, s_xk,
+                           reinterpret_cast<const int*>(col_flags), flags_vec, reinterpret_cast<const int*>(cols),
+                           n_cols, reinterpret_cast<const int*>(count), vec_y);
+    };
+    if (cfg == 1) go(TileLarge{});
+    else if (cfg == 2) go(TileMid{});
+    else go(TileDecode{});
+    FP_CHECK_LAUNCH(func);
+  });
+}
+
+}  // namespace fastpeft
