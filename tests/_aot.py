@@ -6,7 +6,9 @@ use are captured; each captured launch is then compiled ahead of time for a chos
 target (sm_90 for the H200) with the same specialization the JIT would apply
 (ints equal to 1 become constants, multiples of 16 get a divisibility hint).
 
-``python tests/_aot.py`` prints registers, spills and shared memory per launch;
+``python tests/_aot.py`` prints registers, spills and shared memory per launch (``--tuned``:
+the autotune configs only, ``--fixed``: the FASTPEFT_AUTOTUNE=0 configs only; AOT_FAMILIES=int8
+or =lora restricts it to one op family);
 ``--warm`` (on a GPU machine) compiles the benchmark's launches in parallel into triton's
 cache before ``make gpu-check`` times them.
 """
@@ -93,6 +95,8 @@ def capture(module, run) -> list[Launch]:
     if not kernels:
         raise RuntimeError("no JIT kernels found: run this without TRITON_INTERPRET=1")
     tuned = module._make_autotuned() if hasattr(module, "_make_autotuned") else None
+    # modules with several autotuned kernels name each launcher getter and its factory
+    more_tuned = {getter: factory() for getter, factory in getattr(module, "_AOT_AUTOTUNED", {}).items()}
     saved_interp = _backend.interpreter_active
     _backend.interpreter_active = lambda: True  # lets fastpeft route CPU tensors to the triton backend
     try:
@@ -108,6 +112,10 @@ def capture(module, run) -> list[Launch]:
             saved["_gemm_launcher"] = module._gemm_launcher
             module._gemm_launcher = lambda: _Recorder(tuned.fn, sink, configs=tuned.configs,
                                                       prune=tuned.early_config_prune)
+        for getter, t in more_tuned.items():
+            saved[getter] = getattr(module, getter)
+            setattr(module, getter, lambda t=t: _Recorder(t.fn, sink, configs=t.configs,
+                                                          prune=t.early_config_prune))
         run()
     finally:
         _backend.interpreter_active = saved_interp
@@ -210,6 +218,71 @@ def fixed_launches(dtypes, shapes=((1, 512, 512), (64, 512, 512), (2048, 512, 51
             os.environ["FASTPEFT_AUTOTUNE"] = saved
 
 
+INT8_SHAPES = ((1, 4096, 4096), (2048, 4096, 4096))
+INT8_FIXED_SHAPES = ((1, 11008, 512), (64, 512, 512), (2048, 512, 512))  # decode (chunked rows), mid, large
+INT8_UNALIGNED_SHAPES = ((300, 100, 72),)  # rows not 16-byte aligned: other specializations (one dtype)
+
+
+def int8_launches(dtypes=(torch.bfloat16,), shapes=INT8_SHAPES, thresholds=(0.0, 6.0)) -> list[Launch]:
+    """Every launch fastpeft.kernels.int8's launchers make for the int8 linear layer: quantize x,
+    compact the outlier columns, the int8 GEMM (with and without the outlier loop), and the
+    backward dequant_matmul, for each (M, K, N)."""
+    from fastpeft.kernels import int8 as kint8
+
+    def run():
+        for dtype in dtypes:
+            for (M, K, N) in shapes:
+                x = torch.zeros(M, K, dtype=dtype)
+                w = torch.zeros(N, K, dtype=torch.int8)
+                ws = torch.ones(N, dtype=torch.float32)
+                b = torch.zeros(N, dtype=dtype)
+                for t in thresholds:
+                    q, s, flags = kint8.quant_rows(x, t)
+                    if flags is None:
+                        kint8.int8_gemm(q, s, w, ws, b, dtype)
+                    else:
+                        cols, count = kint8.outlier_columns(flags)
+                        kint8.int8_gemm(q, s, w, ws, b, dtype, x=x, col_flags=flags, cols=cols, count=count)
+                kint8.dequant_matmul(torch.zeros(M, N, dtype=dtype), w, ws)
+    launches = capture(kint8, run)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+def _with_fixed_configs(fn, *args, **kwargs):
+    saved = os.environ.get("FASTPEFT_AUTOTUNE")
+    os.environ["FASTPEFT_AUTOTUNE"] = "0"
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if saved is None:
+            del os.environ["FASTPEFT_AUTOTUNE"]
+        else:
+            os.environ["FASTPEFT_AUTOTUNE"] = saved
+
+
+def fixed_int8_launches(dtypes, shapes=INT8_FIXED_SHAPES) -> list[Launch]:
+    """The int8 launches made with FASTPEFT_AUTOTUNE=0 (plus the unaligned shapes in one dtype)."""
+    launches = _with_fixed_configs(int8_launches, dtypes=dtypes, shapes=shapes)
+    if shapes == INT8_FIXED_SHAPES and dtypes:
+        launches += _with_fixed_configs(int8_launches, dtypes=dtypes[:1], shapes=INT8_UNALIGNED_SHAPES)
+    return launches
+
+
+FAMILIES = ("lora", "int8")
+
+
+def _families() -> tuple[str, ...]:
+    """AOT_FAMILIES=int8 (comma-separated) restricts the check to some op families."""
+    names = tuple(f for f in os.environ.get("AOT_FAMILIES", ",".join(FAMILIES)).split(",") if f)
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown:
+        raise SystemExit(f"AOT_FAMILIES: unknown {unknown}; expected some of {FAMILIES}")
+    return names
+
+
 _POOL_LAUNCHES: list[Launch] = []
 
 
@@ -221,11 +294,16 @@ def _compile_report(job: tuple[int, int]) -> tuple[int, int, dict | str]:
         return i, arch, f"{type(exc).__name__}: {exc}"[:400]
 
 
-def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2) -> tuple[list[str], list[str]]:
-    """Compile every launch; returns (report lines, problems)."""
+def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2,
+          families: tuple[str, ...] = FAMILIES) -> tuple[list[str], list[str]]:
+    """Compile every launch of the op families; returns (report lines, problems)."""
     import multiprocessing
 
-    launches = lora_launches(dtypes=dtypes) if autotuned else fixed_launches(dtypes)
+    launches = []
+    if "lora" in families:
+        launches += lora_launches(dtypes=dtypes) if autotuned else fixed_launches(dtypes)
+    if "int8" in families:
+        launches += int8_launches(dtypes=dtypes) if autotuned else fixed_int8_launches(dtypes)
     _POOL_LAUNCHES[:] = launches
     jobs_list = [(i, a) for i in range(len(launches)) for a in archs]
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
@@ -272,6 +350,9 @@ def warm(jobs: int) -> int:
                              ranks=(8, 16, 64), dropout=(0.0,))
     launches += fixed_launches((torch.bfloat16, torch.float16, torch.float32),
                                shapes=((1, 512, 512), (64, 512, 512), (2048, 512, 512), (300, 100, 72)))
+    launches += int8_launches(dtypes=(torch.bfloat16,), shapes=((1, 4096, 4096), (16, 4096, 11008),
+                                                                (2048, 4096, 4096), (2048, 11008, 4096)))
+    launches += fixed_int8_launches((torch.bfloat16, torch.float16, torch.float32))
     _POOL_LAUNCHES[:] = launches
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         errors = [e for e in pool.map(_warm_one, range(len(launches))) if e]
@@ -292,12 +373,14 @@ def main(argv: list[str]) -> int:
     all_dt = (torch.bfloat16, torch.float16, torch.float32)
     print(f"{'launch':84s} {'sm':>3s} {'regs':>5s} {'stack':>6s} {'local':>6s} {'smem':>7s}")
     problems = []
+    families = _families()
     if "--fixed" not in argv:
-        lines, p = check(archs, autotuned=True, dtypes=all_dt if "--all-dtypes" in argv else all_dt[:1])
+        lines, p = check(archs, autotuned=True, dtypes=all_dt if "--all-dtypes" in argv else all_dt[:1],
+                         families=families)
         print("\n".join(lines))
         problems += p
     if "--tuned" not in argv:  # the configs used when FASTPEFT_AUTOTUNE=0, in every dtype
-        lines, p = check(archs, autotuned=False, dtypes=all_dt)
+        lines, p = check(archs, autotuned=False, dtypes=all_dt, families=families)
         print("\n".join(lines))
         problems += p
     print("\n".join(["PROBLEMS:"] + problems) if problems else "all launches compiled and fit")

@@ -7,7 +7,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf (never passes)."""
-    out, ref = out.detach().double(), ref.detach().double()
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
     if out.shape != ref.shape:
         raise AssertionError(f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
     if not torch.isfinite(out).all():
