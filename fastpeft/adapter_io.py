@@ -263,7 +263,7 @@ def _planned_names(model: nn.Module, config: dict) -> list[str]:
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         if any(type(m).__name__ == "Conv1D" for m in model.modules()):
             raise NotImplementedError("target_modules='all-linear' on a model with transformers "
-                                      "Conv1D layers: fastpeft adapts nn.Linear only")
+                                      "Conv1D layers: fastpeft adapts nn.Linear and Int8Linear only")
         names = [n for n in find_targets(model, ALL_LINEAR)
                  if not _excluded(config, n) and _layer_index_ok(config, n)]
     else:
@@ -272,7 +272,7 @@ def _planned_names(model: nn.Module, config: dict) -> list[str]:
             module = model.get_submodule(n)
             if not isinstance(module, BASE_TYPES):
                 raise NotImplementedError(f"target_modules={targets!r} selects {n!r} of type "
-                                          f"{type(module).__name__}: fastpeft adapts nn.Linear only")
+                                          f"{type(module).__name__}: fastpeft adapts nn.Linear and Int8Linear only")
     if not names:
         raise ValueError(f"adapter config target_modules={targets!r} selects no module of this model")
     return names

@@ -13,12 +13,13 @@ from typing import Mapping, Sequence, Union
 
 from torch import nn
 
+from .nn.int8 import Int8Linear
 from .nn.lora import LoRALinear
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 # Module types inject_lora can wrap (LoRALinear.from_linear accepts them).
-BASE_TYPES = (nn.Linear,)
+BASE_TYPES = (nn.Linear, Int8Linear)
 
 TargetModules = Union[str, Sequence[str]]
 
@@ -87,13 +88,18 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
             raise ValueError(f"module {name!r} already is a LoRALinear; inject_lora would nest LoRA")
         if not isinstance(module, BASE_TYPES):
             raise TypeError(f"target_modules={target_modules!r} matches {name!r} of type "
-                            f"{type(module).__name__}; LoRA is injected into nn.Linear only")
+                            f"{type(module).__name__}; LoRA is injected into nn.Linear and Int8Linear only")
     if not names:
         linear = [n for n, m in model.named_modules() if isinstance(m, BASE_TYPES) and n]
         shown = ", ".join(linear[:12]) + (", ..." if len(linear) > 12 else "")
         raise ValueError(f"target_modules={target_modules!r} matches no module; nn.Linear modules "
                          f"of this model: [{shown}]")
     return names
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, module)
 
 
 def replace_with_lora(model: nn.Module, ranks: Mapping[str, tuple[int, float]],
@@ -103,8 +109,7 @@ def replace_with_lora(model: nn.Module, ranks: Mapping[str, tuple[int, float]],
                                         lora_dropout=lora_dropout, use_rslora=use_rslora)
            for name, (r, alpha) in ranks.items()}
     for name, module in new.items():
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, module)
+        _replace(model, name, module)
 
 
 def inject_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora_alpha: float = 8,
@@ -146,7 +151,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     mods = lora_modules(model).values()
     trainable = {id(p) for m in mods for p in (m.lora_A, m.lora_B)}
     if bias == "lora_only":
-        trainable |= {id(m.bias) for m in mods if m.bias is not None}
+        trainable |= {id(m.base_bias) for m in mods if m.base_bias is not None}
     for name, p in model.named_parameters():
         p.requires_grad_(id(p) in trainable or (bias == "all" and _is_bias_name(name)))
 
@@ -159,8 +164,28 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     for name, m in lora_modules(model).items():
         prefix = name + "." if name else ""
         wanted |= {prefix + "lora_A", prefix + "lora_B"}
-        if bias == "lora_only" and m.bias is not None:
-            wanted.add(prefix + "bias")
+        if bias == "lora_only" and m.base_bias is not None:
+            wanted.add(prefix + m.base_bias_name)
     if bias == "all":
         wanted |= {n for n, _ in model.named_parameters(remove_duplicate=False) if _is_bias_name(n)}
     return {k: v for k, v in model.state_dict().items() if k in wanted}
+
+
+def quantize_int8(model: nn.Module, threshold: float = 6.0, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear of ``model`` in place by ``Int8Linear.from_linear(linear, threshold)``.
+
+    Modules whose qualified name equals an entry of ``skip`` or ends with "." + entry stay
+    as they are (by default the LM head). Works on Hugging Face transformers models; LoRA
+    can be injected afterwards (``inject_lora`` adapts Int8Linear layers). Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_int8 expects an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    # exact type: subclasses such as MultiheadAttention's out_proj are read through .weight
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.Linear and n and not name_matches(n, list(skip))]
+    new = {n: Int8Linear.from_linear(model.get_submodule(n), threshold=threshold) for n in names}
+    for name, module in new.items():
+        _replace(model, name, module)
+    return model

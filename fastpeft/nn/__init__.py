@@ -1,4 +1,5 @@
 """Drop-in modules built on fastpeft.ops."""
+from .int8 import Int8Linear
 from .lora import LoRALinear
 
-__all__ = ["LoRALinear"]
+__all__ = ["Int8Linear", "LoRALinear"]

@@ -1,4 +1,5 @@
 """One module per op family: the autograd Functions, input checks and backend choice."""
-from .lora import lora_linear
+from .int8 import int8_linear, int8_vectorwise_quant
+from .lora import lora_linear, lora_update
 
-__all__ = ["lora_linear"]
+__all__ = ["int8_linear", "int8_vectorwise_quant", "lora_linear", "lora_update"]

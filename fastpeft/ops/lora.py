@@ -206,3 +206,25 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     fuse = _fuse_shrink(x2.shape[0], A.shape[0], fuse_shrink) if name == "triton" else False
     y = LoRALinearFunction.apply(x2, weight.detach(), bias, A, B, scaling, p, seed, name, fuse)
     return y.reshape(*x.shape[:-1], N)
+
+
+def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                dropout_p: float = 0.0, training: bool = False, *, seed: int | None = None) -> torch.Tensor:
+    """The low-rank term alone, scaling * (dropout(x) A^T) B^T, for bases that are not a
+    plain weight (an int8 layer): x [..., in], lora_A [r, in], lora_B [out, r]; output in x's
+    dtype. Plain PyTorch (the dropout mask is the shared counter-based one, materialized here).
+    """
+    _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("lora_A", lora_A, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("lora_B", lora_B, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    r = lora_A.shape[0]
+    if r == 0 or lora_A.shape[1] != x.shape[-1] or lora_B.shape[1] != r:
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} must be [r, "
+                         f"{x.shape[-1]}] and [out, r] with r > 0")
+    _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B)
+    scaling = _checks.finite_float("scaling", scaling)
+    p = _checks.probability("dropout_p", dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = _new_seed()
+    A, B = (lora_A, lora_B) if lora_A.dtype == x.dtype else (lora_A.to(x.dtype), lora_B.to(x.dtype))
+    return ref.lora_update(x, A, B, scaling, p, 0 if seed is None else int(seed) & 0x7FFFFFFF)

@@ -16,12 +16,16 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     lora_B: [out, r]. dropout uses the counter-based mask of
     ``fastpeft.reference.dropout`` over the 2-D view [prod(...), in] of x.
     """
+    return F.linear(x, weight, bias) + lora_update(x, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """The low-rank term alone: scaling * (dropout(x) A^T) B^T, x: [..., in] -> [..., out]."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = F.linear(x2, weight, bias)
-    xd = dropout_2d(x2, dropout_p, seed)
-    y = y + scaling * F.linear(F.linear(xd, lora_A), lora_B)
-    return y.reshape(*lead, weight.shape[0])
+    u = F.linear(dropout_2d(x2, dropout_p, seed), lora_A)
+    return (scaling * F.linear(u, lora_B)).reshape(*lead, lora_B.shape[0])
 
 
 def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""Int8Linear: LLM.int8() linear layer with int8 weights and 16-bit outlier columns."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..ops.int8 import _check_threshold, int8_linear, quantize_weight
+from ..reference.int8 import dequantize_weight
+
+
+class Int8Linear(nn.Module):
+    """y = int8_linear(x, weight_int8, weight_scale, bias, threshold) (see fastpeft.int8_linear).
+
+    Buffers ``weight_int8`` [out, in] int8 and ``weight_scale`` [out] float32 (row absmax):
+    half the bytes of an fp16 weight. ``bias`` [out] (in ``dtype``) is a frozen Parameter.
+    The weight is frozen; the layer passes gradients to its input, so LoRA trains on top
+    of it (``LoRALinear.from_linear(int8_layer)``). Loading a state_dict that holds a
+    16-bit ``weight`` (an nn.Linear's) quantizes it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features = _checks.positive_int("in_features", in_features)
+        self.out_features = _checks.positive_int("out_features", out_features)
+        self.threshold = _check_threshold(threshold)
+        w = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # a fresh layer is nn.Linear's init, quantized
+        q, s = quantize_weight(w)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", s)
+        if bias:
+            b = torch.empty(out_features, device=device, dtype=dtype)
+            nn.init.uniform_(b, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
+            self.bias = nn.Parameter(b, requires_grad=False)
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> "Int8Linear":
+        """Quantize ``linear``'s weight row-wise to int8; its bias is copied in its dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Int8Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.threshold = _check_threshold(threshold)
+        q, s = quantize_weight(linear.weight)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", s)
+        self.bias = None if linear.bias is None else \
+            nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [out, in]: weight_int8 * weight_scale / 127."""
+        return dequantize_weight(self.weight_int8, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.threshold)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key in state_dict and prefix + "weight_int8" not in state_dict:
+            w = state_dict.pop(key)
+            if tuple(w.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{key}: shape {tuple(w.shape)} does not match "
+                                  f"({self.out_features}, {self.in_features})")
+            else:
+                q, s = quantize_weight(w.to(self.weight_scale.device))
+                state_dict[prefix + "weight_int8"], state_dict[prefix + "weight_scale"] = q, s
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, threshold={self.threshold:g}")
