@@ -17,7 +17,8 @@ Record schema (one dict per measurement; see benchmarks/README.md):
   role       "base" | "unfused" | "peer" | "variant" | "auto" (the one the summary shows)
   ms         median milliseconds (None when it did not run; see error)
   timing     "cudagraph" | "do_bench" | "perf_counter"; ms_eager: do_bench without graphs
-  flops, bytes; tflops, gbps, sol (fraction of the roofline from the measured ceilings)
+  flops, bytes; tflops, gbps, sol (fraction of the roofline from the measured ceilings;
+             peak: which ceiling the FLOPs/OPs run at, default the dtype; "int8" = int8_tops)
   ratio_vs_base       ms / ms(base)          (<= 1.05 means "at most 5% slower than base")
   speedup_vs_unfused  ms(unfused) / ms       (>= 1.25 means "25% faster than PEFT's way")
   speedup_vs_peer     ms(peer) / ms
@@ -79,7 +80,8 @@ def environment() -> dict:
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__, "torch_cuda": torch.version.cuda,
         "triton": _version("triton"), "peft": _version("peft"),
-        "transformers": _version("transformers"), "matplotlib": _version("matplotlib"),
+        "transformers": _version("transformers"), "bitsandbytes": _version("bitsandbytes"),
+        "matplotlib": _version("matplotlib"),
         "numpy": _version("numpy"), "cpu_threads": torch.get_num_threads(),
         "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "FASTPEFT_AUTOTUNE", "FASTPEFT_BACKEND",
                                             "CUDA_VISIBLE_DEVICES") if k in os.environ},
@@ -131,8 +133,13 @@ class Context:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    bench_end_s: float | None = None        # the current bench's share of the budget ends here
+
     def time_left(self) -> float:
-        return math.inf if self.budget_s is None else self.budget_s - self.elapsed()
+        if self.budget_s is None:
+            return math.inf
+        left = self.budget_s - self.elapsed()
+        return left if self.bench_end_s is None else min(left, self.bench_end_s - self.elapsed())
 
     def log(self, msg: str = "", end: str = "\n") -> None:
         print(f"[{self.elapsed():6.1f}s] {msg}" if msg else "", end=end, flush=True)
@@ -342,7 +349,8 @@ def measure_cpu_interleaved(fns: dict, ctx: Context, min_time_s: float | None = 
 
 
 def measure_ceilings(ctx: Context) -> dict:
-    """Copy bandwidth (read + write bytes) and dense matmul throughput on random data."""
+    """Copy bandwidth (read + write bytes), dense matmul throughput on random data and the
+    int8 GEMM throughput of torch._int_mm (``int8_tops``, T OP/s)."""
     ceil: dict = {}
     try:
         if ctx.cuda:
@@ -374,7 +382,45 @@ def measure_ceilings(ctx: Context) -> dict:
             ceil["matmul_note"] = f"CPU torch.mm {s}^3 fp32 on randn data, {torch.get_num_threads()} threads"
     except Exception as exc:
         ceil["error"] = f"failed: {short_error(exc)}"
+    try:  # int8 tensor-core throughput (TOP/s) for the int8 benches; its failure loses nothing else
+        s = 8192 if ctx.cuda else 512
+        g = torch.Generator(device=ctx.device).manual_seed(0)
+        a = torch.randint(-127, 128, (s, s), generator=g, device=ctx.device, dtype=torch.int8)
+        w = torch.randint(-127, 128, (s, s), generator=g, device=ctx.device, dtype=torch.int8)
+        bt = w.t()  # column-major second operand, as a linear layer's weight [N, K] gives it
+        ms = (do_bench_ms(lambda: torch._int_mm(a, bt), ctx) if ctx.cuda
+              else cpu_ms(lambda: torch._int_mm(a, bt), ctx, min_time_s=0.2, max_reps=10))
+        ceil["int8_tops"] = 2 * s**3 / ms / 1e9
+        ceil["int8_note"] = (f"torch._int_mm {s}x{s}x{s} int8 -> int32 on random codes"
+                             + ("" if ctx.cuda else f", CPU, {torch.get_num_threads()} threads"))
+        del a, w, bt
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    except Exception as exc:
+        ceil["int8_error"] = f"int8 ceiling failed: {short_error(exc)}"
     return ceil
+
+
+def peak_of(ceilings: dict, key: str | None) -> float | None:
+    """Measured peak (T FLOP/s or T OP/s) for a record's ``peak`` key: a matmul dtype
+    (``"bf16"``, ``"fp32"``) or ``"int8"`` (torch._int_mm)."""
+    if key == "int8":
+        return ceilings.get("int8_tops")
+    return (ceilings.get("matmul_tflops") or {}).get(key)
+
+
+def ideal_compute_ms(r: dict, ceilings: dict) -> float | None:
+    """Time of a record's FLOPs at the measured peaks: ``flops_by_peak`` ({peak key: flops},
+    for work split across units, e.g. an int8 forward and a bf16 backward) when present,
+    else ``flops`` at the peak of ``peak`` (default: the record's dtype)."""
+    parts = r.get("flops_by_peak") or {r.get("peak") or r.get("dtype"): r.get("flops")}
+    total = 0.0
+    for key, f in parts.items():
+        p = peak_of(ceilings, key)
+        if not f or not p:
+            return None
+        total += f / (p * 1e9)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,10 +475,25 @@ def _target_text(t: dict | None) -> str:
         return ""
     parts = []
     if "max_ratio_vs_base" in t:
-        parts.append(f"<={t['max_ratio_vs_base']:.2f}x base")
+        v = t["max_ratio_vs_base"]
+        parts.append(f"<={v:.2f}x base" if v >= 1 else f">={1 / v:.2f}x faster than base")
     if "min_speedup_vs_unfused" in t:
         parts.append(f">={t['min_speedup_vs_unfused']:.2f}x vs unfused")
+    if "min_speedup_vs_peer" in t:
+        parts.append(f">={t['min_speedup_vs_peer']:.2f}x vs peer")
     return ", ".join(parts)
+
+
+def _speedup(ref: dict | None, r: dict) -> tuple[float | None, str | None]:
+    """ms(ref) / ms(r), like with like: when the reference could only be timed eagerly
+    (do_bench, e.g. it syncs with the host and cannot be captured) and r was timed in CUDA
+    graphs, r's eager time is used; the basis is returned then (None otherwise)."""
+    ms = r.get("ms")
+    if not ref or not ms:
+        return None, None
+    if r.get("timing") == "cudagraph" and ref.get("timing") != "cudagraph" and r.get("ms_eager"):
+        return ref["ms"] / r["ms_eager"], "eager (the reference was not timed in CUDA graphs)"
+    return ref["ms"] / ms, None
 
 
 def finalize(records: list[dict], ceilings: dict) -> list[dict]:
@@ -448,21 +509,26 @@ def finalize(records: list[dict], ceilings: dict) -> list[dict]:
                 if r["role"] == role and r.get("ms"):
                     return r["ms"]
             return None
-        base, unfused, peer = ms_of("base"), ms_of("unfused"), ms_of("peer")
+        def rec_of(role):
+            return next((r for r in recs if r["role"] == role and r.get("ms")), None)
+        base = ms_of("base")
         for r in recs:
             ms = r.get("ms")
-            peak = (ceilings.get("matmul_tflops") or {}).get(r.get("dtype"))
             r["tflops"] = r["flops"] / ms / 1e9 if ms and r.get("flops") else None
             r["gbps"] = r["bytes"] / ms / 1e6 if ms and r.get("bytes") else None
             ideal = []
-            if r["tflops"] and peak:
-                ideal.append(r["flops"] / (peak * 1e9))
+            compute_ms = ideal_compute_ms(r, ceilings) if r["tflops"] else None
+            if compute_ms:
+                ideal.append(compute_ms)
             if r["gbps"] and copy_gbps:
                 ideal.append(r["bytes"] / (copy_gbps * 1e6))
             r["sol"] = max(ideal) / ms if ideal and ms else None
             r["ratio_vs_base"] = ms / base if ms and base else None
-            r["speedup_vs_unfused"] = unfused / ms if ms and unfused else None
-            r["speedup_vs_peer"] = peer / ms if ms and peer else None
+            r["speedup_vs_unfused"], basis_u = _speedup(rec_of("unfused"), r)
+            r["speedup_vs_peer"], basis_p = _speedup(rec_of("peer"), r)
+            for key, basis in (("speedup_vs_unfused_basis", basis_u), ("speedup_vs_peer_basis", basis_p)):
+                if basis:
+                    r[key] = basis
             t = r.get("target")
             r["target_str"] = _target_text(t)
             meets = None
@@ -473,6 +539,9 @@ def finalize(records: list[dict], ceilings: dict) -> list[dict]:
                 if "min_speedup_vs_unfused" in t:
                     verdicts.append(None if r["speedup_vs_unfused"] is None
                                     else r["speedup_vs_unfused"] >= t["min_speedup_vs_unfused"])
+                if "min_speedup_vs_peer" in t:
+                    verdicts.append(None if r["speedup_vs_peer"] is None
+                                    else r["speedup_vs_peer"] >= t["min_speedup_vs_peer"])
                 if verdicts and None not in verdicts:
                     meets = all(verdicts)
             r["meets"] = meets
@@ -599,7 +668,11 @@ def markdown(meta: dict, records: list[dict]) -> str:
                      f"({ceil.get('copy_note', '')}); matmul "
                      + ", ".join(f"{k} {v:.0f} TFLOP/s" if v >= 10 else f"{k} {v * 1e3:.0f} GFLOP/s"
                                  for k, v in mm.items())
-                     + f" ({ceil.get('matmul_note', '')})" + (f"; {ceil['error']}" if ceil.get("error") else ""))
+                     + f" ({ceil.get('matmul_note', '')})"
+                     + (f"; int8 {_f(ceil['int8_tops'], '.4g')} TOP/s ({ceil.get('int8_note', '')})"
+                        if ceil.get("int8_tops") else "")
+                     + (f"; {ceil['error']}" if ceil.get("error") else "")
+                     + (f"; {ceil['int8_error']}" if ceil.get("int8_error") else ""))
     lines.append(f"- run took {meta.get('duration_s', 0):.0f} s" + ("; INTERRUPTED" if meta.get("interrupted") else ""))
     for n in meta.get("notes", []):
         lines.append(f"- {n}")

@@ -34,6 +34,7 @@ import common  # noqa: E402
 # name -> module in benchmarks/; each module has run(ctx) -> list[dict]
 BENCHES = {
     "lora": "bench_lora",
+    "int8": "bench_int8",
 }
 DEFAULT_GPU_BUDGET_S = 180.0
 
@@ -112,13 +113,18 @@ def main(argv=None) -> int:
     ctx.checkpoint = checkpoint
     failed_benches = []
     try:
-        ctx.log("measuring ceilings (copy bandwidth, dense matmul)")
+        ctx.log("measuring ceilings (copy bandwidth, dense matmul, int8 matmul)")
         meta["ceilings"] = ctx.ceilings = common.measure_ceilings(ctx)
         c = ctx.ceilings
         mm = ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in (c.get("matmul_tflops") or {}).items())
         ctx.log(f"ceilings: copy {common._f(c.get('copy_gbps'), '.0f')} GB/s; matmul {mm or '-'}"
-                + (f"; {c['error']}" if c.get("error") else ""))
-        for name in args.names:
+                + (f"; int8 {c['int8_tops']:.1f} TOP/s" if c.get("int8_tops") else "")
+                + (f"; {c['error']}" if c.get("error") else "")
+                + (f"; {c['int8_error']}" if c.get("int8_error") else ""))
+        for i, name in enumerate(args.names):
+            if ctx.budget_s is not None:  # each bench gets an equal share of what is left
+                ctx.bench_end_s = None
+                ctx.bench_end_s = ctx.elapsed() + ctx.time_left() / (len(args.names) - i)
             ctx.log(f"== {name} ({BENCHES[name]}.py)")
             current.clear()
             try:
