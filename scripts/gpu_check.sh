@@ -77,6 +77,15 @@ PKG=$($PY -P -c "import fastpeft, fastpeft.kernels.lora; print('fastpeft from', 
 echo "build: $BUILD_STATUS in $(elapsed)s; $C_STATUS; $PKG"
 echo "# result: $BUILD_STATUS; $C_STATUS; $PKG" >> "$BUILD_LOG"
 
+# ---- carried wheels (e.g. bitsandbytes, the int8 peer, which the GPU machine lacks): the
+# device tool copies .whl/ when a call names it in `carry` (see benchmarks/README.md)
+if ls .whl/*.whl >/dev/null 2>&1; then
+    banner "installing carried wheels: $(ls .whl | tr '\n' ' ')"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
+        || echo "!!!! installing the carried wheels FAILED: their peers are recorded as not installed"
+fi
+
 # ---- 2. device ------------------------------------------------------------------------
 banner "device"
 nvidia-smi -L 2>&1 || echo "(nvidia-smi failed)"
