@@ -29,20 +29,22 @@ Kernels only: no policy here (fastpeft/ops/int8.py decides and wraps).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import autotune_enabled as _autotune_enabled
+from ._common import dot as _dot
+from ._common import grouped_pid as _grouped_pid
+from ._common import interpreted as _interpreted
+from ._common import precision as _precision
+from ._common import tuning_bench as _tuning_bench
+from ._common import upcast as _upcast
 
 try:
     from triton.language.extra import libdevice
 except ImportError:  # older triton layouts
     from triton.language.extra.cuda import libdevice
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 INT8_MAX = 127.0
@@ -63,29 +65,6 @@ def _rint(v, USE_LIBDEVICE: tl.constexpr):
         return libdevice.rint(v)
     else:
         return (v + _RINT_MAGIC) - _RINT_MAGIC
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # The interpreter multiplies bf16 operands as raw bits (triton#11584): upcast there.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-    return pid_m, pid_n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,11 +277,6 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-def _tuning_bench(kernel_call, quantiles=None, **kwargs):
-    # shorter than triton's default (25 ms warmup + 100 ms per config): tuning runs once per shape
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
 def _configs(table, out_block: str, red_block: str):
     return [triton.Config({"BLOCK_M": bm, out_block: bo, red_block: br, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for (bm, bo, br, w, s) in table]
@@ -343,10 +317,6 @@ def _dequant_launcher():
 
 # tests/_aot.py swaps each launcher getter for a recorder of its autotuner's configs
 _AOT_AUTOTUNED = {"_gemm_launcher": _make_gemm_autotuned, "_dequant_launcher": _make_dequant_autotuned}
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("FASTPEFT_AUTOTUNE", "1") != "0"
 
 
 def _fixed_gemm_config(M: int, K: int) -> dict:
@@ -392,21 +362,6 @@ def _quant_config(M: int, K: int) -> tuple[int, int, int]:
     rows = max(1, min(16, 2048 // block_k, triton.next_power_of_2(M)))
     warps = 8 if rows * block_k >= 4096 else 4
     return rows, block_k, warps
-
-
-def _precision(dtype: torch.dtype, exact_tf32: bool = False) -> str:
-    """fp32 dots on the GPU run on tensor cores: tf32 when torch allows it, else 3xTF32 (split
-    hi/lo, about fp32's accuracy; an FMA "ieee" dot spills its tiles). ``exact_tf32``: one
-    operand is exact in tf32 (int8 codes), so 3xTF32 is as good as fp32 and always used."""
-    if dtype != torch.float32 or _interpreted():
-        return "ieee"
-    if torch.backends.cuda.matmul.allow_tf32 and not exact_tf32:
-        return "tf32"
-    return "tf32x3"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return _interpreted() and dtype == torch.bfloat16
 
 
 def _m_bucket(M: int) -> int:

@@ -18,15 +18,17 @@ Kernels only: no policy here (fastpeft/ops/lora.py decides and wraps).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import autotune_enabled as _autotune_enabled
+from ._common import dot as _dot
+from ._common import grouped_pid as _grouped_pid
+from ._common import interpreted as _interpreted
+from ._common import precision as _precision
+from ._common import tuning_bench as _tuning_bench
+from ._common import upcast as _upcast
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,17 +54,6 @@ def _keep_mask(seed, rows, cols, thr31):
     return (h >> 1).to(tl.int32) >= thr31
 
 
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # The interpreter multiplies bf16 operands as raw bits (triton#11584): upcast there.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        return tl.dot(a, b, acc)
-
-
 # ---------------------------------------------------------------------------------------------
 # kernels
 
@@ -79,14 +70,7 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -261,11 +245,6 @@ def _make_autotuned():
     )(_lora_gemm_kernel)
 
 
-def _tuning_bench(kernel_call, quantiles=None, **kwargs):
-    # shorter than triton's default (25 ms warmup + 100 ms per config): tuning runs once per shape
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
 _autotuned_gemm = None
 
 
@@ -274,10 +253,6 @@ def _gemm_launcher():
     if _autotuned_gemm is None:
         _autotuned_gemm = _make_autotuned()
     return _autotuned_gemm
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("FASTPEFT_AUTOTUNE", "1") != "0"
 
 
 def _fixed_gemm_config(M: int, block_r: int, dtype: torch.dtype) -> dict:
@@ -300,16 +275,6 @@ def _fixed_gemm_config(M: int, block_r: int, dtype: torch.dtype) -> dict:
 
 def _block_r(r: int, cap: int = 64) -> int:
     return min(max(16, triton.next_power_of_2(r)), cap)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _interpreted() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return _interpreted() and dtype == torch.bfloat16
 
 
 def _drop_args(dropout_p: float, seed: int) -> tuple[float, int, int]:
