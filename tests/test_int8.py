@@ -178,6 +178,17 @@ def test_int8linear_from_linear_state_dict_and_memory():
         fastpeft.Int8Linear(95, 40).load_state_dict(lin.state_dict())
 
 
+def test_int8linear_to_half_keeps_float32_scales():
+    lin = nn.Linear(32, 16)
+    m = fastpeft.Int8Linear.from_linear(lin)
+    scale = m.weight_scale.clone()
+    m = m.to(torch.bfloat16)
+    assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, scale)
+    assert m.weight_int8.dtype == torch.int8 and m.bias.dtype == torch.bfloat16
+    y = m(torch.randn(3, 32, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
 def test_int8linear_passes_gradient_to_input():
     m = fastpeft.Int8Linear.from_linear(nn.Linear(32, 16))
     assert not any(p.requires_grad for p in m.parameters())

@@ -55,6 +55,14 @@ class Int8Linear(nn.Module):
             nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return self
 
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(torch.bfloat16) casts floating buffers: the scales must stay float32
+        scale = self.weight_scale
+        out = super()._apply(fn, *args, **kwargs)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_int8.device, dtype=torch.float32)
+        return out
+
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out, in]: weight_int8 * weight_scale / 127."""
         return dequantize_weight(self.weight_int8, self.weight_scale)
