@@ -15,7 +15,6 @@ import importlib
 import os
 import signal
 import sys
-import time
 import traceback
 
 import torch

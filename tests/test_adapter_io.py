@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import fastpeft
 from fastpeft import LoRALinear, inject_lora, load_adapter, save_adapter
 
 transformers = pytest.importorskip("transformers")

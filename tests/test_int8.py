@@ -10,7 +10,7 @@ import fastpeft
 from fastpeft import _backend
 from fastpeft.reference import int8 as ref
 
-from _utils import DEVICE, TOL, assert_close, rel_err
+from _utils import DEVICE, assert_close, rel_err
 
 KERNEL_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and _backend.cuda_ext_status()[0] else [])
 BACKENDS = KERNEL_BACKENDS + ["torch"]
@@ -229,7 +229,7 @@ def test_lora_on_int8_base_trains_merges_and_unmerges_exactly():
 
 
 def test_quantize_int8_and_inject_lora_on_a_transformers_model():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from _hf import tiny_llama
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))

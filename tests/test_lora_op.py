@@ -1,5 +1,4 @@
 """fastpeft.lora_linear against the float64 reference: outputs and every gradient."""
-import itertools
 
 import pytest
 import torch
