@@ -121,11 +121,12 @@ def _torch_linear(x2, w, sw, bias, threshold):
         acc = torch._int_mm(q, w.t())
     else:  # exact in float64: |acc| <= K * 127**2 < 2**53
         acc = q.double() @ w.double().t()
-    y = acc.double() * (row_scale.double()[:, None] * sw.double()[None, :]) / ref.INT8_MAX**2
+    # fp32 epilogue, as the kernels do: the int32 sums and both scales round once each
+    y = acc.float() * (row_scale[:, None] * (sw[None, :] / ref.INT8_MAX**2))
     if cols is not None and cols.numel():
-        y = y + x2[:, cols].double() @ (w[:, cols].double() * (sw.double()[:, None] / ref.INT8_MAX)).t()
+        y += x2[:, cols].float() @ ref.dequantize_weight(w[:, cols], sw).t()
     if bias is not None:
-        y = y + bias.double()
+        y += bias.float()
     return y.to(x2.dtype)
 
 
