@@ -5,8 +5,10 @@ from .nn.int8 import Int8Linear
 from .nn.lora import LoRALinear
 from .ops.int8 import int8_linear, int8_vectorwise_quant
 from .ops.lora import lora_linear
+from .ops.quant import QuantizedTensor, dequantize, quantize
 from .model import inject_lora, lora_state_dict, mark_only_lora_as_trainable, quantize_int8
 from .adapter_io import load_adapter, save_adapter
+from .precision import to_half
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,5 @@ __all__ = [
     "LoRALinear", "lora_linear",
     "inject_lora", "mark_only_lora_as_trainable", "lora_state_dict", "save_adapter", "load_adapter",
     "Int8Linear", "int8_linear", "int8_vectorwise_quant", "quantize_int8",
+    "QuantizedTensor", "quantize", "dequantize", "to_half",
 ]

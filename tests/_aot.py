@@ -7,8 +7,8 @@ target (sm_90 for the H200) with the same specialization the JIT would apply
 (ints equal to 1 become constants, multiples of 16 get a divisibility hint).
 
 ``python tests/_aot.py`` prints registers, spills and shared memory per launch (``--tuned``:
-the autotune configs only, ``--fixed``: the FASTPEFT_AUTOTUNE=0 configs only; AOT_FAMILIES=int8
-or =lora restricts it to one op family);
+the autotune configs only, ``--fixed``: the FASTPEFT_AUTOTUNE=0 configs only; AOT_FAMILIES=int8,
+=lora or =quant restricts it to one op family);
 ``--warm`` (on a GPU machine) compiles the benchmark's launches in parallel into triton's
 cache before ``make gpu-check`` times them.
 """
@@ -271,7 +271,34 @@ def fixed_int8_launches(dtypes, shapes=INT8_FIXED_SHAPES) -> list[Launch]:
     return launches
 
 
-FAMILIES = ("lora", "int8")
+QUANT_SHAPES = ((4096, 4096), (300, 99), (8, 16, 72))  # aligned, unaligned/odd last dim, 3-D
+
+
+def quant_launches(dtypes=(torch.bfloat16,), shapes=QUANT_SHAPES) -> list[Launch]:
+    """Every launch fastpeft.kernels.quant's quantize and dequantize make: bits {8, 4} x schemes x
+    (tensor, axis 0, last axis, middle axis of 3-D, groups 32/128 and an odd group)."""
+    from fastpeft.kernels import quant as kquant
+
+    def run():
+        for dtype in dtypes:
+            for shape in shapes:
+                x = torch.zeros(shape, dtype=dtype)
+                grans = [(None, None), (0, None), (len(shape) - 1, None)]
+                grans += [(1, None)] if len(shape) == 3 else []
+                grans += [(None, g) for g in (32, 128, 3) if shape[-1] % g == 0]
+                for bits in (8, 4):
+                    for scheme in ("absmax", "zeropoint"):
+                        for axis, gs in grans:
+                            d, s, z = kquant.quantize(x, bits, scheme, axis, gs)
+                            kquant.dequantize(d, s, z, bits, scheme, axis, gs, shape, dtype)
+    launches = capture(kquant, run)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+FAMILIES = ("lora", "int8", "quant")
 
 
 def _families() -> tuple[str, ...]:
@@ -304,8 +331,14 @@ def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2,
         launches += lora_launches(dtypes=dtypes) if autotuned else fixed_launches(dtypes)
     if "int8" in families:
         launches += int8_launches(dtypes=dtypes) if autotuned else fixed_int8_launches(dtypes)
+    n_arch_checked = len(launches)
+    if "quant" in families and not autotuned:  # no autotuning: the fixed pass compiles its launches
+        # elementwise kernels without tensor cores or large shared memory: every shape in the
+        # first dtype, one shape in the others, for the newest target only (keeps CI short)
+        launches += quant_launches(dtypes=dtypes[:1])
+        launches += quant_launches(dtypes=dtypes[1:], shapes=QUANT_SHAPES[:1]) if dtypes[1:] else []
     _POOL_LAUNCHES[:] = launches
-    jobs_list = [(i, a) for i in range(len(launches)) for a in archs]
+    jobs_list = [(i, a) for i in range(len(launches)) for a in (archs if i < n_arch_checked else archs[-1:])]
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         results = pool.map(_compile_report, jobs_list)
     lines, problems = [], []
@@ -353,6 +386,7 @@ def warm(jobs: int) -> int:
     launches += int8_launches(dtypes=(torch.bfloat16,), shapes=((1, 4096, 4096), (16, 4096, 11008),
                                                                 (2048, 4096, 4096), (2048, 11008, 4096)))
     launches += fixed_int8_launches((torch.bfloat16, torch.float16, torch.float32))
+    launches += quant_launches((torch.bfloat16, torch.float16, torch.float32))
     _POOL_LAUNCHES[:] = launches
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         errors = [e for e in pool.map(_warm_one, range(len(launches))) if e]
