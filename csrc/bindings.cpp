@@ -30,6 +30,12 @@ void int8_gemm(uintptr_t q, int64_t s_qm, uintptr_t row_scale, uintptr_t w, int6
                uintptr_t y, int64_t s_ym, int64_t M, int64_t N, int64_t K, int dtype, uintptr_t bias, uintptr_t x,
                int64_t s_xm, int64_t s_xk, uintptr_t col_flags, uintptr_t cols, int64_t n_cols, uintptr_t count,
                int tile, int device, uintptr_t stream);
+void quant_quantize(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t zero_point, int64_t outer, int64_t C,
+                    int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
+                    int device, uintptr_t stream);
+void quant_dequantize(uintptr_t q, uintptr_t scale, uintptr_t zero_point, uintptr_t y, int64_t outer, int64_t C,
+                      int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
+                      int device, uintptr_t stream);
 int cuda_device_count();
 std::vector<int> compiled_archs();
 }  // namespace fastpeft
@@ -71,6 +77,19 @@ PYBIND11_MODULE(_C, m) {
         "dtype"_a, "bias"_a = 0, "x"_a = 0, "s_xm"_a = 0, "s_xk"_a = 0, "col_flags"_a = 0, "cols"_a = 0,
         "n_cols"_a = 0, "count"_a = 0, "tile"_a = 0, "device"_a = 0, "stream"_a = 0,
         py::call_guard<py::gil_scoped_release>());
+  m.def("quant_quantize", &fastpeft::quant_quantize,
+        "Absmax / zero-point quantization of contiguous x (numel = outer*C*inner, last dim `last`), as\n"
+        "fastpeft/reference/quant.py: mode 0 one slot, 1 slot (e / inner) % C (per channel), 2 slot e / group_size\n"
+        "(groups along the last dim). scheme 0 absmax (int8 codes), 1 zeropoint (uint8). bits 8: q holds numel\n"
+        "bytes; bits 4: [numel / last, ceil(last / 2)] bytes, element 2j in the low nibble. scale (float32) and\n"
+        "zero_point (int32) hold one entry per slot (also the reduction's workspace; no host sync).",
+        "x"_a, "q"_a, "scale"_a, "zero_point"_a, "outer"_a, "C"_a, "inner"_a, "last"_a, "mode"_a, "group_size"_a,
+        "bits"_a, "scheme"_a, "dtype"_a, "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("quant_dequantize", &fastpeft::quant_dequantize,
+        "y (dtype, contiguous) = (code - zero_point[slot]) * scale[slot] in fp32 from quant_quantize's q, with\n"
+        "the same geometry arguments (scheme 0: signed codes / nibbles, 1: unsigned).",
+        "q"_a, "scale"_a, "zero_point"_a, "y"_a, "outer"_a, "C"_a, "inner"_a, "last"_a, "mode"_a, "group_size"_a,
+        "bits"_a, "scheme"_a, "dtype"_a, "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
   m.def("cuda_device_count", &fastpeft::cuda_device_count,
         "Number of CUDA devices this module's runtime sees (0 without a driver or GPU).");
   m.def("compiled_archs", &fastpeft::compiled_archs, "The sm_XX targets compiled into this module, as ints.");

@@ -1,6 +1,6 @@
 """The CUDA C++ kernels of csrc/ on the CPU, through an EMULATOR. Not a GPU test.
 
-tests/cuda_emu compiles csrc/lora.cu and csrc/int8.cu unchanged with g++ against stand-in CUDA headers (one OS
+tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu and csrc/quant.cu unchanged with g++ against stand-in CUDA headers (one OS
 thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding) under
 AddressSanitizer + UBSan, and a subset under ThreadSanitizer. Patched in for fastpeft._C, it runs
 the checks of test_cuda_ext.py on CPU tensors, so CI (no GPU) checks the kernels' indexing,
@@ -214,6 +214,53 @@ def test_int8_bad_cols_errors_and_empty(emu):
 
 
 # ---------------------------------------------------------------------------------------------
+# absmax / zero-point quantize and dequantize: codes, scales, zero points equal to reference.quant
+
+
+@pytest.mark.parametrize("dtype,bits,scheme,shape,axis,group_size", [
+    (F32, 8, "absmax", (5, 33), None, None),  # per tensor: multi-block min/max, finish, codes kernel
+    (F16, 4, "zeropoint", (37,), None, None),  # odd last dim: padded nibble
+    (BF16, 8, "zeropoint", (7, 33), 0, None),  # per row, special slots (zero, NaN, constant, ties, -inf)
+    (F32, 4, "absmax", (7, 33), 1, None),  # per column: the nibble pairs straddle channels
+    (F16, 8, "absmax", (3, 5, 9), 1, None),  # middle axis (outer 3, inner 9)
+    (BF16, 4, "zeropoint", (4, 6, 5), -1, None),
+    (F32, 8, "zeropoint", (7, 96), None, 32),  # groups in one pass (8 threads per group)
+    (F16, 4, "absmax", (5, 6), None, 3),  # odd g: scales in the group kernel, codes in the codes kernel
+    (BF16, 4, "zeropoint", (9, 256), None, 128),  # 32 threads per group, even g: packed in the group kernel
+    (F32, 4, "absmax", (2, 1024), None, 1024),  # 256 threads per group
+    (F16, 8, "absmax", (6, 14), None, 1),
+])
+def test_quant(emu, dtype, bits, scheme, shape, axis, group_size):
+    checks.check_quant("cpu", dtype, shape, bits, scheme, axis, group_size)
+
+
+@pytest.mark.parametrize("out_dtype,bits,scheme,shape,axis,group_size,misaligned", [
+    (F32, 8, "absmax", (5, 33), None, None, False),  # vector path (8 per step) + scalar tail
+    (BF16, 4, "zeropoint", (7, 33), 1, None, False),  # odd last dim: scalar path, per-element slots
+    (F16, 4, "absmax", (3, 4, 10), None, 10, False),  # 4-byte loads, groups not a multiple of 8
+    (F32, 4, "zeropoint", (9, 256), None, 128, False),  # uniform slots per vector
+    (BF16, 8, "zeropoint", (300, 40), 0, None, True),  # misaligned codes: scalar path
+    (F16, 8, "absmax", (3, 5, 16), 1, None, False),  # per channel, inner 16: uniform
+])
+def test_dequant_random_codes(emu, out_dtype, bits, scheme, shape, axis, group_size, misaligned):
+    checks.check_dequant("cpu", out_dtype, shape, bits, scheme, axis, group_size, misaligned)
+
+
+@pytest.mark.parametrize("dtype,bits,scheme,shape,axis,group_size", [
+    (F32, 4, "zeropoint", (37,), None, None),
+    (BF16, 8, "absmax", (7, 33), 1, None),
+    (F16, 4, "absmax", (5, 6), None, 3),
+])
+def test_quant_writes_only_its_views(emu, dtype, bits, scheme, shape, axis, group_size):
+    checks.check_quant_bounds("cpu", dtype, shape, bits, scheme, axis, group_size)
+
+
+def test_quant_special_tensors_errors_and_empty(emu):
+    checks.check_quant_special_tensors("cpu", BF16)
+    checks.check_quant_errors("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
 # ThreadSanitizer: a missing or misplaced __syncthreads is a data race between the threads of a block
 
 
@@ -226,8 +273,10 @@ def test_int8_bad_cols_errors_and_empty(emu):
     (checks.check_int8_quant, (F16, 33, 1024, 2.5)),  # block reduction of the row absmax, flags
     (checks.check_int8_gemm, (BF16, 70, 130, 256, 6.0, True, 1)),  # double-buffered chunks, 2 epilogue rounds, outliers
     (checks.check_int8_gemm, (F32, 7, 40, 512, 6.0, False, 3)),  # K-split warps summed in the epilogue
+    (checks.check_quant, (F32, (7, 33), 8, "zeropoint", 0)),  # channel min/max tree + atomics, finish
+    (checks.check_quant, (F16, (9, 256), 4, "absmax", None, 128)),  # group teams: shared-memory tree
 ], ids=["shrink-f32", "shrink-f16-dropout", "shrink-bf16-split", "expand-f32-dropout", "expand-bf16",
-        "int8-quant-f16", "int8-gemm-bf16-large", "int8-gemm-f32-decode"])
+        "int8-quant-f16", "int8-gemm-bf16-large", "int8-gemm-f32-decode", "quant-channel", "quant-group"])
 def test_no_data_races(emulate, check, args):
     emulate("tsan")
     check("cpu", *args)
@@ -258,7 +307,8 @@ def _cpp_default(text: str | None):
     return float(text.rstrip("f")) if "." in text else int(text.rstrip("uU"))
 
 
-@pytest.mark.parametrize("name", ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm"])
+@pytest.mark.parametrize("name", ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "quant_quantize",
+                                  "quant_dequantize"])
 def test_emulated_extension_mirrors_the_bindings(name):
     """EmulatedExtension's functions take the arguments of csrc/bindings.cpp, with its defaults."""
     text = (emulator.CSRC / "bindings.cpp").read_text()

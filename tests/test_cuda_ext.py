@@ -16,6 +16,7 @@ import torch
 import fastpeft
 from fastpeft.ops import _cext
 from fastpeft.reference import int8 as ref_int8
+from fastpeft.reference import quant as ref_quant
 from fastpeft.reference.dropout import dropout_2d, dropout_keep_mask, dropout_threshold
 from fastpeft.reference.lora import lora_linear as ref_lora_linear
 
@@ -506,6 +507,222 @@ def check_int8_errors_and_empty(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# absmax / zero-point quantization, against fastpeft/reference/quant.py (exact: codes, scales, zero points)
+
+
+def quant_x(shape, dtype, axis=None, group_size=None, special=True, seed=0, device="cpu"):
+    """x of ``shape`` built slot by slot (rows of ``reference.quant.slot_view``): N(0, 1) times a per-slot
+    magnitude (some slots all-positive); with ``special`` (and enough slots): slot 0 all zeros, 1 a NaN,
+    2 constant -3, 3 ties (x * (1 / scale) lands on .5 for absmax 8-bit), 4 constant 2.5, 5 a -inf."""
+    g = torch.Generator().manual_seed(seed * 7919 + sum(shape) * 131 + len(shape))
+    if group_size is not None:
+        slots, moved = math.prod(shape) // group_size, None
+    elif axis is None:
+        slots, moved = 1, None
+    else:
+        moved = list(torch.empty(shape, device="meta").movedim(axis, 0).shape)
+        slots = shape[axis]
+    per = math.prod(shape) // slots
+    s = torch.randn(slots, per, generator=g) * torch.exp(torch.randn(slots, 1, generator=g))
+    s[1::3] = s[1::3].abs()  # some slots all >= 0: zero point 0
+    if special and slots >= 6:
+        s[0] = 0.0
+        s[1, per // 2] = float("nan")
+        s[2] = -3.0
+        s[3] = (torch.arange(per) % 9 - 4).float() * 0.5 + 0.25  # absmax 4.25 .. : ties and near-ties
+        s[3, 0] = 63.5
+        s[4] = 2.5
+        s[5, per // 3] = float("-inf")
+    if group_size is not None or axis is None:
+        x = s.reshape(shape)
+    else:
+        x = s.reshape(moved).movedim(0, axis)
+    return x.to(device, dtype).contiguous()
+
+
+def quant_ref(x, bits, scheme, axis, group_size):
+    """(data, scale, zero_point) of the reference, on the CPU."""
+    x = x.cpu()
+    scale, zp = ref_quant.compute_qparams(x, bits, scheme, axis, group_size)
+    q = ref_quant.quantize_codes(x, scale, zp, bits, scheme, axis, group_size)
+    if bits == 4:
+        return ref_quant.pack4(q), scale, zp
+    return q.to(torch.int8 if scheme == "absmax" else torch.uint8), scale, zp
+
+
+def dequant_ref(data, scale, zp, bits, scheme, axis, group_size, shape, out_dtype):
+    data, scale, zp = data.cpu(), scale.cpu(), zp.cpu()
+    q = ref_quant.unpack4(data, shape[-1], scheme == "absmax") if bits == 4 else data.to(torch.int32)
+    return ref_quant.dequantize_codes(q.reshape(shape), scale, zp, axis, group_size).to(out_dtype)
+
+
+def assert_same(out, ref, what):
+    assert out.dtype == ref.dtype and tuple(out.shape) == tuple(ref.shape), (what, out.dtype, out.shape, ref.shape)
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def check_quant(device, dtype, shape, bits, scheme, axis=None, group_size=None, special=True, out_dtype=None):
+    """quantize: data, scale, zero_point equal the reference's bit for bit; dequantize of the result too."""
+    x = quant_x(shape, dtype, axis, group_size, special, device=device)
+    data, scale, zp = _cext.quant_quantize(x, bits, scheme, axis, group_size)
+    rdata, rscale, rzp = quant_ref(x, bits, scheme, axis, group_size)
+    assert_same(data, rdata, "data")
+    assert_same(scale, rscale, "scale")
+    assert_same(zp, rzp, "zero_point")
+    out_dtype = out_dtype or dtype
+    y = _cext.quant_dequantize(data, scale, zp, bits, scheme, axis, group_size, shape, out_dtype)
+    assert_same(y, dequant_ref(rdata, rscale, rzp, bits, scheme, axis, group_size, shape, out_dtype), "y")
+    fin = torch.isfinite(x.cpu().float()) & torch.isfinite(y.cpu().float())  # round trip within scale / 2
+    if out_dtype == torch.float32 and fin.any():
+        s = ref_quant.dequantize_codes(torch.ones(shape, dtype=torch.int32), rscale, torch.zeros_like(rzp), axis,
+                                       group_size)
+        err = (y.cpu() - x.cpu().float()).abs()
+        ok = torch.isfinite(s) & fin & (x.cpu().float().abs() < 1e30)
+        assert bool((err[ok] <= s[ok] / 2 * (1 + 1e-6)).all())
+
+
+def check_dequant(device, out_dtype, shape, bits, scheme, axis=None, group_size=None, misaligned=False, seed=1):
+    """dequantize of random codes (every nibble / byte value), scales and zero points."""
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    dtype, dshape = _cext._quant_data_spec(tuple(shape), bits, scheme)
+    raw = torch.randint(0, 256, (math.prod(dshape) + 1,), generator=g, dtype=torch.int32).to(torch.uint8)
+    data = raw.view(dtype)[1:] if misaligned else raw.view(dtype)[:-1]  # misaligned: 1 byte past the start
+    data = data.reshape(dshape)
+    *_, sshape = _cext._quant_geometry(tuple(shape), bits, scheme, axis, group_size)
+    scale = torch.exp(torch.randn(sshape, generator=g)).float()
+    zp = torch.randint(0, 16 if bits == 4 else 256, sshape, generator=g, dtype=torch.int32)
+    if scheme == "absmax":
+        zp.zero_()
+    data, scale, zp = data.to(device), scale.to(device), zp.to(device)
+    y = _cext.quant_dequantize(data, scale, zp, bits, scheme, axis, group_size, shape, out_dtype)
+    assert_same(y, dequant_ref(data, scale, zp, bits, scheme, axis, group_size, shape, out_dtype), "y")
+
+
+def _quant_args(shape, bits, scheme, axis, group_size):
+    b, code, axis, group_size, mode, outer, C, inner, last, sshape = _cext._quant_geometry(
+        tuple(shape), bits, scheme, axis, group_size)
+    return (outer, C, inner, last, mode, group_size or 0, bits, code), sshape
+
+
+def check_quant_bounds(device, dtype, shape, bits, scheme, axis=None, group_size=None, pad=9):
+    """The bindings directly, outputs as views inside poisoned buffers: only the views change."""
+    C = _cext._extension()
+    x = quant_x(shape, dtype, axis, group_size, device=device)
+    rdata, rscale, rzp = quant_ref(x, bits, scheme, axis, group_size)
+    geo, sshape = _quant_args(shape, bits, scheme, axis, group_size)
+    nb, ns = rdata.numel(), max(1, math.prod(sshape))
+    qbuf = torch.full((nb + 2 * pad,), 0x80, dtype=torch.uint8, device=device)
+    sbuf = torch.full((ns + 2 * pad,), float("nan"), device=device)
+    zbuf = torch.full((ns + 2 * pad,), -7, dtype=torch.int32, device=device)
+    C.quant_quantize(x.data_ptr(), qbuf[pad:].data_ptr(), sbuf[pad:].data_ptr(), zbuf[pad:].data_ptr(), *geo,
+                     _cext._DTYPE_CODES[dtype], device=x.device.index or 0, stream=_stream(device))
+    assert torch.equal(qbuf[pad:pad + nb].cpu(), rdata.reshape(-1).view(torch.uint8))
+    assert_same(sbuf[pad:pad + ns].reshape(rscale.shape), rscale, "scale")
+    assert torch.equal(zbuf[pad:pad + ns].cpu(), rzp.reshape(-1))
+    assert torch.all(qbuf[:pad] == 0x80) and torch.all(qbuf[pad + nb:] == 0x80), "quantize wrote outside q"
+    assert torch.isnan(sbuf[:pad]).all() and torch.isnan(sbuf[pad + ns:]).all(), "quantize wrote outside scale"
+    assert torch.all(zbuf[:pad] == -7) and torch.all(zbuf[pad + ns:] == -7), "quantize wrote outside zero_point"
+    # dequantize into a poisoned buffer (a 16-byte aligned view: the vector path, and its scalar tail)
+    n = math.prod(shape)
+    off = 32 // torch.finfo(dtype).bits * 4  # 16 bytes in elements
+    ybuf = torch.full((n + 2 * off,), float("nan"), dtype=dtype, device=device)
+    d = qbuf[pad:pad + nb].clone()
+    s = sbuf[pad:pad + ns].clone()
+    z = zbuf[pad:pad + ns].clone()
+    C.quant_dequantize(d.data_ptr(), s.data_ptr(), z.data_ptr(), ybuf[off:].data_ptr(), *geo,
+                       _cext._DTYPE_CODES[dtype], device=x.device.index or 0, stream=_stream(device))
+    want = dequant_ref(rdata, rscale, rzp, bits, scheme, axis, group_size, shape, dtype).reshape(-1)
+    assert_same(ybuf[off:off + n], want, "y")
+    assert torch.isnan(ybuf[:off]).all() and torch.isnan(ybuf[off + n:]).all(), "dequantize wrote outside y"
+
+
+def check_quant_special_tensors(device, dtype):
+    """Per-tensor: all zeros (scale 1), constant (scale > 0, no NaN), a NaN (scale NaN, codes 0)."""
+    for fill, bits, scheme in ((0.0, 8, "absmax"), (0.0, 4, "zeropoint"), (-2.0, 8, "zeropoint"), (3.0, 4, "absmax"),
+                               (float("nan"), 8, "zeropoint"), (float("nan"), 4, "absmax")):
+        x = torch.randn(5, 7).to(device, dtype)
+        if fill != fill:
+            x[2, 3] = fill
+        else:
+            x.fill_(fill)
+        data, scale, zp = _cext.quant_quantize(x, bits, scheme, None, None)
+        rdata, rscale, rzp = quant_ref(x, bits, scheme, None, None)
+        assert_same(data, rdata, "data")
+        assert_same(scale, rscale, "scale")
+        assert_same(zp, rzp, "zero_point")
+        if fill == fill:
+            assert scale.item() > 0
+            y = _cext.quant_dequantize(data, scale, zp, bits, scheme, None, None, x.shape, torch.float32)
+            assert torch.equal(y.cpu(), x.cpu().float())  # 0 and constants are exact
+        else:
+            assert math.isnan(scale.item()) and not data.cpu().any()
+
+
+def check_quant_errors(device):
+    x = torch.randn(4, 6, device=device)
+    with pytest.raises(ValueError, match="bits"):
+        _cext.quant_quantize(x, 3, "absmax", None, None)
+    with pytest.raises(ValueError, match="scheme"):
+        _cext.quant_quantize(x, 8, "minmax", None, None)
+    with pytest.raises(ValueError, match="does not divide"):
+        _cext.quant_quantize(x, 8, "absmax", None, 4)
+    with pytest.raises(ValueError, match="group_size"):
+        _cext.quant_quantize(x, 8, "absmax", None, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        _cext.quant_quantize(x, 8, "absmax", 2, None)
+    with pytest.raises(ValueError, match="not both"):
+        _cext.quant_quantize(x, 8, "absmax", 0, 3)
+    with pytest.raises(ValueError, match="empty"):
+        _cext.quant_quantize(x[:0], 8, "absmax", None, None)
+    with pytest.raises(TypeError, match="dtype"):
+        _cext.quant_quantize(x.to(torch.int32), 8, "absmax", None, None)
+    data, scale, zp = _cext.quant_quantize(x, 4, "zeropoint", 1, None)
+    with pytest.raises(ValueError, match="data has shape"):
+        _cext.quant_dequantize(data, scale, zp, 8, "zeropoint", 1, None, (4, 6), torch.float32)
+    with pytest.raises(ValueError, match="scale has shape"):
+        _cext.quant_dequantize(data, scale[:3], zp, 4, "zeropoint", 1, None, (4, 6), torch.float32)
+    with pytest.raises(TypeError, match="zero_point has dtype"):
+        _cext.quant_dequantize(data, scale, zp.float(), 4, "zeropoint", 1, None, (4, 6), torch.float32)
+    with pytest.raises(TypeError, match="data has dtype"):
+        _cext.quant_dequantize(data.view(torch.int8), scale, zp, 4, "zeropoint", 1, None, (4, 6), torch.float32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        _cext.quant_dequantize(data, scale, zp, 4, "zeropoint", 1, None, (4, 6), torch.int8)
+    C = _cext._extension()
+    for bad in (dict(mode=3), dict(bits=5), dict(scheme=2), dict(mode=2, group_size=4), dict(last=5)):
+        args = dict(outer=1, C=1, inner=24, last=6, mode=0, group_size=0, bits=8, scheme=0)
+        args.update(bad)
+        with pytest.raises(ValueError, match="quant_quantize"):
+            C.quant_quantize(x.data_ptr(), data.data_ptr(), scale.data_ptr(), zp.data_ptr(), dtype=0,
+                             device=x.device.index or 0, stream=_stream(device), **args)
+    # empty dequantize; 0-d per tensor
+    assert _cext.quant_dequantize(data[:, :0], scale[:0], zp[:0], 4, "zeropoint", 1, None, (4, 0), torch.float16) \
+        .shape == (4, 0)
+    x0 = torch.tensor(-1.5, device=device)
+    d0, s0, z0 = _cext.quant_quantize(x0, 8, "zeropoint", None, None)
+    assert_same(d0, quant_ref(x0, 8, "zeropoint", None, None)[0], "0-d data")
+    assert _cext.quant_dequantize(d0, s0, z0, 8, "zeropoint", None, None, (), torch.float32).item() == -1.5
+
+
+# shapes x granularities: (shape, axis, group_size)
+QUANT_CASES = [
+    ((37,), None, None),  # per tensor, odd last dim
+    ((5, 33), None, None),
+    ((3, 1, 130), None, None),
+    ((7, 33), 0, None),  # per row
+    ((7, 33), 1, None),  # per column (channel = last dim: inner 1, pairs straddle channels)
+    ((3, 5, 9), 1, None),  # middle axis
+    ((4, 6, 5), -1, None),
+    ((300, 40), 0, None),  # many slots
+    ((7, 96), None, 32),  # groups
+    ((5, 6), None, 3),  # odd g: 4-bit pairs straddle groups
+    ((3, 4, 10), None, 10),
+    ((9, 256), None, 128),
+    ((2, 1024), None, 1024),  # 256 threads per group
+    ((6, 14), None, 1),
+]
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU tests
 
 
@@ -663,3 +880,59 @@ def test_int8_linear_flow(dtype, M, N, K, threshold):
 def test_int8_bad_cols_errors_and_empty():
     check_int8_gemm_bad_cols("cuda")
     check_int8_errors_and_empty("cuda")
+
+
+QUANT_SCHEMES = [(8, "absmax"), (8, "zeropoint"), (4, "absmax"), (4, "zeropoint")]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("shape,axis,group_size", QUANT_CASES)
+def test_quant(dtype, bits, scheme, shape, axis, group_size):
+    check_quant("cuda", dtype, shape, bits, scheme, axis, group_size)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("shape,axis,group_size", [((4096, 4097), None, None), ((1000, 3001), 1, None),
+                                                   ((3, 2000, 333), 0, None), ((2048, 4096), None, 128),
+                                                   ((511, 768), None, 256)])
+def test_quant_large(dtype, bits, scheme, shape, axis, group_size):
+    check_quant("cuda", dtype, shape, bits, scheme, axis, group_size, special=False)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("bits,scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("shape,axis,group_size", QUANT_CASES)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_dequant_random_codes(out_dtype, bits, scheme, shape, axis, group_size, misaligned):
+    check_dequant("cuda", out_dtype, shape, bits, scheme, axis, group_size, misaligned)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("shape,axis,group_size", [((37,), None, None), ((7, 33), 1, None), ((5, 6), None, 3),
+                                                   ((9, 256), None, 128), ((300, 40), 0, None)])
+def test_quant_writes_only_its_views(dtype, bits, scheme, shape, axis, group_size):
+    check_quant_bounds("cuda", dtype, shape, bits, scheme, axis, group_size)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quant_special_tensors(dtype):
+    check_quant_special_tensors("cuda", dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_quant_errors_and_empty():
+    check_quant_errors("cuda")

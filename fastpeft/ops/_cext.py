@@ -239,3 +239,121 @@ def int8_gemm(q: torch.Tensor, row_scale: torch.Tensor, w_int8: torch.Tensor, w_
                   col_flags=ptr(col_flags), cols=ptr(cols), n_cols=cols.numel() if cols is not None else 0,
                   count=ptr(count), tile=tile, device=device.index or 0, stream=_stream(device))
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# absmax / zero-point quantization (fastpeft/reference/quant.py is the specification)
+
+_QUANT_SCHEMES = {"absmax": 0, "zeropoint": 1}
+
+
+def _quant_geometry(shape: tuple[int, ...], bits, scheme, axis, group_size):
+    """Checked (bits, scheme code, axis, group_size, mode, outer, C, inner, last, slot shape) for a tensor shape."""
+    if isinstance(bits, bool) or bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if scheme not in _QUANT_SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {', '.join(_QUANT_SCHEMES)}")
+    ndim = len(shape)
+    numel = 1
+    for n in shape:
+        numel *= n
+    last = shape[-1] if ndim else 1
+    if ndim == 0 and bits == 4:
+        raise ValueError("4-bit codes pack along the last dim; a 0-d tensor has none")
+    if axis is not None and group_size is not None:
+        raise ValueError("give axis (per channel) or group_size (groups along the last dim), not both")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if ndim == 0 or last % group_size:
+            raise ValueError(f"group_size {group_size} does not divide the last dim of shape {tuple(shape)}")
+        return bits, _QUANT_SCHEMES[scheme], None, group_size, 2, 1, 1, numel, last, \
+            (*shape[:-1], last // group_size)
+    if axis is None:
+        return bits, _QUANT_SCHEMES[scheme], None, None, 0, 1, 1, numel, last, ()
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis!r} is out of range for a {ndim}-d tensor")
+    axis %= ndim
+    outer = inner = 1
+    for n in shape[:axis]:
+        outer *= n
+    for n in shape[axis + 1:]:
+        inner *= n
+    return bits, _QUANT_SCHEMES[scheme], axis, None, 1, outer, shape[axis], inner, last, (shape[axis],)
+
+
+def _quant_data_spec(shape, bits, scheme):
+    """(dtype, shape) of the stored codes."""
+    if bits == 4:
+        return torch.uint8, (*shape[:-1], (shape[-1] + 1) // 2)
+    return (torch.int8 if scheme == "absmax" else torch.uint8), tuple(shape)
+
+
+def quant_quantize(x: torch.Tensor, bits: int, scheme: str, axis: int | None, group_size: int | None):
+    """Absmax / zero-point quantization of x: ``(data, scale, zero_point)`` as fastpeft/reference/quant.py.
+
+    x: fp32, fp16 or bf16, any shape and strides (a contiguous copy is taken when needed), not empty.
+    axis=None and group_size=None: one scale; axis=k: one per index along dim k; group_size=g: groups of g
+    along the last dim. data: int8 (absmax, 8-bit), uint8 (zeropoint, 8-bit), or uint8 [..., ceil(last / 2)]
+    with two 4-bit codes per byte (element 2j in the low nibble; absmax nibbles two's complement).
+    scale float32 and zero_point int32 of ``reference.quant.slot_shape``. No host synchronisation.
+    """
+    _checks.tensor("x", x)
+    device = _cuda_device(x=x)
+    _checks.tensor("x", x, dtypes=_DTYPE_CODES)
+    shape = tuple(x.shape)
+    bits, code, axis, group_size, mode, outer, C, inner, last, sshape = _quant_geometry(shape, bits, scheme, axis,
+                                                                                      group_size)
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {shape}): its slots have no min / max")
+    ext = _extension()
+    xc = x.contiguous()
+    dtype, dshape = _quant_data_spec(shape, bits, scheme)
+    data = torch.empty(dshape, dtype=dtype, device=device)
+    scale = torch.empty(sshape, dtype=torch.float32, device=device)
+    zero_point = torch.empty(sshape, dtype=torch.int32, device=device)
+    ext.quant_quantize(xc.data_ptr(), data.data_ptr(), scale.data_ptr(), zero_point.data_ptr(), outer, C, inner, last,
+                       mode, group_size or 0, bits, code, _DTYPE_CODES[x.dtype], device=device.index or 0,
+                       stream=_stream(device))
+    return data, scale, zero_point
+
+
+def quant_dequantize(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, scheme: str,
+                     axis: int | None, group_size: int | None, shape, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = (code - zero_point) * scale in fp32, rounded once to ``out_dtype``, a new tensor of ``shape``.
+
+    data, scale, zero_point as ``quant_quantize`` returns them for a tensor of ``shape`` with the same
+    bits, scheme, axis and group_size (dtypes and shapes are checked).
+    """
+    _checks.tensor("data", data)
+    _checks.tensor("scale", scale)
+    _checks.tensor("zero_point", zero_point)
+    device = _cuda_device(data=data, scale=scale, zero_point=zero_point)
+    if out_dtype not in _DTYPE_CODES:
+        raise TypeError(f"out_dtype {out_dtype} is not supported; supported: float32, float16, bfloat16")
+    try:
+        shape = tuple(operator.index(n) for n in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if any(n < 0 for n in shape):
+        raise ValueError(f"bad shape {shape}")
+    bits, code, axis, group_size, mode, outer, C, inner, last, sshape = _quant_geometry(shape, bits, scheme, axis,
+                                                                                      group_size)
+    dtype, dshape = _quant_data_spec(shape, bits, scheme)
+    _checks.tensor("data", data, dtypes=(dtype,))
+    if tuple(data.shape) != dshape:
+        raise ValueError(f"data has shape {tuple(data.shape)}; expected {dshape} for shape {shape} at {bits} bits")
+    _checks.tensor("scale", scale, dtypes=(torch.float32,))
+    _checks.tensor("zero_point", zero_point, dtypes=(torch.int32,))
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if tuple(t.shape) != sshape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {sshape}")
+    ext = _extension()
+    y = torch.empty(shape, dtype=out_dtype, device=device)
+    if y.numel() == 0:
+        return y
+    dc, sc, zc = data.contiguous(), scale.contiguous(), zero_point.contiguous()
+    ext.quant_dequantize(dc.data_ptr(), sc.data_ptr(), zc.data_ptr(), y.data_ptr(), outer, C, inner, last, mode,
+                         group_size or 0, bits, code, _DTYPE_CODES[out_dtype], device=device.index or 0,
+                         stream=_stream(device))
+    return y

@@ -44,6 +44,12 @@ void int8_gemm(uintptr_t q, int64_t s_qm, uintptr_t row_scale, uintptr_t w, int6
                uintptr_t y, int64_t s_ym, int64_t M, int64_t N, int64_t K, int dtype, uintptr_t bias, uintptr_t x,
                int64_t s_xm, int64_t s_xk, uintptr_t col_flags, uintptr_t cols, int64_t n_cols, uintptr_t count,
                int tile, int device, uintptr_t stream);
+void quant_quantize(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t zero_point, int64_t outer, int64_t C,
+                    int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
+                    int device, uintptr_t stream);
+void quant_dequantize(uintptr_t q, uintptr_t scale, uintptr_t zero_point, uintptr_t y, int64_t outer, int64_t C,
+                      int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
+                      int device, uintptr_t stream);
 }  // namespace fastpeft
 
 namespace {
@@ -166,6 +172,19 @@ void dispatch(Call& c) {
     const auto stream = static_cast<uintptr_t>(c.i64());
     fastpeft::int8_gemm(q, s_qm, row_scale, w, s_wn, w_scale, y, s_ym, M, N, K, dtype, bias, x, s_xm, s_xk, col_flags,
                         cols, n_cols, count, tile, device, stream);
+  } else if (c.function() == "quant_quantize" || c.function() == "quant_dequantize") {
+    const uintptr_t a = c.ptr(), b = c.ptr(), s = c.ptr(), z = c.ptr();
+    const int64_t outer = c.i64(), C = c.i64(), inner = c.i64(), last = c.i64();
+    const int mode = c.i32();
+    const int64_t group_size = c.i64();
+    const int bits = c.i32(), scheme = c.i32(), dtype = c.i32(), device = c.i32();
+    const auto stream = static_cast<uintptr_t>(c.i64());
+    if (c.function() == "quant_quantize") {
+      fastpeft::quant_quantize(a, b, s, z, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device, stream);
+    } else {  // q, scale, zero_point, y
+      fastpeft::quant_dequantize(a, b, s, z, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device,
+                                 stream);
+    }
   } else {
     throw std::runtime_error("emulator: unknown function " + c.function());
   }

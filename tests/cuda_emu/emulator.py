@@ -40,7 +40,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent.parent / "csrc"
-KERNELS = ("lora.cu", "int8.cu")  # the translation units of csrc/ with kernels (they include common.cuh)
+KERNELS = ("lora.cu", "int8.cu", "quant.cu")  # the translation units of csrc/ with kernels (they include common.cuh)
 
 _COMMON = ["-std=c++20", "-pthread", "-fno-strict-aliasing", f"-I{HERE / 'include'}"]
 VARIANTS = {
@@ -227,6 +227,41 @@ class EmulatedExtension:
         args = [ops[0], s_qm, ops[1], ops[2], s_wn, ops[3], ops[4], s_ym, M, N, K, dtype, ops[5], ops[6], s_xm, s_xk,
                 ops[7], ops[8], n_cols, ops[9], tile, device, stream]
         self._call("int8_gemm", ops, args)
+
+    @staticmethod
+    def _quant_sizes(outer, C, inner, last, mode, group_size, bits):
+        """(numel, code bytes, slots) of a quant_* call (0s for bad geometry: the device rejects it)."""
+        outer, C, inner, last = (max(0, _index("size", v)) for v in (outer, C, inner, last))
+        numel = outer * C * inner
+        if last <= 0 or numel % last:
+            return numel, 0, 0
+        nbytes = numel if bits == 8 else numel // last * ((last + 1) // 2)
+        if mode == 1:
+            slots = C
+        elif mode == 2:
+            slots = numel // group_size if group_size >= 1 else 0
+        else:
+            slots = 1
+        return numel, nbytes, slots
+
+    def quant_quantize(self, x, q, scale, zero_point, outer, C, inner, last, mode, group_size, bits, scheme, dtype,
+                       device=0, stream=0):
+        numel, nbytes, slots = self._quant_sizes(outer, C, inner, last, mode, group_size, bits)
+        ops = [_Operand(x, numel, 1, 1, 1, _ELEMENT_BYTES.get(dtype, 1)),
+               _Operand(q, nbytes, 1, 1, 1, 1, output=True, overwritten=True, poison=-128),
+               _Operand(scale, slots, 1, 1, 1, 4, output=True, overwritten=True),
+               _Operand(zero_point, slots, 1, 1, 1, 4, output=True, overwritten=True)]
+        args = [*ops, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device, stream]
+        self._call("quant_quantize", ops, args)
+
+    def quant_dequantize(self, q, scale, zero_point, y, outer, C, inner, last, mode, group_size, bits, scheme, dtype,
+                         device=0, stream=0):
+        numel, nbytes, slots = self._quant_sizes(outer, C, inner, last, mode, group_size, bits)
+        ops = [_Operand(q, nbytes, 1, 1, 1, 1), _Operand(scale, slots, 1, 1, 1, 4),
+               _Operand(zero_point, slots, 1, 1, 1, 4),
+               _Operand(y, numel, 1, 1, 1, _ELEMENT_BYTES.get(dtype, 1), output=True, overwritten=True)]
+        args = [*ops, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device, stream]
+        self._call("quant_dequantize", ops, args)
 
     def _call(self, function: str, ops: list[_Operand], args: list) -> None:
         def token(v) -> str:

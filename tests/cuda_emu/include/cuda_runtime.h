@@ -51,6 +51,21 @@ inline float __uint_as_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); retu
 inline uint32_t __float_as_uint(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline int atomicOr(int* p, int v) { return std::atomic_ref<int>(*p).fetch_or(v); }
+inline unsigned atomicMin(unsigned* p, unsigned v) {
+  std::atomic_ref<unsigned> a(*p);
+  unsigned old = a.load();
+  while (v < old && !a.compare_exchange_weak(old, v)) {}
+  return old;
+}
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+  std::atomic_ref<unsigned> a(*p);
+  unsigned old = a.load();
+  while (v > old && !a.compare_exchange_weak(old, v)) {}
+  return old;
+}
+// IEEE round-to-nearest division and reciprocal (host fp32 arithmetic is IEEE, like these intrinsics)
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
 
 // ---- runtime API: one device (device 0) with the H200's 132 SMs (the split-K heuristic reads it)
 
