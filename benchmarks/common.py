@@ -481,6 +481,8 @@ def _target_text(t: dict | None) -> str:
         parts.append(f">={t['min_speedup_vs_unfused']:.2f}x vs unfused")
     if "min_speedup_vs_peer" in t:
         parts.append(f">={t['min_speedup_vs_peer']:.2f}x vs peer")
+    if "min_sol" in t:
+        parts.append(f">={100 * t['min_sol']:.0f}% of copy bandwidth")
     return ", ".join(parts)
 
 
@@ -542,6 +544,8 @@ def finalize(records: list[dict], ceilings: dict) -> list[dict]:
                 if "min_speedup_vs_peer" in t:
                     verdicts.append(None if r["speedup_vs_peer"] is None
                                     else r["speedup_vs_peer"] >= t["min_speedup_vs_peer"])
+                if "min_sol" in t:
+                    verdicts.append(None if r["sol"] is None else r["sol"] >= t["min_sol"])
                 if verdicts and None not in verdicts:
                     meets = all(verdicts)
             r["meets"] = meets

@@ -34,6 +34,7 @@ import common  # noqa: E402
 BENCHES = {
     "lora": "bench_lora",
     "int8": "bench_int8",
+    "quant": "bench_quant",
 }
 DEFAULT_GPU_BUDGET_S = 180.0
 

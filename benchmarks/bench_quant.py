@@ -1,0 +1,131 @@
+"""quant benchmark: fastpeft.dequantize / quantize (absmax and zero-point, 8 and 4 bits).
+
+GPU: int8 -> bf16 (absmax, one scale per row) and int4 -> bf16 (zero-point, groups of 128)
+on a [16384, 8192] tensor (134 M elements: >= 256 MB moved), and quantizing it back.
+Per case: the torch path (the reference's ops: "unfused") and the kernels ("triton", "cuda"
+where fastpeft._C has them, auto). Bytes = codes + scales/zero points + the 16-bit tensor,
+against the copy bandwidth measured in the same run. Target (issue 4, dequantize only):
+>= 85% of the copy bandwidth. Each output is checked against the torch path (exactly equal).
+
+CPU: checks both ops' triton (interpreted) and torch backends against each other on small
+shapes (bit-exact), every scheme, width and granularity.
+"""
+from __future__ import annotations
+
+import torch
+
+import common
+from common import check_record, measure, timing_record
+
+BENCH = "quant"
+SHAPE = (16384, 8192)
+QUICK_SHAPE = (4096, 8192)
+CASES = (  # (name, bits, scheme, axis, group_size)
+    ("int8 absmax per-row", 8, "absmax", 0, None),
+    ("int4 zeropoint g128", 4, "zeropoint", None, 128),
+)
+CHECK_GRANULARITIES = ((None, None), (0, None), (1, None), (None, 32))
+
+
+def run(ctx: common.Context) -> list[dict]:
+    return run_gpu(ctx) if ctx.cuda else run_cpu(ctx)
+
+
+def _impls(device: torch.device):
+    from fastpeft import _backend
+    out = [("torch", "unfused", None)]
+    for name in ("triton", "cuda"):
+        why = _backend.why_cannot_run(name, device, ("triton", "cuda", "torch"))
+        if name == "cuda" and why is None:
+            from fastpeft.ops import _cext
+            if not hasattr(_cext, "quant_quantize"):
+                why = "fastpeft.ops._cext has no quant kernels"
+        out.append((f"fastpeft[{name}]", "variant", why))
+    out.append(("fastpeft[auto]", "auto", None))
+    return out
+
+
+def _backend_of(impl: str) -> str | None:
+    return None if impl == "fastpeft[auto]" else impl.removeprefix("fastpeft[").removesuffix("]")
+
+
+def run_gpu(ctx: common.Context) -> list[dict]:
+    import fastpeft
+    records: list[dict] = []
+    rows, cols = QUICK_SHAPE if ctx.quick else SHAPE
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, cols, generator=g, device="cuda", dtype=torch.bfloat16)
+    for cname, bits, scheme, axis, group in CASES:
+        if ctx.time_left() <= 0:
+            records.append(check_record(BENCH, "dequantize", cname, "bf16", "run", None, 0.0,
+                                        error="skipped: time budget"))
+            continue
+        shape = {"rows": rows, "cols": cols, "case": cname}
+        ref_q = fastpeft.quantize(x, bits, scheme, axis=axis, group_size=group, backend="torch")
+        ref_y = fastpeft.dequantize(ref_q, backend="torch")
+        qbytes = ref_q.nbytes
+        for op, nbytes in (("dequantize", qbytes + 2 * x.numel()), ("quantize", qbytes + 2 * x.numel())):
+            target = {"min_sol": 0.85} if op == "dequantize" else None
+            for impl, role, why in _impls(x.device):
+                if why:
+                    records.append(timing_record(BENCH, op, "fwd", shape, "bf16", impl, role, bytes_=nbytes,
+                                                 target=target if role != "unfused" else None,
+                                                 error=f"unavailable: {why}"))
+                    continue
+                backend = _backend_of(impl)
+                if op == "dequantize":
+                    fn = lambda b=backend: fastpeft.dequantize(ref_q, backend=b)
+                elif backend in ("triton", "cuda"):  # the kernel alone (quantize() also checks x is finite)
+                    kernel = fastpeft.ops.quant._kernels(backend)[0]
+                    fn = lambda k=kernel: k(x, bits, scheme, axis, group)
+                else:
+                    fn = lambda b=backend: fastpeft.quantize(x, bits, scheme, axis=axis, group_size=group, backend=b)
+                m = measure(fn, ctx)
+                extra = {}
+                try:
+                    out = fn()
+                    if op == "dequantize":
+                        extra["ok"] = bool(torch.equal(out, ref_y))
+                    else:
+                        data = out[0] if isinstance(out, tuple) else out.data
+                        extra["ok"] = bool(torch.equal(data, ref_q.data))
+                    if not extra["ok"]:
+                        extra["note"] = "WRONG: differs from the torch path"
+                except Exception as exc:
+                    extra["note"] = f"check failed: {common.short_error(exc, 120)}"
+                records.append(timing_record(BENCH, op, "fwd", shape, "bf16", impl, role, m, bytes_=nbytes,
+                                             target=target if role != "unfused" else None, **extra))
+            ctx.save_partial(records)
+        ctx.log(f"  quant {cname}: done")
+    return records
+
+
+def run_cpu(ctx: common.Context) -> list[dict]:
+    import fastpeft
+    from fastpeft import _backend
+    records: list[dict] = []
+    if not (_backend.interpreter_active() and _backend.triton_status()[0]):
+        return [check_record(BENCH, "quantize", "triton backend", "-", "all", None, 0.0,
+                             error="not checked: the Triton interpreter is not active")]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=g) * 3
+    n = 0
+    for bits in (8, 4):
+        for scheme in ("absmax", "zeropoint"):
+            for axis, group in CHECK_GRANULARITIES:
+                name = f"{bits}-bit {scheme} axis={axis} group={group}"
+                try:
+                    a = fastpeft.quantize(x, bits, scheme, axis=axis, group_size=group, backend="triton")
+                    b = fastpeft.quantize(x, bits, scheme, axis=axis, group_size=group, backend="torch")
+                    same = all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("data", "scale", "zero_point"))
+                    ya = fastpeft.dequantize(a, backend="triton")
+                    yb = fastpeft.dequantize(b, backend="torch")
+                    err = 0.0 if same and torch.equal(ya, yb) else common.rel_err(ya, yb) or float("inf")
+                    records.append(check_record(BENCH, "quantize", f"triton vs torch: {name}", "fp32",
+                                                "codes+dequantized", err, 0.0))
+                except Exception as exc:
+                    records.append(check_record(BENCH, "quantize", name, "fp32", "all", None, 0.0,
+                                                error=f"failed: {common.short_error(exc)}"))
+                n += 1
+    ctx.log(f"quant: {n} triton-vs-torch checks (bit-exact expected); GPU bandwidth needs CUDA")
+    return records
