@@ -1,10 +1,10 @@
 """The CUDA C++ kernels of csrc/ on the CPU, through an EMULATOR. Not a GPU test.
 
-tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu and csrc/quant.cu unchanged with g++ against stand-in CUDA headers (one OS
-thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding) under
+tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu and csrc/quant.cu unchanged with g++ against stand-in CUDA
+headers (one OS thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding) under
 AddressSanitizer + UBSan, and a subset under ThreadSanitizer. Patched in for fastpeft._C, it runs
 the checks of test_cuda_ext.py on CPU tensors, so CI (no GPU) checks the kernels' indexing,
-bounds, barriers, dropout masks, int8 codes and numerics. What it cannot check (warp execution, the real
+bounds, barriers, dropout masks, int8 and quantization codes and numerics. What it cannot check (warp execution, the real
 wmma fragment layouts and accumulation order, the memory model, performance) is listed in
 tests/cuda_emu/README.md: the GPU tests of test_cuda_ext.py remain the real check.
 """
@@ -253,6 +253,14 @@ def test_dequant_random_codes(emu, out_dtype, bits, scheme, shape, axis, group_s
 ])
 def test_quant_writes_only_its_views(emu, dtype, bits, scheme, shape, axis, group_size):
     checks.check_quant_bounds("cpu", dtype, shape, bits, scheme, axis, group_size)
+
+
+@pytest.mark.parametrize("dtype,bits,scheme,shape,axis,group_size", [(F16, 4, "zeropoint", (9, 33), 0, None),
+                                                                   (F32, 8, "absmax", (7, 40), None, 8)])
+def test_quant_api_cuda_backend(emu, dtype, bits, scheme, shape, axis, group_size):
+    """fastpeft.quantize / dequantize(backend="cuda") on a strided x, through the emulated kernels."""
+    checks.check_quant_api("cpu", dtype, shape, bits, scheme, axis, group_size)
+    assert emu.calls["quant_quantize"] and emu.calls["quant_dequantize"]
 
 
 def test_quant_special_tensors_errors_and_empty(emu):

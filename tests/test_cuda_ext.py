@@ -703,6 +703,18 @@ def check_quant_errors(device):
     assert _cext.quant_dequantize(d0, s0, z0, 8, "zeropoint", None, None, (), torch.float32).item() == -1.5
 
 
+def check_quant_api(device, dtype, shape, bits, scheme, axis=None, group_size=None):
+    """fastpeft.quantize / dequantize with backend="cuda" on a non-contiguous x: equal to the torch backend."""
+    x = quant_x(shape[::-1], dtype, None, None, device=device).transpose(0, -1)  # same values, strided
+    assert not x.is_contiguous()
+    qx = fastpeft.quantize(x, bits, scheme, axis, group_size, backend="cuda")
+    rx = fastpeft.quantize(x.cpu(), bits, scheme, axis, group_size, backend="torch")
+    for name in ("data", "scale", "zero_point"):
+        assert_same(getattr(qx, name), getattr(rx, name), name)
+    for out in (None, torch.float32):
+        assert_same(fastpeft.dequantize(qx, out, backend="cuda"), fastpeft.dequantize(rx, out, backend="torch"), "y")
+
+
 # shapes x granularities: (shape, axis, group_size)
 QUANT_CASES = [
     ((37,), None, None),  # per tensor, odd last dim
@@ -936,3 +948,12 @@ def test_quant_special_tensors(dtype):
 @needs_gpu
 def test_quant_errors_and_empty():
     check_quant_errors("cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,scheme", QUANT_SCHEMES)
+@pytest.mark.parametrize("shape,axis,group_size", [((9, 33), None, None), ((9, 33), 0, None), ((7, 40), None, 8)])
+def test_quant_api_cuda_backend(dtype, bits, scheme, shape, axis, group_size):
+    check_quant_api("cuda", dtype, shape, bits, scheme, axis, group_size)

@@ -180,7 +180,8 @@ void dispatch(Call& c) {
     const int bits = c.i32(), scheme = c.i32(), dtype = c.i32(), device = c.i32();
     const auto stream = static_cast<uintptr_t>(c.i64());
     if (c.function() == "quant_quantize") {
-      fastpeft::quant_quantize(a, b, s, z, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device, stream);
+      fastpeft::quant_quantize(a, b, s, z, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device,
+                               stream);
     } else {  // q, scale, zero_point, y
       fastpeft::quant_dequantize(a, b, s, z, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device,
                                  stream);
