@@ -3,8 +3,10 @@ efficient inference of large language models."""
 from ._backend import BackendUnavailableError, use_backend
 from .nn.int8 import Int8Linear
 from .nn.lora import LoRALinear
+from .nn.qlinear import QuantLinear
 from .ops.int8 import int8_linear, int8_vectorwise_quant
 from .ops.lora import lora_linear
+from .ops.qlinear import quant_linear
 from .ops.quant import QuantizedTensor, dequantize, quantize
 from .model import inject_lora, lora_state_dict, mark_only_lora_as_trainable, quantize_int8
 from .adapter_io import load_adapter, save_adapter
@@ -17,5 +19,5 @@ __all__ = [
     "LoRALinear", "lora_linear",
     "inject_lora", "mark_only_lora_as_trainable", "lora_state_dict", "save_adapter", "load_adapter",
     "Int8Linear", "int8_linear", "int8_vectorwise_quant", "quantize_int8",
-    "QuantizedTensor", "quantize", "dequantize", "to_half",
+    "QuantizedTensor", "quantize", "dequantize", "QuantLinear", "quant_linear", "to_half",
 ]

@@ -8,7 +8,7 @@ target (sm_90 for the H200) with the same specialization the JIT would apply
 
 ``python tests/_aot.py`` prints registers, spills and shared memory per launch (``--tuned``:
 the autotune configs only, ``--fixed``: the FASTPEFT_AUTOTUNE=0 configs only; AOT_FAMILIES=int8,
-=lora or =quant restricts it to one op family);
+=lora, =quant or =qlinear restricts it to one op family);
 ``--warm`` (on a GPU machine) compiles the benchmark's launches in parallel into triton's
 cache before ``make gpu-check`` times them.
 """
@@ -298,7 +298,49 @@ def quant_launches(dtypes=(torch.bfloat16,), shapes=QUANT_SHAPES) -> list[Launch
     return list(unique.values())
 
 
-FAMILIES = ("lora", "int8", "quant")
+# (M, K, N) per fixed-config M range: decode, mid, large
+QLINEAR_SHAPES = ((1, 512, 512), (64, 512, 512), (2048, 512, 512))
+# (bits, scheme, group_size; None = per output row): the G >= BLOCK_K, BLOCK_K > G and PER_ROW paths
+QLINEAR_VARIANTS = ((4, "zeropoint", 128), (8, "absmax", None), (4, "absmax", 32), (8, "zeropoint", 64))
+
+
+def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=QLINEAR_VARIANTS) -> list[Launch]:
+    """Every launch fastpeft.kernels.qlinear's fused dequantize-GEMM makes (fixed configs: it
+    does not autotune) for each dtype, (M, K, N) and (bits, scheme, group size)."""
+    from fastpeft.kernels import qlinear as kq
+
+    def run():
+        for dtype in dtypes:
+            for (M, K, N) in shapes:
+                x = torch.zeros(M, K, dtype=dtype)
+                b = torch.zeros(N, dtype=dtype)
+                for bits, scheme, g in variants:
+                    packed = (K + 1) // 2 if bits == 4 else K
+                    data = torch.zeros(N, packed, dtype=torch.int8 if bits == 8 and scheme == "absmax"
+                                       else torch.uint8)
+                    slots = (N,) if g is None else (N, K // g)
+                    kq.quant_linear(x, data, torch.ones(slots), torch.zeros(slots, dtype=torch.int32),
+                                    bits, scheme, g, b)
+    launches = capture(kq, run)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+def fixed_qlinear_launches(dtypes) -> list[Launch]:
+    """bf16: every shape and variant; fp16 (the same code as bf16) the decode shape, one
+    variant; fp32 (3xTF32, its own tiles) every shape, the grouped variants."""
+    launches = qlinear_launches(dtypes=dtypes[:1])
+    for dtype in dtypes[1:]:
+        if dtype == torch.float32:
+            launches += qlinear_launches(dtypes=(dtype,), variants=QLINEAR_VARIANTS[::2])
+        else:
+            launches += qlinear_launches(dtypes=(dtype,), shapes=QLINEAR_SHAPES[:1], variants=QLINEAR_VARIANTS[:1])
+    return launches
+
+
+FAMILIES = ("lora", "int8", "quant", "qlinear")
 
 
 def _families() -> tuple[str, ...]:
@@ -331,6 +373,8 @@ def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2,
         launches += lora_launches(dtypes=dtypes) if autotuned else fixed_launches(dtypes)
     if "int8" in families:
         launches += int8_launches(dtypes=dtypes) if autotuned else fixed_int8_launches(dtypes)
+    if "qlinear" in families and not autotuned:  # no autotuner: only fixed configs to compile
+        launches += fixed_qlinear_launches(dtypes)
     n_arch_checked = len(launches)
     if "quant" in families and not autotuned:  # no autotuning: the fixed pass compiles its launches
         # elementwise kernels without tensor cores or large shared memory: every shape in the
@@ -387,6 +431,10 @@ def warm(jobs: int) -> int:
                                                                 (2048, 4096, 4096), (2048, 11008, 4096)))
     launches += fixed_int8_launches((torch.bfloat16, torch.float16, torch.float32))
     launches += quant_launches((torch.bfloat16, torch.float16, torch.float32))
+    launches += qlinear_launches((torch.bfloat16, torch.float16, torch.float32),
+                                 shapes=((1, 4096, 11008), (16, 4096, 11008), (2048, 4096, 4096)),
+                                 variants=((4, "zeropoint", 128), (8, "zeropoint", 128), (4, "zeropoint", 32),
+                                           (8, "absmax", None)))
     _POOL_LAUNCHES[:] = launches
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         errors = [e for e in pool.map(_warm_one, range(len(launches))) if e]

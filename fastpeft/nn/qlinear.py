@@ -1,0 +1,100 @@
+"""QuantLinear: weight-only quantized linear layer (W8A16 / W4A16) on fastpeft.quant_linear."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..ops.qlinear import quant_linear
+from ..ops.quant import BITS, QuantizedTensor, dequantize, quantize
+from ..reference.quant import SCHEMES
+
+
+def _check_config(bits, group_size, scheme):
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if group_size is not None:
+        _checks.positive_int("group_size", group_size)
+
+
+class QuantLinear(nn.Module):
+    """y = quant_linear(x, qweight, bias) (see fastpeft.quant_linear): weight-only quantization.
+
+    The [out, in] weight is stored as buffers ``weight_data`` (codes: uint8 [out, ceil(in / 2)]
+    packed two per byte at 4 bits; int8 (absmax) or uint8 (zeropoint) [out, in] at 8 bits),
+    ``weight_scale`` float32 and ``weight_zero_point`` int32, one per group of ``group_size``
+    input features ([out, in / group_size]), or per output row ([out]) when group_size is None:
+    about 1/4 (W4) or 1/2 (W8) of an fp16 weight's bytes plus the scales. ``bias`` [out] (in
+    ``dtype``) is a frozen Parameter. The weight is frozen; gradients flow to the input.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
+                 group_size: int | None = 128, scheme: str = "zeropoint", device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features = _checks.positive_int("in_features", in_features)
+        self.out_features = _checks.positive_int("out_features", out_features)
+        _check_config(bits, group_size, scheme)
+        w = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # a fresh layer is nn.Linear's init, quantized
+        self._set_weight(w, bits, group_size, scheme, dtype or torch.get_default_dtype())
+        if bias:
+            b = torch.empty(out_features, device=device, dtype=dtype)
+            nn.init.uniform_(b, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
+            self.bias = nn.Parameter(b, requires_grad=False)
+        else:
+            self.bias = None
+
+    def _set_weight(self, w, bits, group_size, scheme, dtype):
+        with torch.no_grad():
+            q = quantize(w.detach(), bits, scheme, axis=0 if group_size is None else None, group_size=group_size)
+        self.bits, self.group_size, self.scheme, self.weight_dtype = bits, group_size, scheme, dtype
+        self.register_buffer("weight_data", q.data)
+        self.register_buffer("weight_scale", q.scale)
+        self.register_buffer("weight_zero_point", q.zero_point)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128,
+                    scheme: str = "zeropoint") -> "QuantLinear":
+        """Quantize ``linear``'s weight (group_size must divide in_features; None: per output
+        row); its bias is copied in its dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        _check_config(bits, group_size, scheme)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._set_weight(linear.weight, bits, group_size, scheme, linear.weight.dtype)
+        self.bias = None if linear.bias is None else \
+            nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(torch.bfloat16) casts floating buffers: the scales must stay float32
+        scale = self.weight_scale
+        out = super()._apply(fn, *args, **kwargs)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_data.device, dtype=torch.float32)
+        return out
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor over this module's buffers."""
+        return QuantizedTensor(self.weight_data, self.weight_scale, self.weight_zero_point, self.bits,
+                               self.scheme, 0 if self.group_size is None else None, self.group_size,
+                               torch.Size((self.out_features, self.in_features)), self.weight_dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[out, in] (codes - zero_point) * scale in ``dtype`` (float32 by default)."""
+        return dequantize(self.qweight, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
+                f"scheme={self.scheme}")

@@ -1,0 +1,140 @@
+"""Weight-only quantized linear layer (W8A16 / W4A16): ``quant_linear``.
+
+``y = x @ dequantize(qweight)^T + bias`` in x's dtype, the weight a QuantizedTensor
+(fastpeft/ops/quant.py, semantics fastpeft/reference/quant.py) of shape [out, in].
+
+Backends: ``triton`` (kernels/qlinear.py: a fused dequantize-GEMM, the 16-bit weight is never
+materialized) and ``torch`` (the reference composition: dequantize, then F.linear). The weight
+is frozen; gradients flow to x and bias. Backward: dx = dy @ W_deq with W_deq materialized
+in dy's dtype by fastpeft.dequantize (the backend's dequantize kernel under triton) and a
+dense matmul; no fused backward kernel yet.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend, _checks
+from .quant import QuantizedTensor, dequantize
+
+OP = "quant_linear"
+SUPPORTED = ("triton", "torch")
+PREFERRED_CUDA = ("triton", "torch")
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _torch_linear(x2: torch.Tensor, qw: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The reference composition: dequantize to x's dtype, then F.linear."""
+    return F.linear(x2, dequantize(qw, x2.dtype, backend="torch"), bias)
+
+
+def _kernel_linear(x2: torch.Tensor, qw: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from ..kernels import qlinear as k
+    data = qw.data if qw.data.stride(-1) == 1 else qw.data.contiguous()
+    return k.quant_linear(x2, data, qw.scale, qw.zero_point, qw.bits, qw.scheme, qw.group_size, bias)
+
+
+class QuantLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, bias, qw, backend):
+        with _on_device(x2):
+            y = _torch_linear(x2, qw, bias) if backend == "torch" else _kernel_linear(x2, qw, bias)
+        ctx.qw = qw  # frozen codes: nothing here is differentiated
+        ctx.backend = backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        need_x, need_b = ctx.needs_input_grad[:2]
+        dx = db = None
+        if need_x:
+            with _on_device(dy):
+                # W_deq [out, in] in dy's dtype, materialized for the backward only
+                w = dequantize(ctx.qw, dy.dtype, backend=ctx.backend)
+                dx = dy @ w
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, db, None, None
+
+
+def _validate(x, qweight, bias):
+    _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    if not isinstance(qweight, QuantizedTensor):
+        raise TypeError(f"qweight must be a fastpeft.QuantizedTensor (fastpeft.quantize(weight, ...)), "
+                        f"got {type(qweight).__name__}")
+    if len(qweight.shape) != 2:
+        raise ValueError(f"qweight must be a quantized 2-D [out, in] weight, got shape {tuple(qweight.shape)}")
+    N, K = qweight.shape
+    if qweight.bits not in (4, 8):
+        raise ValueError(f"qweight.bits must be 4 or 8, got {qweight.bits!r}")
+    if qweight.scheme not in ("absmax", "zeropoint"):
+        raise ValueError(f"qweight.scheme must be 'absmax' or 'zeropoint', got {qweight.scheme!r}")
+    if qweight.axis is not None and qweight.axis != 0:
+        raise ValueError(f"quant_linear supports per-output-row (axis=0), per-group (group_size along "
+                         f"in) or per-tensor scales; got axis={qweight.axis} (one scale per input feature)")
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but qweight "
+                         f"{tuple(qweight.shape)} expects {K}")
+    packed = (K + 1) // 2 if qweight.bits == 4 else K
+    if tuple(qweight.data.shape) != (N, packed):
+        raise ValueError(f"qweight.data shape {tuple(qweight.data.shape)} does not match a "
+                         f"{qweight.bits}-bit [{N}, {K}] weight (expected {(N, packed)})")
+    if qweight.group_size is not None:
+        slots = (N, K // qweight.group_size)
+    elif qweight.axis == 0:
+        slots = (N,)
+    else:
+        slots = ()
+    for name in ("scale", "zero_point"):
+        t = getattr(qweight, name)
+        if tuple(t.shape) != slots:
+            raise ValueError(f"qweight.{name} shape {tuple(t.shape)} does not match its granularity "
+                             f"(expected {slots})")
+    _checks.tensor("qweight.scale", qweight.scale, dtypes=(torch.float32,))
+    _checks.tensor("qweight.zero_point", qweight.zero_point, dtypes=(torch.int32,))
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias shape {tuple(bias.shape)} does not match {N} output features")
+        _checks.same_dtype(x=x, bias=bias)
+    return _checks.same_device(x=x, qweight_data=qweight.data, qweight_scale=qweight.scale,
+                               qweight_zero_point=qweight.zero_point, bias=bias)
+
+
+def quant_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None, *,
+                 backend: str | None = None) -> torch.Tensor:
+    """Weight-only quantized linear: y = x @ dequantize(qweight)^T + bias, in x's dtype.
+
+    x: [..., in] fp32/fp16/bf16 (any leading dims and strides). qweight: the [out, in] weight
+    quantized by ``fastpeft.quantize`` with bits 8 or 4, scheme "zeropoint" or "absmax", and
+    one scale per group of ``group_size`` input features, per output row (axis=0) or per
+    tensor. bias: [out] in x's dtype, or None. Gradients for x (dx = dy @ W_deq) and bias; the
+    weight is frozen. The triton kernel needs a power-of-two group size (16 to 1024); other
+    group sizes run the torch composition unless the triton backend is forced (then an error).
+    """
+    device = _validate(x, qweight, bias)
+    name = _backend.select(OP, device, PREFERRED_CUDA, SUPPORTED, explicit=backend)
+    if name == "triton":
+        from ..kernels import qlinear as k
+        if not k.supports(qweight.group_size):
+            if _backend.forced_backend(backend) == "triton":
+                raise ValueError(f"quant_linear: the triton kernel needs group_size a power of two in "
+                                 f"[16, 1024], got {qweight.group_size}; use backend='torch'")
+            name = "torch"
+    N = qweight.shape[0]
+    x2 = _rows(x)
+    if x2.shape[0] == 0 or N == 0 or x2.shape[1] == 0:
+        return _torch_linear(x2, qweight, bias).reshape(*x.shape[:-1], N)
+    y = QuantLinearFunction.apply(x2, bias, qweight, name)
+    return y.reshape(*x.shape[:-1], N)
