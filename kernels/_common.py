@@ -8,6 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # older triton layouts
+    from triton.language.extra.cuda import libdevice
+
+_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half-to-even in fp32
+
 
 def interpreted() -> bool:
     """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
@@ -40,6 +47,17 @@ def tuning_bench(kernel_call, quantiles=None, **kwargs):
     """The autotuners' timer: shorter than triton's default (25 ms warmup + 100 ms a config);
     tuning runs once per shape."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+@triton.jit
+def rint(v, USE_LIBDEVICE: tl.constexpr):
+    """Half-to-even rounding of fp32 |v| < 2**22. On the GPU: cvt.rni (libdevice rint), a separate
+    instruction, so the product before it cannot be contracted into an fma with the rounding.
+    The interpreter has no libdevice: (v + 1.5 * 2**23) - 1.5 * 2**23 rounds the same in numpy."""
+    if USE_LIBDEVICE:
+        return libdevice.rint(v)
+    else:
+        return (v + _RINT_MAGIC) - _RINT_MAGIC
 
 
 @triton.jit

@@ -38,33 +38,19 @@ from ._common import dot as _dot
 from ._common import grouped_pid as _grouped_pid
 from ._common import interpreted as _interpreted
 from ._common import precision as _precision
+from ._common import rint as _rint
 from ._common import tuning_bench as _tuning_bench
 from ._common import upcast as _upcast
 
-try:
-    from triton.language.extra import libdevice
-except ImportError:  # older triton layouts
-    from triton.language.extra.cuda import libdevice
+
 
 
 INT8_MAX = 127.0
 _QMAX = tl.constexpr(127.0)
-_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half-to-even in fp32
 
 
 # ---------------------------------------------------------------------------------------------
 # device helpers
-
-
-@triton.jit
-def _rint(v, USE_LIBDEVICE: tl.constexpr):
-    # Half-to-even rounding of fp32 |v| <= 127. On the GPU: cvt.rni (libdevice rint), a separate
-    # instruction, so the product before it cannot be contracted into an fma with the rounding.
-    # The interpreter has no libdevice: (v + 1.5 * 2**23) - 1.5 * 2**23 rounds the same in numpy.
-    if USE_LIBDEVICE:
-        return libdevice.rint(v)
-    else:
-        return (v + _RINT_MAGIC) - _RINT_MAGIC
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,13 +42,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreted as _interpreted
-
-try:
-    from triton.language.extra import libdevice
-except ImportError:  # older triton layouts
-    from triton.language.extra.cuda import libdevice
-
-_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half-to-even
+from ._common import rint as _rint
 
 # slot modes of the elementwise kernels
 _TENSOR, _DIV, _MOD, _DIVMOD = 0, 1, 2, 3
@@ -56,14 +50,6 @@ _TENSOR, _DIV, _MOD, _DIVMOD = 0, 1, 2, 3
 
 # ---------------------------------------------------------------------------------------------
 # device helpers
-
-
-@triton.jit
-def _rint(v, USE_LIBDEVICE: tl.constexpr):
-    if USE_LIBDEVICE:
-        return libdevice.rint(v)
-    else:
-        return (v + _RINT_MAGIC) - _RINT_MAGIC
 
 
 @triton.jit

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from .. import _checks
+from ._fp32 import Float32Buffers
 from ..ops.int8 import _check_threshold, int8_linear, quantize_weight
 from ..reference.int8 import dequantize_weight
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(Float32Buffers):
     """y = int8_linear(x, weight_int8, weight_scale, bias, threshold) (see fastpeft.int8_linear).
 
     Buffers ``weight_int8`` [out, in] int8 and ``weight_scale`` [out] float32 (row absmax):
@@ -20,6 +21,8 @@ class Int8Linear(nn.Module):
     of it (``LoRALinear.from_linear(int8_layer)``). Loading a state_dict that holds a
     16-bit ``weight`` (an nn.Linear's) quantizes it.
     """
+
+    _float32_buffers = ("weight_scale",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
                  device=None, dtype=None) -> None:
@@ -54,14 +57,6 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else \
             nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return self
-
-    def _apply(self, fn, *args, **kwargs):
-        # model.to(torch.bfloat16) casts floating buffers: the scales must stay float32
-        scale = self.weight_scale
-        out = super()._apply(fn, *args, **kwargs)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_int8.device, dtype=torch.float32)
-        return out
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out, in]: weight_int8 * weight_scale / 127."""

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import _checks
+from ._fp32 import Float32Buffers
 from ..ops.qlinear import quant_linear
 from ..ops.quant import BITS, QuantizedTensor, dequantize, quantize
 from ..reference.quant import SCHEMES
@@ -21,7 +22,7 @@ def _check_config(bits, group_size, scheme):
         _checks.positive_int("group_size", group_size)
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(Float32Buffers):
     """y = quant_linear(x, qweight, bias) (see fastpeft.quant_linear): weight-only quantization.
 
     The [out, in] weight is stored as buffers ``weight_data`` (codes: uint8 [out, ceil(in / 2)]
@@ -31,6 +32,8 @@ class QuantLinear(nn.Module):
     about 1/4 (W4) or 1/2 (W8) of an fp16 weight's bytes plus the scales. ``bias`` [out] (in
     ``dtype``) is a frozen Parameter. The weight is frozen; gradients flow to the input.
     """
+
+    _float32_buffers = ("weight_scale",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  group_size: int | None = 128, scheme: str = "zeropoint", device=None, dtype=None) -> None:
@@ -71,14 +74,6 @@ class QuantLinear(nn.Module):
         self.bias = None if linear.bias is None else \
             nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return self
-
-    def _apply(self, fn, *args, **kwargs):
-        # model.to(torch.bfloat16) casts floating buffers: the scales must stay float32
-        scale = self.weight_scale
-        out = super()._apply(fn, *args, **kwargs)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_data.device, dtype=torch.float32)
-        return out
 
     @property
     def qweight(self) -> QuantizedTensor:
