@@ -7,6 +7,10 @@ where fastpeft._C has them, auto). Bytes = codes + scales/zero points + the 16-b
 against the copy bandwidth measured in the same run. Target (issue 4, dequantize only):
 >= 85% of the copy bandwidth. Each output is checked against the torch path (exactly equal).
 
+Also quant_linear (W4A16 zero-point g128, W8A16 absmax per row; 4096 -> 11008, M in {1, 16,
+2048}) against bf16 F.linear with the original weight; targets (issue 4): M = 1 >= 2.5x (W4)
+/ >= 1.6x (W8) faster, M >= 2048 within 1.15x.
+
 CPU: checks both ops' triton (interpreted) and torch backends against each other on small
 shapes (bit-exact), every scheme, width and granularity.
 """
@@ -28,7 +32,7 @@ CHECK_GRANULARITIES = ((None, None), (0, None), (1, None), (None, 32))
 
 
 def run(ctx: common.Context) -> list[dict]:
-    return run_gpu(ctx) if ctx.cuda else run_cpu(ctx)
+    return run_gpu(ctx) + run_qlinear_gpu(ctx) if ctx.cuda else run_cpu(ctx)
 
 
 def _impls(device: torch.device):
@@ -97,6 +101,63 @@ def run_gpu(ctx: common.Context) -> list[dict]:
                                              target=target if role != "unfused" else None, **extra))
             ctx.save_partial(records)
         ctx.log(f"  quant {cname}: done")
+    return records
+
+
+QLINEAR_M = (1, 16, 2048)
+QLINEAR_KN = ((4096, 11008),)
+QLINEAR_CASES = (("W4A16 zeropoint g128", 4, "zeropoint", 128), ("W8A16 absmax per-row", 8, "absmax", None))
+
+
+def qlinear_target(M: int, bits: int) -> dict | None:
+    """Issue 4's targets for the weight-only quantized linear layer."""
+    if M == 1:
+        return {"max_ratio_vs_base": 1 / (2.5 if bits == 4 else 1.6)}
+    if M >= 2048:
+        return {"max_ratio_vs_base": 1.15}
+    return None
+
+
+def run_qlinear_gpu(ctx: common.Context) -> list[dict]:
+    """quant_linear (fused dequantize-GEMM) against bf16 F.linear with the original weight."""
+    import torch.nn.functional as F
+
+    import fastpeft
+    records: list[dict] = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for K, N in QLINEAR_KN:
+        W = torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        for cname, bits, scheme, group in QLINEAR_CASES:
+            qw = fastpeft.quantize(W, bits, scheme, axis=None if group else 0, group_size=group)
+            for M in QLINEAR_M:
+                if ctx.time_left() <= 0:
+                    break
+                x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
+                shape = {"M": M, "K": K, "N": N, "case": cname}
+                flops = 2 * M * N * K
+                base_bytes = 2 * (N * K + M * K + M * N)
+                ours_bytes = qw.nbytes + 2 * (M * K + M * N)
+                y_ref = F.linear(x.float(), fastpeft.dequantize(qw, torch.float32))
+                graph = M <= 16
+                impls = [("base", "base", lambda: F.linear(x, W), base_bytes),
+                         ("torch", "unfused", lambda: fastpeft.quant_linear(x, qw, backend="torch"), ours_bytes),
+                         ("fastpeft[triton]", "variant",
+                          lambda: fastpeft.quant_linear(x, qw, backend="triton"), ours_bytes),
+                         ("fastpeft[auto]", "auto", lambda: fastpeft.quant_linear(x, qw), ours_bytes)]
+                for impl, role, fn, nbytes in impls:
+                    m = measure(fn, ctx, graph=graph, eager_too=graph)
+                    extra = {}
+                    if role != "base" and m.error is None:
+                        extra["rel_err"] = common.rel_err(fn(), y_ref)
+                        extra["ok"] = extra["rel_err"] <= common.TOL["bf16"]
+                        if not extra["ok"]:
+                            extra["note"] = f"WRONG: rel err {extra['rel_err']:.2e}"
+                    records.append(timing_record(BENCH, "quant_linear", "fwd", shape, "bf16", impl, role, m,
+                                                 flops=flops, bytes_=nbytes,
+                                                 target=qlinear_target(M, bits) if role in ("variant", "auto")
+                                                 else None, **extra))
+                ctx.save_partial(records)
+            ctx.log(f"  quant_linear {cname} {K}->{N}: done")
     return records
 
 
