@@ -11,6 +11,7 @@ from .ops.quant import QuantizedTensor, dequantize, quantize
 from .model import inject_lora, lora_state_dict, mark_only_lora_as_trainable, quantize_int8
 from .adapter_io import load_adapter, save_adapter
 from .precision import to_half
+from .quantization import quantize_model
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,5 @@ __all__ = [
     "LoRALinear", "lora_linear",
     "inject_lora", "mark_only_lora_as_trainable", "lora_state_dict", "save_adapter", "load_adapter",
     "Int8Linear", "int8_linear", "int8_vectorwise_quant", "quantize_int8",
-    "QuantizedTensor", "quantize", "dequantize", "QuantLinear", "quant_linear", "to_half",
+    "QuantizedTensor", "quantize", "dequantize", "QuantLinear", "quant_linear", "to_half", "quantize_model",
 ]

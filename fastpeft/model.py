@@ -171,6 +171,13 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     return {k: v for k, v in model.state_dict().items() if k in wanted}
 
 
+def plain_linear_names(model: nn.Module, skip: Sequence[str] | str = ()) -> list[str]:
+    """Qualified names of the nn.Linear modules (exact type: subclasses such as
+    MultiheadAttention's out_proj are read through .weight) not matched by ``skip``."""
+    skip = [skip] if isinstance(skip, str) else list(skip)
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and n and not name_matches(n, skip)]
+
+
 def quantize_int8(model: nn.Module, threshold: float = 6.0, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear of ``model`` in place by ``Int8Linear.from_linear(linear, threshold)``.
 
@@ -180,12 +187,8 @@ def quantize_int8(model: nn.Module, threshold: float = 6.0, skip: Sequence[str] 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_int8 expects an nn.Module, got {type(model).__name__}")
-    if isinstance(skip, str):
-        skip = (skip,)
-    # exact type: subclasses such as MultiheadAttention's out_proj are read through .weight
-    names = [n for n, m in model.named_modules()
-             if type(m) is nn.Linear and n and not name_matches(n, list(skip))]
-    new = {n: Int8Linear.from_linear(model.get_submodule(n), threshold=threshold) for n in names}
+    new = {n: Int8Linear.from_linear(model.get_submodule(n), threshold=threshold)
+           for n in plain_linear_names(model, skip)}
     for name, module in new.items():
         _replace(model, name, module)
     return model
