@@ -1,9 +1,11 @@
 """fastpeft: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning and
 efficient inference of large language models."""
 from ._backend import BackendUnavailableError, use_backend
+from .nn.fakequant import FakeQuantize
 from .nn.int8 import Int8Linear
 from .nn.lora import LoRALinear
 from .nn.qlinear import QuantLinear
+from .ops.fakequant import fake_quantize
 from .ops.int8 import int8_linear, int8_vectorwise_quant
 from .ops.lora import lora_linear
 from .ops.qlinear import quant_linear
@@ -21,4 +23,5 @@ __all__ = [
     "inject_lora", "mark_only_lora_as_trainable", "lora_state_dict", "save_adapter", "load_adapter",
     "Int8Linear", "int8_linear", "int8_vectorwise_quant", "quantize_int8",
     "QuantizedTensor", "quantize", "dequantize", "QuantLinear", "quant_linear", "to_half", "quantize_model",
+    "FakeQuantize", "fake_quantize",
 ]

@@ -7,7 +7,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import _checks
 
 
 def _cast(obj, dtype: torch.dtype):

@@ -8,7 +8,7 @@ target (sm_90 for the H200) with the same specialization the JIT would apply
 
 ``python tests/_aot.py`` prints registers, spills and shared memory per launch (``--tuned``:
 the autotune configs only, ``--fixed``: the FASTPEFT_AUTOTUNE=0 configs only; AOT_FAMILIES=int8,
-=lora, =quant or =qlinear restricts it to one op family);
+=lora, =quant, =qlinear or =fakequant restricts it to one op family);
 ``--warm`` (on a GPU machine) compiles the benchmark's launches in parallel into triton's
 cache before ``make gpu-check`` times them.
 """
@@ -340,7 +340,36 @@ def fixed_qlinear_launches(dtypes) -> list[Launch]:
     return launches
 
 
-FAMILIES = ("lora", "int8", "quant", "qlinear")
+FAKEQUANT_SHAPES = ((4096, 4096), (300, 99), (8, 16, 72))  # aligned, unaligned, 3-D
+
+
+def fakequant_launches(dtypes=(torch.bfloat16,), shapes=FAKEQUANT_SHAPES) -> list[Launch]:
+    """Every launch fastpeft.kernels.fakequant's forward and backward make: bits {8, 4} x schemes x
+    (tensor, axis 0, last axis, middle axis of 3-D)."""
+    from fastpeft.kernels import fakequant as kfq
+    from fastpeft.reference.quant import qrange
+
+    def run():
+        for dtype in dtypes:
+            for shape in shapes:
+                x = torch.zeros(shape, dtype=dtype)
+                axes = [None, 0, len(shape) - 1] + ([1] if len(shape) == 3 else [])
+                for bits in (8, 4):
+                    for scheme in ("absmax", "zeropoint"):
+                        for axis in axes:
+                            slots = 1 if axis is None else shape[axis]
+                            s = torch.ones(slots)
+                            z = torch.zeros(slots)
+                            kfq.fake_quantize_fwd(x, s, s, z, qrange(bits, scheme), axis)
+                            kfq.fake_quantize_bwd(x, x, s, s, z, qrange(bits, scheme), axis)
+    launches = capture(kfq, run)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+FAMILIES = ("lora", "int8", "quant", "qlinear", "fakequant")
 
 
 def _families() -> tuple[str, ...]:
@@ -381,6 +410,9 @@ def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2,
         # first dtype, one shape in the others, for the newest target only (keeps CI short)
         launches += quant_launches(dtypes=dtypes[:1])
         launches += quant_launches(dtypes=dtypes[1:], shapes=QUANT_SHAPES[:1]) if dtypes[1:] else []
+    if "fakequant" in families and not autotuned:  # elementwise, fixed configs: like quant
+        launches += fakequant_launches(dtypes=dtypes[:1])
+        launches += fakequant_launches(dtypes=dtypes[1:], shapes=FAKEQUANT_SHAPES[:1]) if dtypes[1:] else []
     _POOL_LAUNCHES[:] = launches
     jobs_list = [(i, a) for i in range(len(launches)) for a in (archs if i < n_arch_checked else archs[-1:])]
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
@@ -431,6 +463,7 @@ def warm(jobs: int) -> int:
                                                                 (2048, 4096, 4096), (2048, 11008, 4096)))
     launches += fixed_int8_launches((torch.bfloat16, torch.float16, torch.float32))
     launches += quant_launches((torch.bfloat16, torch.float16, torch.float32))
+    launches += fakequant_launches((torch.bfloat16, torch.float16, torch.float32))
     launches += qlinear_launches((torch.bfloat16, torch.float16, torch.float32),
                                  shapes=((1, 4096, 11008), (16, 4096, 11008), (2048, 4096, 4096)),
                                  variants=((4, "zeropoint", 128), (8, "zeropoint", 128), (4, "zeropoint", 32),

@@ -1,6 +1,8 @@
 """Drop-in modules built on fastpeft.ops."""
+from .fakequant import FakeQuantize
 from .int8 import Int8Linear
 from .lora import LoRALinear
 from .qlinear import QuantLinear
 
 __all__ = ["Int8Linear", "LoRALinear", "QuantLinear"]
+__all__ += ["FakeQuantize"]
