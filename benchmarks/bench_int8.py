@@ -489,20 +489,13 @@ def _check_case(case, threshold, dtype, backend, gen) -> list[tuple[str, object,
     dx64 = (dy.double().reshape(-1, N) @ ref.dequantize_weight(w, ws).double()).reshape(*lead, K)
     q_ref, s_ref, c_ref = ref.int8_vectorwise_quant(x.reshape(-1, K), threshold)
     # fastpeft; a non-contiguous x is every other column of a wider leaf
-    if noncontig:
-        wide = torch.zeros(*lead, 2 * K, dtype=dtype)
-        wide[..., ::2] = x
-        x_leaf = wide.requires_grad_(True)
-        x_in = x_leaf[..., ::2]
-        assert not x_in.is_contiguous()
-    else:
-        x_leaf = x_in = x.clone().requires_grad_(True)
+    x_leaf, x_in = common.input_leaf(x, noncontig)
     b_leaf = b.clone().requires_grad_(True) if has_bias else None
     with torch.no_grad():
         q, s, c = fastpeft.int8_vectorwise_quant(x_in, threshold, backend=backend)
     y = fastpeft.int8_linear(x_in, w, ws, b_leaf, threshold, backend=backend)
     y.backward(dy)
-    dx = x_leaf.grad[..., ::2] if noncontig else x_leaf.grad
+    dx = common.input_grad(x_leaf, noncontig)
     same_cols = (c is None and c_ref is None) or (
         c is not None and c_ref is not None and torch.equal(c.cpu().long(), c_ref.cpu().long()))
     out = [("q (codes, up to ties)", q.reshape(-1, K).float(), q_ref.float(), 1e-2),

@@ -411,20 +411,13 @@ def _check_case(case, dtype, backend, fuse, gen):
     y64 = ref.lora_linear(ref_leaves[0], W.double(), b64, ref_leaves[1], ref_leaves[2], s, p, seed)
     y64.backward(dy.double())
     # fastpeft; a non-contiguous x is every other column of a wider leaf
-    if noncontig:
-        wide = torch.zeros(*lead, 2 * K, dtype=dtype)
-        wide[..., ::2] = x
-        x_leaf = wide.requires_grad_(True)
-        x_in = x_leaf[..., ::2]
-        assert not x_in.is_contiguous()
-    else:
-        x_leaf = x_in = x.clone().requires_grad_(True)
+    x_leaf, x_in = common.input_leaf(x, noncontig)
     A_leaf, B_leaf = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
     b_leaf = b.clone().requires_grad_(True) if has_bias else None
     y = fastpeft.lora_linear(x_in, W, b_leaf, A_leaf, B_leaf, s, dropout_p=p, training=p > 0, seed=seed,
                              backend=backend, fuse_shrink=fuse)
     y.backward(dy)
-    dx = x_leaf.grad[..., ::2] if noncontig else x_leaf.grad
+    dx = common.input_grad(x_leaf, noncontig)
     out = [("y", y, y64), ("dx", dx, ref_leaves[0].grad), ("dA", A_leaf.grad, ref_leaves[1].grad),
            ("dB", B_leaf.grad, ref_leaves[2].grad)]
     if has_bias:

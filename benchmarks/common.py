@@ -452,6 +452,23 @@ def check_record(bench: str, op: str, name: str, dtype: str, quantity: str, rel_
     return rec
 
 
+def input_leaf(x: torch.Tensor, noncontig: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(leaf requiring grad, the input to pass): a non-contiguous input is every other
+    column of a wider leaf."""
+    if not noncontig:
+        leaf = x.clone().requires_grad_(True)
+        return leaf, leaf
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    leaf = wide.requires_grad_(True)
+    return leaf, leaf[..., ::2]
+
+
+def input_grad(leaf: torch.Tensor, noncontig: bool) -> torch.Tensor:
+    """The gradient of the input made by ``input_leaf``."""
+    return leaf.grad[..., ::2] if noncontig else leaf.grad
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN or inf anywhere (or no tensor) gives inf."""
     if out is None or ref is None:
