@@ -43,6 +43,23 @@ from ._common import upcast as _upcast
 
 
 @triton.jit
+def _unpack(p, BITS: tl.constexpr, SIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """int32 codes [ROWS, COLS] of a loaded tile of code bytes: [ROWS, COLS / 2] packed nibbles
+    (4-bit: low nibble = even column; absmax nibbles sign-extended with ``(v ^ 8) - 8``) or
+    [ROWS, COLS] bytes (8-bit)."""
+    p = p.to(tl.int32)
+    if BITS == 4:
+        lo = p & 15
+        hi = (p >> 4) & 15
+        if SIGNED:  # two's complement nibbles
+            lo = (lo ^ 8) - 8
+            hi = (hi ^ 8) - 8
+        return tl.reshape(tl.join(lo, hi), (ROWS, COLS))  # element 2j low, 2j+1 high
+    else:
+        return p
+
+
+@triton.jit
 def _qlinear_kernel(
     X, DATA, SCALE, ZP, BIAS, Y,
     M, N, K, KP, NUM_GROUPS,
@@ -70,16 +87,8 @@ def _qlinear_kernel(
         mask_k = (k0 + offs_k) < K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         mask_p = (k0 * BITS // 8 + offs_p) < KP
-        p = tl.load(d_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0).to(tl.int32)
-        if BITS == 4:
-            lo = p & 15
-            hi = (p >> 4) & 15
-            if SIGNED:  # two's complement nibbles
-                lo = (lo ^ 8) - 8
-                hi = (hi ^ 8) - 8
-            q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # element 2j low, 2j+1 high
-        else:
-            q = p
+        p = tl.load(d_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0)
+        q = _unpack(p, BITS, SIGNED, BLOCK_N, BLOCK_K)
         if PER_ROW:  # integer tile; the scale is applied in the epilogue
             if HAS_ZP:
                 q = q - tl.load(z_rows, mask=mask_n, other=0)[:, None]
