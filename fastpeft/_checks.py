@@ -70,3 +70,31 @@ def probability(name: str, v: object) -> float:
     if not 0.0 <= v < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {v}")
     return v
+
+
+def step_tensor(name: str, v: object) -> torch.Tensor:
+    """A quantization step given as a number or a one-element tensor: finite and > 0; returned
+    as a 0-d float32 tensor (on the tensor's device). Read on the host: for module set-up only."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must hold one value, got shape {tuple(v.shape)}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
+        t = v.detach().reshape(()).to(torch.float32).clone()
+    else:
+        t = torch.tensor(finite_float(name, v), dtype=torch.float32)
+    val = float(t)
+    if not math.isfinite(val) or val <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {val}")
+    return t
+
+
+def input_step(input_scale: object, device: torch.device) -> None:
+    """A static activation step passed to an op: a float32 tensor of one element on ``device``
+    (its value is not read: no host sync on the hot path)."""
+    tensor("input_scale", input_scale, dtypes=(torch.float32,))
+    if input_scale.numel() != 1:
+        raise ValueError(f"input_scale must hold one value (a per-tensor step), got shape "
+                         f"{tuple(input_scale.shape)}")
+    if input_scale.device != device:
+        raise ValueError(f"input_scale is on {input_scale.device} but x is on {device}")

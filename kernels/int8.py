@@ -141,8 +141,8 @@ def _outlier_columns_kernel(FLAGS, COLS, COUNT, K, BLOCK: tl.constexpr):
 @triton.jit
 def _int8_gemm_kernel(
     Q, RS, W, WS, BIAS, X, FLAGS, COLS, COUNT, Y,
-    M, N, K, M_BUCKET,
-    s_qm, s_qk, s_wn, s_wk, s_xm, s_xk, s_ym, s_yn,
+    M, N, K, M_BUCKET, RS_MUL,
+    s_qm, s_qk, s_rs, s_wn, s_wk, s_xm, s_xk, s_ym, s_yn,
     HAS_BIAS: tl.constexpr, HAS_FLAGS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -168,10 +168,10 @@ def _int8_gemm_kernel(
         q_ptrs += BLOCK_K * s_qk
         w_ptrs += BLOCK_K * s_wk
 
-    # One fp32 accumulator in units of w_scale[n] / 127: the int32 part times row_scale[m] / 127,
+    # One fp32 accumulator in units of w_scale[n] / 127: the int32 part times row_scale[m] * RS_MUL,
     # then the outlier columns on top, so no second [BLOCK_M, BLOCK_N] tile is live next to it.
-    rs = tl.load(RS + offs_m, mask=mask_m, other=0.0)
-    y = acc.to(tl.float32) * (rs * (1.0 / _QMAX))[:, None]
+    rs = tl.load(RS + offs_m * s_rs, mask=mask_m, other=0.0)
+    y = acc.to(tl.float32) * (rs * RS_MUL)[:, None]
     if HAS_OUTLIERS:
         dt = X.dtype.element_ty
         offs_j = tl.arange(0, 16)
@@ -408,14 +408,15 @@ def outlier_columns(col_flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def int8_gemm(q: torch.Tensor, row_scale: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype, *, x: torch.Tensor | None = None,
               col_flags: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-              count: torch.Tensor | None = None) -> torch.Tensor:
+              count: torch.Tensor | None = None, row_scale_mul: float = 1.0 / 127) -> torch.Tensor:
     """y [M, N] in out_dtype: the int8 linear layer with its dequantizing epilogue fused.
 
-        y[m, n] = (sum_k q'[m, k] w_int8[n, k]) * row_scale[m] * w_scale[n] / 127^2
+        y[m, n] = (sum_k q'[m, k] w_int8[n, k]) * row_scale[m] * row_scale_mul * w_scale[n] / 127
                 + (sum_{j < count} x[m, cols[j]] w_int8[n, cols[j]]) * w_scale[n] / 127
                 + bias[n]
 
-    q [M, K] int8, row_scale [M] float32, w_int8 [N, K] int8, w_scale [N] float32, bias [N]
+    q [M, K] int8, row_scale [M] float32 (or one element, shared by every row: a static
+    per-tensor activation step, with row_scale_mul = 1), w_int8 [N, K] int8, w_scale [N] float32, bias [N]
     (any float dtype) or None. q' = q with the columns where col_flags != 0 masked to 0 (q
     itself when col_flags is None). The outlier term needs x [M, K] (fp16/bf16/fp32, the
     16-bit path runs in x's dtype with fp32 accumulation), cols (int32 or int64) and count
@@ -433,8 +434,8 @@ def int8_gemm(q: torch.Tensor, row_scale: torch.Tensor, w_int8: torch.Tensor, w_
     args = (q, row_scale, w_int8, w_scale, bias if bias is not None else row_scale, xa,
             col_flags if col_flags is not None else q, cols if has_outliers else q,
             count if has_outliers else q, y,
-            M, N, K, _m_bucket(M),
-            q.stride(0), q.stride(1), w_int8.stride(0), w_int8.stride(1),
+            M, N, K, _m_bucket(M), float(row_scale_mul),
+            q.stride(0), q.stride(1), row_scale.stride(0) if row_scale.numel() > 1 else 0, w_int8.stride(0), w_int8.stride(1),
             xa.stride(0) if has_outliers else 0, xa.stride(1) if has_outliers else 0, y.stride(0), y.stride(1))
     xdt = x.dtype if has_outliers else torch.float16
     flags = dict(HAS_BIAS=bias is not None, HAS_FLAGS=col_flags is not None, HAS_OUTLIERS=has_outliers,

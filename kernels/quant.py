@@ -495,6 +495,26 @@ def quantize(x: torch.Tensor, bits: int, scheme: str, axis: int | None, group_si
     return data, scale, zp
 
 
+def codes_with_scale(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """int8 codes [x.shape] of contiguous x with a GIVEN per-tensor absmax step (8 bits): the
+    reference's ``quantize_codes(x, scale, 0, 8, "absmax")`` with inv = 1 / scale (float32, one
+    element, read on the device: no host sync), i.e. clamp(rint(x * inv), -127, 127), NaN -> 0.
+    Static activation quantization (fastpeft.quant_linear / int8_linear with an input_scale)."""
+    q = _new_output(tuple(x.shape), x, torch.int8)
+    N = x.numel()
+    if N == 0:
+        return q
+    interp = _interpreted()
+    qmin, qmax = _qrange(8, "absmax")
+    block, warps = _elementwise_config(8)
+    _codes_kernel[(triton.cdiv(N, block),)](
+        x, q, inv, inv, N, 1, 1, 1, 1,
+        SLOT_MODE=_TENSOR, GROUP=0, HAS_ZP=False, QMIN=float(qmin), QMAX=float(qmax),
+        FOUR_BIT=False, EVEN=True, PAIR_SAME=False,
+        INT64=N + 2 * block >= 2**31, USE_LIBDEVICE=not interp, BLOCK=block, num_warps=warps)
+    return q
+
+
 def dequantize(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, scheme: str,
                axis: int | None, group_size: int | None, shape, out_dtype: torch.dtype) -> torch.Tensor:
     """y [shape] in out_dtype: (q - zero_point) * scale in float32, then cast (q unpacked from the

@@ -20,16 +20,22 @@ class Int8Linear(Float32Buffers):
     The weight is frozen; the layer passes gradients to its input, so LoRA trains on top
     of it (``LoRALinear.from_linear(int8_layer)``). Loading a state_dict that holds a
     16-bit ``weight`` (an nn.Linear's) quantizes it.
+
+    Activations: dynamic by default (one absmax scale per token, computed at run time). With
+    ``input_scale`` (a step > 0, e.g. from fastpeft.quantize_model's calibration) they are
+    static: codes clamp(rint(x / input_scale), -127, 127), buffer ``input_scale`` (float32,
+    0-d); needs threshold 0.
     """
 
-    _float32_buffers = ("weight_scale",)
+    _float32_buffers = ("weight_scale", "input_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, input_scale=None) -> None:
         super().__init__()
         self.in_features = _checks.positive_int("in_features", in_features)
         self.out_features = _checks.positive_int("out_features", out_features)
         self.threshold = _check_threshold(threshold)
+        self._set_input_scale(input_scale, device)
         w = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # a fresh layer is nn.Linear's init, quantized
         q, s = quantize_weight(w)
@@ -42,15 +48,25 @@ class Int8Linear(Float32Buffers):
         else:
             self.bias = None
 
+    def _set_input_scale(self, input_scale, device) -> None:
+        if input_scale is not None:
+            if self.threshold != 0:
+                raise ValueError(f"static activations (input_scale) need threshold=0 (no outlier columns), "
+                                 f"got threshold={self.threshold:g}")
+            input_scale = _checks.step_tensor("input_scale", input_scale).to(device)
+        self.register_buffer("input_scale", input_scale)
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> "Int8Linear":
-        """Quantize ``linear``'s weight row-wise to int8; its bias is copied in its dtype."""
+    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0, input_scale=None) -> "Int8Linear":
+        """Quantize ``linear``'s weight row-wise to int8; its bias is copied in its dtype.
+        input_scale: the static activation step (then threshold must be 0), or None (dynamic)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Int8Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.threshold = _check_threshold(threshold)
+        self._set_input_scale(input_scale, linear.weight.device)
         q, s = quantize_weight(linear.weight)
         self.register_buffer("weight_int8", q)
         self.register_buffer("weight_scale", s)
@@ -63,7 +79,8 @@ class Int8Linear(Float32Buffers):
         return dequantize_weight(self.weight_int8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.threshold)
+        return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.threshold,
+                           input_scale=self.input_scale)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -81,4 +98,5 @@ class Int8Linear(Float32Buffers):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, threshold={self.threshold:g}")
+                f"bias={self.bias is not None}, threshold={self.threshold:g}"
+                + ("" if self.input_scale is None else ", activations=static"))

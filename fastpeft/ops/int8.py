@@ -11,10 +11,12 @@ import torch
 
 from .. import _backend, _checks
 from ..reference import int8 as ref
+from ..reference import quant as ref_quant
 
 OP = "int8_linear"
 SUPPORTED = ("triton", "cuda", "torch")
 PREFERRED_CUDA = ("triton", "cuda", "torch")
+SUPPORTED_STATIC = ("triton", "torch")  # static activation codes: no CUDA C++ kernel
 
 
 def _check_threshold(threshold: object) -> float:
@@ -96,6 +98,22 @@ def _kernels(backend: str):
     return _cext.int8_quant_rows, _cext.int8_gemm
 
 
+def _static_codes_torch(x2, input_scale):
+    """int32 codes of x with the fixed per-tensor step: fastpeft.quantize's 8-bit absmax codes."""
+    zero = torch.zeros((), dtype=torch.int32, device=x2.device)
+    return ref_quant.quantize_codes(x2, input_scale.float().reshape(()), zero, 8, "absmax")
+
+
+def _forward_static(x2, w, sw, bias, input_scale):
+    """Static activations on the triton kernels: codes with the given step, then the int8 GEMM
+    with the step as a per-tensor row scale (row_scale_mul 1)."""
+    from ..kernels import int8 as k
+    from ..kernels import quant as kquant
+    s = input_scale.reshape(1)
+    q = kquant.codes_with_scale(x2 if x2.is_contiguous() else x2.contiguous(), 1.0 / s)
+    return k.int8_gemm(q, s, w, sw, bias, x2.dtype, row_scale_mul=1.0)
+
+
 def _forward_kernels(backend, x2, w, sw, bias, threshold):
     quant, gemm = _kernels(backend)
     q, row_scale, flags = quant(x2, threshold)
@@ -113,16 +131,21 @@ def _grad_input(backend, dy, w, sw):
     return (dy.float() @ ref.dequantize_weight(w, sw)).to(dy.dtype)
 
 
-def _torch_linear(x2, w, sw, bias, threshold):
+def _torch_linear(x2, w, sw, bias, threshold, input_scale=None):
     """The torch path: the reference, with the int32 GEMM on torch._int_mm where it runs."""
-    q, row_scale, cols = ref.int8_vectorwise_quant(x2, threshold)
+    if input_scale is None:
+        q, row_scale, cols = ref.int8_vectorwise_quant(x2, threshold)
+        unit = row_scale[:, None] * (sw[None, :] / ref.INT8_MAX**2)
+    else:  # the static step is the dequantized value of code 1
+        q, cols = _static_codes_torch(x2, input_scale).to(torch.int8), None
+        unit = input_scale.float().reshape(1, 1) * (sw[None, :] / ref.INT8_MAX)
     M, K = q.shape
     if x2.device.type == "cpu" or (M > 16 and K % 8 == 0 and w.shape[0] % 8 == 0):
         acc = torch._int_mm(q, w.t())
     else:  # exact in float64: |acc| <= K * 127**2 < 2**53
         acc = q.double() @ w.double().t()
     # fp32 epilogue, as the kernels do: the int32 sums and both scales round once each
-    y = acc.float() * (row_scale[:, None] * (sw[None, :] / ref.INT8_MAX**2))
+    y = acc.float() * unit
     if cols is not None and cols.numel():
         y += x2[:, cols].float() @ ref.dequantize_weight(w[:, cols], sw).t()
     if bias is not None:
@@ -132,10 +155,12 @@ def _torch_linear(x2, w, sw, bias, threshold):
 
 class Int8LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, w, sw, bias, threshold, backend):
+    def forward(ctx, x2, w, sw, bias, threshold, backend, input_scale=None):
         with _on_device(x2):
             if backend == "torch":
-                y = _torch_linear(x2, w, sw, bias, threshold)
+                y = _torch_linear(x2, w, sw, bias, threshold, input_scale)
+            elif input_scale is not None:
+                y = _forward_static(x2, w, sw, bias, input_scale)
             else:
                 y = _forward_kernels(backend, x2, w, sw, bias, threshold)
         ctx.save_for_backward(w, sw)
@@ -154,7 +179,7 @@ class Int8LinearFunction(torch.autograd.Function):
                 dx = _grad_input(ctx.backend, dy, w, sw)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
-        return dx, None, None, db, None, None
+        return dx, None, None, db, None, None, None
 
 
 def _validate(x, weight_int8, weight_scale, bias):
@@ -177,7 +202,7 @@ def _validate(x, weight_int8, weight_scale, bias):
 
 def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, threshold: float = 6.0, *,
-                backend: str | None = None) -> torch.Tensor:
+                input_scale: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """LLM.int8() linear: y = dequant(int8(x) @ w_int8^T) + x[:, outliers] @ W_deq[:, outliers]^T + b.
 
     x: [..., in] fp32/fp16/bf16 (any leading dims and strides); weight_int8 [out, in] int8
@@ -186,14 +211,28 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.
     int32 product is scaled by row_scale(x) * weight_scale / 127**2, and the columns of x
     holding an entry with |x| >= threshold (threshold > 0) go through a 16-bit product with
     the dequantized weight columns instead. Output in x's dtype; gradient for x (and bias).
+
+    input_scale (static activations): a float32 tensor of one element on x's device, the fixed
+    per-tensor step s of x's codes clamp(rint(x / s), -127, 127) (fastpeft.quantize's 8-bit
+    absmax codes; from a calibration pass, see fastpeft.quantize_model); it must be finite and
+    > 0 (not read on the host). Needs threshold 0; triton and torch backends only. The
+    product is then scaled by s * weight_scale / 127. Gradients as without it (the
+    straight-through estimator: dx = dy W_deq).
     """
     device = _validate(x, weight_int8, weight_scale, bias)
     threshold = _check_threshold(threshold)
-    name = _backend.select(OP, device, PREFERRED_CUDA, SUPPORTED, explicit=backend)
+    supported = SUPPORTED
+    if input_scale is not None:
+        _checks.input_step(input_scale, device)
+        if threshold != 0:
+            raise ValueError(f"static activations (input_scale) need threshold=0 (no outlier columns), "
+                             f"got threshold={threshold:g}")
+        supported = SUPPORTED_STATIC
+    name = _backend.select(OP, device, PREFERRED_CUDA, supported, explicit=backend)
     N, K = weight_int8.shape
     x2 = _rows(x)
     if x2.shape[0] == 0 or N == 0 or K == 0:
         y = ref.int8_linear(x2, weight_int8, weight_scale, bias, threshold)
         return y.reshape(*x.shape[:-1], N)
-    y = Int8LinearFunction.apply(x2, weight_int8, weight_scale, bias, threshold, name)
+    y = Int8LinearFunction.apply(x2, weight_int8, weight_scale, bias, threshold, name, input_scale)
     return y.reshape(*x.shape[:-1], N)
