@@ -1,5 +1,5 @@
-"""Triton kernel for the weight-only quantized linear layer (W8A16 / W4A16): a fused
-dequantize-GEMM.
+"""Triton kernels for the quantized linear layer: weight-only (W8A16 / W4A16), a fused
+dequantize-GEMM, and with int8 activations (W4A8 / W8A8), an int8 tensor-core GEMM.
 
 Semantics: ``y = x @ W_deq^T + bias`` with ``W_deq = (codes - zero_point) * scale``
 (fastpeft/reference/quant.py), the weight [N, K] quantized with one scale per group of G
@@ -17,12 +17,43 @@ view of the tile). Per-row and per-tensor scales (``PER_ROW``) are applied once 
 epilogue: the tile then holds the integers ``codes - zero_point`` (|v| <= 255, exact in
 fp16, bf16 and tf32) and the dot runs on them.
 
-Decode (M <= 16) uses a small-M config, BLOCK_M = 16 with narrow N tiles (32) and a deep K
-tile (256), rather than split-K: at M = 1 the kernel is bound by the read of the packed
-weight, N / 32 programs keep the SMs busy for the layer sizes of interest (N >= 4096), and
-no fp32 workspace, atomics or second reduction pass are needed. No autotuning yet: one fixed
-config per M range (also with FASTPEFT_AUTOTUNE=1); they fit sm_80 and sm_90 shared memory
-(tests/_aot.py, family ``qlinear``).
+Decode. At M <= GEMV_MAX_M (2) the layer is bound by the read of the packed weight (plus, at 4
+bits, the instructions that decode it: at HBM speed an SM must turn about 36 nibbles a cycle
+into fp32), so ``_qlinear_gemv_kernel`` runs it as a GEMV, without tl.dot: a program owns
+BLOCK_N output features and one K range (split-K: SPLIT_K programs along K), loads its codes
+as int32 words (rows that are not whole aligned words: as bytes, packed into words in
+registers) and decodes each code field with one LOP3 and one FADD: ``(word & mask) ^ MAGIC``
+read as fp32 is 2**e + the field exactly (MAGIC the exponent bits, plus the sign bit for
+absmax), and subtracting 2**e + offset + zero point leaves the integer q - zp in fp32, with no
+int -> float conversion (those run at a fraction of the FMA rate). The weight stays fp32 (it
+is not rounded to x's dtype as in ``_qlinear_kernel``) and multiplies the x row(s) in fp32;
+each thread sums 16-value chunks in its registers, times the chunk's group scale (per-row /
+per-tensor scales: once, in the epilogue), into a [BLOCK_N, chunks] fp32 accumulator reduced
+across threads once after the loop; the next K tile's codes and scales are loaded (register
+prefetch) while the current one is computed, since Triton does not pipeline loads that do not
+feed a dot. SPLIT_K is the smallest power of two that gives >= 2 programs per SM (4096 ->
+11008, W4 g128: [64, 128] tiles, 172 N tiles, SPLIT_K 2; per row: [16, 512] tiles, 688 N
+tiles, SPLIT_K 1); with SPLIT_K > 1 each split writes an fp32 partial into a [SPLIT_K, M, N]
+workspace and ``_qlinear_splitk_sum_kernel`` adds them in split order (deterministic: no
+atomics) with the bias. GEMV_MAX_M: each further row of x costs about 1.5 instructions per
+weight (its FMA and the conversion of its x chunk). Counted in the SASS of the sm_90 builds
+(tests/_aot.py; not timed), instructions per weight in the K loop at M = 1 and 2 against
+``_qlinear_kernel``'s small-M config: W4 g128 zero point 5.7 and 7.2 against 8.7, W8 per row
+4.9 and 6.6 against 5.9, the GEMM kernel's including one int -> float conversion per weight;
+at M = 4 the GEMV takes about 10 to 11. Larger M, to 16, uses ``_qlinear_kernel`` with BLOCK_M
+= 16, narrow N tiles (32) and a deep K tile (256). No autotuning yet: one fixed config per M
+range (also with FASTPEFT_AUTOTUNE=1); they fit sm_80 and sm_90 shared memory (tests/_aot.py,
+family ``qlinear``).
+
+Int8 activations. ``_qlinear_a8_kernel`` takes x as int8 codes (quantized before it, per row
+by kernels/int8.py's ``quant_rows`` or per tensor by kernels/quant.py's ``codes_with_scale``)
+with one step per row or per tensor. Per K tile (BLOCK_K divides the group: one scale and
+zero point per output row and tile) the weight operand is int8: 4-bit codes unpacked minus
+their zero point (|q - z| <= 15), 8-bit absmax codes as loaded, 8-bit zero-point codes as
+q ^ 0x80 = q - 128 with the exact correction (z - 128) * sum_k x_q; the int8 x int8 -> int32
+dot is exact, converted to fp32 and scaled by the group scale into the fp32 accumulator; the
+activation step multiplies once in the epilogue. This is the seed's quantized inference: no
+16-bit operand at all, the tensor cores' int8 rate (twice bf16's on the H100 / H200).
 
 The backward (dx = dy @ W_deq) is not a kernel: fastpeft/ops/qlinear.py dequantizes the
 weight (fastpeft.dequantize) and runs a dense matmul.
@@ -121,6 +152,240 @@ def _qlinear_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _qlinear_a8_kernel(
+    XQ, XS, DATA, SCALE, ZP, BIAS, Y,
+    M, N, K, KP, X_MUL,
+    s_xm, s_xk, s_xs, s_dn, s_dk, s_sn, s_sg, s_ym, s_yn,
+    BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
+    G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """int8 activations x int4 / int8 weight codes on the int8 tensor cores (see the module doc)."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    PK: tl.constexpr = BLOCK_K * BITS // 8
+    offs_p = tl.arange(0, PK)
+    SHIFT: tl.constexpr = 128 if (BITS == 8 and HAS_ZP) else 0  # uint8 codes -> int8 (q - 128)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_ptrs = XQ + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    d_ptrs = DATA + offs_n[:, None].to(tl.int64) * s_dn + offs_p[None, :] * s_dk
+    s_rows = SCALE + offs_n.to(tl.int64) * s_sn
+    z_rows = ZP + offs_n.to(tl.int64) * s_sn
+    if PER_ROW and HAS_ZP:
+        z = tl.load(z_rows, mask=mask_n, other=0)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
+        mask_p = (k0 * BITS // 8 + offs_p) < KP
+        p = tl.load(d_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0)
+        if not PER_ROW:  # BLOCK_K divides G: the K tile lies in one group
+            g = k0 // G
+            if HAS_ZP:
+                z = tl.load(z_rows + g * s_sg, mask=mask_n, other=0)
+        if BITS == 8:  # the bytes are the operand: int8 codes, or uint8 ^ 0x80 = q - 128 as int8
+            if HAS_ZP:
+                w = (p ^ 0x80).to(tl.int8, bitcast=True)
+            else:
+                w = p
+        else:
+            q = _unpack(p, BITS, SIGNED, BLOCK_N, BLOCK_K)
+            if HAS_ZP:
+                q = q - z[:, None]  # |q - z| <= 15
+            w = q.to(tl.int8)
+        d = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        if HAS_ZP and BITS == 8:  # sum_k a (q - z) = sum_k a (q - 128) - (z - 128) sum_k a
+            d -= tl.sum(a.to(tl.int32), axis=1)[:, None] * (z - SHIFT)[None, :]
+        if PER_ROW:
+            acc += d.to(tl.float32)
+        else:
+            acc += d.to(tl.float32) * tl.load(s_rows + g * s_sg, mask=mask_n, other=0.0)[None, :]
+        x_ptrs += BLOCK_K * s_xk
+        d_ptrs += PK * s_dk
+
+    if PER_ROW:
+        acc = acc * tl.load(s_rows, mask=mask_n, other=0.0)[None, :]
+    xs = tl.load(XS + offs_m * s_xs, mask=mask_m, other=0.0)
+    acc = acc * (xs * X_MUL)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn, acc.to(Y.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: the GEMV / split-K path (M <= GEMV_MAX_M)
+
+GEMV_MAX_M = 2  # quant_linear takes the GEMV path up to this many rows (see the module doc)
+
+
+@triton.jit
+def _gemv_field(src, SHIFT: tl.constexpr, FBITS: tl.constexpr, MAGIC, E: tl.constexpr, zf):
+    """fp32 ``code - zero_point`` of the FBITS-bit field at bit SHIFT of each int32 of src, with
+    no int -> float conversion: ``(src & mask) ^ MAGIC`` read as fp32 is exactly
+    2**(23 - SHIFT) + the field, MAGIC holding that exponent (it puts the field on the units of
+    the mantissa; SHIFT + FBITS <= 23) and, for absmax, the field's sign bit (two's complement
+    -> offset binary); E = 2**(23 - SHIFT) + the offset, zf the zero point in fp32 (the sum is
+    exact). MAGIC is a runtime argument: held in a register, it lets ptxas fuse the AND and the
+    XOR into one LOP3 (two immediates do not fit one instruction)."""
+    MASK: tl.constexpr = ((1 << FBITS) - 1) << SHIFT
+    return ((src & MASK) ^ MAGIC).to(tl.float32, bitcast=True) - (E + zf)
+
+
+@triton.jit
+def _gemv_tile_loads(k0, k_hi, d_ptrs, s_rows, z_rows, mask_n, offs_c, KPU, NUM_GROUPS, s_dk, s_sg,
+                     BITS: tl.constexpr, WORDS: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
+                     G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The global loads of _qlinear_gemv_kernel's K tile at k0 (none at or past k_hi): the codes
+    as [BLOCK_N, PW] int32 words (read as words, or as bytes and packed: a loop-carried tile of
+    bytes would take a register a byte), and the scales / zero points of the tile's group
+    ([BLOCK_N]) or of its chunks' groups ([BLOCK_N, NC]); per-row scales give the codes back in
+    their place."""
+    U: tl.constexpr = 32 if WORDS else 8  # bits per loaded unit
+    PU: tl.constexpr = BLOCK_K * BITS // U
+    PW: tl.constexpr = BLOCK_K * BITS // 32
+    live = k0 < k_hi
+    pu0 = k0 * BITS // U
+    p = tl.load(d_ptrs + pu0 * s_dk, mask=mask_n[:, None] & ((pu0 + tl.arange(0, PU)) < KPU)[None, :] & live,
+                other=0)
+    if not WORDS:  # little-endian words of 4 bytes: byte j = 2 j1 + j0 of each word
+        lo, hi = tl.split(tl.reshape(p.to(tl.int32), (p.shape[0], PW, 2, 2)))  # j0 = 0, 1
+        b0, b2 = tl.split(lo)
+        b1, b3 = tl.split(hi)
+        p = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+    s = p
+    z = p
+    if not PER_ROW:
+        if G >= BLOCK_K:
+            g = k0 // G
+            s = tl.load(s_rows + g * s_sg, mask=mask_n & live, other=0.0)
+            if HAS_ZP:
+                z = tl.load(z_rows + g * s_sg, mask=mask_n & live, other=0)
+        else:
+            gi = (k0 + offs_c) // G
+            gmask = mask_n[:, None] & (gi < NUM_GROUPS)[None, :] & live
+            s = tl.load(s_rows[:, None] + gi[None, :] * s_sg, mask=gmask, other=0.0)
+            if HAS_ZP:
+                z = tl.load(z_rows[:, None] + gi[None, :] * s_sg, mask=gmask, other=0)
+    return p, s, z
+
+
+@triton.jit
+def _qlinear_gemv_kernel(
+    X, DATA, SCALE, ZP, BIAS, Y, WS,
+    M, N, K, KPU, NUM_GROUPS, K_SPLIT, MAGIC0, MAGIC1, MAGIC2, MAGIC3, MAGIC4,
+    s_xm, s_xk, s_dn, s_dk, s_sn, s_sg, s_ym, s_yn,
+    BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
+    G: tl.constexpr, HAS_BIAS: tl.constexpr, TO_WS: tl.constexpr, WORDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CH: tl.constexpr,
+):
+    """y[:M, n tile] over K range pid_k (K_SPLIT wide), without tl.dot (see the module doc): into
+    y with the bias (TO_WS False) or as the fp32 partial WS[pid_k, :M, n tile]. DATA: the codes
+    as int32 words (WORDS: rows of whole aligned words) or uint8 bytes, KPU of them per row;
+    MAGICj: _gemv_field's MAGIC for the field at bit j * BITS."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    U: tl.constexpr = 32 if WORDS else 8  # bits per loaded unit
+    PU: tl.constexpr = BLOCK_K * BITS // U  # units of codes per row and K tile
+    NC: tl.constexpr = BLOCK_K // CH  # K chunks per tile (CH divides G: one group per chunk)
+    CW: tl.constexpr = CH * BITS // 32  # words of codes per row and chunk
+    OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0  # absmax: code = (field ^ OFF) - OFF
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+
+    # per-chunk partial sums [BLOCK_N, NC] for each x row (the last dim): a chunk is a run of
+    # one thread's registers, so the sum over its CH values needs no shuffles; the chunks are
+    # summed (across threads) once, after the loop
+    acc = tl.zeros((BLOCK_N, NC, BLOCK_M), dtype=tl.float32)
+    d_ptrs = DATA + offs_n[:, None].to(tl.int64) * s_dn + tl.arange(0, PU)[None, :] * s_dk
+    s_rows = SCALE + offs_n.to(tl.int64) * s_sn
+    z_rows = ZP + offs_n.to(tl.int64) * s_sn
+    offs_c = tl.arange(0, NC) * CH
+    offs_x = offs_c[:, None] + tl.arange(0, CH)[None, :]  # [NC, CH]: the tile's k, chunk by chunk
+    if PER_ROW and HAS_ZP:  # one zero point per row; the scale in the epilogue
+        z_row = tl.load(z_rows, mask=mask_n, other=0).to(tl.float32)[:, None, None]
+    p_n, s_n, z_n = _gemv_tile_loads(k_lo, k_hi, d_ptrs, s_rows, z_rows, mask_n, offs_c, KPU, NUM_GROUPS, s_dk,
+                                     s_sg, BITS, WORDS, HAS_ZP, PER_ROW, G, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        p, s, z = p_n, s_n, z_n
+        # register prefetch: the next tile's loads are in flight during this tile's math
+        p_n, s_n, z_n = _gemv_tile_loads(k0 + BLOCK_K, k_hi, d_ptrs, s_rows, z_rows, mask_n, offs_c, KPU,
+                                         NUM_GROUPS, s_dk, s_sg, BITS, WORDS, HAS_ZP, PER_ROW, G, BLOCK_K)
+        zf = 0.0  # the zero point in fp32 (absmax: none)
+        if PER_ROW:
+            if HAS_ZP:
+                zf = z_row
+        elif G >= BLOCK_K:  # the whole K tile lies in one group: [BLOCK_N] scales
+            s = s[:, None]
+            if HAS_ZP:
+                zf = z.to(tl.float32)[:, None, None]
+        elif HAS_ZP:  # [BLOCK_N, NC]: each chunk's group
+            zf = z.to(tl.float32)[:, :, None]
+        # w [BLOCK_N, NC, CH]: q - zp, exact in fp32, in k order. Fields that would reach bit 23
+        # (the exponent) are shifted down first, to bit 8 or more (a mask of the low bits of a
+        # shifted word becomes a bit-field extract, which ptxas does not fuse with the XOR)
+        p = tl.reshape(p, (BLOCK_N, NC, CW))
+        if BITS == 4:  # 8 nibbles a word, k = 8 u + j for nibble j
+            t = p >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
+            ev = tl.join(tl.join(_gemv_field(p, 0, 4, MAGIC0, 8388608.0 + OFF, zf),
+                                 _gemv_field(p, 16, 4, MAGIC4, 128.0 + OFF, zf)),
+                         tl.join(_gemv_field(p, 8, 4, MAGIC2, 32768.0 + OFF, zf),
+                                 _gemv_field(t, 12, 4, MAGIC3, 2048.0 + OFF, zf)))
+            od = tl.join(tl.join(_gemv_field(p, 4, 4, MAGIC1, 524288.0 + OFF, zf),
+                                 _gemv_field(t, 8, 4, MAGIC2, 32768.0 + OFF, zf)),
+                         tl.join(_gemv_field(p, 12, 4, MAGIC3, 2048.0 + OFF, zf),
+                                 _gemv_field(t, 16, 4, MAGIC4, 128.0 + OFF, zf)))
+            w = tl.reshape(tl.join(ev, od), (BLOCK_N, NC, CH))  # [.., u, j2, j1, j0]: j = 4 j2 + 2 j1 + j0
+        else:  # 4 bytes a word, k = 4 u + j for byte j
+            w = tl.join(tl.join(_gemv_field(p, 0, 8, MAGIC0, 8388608.0 + OFF, zf),
+                                _gemv_field(p >> 8, 8, 8, MAGIC1, 32768.0 + OFF, zf)),
+                        tl.join(_gemv_field(p, 8, 8, MAGIC1, 32768.0 + OFF, zf),
+                                _gemv_field(p >> 16, 8, 8, MAGIC1, 32768.0 + OFF, zf)))
+            w = tl.reshape(w, (BLOCK_N, NC, CH))
+        for i in tl.static_range(BLOCK_M):  # the weight tile is decoded once for all rows
+            offs_k = k0 + offs_x
+            xi = tl.load(X + i * s_xm + offs_k * s_xk, mask=(offs_k < K) & (i < M), other=0.0)
+            part = tl.sum(w * xi.to(tl.float32)[None, :, :], axis=2)  # [BLOCK_N, NC]
+            if not PER_ROW:
+                part = part * s
+            acc = tl.where(offs_m[None, None, :] == i, acc + part[:, :, None], acc)
+
+    acc = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]: y^T
+    if PER_ROW:
+        acc = acc * tl.load(s_rows, mask=mask_n, other=0.0)[:, None]
+    mask = mask_n[:, None] & (offs_m < M)[None, :]
+    if TO_WS:  # the fp32 partial of split pid_k: WS[pid_k, m, n], summed by _qlinear_splitk_sum_kernel
+        tl.store(WS + (pid_k * M + offs_m)[None, :].to(tl.int64) * N + offs_n[:, None], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(Y + offs_m[None, :].to(tl.int64) * s_ym + offs_n[:, None] * s_yn, acc.to(Y.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _qlinear_splitk_sum_kernel(WS, BIAS, Y, M, N, SPLIT_K, s_ym, s_yn,
+                               HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n tile] = the sum over the splits, in split order, of WS[s, m, n tile], + bias, in y's dtype."""
+    m = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT_K):  # a fixed order: the result does not depend on scheduling
+        acc += tl.load(WS + (s * M + m).to(tl.int64) * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + m.to(tl.int64) * s_ym + offs * s_yn, acc.to(Y.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # configs
 
@@ -189,6 +454,9 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_
         s_sg, num_groups, g = 0, 1, 16
     else:
         s_sn, s_sg, num_groups, g = scale.stride(0), scale.stride(1), scale.shape[1], group_size
+    if M <= GEMV_MAX_M:
+        return _quant_linear_gemv(x, data, scale, zero_point, bits, scheme, per_row, g, s_sn, s_sg, num_groups,
+                                  bias, y)
     cfg = _fixed_config(M, x.dtype)
     kp = data.shape[1]
     args = (x, data, scale, zero_point, bias if bias is not None else scale, y,
@@ -199,4 +467,148 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_
                  PRECISION=_precision(x.dtype, exact_tf32=per_row))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _qlinear_kernel[grid](*args, **flags, **cfg)
+    return y
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _gemv_config(M: int, N: int, K: int, bits: int, group_size: int | None, device: torch.device) -> dict:
+    """Tiles and split of the decode path. BLOCK_M: M rounded up to a power of two (a static
+    loop over the rows). GPU: 4 warps, 16-value chunks (CH); [16, 512] tiles (64 fp32 values a
+    thread; 256 or 512 bytes of codes per row and tile) for per-row scales and groups >= 512
+    or < 128; for groups of 128 and 256, [8192 / G, G] tiles at 4 bits and [4096 / G, G] at 8
+    (the per-row zero points and scales of the wider tile took about 150 registers), so that
+    the tile lies in one group: one scale per row (the per-chunk scale loads of smaller groups
+    cost layout conversions through shared memory). The interpreter: [16, 64] tiles (groups of
+    32: two per tile). SPLIT_K from _gemv_split_k, in whole K tiles."""
+    block_m = triton.next_power_of_2(M)
+    if _interpreted():
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_K": 64, "CH": 16}
+    else:
+        block_k = group_size if group_size in (128, 256) else 512
+        block_n = (8192 if bits == 4 or block_k == 512 else 4096) // block_k
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "CH": 16,
+               "num_warps": 4, "num_stages": 1}
+    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    split = max(1, min(_gemv_split_k(triton.cdiv(N, cfg["BLOCK_N"]), k_tiles, device), k_tiles))
+    k_split = triton.cdiv(k_tiles, split) * cfg["BLOCK_K"]
+    return {**cfg, "K_SPLIT": k_split, "SPLIT_K": triton.cdiv(K, k_split)}
+
+
+def _gemv_split_k(n_tiles: int, k_tiles: int, device: torch.device) -> int:
+    """SPLIT_K of the decode path. GPU: the smallest power of two that gives at least 2 programs
+    per SM (n_tiles * SPLIT_K >= 2 * SMs), keeping >= 2 K tiles per split. The interpreter: 2
+    (tests force others through this function)."""
+    if _interpreted():
+        return 2
+    want = 2 * _sm_count(device)
+    split = 1
+    while n_tiles * split < want and 2 * (split * 2) <= k_tiles:
+        split *= 2
+    return split
+
+
+def _gemv_magics(bits: int, scheme: str) -> tuple[int, ...]:
+    """MAGIC0..4 of _qlinear_gemv_kernel: the fp32 bits of 2**(23 - j * bits), for the field at
+    bit j * bits (used up to bit 16), with the field's sign bit for absmax codes."""
+    off = 1 << (bits - 1) if scheme == "absmax" else 0
+    return tuple(((150 - j * bits) << 23) | (off << (j * bits)) if j * bits <= 16 else 0 for j in range(5))
+
+
+def _code_units(data: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The codes as int32 words when every row is whole aligned words, else as uint8 bytes."""
+    d = data.view(torch.uint8) if data.dtype == torch.int8 else data
+    if d.shape[1] % 4 == 0 and d.stride(0) % 4 == 0 and d.storage_offset() % 4 == 0 and d.data_ptr() % 4 == 0:
+        return d.view(torch.int32), True
+    return d, False
+
+
+def _quant_linear_gemv(x, data, scale, zero_point, bits, scheme, per_row, g, s_sn, s_sg, num_groups,
+                       bias, y) -> torch.Tensor:
+    """The decode path of ``quant_linear`` (M <= GEMV_MAX_M), into y."""
+    M, K = x.shape
+    N = data.shape[0]
+    cfg = _gemv_config(M, N, K, bits, None if per_row else g, x.device)
+    split = cfg.pop("SPLIT_K")
+    k_split = cfg.pop("K_SPLIT")
+    ws = _new_output((split, M, N), x, torch.float32) if split > 1 else y  # y: WS is not written
+    units, words = _code_units(data)
+    b = bias if bias is not None else scale
+    _qlinear_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), split)](
+        x, units, scale, zero_point, b, y, ws,
+        M, N, K, units.shape[1], num_groups, k_split, *_gemv_magics(bits, scheme),
+        x.stride(0), x.stride(1), units.stride(0), units.stride(1), s_sn, s_sg, y.stride(0), y.stride(1),
+        BITS=bits, SIGNED=scheme == "absmax", HAS_ZP=scheme == "zeropoint", PER_ROW=per_row, G=g,
+        HAS_BIAS=bias is not None, TO_WS=split > 1, WORDS=words, **cfg)
+    if split > 1:
+        block = min(1024, triton.next_power_of_2(N))
+        _qlinear_splitk_sum_kernel[(triton.cdiv(N, block), M)](
+            ws, b, y, M, N, split, y.stride(0), y.stride(1), HAS_BIAS=bias is not None, BLOCK=block)
+    return y
+
+
+def _a8_config(M: int, group_size: int | None) -> dict:
+    """Tiles of the W*A8 kernel: the int8 dot wants K tiles of >= 32; BLOCK_K never exceeds the
+    group (one scale per row and K tile). Chosen so that no sm_90 / sm_80 build spills (registers
+    read from tests/_aot.py's table: at most about 240 a thread); not timed yet."""
+    if _interpreted():
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+    elif M <= 16:
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+    elif M <= 128:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
+    else:  # grouped: the per-tile int32 product and the fp32 sum are both live: narrower N tiles
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128 if group_size is None else 64, "BLOCK_K": 64,
+               "num_warps": 8, "num_stages": 3}
+    if group_size is not None:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+    return {**cfg, "GROUP_M": 8}
+
+
+def supports_a8(group_size: int | None) -> bool:
+    """Granularities of the W*A8 kernel: per row / per tensor, or power-of-two groups >= 32."""
+    return group_size is None or (_is_pow2(group_size) and 32 <= group_size <= 1024)
+
+
+def quant_linear_a8(xq: torch.Tensor, x_scale: torch.Tensor, x_mul: float, data: torch.Tensor,
+                    scale: torch.Tensor, zero_point: torch.Tensor, bits: int, scheme: str,
+                    group_size: int | None, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """y [M, N] in out_dtype: y = (xq * x_scale * x_mul) @ ((codes - zero_point) * scale)^T + bias.
+
+    xq [M, K] int8 activation codes (unit stride along K); x_scale float32 [M] (one per row:
+    dynamic, x_mul = 1 / 127 for absmax row scales) or one element (static: the per-tensor
+    step, x_mul = 1); the weight as for ``quant_linear`` (4-bit any scheme, 8-bit absmax int8
+    or zeropoint uint8 codes). Per K tile: the int8 x int8 -> int32 dot of the codes with
+    (codes - zero_point) (4 bits: |v| <= 15; 8-bit zeropoint: q - 128 and the exact integer
+    correction (z - 128) * sum_k xq), times the group's scale, accumulated in fp32; the row
+    scale of x in the epilogue. group_size must satisfy ``supports_a8``.
+    """
+    M, K = xq.shape
+    N = data.shape[0]
+    y = _new_output((M, N), xq, out_dtype)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        y.zero_()
+        return y if bias is None else y.add_(bias)
+    if not supports_a8(group_size):
+        raise ValueError(f"quant_linear (int8 activations) kernel: group_size must be a power of two "
+                         f"in [32, 1024], got {group_size}")
+    per_row = group_size is None
+    if per_row:
+        s_sn = scale.stride(0) if scale.dim() == 1 else 0
+        s_sg, g = 0, 32
+    else:
+        s_sn, s_sg, g = scale.stride(0), scale.stride(1), group_size
+    cfg = _a8_config(M, group_size)
+    args = (xq, x_scale, data, scale, zero_point, bias if bias is not None else scale, y,
+            M, N, K, data.shape[1], float(x_mul),
+            xq.stride(0), xq.stride(1), x_scale.stride(0) if x_scale.dim() == 1 and x_scale.numel() > 1 else 0,
+            data.stride(0), data.stride(1), s_sn, s_sg, y.stride(0), y.stride(1))
+    flags = dict(BITS=bits, SIGNED=scheme == "absmax", HAS_ZP=scheme == "zeropoint", PER_ROW=per_row,
+                 G=g, HAS_BIAS=bias is not None)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _qlinear_a8_kernel[grid](*args, **flags, **cfg)
     return y

@@ -240,6 +240,8 @@ def int8_launches(dtypes=(torch.bfloat16,), shapes=INT8_SHAPES, thresholds=(0.0,
                     q, s, flags = kint8.quant_rows(x, t)
                     if flags is None:
                         kint8.int8_gemm(q, s, w, ws, b, dtype)
+                        # static activations: one per-tensor step (row-scale stride 0)
+                        kint8.int8_gemm(q, torch.ones(1), w, ws, b, dtype, row_scale_mul=1.0)
                     else:
                         cols, count = kint8.outlier_columns(flags)
                         kint8.int8_gemm(q, s, w, ws, b, dtype, x=x, col_flags=flags, cols=cols, count=count)
@@ -291,6 +293,7 @@ def quant_launches(dtypes=(torch.bfloat16,), shapes=QUANT_SHAPES) -> list[Launch
                         for axis, gs in grans:
                             d, s, z = kquant.quantize(x, bits, scheme, axis, gs)
                             kquant.dequantize(d, s, z, bits, scheme, axis, gs, shape, dtype)
+                kquant.codes_with_scale(x, torch.ones(1))  # static activation codes
     launches = capture(kquant, run)
     unique = {}
     for launch in launches:
@@ -302,11 +305,16 @@ def quant_launches(dtypes=(torch.bfloat16,), shapes=QUANT_SHAPES) -> list[Launch
 QLINEAR_SHAPES = ((1, 512, 512), (64, 512, 512), (2048, 512, 512))
 # (bits, scheme, group_size; None = per output row): the G >= BLOCK_K, BLOCK_K > G and PER_ROW paths
 QLINEAR_VARIANTS = ((4, "zeropoint", 128), (8, "absmax", None), (4, "absmax", 32), (8, "zeropoint", 64))
+# decode (M = 1): the up and down projections of the benchmark's layer (split-K 1 and > 1)
+QLINEAR_DECODE_SHAPES = ((1, 4096, 11008), (1, 11008, 4096))
+QLINEAR_DECODE_VARIANTS = ((4, "zeropoint", 128), (8, "absmax", None), (8, "zeropoint", 128), (4, "absmax", None))
 
 
-def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=QLINEAR_VARIANTS) -> list[Launch]:
+def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=QLINEAR_VARIANTS,
+                     a8: bool = True) -> list[Launch]:
     """Every launch fastpeft.kernels.qlinear's fused dequantize-GEMM makes (fixed configs: it
-    does not autotune) for each dtype, (M, K, N) and (bits, scheme, group size)."""
+    does not autotune) for each dtype, (M, K, N) and (bits, scheme, group size); with ``a8``
+    also the int8-activation kernel's (dynamic and static activation scales)."""
     from fastpeft.kernels import qlinear as kq
 
     def run():
@@ -321,6 +329,11 @@ def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=Q
                     slots = (N,) if g is None else (N, K // g)
                     kq.quant_linear(x, data, torch.ones(slots), torch.zeros(slots, dtype=torch.int32),
                                     bits, scheme, g, b)
+                    if a8 and dtype != torch.float32 and kq.supports_a8(g):  # int8 activations
+                        xq = torch.zeros(M, K, dtype=torch.int8)
+                        for xs, mul in ((torch.ones(M), 1 / 127), (torch.ones(1), 1.0)):  # dynamic, static
+                            kq.quant_linear_a8(xq, xs, mul, data, torch.ones(slots),
+                                               torch.zeros(slots, dtype=torch.int32), bits, scheme, g, b, dtype)
     launches = capture(kq, run)
     unique = {}
     for launch in launches:
@@ -330,14 +343,25 @@ def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=Q
 
 def fixed_qlinear_launches(dtypes) -> list[Launch]:
     """bf16: every shape and variant; fp16 (the same code as bf16) the decode shape, one
-    variant; fp32 (3xTF32, its own tiles) every shape, the grouped variants."""
+    variant; fp32 (3xTF32, its own tiles) every shape, the grouped variants. Plus the decode
+    path (_qlinear_gemv_kernel, split-K sum) at the benchmark's layer sizes in the 16-bit
+    dtypes: its tiles depend on the group size and its split on N and K."""
     launches = qlinear_launches(dtypes=dtypes[:1])
     for dtype in dtypes[1:]:
         if dtype == torch.float32:
             launches += qlinear_launches(dtypes=(dtype,), variants=QLINEAR_VARIANTS[::2])
         else:
             launches += qlinear_launches(dtypes=(dtype,), shapes=QLINEAR_SHAPES[:1], variants=QLINEAR_VARIANTS[:1])
-    return launches
+    half = tuple(d for d in dtypes if d != torch.float32)
+    launches += qlinear_launches(dtypes=half, shapes=QLINEAR_DECODE_SHAPES, variants=QLINEAR_DECODE_VARIANTS)
+    launches += qlinear_launches(dtypes=half[:1], shapes=((2, 4096, 11008),), variants=QLINEAR_DECODE_VARIANTS[:2])
+    # rows of codes that are not whole int32 words (odd K / 2 or K): the byte-reading variant
+    launches += qlinear_launches(dtypes=half[:1], shapes=((1, 4094, 4096),),
+                                 variants=QLINEAR_DECODE_VARIANTS[1:4:2])
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
 
 
 FAKEQUANT_SHAPES = ((4096, 4096), (300, 99), (8, 16, 72))  # aligned, unaligned, 3-D

@@ -255,3 +255,153 @@ def test_module_bad_config():
         fastpeft.QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
     with pytest.raises(ValueError, match="in_features"):
         fastpeft.QuantLinear(0, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: the GEMV / split-K path (kernels/qlinear.py, _qlinear_gemv_kernel)
+
+
+class _Spy:
+    """Stands in for a JIT kernel: records each launch's grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+class _Forbidden:
+    def __getitem__(self, grid):
+        raise AssertionError("the GEMM kernel ran where the decode path was forced")
+
+
+@pytest.fixture
+def gemv(monkeypatch):
+    """Forces the decode path for M <= 4 (the GEMM kernel may not run), spies on its launches;
+    ``gemv.split(s)`` forces SPLIT_K = s (capped at the number of K tiles by the config)."""
+    class State:
+        pass
+    st = State()
+    st.kernel = _Spy(k._qlinear_gemv_kernel)
+    st.reduce = _Spy(k._qlinear_splitk_sum_kernel)
+    monkeypatch.setattr(k, "GEMV_MAX_M", 4)
+    monkeypatch.setattr(k, "_qlinear_kernel", _Forbidden())
+    monkeypatch.setattr(k, "_qlinear_gemv_kernel", st.kernel)
+    monkeypatch.setattr(k, "_qlinear_splitk_sum_kernel", st.reduce)
+    st.split = lambda s: monkeypatch.setattr(k, "_gemv_split_k", lambda n_tiles, k_tiles, device: s)
+    return st
+
+
+GEMV_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bf16 runs in the interpreter too
+# GRANS plus K = 72 per row: whole int32 words of codes with a partial K tile (K = 70: bytes)
+GEMV_GRANS = GRANS + [(72, None, 0)]
+
+
+@pytest.mark.parametrize("dtype", GEMV_DTYPES)
+@pytest.mark.parametrize("K,group_size,axis", GEMV_GRANS)
+@pytest.mark.parametrize("scheme", ["zeropoint", "absmax"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemv_forward(poison, gemv, bits, scheme, K, group_size, axis, dtype):
+    """M in 1..4 (M = 3: a masked row of the 4-row block), SPLIT_K 1, 2 and 3 (a K range of one
+    partial tile at K = 70 and 72, of two tiles at K = 256 with 3 splits), bias or not."""
+    qw = make_qweight(OUT, K, bits, scheme, group_size, axis)
+    bias = torch.randn(OUT, generator=_gen(5)).to(DEVICE, dtype)
+    k_tiles = -(-K // 64)
+    for M, split, b in ((1, 1, bias), (2, 2, None), (3, 3, bias), (4, 2, bias)):
+        gemv.split(split)
+        x = make_x(M, K, dtype)
+        y = fastpeft.quant_linear(x, qw, b, backend="triton")
+        assert y.dtype == dtype and y.shape == (M, OUT)
+        assert_close(f"gemv M={M} split={split} bias={b is not None}", y, expected(x, qw, b), dtype)
+        want = min(split, k_tiles)
+        want = -(-K // (-(-k_tiles // want) * 64))  # whole K tiles per split
+        assert gemv.kernel.grids[-1] == (-(-OUT // 16), want)
+        assert len(gemv.reduce.grids) == sum(1 for g in gemv.kernel.grids if g[1] > 1)
+
+
+@pytest.mark.parametrize("bits,scheme,group_size", [(4, "zeropoint", 64), (8, "absmax", None), (4, "absmax", 32)])
+def test_gemv_split_k_sums_every_partial_once(poison, gemv, bits, scheme, group_size):
+    """4 splits of one K tile each: x nonzero in one tile at a time must give that tile's
+    product (no partial dropped or doubled), and x = 0 gives exactly the bias (added once,
+    after the sum of the splits)."""
+    K = 256
+    qw = make_qweight(OUT, K, bits, scheme, group_size, 0 if group_size is None else None)
+    bias = torch.randn(OUT, generator=_gen(5)).to(DEVICE, torch.float32)
+    gemv.split(4)
+    for t in range(4):
+        x = make_x(1, K, torch.float32)
+        x[:, :64 * t] = 0
+        x[:, 64 * (t + 1):] = 0
+        y = fastpeft.quant_linear(x, qw, bias, backend="triton")
+        assert_close(f"only tile {t}", y, expected(x, qw, bias), torch.float32)
+        y0 = fastpeft.quant_linear(x, qw, None, backend="triton")
+        assert_close(f"only tile {t}, no bias", y0, expected(x, qw, None), torch.float32)
+    assert gemv.kernel.grids[-1][1] == 4 and len(gemv.reduce.grids) == 8
+    zero = torch.zeros(2, K, device=DEVICE)
+    assert torch.equal(fastpeft.quant_linear(zero, qw, bias, backend="triton"), bias.expand(2, OUT))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_strided_x_and_unaligned_codes(poison, gemv, dtype):
+    """x rows with a row stride other than K and an odd offset (passed through as they are), x
+    with a non-unit last stride (made contiguous by fastpeft.ops), and codes whose rows are not
+    whole aligned int32 words (the kernel reads them as bytes)."""
+    K = 96
+    qw = make_qweight(OUT, K, 4, "zeropoint", 32, None)
+    big = make_x(8, 3 * K, dtype)
+    for split in (1, 2):
+        gemv.split(split)
+        for M in (1, 2, 3):
+            x = big[: 2 * M : 2, 5 : 5 + K]  # row stride 3 K, storage offset 5
+            assert x.stride() == (6 * K, 1)
+            assert_close(f"rows M={M}", fastpeft.quant_linear(x, qw, backend="triton"), expected(x, qw, None),
+                         dtype)
+            xs = big[:M, : 2 * K : 2]  # last stride 2
+            assert_close(f"cols M={M}", fastpeft.quant_linear(xs, qw, backend="triton"), expected(xs, qw, None),
+                         dtype)
+    import dataclasses
+    kp = qw.data.shape[1]
+    padded = torch.zeros(OUT, kp + 5, dtype=qw.data.dtype, device=DEVICE)
+    padded[:, 1 : 1 + kp] = qw.data
+    odd = dataclasses.replace(qw, data=padded[:, 1 : 1 + kp])  # row stride kp + 5, offset 1: bytes
+    assert k._code_units(odd.data)[1] is False and k._code_units(qw.data)[1] is True
+    x = make_x(2, K, dtype)
+    assert_close("byte-read codes", fastpeft.quant_linear(x, odd, backend="triton"), expected(x, qw, None), dtype)
+
+
+def test_gemv_dispatch(monkeypatch):
+    """M <= GEMV_MAX_M takes the decode path, larger M the GEMM kernel."""
+    spies = {name: _Spy(getattr(k, name)) for name in ("_qlinear_gemv_kernel", "_qlinear_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(k, name, spy)
+    qw = make_qweight(OUT, 64, 4, "zeropoint", 32, None)
+    for M in range(1, k.GEMV_MAX_M + 2):
+        fastpeft.quant_linear(make_x(M, 64, torch.float32), qw, backend="triton")
+    assert len(spies["_qlinear_gemv_kernel"].grids) == k.GEMV_MAX_M
+    assert len(spies["_qlinear_kernel"].grids) == 1
+
+
+def test_gemv_gpu_config(monkeypatch):
+    """The GPU tiles and split heuristic (no kernel runs): one group per tile for groups of 128
+    and 256, >= 2 programs per SM, whole K tiles per split, every K covered."""
+    monkeypatch.setattr(k, "_interpreted", lambda: False)
+    monkeypatch.setattr(k, "_sm_count", lambda device: 132)
+    cases = {  # (bits, N, K, group_size): (BLOCK_N, BLOCK_K, SPLIT_K)
+        (4, 11008, 4096, None): (16, 512, 1), (4, 11008, 4096, 128): (64, 128, 2),
+        (8, 11008, 4096, None): (16, 512, 1), (8, 11008, 4096, 128): (32, 128, 1),
+        (4, 4096, 11008, None): (16, 512, 2), (4, 4096, 11008, 128): (64, 128, 8),
+        (8, 4096, 11008, 128): (32, 128, 4), (4, 4096, 4096, 256): (32, 256, 4), (8, 4096, 4096, 256): (16, 256, 2),
+        (4, 4096, 4096, 32): (16, 512, 2), (4, 11008, 4096, 1024): (16, 512, 1), (4, 512, 512, 128): (64, 128, 2),
+        (8, 8, 100, None): (16, 512, 1),
+    }
+    for (bits, N, K, g), (bn, bk, split) in cases.items():
+        cfg = k._gemv_config(1, N, K, bits, g, torch.device("cpu"))
+        assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]) == (bn, bk, split), (bits, N, K, g, cfg)
+        ks = cfg["K_SPLIT"]
+        assert ks % bk == 0 and (cfg["SPLIT_K"] - 1) * ks < K <= cfg["SPLIT_K"] * ks
+        assert g is None or g < 128 or g % bk == 0  # a tile never straddles two groups' scales
+        programs = -(-N // bn) * cfg["SPLIT_K"]
+        assert programs >= 2 * 132 or cfg["K_SPLIT"] < 4 * bk, (N, K, g, programs)
+    assert k._gemv_config(3, 4096, 4096, 4, None, torch.device("cpu"))["BLOCK_M"] == 4

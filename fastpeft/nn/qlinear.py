@@ -8,18 +8,25 @@ from torch import nn
 
 from .. import _checks
 from ._fp32 import Float32Buffers
-from ..ops.qlinear import quant_linear
+from ..ops.qlinear import ACTIVATIONS, quant_linear
 from ..ops.quant import BITS, QuantizedTensor, dequantize, quantize
 from ..reference.quant import SCHEMES
 
 
-def _check_config(bits, group_size, scheme):
+def _check_config(bits, group_size, scheme, activations=None, input_scale=None):
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if group_size is not None:
         _checks.positive_int("group_size", group_size)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if activations == "static" and input_scale is None:
+        raise ValueError("activations='static' needs input_scale (the activation step, from a calibration "
+                         "pass: fastpeft.quantize_model(..., activations='static', calibration_data=...))")
+    if activations != "static" and input_scale is not None:
+        raise ValueError(f"input_scale is only used with activations='static', got activations={activations!r}")
 
 
 class QuantLinear(Float32Buffers):
@@ -31,16 +38,23 @@ class QuantLinear(Float32Buffers):
     input features ([out, in / group_size]), or per output row ([out]) when group_size is None:
     about 1/4 (W4) or 1/2 (W8) of an fp16 weight's bytes plus the scales. ``bias`` [out] (in
     ``dtype``) is a frozen Parameter. The weight is frozen; gradients flow to the input.
+
+    activations: None (16-bit activations: W4A16 / W8A16), "dynamic" (int8 per token, absmax at
+    run time) or "static" (int8 with the fixed per-tensor step ``input_scale``, a float32 0-d
+    buffer, e.g. calibrated by fastpeft.quantize_model or learned by QAT): W4A8 / W8A8 on the
+    int8 tensor cores (see fastpeft.quant_linear).
     """
 
-    _float32_buffers = ("weight_scale",)
+    _float32_buffers = ("weight_scale", "input_scale")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
-                 group_size: int | None = 128, scheme: str = "zeropoint", device=None, dtype=None) -> None:
+                 group_size: int | None = 128, scheme: str = "zeropoint", device=None, dtype=None,
+                 activations: str | None = None, input_scale=None) -> None:
         super().__init__()
         self.in_features = _checks.positive_int("in_features", in_features)
         self.out_features = _checks.positive_int("out_features", out_features)
-        _check_config(bits, group_size, scheme)
+        _check_config(bits, group_size, scheme, activations, input_scale)
+        self._set_activations(activations, input_scale, device)
         w = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # a fresh layer is nn.Linear's init, quantized
         self._set_weight(w, bits, group_size, scheme, dtype or torch.get_default_dtype())
@@ -50,6 +64,12 @@ class QuantLinear(Float32Buffers):
             self.bias = nn.Parameter(b, requires_grad=False)
         else:
             self.bias = None
+
+    def _set_activations(self, activations, input_scale, device):
+        self.activations = activations
+        if input_scale is not None:
+            input_scale = _checks.step_tensor("input_scale", input_scale).to(device)
+        self.register_buffer("input_scale", input_scale)
 
     def _set_weight(self, w, bits, group_size, scheme, dtype):
         with torch.no_grad():
@@ -61,18 +81,50 @@ class QuantLinear(Float32Buffers):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128,
-                    scheme: str = "zeropoint") -> "QuantLinear":
+                    scheme: str = "zeropoint", activations: str | None = None,
+                    input_scale=None) -> "QuantLinear":
         """Quantize ``linear``'s weight (group_size must divide in_features; None: per output
-        row); its bias is copied in its dtype."""
+        row); its bias is copied in its dtype. activations / input_scale as in the constructor."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
-        _check_config(bits, group_size, scheme)
+        _check_config(bits, group_size, scheme, activations, input_scale)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._set_activations(activations, input_scale, linear.weight.device)
         self._set_weight(linear.weight, bits, group_size, scheme, linear.weight.dtype)
         self.bias = None if linear.bias is None else \
             nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return self
+
+    @classmethod
+    def from_quantized(cls, qweight: QuantizedTensor, bias: torch.Tensor | None = None,
+                       activations: str | None = None, input_scale=None) -> "QuantLinear":
+        """A layer over an already quantized [out, in] weight (its codes, scales and zero points
+        as they are: e.g. learned by QAT), per output row (axis=0) or per group along in.
+        bias [out] or None is copied (in its dtype); the weight's ``dtype`` is the layer's."""
+        if not isinstance(qweight, QuantizedTensor):
+            raise TypeError(f"from_quantized expects a fastpeft.QuantizedTensor, got {type(qweight).__name__}")
+        if len(qweight.shape) != 2:
+            raise ValueError(f"from_quantized needs a 2-D [out, in] weight, got shape {tuple(qweight.shape)}")
+        if qweight.group_size is None and qweight.axis != 0:
+            raise ValueError(f"from_quantized needs per-output-row (axis=0) or per-group scales, got "
+                             f"axis={qweight.axis}")
+        _check_config(qweight.bits, qweight.group_size, qweight.scheme, activations, input_scale)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = (int(v) for v in qweight.shape)
+        self._set_activations(activations, input_scale, qweight.data.device)
+        self.bits, self.group_size, self.scheme = qweight.bits, qweight.group_size, qweight.scheme
+        self.weight_dtype = qweight.dtype
+        self.register_buffer("weight_data", qweight.data.clone())
+        self.register_buffer("weight_scale", qweight.scale.float().clone())
+        self.register_buffer("weight_zero_point", qweight.zero_point.to(torch.int32).clone())
+        if bias is not None:
+            _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
+            if bias.shape[0] != self.out_features:
+                raise ValueError(f"bias shape {tuple(bias.shape)} does not match {self.out_features} outputs")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         return self
 
     @property
@@ -87,9 +139,9 @@ class QuantLinear(Float32Buffers):
         return dequantize(self.qweight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.qweight, self.bias)
+        return quant_linear(x, self.qweight, self.bias, activations=self.activations, input_scale=self.input_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
-                f"scheme={self.scheme}")
+                f"scheme={self.scheme}" + ("" if self.activations is None else f", activations={self.activations}"))

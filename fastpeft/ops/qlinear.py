@@ -8,6 +8,14 @@ materialized) and ``torch`` (the reference composition: dequantize, then F.linea
 is frozen; gradients flow to x and bias. Backward: dx = dy @ W_deq with W_deq materialized
 in dy's dtype by fastpeft.dequantize (the backend's dequantize kernel under triton) and a
 dense matmul; no fused backward kernel yet.
+
+Activations (``activations=``): None keeps x 16-bit (W4A16 / W8A16). "dynamic" quantizes each
+row of x (token) to int8 with its absmax at run time (fastpeft.int8_vectorwise_quant's
+semantics, threshold 0); "static" quantizes x with one fixed per-tensor step ``input_scale``
+(from a calibration pass, fastpeft.quantize_model, or QAT), codes clamp(rint(x / s), -127, 127)
+as fastpeft.quantize's 8-bit absmax codes. The kernel (kernels/qlinear.py, ``quant_linear_a8``)
+then runs the int8 x int4/int8 product on the int8 tensor cores. The backward is the
+straight-through estimator: dx = dy @ W_deq, as if x had not been quantized.
 """
 from __future__ import annotations
 
@@ -17,9 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks
+from ..reference import int8 as ref_int8
+from ..reference import quant as ref_quant
 from .quant import QuantizedTensor, dequantize
 
 OP = "quant_linear"
+ACTIVATIONS = (None, "dynamic", "static")
 SUPPORTED = ("triton", "torch")
 PREFERRED_CUDA = ("triton", "torch")
 
@@ -38,17 +49,51 @@ def _torch_linear(x2: torch.Tensor, qw: QuantizedTensor, bias: torch.Tensor | No
     return F.linear(x2, dequantize(qw, x2.dtype, backend="torch"), bias)
 
 
+def _torch_linear_a8(x2, qw, bias, activations, input_scale) -> torch.Tensor:
+    """The reference of the int8-activation path: x's codes times their step, in float32."""
+    if activations == "dynamic":
+        q, row_scale, _ = ref_int8.int8_vectorwise_quant(x2, 0.0)
+        xd = q.float() * (row_scale / ref_int8.INT8_MAX)[:, None]
+    else:
+        s = input_scale.float()
+        q = ref_quant.quantize_codes(x2, s, torch.zeros((), dtype=torch.int32, device=s.device), 8, "absmax")
+        xd = q.float() * s
+    w = dequantize(qw, torch.float32, backend="torch")
+    return F.linear(xd, w, None if bias is None else bias.float()).to(x2.dtype)
+
+
 def _kernel_linear(x2: torch.Tensor, qw: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     from ..kernels import qlinear as k
     data = qw.data if qw.data.stride(-1) == 1 else qw.data.contiguous()
     return k.quant_linear(x2, data, qw.scale, qw.zero_point, qw.bits, qw.scheme, qw.group_size, bias)
 
 
+def _kernel_linear_a8(x2, qw, bias, activations, input_scale) -> torch.Tensor:
+    from ..kernels import int8 as kint8
+    from ..kernels import qlinear as k
+    from ..kernels import quant as kquant
+    if activations == "dynamic":
+        xq, xs, _ = kint8.quant_rows(x2, 0.0)
+        x_mul = 1.0 / ref_int8.INT8_MAX
+    else:
+        xs = input_scale.reshape(1).float()
+        xq = kquant.codes_with_scale(x2 if x2.is_contiguous() else x2.contiguous(), 1.0 / xs)
+        x_mul = 1.0
+    data = qw.data if qw.data.stride(-1) == 1 else qw.data.contiguous()
+    return k.quant_linear_a8(xq, xs, x_mul, data, qw.scale, qw.zero_point, qw.bits, qw.scheme,
+                             qw.group_size, bias, x2.dtype)
+
+
 class QuantLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, bias, qw, backend):
+    def forward(ctx, x2, bias, qw, backend, activations=None, input_scale=None):
         with _on_device(x2):
-            y = _torch_linear(x2, qw, bias) if backend == "torch" else _kernel_linear(x2, qw, bias)
+            if activations is None:
+                y = _torch_linear(x2, qw, bias) if backend == "torch" else _kernel_linear(x2, qw, bias)
+            elif backend == "torch":
+                y = _torch_linear_a8(x2, qw, bias, activations, input_scale)
+            else:
+                y = _kernel_linear_a8(x2, qw, bias, activations, input_scale)
         ctx.qw = qw  # frozen codes: nothing here is differentiated
         ctx.backend = backend
         ctx.has_bias = bias is not None
@@ -65,7 +110,7 @@ class QuantLinearFunction(torch.autograd.Function):
                 dx = dy @ w
         if need_b and ctx.has_bias:
             db = dy.sum(0)
-        return dx, db, None, None
+        return dx, db, None, None, None, None
 
 
 def _validate(x, qweight, bias):
@@ -112,7 +157,20 @@ def _validate(x, qweight, bias):
                                qweight_zero_point=qweight.zero_point, bias=bias)
 
 
+def _validate_activations(activations, input_scale, device) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if activations == "static":
+        if input_scale is None:
+            raise ValueError("activations='static' needs input_scale (the per-tensor step of the int8 "
+                             "activation codes, e.g. from fastpeft.quantize_model's calibration)")
+        _checks.input_step(input_scale, device)
+    elif input_scale is not None:
+        raise ValueError(f"input_scale is only used with activations='static', got activations={activations!r}")
+
+
 def quant_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None = None, *,
+                 activations: str | None = None, input_scale: torch.Tensor | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """Weight-only quantized linear: y = x @ dequantize(qweight)^T + bias, in x's dtype.
 
@@ -120,21 +178,29 @@ def quant_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor |
     quantized by ``fastpeft.quantize`` with bits 8 or 4, scheme "zeropoint" or "absmax", and
     one scale per group of ``group_size`` input features, per output row (axis=0) or per
     tensor. bias: [out] in x's dtype, or None. Gradients for x (dx = dy @ W_deq) and bias; the
-    weight is frozen. The triton kernel needs a power-of-two group size (16 to 1024); other
-    group sizes run the torch composition unless the triton backend is forced (then an error).
+    weight is frozen. The triton kernel needs a power-of-two group size (16 to 1024; 32 to 1024
+    with int8 activations); other group sizes run the torch composition unless the triton
+    backend is forced (then an error).
+
+    activations: None (x stays 16-bit), "dynamic" (int8 per row of x, absmax computed at run
+    time) or "static" (int8 with the given per-tensor step ``input_scale``, a float32 tensor of
+    one element on x's device that must be finite and > 0: it is not read on the host).
     """
     device = _validate(x, qweight, bias)
+    _validate_activations(activations, input_scale, device)
     name = _backend.select(OP, device, PREFERRED_CUDA, SUPPORTED, explicit=backend)
     if name == "triton":
         from ..kernels import qlinear as k
-        if not k.supports(qweight.group_size):
+        ok = k.supports(qweight.group_size) if activations is None else k.supports_a8(qweight.group_size)
+        if not ok:
             if _backend.forced_backend(backend) == "triton":
+                lo = 16 if activations is None else 32
                 raise ValueError(f"quant_linear: the triton kernel needs group_size a power of two in "
-                                 f"[16, 1024], got {qweight.group_size}; use backend='torch'")
+                                 f"[{lo}, 1024], got {qweight.group_size}; use backend='torch'")
             name = "torch"
     N = qweight.shape[0]
     x2 = _rows(x)
-    if x2.shape[0] == 0 or N == 0 or x2.shape[1] == 0:
+    if x2.shape[0] == 0 or N == 0 or x2.shape[1] == 0:  # nothing to quantize: zeros (+ bias)
         return _torch_linear(x2, qweight, bias).reshape(*x.shape[:-1], N)
-    y = QuantLinearFunction.apply(x2, bias, qweight, name)
+    y = QuantLinearFunction.apply(x2, bias, qweight, name, activations, input_scale)
     return y.reshape(*x.shape[:-1], N)
