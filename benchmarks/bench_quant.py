@@ -11,6 +11,11 @@ Also quant_linear (W4A16 zero-point g128, W8A16 absmax per row; 4096 -> 11008, M
 2048}) against bf16 F.linear with the original weight; targets (issue 4): M = 1 >= 2.5x (W4)
 / >= 1.6x (W8) faster, M >= 2048 within 1.15x.
 
+And the seed's static-vs-dynamic trade-off for int8 activations on the same layer (4096 ->
+11008, M in {1, 16, 2048}): W8A8 (int8_linear, threshold 0) and W4A8 (quant_linear, zero-point
+g128) with a scale per token computed at run time ("dynamic") or one calibrated step
+("static"), against bf16 F.linear; each checked against its torch path. No target: measured.
+
 CPU: checks both ops' triton (interpreted) and torch backends against each other on small
 shapes (bit-exact), every scheme, width and granularity.
 """
@@ -32,7 +37,7 @@ CHECK_GRANULARITIES = ((None, None), (0, None), (1, None), (None, 32))
 
 
 def run(ctx: common.Context) -> list[dict]:
-    return run_gpu(ctx) + run_qlinear_gpu(ctx) if ctx.cuda else run_cpu(ctx)
+    return run_gpu(ctx) + run_qlinear_gpu(ctx) + run_act_gpu(ctx) if ctx.cuda else run_cpu(ctx)
 
 
 def _impls(device: torch.device):
@@ -161,6 +166,57 @@ def run_qlinear_gpu(ctx: common.Context) -> list[dict]:
     return records
 
 
+ACT_CASES = ("W8A8", "W4A8")
+
+
+def _act_fns(x, W, case: str, step: torch.Tensor):
+    """{activations: fn(backend)} of one int8-activation layer case."""
+    import fastpeft
+    if case == "W8A8":
+        from fastpeft.ops.int8 import quantize_weight
+        w, sw = quantize_weight(W)
+        return {"dynamic": lambda be: fastpeft.int8_linear(x, w, sw, None, 0.0, backend=be),
+                "static": lambda be: fastpeft.int8_linear(x, w, sw, None, 0.0, input_scale=step, backend=be)}
+    qw = fastpeft.quantize(W, 4, "zeropoint", group_size=128)
+    return {act: (lambda be, act=act: fastpeft.quant_linear(x, qw, activations=act,
+                                                            input_scale=step if act == "static" else None,
+                                                            backend=be))
+            for act in ("dynamic", "static")}
+
+
+def run_act_gpu(ctx: common.Context) -> list[dict]:
+    """Static vs dynamic int8 activations (W8A8, W4A8) against bf16 F.linear."""
+    import torch.nn.functional as F
+    records: list[dict] = []
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for K, N in QLINEAR_KN:
+        W = torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        for M in QLINEAR_M:
+            if ctx.time_left() <= 0:
+                break
+            x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
+            step = (x.float().abs().amax() / 127).reshape(())
+            shape = {"M": M, "K": K, "N": N}
+            graph = M <= 16
+            m = measure(lambda: F.linear(x, W), ctx, graph=graph, eager_too=graph)
+            records.append(timing_record(BENCH, "int8_activations", "fwd", shape, "bf16", "bf16 F.linear",
+                                         "base", m, flops=2 * M * N * K))
+            for case in ACT_CASES:
+                for act, fn in _act_fns(x, W, case, step).items():
+                    m = measure(lambda: fn(None), ctx, graph=graph, eager_too=graph)
+                    extra = {}
+                    if m.error is None:
+                        extra["rel_err"] = common.rel_err(fn(None), fn("torch"))
+                        extra["ok"] = extra["rel_err"] <= common.TOL["bf16"]
+                        if not extra["ok"]:
+                            extra["note"] = f"WRONG: rel err {extra['rel_err']:.2e}"
+                    records.append(timing_record(BENCH, "int8_activations", "fwd", shape, "bf16",
+                                                 f"{case} {act}", "variant", m, flops=2 * M * N * K, **extra))
+            ctx.save_partial(records)
+        ctx.log(f"  int8 activations {K}->{N}: done")
+    return records
+
+
 def run_cpu(ctx: common.Context) -> list[dict]:
     import fastpeft
     from fastpeft import _backend
@@ -188,5 +244,18 @@ def run_cpu(ctx: common.Context) -> list[dict]:
                     records.append(check_record(BENCH, "quantize", name, "fp32", "all", None, 0.0,
                                                 error=f"failed: {common.short_error(exc)}"))
                 n += 1
-    ctx.log(f"quant: {n} triton-vs-torch checks (bit-exact expected); GPU bandwidth needs CUDA")
+    xa = torch.randn(5, 128, generator=g)
+    W = torch.randn(48, 128, generator=g) / 128 ** 0.5
+    step = (xa.abs().amax() * 0.8 / 127).reshape(())
+    for case in ACT_CASES:
+        for act, fn in _act_fns(xa, W, case, step).items():
+            try:
+                err = common.rel_err(fn("triton"), fn("torch"))
+                records.append(check_record(BENCH, "int8_activations", f"triton vs torch: {case} {act}", "fp32",
+                                            "y", err, common.TOL["fp32"]))
+            except Exception as exc:
+                records.append(check_record(BENCH, "int8_activations", f"{case} {act}", "fp32", "y", None, 0.0,
+                                            error=f"failed: {common.short_error(exc)}"))
+            n += 1
+    ctx.log(f"quant: {n} triton-vs-torch checks (quantize/dequantize bit-exact expected); GPU timings need CUDA")
     return records

@@ -1,31 +1,197 @@
-"""Model-level post-training quantization: the seed lecture's PTQ workflows on fastpeft's layers."""
+"""Model-level post-training quantization: the seed lecture's PTQ workflows on fastpeft's layers.
+
+Weights: int8 or int4 zero-point codes (groups of ``group_size`` input features) or, with int8
+activations and int8 weights, LLM.int8()'s per-row absmax codes.
+
+Activations (the seed's static-vs-dynamic trade-off):
+- None: they stay 16-bit (weight-only W8A16 / W4A16, ``QuantLinear``).
+- "dynamic": each token (row) gets its own absmax int8 scale at run time: one extra reduction
+  over the row per layer call, no calibration, robust to any input range.
+- "static": one int8 step per layer and tensor, fixed by a calibration pass over
+  ``calibration_data``: the quantization is a single multiply-round (no reduction), but one
+  token with a large range either clips (percentile observer) or costs every other token
+  resolution (min/max observer).
+Activation codes are symmetric (absmax, [-127, 127]): the int8 x int8 tensor-core product needs
+no zero-point correction on the activation side.
+
+Observers (``observer=``): "minmax" takes the largest |x| seen; "percentile" takes the
+``percentile``-th percentile of |x| over every element of every calibration batch, from a
+histogram (2048 bins over [0, range], the range doubled when a larger |x| arrives, so old bins
+merge exactly in pairs; the percentile is interpolated linearly inside its bin).
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from .model import _replace, plain_linear_names
 from .nn.int8 import Int8Linear
 from .nn.qlinear import QuantLinear
+from .reference.quant import qrange
 
 WEIGHTS = ("int8", "int4")
 ACTIVATIONS = (None, "dynamic", "static")
+OBSERVERS = ("minmax", "percentile")
+_QMAX = qrange(8, "absmax")[1]
+
+
+class MinMaxObserver:
+    """The largest |x| over every element seen."""
+
+    def __init__(self) -> None:
+        self.amax = 0.0
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.numel():
+            self.amax = max(self.amax, float(x.detach().abs().amax()))
+            self.count += x.numel()
+
+    def absmax(self) -> float:
+        return self.amax
+
+
+class PercentileObserver:
+    """The ``percentile``-th percentile of |x| over every element seen, from a histogram of
+    ``bins`` bins over [0, range]; when a larger |x| arrives the range doubles (as often as
+    needed) and pairs of old bins merge, so counts are never re-estimated."""
+
+    def __init__(self, percentile: float = 99.99, bins: int = 2048) -> None:
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
+                or not 0 < float(percentile) <= 100:
+            raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins % 2:
+            raise ValueError(f"bins must be an even int >= 2, got {bins!r}")
+        self.percentile, self.bins = float(percentile), bins
+        self.hist: torch.Tensor | None = None  # float64 counts
+        self.range = 0.0
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().float().flatten()
+        if a.numel() == 0:
+            return
+        m = float(a.max())
+        if self.hist is None:
+            self.hist = torch.zeros(self.bins, dtype=torch.float64)
+            self.range = m if m > 0 else 0.0
+        if m > self.range:
+            if self.range == 0.0:  # only zeros so far: they stay in bin 0
+                self.range = m
+            while m > self.range:
+                self.hist = self.hist.view(-1, 2).sum(1)
+                self.hist = torch.cat([self.hist, torch.zeros(self.bins // 2, dtype=torch.float64)])
+                self.range *= 2.0
+        if self.range == 0.0:
+            self.hist[0] += a.numel()
+        else:
+            idx = (a * (self.bins / self.range)).long().clamp_(0, self.bins - 1)
+            self.hist += torch.bincount(idx.cpu(), minlength=self.bins).double()
+        self.count += a.numel()
+
+    def absmax(self) -> float:
+        if self.hist is None or self.range == 0.0:
+            return 0.0
+        cdf = torch.cumsum(self.hist, 0)
+        target = self.percentile / 100.0 * float(cdf[-1])
+        i = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64)).clamp(max=self.bins - 1))
+        below = float(cdf[i - 1]) if i > 0 else 0.0
+        inside = float(self.hist[i])
+        frac = 1.0 if inside == 0 else min(1.0, max(0.0, (target - below) / inside))
+        return (i + frac) * self.range / self.bins
+
+
+def _observer(kind: str, percentile: float):
+    if kind == "minmax":
+        return MinMaxObserver()
+    return PercentileObserver(percentile)
+
+
+def _run(model: nn.Module, batch) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(batch)
+    elif isinstance(batch, dict) or hasattr(batch, "keys"):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        raise TypeError(f"calibration_data must yield tensors, tuples / lists of positional inputs or "
+                        f"dicts of keyword inputs; got {type(batch).__name__}")
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, names: Sequence[str], calibration_data: Iterable,
+              observer: str = "minmax", percentile: float = 99.99) -> dict[str, float]:
+    """Run ``model`` (in eval mode, restored afterwards) over every batch of ``calibration_data``
+    and return, per module name in ``names``, the static int8 step of its input: the observed
+    absmax / 127 (1.0 for an input that was all zeros, as fastpeft.quantize treats a zero
+    range). A batch is a tensor (``model(batch)``), a tuple / list (``model(*batch)``) or a
+    dict (``model(**batch)``). Raises if no batch reached a layer or an input was not finite."""
+    if observer not in OBSERVERS:
+        raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
+    if isinstance(calibration_data, (torch.Tensor, dict)):
+        raise TypeError("calibration_data must be an iterable of batches (e.g. a list of tensors or a "
+                        "DataLoader), not a single " + type(calibration_data).__name__)
+    obs = {n: _observer(observer, percentile) for n in names}
+    bad: list[str] = []
+
+    def hook(name):
+        def pre(module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if not torch.isfinite(x).all():
+                bad.append(name)
+            obs[name].update(x)
+        return pre
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+    was_training = model.training
+    model.eval()
+    batches = 0
+    try:
+        for batch in calibration_data:
+            _run(model, batch)
+            batches += 1
+            if bad:
+                raise ValueError(f"calibration batch {batches - 1} gave NaN or inf inputs to layer {bad[0]!r}")
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if batches == 0:
+        raise ValueError("calibration_data yielded no batch")
+    unseen = [n for n in names if obs[n].count == 0]
+    if unseen:
+        raise ValueError(f"no calibration batch reached {len(unseen)} layer(s), e.g. {unseen[0]!r}: "
+                         f"their static activation scale cannot be set")
+    steps = {}
+    for n in names:
+        amax = obs[n].absmax()
+        steps[n] = amax / _QMAX if amax > 0 else 1.0
+        if not math.isfinite(steps[n]):
+            raise ValueError(f"layer {n!r}: calibration gave a non-finite activation range")
+    return steps
 
 
 def quantize_model(model: nn.Module, weights: str = "int8", activations: str | None = None,
                    group_size: int | None = 128, calibration_data=None,
-                   skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+                   skip: Sequence[str] = ("lm_head",), observer: str = "minmax",
+                   percentile: float = 99.99) -> nn.Module:
     """Replace every nn.Linear of ``model`` (but those matching ``skip``: equal to an entry or
     ending with "." + entry) by a quantized layer, in place; returns ``model``.
 
     weights="int8"/"int4" with activations=None: weight-only ``QuantLinear`` (zero-point codes,
-    groups of ``group_size`` input features; None: one scale per output row), activations
-    stay 16-bit; a layer whose in_features is not a multiple of group_size gets one scale per
-    output row. weights="int8" with activations="dynamic": ``Int8Linear`` with threshold 0,
-    i.e. int8 activations with a scale per token computed at run time and an int8 GEMM.
-    Not supported yet (a clear error): int4 weights with int8 activations, and static
-    activation scales from ``calibration_data``.
+    groups of ``group_size`` input features; None: one scale per output row); a layer whose
+    in_features is not a multiple of group_size gets one scale per output row.
+    weights="int8" with int8 activations: ``Int8Linear`` (per-row absmax int8 weights, threshold
+    0, the int8 GEMM). weights="int4" with int8 activations: ``QuantLinear(bits=4,
+    activations=...)`` (zero-point groups as above; the W4A8 kernel).
+    activations="dynamic": a scale per token at run time. activations="static": one step per
+    layer from a calibration pass of the float model over ``calibration_data`` (an iterable of
+    batches: tensors, tuples or dicts of model inputs), with the ``observer`` "minmax" or
+    "percentile" (``percentile`` of |x|, default 99.99); see the module docstring.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model expects an nn.Module, got {type(model).__name__}")
@@ -33,19 +199,25 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if observer not in OBSERVERS:
+        raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
     if activations == "static":
-        raise NotImplementedError("activations='static' (calibrated activation scales) is not implemented yet")
-    if activations == "dynamic" and weights == "int4":
-        raise NotImplementedError("int4 weights with dynamic int8 activations have no kernel yet; "
-                                  "use weights='int8' or activations=None")
-    if calibration_data is not None:
+        if calibration_data is None:
+            raise ValueError("activations='static' needs calibration_data (an iterable of model inputs) "
+                             "to fix each layer's activation scale")
+        PercentileObserver(percentile)  # validates percentile before the calibration pass
+    elif calibration_data is not None:
         raise ValueError("calibration_data is only used with activations='static'")
-    for name in plain_linear_names(model, skip):
+    names = plain_linear_names(model, skip)
+    steps = calibrate(model, names, calibration_data, observer, percentile) if activations == "static" else {}
+    for name in names:
         linear = model.get_submodule(name)
-        if activations == "dynamic":
-            new = Int8Linear.from_linear(linear, threshold=0.0)
+        step = steps.get(name)
+        if weights == "int8" and activations is not None:
+            new = Int8Linear.from_linear(linear, threshold=0.0, input_scale=step)
         else:
             g = group_size if group_size is not None and linear.in_features % group_size == 0 else None
-            new = QuantLinear.from_linear(linear, bits=8 if weights == "int8" else 4, group_size=g)
+            new = QuantLinear.from_linear(linear, bits=8 if weights == "int8" else 4, group_size=g,
+                                          activations=activations, input_scale=step)
         _replace(model, name, new)
     return model
