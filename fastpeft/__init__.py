@@ -14,6 +14,8 @@ from .model import inject_lora, lora_state_dict, mark_only_lora_as_trainable, qu
 from .adapter_io import load_adapter, save_adapter
 from .precision import to_half
 from .quantization import quantize_model
+from .nn.qat import QATLinear
+from .qat import convert_qat, prepare_qat
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,5 @@ __all__ = [
     "Int8Linear", "int8_linear", "int8_vectorwise_quant", "quantize_int8",
     "QuantizedTensor", "quantize", "dequantize", "QuantLinear", "quant_linear", "to_half", "quantize_model",
     "FakeQuantize", "fake_quantize",
+    "QATLinear", "prepare_qat", "convert_qat",
 ]

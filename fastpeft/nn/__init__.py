@@ -2,7 +2,8 @@
 from .fakequant import FakeQuantize
 from .int8 import Int8Linear
 from .lora import LoRALinear
+from .qat import QATLinear
 from .qlinear import QuantLinear
 
 __all__ = ["Int8Linear", "LoRALinear", "QuantLinear"]
-__all__ += ["FakeQuantize"]
+__all__ += ["FakeQuantize", "QATLinear"]
