@@ -86,9 +86,9 @@ def _lora_gemm_kernel(
     if not FUSE_SHRINK:
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + offs_r
-            u = tl.load(U + offs_m[:, None] * s_um + rr[None, :] * s_ur,
+            u = tl.load(U + offs_m[:, None].to(tl.int64) * s_um + rr[None, :] * s_ur,
                         mask=mask_m[:, None] & (rr < R)[None, :], other=0.0)
-            b = tl.load(BL + offs_n[None, :] * s_bn + rr[:, None] * s_br,
+            b = tl.load(BL + offs_n[None, :].to(tl.int64) * s_bn + rr[:, None] * s_br,
                         mask=(rr < R)[:, None] & mask_n[None, :], other=0.0)
             acc = _dot((u * scaling).to(dt), b, acc, UPCAST, PRECISION)
         if EPILOGUE_DROPOUT:
@@ -96,8 +96,8 @@ def _lora_gemm_kernel(
     else:
         acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
-    x_ptrs = X + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk
-    w_ptrs = W + offs_k[:, None] * s_wk + offs_n[None, :] * s_wn
+    x_ptrs = X + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    w_ptrs = W + offs_k[:, None] * s_wk + offs_n[None, :].to(tl.int64) * s_wn
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -115,9 +115,9 @@ def _lora_gemm_kernel(
     if FUSE_SHRINK:  # U was accumulated from the X tiles: the update goes in the epilogue
         u = acc_u * shrink_scale
         if STORE_U:
-            tl.store(UOUT + offs_m[:, None] * s_om + offs_r[None, :] * s_or, u,
+            tl.store(UOUT + offs_m[:, None].to(tl.int64) * s_om + offs_r[None, :] * s_or, u,
                      mask=mask_m[:, None] & (offs_r < R)[None, :] & (pid_n == 0))
-        b = tl.load(BL + offs_n[None, :] * s_bn + offs_r[:, None] * s_br,
+        b = tl.load(BL + offs_n[None, :].to(tl.int64) * s_bn + offs_r[:, None] * s_br,
                     mask=(offs_r < R)[:, None] & mask_n[None, :], other=0.0)
         us = (u * scaling).to(dt)
         if EPILOGUE_DROPOUT:
@@ -128,7 +128,7 @@ def _lora_gemm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None] * s_ym + offs_n[None, :] * s_yn, acc.to(Y.dtype.element_ty),
+    tl.store(Y + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn, acc.to(Y.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -154,7 +154,7 @@ def _shrink_kernel(
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         kk = k0 + offs_k
         mask_k = kk < K
-        x = tl.load(X + offs_m[:, None] * s_xm + kk[None, :] * s_xk,
+        x = tl.load(X + offs_m[:, None].to(tl.int64) * s_xm + kk[None, :] * s_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if DROPOUT:
             x = tl.where(_keep_mask(seed, offs_m, kk, thr31), x, 0.0).to(dt)
@@ -162,7 +162,7 @@ def _shrink_kernel(
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = _dot(x, a, acc, UPCAST, PRECISION)
     acc = acc * out_scale
-    u_ptrs = U + offs_m[:, None] * s_um + offs_r[None, :] * s_ur
+    u_ptrs = U + offs_m[:, None].to(tl.int64) * s_um + offs_r[None, :] * s_ur
     if SPLIT_K == 1:
         tl.store(u_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
     else:
@@ -191,9 +191,9 @@ def _grad_a_kernel(
     for m0 in range(pid_s * BLOCK_M, M, BLOCK_M * SPLIT_M):
         mm = m0 + offs_m
         mask_mm = mm < M
-        vt = tl.load(V + mm[None, :] * s_vm + offs_r[:, None] * s_vr,
+        vt = tl.load(V + mm[None, :].to(tl.int64) * s_vm + offs_r[:, None] * s_vr,
                      mask=mask_r[:, None] & mask_mm[None, :], other=0.0)
-        x = tl.load(X + mm[:, None] * s_xm + offs_k[None, :] * s_xk,
+        x = tl.load(X + mm[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk,
                     mask=mask_mm[:, None] & mask_k[None, :], other=0.0)
         if DROPOUT:
             x = tl.where(_keep_mask(seed, mm, offs_k, thr31), x, 0.0).to(dt)
