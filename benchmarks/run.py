@@ -35,6 +35,7 @@ BENCHES = {
     "lora": "bench_lora",
     "int8": "bench_int8",
     "quant": "bench_quant",
+    "adapter": "bench_adapter",
 }
 DEFAULT_GPU_BUDGET_S = 180.0
 

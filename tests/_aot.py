@@ -8,7 +8,7 @@ target (sm_90 for the H200) with the same specialization the JIT would apply
 
 ``python tests/_aot.py`` prints registers, spills and shared memory per launch (``--tuned``:
 the autotune configs only, ``--fixed``: the FASTPEFT_AUTOTUNE=0 configs only; AOT_FAMILIES=int8,
-=lora, =quant, =qlinear or =fakequant restricts it to one op family);
+=lora, =quant, =qlinear, =fakequant or =adapter restricts it to one op family);
 ``--warm`` (on a GPU machine) compiles the benchmark's launches in parallel into triton's
 cache before ``make gpu-check`` times them.
 """
@@ -43,7 +43,7 @@ class Launch:
     def label(self) -> str:
         c = self.constexprs
         blocks = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in c)
-        flags = ",".join(k for k, v in c.items() if v is True)
+        flags = ",".join([k for k, v in c.items() if v is True] + ([f"ACT={c['ACT']}"] if "ACT" in c else []))
         dt = next((str(v.dtype).replace("torch.", "") for v in self.args.values() if isinstance(v, torch.Tensor)), "")
         return f"{self.fn.__name__}[{dt} {blocks} w{self.num_warps}s{self.num_stages} {flags}]"
 
@@ -393,7 +393,53 @@ def fakequant_launches(dtypes=(torch.bfloat16,), shapes=FAKEQUANT_SHAPES) -> lis
     return list(unique.values())
 
 
-FAMILIES = ("lora", "int8", "quant", "qlinear", "fakequant")
+ADAPTER_ACTS = ("relu", "gelu", "gelu_tanh", "silu")
+# (M, d, bottleneck): the benchmark's layer first; the fixed configs' row tiles of 64, 32 and 16
+# (chosen by M against the SM count) for each BLOCK_R range (<= 64, 128, 256); decode; unaligned
+# rows (d % 16 != 0)
+ADAPTER_SHAPES = ((8192, 4096, 64), (16384, 4096, 64), (1, 4096, 64), (300, 1000, 24), (300, 1000, 8),
+                  (16384, 4096, 128), (8192, 4096, 128), (2048, 4096, 128), (8192, 4096, 256), (2048, 4096, 256))
+# the GPU tests' shapes (tests/test_adapter.py), for --warm
+ADAPTER_TEST_SHAPES = ((1, 1032, 64), (300, 776, 24), (1100, 4096, 64), (257, 520, 200))
+
+
+def adapter_launches(dtypes=(torch.bfloat16,), shapes=ADAPTER_SHAPES, activations=ADAPTER_ACTS) -> list[Launch]:
+    """Every launch fastpeft.adapter (triton backend) makes, forward and backward (all gradients):
+    the row-tile forward, the row-tile backward (dx, a, dh) and the weight-gradient kernel."""
+    import fastpeft
+    from fastpeft.kernels import adapter as kad
+
+    def run():
+        for dtype in dtypes:
+            for (M, d, R) in shapes:
+                x = torch.zeros(M, d, dtype=dtype, requires_grad=True)
+                wd = torch.zeros(R, d, dtype=dtype, requires_grad=True)
+                bd = torch.zeros(R, dtype=dtype, requires_grad=True)
+                wu = torch.zeros(d, R, dtype=dtype, requires_grad=True)
+                bu = torch.zeros(d, dtype=dtype, requires_grad=True)
+                for act in activations:
+                    y = fastpeft.adapter(x, wd, bd, wu, bu, activation=act, scaling=1.0, backend="triton")
+                    y.backward(torch.zeros_like(y))
+    launches = capture(kad, run)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+def fixed_adapter_launches(dtypes) -> list[Launch]:
+    """FASTPEFT_AUTOTUNE=0 launches: every activation at the benchmark's shape in each dtype; the
+    other shapes with gelu_tanh (the longest activation code: the most registers)."""
+    launches = _with_fixed_configs(adapter_launches, dtypes=dtypes, shapes=ADAPTER_SHAPES[:1])
+    launches += _with_fixed_configs(adapter_launches, dtypes=dtypes, shapes=ADAPTER_SHAPES[1:],
+                                    activations=("gelu_tanh",))
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+FAMILIES = ("lora", "int8", "quant", "qlinear", "fakequant", "adapter")
 
 
 def _families() -> tuple[str, ...]:
@@ -428,6 +474,10 @@ def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2,
         launches += int8_launches(dtypes=dtypes) if autotuned else fixed_int8_launches(dtypes)
     if "qlinear" in families and not autotuned:  # no autotuner: only fixed configs to compile
         launches += fixed_qlinear_launches(dtypes)
+    if "adapter" in families:  # tuned: every autotune config at the benchmark's shape and at BLOCK_R 256
+        launches += (adapter_launches(dtypes=dtypes, shapes=ADAPTER_SHAPES[:1] + ADAPTER_SHAPES[-2:],
+                                      activations=("gelu_tanh",))
+                     if autotuned else fixed_adapter_launches(dtypes))
     n_arch_checked = len(launches)
     if "quant" in families and not autotuned:  # no autotuning: the fixed pass compiles its launches
         # elementwise kernels without tensor cores or large shared memory: every shape in the
@@ -488,6 +538,12 @@ def warm(jobs: int) -> int:
     launches += fixed_int8_launches((torch.bfloat16, torch.float16, torch.float32))
     launches += quant_launches((torch.bfloat16, torch.float16, torch.float32))
     launches += fakequant_launches((torch.bfloat16, torch.float16, torch.float32))
+    launches += adapter_launches(dtypes=(torch.bfloat16,), shapes=ADAPTER_SHAPES[:1], activations=("relu",))
+    launches += adapter_launches(dtypes=(torch.bfloat16,), shapes=((4096, 1024, 64), (1, 1024, 64)),
+                                 activations=("gelu_tanh",))
+    launches += _with_fixed_configs(adapter_launches, dtypes=(torch.bfloat16,), shapes=ADAPTER_TEST_SHAPES)
+    launches += _with_fixed_configs(adapter_launches, dtypes=(torch.float16, torch.float32),
+                                    shapes=ADAPTER_TEST_SHAPES, activations=("gelu",))
     launches += qlinear_launches((torch.bfloat16, torch.float16, torch.float32),
                                  shapes=((1, 4096, 11008), (16, 4096, 11008), (2048, 4096, 4096)),
                                  variants=((4, "zeropoint", 128), (8, "zeropoint", 128), (4, "zeropoint", 32),

@@ -1,0 +1,54 @@
+"""Adapter: a Houlsby bottleneck adapter on the fused op."""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .. import _checks
+from ..ops.adapter import ACTIVATIONS, adapter
+
+
+class Adapter(nn.Module):
+    """y = x + scaling * up(act(down(x))), fused (``fastpeft.adapter``).
+
+    ``down`` = nn.Linear(d_model, bottleneck) and ``up`` = nn.Linear(bottleneck, d_model), so
+    the state dict holds ``down.weight`` [bottleneck, d_model], ``down.bias``, ``up.weight``
+    [d_model, bottleneck] and ``up.bias``. Init (Houlsby: near-identity): ``down`` keeps
+    nn.Linear's default (weight kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(d_model)),
+    about the scale of Houlsby's N(0, 1e-2) at d_model ~ 4096; bias U(+-1/sqrt(d_model)));
+    ``up`` weight and bias are zeros, so a new Adapter is exactly the identity and its first
+    gradients reach ``up`` only. Parameters in another dtype than x (fp32 adapters on a
+    half-precision model) are cast to x's dtype for the op; their gradients come back in theirs.
+    """
+
+    def __init__(self, d_model: int, bottleneck: int = 64, activation: str = "relu", scaling: float = 1.0,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        _checks.positive_int("d_model", d_model)
+        _checks.positive_int("bottleneck", bottleneck)
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        self.d_model, self.bottleneck, self.activation = d_model, bottleneck, activation
+        self.scaling = _checks.finite_float("scaling", scaling)
+        self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
+        self.up = nn.Linear(bottleneck, d_model, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """down: nn.Linear's init (kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(d_model))); up: zeros."""
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.d_model)
+        nn.init.uniform_(self.down.bias, -bound, bound)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        params = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
+        if any(p.dtype != x.dtype for p in params):
+            params = tuple(p.to(x.dtype) for p in params)
+        return adapter(x, *params, activation=self.activation, scaling=self.scaling)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "
+                f"scaling={self.scaling:g}")
