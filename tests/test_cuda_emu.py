@@ -1,8 +1,8 @@
 """The CUDA C++ kernels of csrc/ on the CPU, through an EMULATOR. Not a GPU test.
 
-tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu and csrc/quant.cu unchanged with g++ against stand-in CUDA
-headers (one OS thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding) under
-AddressSanitizer + UBSan, and a subset under ThreadSanitizer. Patched in for fastpeft._C, it runs
+tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu, csrc/quant.cu and csrc/adapter.cu unchanged with g++ against
+stand-in CUDA headers (one OS thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding)
+under AddressSanitizer + UBSan, and a subset under ThreadSanitizer. Patched in for fastpeft._C, it runs
 the checks of test_cuda_ext.py on CPU tensors, so CI (no GPU) checks the kernels' indexing,
 bounds, barriers, dropout masks, int8 and quantization codes and numerics. What it cannot check (warp execution, the real
 wmma fragment layouts and accumulation order, the memory model, performance) is listed in
@@ -316,7 +316,7 @@ def _cpp_default(text: str | None):
 
 
 @pytest.mark.parametrize("name", ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "quant_quantize",
-                                  "quant_dequantize"])
+                                  "quant_dequantize", "adapter_forward"])
 def test_emulated_extension_mirrors_the_bindings(name):
     """EmulatedExtension's functions take the arguments of csrc/bindings.cpp, with its defaults."""
     text = (emulator.CSRC / "bindings.cpp").read_text()
@@ -324,3 +324,55 @@ def test_emulated_extension_mirrors_the_bindings(name):
     want = [(n, _cpp_default(d)) for n, d in re.findall(r'"(\w+)"_a(?:\s*=\s*([^,)]+))?', chunk)]
     params = list(inspect.signature(getattr(emulator.EmulatedExtension, name)).parameters.values())[1:]
     assert [(p.name, p.default) for p in params] == want
+
+
+# ---------------------------------------------------------------------------------------------
+# bottleneck adapter (csrc/adapter.cu): the fused forward against the float64 spec of test_cuda_ext.py
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,D,R,activation,x_layout", [
+    (1, 100, 24, "relu", "contiguous"),  # one row; d = 100: 16-byte loads (fp32) or scalar (16-bit); column split
+    (7, 136, 64, "gelu", "padded"),  # 16-byte loads and stores on padded rows, tail column tile
+    (70, 200, 256, "gelu_tanh", "misaligned"),  # the largest rank class (fp32: 16-row tiles), scalar loads
+    (33, 72, 128, "silu", "contiguous"),  # rank class 128, a partial row tile
+    (5, 48, 1, "relu", "broadcast"),  # r = 1 (rank fragment mostly padding), x rows with stride 0
+])
+def test_adapter(emu, dtype, M, D, R, activation, x_layout):
+    checks.check_adapter("cpu", dtype, M, D, R, activation, x_layout)
+    assert emu.calls["adapter_forward"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_adapter_activations_without_bias(emu, dtype, activation):
+    checks.check_adapter("cpu", dtype, 20, 40, 16, activation, bias=False, scaling=0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,D,R,n_split", [
+    (1, 100, 24, 0),  # y rows stride d + 3: scalar stores
+    (70, 136, 64, 1),  # one block walks all three column tiles (the accumulator tile reuses the W_u buffer)
+    (40, 300, 200, 2),  # two blocks per row tile, each with two column tiles
+])
+def test_adapter_writes_only_its_view(emu, dtype, M, D, R, n_split):
+    checks.check_adapter_bounds("cpu", dtype, M, D, R, n_split=n_split)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_adapter_rounds_a(emu, dtype, activation):
+    checks.check_adapter_rounds_a("cpu", dtype, activation)
+
+
+def test_adapter_errors_and_empty(emu):
+    checks.check_adapter_errors_and_empty("cpu")
+
+
+@pytest.mark.parametrize("check,args", [
+    (checks.check_adapter, (F16, 70, 136, 64, "gelu", "padded")),  # vector paths, 4 activation rounds
+    (checks.check_adapter_bounds, (F32, 20, 200, 256, "silu", 1)),  # 16-row tiles, one block per row tile
+], ids=["adapter-f16", "adapter-f32-r256"])
+def test_adapter_no_data_races(emulate, check, args):
+    emulate("tsan")
+    check("cpu", *args)

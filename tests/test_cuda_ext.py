@@ -957,3 +957,221 @@ def test_quant_errors_and_empty():
 @pytest.mark.parametrize("shape,axis,group_size", [((9, 33), None, None), ((9, 33), 0, None), ((7, 40), None, 8)])
 def test_quant_api_cuda_backend(dtype, bits, scheme, shape, axis, group_size):
     check_quant_api("cuda", dtype, shape, bits, scheme, axis, group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# bottleneck adapter (Houlsby), fused forward (csrc/adapter.cu), against a float64 reference of the
+# spec written here: h = x W_d^T + b_d, a = act(h) ROUNDED to x's dtype, z = a W_u^T + b_u,
+# y = x + s z (s taken as fp32)
+
+ADAPTER_ACTS = ("relu", "gelu", "gelu_tanh", "silu")
+
+
+def adapter_act64(h: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "relu":
+        return torch.where(h > 0, h, torch.zeros_like(h))
+    if name == "gelu":
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+    if name == "silu":
+        return h * torch.sigmoid(h)
+    raise ValueError(name)
+
+
+def adapter_ref(x, wd, bd, wu, bu, activation, scaling, round_a=True):
+    """y of the spec in float64 from the (dtype-valued) inputs; ``round_a=False`` skips the rounding of a."""
+    x64 = x.double().cpu()
+    h = x64 @ wd.double().cpu().t()
+    if bd is not None:
+        h = h + bd.double().cpu()
+    a = adapter_act64(h, activation)
+    if round_a:
+        a = a.to(x.dtype).double()
+    z = a @ wu.double().cpu().t()
+    if bu is not None:
+        z = z + bu.double().cpu()
+    s = torch.tensor(scaling, dtype=torch.float32).item()
+    return x64 + s * z
+
+
+def adapter_inputs(M, D, R, dtype, device, bias=True, seed=0):
+    """x ~ N(0, 1) and weights scaled so that h and z are O(1) (the adapter branch as large as x)."""
+    g = torch.Generator().manual_seed(seed * 7919 + M * 1000 + D * 10 + R)
+    x = torch.randn(M, D, generator=g)
+    wd = torch.randn(R, D, generator=g) / math.sqrt(D)
+    wu = torch.randn(D, R, generator=g) / math.sqrt(R)
+    bd = 0.5 * torch.randn(R, generator=g) if bias else None
+    bu = 0.5 * torch.randn(D, generator=g) if bias else None
+    return tuple(t.to(device, dtype) if t is not None else None for t in (x, wd, bd, wu, bu))
+
+
+def adapter_layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [M, d] with unit column stride in another row layout (the kernel's contract)."""
+    M, D = x.shape
+    if kind == "padded":  # row stride d + 16: 16-byte aligned rows when d is a multiple of the vector
+        big = torch.full((M, D + 16), float("nan"), dtype=x.dtype, device=x.device)
+        big[:, :D] = x
+        return big[:, :D]
+    if kind == "broadcast":  # every row the same, row stride 0
+        return x[:1].expand(M, D)
+    return layout(x, kind)  # "contiguous", "misaligned"
+
+
+def check_adapter(device, dtype, M, D, R, activation, x_layout="contiguous", bias=True, scaling=1.5, n_split=0):
+    x, wd, bd, wu, bu = adapter_inputs(M, D, R, dtype, device, bias)
+    x = adapter_layout(x, x_layout)
+    y = _cext.adapter_forward(x, wd, bd, wu, bu, activation, scaling, n_split=n_split)
+    assert y.dtype == dtype and y.shape == (M, D) and y.is_contiguous() and y.device == x.device
+    ref = adapter_ref(x, wd, bd, wu, bu, activation, scaling)
+    err = rel_err(y, ref)
+    assert err <= TOL[dtype], f"y: rel err {err:.2e}"
+    x64 = x.double().cpu()  # the adapter branch alone (y - x), so a small branch cannot hide behind x
+    err = rel_err(y.double().cpu() - x64, ref - x64)
+    assert err <= TOL[dtype], f"y - x: rel err {err:.2e}"
+
+
+def check_adapter_bounds(device, dtype, M, D, R, activation="gelu", n_split=0, y_pad=3):
+    """The binding directly: y a view inside a NaN buffer (row stride d + y_pad); the view is fully written
+    (no NaN), the padding left alone; n_split forced (1: one block walks every column tile)."""
+    C = _cext._extension()
+    x, wd, bd, wu, bu = adapter_inputs(M, D, R, dtype, device, seed=1)
+    buf = torch.full((M + 2, D + y_pad), float("nan"), dtype=dtype, device=device)
+    y = buf[1:-1, 1:D + 1]
+    C.adapter_forward(x.data_ptr(), x.stride(0), wd.data_ptr(), bd.data_ptr(), wu.data_ptr(), bu.data_ptr(),
+                      y.data_ptr(), y.stride(0), M, D, R, _cext._DTYPE_CODES[dtype],
+                      _cext.ADAPTER_ACTIVATIONS[activation], scaling=-0.75, n_split=n_split,
+                      device=x.device.index or 0, stream=_stream(device))
+    assert rel_err(y, adapter_ref(x, wd, bd, wu, bu, activation, -0.75)) <= TOL[dtype]
+    pad = buf.clone()
+    pad[1:-1, 1:D + 1] = float("nan")
+    assert torch.isnan(pad).all(), "adapter_forward wrote outside y"
+
+
+def check_adapter_rounds_a(device, dtype, activation="gelu", M=64, D=64):
+    """a is rounded to the dtype before the second GEMM, as the spec says. Built so that every sum is exact in
+    fp32: W_d diagonal (h = x w, exact), no biases, W_u with two ones per row (z = a_n + a_n+1 of 16-bit a),
+    s = 1 and x in multiples of 1/4. Then y equals the spec rounded to the dtype almost everywhere (act in fp32
+    vs float64 may flip a rounding rarely), while skipping the rounding of a changes many elements."""
+    g = torch.Generator().manual_seed(17)
+    x = (torch.randint(-8, 9, (M, D), generator=g) / 4.0).to(device, dtype)
+    wd = torch.diag(1.0 + torch.rand(D, generator=g)).to(device, dtype)
+    wu = (torch.eye(D) + torch.eye(D).roll(1, dims=1)).to(device, dtype)
+    y = _cext.adapter_forward(x, wd, None, wu, None, activation, 1.0)
+    rounded = adapter_ref(x, wd, None, wu, None, activation, 1.0).to(dtype)
+    unrounded = adapter_ref(x, wd, None, wu, None, activation, 1.0, round_a=False).to(dtype)
+    y = y.cpu()
+    n_rounded, n_unrounded = (y != rounded).sum().item(), (y != unrounded).sum().item()
+    assert n_rounded <= max(2, y.numel() // 200), f"{n_rounded} of {y.numel()} elements differ from the spec"
+    assert n_unrounded >= 10 * max(n_rounded, 1), (n_rounded, n_unrounded)
+
+
+def check_adapter_errors_and_empty(device):
+    x, wd, bd, wu, bu = adapter_inputs(5, 40, 8, torch.float32, device)
+    with pytest.raises(ValueError, match="limit of 256"):
+        big = torch.randn(257, 40, device=device)
+        _cext.adapter_forward(x, big, None, torch.randn(40, 257, device=device), None, "relu", 1.0)
+    with pytest.raises(ValueError, match="up_weight has shape"):
+        _cext.adapter_forward(x, wd, bd, wu[:, :4], bu, "relu", 1.0)
+    with pytest.raises(ValueError, match="down_weight has shape"):
+        _cext.adapter_forward(x, wd[:, :39], bd, wu, bu, "relu", 1.0)
+    with pytest.raises(ValueError, match="r must be > 0"):
+        _cext.adapter_forward(x, wd[:0], None, wu[:, :0], None, "relu", 1.0)
+    with pytest.raises(TypeError, match="dtypes must match"):
+        _cext.adapter_forward(x, wd.half(), bd, wu, bu, "relu", 1.0)
+    with pytest.raises(TypeError, match="int8"):
+        _cext.adapter_forward(x.to(torch.int8), wd, bd, wu, bu, "relu", 1.0)
+    with pytest.raises(ValueError, match="down_bias has shape"):
+        _cext.adapter_forward(x, wd, bd[:7], wu, bu, "relu", 1.0)
+    with pytest.raises(ValueError, match="up_bias has shape"):
+        _cext.adapter_forward(x, wd, bd, wu, bd, "relu", 1.0)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        _cext.adapter_forward(x, wd, bd, wu, bu, "tanh", 1.0)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        _cext.adapter_forward(x, wu.t(), bd, wu, bu, "relu", 1.0)
+    with pytest.raises(ValueError, match="unit column stride"):
+        _cext.adapter_forward(x.t().contiguous().t(), wd, bd, wu, bu, "relu", 1.0)
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        _cext.adapter_forward(x, wd, bd, wu, bu, "relu", float("inf"))
+    C = _cext._extension()  # the binding's own checks
+    y = torch.empty_like(x)
+    wd3, wu3 = torch.randn(300, 40, device=device), torch.randn(40, 300, device=device)
+    with pytest.raises(ValueError, match="limit of 256"):
+        C.adapter_forward(x.data_ptr(), x.stride(0), wd3.data_ptr(), 0, wu3.data_ptr(), 0, y.data_ptr(), y.stride(0),
+                          5, 40, 300, 0, 0, stream=_stream(device))
+    args = (x.data_ptr(), x.stride(0), wd.data_ptr(), bd.data_ptr(), wu.data_ptr(), bu.data_ptr(), y.data_ptr(),
+            y.stride(0), 5, 40)
+    with pytest.raises(ValueError, match="unknown activation code 7"):
+        C.adapter_forward(*args, 8, 0, 7, stream=_stream(device))
+    with pytest.raises(ValueError, match="dtype code 5"):
+        C.adapter_forward(*args, 8, 5, 0, stream=_stream(device))
+    assert _cext.adapter_forward(x[:0], wd, bd, wu, bu, "silu", 1.0).shape == (0, 40)
+    empty_d = _cext.adapter_forward(x[:, :0], wd[:, :0], bd, wu[:0], None, "silu", 1.0)
+    assert empty_d.shape == (5, 0)
+
+
+ADAPTER_SHAPES = [(100, 24), (136, 64), (72, 128), (1000, 256), (520, 200), (4096, 8), (4096, 64)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 7, 300])
+@pytest.mark.parametrize("D,R", ADAPTER_SHAPES)
+def test_adapter(dtype, M, D, R):
+    check_adapter("cuda", dtype, M, D, R, "gelu")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,D,R", [(2048, 4096, 64), (2048, 1000, 256)])
+def test_adapter_large(dtype, M, D, R):
+    check_adapter("cuda", dtype, M, D, R, "silu")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ADAPTER_ACTS)
+@pytest.mark.parametrize("M,D,R", [(1, 100, 24), (300, 520, 200), (129, 4096, 64)])
+def test_adapter_activations(dtype, activation, M, D, R):
+    check_adapter("cuda", dtype, M, D, R, activation)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,D,R", [(1, 100, 24), (70, 136, 64), (300, 1000, 256)])
+@pytest.mark.parametrize("x_layout", ["padded", "misaligned", "broadcast"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_adapter_layouts(dtype, M, D, R, x_layout, bias):
+    check_adapter("cuda", dtype, M, D, R, "gelu", x_layout, bias=bias)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,D,R,n_split", [(1, 100, 24, 0), (70, 136, 64, 1), (300, 1000, 256, 3), (9, 4096, 16, 0)])
+def test_adapter_writes_only_its_view(dtype, M, D, R, n_split):
+    check_adapter_bounds("cuda", dtype, M, D, R, n_split=n_split)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ADAPTER_ACTS)
+def test_adapter_rounds_a(dtype, activation):
+    check_adapter_rounds_a("cuda", dtype, activation)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_adapter_errors_and_empty():
+    check_adapter_errors_and_empty("cuda")
+
+
+def test_adapter_cpu_tensors_rejected():
+    x, wd, bd, wu, bu = adapter_inputs(3, 8, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="need CUDA tensors.*cpu"):
+        _cext.adapter_forward(x, wd, bd, wu, bu, "relu", 1.0)

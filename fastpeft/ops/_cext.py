@@ -357,3 +357,75 @@ def quant_dequantize(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.
                          group_size or 0, bits, code, _DTYPE_CODES[out_dtype], device=device.index or 0,
                          stream=_stream(device))
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# bottleneck adapter (Houlsby), fused forward (fastpeft/reference/adapter.py is the specification)
+
+ADAPTER_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+ADAPTER_MAX_RANK = 256  # csrc/adapter.cu keeps a row tile's bottleneck activations on chip
+
+
+def adapter_forward(x2: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+                    up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str, scaling: float,
+                    *, n_split: int = 0) -> torch.Tensor:
+    """y2 = x2 + scaling * (act(x2 W_d^T + b_d) W_u^T + b_u), a new contiguous [M, d] tensor.
+
+    x2: [M, d] with unit column stride (any row stride), fp32, fp16 or bf16; down_weight W_d
+    [r, d] and up_weight W_u [d, r] contiguous; down_bias [r] and up_bias [d] (or None); all of
+    x2's dtype; 1 <= r <= ADAPTER_MAX_RANK. activation: "relu", "gelu" (erf), "gelu_tanh" or
+    "silu". h accumulates in fp32, a = act(h) is rounded to x2's dtype before the second GEMM
+    (fp32 accumulation), and y = x + scaling * z is computed in fp32 and rounded once.
+    ``n_split`` (tests) forces how many blocks share the d columns of a row tile (0 chooses).
+    """
+    _checks.tensor("x2", x2, ndim=2)
+    _checks.tensor("down_weight", down_weight, ndim=2)
+    _checks.tensor("up_weight", up_weight, ndim=2)
+    tensors = dict(x2=x2, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight, up_bias=up_bias)
+    present = {k: v for k, v in tensors.items() if v is not None}
+    for name in ("down_bias", "up_bias"):
+        if tensors[name] is not None:
+            _checks.tensor(name, tensors[name], ndim=1)
+    device = _cuda_device(**present)
+    _checks.tensor("x2", x2, dtypes=_DTYPE_CODES)
+    _checks.same_dtype(**present)
+    M, D = x2.shape
+    R = down_weight.shape[0]
+    if R < 1:
+        raise ValueError(f"the bottleneck r must be > 0; down_weight has shape {tuple(down_weight.shape)}")
+    if tuple(down_weight.shape) != (R, D):
+        raise ValueError(f"down_weight has shape {tuple(down_weight.shape)}; expected [r, {D}] for x2 "
+                         f"{tuple(x2.shape)}")
+    if tuple(up_weight.shape) != (D, R):
+        raise ValueError(f"up_weight has shape {tuple(up_weight.shape)}; expected [{D}, {R}] for x2 "
+                         f"{tuple(x2.shape)} and down_weight {tuple(down_weight.shape)}")
+    if R > ADAPTER_MAX_RANK:
+        raise ValueError(f"bottleneck r={R} exceeds the CUDA kernel's limit of {ADAPTER_MAX_RANK}")
+    if down_bias is not None:
+        _vector("down_bias", down_bias, R, (x2.dtype,))
+    if up_bias is not None:
+        _vector("up_bias", up_bias, D, (x2.dtype,))
+    for name, w in (("down_weight", down_weight), ("up_weight", up_weight)):
+        if not w.is_contiguous():
+            raise ValueError(f"{name} (shape {tuple(w.shape)}, strides {w.stride()}) must be contiguous")
+    _unit_col_stride("x2", x2)
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str, got {type(activation).__name__}")
+    if activation not in ADAPTER_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ADAPTER_ACTIVATIONS)}")
+    scaling = _checks.finite_float("scaling", scaling)
+    if isinstance(n_split, bool) or not isinstance(n_split, int) or n_split < 0:
+        raise ValueError(f"n_split must be an int >= 0 (0 chooses), got {n_split!r}")
+    ext = _extension()
+    y2 = torch.empty((M, D), dtype=x2.dtype, device=device)
+    if M == 0 or D == 0:
+        return y2
+
+    def ptr(t):
+        return t.data_ptr() if t is not None else 0
+
+    ext.adapter_forward(x2.data_ptr(), x2.stride(0), down_weight.data_ptr(), ptr(down_bias), up_weight.data_ptr(),
+                        ptr(up_bias), y2.data_ptr(), y2.stride(0), M, D, R, _DTYPE_CODES[x2.dtype],
+                        ADAPTER_ACTIVATIONS[activation], scaling=scaling, n_split=n_split,
+                        device=device.index or 0, stream=_stream(device))
+    return y2
