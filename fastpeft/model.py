@@ -70,6 +70,17 @@ def _check_target_modules(target_modules: object) -> TargetModules:
                     f"got {type(target_modules).__name__}")
 
 
+def fastpeft_internal_names(model: nn.Module) -> set[str]:
+    """Qualified names of the modules inside fastpeft's own trainable modules (an Adapter's
+    ``down`` / ``up`` linears): the walkers over a base model's layers ("all-linear" LoRA,
+    quantization, QAT) leave them alone."""
+    from .nn.adapter import Adapter
+    prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Adapter))
+    if not prefixes:
+        return set()
+    return {n for n, _ in model.named_modules() if n.startswith(prefixes)}
+
+
 def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     """Qualified names of the modules ``target_modules`` selects, checked to be nn.Linear.
 
@@ -79,7 +90,9 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     target_modules = _check_target_modules(target_modules)
     if target_modules == ALL_LINEAR:
         head = output_layer_name(model)
-        names = [n for n, m in model.named_modules() if isinstance(m, BASE_TYPES) and n and n != head]
+        inner = fastpeft_internal_names(model)
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, BASE_TYPES) and n and n != head and n not in inner]
     else:
         names = [n for n, _ in model.named_modules() if n and name_matches(n, target_modules)]
     for name in names:
@@ -173,9 +186,12 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
 
 def plain_linear_names(model: nn.Module, skip: Sequence[str] | str = ()) -> list[str]:
     """Qualified names of the nn.Linear modules (exact type: subclasses such as
-    MultiheadAttention's out_proj are read through .weight) not matched by ``skip``."""
+    MultiheadAttention's out_proj are read through .weight) not matched by ``skip`` and not
+    inside fastpeft's own modules (an Adapter's linears)."""
     skip = [skip] if isinstance(skip, str) else list(skip)
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and n and not name_matches(n, skip)]
+    inner = fastpeft_internal_names(model)
+    return [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and n and n not in inner and not name_matches(n, skip)]
 
 
 def quantize_int8(model: nn.Module, threshold: float = 6.0, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
