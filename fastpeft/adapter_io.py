@@ -1,4 +1,4 @@
-"""LoRA adapters on disk in Hugging Face PEFT's format.
+"""LoRA adapters and soft prompts on disk in Hugging Face PEFT's format.
 
 A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and
 ``adapter_model.safetensors`` with, for each adapted module at path P of the base model,
@@ -7,6 +7,10 @@ A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and
 (lora_alpha / sqrt(r) with use_rslora), with r and lora_alpha from the config's
 rank_pattern / alpha_pattern where a key matches P, else its r / lora_alpha. Files written
 by PEFT's ``save_pretrained`` load here, and ``PeftModel.from_pretrained`` loads ours.
+
+A model with prompt tuning (``fastpeft.add_prompt_tuning``) is saved as a PEFT prompt-tuning
+adapter instead: a ``PromptTuningConfig`` (peft_type "PROMPT_TUNING", task_type,
+num_virtual_tokens, token_dim, ...) and the one tensor ``prompt_embeddings`` [T, token_dim].
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ from . import _checks
 from .model import (ALL_LINEAR, BASE_TYPES, find_targets, lora_modules, mark_only_lora_as_trainable,
                     name_matches, replace_with_lora)
 from .nn.lora import lora_scaling
+from .prompt_tuning import TASK_TYPES as PROMPT_TASK_TYPES
+from .prompt_tuning import DEFAULT_MODULES_TO_SAVE, add_prompt_tuning, get_prompt_tuning, input_embeddings
+from .prompt_tuning import modules_to_save_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,6 +43,9 @@ UNSUPPORTED_FIELDS = ("use_dora", "fan_in_fan_out", "modules_to_save", "layer_re
                       "target_parameters", "trainable_token_indices", "use_qalora",
                       "alora_invocation_tokens", "use_bdlora", "arrow_config", "velora_config",
                       "kasa_config", "monteclora_config", "megatron_config")
+PROMPT_KEY = "prompt_embeddings"
+PROMPT_PREFIX = "base_model."  # modules_to_save keys of a prompt-learning adapter: base_model.<module>.<tensor>
+PROMPT_INITS = ("RANDOM", "SAMPLE_VOCAB")  # what we write; PEFT's TEXT needs a tokenizer to rebuild the config
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
 
 
@@ -178,17 +188,69 @@ def adapter_config(model: nn.Module, task_type: str | None = None) -> dict:
     }
 
 
+def _config_value(model: nn.Module, *names: str):
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def prompt_adapter_config(model: nn.Module, task_type: str | None = None) -> dict:
+    """The adapter_config.json contents (a PEFT PromptTuningConfig) for the soft prompt that
+    ``fastpeft.add_prompt_tuning`` put on ``model``."""
+    prompt = get_prompt_tuning(model)
+    if prompt is None:
+        raise ValueError("the model has no prompt tuning: call fastpeft.add_prompt_tuning first")
+    if task_type is not None and task_type != prompt.task_type:
+        raise ValueError(f"task_type={task_type!r} but the model's prompt tuning was set up for "
+                         f"{prompt.task_type!r}")
+    return {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": prompt.task_type,
+        "auto_mapping": None,
+        "base_model_name_or_path": _name_or_path(model),
+        "revision": None,
+        "inference_mode": True,
+        "num_virtual_tokens": prompt.num_virtual_tokens,
+        "token_dim": prompt.embedding_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": _config_value(model, "num_attention_heads", "n_head", "num_heads"),
+        "num_layers": _config_value(model, "num_hidden_layers", "num_layers", "n_layer"),
+        "modules_to_save": list(prompt.modules_to_save) or None,
+        "prompt_tuning_init": prompt.peft_init if prompt.peft_init in PROMPT_INITS else "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+    }
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None) -> None:
-    """Write the LoRALinear modules of ``model`` to ``directory`` as a PEFT LoRA adapter.
+    """Write the LoRALinear modules of ``model`` to ``directory`` as a PEFT LoRA adapter, or,
+    for a model with prompt tuning, its soft prompt as a PEFT prompt-tuning adapter.
 
     Every LoRALinear must share lora_dropout and use_rslora (PEFT keeps one of each); r and
     lora_alpha may differ per module (rank_pattern / alpha_pattern). Tensors keep their dtype.
+    A prompt is saved as "prompt_embeddings" [num_virtual_tokens, token_dim] with the task_type
+    given to add_prompt_tuning (``task_type`` here, if given, must agree).
     """
-    config = adapter_config(model, task_type)
+    prompt = get_prompt_tuning(model)
+    if prompt is not None and lora_modules(model):
+        raise ValueError("the model has both LoRALinear modules and prompt tuning; a PEFT adapter "
+                         "directory holds one method")
+    config = adapter_config(model, task_type) if prompt is None else prompt_adapter_config(model, task_type)
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_adapter: {directory!r} exists and is not a directory")
     tensors = {}
+    if prompt is not None:
+        tensors[PROMPT_KEY] = prompt.weight.detach().to("cpu").contiguous()
+        for name in modules_to_save_names(model, prompt.modules_to_save):
+            for key, value in model.get_submodule(name).state_dict().items():
+                tensors[f"{PROMPT_PREFIX}{name}.{key}"] = value.detach().to("cpu").contiguous()
     for name, m in lora_modules(model).items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
@@ -229,7 +291,7 @@ def _read(directory: str) -> tuple[dict, dict]:
 def check_config(config: dict) -> None:
     """Raise for a config that is not plain LoRA on linear layers (naming the field)."""
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"peft_type must be 'LORA', got {config.get('peft_type')!r}")
+        raise ValueError(f"peft_type must be 'LORA' or 'PROMPT_TUNING', got {config.get('peft_type')!r}")
     for field in UNSUPPORTED_FIELDS:
         if config.get(field):
             raise NotImplementedError(f"adapter config field {field}={config[field]!r} is not "
@@ -296,6 +358,78 @@ def _parse_keys(state: dict) -> tuple[dict, list[str]]:
     return found, other
 
 
+def _load_prompt(model: nn.Module, directory: str, config: dict, state: dict) -> nn.Module:
+    subs = config.get("num_transformer_submodules")
+    if subs not in (None, 1):
+        raise NotImplementedError(f"adapter config num_transformer_submodules={subs!r}: fastpeft's prompt "
+                                  f"tuning has one prompt (no encoder-decoder models)")
+    task = config.get("task_type")
+    if task is not None and task not in PROMPT_TASK_TYPES:
+        raise NotImplementedError(f"adapter config task_type={task!r} is not supported for prompt tuning "
+                                  f"(supported: {PROMPT_TASK_TYPES})")
+    T = _checks.positive_int("adapter config num_virtual_tokens", config.get("num_virtual_tokens"))
+    if PROMPT_KEY not in state:
+        raise ValueError(f"load_adapter: the prompt-tuning adapter in {directory!r} has no {PROMPT_KEY!r} "
+                         f"(keys: {sorted(state)})")
+    tensor = state[PROMPT_KEY]
+    existing = get_prompt_tuning(model)
+    saved = config.get("modules_to_save") or []
+    if isinstance(saved, str):
+        saved = [saved]
+    # PEFT adds its task heads to modules_to_save when it loads an adapter.
+    spec = list(dict.fromkeys(list(saved) + list(DEFAULT_MODULES_TO_SAVE.get(task, ()))))
+    heads = _head_tensors(model, directory, spec + list(existing.modules_to_save if existing else ()),
+                          {k: v for k, v in state.items() if k != PROMPT_KEY})
+    dim = existing.embedding_dim if existing is not None else input_embeddings(model).weight.shape[1]
+    if tuple(tensor.shape) != (T, dim) or not tensor.is_floating_point():
+        raise ValueError(f"load_adapter: {PROMPT_KEY!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype} "
+                         f"but num_virtual_tokens={T} and the model's embedding dim {dim} need a float ({T}, {dim})")
+    token_dim = config.get("token_dim")
+    if token_dim is not None and token_dim != dim:
+        raise ValueError(f"load_adapter: adapter config token_dim={token_dim} but the model's embeddings "
+                         f"have dim {dim}")
+    if existing is not None and existing.num_virtual_tokens != T:
+        raise ValueError(f"load_adapter: the model's prompt has {existing.num_virtual_tokens} virtual tokens but "
+                         f"the adapter has num_virtual_tokens={T}")
+    if existing is not None and task is not None and task != existing.task_type:
+        raise ValueError(f"load_adapter: the model's prompt tuning is for task_type={existing.task_type!r} but "
+                         f"the adapter's is {task!r}")
+    if existing is None:
+        add_prompt_tuning(model, T, init=tensor.to(torch.float32), task_type=task,
+                          modules_to_save=spec if saved else None)
+        if config.get("prompt_tuning_init") in PROMPT_INITS:
+            get_prompt_tuning(model).peft_init = config["prompt_tuning_init"]
+    else:
+        with torch.no_grad():
+            existing.weight.copy_(tensor)
+    with torch.no_grad():
+        for target, value in heads:
+            target.copy_(value)
+    return model
+
+
+def _head_tensors(model: nn.Module, directory: str, spec: list[str], state: dict) -> list:
+    """(model tensor, file tensor) for the modules_to_save keys "base_model.<module>.<name>" of a
+    prompt-tuning adapter; raises for a key that names no tensor of a module ``spec`` selects."""
+    names = sorted(modules_to_save_names(model, spec), key=len, reverse=True)
+    pairs, unexpected = [], []
+    for key, value in sorted(state.items()):
+        path = key.removeprefix(PROMPT_PREFIX)
+        name = next((n for n in names if path.startswith(n + ".")), None) if key.startswith(PROMPT_PREFIX) else None
+        target = model.get_submodule(name).state_dict(keep_vars=True).get(path[len(name) + 1:]) if name else None
+        if target is None:
+            unexpected.append(key)
+        elif tuple(target.shape) != tuple(value.shape):
+            raise ValueError(f"load_adapter: {key!r} has shape {tuple(value.shape)} but the model's {path} has "
+                             f"shape {tuple(target.shape)}")
+        else:
+            pairs.append((target, value))
+    if unexpected:
+        raise ValueError(f"load_adapter: the prompt-tuning adapter in {directory!r} has keys that name no tensor "
+                         f"of its modules_to_save {spec}: {unexpected}")
+    return pairs
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load the PEFT LoRA adapter in ``directory`` into ``model``; return ``model``.
 
@@ -306,10 +440,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     weights are copied into lora_A / lora_B, keeping their dtype and device; keys may carry
     an adapter name ("...lora_A.default.weight"). Nothing is changed when a check fails
     (missing or unexpected keys, a wrong shape or scaling).
+
+    A PEFT prompt-tuning adapter (peft_type "PROMPT_TUNING", one prompt: no encoder-decoder)
+    goes into the model's prompt tuning, or sets it up first (``add_prompt_tuning`` with the
+    config's num_virtual_tokens and task_type; the model is frozen, the prompt trains).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter expects an nn.Module, got {type(model).__name__}")
     config, state = _read(os.fspath(directory))
+    if config.get("peft_type") == "PROMPT_TUNING":
+        return _load_prompt(model, os.fspath(directory), config, state)
     check_config(config)
     existing = lora_modules(model)
     names = list(existing) if existing else _planned_names(model, config)
