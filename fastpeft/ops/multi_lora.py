@@ -1,0 +1,202 @@
+"""Many LoRA adapters in one batch (inference): input checks, backend and regime choice.
+
+    y[i] = out[i] + s_a * (x[i] A_a[:r_a]^T) B_a[:, :r_a]^T,    a = indices[i]
+
+Numerics: fastpeft/reference/multi_lora.py. Backends: ``triton`` (kernels/multi_lora.py),
+``cuda`` (``fastpeft.ops._cext.multi_lora_shrink`` / ``multi_lora_expand`` where the extension
+has them) and ``torch`` (the reference). Nothing here reads a tensor value on the host except
+the optional value check (one sync, skipped during CUDA-graph capture), so the op can be
+captured in a CUDA graph and replayed with new indices, ranks and scalings.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import _backend, _checks
+from ..reference import multi_lora as ref
+
+OP = "multi_lora"
+# Preference on CUDA tensors; benchmarks/results records the measurement behind it.
+PREFERRED_CUDA = ("triton", "cuda", "torch")
+INT_DTYPES = (torch.int32, torch.int64)
+# Regime choice (shapes only, never values). Per-row programs (decode, BGMV) give every row
+# its own program and read each row's adapter on its own: best while rows are few, since the
+# adapter reads it repeats (T * r * (in + out) elements, served from L2 when rows share an
+# adapter) stay small and there is no sort to pay. Tiles of rows grouped by adapter (prefill,
+# SGMV) read each adapter once per tile, but pay a device sort and, where a tile holds several
+# adapters, one serial pass per adapter: worth it once rows outnumber the adapters that can
+# be in the batch. So: decode up to DECODE_MAX_ROWS rows, and up to DECODE_MAX_MIXED_ROWS rows
+# while T < ROWS_PER_ADAPTER * n (the stack's adapters could each hold only a few rows, so
+# sorted tiles would mostly mix adapters); prefill otherwise.
+DECODE_MAX_ROWS = 128
+DECODE_MAX_MIXED_ROWS = 1024
+ROWS_PER_ADAPTER = 4
+
+
+def supported() -> tuple[str, ...]:
+    """The backends this op has: "cuda" only when the extension wrapper has the gathered kernels."""
+    from . import _cext
+    return ("triton", "cuda", "torch") if hasattr(_cext, "multi_lora_shrink") else ("triton", "torch")
+
+
+def regime(T: int, n: int) -> str:
+    """"decode" (per-row programs) or "prefill" (adapter-sorted row tiles), from shapes only."""
+    if T <= DECODE_MAX_ROWS or (T <= DECODE_MAX_MIXED_ROWS and T < ROWS_PER_ADAPTER * n):
+        return "decode"
+    return "prefill"
+
+
+def _on_device(t: torch.Tensor):
+    """Kernels launch on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _validate(x, lora_A, lora_B, ranks, scalings, indices, out) -> torch.device:
+    _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("lora_A", lora_A, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("lora_B", lora_B, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("ranks", ranks, ndim=1, dtypes=INT_DTYPES)
+    _checks.tensor("scalings", scalings, ndim=1, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
+    _checks.tensor("indices", indices, dtypes=INT_DTYPES)
+    n, r_max, K = lora_A.shape
+    if n == 0 or r_max == 0:
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} must be [n, r_max, in] with n >= 1 adapters and "
+                         f"r_max >= 1")
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but lora_A "
+                         f"{tuple(lora_A.shape)} expects {K} ([n, r_max, in])")
+    if lora_B.shape[0] != n or lora_B.shape[2] != r_max:
+        raise ValueError(f"lora_B shape {tuple(lora_B.shape)} must be [{n}, out, {r_max}] ([n, out, r_max], "
+                         f"lora_A is {tuple(lora_A.shape)})")
+    if ranks.shape[0] != n or scalings.shape[0] != n:
+        raise ValueError(f"ranks {tuple(ranks.shape)} and scalings {tuple(scalings.shape)} must both be "
+                         f"[{n}] (one per adapter of lora_A {tuple(lora_A.shape)})")
+    T = torch.Size(x.shape[:-1]).numel()
+    if tuple(indices.shape) not in ((T,), tuple(x.shape[:-1])):
+        raise ValueError(f"indices shape {tuple(indices.shape)} must be [{T}] (one per row of x "
+                         f"{tuple(x.shape)}) or x's leading dims {tuple(x.shape[:-1])}")
+    _checks.same_dtype(x=x, lora_A=lora_A, lora_B=lora_B)
+    if out is not None:
+        _checks.tensor("out", out, dtypes=(x.dtype,))
+        want = (*x.shape[:-1], lora_B.shape[1])
+        if tuple(out.shape) != want:
+            raise ValueError(f"out shape {tuple(out.shape)} must be {want} (x's leading dims, out features "
+                             f"of lora_B {tuple(lora_B.shape)})")
+        if any(st == 0 and sz > 1 for st, sz in zip(out.stride(), out.shape)):
+            raise ValueError(f"out (shape {tuple(out.shape)}, strides {out.stride()}) has elements sharing "
+                             f"memory (a stride of 0): it cannot be written in place")
+    device = _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B, ranks=ranks, scalings=scalings,
+                                 indices=indices, out=out)
+    if torch.is_grad_enabled():
+        needs = [k for k, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("scalings", scalings),
+                                ("out", out)) if t is not None and t.requires_grad]
+        if needs:
+            raise RuntimeError(f"multi-adapter batches are inference-only: {', '.join(needs)} requires grad "
+                               f"with grad mode on; run under torch.no_grad() or torch.inference_mode() "
+                               f"(train adapters with fastpeft.lora_linear / LoRALinear)")
+    return device
+
+
+def _check_values(ranks: torch.Tensor, indices: torch.Tensor, n: int, r_max: int) -> None:
+    """Index values in [-1, n) and ranks in [1, r_max]: one host sync."""
+    bad_idx = ((indices < -1) | (indices >= n)).any()
+    bad_rank = ((ranks < 1) | (ranks > r_max)).any()
+    flags = torch.stack([bad_idx, bad_rank]).tolist()  # the one sync
+    if flags[0]:
+        pos = int(((indices < -1) | (indices >= n)).nonzero()[0, 0])
+        raise ValueError(f"indices must be in [-1, {n}) (-1: no adapter; {n} adapters in the stack); "
+                         f"row {pos} has {int(indices[pos])}")
+    if flags[1]:
+        pos = int(((ranks < 1) | (ranks > r_max)).nonzero()[0, 0])
+        raise ValueError(f"ranks must be in [1, r_max={r_max}]; adapter {pos} has rank {int(ranks[pos])}")
+
+
+def _cuda_path(x2, A, B, ranks, scalings, idx, y2, regime_name):
+    """The CUDA C++ gathered kernels (fastpeft.ops._cext): u [T, r_max] fp32 is fully written by
+    the shrink; the expand adds into y2. In the prefill regime the rows go in adapter order
+    (a device sort, no sync) so that consecutive rows share weight tiles."""
+    from . import _cext
+    n = A.shape[0]
+    u = torch.empty(x2.shape[0], A.shape[1], device=x2.device, dtype=torch.float32)
+    r32 = ranks.to(torch.int32).contiguous()
+    row_order = None
+    if regime_name == "prefill":
+        key = torch.where((idx >= 0) & (idx < n), idx, torch.full_like(idx, n))
+        row_order = torch.sort(key, stable=True).indices.to(torch.int32)
+    _cext.multi_lora_shrink(x2, A.contiguous(), r32, idx, u, row_order)
+    _cext.multi_lora_expand(y2, u, B.contiguous(), r32, scalings, idx, row_order)
+    return y2
+
+
+def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
+               scalings: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None, *,
+               check: bool = True, backend: str | None = None) -> torch.Tensor:
+    """Many LoRA adapters in one batch: each row of x through its own adapter (inference).
+
+        y[i] = out[i] + s_a * (x[i] A_a[:r_a]^T) B_a[:, :r_a]^T,   a = indices[i], r_a = ranks[a],
+                                                                    s_a = scalings[a]
+
+    x: [..., in] (rows = the leading dims flattened); lora_A: [n, r_max, in] and lora_B:
+    [n, out, r_max] in x's dtype (fp32, fp16, bf16), entries beyond each adapter's rank are
+    ignored (never read into the result); ranks: int [n] in [1, r_max]; scalings: float [n];
+    indices: int [rows] (or x's leading shape), -1 = no adapter. Returns ``out`` with the
+    update added in place when given ([..., out], x's dtype), else a new tensor holding the
+    update alone (zero rows where there is no adapter).
+
+    ``check=True`` validates the index and rank values with one host sync (skipped while a
+    CUDA graph is being captured); with ``check=False`` nothing is read on the host, and an
+    out-of-range index counts as "no adapter" (never an out-of-bounds read). Inference only:
+    raises RuntimeError when autograd would need a gradient. ``backend`` forces 'triton' |
+    'cuda' | 'torch' (see fastpeft._backend).
+    """
+    device = _validate(x, lora_A, lora_B, ranks, scalings, indices, out)
+    n, r_max, K = lora_A.shape
+    N = lora_B.shape[1]
+    idx = indices.reshape(-1)
+    T = idx.shape[0]
+    if check and not _capturing(device):
+        _check_values(ranks, idx, n, r_max)
+    name = _backend.select(OP, device, PREFERRED_CUDA, supported(), explicit=backend)
+    if scalings.dtype != torch.float32:
+        scalings = scalings.float()
+    lead = x.shape[:-1]
+    if T == 0 or N == 0 or K == 0 or name == "torch":
+        with torch.no_grad():
+            delta = ref.multi_lora_delta(x.reshape(T, K), lora_A, lora_B, ranks, scalings, idx)
+        if out is None:
+            return delta.reshape(*lead, N)
+        out.add_(delta.reshape(out.shape))
+        return out
+
+    x2 = x.reshape(T, K)
+    ranks, scalings, idx = ranks.contiguous(), scalings.contiguous(), idx.contiguous()
+    y2, write_back = None, False
+    if out is not None:
+        try:
+            y2 = out.view(T, N)
+        except RuntimeError:  # not viewable as rows: accumulate into a copy, then write it back
+            y2, write_back = out.reshape(T, N).clone(), True
+    with _on_device(x2):
+        if name == "cuda":
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            if y2 is None:
+                y2 = torch.zeros(T, N, device=x2.device, dtype=x2.dtype)
+            dst = y2 if y2.stride(-1) == 1 else y2.contiguous()
+            _cuda_path(x2, lora_A, lora_B, ranks, scalings, idx, dst, regime(T, n))
+            if dst is not y2:
+                y2.copy_(dst)
+        else:
+            from ..kernels import multi_lora as k
+            y2 = k.multi_lora(x2, lora_A, lora_B, ranks, scalings, idx, y2, regime(T, n))
+    if out is None:
+        return y2.reshape(*lead, N)
+    if write_back:
+        out.copy_(y2.view(out.shape))
+    return out

@@ -1,0 +1,67 @@
+"""Reference multi-adapter LoRA: many adapters in one batch, one adapter per row.
+
+    y[i] = out[i] + s_a * (x[i] A_a[:r_a]^T) B_a[:, :r_a]^T     with a = indices[i]
+
+for every row i of x [T, in]; rows with no adapter (a = -1, or any a outside [0, n)) get
+nothing. A [n, r_max, in] and B [n, out, r_max] stack the adapters; ranks [n] (1..r_max)
+and scalings [n] describe them. Entries of A and B beyond an adapter's rank are never part of
+the result (they may hold anything, NaN included): they are selected away with ``where``,
+never multiplied by zero.
+"""
+from __future__ import annotations
+
+import torch
+
+# The per-row gather materializes A and B slices of each row: rows go in chunks of at most
+# this many gathered elements, so memory stays bounded on long inputs.
+_GATHER_ELEMENTS = 1 << 26
+
+
+def row_keep(ranks: torch.Tensor, indices: torch.Tensor, n: int, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(safe adapter index per row (0 where none), keep [T, r_max]: rank slot j of row i counts)."""
+    idx = indices.long()
+    valid = (idx >= 0) & (idx < n)
+    safe = torch.where(valid, idx, torch.zeros_like(idx))
+    rank = ranks.long().clamp(0, r_max)[safe]
+    keep = (torch.arange(r_max, device=idx.device)[None, :] < rank[:, None]) & valid[:, None]
+    return safe, keep
+
+
+def multi_lora_delta(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
+                     scalings: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The update alone, on 2-D x [T, in] -> [T, out] in x's dtype: a gathered shrink
+    u = x A_idx^T (masked beyond each rank) and a gathered expand s_idx u B_idx^T."""
+    T, K = x2.shape
+    n, r_max, _ = lora_A.shape
+    N = lora_B.shape[1]
+    safe, keep = row_keep(ranks, indices, n, r_max)
+    zero = torch.zeros((), dtype=x2.dtype, device=x2.device)
+    scale = torch.where(keep[:, 0], scalings.to(x2.dtype)[safe], zero)
+    # B beyond each rank is zeroed once per adapter (u beyond the rank is zeroed per row below)
+    rank_mask = torch.arange(r_max, device=x2.device)[None, :] < ranks.long().clamp(0, r_max)[:, None]
+    B_m = torch.where(rank_mask[:, None, :], lora_B, zero)
+    out = torch.empty(T, N, dtype=x2.dtype, device=x2.device)
+    step = max(1, _GATHER_ELEMENTS // max(1, r_max * max(K, N)))
+    for i0 in range(0, T, step):  # chunks of rows, not rows: bounded memory for the gathers
+        sl = slice(i0, i0 + step)
+        u = torch.bmm(lora_A[safe[sl]], x2[sl, :, None])[:, :, 0]            # [t, r_max]
+        u = torch.where(keep[sl], u * scale[sl, None], zero)                   # NaN beyond rank -> 0
+        # rows without an adapter gathered adapter 0 as a stand-in: select their zeros (a
+        # non-finite weight of adapter 0 would otherwise reach them as 0 * inf)
+        out[sl] = torch.where(keep[sl, :1], torch.bmm(B_m[safe[sl]], u[:, :, None])[:, :, 0], zero)
+    return out
+
+
+def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
+               scalings: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out + delta, or delta alone when ``out`` is None (zero rows where there is no adapter).
+
+    x [..., in]; lora_A [n, r_max, in]; lora_B [n, out, r_max]; ranks, scalings [n];
+    indices [prod(...)] (the rows of x flattened). Returns [..., out] in x's dtype (a new
+    tensor: ``out`` is not modified here).
+    """
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    delta = multi_lora_delta(x2, lora_A, lora_B, ranks, scalings, indices.reshape(-1))
+    delta = delta.reshape(*x.shape[:-1], lora_B.shape[1])
+    return delta if out is None else out + delta
