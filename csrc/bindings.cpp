@@ -23,6 +23,14 @@ void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s
                  uintptr_t b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R, int dtype,
                  float scaling, bool dropout, uint32_t seed, uint32_t thr31, float drop_scale, int device,
                  uintptr_t stream);
+void multi_lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_aa, int64_t s_ar,
+                       int64_t s_ak, uintptr_t u, int64_t s_um, int64_t s_ur, uintptr_t ranks, uintptr_t indices,
+                       int index_bits, uintptr_t row_order, int64_t M, int64_t K, int64_t R, int64_t n, int dtype,
+                       int tile, int64_t split_k, int64_t slices, int device, uintptr_t stream);
+void multi_lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s_um, int64_t s_ur,
+                       uintptr_t b, int64_t s_ba, int64_t s_bn, int64_t s_br, uintptr_t ranks, uintptr_t scalings,
+                       uintptr_t indices, int index_bits, uintptr_t row_order, int64_t M, int64_t N, int64_t R,
+                       int64_t n, int dtype, int tile, int64_t slices, int device, uintptr_t stream);
 void int8_quant_rows(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t q, int64_t s_qm, uintptr_t row_scale,
                      int64_t M, int64_t K, int dtype, float threshold, uintptr_t col_flags, int device,
                      uintptr_t stream);
@@ -59,6 +67,26 @@ PYBIND11_MODULE(_C, m) {
         "y"_a, "s_ym"_a, "s_yn"_a, "u"_a, "s_um"_a, "s_ur"_a, "b"_a, "s_bn"_a, "s_br"_a, "M"_a, "N"_a, "R"_a,
         "dtype"_a, "scaling"_a = 1.0f, "dropout"_a = false, "seed"_a = 0u, "thr31"_a = 0u, "drop_scale"_a = 1.0f,
         "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("multi_lora_shrink", &fastpeft::multi_lora_shrink,
+        "Multi-adapter LoRA shrink: U[i, r] = sum_k X[i, k] * A[a, r, k] for r < rank (fp32 U, overwritten),\n"
+        "0 for r >= rank and for rows without adapter, where a = indices[i] (int32 or int64: index_bits) and\n"
+        "rank = min(ranks[a], R) (ranks int32 [n], read on the device); an index outside [0, n) or a rank < 1\n"
+        "means no adapter. Element (a, r, k) of the stack is at a + a*s_aa + r*s_ar + k*s_ak; entries with\n"
+        "r >= rank are never read. row_order (int32 [M], 0: identity) lists the rows in processing order (a\n"
+        "permutation; rows sorted by adapter share weight tiles; entries outside [0, M) are skipped).\n"
+        "tile: 0 chooses, 1 128-row tiles, 2 16-row (decode) tiles; split_k, slices: 0 choose.",
+        "x"_a, "s_xm"_a, "s_xk"_a, "a"_a, "s_aa"_a, "s_ar"_a, "s_ak"_a, "u"_a, "s_um"_a, "s_ur"_a, "ranks"_a,
+        "indices"_a, "index_bits"_a, "row_order"_a, "M"_a, "K"_a, "R"_a, "n"_a, "dtype"_a, "tile"_a = 0,
+        "split_k"_a = 0, "slices"_a = 0, "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("multi_lora_expand", &fastpeft::multi_lora_expand,
+        "Multi-adapter LoRA expand: Y[i, n] += scalings[a] * sum_{r < rank} U[i, r] * B[a, n, r] in place\n"
+        "(fp32 accumulation, Y rounded once), rows without adapter untouched; a, rank, row_order as in\n"
+        "multi_lora_shrink; scalings float32 [n]. Element (a, n, r) of the stack is at\n"
+        "b + a*s_ba + n*s_bn + r*s_br; U (fp32) and B entries with r >= rank are never read.\n"
+        "tile: 0 chooses, 1 64-row tiles, 2 16-row (decode) tiles; slices: 0 chooses.",
+        "y"_a, "s_ym"_a, "s_yn"_a, "u"_a, "s_um"_a, "s_ur"_a, "b"_a, "s_ba"_a, "s_bn"_a, "s_br"_a, "ranks"_a,
+        "scalings"_a, "indices"_a, "index_bits"_a, "row_order"_a, "M"_a, "N"_a, "R"_a, "n"_a, "dtype"_a,
+        "tile"_a = 0, "slices"_a = 0, "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
   m.def("int8_quant_rows", &fastpeft::int8_quant_rows,
         "LLM.int8() row quantization of X [M, K] (element (m, k) at x + m*s_xm + k*s_xk):\n"
         "row_scale[m] = max |X[m, k]| over the entries with |X| < threshold (all when threshold is 0),\n"

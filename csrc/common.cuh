@@ -148,7 +148,8 @@ template <typename F> void dispatch_dtype(int dtype, const char* func, F&& f) {
 // B_j is column-major (element (k, c) at b[(j * 16 + c) * ldb + k]). S is the staged type:
 // __half / __nv_bfloat16 use m16n16k16 (exact products); float uses TF32 m16n16k8, with
 // PASSES = 3 splitting both operands into TF32 hi + lo parts (a_hi b_hi + a_hi b_lo + a_lo b_hi),
-// which is accurate to about 2^-21, and PASSES = 1 a single TF32 product.
+// which is accurate to about 2^-21, and PASSES = 1 a single TF32 product. `nf` (<= NF, default
+// all) limits the product to the first nf column fragments; the others are left untouched.
 
 template <typename S, int PASSES> struct WarpMma;
 
@@ -159,13 +160,15 @@ template <typename S> struct WarpMma16 {
   using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
   template <int NF>
-  __device__ __forceinline__ static void run(Acc (&acc)[NF], const S* a, int lda, const S* b, int ldb, int klen) {
+  __device__ __forceinline__ static void run(Acc (&acc)[NF], const S* a, int lda, const S* b, int ldb, int klen,
+                                             int nf = NF) {
 #pragma unroll 1
     for (int k = 0; k < klen; k += KS) {
       FragA fa;
       nvcuda::wmma::load_matrix_sync(fa, a + k, lda);
 #pragma unroll
       for (int j = 0; j < NF; ++j) {
+        if (j >= nf) break;
         FragB fb;
         nvcuda::wmma::load_matrix_sync(fb, b + j * 16 * ldb + k, ldb);
         nvcuda::wmma::mma_sync(acc[j], fa, fb, acc[j]);
@@ -198,7 +201,7 @@ template <int PASSES> struct WarpMma<float, PASSES> {
 
   template <int NF>
   __device__ __forceinline__ static void run(Acc (&acc)[NF], const float* a, int lda, const float* b, int ldb,
-                                             int klen) {
+                                             int klen, int nf = NF) {
 #pragma unroll 1
     for (int k = 0; k < klen; k += KS) {
       FragA a_hi, a_lo;
@@ -206,6 +209,7 @@ template <int PASSES> struct WarpMma<float, PASSES> {
       split(a_hi, a_lo);
 #pragma unroll
       for (int j = 0; j < NF; ++j) {
+        if (j >= nf) break;
         FragB b_hi, b_lo;
         nvcuda::wmma::load_matrix_sync(b_hi, b + j * 16 * ldb + k, ldb);
         split(b_hi, b_lo);

@@ -316,7 +316,7 @@ def _cpp_default(text: str | None):
 
 
 @pytest.mark.parametrize("name", ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "quant_quantize",
-                                  "quant_dequantize", "adapter_forward"])
+                                  "quant_dequantize", "adapter_forward", "multi_lora_shrink", "multi_lora_expand"])
 def test_emulated_extension_mirrors_the_bindings(name):
     """EmulatedExtension's functions take the arguments of csrc/bindings.cpp, with its defaults."""
     text = (emulator.CSRC / "bindings.cpp").read_text()
@@ -374,5 +374,63 @@ def test_adapter_errors_and_empty(emu):
     (checks.check_adapter_bounds, (F32, 20, 200, 256, "silu", 1)),  # 16-row tiles, one block per row tile
 ], ids=["adapter-f16", "adapter-f32-r256"])
 def test_adapter_no_data_races(emulate, check, args):
+    emulate("tsan")
+    check("cpu", *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-adapter LoRA (csrc/lora.cu, MULTI kernels): ranks 1, 3, 16, 64 in one stack (and an unused adapter of
+# NaN), NaN beyond every rank, rows without adapter (-1, n, huge, negative, int64 values that truncate to valid
+# ones), against the float64 spec of test_cuda_ext.py
+
+I32, I64 = torch.int32, torch.int64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,index_dtype,order,tile,split_k,slices,x_layout", [
+    (1, 96, I64, None, 0, 0, 0, "contiguous"),  # decode tile, one row, 16-byte loads
+    (37, 100, I32, None, 2, 0, 0, "contiguous"),  # odd T, 3 decode tiles, 5 slices (fp16/bf16: scalar loads)
+    (37, 33, I64, "sorted", 1, 0, 0, "misaligned"),  # one 128-row tile of sorted rows, scalar loads, K < BK
+    (300, 96, I32, "shuffled", 1, 0, 0, "padded"),  # 128-row tiles of permuted rows: every adapter in each tile
+    (300, 40, I64, "sorted", 2, 0, 1, "contiguous"),  # decode tiles, one block walks every segment of its tile
+    (1, 1000, I32, None, 0, 0, 0, "contiguous"),  # split-K from the SM count: atomics into a zeroed u
+    (20, 1000, I64, "shuffled", 2, 3, 3, "padded"),  # split-K x slices
+])
+def test_multi_lora_shrink(emu, dtype, T, K, index_dtype, order, tile, split_k, slices, x_layout):
+    checks.check_multi_shrink("cpu", dtype, T, K, index_dtype, order, tile, split_k, slices, x_layout)
+    assert emu.calls["multi_lora_shrink"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,index_dtype,order,tile,slices,y_layout", [
+    (1, 136, I32, None, 0, 0, "contiguous"),  # decode tile, one row, 16-byte epilogue
+    (37, 130, I64, None, 2, 0, "contiguous"),  # odd T and N, decode tiles, 5 slices, scalar epilogue
+    (37, 50, I32, "sorted", 1, 0, "padded"),  # one 64-row tile of sorted rows; y inside a NaN buffer
+    (300, 136, I64, "shuffled", 1, 0, "contiguous"),  # 64-row tiles of permuted rows, 5 slices
+    (300, 136, I32, "sorted", 2, 1, "misaligned"),  # decode tiles walking every segment; y not 16-byte aligned
+    (70, 264, I64, "shuffled", 0, 2, "padded"),  # forced 2 slices, 3 column tiles (the last 8 wide)
+])
+def test_multi_lora_expand(emu, dtype, T, N, index_dtype, order, tile, slices, y_layout):
+    checks.check_multi_expand("cpu", dtype, T, N, index_dtype, order, tile, slices, y_layout)
+    assert emu.calls["multi_lora_expand"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order", [None, "sorted"])
+def test_multi_lora_flow(emu, dtype, order):
+    """The public wrappers (the ops layer's calls): shrink then expand, int32 indices."""
+    checks.check_multi_lora_flow("cpu", dtype, 37, 64, 72, order)
+
+
+def test_multi_lora_errors_and_empty(emu):
+    checks.check_multi_lora_errors_and_empty("cpu")
+
+
+@pytest.mark.parametrize("check,args", [
+    (checks.check_multi_shrink, (F16, 20, 300, I64, "shuffled", 2, 2, 3)),  # decode tiles: K split over warps,
+    # partial sums in the epilogue, slices, split-K atomics
+    (checks.check_multi_expand, (BF16, 70, 136, I32, "shuffled", 1, 0)),  # 64-row tiles, several segments each
+], ids=["multi-shrink-f16", "multi-expand-bf16"])
+def test_multi_lora_no_data_races(emulate, check, args):
     emulate("tsan")
     check("cpu", *args)

@@ -1175,3 +1175,385 @@ def test_adapter_cpu_tensors_rejected():
     x, wd, bd, wu, bu = adapter_inputs(3, 8, 2, torch.float32, "cpu")
     with pytest.raises(ValueError, match="need CUDA tensors.*cpu"):
         _cext.adapter_forward(x, wd, bd, wu, bu, "relu", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-adapter LoRA shrink / expand (csrc/lora.cu, MULTI kernels) against a float64 reference of the
+# spec written here: row i uses adapter a = indices[i] when 0 <= a < n (else none), rank r = ranks[a];
+#   shrink: u[i, :r] = x[i] A[a, :r]^T, u[i, r:] = 0, u[i] = 0 without adapter
+#   expand: y[i] += s[a] * u[i, :r] B[a, :, :r]^T (y rows without adapter untouched)
+
+MULTI_RANKS = (1, 3, 16, 64, 5)  # adapter 4 (rank 5) is used by no row: all of its weights are NaN
+MULTI_SCALINGS = (0.5, 2.0, -1.25, 0.75, float("nan"))
+MULTI_R_MAX = 64
+
+
+def multi_indices(T, index_dtype, seed=0):
+    """Fresh adapter indices in [0, 4) with rows of no adapter planted: -1, n, huge and negative values, and
+    (int64) values whose low 32 bits are valid indices, which must not be truncated into them."""
+    g = torch.Generator().manual_seed(seed * 31 + T)
+    idx = torch.randint(0, 4, (T,), generator=g, dtype=torch.int64)
+    n = len(MULTI_RANKS)
+    wide = [2**32 + 1, -(2**32) + 2] if index_dtype == torch.int64 else [2**31 - 1, -(2**31)]
+    for pos, v in zip((1, 4, 6, 9, 11, 12), [-1, n, 1000, -7] + wide):
+        if pos < T:
+            idx[pos] = v
+    return idx.to(index_dtype)
+
+
+def multi_row_order(idx, order, seed=0):
+    """None, the rows sorted by adapter (stable), or a random permutation."""
+    if order is None:
+        return None
+    if order == "sorted":
+        perm = torch.sort(idx.cpu().to(torch.int64), stable=True).indices
+    else:
+        perm = torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed))
+    return perm.to(torch.int32).to(idx.device)
+
+
+def multi_adapter_rows(idx):
+    """(adapter of each row as a list, -1 for none) under the spec's rule."""
+    n = len(MULTI_RANKS)
+    return [int(a) if 0 <= int(a) < n else -1 for a in idx.cpu().tolist()]
+
+
+def multi_stack(n_out, n_in, dtype, device, seed, rank_axis):
+    """An adapter stack with entries beyond each rank (and the whole unused adapter 4) NaN."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(MULTI_RANKS), MULTI_R_MAX, n_in) if rank_axis == 1 else (len(MULTI_RANKS), n_out, MULTI_R_MAX)
+    w = torch.randn(*shape, generator=g)
+    for a, r in enumerate(MULTI_RANKS):
+        w[a] /= math.sqrt(n_in if rank_axis == 1 else r)
+        if rank_axis == 1:
+            w[a, r:] = float("nan")
+        else:
+            w[a, :, r:] = float("nan")
+    w[4] = float("nan")
+    return w.to(device, dtype)
+
+
+def multi_shrink_ref(x, A, idx):
+    u = torch.zeros(x.shape[0], MULTI_R_MAX, dtype=torch.float64)
+    rows = torch.tensor(multi_adapter_rows(idx), dtype=torch.int64)
+    for a, r in enumerate(MULTI_RANKS):
+        sel = rows == a
+        if sel.any():
+            u[sel, :r] = x.double().cpu()[sel] @ A[a, :r].double().cpu().t()
+    return u
+
+
+def multi_expand_ref(y0, u, B, idx):
+    y = y0.double().cpu().clone()
+    rows = torch.tensor(multi_adapter_rows(idx), dtype=torch.int64)
+    for a, r in enumerate(MULTI_RANKS):
+        sel = rows == a
+        if sel.any():
+            s = torch.tensor(MULTI_SCALINGS[a], dtype=torch.float32).item()
+            y[sel] += s * (u.double().cpu()[sel, :r] @ B[a, :, :r].double().cpu().t())
+    return y
+
+
+def multi_meta(device, T, index_dtype, order, seed=0):
+    idx = multi_indices(T, index_dtype, seed).to(device)
+    return (torch.tensor(MULTI_RANKS, dtype=torch.int32, device=device), idx,
+            multi_row_order(idx, order, seed), torch.tensor(MULTI_SCALINGS, dtype=torch.float32, device=device))
+
+
+def check_multi_shrink(device, dtype, T, K, index_dtype=torch.int64, order=None, tile=0, split_k=0, slices=0,
+                       x_layout="contiguous"):
+    """u (a view inside a NaN buffer) filled in place: the spec on every element, exact zeros beyond each row's
+    rank and on rows without adapter, the padding untouched."""
+    g = torch.Generator().manual_seed(T * 100 + K)
+    x = adapter_layout(torch.randn(T, K, generator=g).to(device, dtype), x_layout)
+    A = multi_stack(0, K, dtype, device, seed=K, rank_axis=1)
+    ranks, idx, row_order, _ = multi_meta(device, T, index_dtype, order)
+    buf = torch.full((T + 2, MULTI_R_MAX + 3), float("nan"), device=device)
+    u = buf[1:-1, 1:-2]
+    out = _cext._multi_lora_shrink(x, A, ranks, idx, u, row_order, tile=tile, split_k=split_k, slices=slices)
+    assert out is u
+    ref = multi_shrink_ref(x, A, idx)
+    err = rel_err(u, ref)
+    assert err <= TOL[dtype], f"u: rel err {err:.2e}"
+    zero = torch.ones(T, MULTI_R_MAX, dtype=torch.bool)
+    for i, a in enumerate(multi_adapter_rows(idx)):
+        if a >= 0:
+            zero[i, :MULTI_RANKS[a]] = False
+    assert torch.all(u.cpu()[zero] == 0), "u not exactly 0 beyond the rank / without adapter"
+    pad = buf.clone()
+    pad[1:-1, 1:-2] = float("nan")
+    assert torch.isnan(pad).all(), "multi_lora_shrink wrote outside u"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.cpu().contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def check_multi_expand(device, dtype, T, N, index_dtype=torch.int64, order=None, tile=0, slices=0,
+                       y_layout="contiguous"):
+    """y updated in place on the rows with an adapter (the spec, and the LoRA branch y - y0 alone); rows
+    without adapter bit-identical (they hold NaN, -0.0 and inf); u and B beyond each rank NaN; a y view inside a
+    NaN buffer keeps its padding."""
+    g = torch.Generator().manual_seed(T * 100 + N + 1)
+    ranks, idx, row_order, scalings = multi_meta(device, T, index_dtype, order, seed=1)
+    rows = multi_adapter_rows(idx)
+    y0 = torch.randn(T, N, generator=g)
+    u = torch.randn(T, MULTI_R_MAX, generator=g)
+    specials = [float("nan"), -0.0, float("inf"), 1.0]
+    for i, a in enumerate(rows):
+        if a >= 0:
+            u[i, MULTI_RANKS[a]:] = float("nan")
+        else:
+            u[i] = float("nan")
+            y0[i, ::2] = specials[i % 4]
+    y0, u = y0.to(device, dtype), u.to(device)
+    B = multi_stack(N, MULTI_R_MAX, dtype, device, seed=N, rank_axis=2)
+    if y_layout == "padded":  # rows of stride N + 3 inside a NaN buffer: scalar loads and stores
+        buf = torch.full((T + 2, N + 3), float("nan"), dtype=dtype, device=device)
+        y = buf[1:-1, 1:N + 1]
+        y.copy_(y0)
+    else:
+        y = layout(y0.clone(), y_layout)
+    out = _cext._multi_lora_expand(y, u, B, ranks, scalings, idx, row_order, tile=tile, slices=slices)
+    assert out is y
+    ref = multi_expand_ref(y0, u, B, idx)
+    have = torch.tensor([a >= 0 for a in rows])
+    if have.any():
+        err = rel_err(y.cpu()[have], ref[have])
+        assert err <= TOL[dtype], f"y: rel err {err:.2e}"
+        base = y0.double().cpu()[have]
+        err = rel_err(y.double().cpu()[have] - base, ref[have] - base)
+        assert err <= TOL[dtype], f"y - y0: rel err {err:.2e}"
+    assert torch.equal(_bits(y)[~have], _bits(y0)[~have]), "rows without adapter changed"
+    if y_layout == "padded":
+        pad = buf.clone()
+        pad[1:-1, 1:N + 1] = float("nan")
+        assert torch.isnan(pad).all(), "multi_lora_expand wrote outside y"
+
+
+def check_multi_lora_flow(device, dtype, T, K, N, order):
+    """shrink then expand through the public wrappers (int32 indices), against the composed reference."""
+    g = torch.Generator().manual_seed(T + K + N)
+    x = torch.randn(T, K, generator=g).to(device, dtype)
+    y0 = torch.randn(T, N, generator=g).to(device, dtype)
+    A = multi_stack(0, K, dtype, device, seed=3, rank_axis=1)
+    B = multi_stack(N, MULTI_R_MAX, dtype, device, seed=4, rank_axis=2)
+    ranks, idx, row_order, scalings = multi_meta(device, T, torch.int32, order, seed=2)
+    u = torch.full((T, MULTI_R_MAX), float("nan"), device=device)
+    assert _cext.multi_lora_shrink(x, A, ranks, idx, u, row_order) is u
+    y = y0.clone()
+    assert _cext.multi_lora_expand(y, u, B, ranks, scalings, idx, row_order) is y
+    ref = multi_expand_ref(y0, multi_shrink_ref(x, A, idx), B, idx)
+    assert rel_err(y, ref) <= TOL[dtype]
+
+
+def check_multi_lora_errors_and_empty(device):
+    T, K, N, n, R = 5, 24, 40, 3, 8
+    x, y = torch.randn(T, K, device=device), torch.randn(T, N, device=device)
+    A, B = torch.randn(n, R, K, device=device), torch.randn(n, N, R, device=device)
+    ranks = torch.full((n,), R, dtype=torch.int32, device=device)
+    s = torch.ones(n, device=device)
+    idx = torch.zeros(T, dtype=torch.int64, device=device)
+    u = torch.zeros(T, R, device=device)
+    shrink, expand = _cext.multi_lora_shrink, _cext.multi_lora_expand
+    with pytest.raises(TypeError, match="dtypes must match"):
+        shrink(x, A.half(), ranks, idx, u)
+    with pytest.raises(TypeError, match="int8"):
+        shrink(x.to(torch.int8), A, ranks, idx, u)
+    with pytest.raises(ValueError, match="A has shape"):
+        shrink(x, A[:, :, :K - 1].contiguous(), ranks, idx, u)
+    with pytest.raises(ValueError, match="A has shape"):
+        shrink(x, A[:, :R - 1].contiguous(), ranks, idx, u)
+    with pytest.raises(ValueError, match="A must be 3-D"):
+        shrink(x, A[0], ranks, idx, u)
+    with pytest.raises(ValueError, match="A .* must be contiguous"):
+        shrink(x, A.transpose(1, 2).contiguous().transpose(1, 2), ranks, idx, u)
+    with pytest.raises(ValueError, match="unit column stride"):
+        shrink(x.t().contiguous().t(), A, ranks, idx, u)
+    with pytest.raises(TypeError, match="ranks has dtype int64"):
+        shrink(x, A, ranks.long(), idx, u)
+    with pytest.raises(ValueError, match="ranks has shape"):
+        shrink(x, A, ranks[:2], idx, u)
+    with pytest.raises(TypeError, match="indices has dtype int16"):
+        shrink(x, A, ranks, idx.to(torch.int16), u)
+    with pytest.raises(ValueError, match="indices has shape"):
+        shrink(x, A, ranks, idx[:4], u)
+    with pytest.raises(ValueError, match="indices must be contiguous"):
+        shrink(x, A, ranks, torch.zeros(2 * T, dtype=torch.int64, device=device)[::2], u)
+    with pytest.raises(TypeError, match="u has dtype float16"):
+        shrink(x, A, ranks, idx, u.half())
+    with pytest.raises(ValueError, match="u has shape"):
+        shrink(x, A, ranks, idx, u[:4])
+    with pytest.raises(ValueError, match="overlapping"):
+        shrink(x, A, ranks, idx, torch.zeros(1, R, device=device).expand(T, R))
+    with pytest.raises(TypeError, match="row_order has dtype int64"):
+        shrink(x, A, ranks, idx, u, torch.arange(T, device=device))
+    with pytest.raises(ValueError, match="row_order has shape"):
+        shrink(x, A, ranks, idx, u, torch.arange(T - 1, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="scalings has dtype float64"):
+        expand(y, u, B, ranks, s.double(), idx)
+    with pytest.raises(ValueError, match="scalings has shape"):
+        expand(y, u, B, ranks, s[:1], idx)
+    with pytest.raises(ValueError, match="B has shape"):
+        expand(y, u, B[:, :N - 1].contiguous(), ranks, s, idx)
+    with pytest.raises(TypeError, match="dtypes must match"):
+        expand(y.half(), u, B, ranks, s, idx)
+    with pytest.raises(ValueError, match="overlapping"):
+        expand(torch.zeros(1, N, device=device).expand(T, N), u, B, ranks, s, idx)
+    with pytest.raises(ValueError, match="unit column stride"):
+        expand(y.t().contiguous().t(), u, B, ranks, s, idx)
+    with pytest.raises(ValueError, match="tile must be"):
+        _cext._multi_lora_shrink(x, A, ranks, idx, u, tile=-1)
+    C = _cext._extension()  # the binding's own checks
+    args = (x.data_ptr(), x.stride(0), 1, A.data_ptr(), R * K, K, 1, u.data_ptr(), R, 1, ranks.data_ptr(),
+            idx.data_ptr())
+    with pytest.raises(ValueError, match="index_bits must be 32 or 64"):
+        C.multi_lora_shrink(*args, 16, 0, T, K, R, n, 0, stream=_stream(device))
+    with pytest.raises(ValueError, match="tile must be 0"):
+        C.multi_lora_shrink(*args, 64, 0, T, K, R, n, 0, tile=3, stream=_stream(device))
+    with pytest.raises(ValueError, match="slices must be in"):
+        C.multi_lora_shrink(*args, 64, 0, T, K, R, n, 0, slices=100000, stream=_stream(device))
+    with pytest.raises(ValueError, match="dtype code 7"):
+        C.multi_lora_shrink(*args, 64, 0, T, K, R, n, 7, stream=_stream(device))
+    with pytest.raises(ValueError, match="adapter count n"):
+        C.multi_lora_shrink(*args, 64, 0, T, K, R, -1, 0, stream=_stream(device))
+    with pytest.raises(ValueError, match="index_bits must be 32 or 64"):
+        C.multi_lora_expand(y.data_ptr(), N, 1, u.data_ptr(), R, 1, B.data_ptr(), N * R, R, 1, ranks.data_ptr(),
+                            s.data_ptr(), idx.data_ptr(), 8, 0, T, N, R, n, 0, stream=_stream(device))
+    # empty batches, K = 0 (u all zeros), an empty stack (every row without adapter)
+    assert shrink(x[:0], A, ranks, idx[:0], u[:0]).shape == (0, R)
+    assert expand(y[:0], u[:0], B, ranks, s, idx[:0]).shape == (0, N)
+    u_nan = torch.full((T, R), float("nan"), device=device)
+    shrink(x[:, :0], A[:, :, :0], ranks, idx, u_nan)
+    assert torch.equal(u_nan, torch.zeros(T, R, device=device))
+    u_nan = torch.full((T, R), float("nan"), device=device)
+    empty_ranks = ranks[:0]
+    shrink(x, A[:0], empty_ranks, idx, u_nan)
+    assert torch.equal(u_nan, torch.zeros(T, R, device=device))
+    y_before = y.clone()
+    expand(y, u, B[:0], empty_ranks, s[:0], idx)
+    assert torch.equal(y, y_before)
+
+
+def check_multi_lora_cuda_graph(dtype=torch.float16, T=33, K=256, N=136):
+    """shrink + expand captured in a CUDA graph: replays follow new indices, ranks and row_order written into
+    the captured tensors (everything is read on the device)."""
+    dev = "cuda"
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(T, K, generator=g).to(dev, dtype)
+    A = multi_stack(0, K, dtype, dev, seed=5, rank_axis=1)
+    B = multi_stack(N, MULTI_R_MAX, dtype, dev, seed=6, rank_axis=2)
+    ranks, idx, row_order, scalings = multi_meta(dev, T, torch.int64, "sorted")
+    u = torch.empty(T, MULTI_R_MAX, device=dev)
+    y0 = torch.randn(T, N, generator=g).to(dev, dtype)
+    y = y0.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        _cext.multi_lora_shrink(x, A, ranks, idx, u, row_order)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _cext.multi_lora_shrink(x, A, ranks, idx, u, row_order)
+        _cext.multi_lora_expand(y, u, B, ranks, scalings, idx, row_order)
+    for seed in (1, 2):
+        new_idx = multi_indices(T, torch.int64, seed).to(dev)
+        idx.copy_(new_idx)
+        row_order.copy_(multi_row_order(new_idx, "shuffled", seed))
+        y.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = multi_expand_ref(y0, multi_shrink_ref(x, A, new_idx), B, new_idx)
+        assert rel_err(y, ref) <= TOL[dtype]
+
+
+MULTI_INDEX_DTYPES = [torch.int32, torch.int64]
+MULTI_ORDERS = [None, "sorted", "shuffled"]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 37, 300])
+@pytest.mark.parametrize("K", [33, 1000])
+@pytest.mark.parametrize("order", MULTI_ORDERS)
+@pytest.mark.parametrize("tile", [1, 2])
+def test_multi_lora_shrink(dtype, T, K, order, tile):
+    check_multi_shrink("cuda", dtype, T, K, torch.int64 if T % 2 else torch.int32, order, tile)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K", [(1, 4096), (64, 4096), (2048, 4096)])  # decode, small batch, prefill (tile 0)
+@pytest.mark.parametrize("order", MULTI_ORDERS)
+def test_multi_lora_shrink_large(dtype, T, K, order):
+    check_multi_shrink("cuda", dtype, T, K, torch.int64, order)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,split_k,slices", [(1, 4096, 0, 1), (7, 1000, 3, 4), (300, 777, 16, 2), (37, 96, 1, 16)])
+@pytest.mark.parametrize("x_layout", ["padded", "misaligned"])
+def test_multi_lora_shrink_split_slices_layouts(dtype, T, K, split_k, slices, x_layout):
+    check_multi_shrink("cuda", dtype, T, K, torch.int64, "shuffled", 2, split_k, slices, x_layout)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 37, 300])
+@pytest.mark.parametrize("N", [50, 136])
+@pytest.mark.parametrize("order", MULTI_ORDERS)
+@pytest.mark.parametrize("tile", [1, 2])
+def test_multi_lora_expand(dtype, T, N, order, tile):
+    check_multi_expand("cuda", dtype, T, N, torch.int32 if T % 2 else torch.int64, order, tile)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N", [(1, 4096), (64, 11008), (2048, 4096)])
+@pytest.mark.parametrize("order", MULTI_ORDERS)
+def test_multi_lora_expand_large(dtype, T, N, order):
+    check_multi_expand("cuda", dtype, T, N, torch.int32, order)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,slices", [(1, 130, 1), (37, 1000, 3), (300, 136, 16)])
+@pytest.mark.parametrize("y_layout", ["padded", "misaligned"])
+def test_multi_lora_expand_slices_layouts(dtype, T, N, slices, y_layout):
+    check_multi_expand("cuda", dtype, T, N, torch.int64, "sorted", 0, slices, y_layout)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,N", [(1, 4096, 4096), (64, 4096, 11008), (2048, 4096, 4096)])
+@pytest.mark.parametrize("order", [None, "sorted"])
+def test_multi_lora_flow(dtype, T, K, N, order):
+    check_multi_lora_flow("cuda", dtype, T, K, N, order)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_multi_lora_errors_and_empty():
+    check_multi_lora_errors_and_empty("cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_multi_lora_cuda_graph():
+    check_multi_lora_cuda_graph()
+
+
+def test_multi_lora_cpu_tensors_rejected():
+    x, A = torch.randn(3, 8), torch.randn(2, 4, 8)
+    ranks, idx = torch.tensor([4, 2], dtype=torch.int32), torch.tensor([0, -1, 1])
+    with pytest.raises(ValueError, match="need CUDA tensors.*cpu"):
+        _cext.multi_lora_shrink(x, A, ranks, idx, torch.empty(3, 4))
+    with pytest.raises(ValueError, match="need CUDA tensors.*cpu"):
+        _cext.multi_lora_expand(torch.randn(3, 6), torch.randn(3, 4), torch.randn(2, 6, 4), ranks, torch.ones(2), idx)

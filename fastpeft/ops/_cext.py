@@ -429,3 +429,130 @@ def adapter_forward(x2: torch.Tensor, down_weight: torch.Tensor, down_bias: torc
                         ADAPTER_ACTIVATIONS[activation], scaling=scaling, n_split=n_split,
                         device=device.index or 0, stream=_stream(device))
     return y2
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-adapter LoRA (one adapter per row, from a stack): the shrink / expand of csrc/lora.cu
+
+_INDEX_BITS = {torch.int32: 32, torch.int64: 64}
+
+
+def _multi_lora_common(name_x: str, x2: torch.Tensor, name_w: str, w: torch.Tensor, ranks: torch.Tensor,
+                       indices: torch.Tensor, u: torch.Tensor, row_order: torch.Tensor | None,
+                       scalings: torch.Tensor | None = None):
+    """Checks shared by the multi-adapter shrink and expand; returns (device, T, n, r_max)."""
+    _checks.tensor(name_x, x2, ndim=2)
+    _checks.tensor(name_w, w, ndim=3)
+    _checks.tensor("ranks", ranks, ndim=1)
+    _checks.tensor("indices", indices, ndim=1)
+    _checks.tensor("u", u, ndim=2)
+    if row_order is not None:
+        _checks.tensor("row_order", row_order, ndim=1)
+    if scalings is not None:
+        _checks.tensor("scalings", scalings, ndim=1)
+    tensors = {name_x: x2, name_w: w, "ranks": ranks, "indices": indices, "u": u, "row_order": row_order,
+               "scalings": scalings}
+    device = _cuda_device(**{k: v for k, v in tensors.items() if v is not None})
+    _checks.tensor(name_x, x2, dtypes=_DTYPE_CODES)
+    _checks.same_dtype(**{name_x: x2, name_w: w})
+    _checks.tensor("u", u, dtypes=(torch.float32,))
+    T = x2.shape[0]
+    n = w.shape[0]
+    r_max = u.shape[1]
+    _vector("ranks", ranks, n, (torch.int32,))
+    _vector("indices", indices, T, tuple(_INDEX_BITS))
+    if row_order is not None:
+        _vector("row_order", row_order, T, (torch.int32,))
+    if scalings is not None:
+        _vector("scalings", scalings, n, (torch.float32,))
+    if u.shape[0] != T:
+        raise ValueError(f"u has shape {tuple(u.shape)}; expected [{T}, r_max] for {name_x} {tuple(x2.shape)}")
+    if not w.is_contiguous():
+        raise ValueError(f"{name_w} (shape {tuple(w.shape)}, strides {w.stride()}) must be contiguous")
+    _unit_col_stride(name_x, x2)
+    return device, T, n, r_max
+
+
+def _multi_lora_shrink(x2: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor, indices: torch.Tensor,
+                       u: torch.Tensor, row_order: torch.Tensor | None = None, *, tile: int = 0, split_k: int = 0,
+                       slices: int = 0) -> torch.Tensor:
+    """multi_lora_shrink with the kernel's launch choices exposed (tests): ``tile`` 0 chooses, 1 forces
+    the 128-row tiles, 2 the 16-row decode tiles; ``split_k`` and ``slices`` 0 choose."""
+    device, T, n, r_max = _multi_lora_common("x2", x2, "A", A, ranks, indices, u, row_order)
+    K = x2.shape[1]
+    if tuple(A.shape[1:]) != (r_max, K):
+        raise ValueError(f"A has shape {tuple(A.shape)}; expected [n, {r_max}, {K}] for x2 {tuple(x2.shape)} "
+                         f"and u {tuple(u.shape)}")
+    if any(st == 0 and s > 1 for st, s in zip(u.stride(), u.shape)):
+        raise ValueError(f"u (shape {tuple(u.shape)}, strides {u.stride()}) has overlapping elements; "
+                         f"it is written in place")
+    for name, v in (("tile", tile), ("split_k", split_k), ("slices", slices)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0 (0 chooses), got {v!r}")
+    ext = _extension()
+    if T == 0 or r_max == 0:
+        return u
+    ext.multi_lora_shrink(x2.data_ptr(), x2.stride(0), x2.stride(1), A.data_ptr(), A.stride(0), A.stride(1),
+                          A.stride(2), u.data_ptr(), u.stride(0), u.stride(1), ranks.data_ptr(), indices.data_ptr(),
+                          _INDEX_BITS[indices.dtype], row_order.data_ptr() if row_order is not None else 0,
+                          T, K, r_max, n, _DTYPE_CODES[x2.dtype], tile=tile, split_k=split_k, slices=slices,
+                          device=device.index or 0, stream=_stream(device))
+    return u
+
+
+def multi_lora_shrink(x2: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor, indices: torch.Tensor,
+                      u: torch.Tensor, row_order: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-adapter LoRA shrink, in place: ``u[i, :r] = x2[i] A[a, :r]^T`` (fp32 accumulation) with
+    ``a = indices[i]`` and ``r = ranks[a]``; ``u[i, r:] = 0``, and ``u[i] = 0`` for rows without adapter
+    (``indices[i]`` outside ``[0, n)``, -1 by convention). Returns u.
+
+    x2: [T, in] with unit column stride (fp32, fp16 or bf16); A: contiguous [n, r_max, in] of x2's dtype
+    (entries ``A[a, ranks[a]:]`` are never read); ranks: int32 [n], 1 <= ranks[a] <= r_max, read on the
+    device; indices: int32 or int64 [T]; u: float32 [T, r_max] (any strides). row_order: None, or an int32
+    permutation of range(T) listing the rows in processing order, e.g. sorted by adapter, so consecutive
+    rows share weight tiles. No host synchronization: CUDA-graph safe.
+    """
+    return _multi_lora_shrink(x2, A, ranks, indices, u, row_order)
+
+
+def _multi_lora_expand(y2: torch.Tensor, u: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor,
+                       scalings: torch.Tensor, indices: torch.Tensor, row_order: torch.Tensor | None = None, *,
+                       tile: int = 0, slices: int = 0) -> torch.Tensor:
+    """multi_lora_expand with the kernel's launch choices exposed (tests): ``tile`` 0 chooses, 1 forces
+    the 64-row tiles, 2 the 16-row decode tiles; ``slices`` 0 chooses."""
+    device, T, n, r_max = _multi_lora_common("y2", y2, "B", B, ranks, indices, u, row_order, scalings)
+    N = y2.shape[1]
+    if tuple(B.shape[1:]) != (N, r_max):
+        raise ValueError(f"B has shape {tuple(B.shape)}; expected [n, {N}, {r_max}] for y2 {tuple(y2.shape)} "
+                         f"and u {tuple(u.shape)}")
+    if any(st == 0 and s > 1 for st, s in zip(y2.stride(), y2.shape)):
+        raise ValueError(f"y2 (shape {tuple(y2.shape)}, strides {y2.stride()}) has overlapping elements; "
+                         f"it is updated in place")
+    for name, v in (("tile", tile), ("slices", slices)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0 (0 chooses), got {v!r}")
+    ext = _extension()
+    if T == 0 or N == 0 or r_max == 0 or n == 0:
+        return y2
+    ext.multi_lora_expand(y2.data_ptr(), y2.stride(0), y2.stride(1), u.data_ptr(), u.stride(0), u.stride(1),
+                          B.data_ptr(), B.stride(0), B.stride(1), B.stride(2), ranks.data_ptr(), scalings.data_ptr(),
+                          indices.data_ptr(), _INDEX_BITS[indices.dtype],
+                          row_order.data_ptr() if row_order is not None else 0, T, N, r_max, n,
+                          _DTYPE_CODES[y2.dtype], tile=tile, slices=slices, device=device.index or 0,
+                          stream=_stream(device))
+    return y2
+
+
+def multi_lora_expand(y2: torch.Tensor, u: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor,
+                      scalings: torch.Tensor, indices: torch.Tensor,
+                      row_order: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-adapter LoRA expand, in place: ``y2[i] += scalings[a] * u[i, :r] B[a, :, :r]^T`` with
+    ``a = indices[i]``, ``r = ranks[a]``, accumulated in fp32 and rounded once to y2's dtype; rows without
+    adapter (``indices[i]`` outside ``[0, n)``) are left untouched. Returns y2.
+
+    y2: [T, out] with unit column stride (fp32, fp16 or bf16); u: float32 [T, r_max] (any strides;
+    ``u[i, r:]`` never read); B: contiguous [n, out, r_max] of y2's dtype (``B[a, :, ranks[a]:]`` never
+    read); ranks int32 [n] and scalings float32 [n], read on the device; indices int32 or int64 [T];
+    row_order as in ``multi_lora_shrink``. No host synchronization: CUDA-graph safe.
+    """
+    return _multi_lora_expand(y2, u, B, ranks, scalings, indices, row_order)

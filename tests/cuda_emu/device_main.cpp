@@ -37,6 +37,14 @@ void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s
                  uintptr_t b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R, int dtype,
                  float scaling, bool dropout, uint32_t seed, uint32_t thr31, float drop_scale, int device,
                  uintptr_t stream);
+void multi_lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_aa, int64_t s_ar,
+                       int64_t s_ak, uintptr_t u, int64_t s_um, int64_t s_ur, uintptr_t ranks, uintptr_t indices,
+                       int index_bits, uintptr_t row_order, int64_t M, int64_t K, int64_t R, int64_t n, int dtype,
+                       int tile, int64_t split_k, int64_t slices, int device, uintptr_t stream);
+void multi_lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s_um, int64_t s_ur,
+                       uintptr_t b, int64_t s_ba, int64_t s_bn, int64_t s_br, uintptr_t ranks, uintptr_t scalings,
+                       uintptr_t indices, int index_bits, uintptr_t row_order, int64_t M, int64_t N, int64_t R,
+                       int64_t n, int dtype, int tile, int64_t slices, int device, uintptr_t stream);
 void int8_quant_rows(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t q, int64_t s_qm, uintptr_t row_scale,
                      int64_t M, int64_t K, int dtype, float threshold, uintptr_t col_flags, int device,
                      uintptr_t stream);
@@ -145,6 +153,40 @@ void dispatch(Call& c) {
     const auto stream = static_cast<uintptr_t>(c.i64());
     fastpeft::lora_expand(y, s_ym, s_yn, u, s_um, s_ur, b, s_bn, s_br, M, N, R, dtype, scaling, dropout, seed,
                           thr31, drop_scale, device, stream);
+  } else if (c.function() == "multi_lora_shrink") {
+    const uintptr_t x = c.ptr();
+    const int64_t s_xm = c.i64(), s_xk = c.i64();
+    const uintptr_t a = c.ptr();
+    const int64_t s_aa = c.i64(), s_ar = c.i64(), s_ak = c.i64();
+    const uintptr_t u = c.ptr();
+    const int64_t s_um = c.i64(), s_ur = c.i64();
+    const uintptr_t ranks = c.ptr(), indices = c.ptr();
+    const int index_bits = c.i32();
+    const uintptr_t row_order = c.ptr();
+    const int64_t M = c.i64(), K = c.i64(), R = c.i64(), n = c.i64();
+    const int dtype = c.i32(), tile = c.i32();
+    const int64_t split_k = c.i64(), slices = c.i64();
+    const int device = c.i32();
+    const auto stream = static_cast<uintptr_t>(c.i64());
+    fastpeft::multi_lora_shrink(x, s_xm, s_xk, a, s_aa, s_ar, s_ak, u, s_um, s_ur, ranks, indices, index_bits,
+                                row_order, M, K, R, n, dtype, tile, split_k, slices, device, stream);
+  } else if (c.function() == "multi_lora_expand") {
+    const uintptr_t y = c.ptr();
+    const int64_t s_ym = c.i64(), s_yn = c.i64();
+    const uintptr_t u = c.ptr();
+    const int64_t s_um = c.i64(), s_ur = c.i64();
+    const uintptr_t b = c.ptr();
+    const int64_t s_ba = c.i64(), s_bn = c.i64(), s_br = c.i64();
+    const uintptr_t ranks = c.ptr(), scalings = c.ptr(), indices = c.ptr();
+    const int index_bits = c.i32();
+    const uintptr_t row_order = c.ptr();
+    const int64_t M = c.i64(), N = c.i64(), R = c.i64(), n = c.i64();
+    const int dtype = c.i32(), tile = c.i32();
+    const int64_t slices = c.i64();
+    const int device = c.i32();
+    const auto stream = static_cast<uintptr_t>(c.i64());
+    fastpeft::multi_lora_expand(y, s_ym, s_yn, u, s_um, s_ur, b, s_ba, s_bn, s_br, ranks, scalings, indices,
+                                index_bits, row_order, M, N, R, n, dtype, tile, slices, device, stream);
   } else if (c.function() == "int8_quant_rows") {
     const uintptr_t x = c.ptr();
     const int64_t s_xm = c.i64(), s_xk = c.i64();

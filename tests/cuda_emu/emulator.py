@@ -157,16 +157,18 @@ class _Operand:
     """
 
     def __init__(self, ptr, rows, cols, s0, s1, elem: int, output: bool = False, overwritten: bool = False,
-                 poison: int = -1):
+                 poison: int = -1, lead: tuple | None = None):
+        """``lead``: (count, stride) of a leading dim (a stack of [rows, cols] operands)."""
         self.ptr, self.output, self.overwritten = _index("pointer", ptr), output, overwritten
         self.elem, self.poison = elem, poison
-        rows, cols, s0, s1 = (_index("size", v) for v in (rows, cols, s0, s1))
+        shape = [_index("size", v) for v in ((lead[0],) if lead else ()) + (rows, cols)]
+        strides = [_index("size", v) for v in ((lead[1],) if lead else ()) + (s0, s1)]
         self.start, self.size, self.offset = self.ptr, 0, 0
-        if rows > 0 and cols > 0 and self.ptr != 0:
-            ends = [(rows - 1) * s0, (cols - 1) * s1]
+        if min(shape) > 0 and self.ptr != 0:
+            ends = [(n - 1) * st for n, st in zip(shape, strides)]
             lo, hi = sum(min(0, e) for e in ends), sum(max(0, e) for e in ends)
             self.start, self.size, self.offset = self.ptr + lo * elem, (hi - lo + 1) * elem, -lo * elem
-            self.view = ((rows, cols), (s0, s1), -lo)
+            self.view = (tuple(shape), tuple(strides), -lo)
 
     def header(self) -> str:
         return f"{self.size} {self.start % 64} {self.offset} {int(self.output)}"
@@ -207,6 +209,27 @@ class EmulatedExtension:
         args = [ops[0], s_ym, s_yn, ops[1], s_um, s_ur, ops[2], s_bn, s_br, M, N, R, dtype, float(scaling),
                 bool(dropout), _u32("seed", seed), _u32("thr31", thr31), float(drop_scale), device, stream]
         self._call("lora_expand", ops, args)
+
+    def multi_lora_shrink(self, x, s_xm, s_xk, a, s_aa, s_ar, s_ak, u, s_um, s_ur, ranks, indices, index_bits,
+                          row_order, M, K, R, n, dtype, tile=0, split_k=0, slices=0, device=0, stream=0):
+        e = _ELEMENT_BYTES.get(dtype, 1)
+        ops = [_Operand(x, M, K, s_xm, s_xk, e), _Operand(a, R, K, s_ar, s_ak, e, lead=(n, s_aa)),
+               _Operand(u, M, R, s_um, s_ur, 4, output=True, overwritten=True), _Operand(ranks, n, 1, 1, 1, 4),
+               _Operand(indices, M, 1, 1, 1, 8 if index_bits == 64 else 4), _Operand(row_order, M, 1, 1, 1, 4)]
+        args = [ops[0], s_xm, s_xk, ops[1], s_aa, s_ar, s_ak, ops[2], s_um, s_ur, ops[3], ops[4], index_bits, ops[5],
+                M, K, R, n, dtype, tile, split_k, slices, device, stream]
+        self._call("multi_lora_shrink", ops, args)
+
+    def multi_lora_expand(self, y, s_ym, s_yn, u, s_um, s_ur, b, s_ba, s_bn, s_br, ranks, scalings, indices,
+                          index_bits, row_order, M, N, R, n, dtype, tile=0, slices=0, device=0, stream=0):
+        e = _ELEMENT_BYTES.get(dtype, 1)
+        ops = [_Operand(y, M, N, s_ym, s_yn, e, output=True), _Operand(u, M, R, s_um, s_ur, 4),
+               _Operand(b, N, R, s_bn, s_br, e, lead=(n, s_ba)), _Operand(ranks, n, 1, 1, 1, 4),
+               _Operand(scalings, n, 1, 1, 1, 4), _Operand(indices, M, 1, 1, 1, 8 if index_bits == 64 else 4),
+               _Operand(row_order, M, 1, 1, 1, 4)]
+        args = [ops[0], s_ym, s_yn, ops[1], s_um, s_ur, ops[2], s_ba, s_bn, s_br, ops[3], ops[4], ops[5], index_bits,
+                ops[6], M, N, R, n, dtype, tile, slices, device, stream]
+        self._call("multi_lora_expand", ops, args)
 
     def int8_quant_rows(self, x, s_xm, s_xk, q, s_qm, row_scale, M, K, dtype, threshold=0.0, col_flags=0, device=0,
                         stream=0):
