@@ -8,6 +8,10 @@ A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and
 rank_pattern / alpha_pattern where a key matches P, else its r / lora_alpha. Files written
 by PEFT's ``save_pretrained`` load here, and ``PeftModel.from_pretrained`` loads ours.
 
+A model holding several named LoRA adapters saves one of them per directory (``adapter_name``,
+by default the active one), and ``load_adapter(model, directory, adapter_name=...)`` adds
+each directory as a named adapter, as PEFT's ``save_pretrained`` / ``load_adapter`` do.
+
 A model with prompt tuning (``fastpeft.add_prompt_tuning``) is saved as a PEFT prompt-tuning
 adapter instead: a ``PromptTuningConfig`` (peft_type "PROMPT_TUNING", task_type,
 num_virtual_tokens, token_dim, ...) and the one tensor ``prompt_embeddings`` [T, token_dim].
@@ -19,14 +23,16 @@ import math
 import os
 import re
 from collections import Counter
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from . import _checks
-from .model import (ALL_LINEAR, BASE_TYPES, find_targets, lora_modules, mark_only_lora_as_trainable,
-                    name_matches, replace_with_lora)
-from .nn.lora import lora_scaling
+from .model import (ALL_LINEAR, BASE_TYPES, active_adapters, adaptable_names, add_adapter_to, lora_adapters,
+                    lora_modules, mark_only_lora_as_trainable, name_matches, output_layer_name,
+                    replace_with_lora)
+from .nn.lora import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, lora_scaling
 from .prompt_tuning import TASK_TYPES as PROMPT_TASK_TYPES
 from .prompt_tuning import DEFAULT_MODULES_TO_SAVE, add_prompt_tuning, get_prompt_tuning, input_embeddings
 from .prompt_tuning import modules_to_save_names
@@ -149,11 +155,38 @@ def _name_or_path(model: nn.Module) -> str | None:
     return None
 
 
-def adapter_config(model: nn.Module, task_type: str | None = None) -> dict:
-    """The adapter_config.json contents that describe the LoRALinear modules of ``model``."""
+def _active_name(model: nn.Module) -> str:
+    active = active_adapters(model)
+    if len(active) != 1:
+        raise ValueError(f"the model's LoRALinear modules have active adapters {active} (adapters: "
+                         f"{lora_adapters(model)}); pass adapter_name to say which adapter")
+    return active[0]
+
+
+def adapter_views(model: nn.Module, adapter_name: str | None = None) -> dict[str, SimpleNamespace]:
+    """Module name -> (r, lora_alpha, lora_dropout, use_rslora, scaling, lora_A, lora_B) of
+    adapter ``adapter_name`` (None: the active one) in each LoRALinear holding it."""
     modules = lora_modules(model)
     if not modules:
         raise ValueError("the model has no LoRALinear modules: call fastpeft.inject_lora first")
+    name = _active_name(model) if adapter_name is None else adapter_name
+    views = {}
+    for n, m in modules.items():
+        if m.has_adapter(name):
+            spec = m.adapter_spec(name)
+            A, B = m.adapter_weights(name)
+            views[n] = SimpleNamespace(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                                       use_rslora=spec.use_rslora, scaling=spec.scaling, lora_A=A, lora_B=B)
+    if not views:
+        raise ValueError(f"no LoRALinear of the model holds adapter {name!r}; its adapters: "
+                         f"{lora_adapters(model)}")
+    return views
+
+
+def adapter_config(model: nn.Module, task_type: str | None = None, adapter_name: str | None = None) -> dict:
+    """The adapter_config.json contents that describe adapter ``adapter_name`` (None: the active
+    one) of the LoRALinear modules of ``model``."""
+    modules = adapter_views(model, adapter_name)
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
     r = Counter(m.r for m in modules.values()).most_common(1)[0][0]
@@ -228,9 +261,14 @@ def prompt_adapter_config(model: nn.Module, task_type: str | None = None) -> dic
     }
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None) -> None:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None,
+                 adapter_name: str | None = None) -> None:
     """Write the LoRALinear modules of ``model`` to ``directory`` as a PEFT LoRA adapter, or,
     for a model with prompt tuning, its soft prompt as a PEFT prompt-tuning adapter.
+
+    With several named adapters one is written: ``adapter_name``, by default the active one
+    (an error when layers disagree on it), from the layers that hold it; keys carry no
+    adapter name, as in the directories PEFT's save_pretrained writes per adapter.
 
     Every LoRALinear must share lora_dropout and use_rslora (PEFT keeps one of each); r and
     lora_alpha may differ per module (rank_pattern / alpha_pattern). Tensors keep their dtype.
@@ -241,7 +279,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, task_type: s
     if prompt is not None and lora_modules(model):
         raise ValueError("the model has both LoRALinear modules and prompt tuning; a PEFT adapter "
                          "directory holds one method")
-    config = adapter_config(model, task_type) if prompt is None else prompt_adapter_config(model, task_type)
+    if prompt is not None and adapter_name is not None:
+        raise ValueError("save_adapter: adapter_name is for LoRA adapters; the model's prompt tuning has none")
+    config = adapter_config(model, task_type, adapter_name) if prompt is None else \
+        prompt_adapter_config(model, task_type)
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_adapter: {directory!r} exists and is not a directory")
@@ -251,7 +292,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, task_type: s
         for name in modules_to_save_names(model, prompt.modules_to_save):
             for key, value in model.get_submodule(name).state_dict().items():
                 tensors[f"{PROMPT_PREFIX}{name}.{key}"] = value.detach().to("cpu").contiguous()
-    for name, m in lora_modules(model).items():
+    for name, m in (adapter_views(model, adapter_name) if prompt is None else {}).items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
     os.makedirs(directory, exist_ok=True)
@@ -320,19 +361,23 @@ def _ranks(config: dict, names: list[str]) -> dict[str, tuple[int, float]]:
 
 
 def _planned_names(model: nn.Module, config: dict) -> list[str]:
-    """The modules PEFT would adapt in ``model`` (which has no LoRA yet) under ``config``."""
+    """The modules PEFT would adapt in ``model`` under ``config`` (a LoRALinear counts as the
+    linear it wraps; the modules inside it are not candidates)."""
     targets = config["target_modules"]
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         if any(type(m).__name__ == "Conv1D" for m in model.modules()):
             raise NotImplementedError("target_modules='all-linear' on a model with transformers "
                                       "Conv1D layers: fastpeft adapts nn.Linear and Int8Linear only")
-        names = [n for n in find_targets(model, ALL_LINEAR)
-                 if not _excluded(config, n) and _layer_index_ok(config, n)]
+        head = output_layer_name(model)
+        names = [n for n in adaptable_names(model)
+                 if n != head and not _excluded(config, n) and _layer_index_ok(config, n)]
     else:
-        names = [n for n, _ in model.named_modules() if n and peft_matches(config, n)]
+        inside = tuple(n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALinear))
+        names = [n for n, _ in model.named_modules()
+                 if n and not n.startswith(inside) and peft_matches(config, n)]
         for n in names:
             module = model.get_submodule(n)
-            if not isinstance(module, BASE_TYPES):
+            if not isinstance(module, BASE_TYPES + (LoRALinear,)):
                 raise NotImplementedError(f"target_modules={targets!r} selects {n!r} of type "
                                           f"{type(module).__name__}: fastpeft adapts nn.Linear and Int8Linear only")
     if not names:
@@ -430,8 +475,16 @@ def _head_tensors(model: nn.Module, directory: str, spec: list[str], state: dict
     return pairs
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load the PEFT LoRA adapter in ``directory`` into ``model``; return ``model``.
+
+    ``adapter_name``: the named adapter to load into. None means the active adapter ("default"
+    for a model without LoRA). A model without LoRALinear modules gets them as below, holding
+    this adapter (active, trainable). In a model that has LoRA, an adapter name no layer holds
+    is added next to the others (inactive, frozen) in the modules its config selects, with its
+    own r / lora_alpha / target modules: LoRALinear modules get it via add_adapter, nn.Linear /
+    Int8Linear ones become LoRALinear holding only it; a name layers already hold is loaded
+    into those layers, which must match the adapter's modules and scalings.
 
     A model without LoRALinear modules first gets them where the config's target_modules
     (list, regex, "all-linear"; exclude_modules, layers_to_transform) select them, with
@@ -449,9 +502,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise TypeError(f"load_adapter expects an nn.Module, got {type(model).__name__}")
     config, state = _read(os.fspath(directory))
     if config.get("peft_type") == "PROMPT_TUNING":
+        if adapter_name is not None:
+            raise ValueError("load_adapter: adapter_name is for LoRA adapters; a model has one prompt")
         return _load_prompt(model, os.fspath(directory), config, state)
     check_config(config)
-    existing = lora_modules(model)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
+    lora = lora_modules(model)
+    target = adapter_name if adapter_name is not None else _active_name(model) if lora else DEFAULT_ADAPTER
+    existing = {n: m for n, m in lora.items() if m.has_adapter(target)}
     names = list(existing) if existing else _planned_names(model, config)
     ranks = _ranks(config, names)
     use_rslora = bool(config.get("use_rslora", False))
@@ -465,21 +524,29 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     for n, m in existing.items():
         r, alpha = ranks[n]
         want = lora_scaling(r, alpha, use_rslora)
-        if m.r != r or not math.isclose(m.scaling, want, rel_tol=1e-6):
-            raise ValueError(f"load_adapter: module {n!r} has r={m.r}, lora_alpha={m.lora_alpha:g}, "
-                             f"use_rslora={m.use_rslora} (scaling {m.scaling:g}) but the adapter config "
-                             f"gives r={r}, lora_alpha={alpha:g}, use_rslora={use_rslora} (scaling {want:g})")
+        have = m.adapter_spec(target)
+        if have.r != r or not math.isclose(have.scaling, want, rel_tol=1e-6):
+            raise ValueError(f"load_adapter: module {n!r} has r={have.r}, lora_alpha={have.lora_alpha:g}, "
+                             f"use_rslora={have.use_rslora} (scaling {have.scaling:g}) for adapter {target!r} "
+                             f"but the adapter config gives r={r}, lora_alpha={alpha:g}, "
+                             f"use_rslora={use_rslora} (scaling {want:g})")
     for (n, w), (key, tensor) in found.items():
         base, r = model.get_submodule(n), ranks[n][0]
         want = (r, base.in_features) if w == "A" else (base.out_features, r)
         if tuple(tensor.shape) != want:
             raise ValueError(f"load_adapter: {key!r} has shape {tuple(tensor.shape)} but the model's "
                              f"{n}.lora_{w} has shape {want}")
-    if not existing:
-        replace_with_lora(model, ranks, config.get("lora_dropout", 0.0), use_rslora)
+    dropout = config.get("lora_dropout", 0.0)
+    if not lora:
+        replace_with_lora(model, ranks, dropout, use_rslora)
+        if target != DEFAULT_ADAPTER:
+            for n in names:
+                model.get_submodule(n).rename_adapter(DEFAULT_ADAPTER, target)
         mark_only_lora_as_trainable(model, "none")
+    elif not existing:
+        add_adapter_to(model, ranks, target, dropout, use_rslora)
     modules = lora_modules(model)
     with torch.no_grad():
         for (n, w), (_, tensor) in found.items():
-            getattr(modules[n], f"lora_{w}").copy_(tensor)
+            modules[n].adapter_weights(target)["AB".index(w)].copy_(tensor)
     return model

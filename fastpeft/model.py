@@ -5,6 +5,11 @@ base weight is shared, not copied) and freezes everything else;
 ``mark_only_lora_as_trainable`` and ``lora_state_dict`` follow loralib's semantics.
 Everything about an injection (which modules, r, lora_alpha, dropout, rsLoRA) is read
 back from the LoRALinear modules themselves; nothing else is stored on the model.
+
+Several named LoRA adapters (PEFT's names): ``add_adapter`` / ``delete_adapter`` /
+``set_adapter`` apply LoRALinear's methods of the same names to every LoRALinear of a model;
+the adapter made by inject_lora is "default". A layer an adapter does not target simply does
+not hold it (no update there). For bottleneck adapters see ``fastpeft.add_adapters``.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Mapping, Sequence, Union
 from torch import nn
 
 from .nn.int8 import Int8Linear
-from .nn.lora import LoRALinear
+from .nn.lora import LoRALinear, check_adapter_name
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -155,14 +160,15 @@ def _is_bias_name(qualified: str) -> bool:
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Set requires_grad on lora_A / lora_B of every LoRALinear and clear it everywhere else.
+    """Set requires_grad on lora_A / lora_B of every LoRALinear (its active adapter) and clear
+    it everywhere else (inactive adapters included).
 
     ``bias``: "none" trains no bias; "all" also every parameter whose own name contains
     "bias"; "lora_only" also the biases of the LoRALinear modules (loralib's semantics).
     """
     _check_bias(bias)
     mods = lora_modules(model).values()
-    trainable = {id(p) for m in mods for p in (m.lora_A, m.lora_B)}
+    trainable = {id(p) for m in mods for p in (m.lora_A, m.lora_B) if p is not None}
     if bias == "lora_only":
         trainable |= {id(m.base_bias) for m in mods if m.base_bias is not None}
     for name, p in model.named_parameters():
@@ -170,13 +176,15 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
-    """The entries of ``model.state_dict()`` that hold lora_A / lora_B, plus biases per ``bias``
+    """The entries of ``model.state_dict()`` that hold lora_A / lora_B (and the inactive named
+    adapters, lora_A_adapters.<name> / lora_B_adapters.<name>), plus biases per ``bias``
     ("none" | "all": every parameter named *bias* | "lora_only": the LoRALinear biases)."""
     _check_bias(bias)
     wanted = set()
     for name, m in lora_modules(model).items():
         prefix = name + "." if name else ""
-        wanted |= {prefix + "lora_A", prefix + "lora_B"}
+        wanted |= {prefix + k for k, _ in m.named_parameters(remove_duplicate=False)
+                   if k.startswith("lora_")}
         if bias == "lora_only" and m.base_bias is not None:
             wanted.add(prefix + m.base_bias_name)
     if bias == "all":
@@ -207,4 +215,131 @@ def quantize_int8(model: nn.Module, threshold: float = 6.0, skip: Sequence[str] 
            for n in plain_linear_names(model, skip)}
     for name, module in new.items():
         _replace(model, name, module)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# several named LoRA adapters
+
+
+def lora_adapters(model: nn.Module) -> list[str]:
+    """The names of the LoRA adapters held by any LoRALinear of ``model`` (first seen first)."""
+    names: dict[str, None] = {}
+    for m in lora_modules(model).values():
+        names.update(dict.fromkeys(m.adapter_names))
+    return list(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The distinct active adapters of the LoRALinear modules of ``model`` (normally one)."""
+    names: dict[str, None] = {}
+    for m in lora_modules(model).values():
+        if m.active_adapter is not None:
+            names[m.active_adapter] = None
+    return list(names)
+
+
+def _known_adapter(model: nn.Module, adapter_name: object) -> str:
+    known = lora_adapters(model)
+    if adapter_name not in known:
+        raise ValueError(f"the model has no LoRA adapter {adapter_name!r}; its adapters: {known}")
+    return adapter_name
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Qualified names of the modules a LoRA adapter can target: nn.Linear, Int8Linear and
+    LoRALinear, not inside a LoRALinear or a fastpeft Adapter."""
+    lora = [n + "." for n, m in model.named_modules() if isinstance(m, LoRALinear) and n]
+    inner = fastpeft_internal_names(model)
+    return [n for n, m in model.named_modules()
+            if n and isinstance(m, (LoRALinear,) + BASE_TYPES) and n not in inner
+            and not n.startswith(tuple(lora))]
+
+
+def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
+                target_modules: TargetModules | None = None, lora_dropout: float = 0.0,
+                use_rslora: bool = False) -> nn.Module:
+    """Add the LoRA adapter ``adapter_name`` (inactive, B = 0) to ``model``; return ``model``.
+
+    ``target_modules=None``: every LoRALinear of the model gets it. Otherwise the modules it
+    selects (as in ``inject_lora``; "all-linear" skips the output layer): a LoRALinear gets
+    the adapter next to its others, an nn.Linear / Int8Linear becomes a LoRALinear holding
+    only this adapter (no adapter active there until ``set_adapter``). Nothing is changed when
+    a check fails (a name a selected layer already holds, no module selected).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"add_adapter expects an nn.Module, got {type(model).__name__}")
+    check_adapter_name(adapter_name)
+    if target_modules is None:
+        names = list(lora_modules(model))
+        if not names:
+            raise ValueError("add_adapter: the model has no LoRALinear modules; call "
+                             "fastpeft.inject_lora first or pass target_modules")
+    else:
+        target_modules = _check_target_modules(target_modules)
+        candidates = adaptable_names(model)
+        if target_modules == ALL_LINEAR:
+            head = output_layer_name(model)
+            names = [n for n in candidates if n != head]
+        else:
+            names = [n for n in candidates if name_matches(n, target_modules)]
+        if not names:
+            raise ValueError(f"add_adapter: target_modules={target_modules!r} selects no linear module")
+    held = [n for n in names if isinstance(model.get_submodule(n), LoRALinear)
+            and model.get_submodule(n).has_adapter(adapter_name)]
+    if held:
+        raise ValueError(f"add_adapter: adapter {adapter_name!r} already exists in {held}; "
+                         f"delete_adapter it first to replace it")
+    add_adapter_to(model, {n: (r, lora_alpha) for n in names}, adapter_name, lora_dropout, use_rslora)
+    return model
+
+
+def add_adapter_to(model: nn.Module, ranks: Mapping[str, tuple[int, float]], adapter_name: str,
+                   lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
+    """Put the inactive adapter ``adapter_name`` with its (r, lora_alpha) on each named module
+    (a LoRALinear, or an nn.Linear / Int8Linear that becomes one). All checks come first."""
+    new = {}
+    for name, (r, alpha) in ranks.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, LoRALinear):
+            new[name] = LoRALinear.from_linear(module, r=r, lora_alpha=alpha,
+                                               lora_dropout=lora_dropout, use_rslora=use_rslora)
+    for name, (r, alpha) in ranks.items():
+        if name in new:
+            layer = new[name]
+            layer.rename_adapter(layer.active_adapter, adapter_name)
+            layer.set_adapter(None)
+            _replace(model, name, layer)
+        else:
+            model.get_submodule(name).add_adapter(adapter_name, r, alpha, lora_dropout, use_rslora)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove the LoRA adapter ``adapter_name`` from every LoRALinear holding it; return ``model``.
+    The active adapter cannot be deleted: ``set_adapter`` another one (or None) first. A layer
+    left without adapters stays a LoRALinear computing its base layer."""
+    _known_adapter(model, adapter_name)
+    if adapter_name in active_adapters(model):
+        others = [n for n in lora_adapters(model) if n != adapter_name]
+        raise ValueError(f"delete_adapter: {adapter_name!r} is the active adapter; call "
+                         f"fastpeft.set_adapter(model, other) first (other adapters: {others}, or None)")
+    for m in lora_modules(model).values():
+        if m.has_adapter(adapter_name):
+            m.delete_adapter(adapter_name)
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_name: str | None) -> nn.Module:
+    """Make ``adapter_name`` the active LoRA adapter of every LoRALinear of ``model``; layers
+    that do not hold it get no active adapter (they compute their base). None: no adapter
+    anywhere (the base model). Only the active adapter trains (see LoRALinear.set_adapter).
+    Refused while any layer is merged. Returns ``model``."""
+    if adapter_name is not None:
+        _known_adapter(model, adapter_name)
+    modules = lora_modules(model)
+    merged = [n for n, m in modules.items() if m.merged and m.active_adapter != adapter_name]
+    if merged:
+        raise ValueError(f"set_adapter: layers {merged} are merged; unmerge them first")
+    for m in modules.values():
+        m.set_adapter(adapter_name if adapter_name is not None and m.has_adapter(adapter_name) else None)
     return model

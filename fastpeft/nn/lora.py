@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,12 +13,39 @@ from torch import nn
 from .. import _checks
 from ..ops.int8 import quantize_weight
 from ..ops.lora import lora_linear, lora_update
+from ..ops.multi_lora import multi_lora
 from .int8 import Int8Linear
+
+DEFAULT_ADAPTER = "default"
+BASE_ADAPTER = "__base__"  # reserved: "no adapter" in fastpeft.adapter_batch
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilized LoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One named adapter's configuration: scaling = lora_alpha / r (/ sqrt(r) with rsLoRA)."""
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+
+def check_adapter_name(name: object) -> str:
+    """A usable adapter name: a non-empty str without ".", not the reserved "__base__"."""
+    if not isinstance(name, str):
+        raise TypeError(f"adapter name must be a str, got {type(name).__name__}")
+    if not name or "." in name or name == BASE_ADAPTER:
+        raise ValueError(f"adapter name must be non-empty, without '.', and not {BASE_ADAPTER!r}; "
+                         f"got {name!r}")
+    return name
 
 
 class LoRALinear(nn.Module):
@@ -32,6 +60,22 @@ class LoRALinear(nn.Module):
     On an int8 base (``from_linear(Int8Linear)``) the frozen layer is ``base_layer`` and
     y = base_layer(x) + scaling * (dropout(x) A^T) B^T; the adapters are float32; merge
     re-quantizes the base and unmerge restores its int8 codes and scales exactly.
+
+    Several named adapters (``add_adapter`` / ``set_adapter`` / ``delete_adapter``): the first
+    one is "default". ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``lora_dropout``,
+    ``use_rslora`` and ``scaling`` always describe the *active* adapter (``active_adapter``);
+    forward, training, merge and ``to_linear`` use it alone. The others wait in the
+    ParameterDicts ``lora_A_adapters[name]`` / ``lora_B_adapters[name]``; ``set_adapter`` moves
+    the Parameter objects (no copy) between the two places. state_dict layout:
+
+        lora_A, lora_B                               the active adapter [r, in], [out, r]
+        lora_A_adapters.<name>, lora_B_adapters.<name>  every other adapter
+
+    so a single-adapter layer's keys are unchanged, and loading a state_dict needs the same
+    adapters with the same one active. ``set_adapter(None)`` leaves no adapter active (the layer
+    computes its base; ``lora_A`` / ``lora_B`` are None and r / lora_alpha / scaling are None):
+    what a layer gets when a model switches to an adapter this layer does not hold. Under
+    ``fastpeft.adapter_batch`` each row uses the adapter its sample names (mixed batch).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
@@ -66,6 +110,14 @@ class LoRALinear(nn.Module):
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.register_buffer("_unmerged_codes", None, persistent=False)
         self.register_buffer("_unmerged_scale", None, persistent=False)
+        self.active_adapter: str | None = DEFAULT_ADAPTER
+        self.lora_A_adapters = nn.ParameterDict()  # the inactive adapters
+        self.lora_B_adapters = nn.ParameterDict()
+        self._specs: dict[str, AdapterSpec] = {}  # of the inactive adapters
+        self._order: list[str] = [DEFAULT_ADAPTER]  # every adapter, in the order added (= slots)
+        self._adapters_version = 0  # bumped by add / delete / set_adapter
+        self._stack_cache: tuple | None = None
+        self._routing = None  # set by fastpeft.adapter_batch
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -109,10 +161,21 @@ class LoRALinear(nn.Module):
         return (self if self.base_layer is None else self.base_layer).bias
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B A in fp32, shape [out, in]."""
+        """scaling * B A in fp32, shape [out, in] (of the active adapter)."""
+        self._need_active("delta_weight")
         return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) if self.base_layer is not None else F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._routing is not None:
+            return self._mixed_forward(x)
+        if self.active_adapter is None:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but the layer "
+                                 f"expects {self.in_features}")
+            return self._base_forward(x)
         if self.base_layer is not None:
             y = self.base_layer(x)
             if self.merged:
@@ -134,6 +197,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing done", stacklevel=2)
             return
+        self._need_active("merge")
         if self.base_layer is not None:
             base = self.base_layer
             self._unmerged_codes, self._unmerged_scale = base.weight_int8.clone(), base.weight_scale.clone()
@@ -166,12 +230,12 @@ class LoRALinear(nn.Module):
         or for an int8 base an Int8Linear with the re-quantized merged weight."""
         if self.base_layer is not None:
             out = copy.deepcopy(self.base_layer)
-            if not self.merged:
+            if not self.merged and self.active_adapter is not None:
                 q, scale = self._merged_int8()
                 out.weight_int8.copy_(q)
                 out.weight_scale.copy_(scale)
             return out
-        w = self.weight.detach().clone() if self.merged else \
+        w = self.weight.detach().clone() if self.merged or self.active_adapter is None else \
             (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=w.device, dtype=w.dtype)
@@ -182,6 +246,198 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         has_bias = self.base_bias is not None
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, "
+        if self.active_adapter is None:
+            lora = "no active adapter"
+        else:
+            lora = (f"r={self.r}, lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}")
+        text = (f"in_features={self.in_features}, out_features={self.out_features}, {lora}, "
                 f"bias={has_bias}, use_rslora={self.use_rslora}, merged={self.merged}")
+        if self._order != [DEFAULT_ADAPTER]:
+            text += f", adapters={self._order}, active_adapter={self.active_adapter!r}"
+        return text
+
+    # -----------------------------------------------------------------------------------------
+    # several named adapters
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Every adapter this layer holds, in the order they were added (their stack slots)."""
+        return tuple(self._order)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self._order
+
+    def _need_active(self, what: str) -> None:
+        if self.active_adapter is None:
+            raise ValueError(f"LoRALinear.{what}: no adapter is active (adapters: {self._order}); "
+                             f"call set_adapter(name) first")
+
+    def _need_adapter(self, name: object) -> str:
+        if not isinstance(name, str) or name not in self._order:
+            raise ValueError(f"LoRALinear has no adapter {name!r}; its adapters: {self._order}")
+        return name
+
+    def adapter_spec(self, name: str) -> AdapterSpec:
+        """r, lora_alpha, lora_dropout, use_rslora (and .scaling) of adapter ``name``."""
+        self._need_adapter(name)
+        if name == self.active_adapter:
+            return AdapterSpec(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora)
+        return self._specs[name]
+
+    def adapter_weights(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """The Parameters (lora_A [r, in], lora_B [out, r]) of adapter ``name``."""
+        self._need_adapter(name)
+        if name == self.active_adapter:
+            return self.lora_A, self.lora_B
+        return self.lora_A_adapters[name], self.lora_B_adapters[name]
+
+    def _adapter_place(self):
+        """(device, dtype) for a new adapter: those of the existing ones, else of the base."""
+        if self._order:
+            A, _ = self.adapter_weights(self._order[0])
+            return A.device, A.dtype
+        if self.base_layer is not None:
+            return self.base_layer.weight_int8.device, torch.float32
+        return self.weight.device, self.weight.dtype
+
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False) -> None:
+        """Add adapter ``name`` (inactive; A kaiming-uniform, B zeros, so it starts as a no-op).
+        Its Parameters have requires_grad False until it becomes the active adapter."""
+        check_adapter_name(name)
+        if name in self._order:
+            raise ValueError(f"LoRALinear already has an adapter {name!r} (adapters: {self._order}); "
+                             f"delete_adapter it first to replace it")
+        spec = AdapterSpec(_checks.positive_int("r", r), _checks.finite_float("lora_alpha", lora_alpha),
+                           _checks.probability("lora_dropout", lora_dropout), bool(use_rslora))
+        device, dtype = self._adapter_place()
+        A = nn.Parameter(torch.empty(spec.r, self.in_features, device=device, dtype=dtype), requires_grad=False)
+        B = nn.Parameter(torch.zeros(self.out_features, spec.r, device=device, dtype=dtype), requires_grad=False)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A_adapters[name] = A
+        self.lora_B_adapters[name] = B
+        self._specs[name] = spec
+        self._order.append(name)
+        self._adapters_version += 1
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``. The active adapter cannot be deleted: set_adapter another one
+        (or None) first."""
+        self._need_adapter(name)
+        if name == self.active_adapter:
+            others = [n for n in self._order if n != name]
+            raise ValueError(f"LoRALinear.delete_adapter: {name!r} is the active adapter; call "
+                             f"set_adapter(other) first (other adapters: {others}, or None)")
+        del self.lora_A_adapters[name]
+        del self.lora_B_adapters[name]
+        del self._specs[name]
+        self._order.remove(name)
+        self._adapters_version += 1
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make adapter ``name`` the active one (None: none; the layer computes its base).
+
+        lora_A / lora_B / r / lora_alpha / lora_dropout / use_rslora / scaling then describe it.
+        The new active adapter's Parameters take the requires_grad of the previous active one
+        (True when there was none); the now inactive ones get requires_grad False, so only the
+        active adapter trains. Refused while merged (unmerge first).
+        """
+        if name is not None:
+            self._need_adapter(name)
+        if name == self.active_adapter:
+            return
+        if self.merged:
+            raise ValueError(f"LoRALinear.set_adapter({name!r}): the layer is merged with adapter "
+                             f"{self.active_adapter!r}; call unmerge() first")
+        trains = True
+        old = self.active_adapter
+        if old is not None:
+            trains = self.lora_A.requires_grad
+            A, B = self.lora_A, self.lora_B
+            A.requires_grad_(False)
+            B.requires_grad_(False)
+            self.lora_A_adapters[old], self.lora_B_adapters[old] = A, B
+            self._specs[old] = AdapterSpec(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora)
+        if name is None:
+            self.lora_A = self.lora_B = None
+            self.r = self.lora_alpha = self.scaling = None
+        else:
+            A, B = self.lora_A_adapters.pop(name), self.lora_B_adapters.pop(name)
+            spec = self._specs.pop(name)
+            self.lora_A, self.lora_B = A.requires_grad_(trains), B.requires_grad_(trains)
+            self.r, self.lora_alpha = spec.r, spec.lora_alpha
+            self.lora_dropout, self.use_rslora, self.scaling = spec.lora_dropout, spec.use_rslora, spec.scaling
+        self.active_adapter = name
+        self._adapters_version += 1
+
+    def rename_adapter(self, old: str, new: str) -> None:
+        """Give adapter ``old`` the name ``new`` (its Parameters stay the same objects)."""
+        self._need_adapter(old)
+        check_adapter_name(new)
+        if new == old:
+            return
+        if new in self._order:
+            raise ValueError(f"LoRALinear already has an adapter {new!r} (adapters: {self._order})")
+        if old == self.active_adapter:
+            self.active_adapter = new
+        else:
+            self.lora_A_adapters[new] = self.lora_A_adapters.pop(old)
+            self.lora_B_adapters[new] = self.lora_B_adapters.pop(old)
+            self._specs[new] = self._specs.pop(old)
+        self._order[self._order.index(old)] = new
+        self._adapters_version += 1
+
+    def adapter_stacks(self, dtype: torch.dtype, device: torch.device):
+        """Every adapter stacked in slot order (``adapter_names``), for ``fastpeft.multi_lora``:
+        A [n, r_max, in] and B [n, out, r_max] in ``dtype``, zero beyond each adapter's rank,
+        ranks int32 [n], scalings float32 [n], all on ``device``. Cached; rebuilt when an adapter
+        is added, deleted or activated, changes in place (its version counter) or moves; a
+        write through ``.data`` bypasses the version counter: call ``clear_adapter_cache()``."""
+        params = [p for name in self._order for p in self.adapter_weights(name)]
+        key = (dtype, torch.device(device), self._adapters_version,
+               tuple((id(p), p._version, p.data_ptr()) for p in params))
+        if self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        specs = [self.adapter_spec(n) for n in self._order]
+        n, r_max = len(specs), max(s.r for s in specs)
+        A = torch.zeros(n, r_max, self.in_features, dtype=dtype, device=device)
+        B = torch.zeros(n, self.out_features, r_max, dtype=dtype, device=device)
+        with torch.no_grad():
+            for i, (name, s) in enumerate(zip(self._order, specs)):
+                a, b = self.adapter_weights(name)
+                A[i, :s.r].copy_(a.detach())
+                B[i, :, :s.r].copy_(b.detach())
+        ranks = torch.tensor([s.r for s in specs], dtype=torch.int32).to(device)
+        scalings = torch.tensor([s.scaling for s in specs], dtype=torch.float32).to(device)
+        stacks = (A, B, ranks, scalings)
+        self._stack_cache = (key, stacks)
+        return stacks
+
+    def clear_adapter_cache(self) -> None:
+        """Drop the cached adapter stacks (rebuilt at the next mixed batch)."""
+        self._stack_cache = None
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row with the adapter its sample names (fastpeft.adapter_batch): one multi_lora call."""
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError("fastpeft.adapter_batch is for inference: the layer is in training mode "
+                               "with gradients enabled (call model.eval() or use torch.no_grad())")
+        if self.merged:
+            raise RuntimeError(f"fastpeft.adapter_batch: the layer is merged with adapter "
+                               f"{self.active_adapter!r}; unmerge() first")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("fastpeft.adapter_batch is for inference: x requires grad; run the "
+                               "model under torch.no_grad() / torch.inference_mode()")
+        if x.dim() < 2 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x has shape {tuple(x.shape)}; the layer expects [batch, ..., "
+                             f"{self.in_features}] under adapter_batch")
+        indices = self._routing.row_indices(self, x)  # validates the batch size
+        y = self._base_forward(x)
+        if not self._order or x.numel() == 0:
+            return y
+        A, B, ranks, scalings = self.adapter_stacks(x.dtype, x.device)
+        y2 = y.reshape(-1, self.out_features)  # a view: F.linear's output is contiguous
+        res = multi_lora(x.reshape(-1, self.in_features), A, B, ranks, scalings, indices,
+                         out=y2, check=False)
+        return (y2 if res is None else res).view(y.shape)
