@@ -36,6 +36,8 @@ BENCHES = {
     "int8": "bench_int8",
     "quant": "bench_quant",
     "adapter": "bench_adapter",
+    "multi_lora": "bench_multi_lora",
+    "distill": "bench_distill",
 }
 DEFAULT_GPU_BUDGET_S = 180.0
 

@@ -8,7 +8,7 @@ target (sm_90 for the H200) with the same specialization the JIT would apply
 
 ``python tests/_aot.py`` prints registers, spills and shared memory per launch (``--tuned``:
 the autotune configs only, ``--fixed``: the FASTPEFT_AUTOTUNE=0 configs only; AOT_FAMILIES=int8,
-=lora, =quant, =qlinear, =fakequant or =adapter restricts it to one op family);
+=lora, =quant, =qlinear, =fakequant, =adapter, =multi_lora or =distill restricts it to one op family);
 ``--warm`` (on a GPU machine) compiles the benchmark's launches in parallel into triton's
 cache before ``make gpu-check`` times them.
 """
@@ -24,7 +24,7 @@ import torch
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use
 _TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                    torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
+                    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
 
 
 @dataclasses.dataclass
@@ -439,7 +439,114 @@ def fixed_adapter_launches(dtypes) -> list[Launch]:
     return list(unique.values())
 
 
-FAMILIES = ("lora", "int8", "quant", "qlinear", "fakequant", "adapter")
+# (T, K, N, n, r_max, index dtype): the benchmark's decode (64 rows, 64 adapters) and prefill
+# (8192 rows, 8 adapters) layers; decode at 1 row; both regimes with r_max 64 (BLOCK_R 64) and
+# r_max 32; the prefill row tiles of 16 and 32 (T < 2048); int32 indices; an unaligned layer
+MULTI_LORA_SHAPES = ((64, 4096, 4096, 64, 16, torch.int64), (8192, 4096, 4096, 8, 16, torch.int64),
+                     (1, 4096, 4096, 8, 16, torch.int64), (64, 4096, 4096, 64, 64, torch.int64),
+                     (8192, 4096, 4096, 8, 64, torch.int64), (2048, 4096, 11008, 8, 32, torch.int64),
+                     (300, 4096, 4096, 2, 16, torch.int64), (1024, 4096, 4096, 8, 16, torch.int32),
+                     (64, 4096, 4096, 64, 16, torch.int32), (300, 100, 72, 5, 24, torch.int64))
+# the GPU tests' shapes (tests/test_multi_lora_op.py), for --warm
+MULTI_LORA_TEST_SHAPES = ((1, 1032, 776, 6, 64, torch.int64), (37, 1032, 776, 6, 64, torch.int64),
+                          (700, 1032, 776, 6, 64, torch.int64), (4099, 1032, 776, 6, 64, torch.int64))
+
+
+def multi_lora_launches(dtypes=(torch.bfloat16,), shapes=MULTI_LORA_SHAPES) -> list[Launch]:
+    """Every launch fastpeft.multi_lora (triton backend) makes, writing a new output and adding
+    into ``out``: the decode kernels (shrink, expand) or the prefill ones (keys, shrink, expand),
+    as its regime rule picks from (T, n)."""
+    import fastpeft
+    from fastpeft.kernels import multi_lora as kml
+
+    def run():
+        for dtype in dtypes:
+            for (T, K, N, n, R, idt) in shapes:
+                x = torch.zeros(T, K, dtype=dtype)
+                A = torch.zeros(n, R, K, dtype=dtype)
+                B = torch.zeros(n, N, R, dtype=dtype)
+                ranks = torch.full((n,), R, dtype=torch.int32)
+                s = torch.ones(n)
+                idx = torch.zeros(T, dtype=idt)
+                with torch.no_grad():
+                    fastpeft.multi_lora(x, A, B, ranks, s, idx, check=False, backend="triton")
+                    fastpeft.multi_lora(x, A, B, ranks, s, idx, out=torch.zeros(T, N, dtype=dtype),
+                                        check=False, backend="triton")
+    launches = capture(kml, run)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+def fixed_multi_lora_launches(dtypes) -> list[Launch]:
+    """Fixed configs (it does not autotune): every shape in the first dtype; the benchmark's two
+    layers and the unaligned one in the others (fp32 has its own prefill tiles); the GPU tests'
+    shapes (unaligned rows, r_max 64) in every dtype."""
+    launches = multi_lora_launches(dtypes=dtypes[:1])
+    if dtypes[1:]:
+        launches += multi_lora_launches(dtypes=dtypes[1:], shapes=MULTI_LORA_SHAPES[:2] + MULTI_LORA_SHAPES[3:5]
+                                        + MULTI_LORA_SHAPES[-1:])
+    launches += multi_lora_launches(dtypes=dtypes, shapes=MULTI_LORA_TEST_SHAPES)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+# vocab sizes: Llama-3 (4096-wide tiles, 16-aligned rows), an odd one (no alignment hints), a
+# small one (a single 1024-wide tile, 4 warps)
+DISTILL_VOCABS = (128256, 32001, 1000)
+# (labels, kd weight, ce weight): KD + CE, KD only (alpha 1), CE only (alpha 0), no labels
+_DISTILL_TERMS = ((True, 0.5, 0.5), (True, 1.0, 0.0), (True, 0.0, 1.0), (False, 1.0, 0.0))
+
+
+def distill_launches(dtypes=(torch.bfloat16,), vocabs=DISTILL_VOCABS[:1], terms=_DISTILL_TERMS,
+                     temperatures=(2.0, 1.0), grads=(True, False),
+                     divergences=("forward_kl", "reverse_kl", "jsd")) -> list[Launch]:
+    """Every launch of fastpeft.kernels.distill's loss kernel (one per divergence x terms x
+    T == 1 or not x with / without the student's gradient; the fused-linear op launches the same
+    kernel on each chunk's logits)."""
+    from fastpeft.kernels import distill as kdist
+
+    def run():
+        for dtype in dtypes:
+            for V in vocabs:
+                z = torch.zeros(2, V, dtype=dtype)
+                labels = torch.zeros(2, dtype=torch.int64)
+                scale = torch.ones(1)
+                for has_labels, kd_w, ce_w in terms:
+                    for div in (divergences if kd_w > 0 else divergences[:1]):
+                        for T in temperatures:
+                            for g in grads:
+                                kdist.distill_loss_fwd(z, z, labels if has_labels else None, T, kd_w, ce_w, -100,
+                                                       div, scale, g)
+    launches = capture(kdist, run)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+def fixed_distill_launches(dtypes, every_variant: bool = False) -> list[Launch]:
+    """(No autotuning.) The training variant (KD + CE, T != 1, the gradient) of each divergence
+    in every dtype at the Llama-3 vocab and in the first dtype at the other vocabs; with
+    ``every_variant`` the other variants (alpha 0 or 1, no labels, T == 1, no gradient) at the
+    Llama-3 vocab in the first dtype instead."""
+    main = dict(terms=_DISTILL_TERMS[:1], temperatures=(2.0,), grads=(True,))
+    if every_variant:
+        launches = distill_launches(dtypes=dtypes[:1])
+        done = {launch.key() for launch in distill_launches(dtypes=dtypes[:1], **main)}
+        return [launch for launch in launches if launch.key() not in done]
+    launches = distill_launches(dtypes=dtypes, **main)
+    launches += distill_launches(dtypes=dtypes[:1], vocabs=DISTILL_VOCABS[1:], **main)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+FAMILIES = ("lora", "int8", "quant", "qlinear", "fakequant", "adapter", "multi_lora", "distill")
 
 
 def _families() -> tuple[str, ...]:
@@ -474,11 +581,17 @@ def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2,
         launches += int8_launches(dtypes=dtypes) if autotuned else fixed_int8_launches(dtypes)
     if "qlinear" in families and not autotuned:  # no autotuner: only fixed configs to compile
         launches += fixed_qlinear_launches(dtypes)
+    if "multi_lora" in families and not autotuned:  # no autotuner: only fixed configs to compile
+        launches += fixed_multi_lora_launches(dtypes)
     if "adapter" in families:  # tuned: every autotune config at the benchmark's shape and at BLOCK_R 256
         launches += (adapter_launches(dtypes=dtypes, shapes=ADAPTER_SHAPES[:1] + ADAPTER_SHAPES[-2:],
                                       activations=("gelu_tanh",))
                      if autotuned else fixed_adapter_launches(dtypes))
+    if "distill" in families and not autotuned:  # no autotuner: only fixed configs to compile
+        launches += fixed_distill_launches(dtypes)
     n_arch_checked = len(launches)
+    if "distill" in families and not autotuned:  # the other variants: the newest target only
+        launches += fixed_distill_launches(dtypes, every_variant=True)
     if "quant" in families and not autotuned:  # no autotuning: the fixed pass compiles its launches
         # elementwise kernels without tensor cores or large shared memory: every shape in the
         # first dtype, one shape in the others, for the newest target only (keeps CI short)
@@ -548,6 +661,10 @@ def warm(jobs: int) -> int:
                                  shapes=((1, 4096, 11008), (16, 4096, 11008), (2048, 4096, 4096)),
                                  variants=((4, "zeropoint", 128), (8, "zeropoint", 128), (4, "zeropoint", 32),
                                            (8, "absmax", None)))
+    launches += multi_lora_launches((torch.bfloat16, torch.float16, torch.float32))
+    launches += multi_lora_launches((torch.bfloat16, torch.float16, torch.float32), shapes=MULTI_LORA_TEST_SHAPES)
+    launches += distill_launches((torch.bfloat16,), terms=_DISTILL_TERMS[:1], temperatures=(2.0,), grads=(True,))
+    launches += distill_launches((torch.float32, torch.float16), vocabs=(300,), grads=(True,))  # the tests'
     _POOL_LAUNCHES[:] = launches
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         errors = [e for e in pool.map(_warm_one, range(len(launches))) if e]
