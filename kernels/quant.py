@@ -97,6 +97,57 @@ def _slot(e, DIV, MOD, SLOT_MODE: tl.constexpr, GROUP: tl.constexpr):
         return (e // DIV) % MOD
 
 
+@triton.jit
+def _elements(u, m, K, P, FOUR_BIT: tl.constexpr, EVEN: tl.constexpr):
+    """(e0, e, mask) of the elementwise kernels' units u (valid where m): 8-bit, unit = element
+    (e0 = e = u); 4-bit, unit = code byte = elements (e0, e0 + 1) of one row, e [BLOCK, 2],
+    the pad element of an odd last dim masked."""
+    if FOUR_BIT:
+        if EVEN:
+            e0 = 2 * u
+            c0 = e0
+        else:
+            r = u // P
+            c0 = 2 * (u - r * P)
+            e0 = r * K + c0
+        t = tl.arange(0, 2)[None, :]
+        e = e0[:, None] + t
+        if EVEN:
+            mask = m[:, None] & (t < 2)
+        else:
+            mask = m[:, None] & ((c0[:, None] + t) < K)
+        return e0, e, mask
+    else:
+        return u, u, m
+
+
+@triton.jit
+def _slot_params(PARAM, ZP, e0, e, m, mask, DIV, MOD, OTHER, SLOT_MODE: tl.constexpr, GROUP: tl.constexpr,
+                 HAS_ZP: tl.constexpr, FOUR_BIT: tl.constexpr, PAIR_SAME: tl.constexpr):
+    """(param, zero point as fp32) of each element's slot: PARAM is the codes kernel's inv or the
+    dequantize kernel's scale (OTHER where masked); a pair of nibbles shares one lookup when
+    PAIR_SAME."""
+    if SLOT_MODE == 0:
+        p = tl.load(PARAM)
+        if HAS_ZP:
+            zp = tl.load(ZP).to(tl.float32)
+        else:
+            zp = 0.0
+    else:
+        if FOUR_BIT and PAIR_SAME:
+            s = _slot(e0, DIV, MOD, SLOT_MODE, GROUP)[:, None]
+            smask = m[:, None]
+        else:
+            s = _slot(e, DIV, MOD, SLOT_MODE, GROUP)
+            smask = mask
+        p = tl.load(PARAM + s, mask=smask, other=OTHER)
+        if HAS_ZP:
+            zp = tl.load(ZP + s, mask=smask, other=0).to(tl.float32)
+        else:
+            zp = 0.0
+    return p, zp
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 
@@ -231,41 +282,9 @@ def _codes_kernel(
     else:
         u = pid * BLOCK + tl.arange(0, BLOCK)
     m = u < N_UNITS
-    if FOUR_BIT:  # unit = output byte = elements (e0, e0 + 1) of one row
-        if EVEN:
-            e0 = 2 * u
-            c0 = e0
-        else:
-            r = u // P
-            c0 = 2 * (u - r * P)
-            e0 = r * K + c0
-        t = tl.arange(0, 2)[None, :]
-        e = e0[:, None] + t
-        if EVEN:
-            mask = m[:, None] & (t < 2)
-        else:
-            mask = m[:, None] & ((c0[:, None] + t) < K)
-    else:
-        e = u
-        mask = m
-    if SLOT_MODE == 0:
-        inv = tl.load(INV)
-        if HAS_ZP:
-            zp = tl.load(ZP).to(tl.float32)
-        else:
-            zp = 0.0
-    else:
-        if FOUR_BIT and PAIR_SAME:
-            s = _slot(e0, DIV, MOD, SLOT_MODE, GROUP)[:, None]
-            smask = m[:, None]
-        else:
-            s = _slot(e, DIV, MOD, SLOT_MODE, GROUP)
-            smask = mask
-        inv = tl.load(INV + s, mask=smask, other=1.0)
-        if HAS_ZP:
-            zp = tl.load(ZP + s, mask=smask, other=0).to(tl.float32)
-        else:
-            zp = 0.0
+    e0, e, mask = _elements(u, m, K, P, FOUR_BIT, EVEN)
+    inv, zp = _slot_params(INV, ZP, e0, e, m, mask, DIV, MOD, 1.0, SLOT_MODE, GROUP, HAS_ZP, FOUR_BIT,
+                           PAIR_SAME)
     x = tl.load(X + e, mask=mask, other=0.0).to(tl.float32)
     q = _codes(x, inv, zp, QMIN, QMAX, USE_LIBDEVICE)
     if FOUR_BIT:
@@ -299,41 +318,11 @@ def _dequant_kernel(
             n0 = b & 0xF
             n1 = b >> 4
         q = tl.join(n0, n1).to(tl.float32)  # [BLOCK, 2]
-        if EVEN:
-            e0 = 2 * u
-            c0 = e0
-        else:
-            r = u // P
-            c0 = 2 * (u - r * P)
-            e0 = r * K + c0
-        t = tl.arange(0, 2)[None, :]
-        e = e0[:, None] + t
-        if EVEN:
-            mask = m[:, None] & (t < 2)
-        else:
-            mask = m[:, None] & ((c0[:, None] + t) < K)
     else:
         q = d.to(tl.float32)
-        e = u
-        mask = m
-    if SLOT_MODE == 0:
-        sc = tl.load(SCALE)
-        if HAS_ZP:
-            zp = tl.load(ZP).to(tl.float32)
-        else:
-            zp = 0.0
-    else:
-        if FOUR_BIT and PAIR_SAME:
-            s = _slot(e0, DIV, MOD, SLOT_MODE, GROUP)[:, None]
-            smask = m[:, None]
-        else:
-            s = _slot(e, DIV, MOD, SLOT_MODE, GROUP)
-            smask = mask
-        sc = tl.load(SCALE + s, mask=smask, other=0.0)
-        if HAS_ZP:
-            zp = tl.load(ZP + s, mask=smask, other=0).to(tl.float32)
-        else:
-            zp = 0.0
+    e0, e, mask = _elements(u, m, K, P, FOUR_BIT, EVEN)
+    sc, zp = _slot_params(SCALE, ZP, e0, e, m, mask, DIV, MOD, 0.0, SLOT_MODE, GROUP, HAS_ZP, FOUR_BIT,
+                          PAIR_SAME)
     y = (q - zp) * sc
     if ROUND_BF16:  # the interpreter truncates fp32 -> bf16: round to nearest even first (GPU: cvt.rn)
         b = y.to(tl.uint32, bitcast=True)
