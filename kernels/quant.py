@@ -274,7 +274,7 @@ def _codes_kernel(
     X, Q, INV, ZP, N_UNITS, K, P, DIV, MOD,
     SLOT_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, QMIN: tl.constexpr,
     QMAX: tl.constexpr, FOUR_BIT: tl.constexpr, EVEN: tl.constexpr, PAIR_SAME: tl.constexpr,
-    INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr,
+    INT64: tl.constexpr, USE_LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, RECIP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
@@ -285,6 +285,8 @@ def _codes_kernel(
     e0, e, mask = _elements(u, m, K, P, FOUR_BIT, EVEN)
     inv, zp = _slot_params(INV, ZP, e0, e, m, mask, DIV, MOD, 1.0, SLOT_MODE, GROUP, HAS_ZP, FOUR_BIT,
                            PAIR_SAME)
+    if RECIP:  # INV holds the scale itself: inv = 1 / scale as torch's ``1.0 / scale`` rounds it
+        inv = tl.math.div_rn(1.0, inv)
     x = tl.load(X + e, mask=mask, other=0.0).to(tl.float32)
     q = _codes(x, inv, zp, QMIN, QMAX, USE_LIBDEVICE)
     if FOUR_BIT:
@@ -480,15 +482,17 @@ def quantize(x: torch.Tensor, bits: int, scheme: str, axis: int | None, group_si
         x, data, inv, zp, units, K, P, div, mod,
         SLOT_MODE=mode, GROUP=group, HAS_ZP=not absmax, QMIN=float(qmin), QMAX=float(qmax),
         FOUR_BIT=bits == 4, EVEN=even, PAIR_SAME=bits == 4 and group % 2 == 0 and group > 0,
-        INT64=N + 2 * block >= 2**31, USE_LIBDEVICE=not interp, BLOCK=block, num_warps=warps)
+        INT64=N + 2 * block >= 2**31, USE_LIBDEVICE=not interp, BLOCK=block, RECIP=False, num_warps=warps)
     return data, scale, zp
 
 
-def codes_with_scale(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """int8 codes [x.shape] of contiguous x with a GIVEN per-tensor absmax step (8 bits): the
-    reference's ``quantize_codes(x, scale, 0, 8, "absmax")`` with inv = 1 / scale (float32, one
-    element, read on the device: no host sync), i.e. clamp(rint(x * inv), -127, 127), NaN -> 0.
-    Static activation quantization (fastpeft.quant_linear / int8_linear with an input_scale)."""
+def codes_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes [x.shape] of x with a GIVEN per-tensor absmax step (8 bits): the reference's
+    ``quantize_codes(x, scale, 0, 8, "absmax")``, i.e. clamp(rint(x * (1 / scale)), -127, 127),
+    NaN -> 0; ``scale`` float32 with one element, read on the device (no host sync, no extra
+    launch: the kernel takes its reciprocal). Static activation quantization
+    (fastpeft.quant_linear / int8_linear with an input_scale)."""
+    x = x if x.is_contiguous() else x.contiguous()
     q = _new_output(tuple(x.shape), x, torch.int8)
     N = x.numel()
     if N == 0:
@@ -497,10 +501,10 @@ def codes_with_scale(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     qmin, qmax = _qrange(8, "absmax")
     block, warps = _elementwise_config(8)
     _codes_kernel[(triton.cdiv(N, block),)](
-        x, q, inv, inv, N, 1, 1, 1, 1,
+        x, q, scale, scale, N, 1, 1, 1, 1,
         SLOT_MODE=_TENSOR, GROUP=0, HAS_ZP=False, QMIN=float(qmin), QMAX=float(qmax),
         FOUR_BIT=False, EVEN=True, PAIR_SAME=False,
-        INT64=N + 2 * block >= 2**31, USE_LIBDEVICE=not interp, BLOCK=block, num_warps=warps)
+        INT64=N + 2 * block >= 2**31, USE_LIBDEVICE=not interp, BLOCK=block, RECIP=True, num_warps=warps)
     return q
 
 

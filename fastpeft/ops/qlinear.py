@@ -76,8 +76,8 @@ def _kernel_linear_a8(x2, qw, bias, activations, input_scale) -> torch.Tensor:
         xq, xs, _ = kint8.quant_rows(x2, 0.0)
         x_mul = 1.0 / ref_int8.INT8_MAX
     else:
-        xs = input_scale.reshape(1).float()
-        xq = kquant.codes_with_scale(x2 if x2.is_contiguous() else x2.contiguous(), 1.0 / xs)
+        xs = input_scale.reshape(1)
+        xq = kquant.codes_with_scale(x2, xs)
         x_mul = 1.0
     data = qw.data if qw.data.stride(-1) == 1 else qw.data.contiguous()
     return k.quant_linear_a8(xq, xs, x_mul, data, qw.scale, qw.zero_point, qw.bits, qw.scheme,
