@@ -153,41 +153,21 @@ def run_gpu(ctx: common.Context) -> list[dict]:
         if ctx.time_left() < 5.0:
             for mode in ("fwd", "fwdbwd"):
                 records.append(timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto",
-                                             error=f"skipped: time budget ({ctx.budget_s:.0f} s) spent"))
+                                             error=common.budget_spent(ctx)))
             continue
-        t0 = time.monotonic()
         ctx.log(f"[{i + 1}/{len(ms)}] {common.shape_str(shape)} ...", end="")
-        try:
-            recs = _gpu_shape(ctx, M, D_MODEL, BOTTLENECK)
-        except common.Interrupted:
-            raise
-        except Exception as exc:  # whole-shape failure: record, go on
-            if ctx.interrupted:
-                raise common.Interrupted("signal during a shape") from exc
-            recs = [timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto",
-                                  error=f"failed: {common.short_error(exc)}") for mode in ("fwd", "fwdbwd")]
-        torch.cuda.empty_cache()
-        records += recs
-        print(" " + _progress_line(recs, ctx) + f"  ({time.monotonic() - t0:.1f} s)", flush=True)
-        ctx.save_partial(records)
+        common.run_shape(
+            ctx, records, lambda: _gpu_shape(ctx, M, D_MODEL, BOTTLENECK),
+            lambda err: [timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto", error=err)
+                         for mode in ("fwd", "fwdbwd")],
+            _describe)
     return records
 
 
-def _progress_line(recs: list[dict], ctx: common.Context) -> str:
-    common.finalize(recs, ctx.ceilings)
-    parts = []
-    for mode in ("fwd", "fwdbwd"):
-        p = next((r for r in recs if r["mode"] == mode and r["role"] == "auto"), None)
-        if p is None:
-            continue
-        if p.get("ms") is None:
-            parts.append(f"{mode}: {p.get('error')}")
-            continue
-        sol = "" if p.get("sol") is None else f", {100 * p['sol']:.0f}% SOL"
-        parts.append(f"{mode} {common._ms(p['ms'])} ms, {common._f(p.get('speedup_vs_unfused'), '.2f')}x vs "
-                     f"unfused{sol} [{p.get('picked')}]"
-                     + ("" if p.get("meets") is None else (" ok" if p["meets"] else " MISS")))
-    return " | ".join(parts)
+def _describe(p: dict) -> str:
+    sol = "" if p.get("sol") is None else f", {100 * p['sol']:.0f}% SOL"
+    return (f"{common._ms(p['ms'])} ms, {common._f(p.get('speedup_vs_unfused'), '.2f')}x vs "
+            f"unfused{sol} [{p.get('picked')}]")
 
 
 def _reference_fp32(p: Problem):

@@ -280,57 +280,35 @@ def run_gpu(ctx: common.Context) -> list[dict]:
             raise common.Interrupted("signal between shapes")
         guess = durations.get(M, max(durations.values(), default=5.0))
         if ctx.time_left() < guess:
-            for t in THRESHOLDS:
-                records.append(timing_record(BENCH, OP, "fwd", _shape(M, K, N, t), "bf16", "fastpeft[auto]",
-                                             "auto", error=f"skipped: time budget ({ctx.budget_s:.0f} s) spent"))
-            records.append(timing_record(BENCH, OP, "fwdbwd", _shape(M, K, N, FWDBWD_THRESHOLD), "bf16",
-                                         "fastpeft[auto]", "auto",
-                                         error=f"skipped: time budget ({ctx.budget_s:.0f} s) spent"))
+            records += _placeholders(M, K, N, common.budget_spent(ctx))
             ctx.log(f"[{i + 1:2d}/{len(steps)}] M={M} K={K} N={N}: skipped (time budget)")
             continue
-        t0 = time.monotonic()
         ctx.log(f"[{i + 1:2d}/{len(steps)}] M={M} K={K} N={N} ...", end="")
-        try:
-            recs = _gpu_step(ctx, M, K, N, bnb_ok, bnb_why, errs, picked)
-        except common.Interrupted:
-            raise
-        except Exception as exc:  # whole-shape failure (e.g. out of memory): record, go on
-            if ctx.interrupted:
-                raise common.Interrupted("signal during a shape") from exc
-            err = f"failed: {common.short_error(exc)}"
-            recs = [timing_record(BENCH, OP, "fwd", _shape(M, K, N, t), "bf16", "fastpeft[auto]", "auto", error=err)
-                    for t in THRESHOLDS]
-            recs.append(timing_record(BENCH, OP, "fwdbwd", _shape(M, K, N, FWDBWD_THRESHOLD), "bf16",
-                                      "fastpeft[auto]", "auto", error=err))
-        torch.cuda.empty_cache()
-        durations[M] = time.monotonic() - t0
-        records += recs
-        print(" " + _progress_line(recs, ctx) + f"  ({durations[M]:.1f} s)", flush=True)
-        ctx.save_partial(records)
+        durations[M] = common.run_shape(
+            ctx, records, lambda: _gpu_step(ctx, M, K, N, bnb_ok, bnb_why, errs, picked),
+            lambda err: _placeholders(M, K, N, err), _describe, head=lambda p: f"{p['mode']} t={p['shape']['t']}")
     return records
+
+
+def _placeholders(M, K, N, error: str) -> list[dict]:
+    """The fastpeft[auto] records of a step that was skipped or failed."""
+    recs = [timing_record(BENCH, OP, "fwd", _shape(M, K, N, t), "bf16", "fastpeft[auto]", "auto", error=error)
+            for t in THRESHOLDS]
+    recs.append(timing_record(BENCH, OP, "fwdbwd", _shape(M, K, N, FWDBWD_THRESHOLD), "bf16", "fastpeft[auto]",
+                              "auto", error=error))
+    return recs
 
 
 def _shape(M, K, N, t) -> dict:
     return {"M": M, "K": K, "N": N, "t": int(t) if float(t).is_integer() else t}
 
 
-def _progress_line(recs: list[dict], ctx: common.Context) -> str:
-    common.finalize(recs, ctx.ceilings)
-    parts = []
-    for p in recs:
-        if p["role"] != "auto":
-            continue
-        head = f"{p['mode']} t={p['shape']['t']}"
-        if p.get("ms") is None:
-            parts.append(f"{head}: {p.get('error')}")
-            continue
-        r = p.get("ratio_vs_base")
-        parts.append(f"{head} {common._f(None if not r else 1 / r, '.2f')}x faster than base"
-                     + (f", {p['speedup_vs_unfused']:.2f}x vs int_mm" if p.get("speedup_vs_unfused") else "")
-                     + (f", {p['speedup_vs_peer']:.2f}x vs bnb" if p.get("speedup_vs_peer") else "")
-                     + ("" if p.get("ok", True) else " WRONG")
-                     + ("" if p.get("meets") is None else (" ok" if p["meets"] else " MISS")))
-    return " | ".join(parts)
+def _describe(p: dict) -> str:
+    r = p.get("ratio_vs_base")
+    return (f"{common._f(None if not r else 1 / r, '.2f')}x faster than base"
+            + (f", {p['speedup_vs_unfused']:.2f}x vs int_mm" if p.get("speedup_vs_unfused") else "")
+            + (f", {p['speedup_vs_peer']:.2f}x vs bnb" if p.get("speedup_vs_peer") else "")
+            + ("" if p.get("ok", True) else " WRONG"))
 
 
 def _gpu_step(ctx, M, K, N, bnb_ok, bnb_why, errs, picked) -> list[dict]:

@@ -224,43 +224,23 @@ def run_gpu(ctx: common.Context) -> list[dict]:
         if ctx.time_left() < guess:
             for mode in ("fwd", "fwdbwd"):
                 records.append(timing_record(BENCH, OP, mode, shape, dname, "fastpeft[auto]", "auto",
-                                             error=f"skipped: time budget ({ctx.budget_s:.0f} s) spent"))
+                                             error=common.budget_spent(ctx)))
             ctx.log(f"[{i + 1:2d}/{len(shapes)}] {common.shape_str(shape)}: skipped (time budget)")
             continue
-        t0 = time.monotonic()
         ctx.log(f"[{i + 1:2d}/{len(shapes)}] {common.shape_str(shape)} ...", end="")
-        try:
-            recs = _gpu_shape(ctx, M, K, N, r, dtype, dname, elt, peft_ok, peft_why, cuda_ok, cuda_why)
-        except common.Interrupted:
-            raise
-        except Exception as exc:  # whole-shape failure (e.g. out of memory): record, go on
-            if ctx.interrupted:
-                raise common.Interrupted("signal during a shape") from exc
-            recs = [timing_record(BENCH, OP, mode, shape, dname, "fastpeft[auto]", "auto",
-                                  error=f"failed: {common.short_error(exc)}") for mode in ("fwd", "fwdbwd")]
-        torch.cuda.empty_cache()
-        durations[M] = time.monotonic() - t0
-        records += recs
-        print(" " + _progress_line(recs, ctx) + f"  ({durations[M]:.1f} s)", flush=True)
-        ctx.save_partial(records)
+        durations[M] = common.run_shape(
+            ctx, records,
+            lambda: _gpu_shape(ctx, M, K, N, r, dtype, dname, elt, peft_ok, peft_why, cuda_ok, cuda_why),
+            lambda err: [timing_record(BENCH, OP, mode, shape, dname, "fastpeft[auto]", "auto", error=err)
+                         for mode in ("fwd", "fwdbwd")],
+            _describe)
     return records
 
 
-def _progress_line(recs: list[dict], ctx: common.Context) -> str:
-    common.finalize(recs, ctx.ceilings)
-    parts = []
-    for mode in ("fwd", "fwdbwd"):
-        p = next((r for r in recs if r["mode"] == mode and r["role"] == "auto"), None)
-        if p is None:
-            continue
-        if p.get("ms") is None:
-            parts.append(f"{mode}: {p.get('error')}")
-            continue
-        parts.append(f"{mode} {common._f(p.get('ratio_vs_base'), '.2f')}x base, "
-                     f"{common._f(p.get('speedup_vs_unfused'), '.2f')}x vs unfused"
-                     f" [{p.get('picked')}; fastest {p.get('fastest', '-')}]"
-                     + ("" if p.get("meets") is None else (" ok" if p["meets"] else " MISS")))
-    return " | ".join(parts)
+def _describe(p: dict) -> str:
+    return (f"{common._f(p.get('ratio_vs_base'), '.2f')}x base, "
+            f"{common._f(p.get('speedup_vs_unfused'), '.2f')}x vs unfused"
+            f" [{p.get('picked')}; fastest {p.get('fastest', '-')}]")
 
 
 def _gpu_shape(ctx, M, K, N, r, dtype, dname, elt, peft_ok, peft_why, cuda_ok, cuda_why) -> list[dict]:

@@ -256,42 +256,22 @@ def run_gpu(ctx: common.Context) -> list[dict]:
         if ctx.time_left() < 5.0:
             for mode in ("layer", "update"):
                 records.append(timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto",
-                                             error=f"skipped: time budget ({ctx.budget_s:.0f} s) spent"))
+                                             error=common.budget_spent(ctx)))
             continue
-        t0 = time.monotonic()
         ctx.log(f"[{i + 1}/{len(cases)}] {common.shape_str(shape)} ...", end="")
-        try:
-            recs = _gpu_case(ctx, case, seqs, tokens, n, peft_ok, peft_why)
-        except common.Interrupted:
-            raise
-        except Exception as exc:  # whole-case failure (e.g. out of memory): record, go on
-            if ctx.interrupted:
-                raise common.Interrupted("signal during a shape") from exc
-            recs = [timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto",
-                                  error=f"failed: {common.short_error(exc)}") for mode in ("layer", "update")]
-        torch.cuda.empty_cache()
-        records += recs
-        print(" " + _progress_line(recs, ctx) + f"  ({time.monotonic() - t0:.1f} s)", flush=True)
-        ctx.save_partial(records)
+        common.run_shape(
+            ctx, records, lambda: _gpu_case(ctx, case, seqs, tokens, n, peft_ok, peft_why),
+            lambda err: [timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto", error=err)
+                         for mode in ("layer", "update")],
+            _describe)
     return records
 
 
-def _progress_line(recs: list[dict], ctx: common.Context) -> str:
-    common.finalize(recs, ctx.ceilings)
-    parts = []
-    for mode in ("layer", "update"):
-        p = next((r for r in recs if r["mode"] == mode and r["role"] == "auto"), None)
-        if p is None:
-            continue
-        if p.get("ms") is None:
-            parts.append(f"{mode}: {p.get('error')}")
-            continue
-        vs = p.get("speedup_vs_peer") or p.get("speedup_vs_unfused")
-        parts.append(f"{mode} {common._ms(p['ms'])} ms, {common._f(p.get('ratio_vs_base'), '.3f')}x base"
-                     + (f", {common._f(vs, '.1f')}x vs PEFT" if mode == "layer" else "")
-                     + f" [{p.get('picked')}]"
-                     + ("" if p.get("meets") is None else (" ok" if p["meets"] else " MISS")))
-    return " | ".join(parts)
+def _describe(p: dict) -> str:
+    vs = p.get("speedup_vs_peer") or p.get("speedup_vs_unfused")
+    return (f"{common._ms(p['ms'])} ms, {common._f(p.get('ratio_vs_base'), '.3f')}x base"
+            + (f", {common._f(vs, '.1f')}x vs PEFT" if p["mode"] == "layer" else "")
+            + f" [{p.get('picked')}]")
 
 
 def _gpu_case(ctx, case, seqs, tokens, n, peft_ok, peft_why) -> list[dict]:

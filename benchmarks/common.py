@@ -243,6 +243,52 @@ class Measured:
     error: str | None = None
 
 
+def budget_spent(ctx: "Context") -> str:
+    """The error of a record skipped because the time budget ran out."""
+    return f"skipped: time budget ({ctx.budget_s:.0f} s) spent"
+
+
+def run_shape(ctx: "Context", records: list[dict], measure: Callable[[], list[dict]],
+              failed: Callable[[str], list[dict]], describe: Callable[[dict], str],
+              head: Callable[[dict], str] = lambda p: p["mode"]) -> float:
+    """One GPU benchmark shape: ``measure()`` gives its records; any failure but an interrupt
+    (e.g. out of memory) gives ``failed(error)`` instead and the run goes on. Frees the
+    allocator cache, appends to ``records``, prints the progress line (``progress_line`` with
+    ``describe`` and ``head``), saves the partial results. Returns the seconds the shape took."""
+    t0 = time.monotonic()
+    try:
+        recs = measure()
+    except Interrupted:
+        raise
+    except Exception as exc:  # whole-shape failure: record, go on
+        if ctx.interrupted:
+            raise Interrupted("signal during a shape") from exc
+        recs = failed(f"failed: {short_error(exc)}")
+    torch.cuda.empty_cache()
+    seconds = time.monotonic() - t0
+    records += recs
+    print(" " + progress_line(recs, ctx, describe, head) + f"  ({seconds:.1f} s)", flush=True)
+    ctx.save_partial(records)
+    return seconds
+
+
+def progress_line(recs: list[dict], ctx: "Context", describe: Callable[[dict], str],
+                  head: Callable[[dict], str] = lambda p: p["mode"]) -> str:
+    """One line per shape: each fastpeft[auto] record's ``head`` and ``describe(record)`` (or its
+    error), with the target verdict."""
+    finalize(recs, ctx.ceilings)
+    parts = []
+    for p in recs:
+        if p["role"] != "auto":
+            continue
+        if p.get("ms") is None:
+            parts.append(f"{head(p)}: {p.get('error')}")
+            continue
+        parts.append(f"{head(p)} {describe(p)}"
+                     + ("" if p.get("meets") is None else (" ok" if p["meets"] else " MISS")))
+    return " | ".join(parts)
+
+
 def short_error(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "..."
