@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -329,23 +328,8 @@ def run_cpu(ctx: common.Context) -> list[dict]:
         for dtype in dtypes:
             dname = common.DTYPE_NAMES[dtype]
             for case in cases:
-                t0 = time.perf_counter()
-                cname = f"adapter[{backend}] {case[0]}"
-                try:
-                    results = _check_case(case, dtype, backend, torch.Generator().manual_seed(7))
-                    recs = [check_record(BENCH, OP, cname, dname, q, common.rel_err(o, r), common.TOL[dname])
-                            for q, o, r in results]
-                except common.Interrupted:
-                    raise
-                except Exception as exc:
-                    recs = [check_record(BENCH, OP, cname, dname, "all", None, common.TOL[dname],
-                                         error=f"failed: {common.short_error(exc)}")]
-                records += recs
-                worst = max((r["rel_err"] for r in recs if r["rel_err"] is not None), default=None)
-                status = "PASS" if all(r["ok"] for r in recs) else "FAIL"
-                ctx.log(f"  {status} {cname:<58} {dname}  max rel err {common._f(worst, '.1e')} "
-                        f"(tol {common.TOL[dname]:.0e}, {', '.join(r['quantity'] for r in recs)})  "
-                        f"{time.perf_counter() - t0:.1f} s")
+                common.run_check(ctx, records, BENCH, OP, f"adapter[{backend}] {case[0]}", dname,
+                                 lambda: _check_case(case, dtype, backend, torch.Generator().manual_seed(7)))
     ctx.save_partial(records)
     ctx.log("adapter: CPU timings (fp32, torch path; perf_counter medians)")
     records += _cpu_timings(ctx, *CPU_TIMING_SHAPE)

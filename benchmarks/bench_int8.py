@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -510,27 +509,8 @@ def run_cpu(ctx: common.Context) -> list[dict]:
             dname = common.DTYPE_NAMES[dtype]
             for case in cases:
                 for t in THRESHOLDS:
-                    t0 = time.perf_counter()
-                    gen = torch.Generator().manual_seed(11)
-                    cname = f"int8_linear[{backend}] {case[0]} t={t:g}"
-                    try:
-                        results = _check_case(case, t, dtype, backend, gen)
-                        recs = [check_record(BENCH, OP, cname, dname, q, common.rel_err(out, ref),
-                                             common.TOL[dname] if tol is None else tol)
-                                for q, out, ref, tol in results]
-                    except common.Interrupted:
-                        raise
-                    except Exception as exc:
-                        recs = [check_record(BENCH, OP, cname, dname, "all", None, common.TOL[dname],
-                                             error=f"failed: {common.short_error(exc)}")]
-                    records += recs
-                    layer = [r for r in recs if r["quantity"] in ("y", "dx", "dbias", "all")]
-                    worst = max((r["rel_err"] for r in layer if r["rel_err"] is not None), default=None)
-                    status = "PASS" if all(r["ok"] for r in recs) else "FAIL"
-                    bad = ", ".join(r["quantity"] for r in recs if not r["ok"])
-                    ctx.log(f"  {status} {cname:<62} {dname}  y/dx max rel err {common._f(worst, '.1e')} "
-                            f"(tol {common.TOL[dname]:.0e})" + (f"  failing: {bad}" if bad else "")
-                            + f"  {time.perf_counter() - t0:.1f} s")
+                    common.run_check(ctx, records, BENCH, OP, f"int8_linear[{backend}] {case[0]} t={t:g}", dname,
+                                     lambda: _check_case(case, t, dtype, backend, torch.Generator().manual_seed(11)))
     ctx.save_partial(records)
 
     ctx.log("int8: CPU timings (fp32, torch path; perf_counter medians, interleaved)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -434,24 +433,8 @@ def run_cpu(ctx: common.Context) -> list[dict]:
         for dtype in dtypes:
             dname = common.DTYPE_NAMES[dtype]
             for case in cases:
-                t0 = time.perf_counter()
-                gen = torch.Generator().manual_seed(7)
-                cname = f"lora_linear[{label}] {case[0]}"
-                try:
-                    results = _check_case(case, dtype, backend, fuse, gen)
-                    recs = [check_record(BENCH, OP, cname, dname, q, common.rel_err(out, ref), common.TOL[dname])
-                            for q, out, ref in results]
-                except common.Interrupted:
-                    raise
-                except Exception as exc:
-                    recs = [check_record(BENCH, OP, cname, dname, "all", None, common.TOL[dname],
-                                         error=f"failed: {common.short_error(exc)}")]
-                records += recs
-                worst = max((r["rel_err"] for r in recs if r["rel_err"] is not None), default=None)
-                status = "PASS" if all(r["ok"] for r in recs) else "FAIL"
-                ctx.log(f"  {status} {cname:<58} {dname}  max rel err "
-                        f"{common._f(worst, '.1e')} (tol {common.TOL[dname]:.0e}, "
-                        f"{', '.join(r['quantity'] for r in recs)})  {time.perf_counter() - t0:.1f} s")
+                common.run_check(ctx, records, BENCH, OP, f"lora_linear[{label}] {case[0]}", dname,
+                                 lambda: _check_case(case, dtype, backend, fuse, torch.Generator().manual_seed(7)))
     ctx.save_partial(records)
 
     # timings of the CPU paths: base, the unfused way, PEFT's layer, fastpeft's torch path

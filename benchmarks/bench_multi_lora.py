@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -405,21 +404,7 @@ def run_cpu(ctx: common.Context) -> list[dict]:
     else:
         records.append(check_record(BENCH, OP, "PEFT harness", "-", "all", None, 0.0, error=f"not checked: {peft_why}"))
     for cname, dtype, job in jobs:
-        dname = common.DTYPE_NAMES[dtype]
-        t0 = time.perf_counter()
-        try:
-            recs = [check_record(BENCH, OP, cname, dname, q, common.rel_err(o, r), common.TOL[dname])
-                    for q, o, r in job()]
-        except common.Interrupted:
-            raise
-        except Exception as exc:
-            recs = [check_record(BENCH, OP, cname, dname, "all", None, common.TOL[dname],
-                                 error=f"failed: {common.short_error(exc)}")]
-        records += recs
-        worst = max((r["rel_err"] for r in recs if r["rel_err"] is not None), default=None)
-        status = "PASS" if all(r["ok"] for r in recs) else "FAIL"
-        ctx.log(f"  {status} {cname[:76]:<76} {dname}  max rel err {common._f(worst, '.1e')} "
-                f"(tol {common.TOL[dname]:.0e})  {time.perf_counter() - t0:.1f} s")
+        common.run_check(ctx, records, BENCH, OP, cname, common.DTYPE_NAMES[dtype], job)
     ctx.save_partial(records)
     ctx.log("multi_lora: CPU timings (fp32, torch path; perf_counter medians)")
     timing_cases = list(CPU_TIMING_CASES.items())[:1] if ctx.quick else list(CPU_TIMING_CASES.items())

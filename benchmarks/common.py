@@ -243,6 +243,29 @@ class Measured:
     error: str | None = None
 
 
+def run_check(ctx: "Context", records: list[dict], bench: str, op: str, name: str, dname: str,
+              results: Callable[[], Iterable[tuple]]) -> list[dict]:
+    """One correctness case of a CPU run: ``results()`` yields (quantity, out, ref) or
+    (quantity, out, ref, tol) (tol None: the dtype's ``TOL``); a failure gives one failed record.
+    Appends the check records to ``records``, logs a PASS / FAIL line, returns the records."""
+    t0 = time.perf_counter()
+    tol = TOL[dname]
+    try:
+        recs = [check_record(bench, op, name, dname, q, rel_err(out, ref), tol if not t or t[0] is None else t[0])
+                for q, out, ref, *t in results()]
+    except Interrupted:
+        raise
+    except Exception as exc:
+        recs = [check_record(bench, op, name, dname, "all", None, tol, error=f"failed: {short_error(exc)}")]
+    records += recs
+    worst = max((r["rel_err"] for r in recs if r["rel_err"] is not None), default=None)
+    bad = ", ".join(r["quantity"] for r in recs if not r["ok"])
+    ctx.log(f"  {'PASS' if not bad else 'FAIL'} {name[:76]:<62} {dname}  max rel err {_f(worst, '.1e')} "
+            f"(tol {tol:.0e}, {', '.join(r['quantity'] for r in recs)})" + (f"  failing: {bad}" if bad else "")
+            + f"  {time.perf_counter() - t0:.1f} s")
+    return recs
+
+
 def budget_spent(ctx: "Context") -> str:
     """The error of a record skipped because the time budget ran out."""
     return f"skipped: time budget ({ctx.budget_s:.0f} s) spent"
