@@ -1,4 +1,6 @@
 """Tiny Hugging Face models for the model-level tests (no download), and their fixtures."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -8,8 +10,8 @@ import fastpeft
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
+@contextlib.contextmanager
+def torch_path():
     """Whole models run on the op's torch backend (the kernels have their own tests; under
     the Triton CPU interpreter a model step takes seconds), on one thread: these tensors are
     tiny, and spare threads only spin when the cores are busy."""
@@ -20,6 +22,13 @@ def torch_backend():
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    """Every test of a module that imports this fixture runs in ``torch_path``."""
+    with torch_path():
+        yield
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:

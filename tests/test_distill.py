@@ -408,13 +408,11 @@ def test_fused_linear_equals_distillation_loss_on_logits():
 
 @pytest.fixture
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with fastpeft.use_backend("torch"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    """The model-level tests here run on the torch path (tests/_hf.py); the kernel tests above
+    do not, so this fixture is not autouse."""
+    from _hf import torch_path  # imports transformers, which only these tests need
+    with torch_path():
+        yield
 
 
 def _hf_models():
