@@ -1,8 +1,23 @@
 """Quantized modules keep their scales in float32 when the model is cast to 16-bit."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+def fresh_linear(in_features: int, out_features: int, bias: bool, device, dtype
+                 ) -> tuple[torch.Tensor, nn.Parameter | None]:
+    """nn.Linear's init for a new quantized layer: the float32 weight [out, in] to quantize, and
+    the frozen bias Parameter [out] in ``dtype`` (None without bias)."""
+    w = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    if not bias:
+        return w, None
+    b = torch.empty(out_features, device=device, dtype=dtype)
+    nn.init.uniform_(b, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
+    return w, nn.Parameter(b, requires_grad=False)
 
 
 class Float32Buffers(nn.Module):

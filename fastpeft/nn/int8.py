@@ -1,13 +1,11 @@
 """Int8Linear: LLM.int8() linear layer with int8 weights and 16-bit outlier columns."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .. import _checks
-from ._fp32 import Float32Buffers
+from ._fp32 import Float32Buffers, fresh_linear
 from ..ops.int8 import _check_threshold, int8_linear, quantize_weight
 from ..reference.int8 import dequantize_weight
 
@@ -36,17 +34,10 @@ class Int8Linear(Float32Buffers):
         self.out_features = _checks.positive_int("out_features", out_features)
         self.threshold = _check_threshold(threshold)
         self._set_input_scale(input_scale, device)
-        w = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # a fresh layer is nn.Linear's init, quantized
+        w, self.bias = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
         q, s = quantize_weight(w)
         self.register_buffer("weight_int8", q)
         self.register_buffer("weight_scale", s)
-        if bias:
-            b = torch.empty(out_features, device=device, dtype=dtype)
-            nn.init.uniform_(b, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
-            self.bias = nn.Parameter(b, requires_grad=False)
-        else:
-            self.bias = None
 
     def _set_input_scale(self, input_scale, device) -> None:
         if input_scale is not None:

@@ -1,13 +1,11 @@
 """QuantLinear: weight-only quantized linear layer (W8A16 / W4A16) on fastpeft.quant_linear."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .. import _checks
-from ._fp32 import Float32Buffers
+from ._fp32 import Float32Buffers, fresh_linear
 from ..ops.qlinear import ACTIVATIONS, quant_linear
 from ..ops.quant import BITS, QuantizedTensor, dequantize, quantize
 from ..reference.quant import SCHEMES
@@ -55,15 +53,8 @@ class QuantLinear(Float32Buffers):
         self.out_features = _checks.positive_int("out_features", out_features)
         _check_config(bits, group_size, scheme, activations, input_scale)
         self._set_activations(activations, input_scale, device)
-        w = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # a fresh layer is nn.Linear's init, quantized
+        w, self.bias = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
         self._set_weight(w, bits, group_size, scheme, dtype or torch.get_default_dtype())
-        if bias:
-            b = torch.empty(out_features, device=device, dtype=dtype)
-            nn.init.uniform_(b, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
-            self.bias = nn.Parameter(b, requires_grad=False)
-        else:
-            self.bias = None
 
     def _set_activations(self, activations, input_scale, device):
         self.activations = activations
