@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ._common import interpreted as _interpreted
 from ._common import rint as _rint
+from ._common import round_bf16 as _round_bf16
 
 
 @triton.jit
@@ -80,10 +81,8 @@ def _fwd_kernel(
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         v, r, q, inside = _elem(x, inv, z, QMIN, QMAX, USE_LIBDEVICE)
         y = (q - z) * s
-        if ROUND_BF16:  # the interpreter truncates fp32 -> bf16: round to nearest even first
-            bits = y.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            y = bits.to(tl.float32, bitcast=True)
+        if ROUND_BF16:
+            y = _round_bf16(y)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 

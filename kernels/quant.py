@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ._common import interpreted as _interpreted
 from ._common import rint as _rint
+from ._common import round_bf16 as _round_bf16
 
 # slot modes of the elementwise kernels
 _TENSOR, _DIV, _MOD, _DIVMOD = 0, 1, 2, 3
@@ -326,10 +327,8 @@ def _dequant_kernel(
     sc, zp = _slot_params(SCALE, ZP, e0, e, m, mask, DIV, MOD, 0.0, SLOT_MODE, GROUP, HAS_ZP, FOUR_BIT,
                           PAIR_SAME)
     y = (q - zp) * sc
-    if ROUND_BF16:  # the interpreter truncates fp32 -> bf16: round to nearest even first (GPU: cvt.rn)
-        b = y.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        y = b.to(tl.float32, bitcast=True)
+    if ROUND_BF16:
+        y = _round_bf16(y)
     tl.store(Y + e, y.to(Y.dtype.element_ty), mask=mask)
 
 
