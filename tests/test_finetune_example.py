@@ -52,8 +52,8 @@ def test_every_method_runs_and_trains_what_it_should(example):
             assert r["trainable"] == expected_trainable(name, encoder), name
             assert r["total"] >= sum(p.numel() for p in encoder.parameters())
             assert torch.isfinite(torch.tensor([r["first_loss"], r["last_loss"]])).all()
-            assert 0.0 <= r["test_acc"] <= 1.0
             model = r["model"]
-            assert all(p.requires_grad for p in model.head.parameters())
+            assert all(p.grad is not None for p in model.head.parameters())  # the head trained
+            assert all(p.grad is None for p in model.encoder.parameters() if not p.requires_grad)
     # the base encoder was copied, never modified
     assert all(p.requires_grad for p in encoder.parameters())
