@@ -109,7 +109,7 @@ def _variants(device: torch.device) -> list[tuple[str, str, str | None, object]]
     from fastpeft.ops import adapter as aops
     out = []
     for name in ("triton", "cuda"):
-        why = _backend.why_cannot_run(name, device, aops.supported())
+        why = _backend.why_cannot_run(name, device, aops.KERNELS)
         out.append((f"fastpeft[{name}]", "variant", why and f"unavailable: {why}", _fastpeft_call(name)))
     out.append(("fastpeft[auto]", "auto", None, _fastpeft_call(None)))
     return out
@@ -138,7 +138,7 @@ def run_gpu(ctx: common.Context) -> list[dict]:
 
     ctx.bench_meta["adapter"] = {
         "d_model": D_MODEL, "bottleneck": BOTTLENECK, "activation": ACT, "scaling": SCALING,
-        "supported": list(aops.supported()), "PREFERRED_CUDA": list(aops.PREFERRED_CUDA),
+        "KERNELS": list(aops.KERNELS),
         "bytes": "fwd: x read + y written (2*M*d*2); fwdbwd: + x, dy read, dx written (5*M*d*2)",
         "timing": f"CUDA graphs when the copy base < {common.GRAPH_BELOW_MS} ms (inputs rotated over "
                   f"copies totalling >= 3x L2), else triton do_bench median (L2 flushed per call)",

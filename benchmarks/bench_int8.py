@@ -162,7 +162,7 @@ def auto_choice(device: torch.device) -> str:
     try:
         from fastpeft import _backend
         from fastpeft.ops import int8 as iops
-        return _backend.select(iops.OP, device, iops.PREFERRED_CUDA, iops.SUPPORTED)
+        return _backend.choose(iops.OP, device, iops.KERNELS)
     except Exception as exc:
         return f"unknown ({common.short_error(exc, 80)})"
 
@@ -255,7 +255,7 @@ def run_gpu(ctx: common.Context) -> list[dict]:
         "bitsandbytes": bnb_why,
         "fastpeft._C": "importable" if cuda_ok else cuda_why,
         "backend triton": errs["triton"] or "runs", "backend cuda": errs["cuda"] or "runs",
-        "auto picks": picked, "PREFERRED_CUDA": list(getattr(iops, "PREFERRED_CUDA", ())),
+        "auto picks": picked, "KERNELS": list(iops.KERNELS),
         "inputs": f"x ~ N(0,1) clamped to +-{X_CLAMP:g}; threshold > 0: {OUTLIER_COL_FRACTION:.1%} of the "
                   f"columns (at least 1) with up to {OUTLIER_ROWS_PER_COL} entries of magnitude "
                   f"{OUTLIER_MAGNITUDE[0]:g}..{OUTLIER_MAGNITUDE[1]:g}; W ~ N(0, 1/K) in bf16, quantized per "

@@ -169,7 +169,7 @@ def auto_choice(M: int, r: int, device: torch.device) -> str:
     try:
         from fastpeft import _backend
         from fastpeft.ops import lora as lops
-        name = _backend.select(lops.OP, device, lops.PREFERRED_CUDA, lops.SUPPORTED)
+        name = _backend.choose(lops.OP, device, lops.KERNELS)
         if name != "triton":
             return name
         try:
@@ -205,7 +205,7 @@ def run_gpu(ctx: common.Context) -> list[dict]:
     cuda_ok, cuda_why = _backend.cuda_ext_status()
     ctx.bench_meta["lora"] = {
         "peft": peft_why, "fastpeft._C": "importable" if cuda_ok else cuda_why,
-        "PREFERRED_CUDA": list(getattr(lops, "PREFERRED_CUDA", ())),
+        "KERNELS": list(lops.KERNELS),
         "FUSE_SHRINK_MAX_M": getattr(lops, "FUSE_SHRINK_MAX_M", None),
         "scaling": ALPHA_OVER_R, "bias": None,
         "timing": f"CUDA graphs when base fwd < {common.GRAPH_BELOW_MS} ms (inputs rotated over copies "

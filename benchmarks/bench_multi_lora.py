@@ -194,7 +194,7 @@ def _variants(device: torch.device, with_torch: bool) -> list[tuple[str, str, st
     names = ("triton", "cuda") + (("torch",) if with_torch else ())
     out = []
     for name in names:
-        why = _backend.why_cannot_run(name, device, mops.supported())
+        why = _backend.why_cannot_run(name, device, mops.KERNELS)
         out.append((f"fastpeft[{name}]", "variant", why and f"unavailable: {why}", name))
     out.append(("fastpeft[auto]", "auto", None, None))
     return out
@@ -204,7 +204,7 @@ def auto_choice(T: int, n: int, device: torch.device) -> str:
     try:
         from fastpeft import _backend
         from fastpeft.ops import multi_lora as mops
-        name = _backend.select(mops.OP, device, mops.PREFERRED_CUDA, mops.supported())
+        name = _backend.choose(mops.OP, device, mops.KERNELS)
         return f"{name},{mops.regime(T, n)}" if name == "triton" else name
     except Exception as exc:
         return f"unknown ({common.short_error(exc, 80)})"
@@ -235,7 +235,7 @@ def run_gpu(ctx: common.Context) -> list[dict]:
     base_b = flops_bytes("base", 64, K_IN, N_OUT, RANK, 0, elt)[1]
     ad_b = elt * 64 * RANK * (K_IN + N_OUT)
     ctx.bench_meta["multi_lora"] = {
-        "peft": peft_why, "supported": list(mops.supported()), "PREFERRED_CUDA": list(mops.PREFERRED_CUDA),
+        "peft": peft_why, "KERNELS": list(mops.KERNELS),
         "rank": RANK, "scaling": SCALING, "cases": {k: {"sequences": s, "tokens": t, "adapters": n}
                                                   for k, (s, t, n) in GPU_CASES.items()},
         "decode_floor": (f"the 64 distinct adapters hold {ad_b / 2**20:.0f} MiB against the base weight's "

@@ -38,6 +38,7 @@ BENCHES = {
     "adapter": "bench_adapter",
     "multi_lora": "bench_multi_lora",
     "distill": "bench_distill",
+    "overhead": "bench_overhead",
 }
 DEFAULT_GPU_BUDGET_S = 180.0
 

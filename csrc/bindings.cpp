@@ -17,11 +17,11 @@ using namespace py::literals;
 namespace fastpeft {
 void lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_ar, int64_t s_ak,
                  uintptr_t u, int64_t s_um, int64_t s_ur, int64_t M, int64_t K, int64_t R, int dtype,
-                 float out_scale, bool dropout, uint32_t seed, uint32_t thr31, int64_t split_k, int device,
+                 float out_scale, bool dropout, uintptr_t seed, uint32_t thr31, int64_t split_k, int device,
                  uintptr_t stream);
 void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s_um, int64_t s_ur,
                  uintptr_t b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R, int dtype,
-                 float scaling, bool dropout, uint32_t seed, uint32_t thr31, float drop_scale, int device,
+                 float scaling, bool dropout, uintptr_t seed, uint32_t thr31, float drop_scale, int device,
                  uintptr_t stream);
 void multi_lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_aa, int64_t s_ar,
                        int64_t s_ak, uintptr_t u, int64_t s_um, int64_t s_ur, uintptr_t ranks, uintptr_t indices,
@@ -56,16 +56,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("lora_shrink", &fastpeft::lora_shrink,
         "U[m, r] = out_scale * sum_k dropout(X)[m, k] * A[r, k] into fp32 U (overwritten).\n"
         "Element (r, k) of A is at a + r*s_ar + k*s_ak; kept elements are not rescaled\n"
-        "(fold 1/(1-p) into out_scale). split_k=0 picks the K split from the SM count.",
+        "(fold 1/(1-p) into out_scale). seed: device pointer of the int64 dropout seed (read by the\n"
+        "kernel, so a CUDA graph replays with the value in memory). split_k=0 picks the K split.",
         "x"_a, "s_xm"_a, "s_xk"_a, "a"_a, "s_ar"_a, "s_ak"_a, "u"_a, "s_um"_a, "s_ur"_a, "M"_a, "K"_a, "R"_a,
-        "dtype"_a, "out_scale"_a = 1.0f, "dropout"_a = false, "seed"_a = 0u, "thr31"_a = 0u, "split_k"_a = 0,
+        "dtype"_a, "out_scale"_a = 1.0f, "dropout"_a = false, "seed"_a = 0, "thr31"_a = 0u, "split_k"_a = 0,
         "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
   m.def("lora_expand", &fastpeft::lora_expand,
         "Y[m, n] += scaling * keep(m, n) * drop_scale * sum_r U[m, r] * B[n, r] in place.\n"
         "Element (n, r) of B is at b + n*s_bn + r*s_br; U is fp32; keep is the dropout mask\n"
-        "on (row, col) of Y when dropout is true (else 1 and drop_scale is unused).",
+        "on (row, col) of Y when dropout is true (else 1 and drop_scale is unused), its seed read\n"
+        "from the int64 at device pointer seed.",
         "y"_a, "s_ym"_a, "s_yn"_a, "u"_a, "s_um"_a, "s_ur"_a, "b"_a, "s_bn"_a, "s_br"_a, "M"_a, "N"_a, "R"_a,
-        "dtype"_a, "scaling"_a = 1.0f, "dropout"_a = false, "seed"_a = 0u, "thr31"_a = 0u, "drop_scale"_a = 1.0f,
+        "dtype"_a, "scaling"_a = 1.0f, "dropout"_a = false, "seed"_a = 0, "thr31"_a = 0u, "drop_scale"_a = 1.0f,
         "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
   m.def("multi_lora_shrink", &fastpeft::multi_lora_shrink,
         "Multi-adapter LoRA shrink: U[i, r] = sum_k X[i, k] * A[a, r, k] for r < rank (fp32 U, overwritten),\n"

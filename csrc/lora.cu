@@ -158,7 +158,7 @@ shrink_kernel(const T* __restrict__ x, int64_t s_xm, int64_t s_xk,
               const T* __restrict__ a, int64_t s_ar, int64_t s_ak,
               float* __restrict__ u, int64_t s_um, int64_t s_ur,
               int64_t M, int64_t K, int64_t R, int64_t k_per_split, float out_scale,
-              bool dropout, uint32_t seed, uint32_t thr31, bool atomic, AdapterMap map) {
+              bool dropout, const int64_t* __restrict__ seed, uint32_t thr31, bool atomic, AdapterMap map) {
   using Tile = ShrinkTile<T, NR, VEC_X, WM>;
   constexpr int BM = Tile::BM, BR = Tile::BR, BK = Tile::BK, KW = Tile::KW, LDS = Tile::LDS, LDC = Tile::LDC;
   constexpr int V = Tile::V;
@@ -191,8 +191,9 @@ shrink_kernel(const T* __restrict__ x, int64_t s_xm, int64_t s_xk,
   const int ar = a_k_fast ? tid / BK : tid % BR, ak = a_k_fast ? tid % BK : tid / BR;
   const int a_r_step = a_k_fast ? kThreads / BK : 0, a_k_step = a_k_fast ? 0 : kThreads / BR;
 
-  if (dropout) {
-    for (int i = tid; i < BM; i += kThreads) row_key[i] = dropout_row_key(seed, static_cast<uint32_t>(m0 + i));
+  if (dropout) {  // the seed lives in device memory: a replayed CUDA graph reads a fresh draw
+    const uint32_t seed32 = static_cast<uint32_t>(*seed);
+    for (int i = tid; i < BM; i += kThreads) row_key[i] = dropout_row_key(seed32, static_cast<uint32_t>(m0 + i));
   }
   if constexpr (MULTI) {
     map_tile_rows<BM>(map, m0, M, slice, true, tile_row, tile_ad, nullptr, tile_mine);
@@ -340,7 +341,7 @@ expand_kernel(T* __restrict__ y, int64_t s_ym, int64_t s_yn,
               const float* __restrict__ u, int64_t s_um, int64_t s_ur,
               const T* __restrict__ b, int64_t s_bn, int64_t s_br,
               int64_t M, int64_t N, int64_t R, float scaling,
-              bool dropout, uint32_t seed, uint32_t thr31, float drop_scale, AdapterMap map) {
+              bool dropout, const int64_t* __restrict__ seed, uint32_t thr31, float drop_scale, AdapterMap map) {
   using Tile = ExpandTile<T, VEC_Y, WM>;
   constexpr int BM = Tile::BM, BN = Tile::BN, RK = Tile::RK, LDS = Tile::LDS, LDC = Tile::LDC, V = Tile::V;
   constexpr int NF = Tile::NF;
@@ -365,8 +366,9 @@ expand_kernel(T* __restrict__ y, int64_t s_ym, int64_t s_yn,
   const int bn = b_r_fast ? tid / RK : tid % BN, br = b_r_fast ? tid % RK : tid / BN;
   const int b_n_step = b_r_fast ? kThreads / RK : 0, b_r_step = b_r_fast ? 0 : kThreads / BN;
 
-  if (dropout) {
-    for (int i = tid; i < BM; i += kThreads) row_key[i] = dropout_row_key(seed, static_cast<uint32_t>(m0 + i));
+  if (dropout) {  // the seed lives in device memory: a replayed CUDA graph reads a fresh draw
+    const uint32_t seed32 = static_cast<uint32_t>(*seed);
+    for (int i = tid; i < BM; i += kThreads) row_key[i] = dropout_row_key(seed32, static_cast<uint32_t>(m0 + i));
   }
   if constexpr (MULTI) {  // rows without adapter are nobody's: never written
     map_tile_rows<BM>(map, m0, M, static_cast<int>(blockIdx.z), false, tile_row, tile_ad, tile_scale, tile_mine);
@@ -504,7 +506,7 @@ int64_t k_per_split_for(int64_t split_k, int64_t blocks, int64_t K, int bk, int6
 template <typename T, int NR, bool VEC_X, int WM, bool MULTI>
 void launch_shrink(dim3 grid, cudaStream_t stream, const T* x, int64_t s_xm, int64_t s_xk, const T* a,
                    int64_t s_ar, int64_t s_ak, float* u, int64_t s_um, int64_t s_ur, int64_t M, int64_t K,
-                   int64_t R, int64_t k_per_split, float out_scale, bool dropout, uint32_t seed, uint32_t thr31,
+                   int64_t R, int64_t k_per_split, float out_scale, bool dropout, const int64_t* seed, uint32_t thr31,
                    bool atomic, const AdapterMap& map) {
   shrink_kernel<T, NR, VEC_X, WM, MULTI><<<grid, kThreads, 0, stream>>>(
       x, s_xm, s_xk, a, s_ar, s_ak, u, s_um, s_ur, M, K, R, k_per_split, out_scale, dropout, seed, thr31, atomic, map);
@@ -513,7 +515,7 @@ void launch_shrink(dim3 grid, cudaStream_t stream, const T* x, int64_t s_xm, int
 template <typename T, bool VEC_Y, int WM, bool MULTI>
 void launch_expand(dim3 grid, cudaStream_t stream, T* y, int64_t s_ym, int64_t s_yn, const float* u, int64_t s_um,
                    int64_t s_ur, const T* b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R,
-                   float scaling, bool dropout, uint32_t seed, uint32_t thr31, float drop_scale,
+                   float scaling, bool dropout, const int64_t* seed, uint32_t thr31, float drop_scale,
                    const AdapterMap& map) {
   expand_kernel<T, VEC_Y, WM, MULTI><<<grid, kThreads, 0, stream>>>(
       y, s_ym, s_yn, u, s_um, s_ur, b, s_bn, s_br, M, N, R, scaling, dropout, seed, thr31, drop_scale, map);
@@ -559,11 +561,12 @@ AdapterMap adapter_map(uintptr_t row_order, uintptr_t indices, int index_bits, u
 
 void lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_ar, int64_t s_ak,
                  uintptr_t u, int64_t s_um, int64_t s_ur, int64_t M, int64_t K, int64_t R, int dtype,
-                 float out_scale, bool dropout, uint32_t seed, uint32_t thr31, int64_t split_k, int device,
+                 float out_scale, bool dropout, uintptr_t seed, uint32_t thr31, int64_t split_k, int device,
                  uintptr_t stream_handle) {
   const char* func = "lora_shrink";
   check_sizes(func, M, K, R);
   check_args(func, dtype, dropout, thr31);
+  require(!dropout || seed != 0, func, "dropout needs the device pointer of its int64 seed");
   require(split_k >= 0, func, "split_k must be >= 0 (0 chooses)");
   if (M == 0) return;
   require(u != 0 && (K == 0 || (x != 0 && a != 0)), func, "null device pointer");
@@ -592,7 +595,8 @@ void lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s
       dispatch_flag(vec, [&](auto vec_tag) {
         launch_shrink<T, decltype(nr_tag)::value, decltype(vec_tag)::value, 8, false>(
             grid, stream, reinterpret_cast<const T*>(x), s_xm, s_xk, reinterpret_cast<const T*>(a), s_ar, s_ak,
-            reinterpret_cast<float*>(u), s_um, s_ur, M, K, R, k_per_split, out_scale, dropout, seed, thr31, atomic,
+            reinterpret_cast<float*>(u), s_um, s_ur, M, K, R, k_per_split, out_scale, dropout,
+            reinterpret_cast<const int64_t*>(seed), thr31, atomic,
             AdapterMap{});
       });
     });
@@ -602,11 +606,12 @@ void lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s
 
 void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s_um, int64_t s_ur,
                  uintptr_t b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R, int dtype,
-                 float scaling, bool dropout, uint32_t seed, uint32_t thr31, float drop_scale, int device,
+                 float scaling, bool dropout, uintptr_t seed, uint32_t thr31, float drop_scale, int device,
                  uintptr_t stream_handle) {
   const char* func = "lora_expand";
   check_sizes(func, M, N, R);
   check_args(func, dtype, dropout, thr31);
+  require(!dropout || seed != 0, func, "dropout needs the device pointer of its int64 seed");
   if (M == 0 || N == 0) return;
   require(y != 0 && u != 0 && b != 0, func, "null device pointer");
   DeviceGuard guard(device, func);
@@ -623,7 +628,8 @@ void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s
     dispatch_flag(vec, [&](auto vec_tag) {
       launch_expand<T, decltype(vec_tag)::value, 4, false>(
           grid, stream, reinterpret_cast<T*>(y), s_ym, s_yn, reinterpret_cast<const float*>(u), s_um, s_ur,
-          reinterpret_cast<const T*>(b), s_bn, s_br, M, N, R, scaling, dropout, seed, thr31, drop_scale,
+          reinterpret_cast<const T*>(b), s_bn, s_br, M, N, R, scaling, dropout,
+          reinterpret_cast<const int64_t*>(seed), thr31, drop_scale,
           AdapterMap{});
     });
     FP_CHECK_LAUNCH(func);
@@ -675,7 +681,7 @@ void multi_lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int
           launch_shrink<T, decltype(nr_tag)::value, decltype(vec_tag)::value, decltype(large_tag)::value ? 8 : 1,
                         true>(grid, stream, reinterpret_cast<const T*>(x), s_xm, s_xk, reinterpret_cast<const T*>(a),
                               s_ar, s_ak, reinterpret_cast<float*>(u), s_um, s_ur, M, K, R, k_per_split, 1.0f,
-                              false, 0u, 0u, atomic, map);
+                              false, nullptr, 0u, atomic, map);
         });
       });
     });
@@ -711,7 +717,7 @@ void multi_lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int
       dispatch_flag(large, [&](auto large_tag) {
         launch_expand<T, decltype(vec_tag)::value, decltype(large_tag)::value ? 4 : 1, true>(
             grid, stream, reinterpret_cast<T*>(y), s_ym, s_yn, reinterpret_cast<const float*>(u), s_um, s_ur,
-            reinterpret_cast<const T*>(b), s_bn, s_br, M, N, R, 1.0f, false, 0u, 0u, 1.0f, map);
+            reinterpret_cast<const T*>(b), s_bn, s_br, M, N, R, 1.0f, false, nullptr, 0u, 1.0f, map);
       });
     });
     FP_CHECK_LAUNCH(func);

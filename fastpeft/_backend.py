@@ -1,16 +1,23 @@
-"""Backend choice, written once for every op.
+"""Which implementation runs an op: the part of dispatch torch.library does not do.
 
-Backends:
+torch.library sends each ``fastpeft::`` op to its CPU or CUDA kernel (fastpeft/ops/_library.py).
+Inside that kernel, at run time, ``choose`` picks one of fastpeft's implementations:
+
   ``triton``  Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
   ``cuda``    the CUDA C++ extension ``fastpeft._C``: CUDA tensors.
   ``torch``   plain PyTorch with the reference semantics: any device.
 
-``auto`` (the default) takes, for CUDA tensors, the first backend of the op's
-preference list that can run (the list is ordered by what the benchmarks in
-benchmarks/results measured fastest); for CPU tensors ``triton`` under the
-interpreter, else ``torch``. ``FASTPEFT_BACKEND=triton|cuda|torch`` or the
-``fastpeft.use_backend(...)`` context manager forces one; a forced backend that
-cannot run raises ``BackendUnavailableError`` saying why.
+``auto`` (the default) takes, for CUDA tensors, the first of the op's backends (listed in the
+order the benchmarks measured fastest: benchmarks/README.md) that can run; for CPU tensors
+``triton`` under the interpreter, else ``torch``. An op's ``backend=`` argument,
+``fastpeft.use_backend(...)`` or ``FASTPEFT_BACKEND=triton|cuda|torch`` force one (in that
+order of precedence); a forced backend that cannot run raises ``BackendUnavailableError``
+saying why.
+
+Because the choice is made inside the op's kernel, when the kernel runs, it never enters a
+traced graph: ``torch.compile`` and ``torch.export`` see one ``fastpeft::`` node whatever
+backend will run it, and a ``use_backend`` block applies to the kernels that run inside it
+(backward included only if ``.backward()`` is called inside it too).
 """
 from __future__ import annotations
 
@@ -57,7 +64,10 @@ def cuda_ext_status() -> tuple[bool, str]:
     return ok, why
 
 
-def _check_name(name: str, source: str) -> str:
+def check_name(name: object, source: str = "backend argument") -> str:
+    """A valid backend name ('triton', 'cuda', 'torch' or 'auto'), lower-cased."""
+    if not isinstance(name, str):
+        raise TypeError(f"{source}: a backend is a str, got {type(name).__name__}")
     name = name.strip().lower()
     if name not in BACKENDS and name != "auto":
         raise ValueError(f"{source}: unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
@@ -69,25 +79,26 @@ def forced_backend(explicit: str | None = None) -> str | None:
     for name, source in ((explicit, "backend argument"), (_forced.get(), "fastpeft.use_backend"),
                          (os.environ.get("FASTPEFT_BACKEND"), "FASTPEFT_BACKEND")):
         if name:
-            name = _check_name(name, source)
+            name = check_name(name, source)
             return None if name == "auto" else name
     return None
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend ('triton', 'cuda', 'torch' or 'auto') inside a ``with`` block."""
-    token = _forced.set(_check_name(name, "fastpeft.use_backend"))
+    """Force a backend ('triton', 'cuda', 'torch' or 'auto') for the op kernels that run inside
+    this ``with`` block (call ``.backward()`` inside it too for the backward kernels)."""
+    token = _forced.set(check_name(name, "fastpeft.use_backend"))
     try:
         yield
     finally:
         _forced.reset(token)
 
 
-def why_cannot_run(backend: str, device: torch.device, supported: Sequence[str]) -> str | None:
-    """None when ``backend`` can run an op (supporting ``supported``) on ``device``, else why not."""
-    if backend not in supported:
-        return f"this op has no {backend} implementation (it has: {', '.join(supported)})"
+def why_cannot_run(backend: str, device: torch.device, kernels: Sequence[str]) -> str | None:
+    """None when ``backend`` can run an op that has ``kernels`` on ``device``, else why not."""
+    if backend not in kernels:
+        return f"this op has no {backend} implementation (it has: {', '.join(kernels)})"
     if backend == "torch":
         return None
     if backend == "triton":
@@ -106,17 +117,21 @@ def why_cannot_run(backend: str, device: torch.device, supported: Sequence[str])
     return f"unknown backend {backend!r}"
 
 
-def select(op: str, device: torch.device, preferred_cuda: Sequence[str],
-           supported: Sequence[str], explicit: str | None = None) -> str:
-    """Pick the backend for ``op`` on ``device``; raise if a forced one cannot run."""
+def choose(op: str, device: torch.device, kernels: Sequence[str], explicit: str | None = None) -> str:
+    """The backend that runs ``op`` on ``device`` now. ``kernels``: the op's backends, in the
+    order preferred on CUDA tensors ("torch" among them). Raises BackendUnavailableError when a
+    forced backend cannot run."""
     forced = forced_backend(explicit)
     if forced is not None:
-        why = why_cannot_run(forced, device, supported)
+        why = why_cannot_run(forced, device, kernels)
         if why is not None:
             raise BackendUnavailableError(f"{op}: backend {forced!r} was forced but cannot run: {why}")
         return forced
-    order = preferred_cuda if device.type == "cuda" else ("triton", "torch") if interpreter_active() else ("torch",)
+    if device.type == "cuda":
+        order = kernels
+    else:
+        order = ("triton", "torch") if interpreter_active() else ("torch",)
     for name in order:
-        if why_cannot_run(name, device, supported) is None:
+        if why_cannot_run(name, device, kernels) is None:
             return name
     return "torch"

@@ -98,3 +98,18 @@ def input_step(input_scale: object, device: torch.device) -> None:
                          f"{tuple(input_scale.shape)}")
     if input_scale.device != device:
         raise ValueError(f"input_scale is on {input_scale.device} but x is on {device}")
+
+
+def check_values(ok: torch.Tensor, message, exc: type = ValueError) -> None:
+    """A check of tensor *values* that never stalls a GPU: every element of the boolean tensor
+    ``ok`` must be True; ``message()`` builds the error text (only when it fails).
+
+    CPU tensors: read at once; raises ``exc(message())``. CUDA tensors: an asynchronous
+    device-side assertion (``torch._assert_async``): no host sync, allowed in CUDA-graph capture;
+    a failure surfaces as a CUDA error ("device-side assert triggered") at the next
+    synchronization, as PyTorch's own index checks do. Call it inside an op's kernel, never in
+    code that torch.compile traces (a value read there would break the graph)."""
+    if ok.device.type == "cuda":
+        torch._assert_async(ok.all(), "fastpeft: an input value check failed (run on the CPU for the message)")
+    elif not bool(ok.all()):  # host memory: no device to wait for
+        raise exc(message())

@@ -8,7 +8,8 @@ x (contiguous) is viewed as [A, C, B] with the slot dim C in the middle (per ten
 B = numel); r = a * B + b runs over the R = A * B elements of each slot. A program owns
 BLOCK_C slots and R_SPLIT of their elements, in [BLOCK_C, BLOCK_R] tiles (B > 1: along r is
 contiguous) or [BLOCK_R, BLOCK_C] tiles (C_FAST, B == 1: the slot dim is the last one).
-``_fwd_kernel``  one pass over x: y.
+``_fwd_kernel``  one pass over x: y, and per program a flag: 1 if it read a NaN or inf x (the
+    op checks the flags on the device instead of a second pass over x).
 ``_bwd_kernel``  one pass over x and dy: dx, and per program the partial sums of the ds and dz
     terms of its slots ([SPLITS, C]); the host sums the SPLITS partials (no atomics).
 Per element: v = x * inv, clamped to [qmin - z - 1, qmax - z + 1] before rint (integer bounds:
@@ -66,13 +67,14 @@ def _elem(x, inv, z, QMIN: tl.constexpr, QMAX: tl.constexpr, USE_LIBDEVICE: tl.c
 
 @triton.jit
 def _fwd_kernel(
-    X, Y, SCALE, INV, ZINT, R, C, B, R_SPLIT,
+    X, Y, BAD, SCALE, INV, ZINT, R, C, B, R_SPLIT,
     QMIN: tl.constexpr, QMAX: tl.constexpr, C_FAST: tl.constexpr, INT64: tl.constexpr,
     ROUND_BF16: tl.constexpr, USE_LIBDEVICE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_j = tl.program_id(1)
     start = pid_j * R_SPLIT
+    bad = tl.zeros((1,), tl.int32)
     for k0 in range(0, R_SPLIT, BLOCK_R):
         offs, mask, c2, cmask = _tile(pid_c, start + k0, R, C, B, C_FAST, INT64, BLOCK_R, BLOCK_C)
         s = tl.load(SCALE + c2, mask=c2 < C, other=1.0)
@@ -84,6 +86,9 @@ def _fwd_kernel(
         if ROUND_BF16:
             y = _round_bf16(y)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        finite = tl.abs(x) < float("inf")  # False for NaN and +-inf (masked lanes hold 0)
+        bad = tl.maximum(bad, tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0))
+    tl.store(BAD + pid_c * tl.num_programs(1) + pid_j + tl.arange(0, 1), bad)
 
 
 @triton.jit
@@ -180,16 +185,18 @@ def _common(x, axis, bits_range):
 
 
 def fake_quantize_fwd(x: torch.Tensor, scale: torch.Tensor, inv: torch.Tensor, zint: torch.Tensor,
-                      qrange: tuple[int, int], axis: int | None) -> torch.Tensor:
-    """y like x: (clamp(rint(x * inv) + zint, qmin, qmax) - zint) * scale, cast to x's dtype.
+                      qrange: tuple[int, int], axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y like x, bad): y = (clamp(rint(x * inv) + zint, qmin, qmax) - zint) * scale, cast to x's
+    dtype; bad int32 [programs], 1 where a program read a NaN or inf in x, else 0.
 
     x contiguous fp32/fp16/bf16 with >= 1 element; scale, inv, zint contiguous float32 [slots]."""
     y = _new_output(tuple(x.shape), x, x.dtype)
     cfg, const = _common(x, axis, qrange)
+    bad = _new_output((cfg["grid"][0] * cfg["grid"][1],), x, torch.int32)
     _fwd_kernel[cfg["grid"]](
-        x, y, scale, inv, zint, cfg["R"], cfg["C"], cfg["B"], cfg["r_split"],
+        x, y, bad, scale, inv, zint, cfg["R"], cfg["C"], cfg["B"], cfg["r_split"],
         ROUND_BF16=_interpreted() and x.dtype == torch.bfloat16, num_warps=cfg["warps"], **const)
-    return y
+    return y, bad
 
 
 def fake_quantize_bwd(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, inv: torch.Tensor,

@@ -58,12 +58,12 @@ def _keep_mask(seed, rows, cols, thr31):
 # kernels
 
 
-@triton.jit(do_not_specialize=["seed", "thr31"])
+@triton.jit(do_not_specialize=["thr31"])
 def _lora_gemm_kernel(
     X, W, BIAS, U, A, UOUT, BL, Y,
     M, N, K, R, M_BUCKET,
     s_xm, s_xk, s_wn, s_wk, s_um, s_ur, s_ar, s_ak, s_om, s_or, s_bn, s_br, s_ym, s_yn,
-    scaling, shrink_scale, drop_scale, seed, thr31,
+    scaling, shrink_scale, drop_scale, SEED, thr31,
     HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_U: tl.constexpr,
     SHRINK_DROPOUT: tl.constexpr, EPILOGUE_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -79,6 +79,12 @@ def _lora_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     dt = X.dtype.element_ty
+
+    seed = 0  # the dropout seed is a device tensor, so a replayed CUDA graph uses a fresh draw
+    if SHRINK_DROPOUT:
+        seed = tl.load(SEED)
+    if EPILOGUE_DROPOUT:
+        seed = tl.load(SEED)
 
     # With U precomputed, the update s * U Bt (masked for backward dx) starts the
     # accumulator, so no second [BLOCK_M, BLOCK_N] tile is live next to it.
@@ -132,11 +138,11 @@ def _lora_gemm_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["seed", "thr31"])
+@triton.jit(do_not_specialize=["thr31"])
 def _shrink_kernel(
     X, A, U, M, K, R,
     s_xm, s_xk, s_ar, s_ak, s_um, s_ur,
-    out_scale, seed, thr31,
+    out_scale, SEED, thr31,
     DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -151,6 +157,9 @@ def _shrink_kernel(
     mask_r = offs_r < R
     dt = X.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         kk = k0 + offs_k
         mask_k = kk < K
@@ -169,11 +178,11 @@ def _shrink_kernel(
         tl.atomic_add(u_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit(do_not_specialize=["seed", "thr31"])
+@triton.jit(do_not_specialize=["thr31"])
 def _grad_a_kernel(
     V, X, P, M, K, R,
     s_vm, s_vr, s_xm, s_xk, s_ps, s_pr, s_pk,
-    out_scale, seed, thr31,
+    out_scale, SEED, thr31,
     DROPOUT: tl.constexpr, SPLIT_M: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -188,6 +197,9 @@ def _grad_a_kernel(
     mask_r = offs_r < R
     dt = X.dtype.element_ty
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
     for m0 in range(pid_s * BLOCK_M, M, BLOCK_M * SPLIT_M):
         mm = m0 + offs_m
         mask_mm = mm < M
@@ -277,10 +289,15 @@ def _block_r(r: int, cap: int = 64) -> int:
     return min(max(16, triton.next_power_of_2(r)), cap)
 
 
-def _drop_args(dropout_p: float, seed: int) -> tuple[float, int, int]:
+def _drop_args(dropout_p: float, seed: torch.Tensor | None, like: torch.Tensor):
+    """(1 / (1 - p), the seed pointer argument, the 31-bit drop threshold). ``seed``: the int64
+    one-element tensor holding the 31-bit dropout seed (read by the kernel), or None without
+    dropout (then ``like`` stands in for the pointer, never read)."""
     if dropout_p == 0.0:
-        return 1.0, 0, 0
-    return 1.0 / (1.0 - dropout_p), int(seed) & 0x7FFFFFFF, int(dropout_p * 2**31)
+        return 1.0, like, 0
+    if seed is None:
+        raise ValueError("dropout needs a seed tensor")
+    return 1.0 / (1.0 - dropout_p), seed, int(dropout_p * 2**31)
 
 
 FUSE_SHRINK_MAX_R = 64
@@ -299,7 +316,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, N: int, w_strides: tuple[int, in
               bias: torch.Tensor | None, bl: torch.Tensor, bl_strides: tuple[int, int], R: int,
               scaling: float, *, u: torch.Tensor | None = None, a: torch.Tensor | None = None,
               a_strides: tuple[int, int] | None = None, store_u: bool = False,
-              dropout_p: float = 0.0, seed: int = 0, shrink_dropout: bool = False,
+              dropout_p: float = 0.0, seed: torch.Tensor | None = None, shrink_dropout: bool = False,
               epilogue_dropout: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Y[m, n] = sum_k X[m, k] Wt[k, n] + s * sum_r U[m, r] Bt[r, n] (+ bias[n]).
 
@@ -320,7 +337,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, N: int, w_strides: tuple[int, in
     u_arg, s_um, s_ur = (x, 0, 0) if fuse else (u, u.stride(0), u.stride(1))
     a_arg, (s_ar, s_ak) = (a, a_strides) if fuse else (x, (0, 0))
     uo_arg, s_om, s_or = (u_out, u_out.stride(0), u_out.stride(1)) if u_out is not None else (x, 0, 0)
-    drop_scale, seed32, thr31 = _drop_args(dropout_p, seed)
+    drop_scale, seed_arg, thr31 = _drop_args(dropout_p, seed, x)
     shrink_dropout = bool(fuse and shrink_dropout and dropout_p > 0)
     epilogue_dropout = bool(epilogue_dropout and dropout_p > 0)
     args = (x, w, bias if bias is not None else x, u_arg, a_arg, uo_arg, bl, y,
@@ -328,7 +345,7 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, N: int, w_strides: tuple[int, in
             x.stride(0), x.stride(1), w_strides[0], w_strides[1], s_um, s_ur, s_ar, s_ak, s_om, s_or,
             bl_strides[0], bl_strides[1], y.stride(0), y.stride(1),
             float(scaling), drop_scale if shrink_dropout else 1.0,
-            drop_scale if epilogue_dropout else 1.0, seed32, thr31)
+            drop_scale if epilogue_dropout else 1.0, seed_arg, thr31)
     flags = dict(HAS_BIAS=bias is not None, FUSE_SHRINK=fuse, STORE_U=u_out is not None,
                  SHRINK_DROPOUT=shrink_dropout, EPILOGUE_DROPOUT=epilogue_dropout,
                  UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), BLOCK_R=_block_r(R))
@@ -349,7 +366,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int], R: int, out_scale: float = 1.0,
-           *, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+           *, dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
     """U[m, r] = out_scale * sum_k dropout(X)[m, k] At[k, r] in fp32, At read via ``a_strides = (s_ar, s_ak)``."""
     M, K = x.shape
     if _interpreted():
@@ -368,17 +385,17 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int], R: int,
             split_k *= 2
     u = torch.zeros((M, R), device=x.device, dtype=torch.float32) if split_k > 1 else \
         _new_output((M, R), x, torch.float32)
-    drop_scale, seed32, thr31 = _drop_args(dropout_p, seed)
+    drop_scale, seed_arg, thr31 = _drop_args(dropout_p, seed, x)
     _shrink_kernel[(grid_m, grid_r, split_k)](
         x, a, u, M, K, R, x.stride(0), x.stride(1), a_strides[0], a_strides[1], u.stride(0), u.stride(1),
-        float(out_scale) * drop_scale, seed32, thr31,
+        float(out_scale) * drop_scale, seed_arg, thr31,
         DROPOUT=dropout_p > 0, SPLIT_K=split_k, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     return u
 
 
 def grad_a(v: torch.Tensor, x: torch.Tensor, out_scale: float, *, dropout_p: float = 0.0,
-           seed: int = 0) -> torch.Tensor:
+           seed: torch.Tensor | None = None) -> torch.Tensor:
     """dA[r, k] = out_scale * sum_m V[m, r] dropout(X)[m, k], fp32 [R, K]."""
     M, K = x.shape
     R = v.shape[1]
@@ -394,11 +411,11 @@ def grad_a(v: torch.Tensor, x: torch.Tensor, out_scale: float, *, dropout_p: flo
         while grid_k * grid_r * split_m * 2 <= want and split_m * 2 <= max(1, triton.cdiv(M, block_m) // 4):
             split_m *= 2
     parts = _new_output((split_m, R, K), x, torch.float32)
-    drop_scale, seed32, thr31 = _drop_args(dropout_p, seed)
+    drop_scale, seed_arg, thr31 = _drop_args(dropout_p, seed, x)
     _grad_a_kernel[(grid_k, grid_r, split_m)](
         v, x, parts, M, K, R, v.stride(0), v.stride(1), x.stride(0), x.stride(1),
         parts.stride(0), parts.stride(1), parts.stride(2),
-        float(out_scale) * drop_scale, seed32, thr31,
+        float(out_scale) * drop_scale, seed_arg, thr31,
         DROPOUT=dropout_p > 0, SPLIT_M=split_m, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
     return parts[0] if split_m == 1 else parts.sum(0)

@@ -214,12 +214,12 @@ def test_module_matches_functional_and_casts_fp32_params(backend, poison):
 # --------------------------------------------------------------------------------- backends
 
 
-def test_cuda_backend_is_wired_when_the_extension_has_it(monkeypatch, poison):
-    """With a stand-in for _cext.adapter_forward: 'cuda' is supported, its forward is called with
-    2-D row-major x, and backward runs on the triton kernels (the interpreter here)."""
+def test_cuda_backend_is_wired(monkeypatch, poison):
+    """With a stand-in for _cext.adapter_forward (and the cuda backend let run on CPU tensors):
+    its forward is called with 2-D row-major x, and backward runs on the triton kernels (the
+    interpreter here)."""
     from fastpeft.ops import _cext
-    monkeypatch.delattr(_cext, "adapter_forward", raising=False)
-    assert "cuda" not in ops.supported()
+    assert "cuda" in ops.KERNELS
     calls = []
 
     def fake(x2, wd, bd, wu, bu, activation, scaling):
@@ -228,9 +228,11 @@ def test_cuda_backend_is_wired_when_the_extension_has_it(monkeypatch, poison):
         return ref.adapter(x2, wd, bd, wu, bu, activation, scaling)
 
     monkeypatch.setattr(_cext, "adapter_forward", fake, raising=False)
-    assert ops.supported() == ("triton", "cuda", "torch")
+    why_not = _backend.why_cannot_run
+    monkeypatch.setattr(_backend, "why_cannot_run", lambda backend, device, kernels: (
+        None if backend == "cuda" else why_not(backend, device, kernels)))
     x, wd, bd, wu, bu = make(9, 40, 8, torch.float32)
-    y = ops.AdapterFunction.apply(x, wd, bd, wu, bu, "gelu", 0.9, "cuda")
+    y = fastpeft.adapter(x, wd, bd, wu, bu, "gelu", 0.9, backend="cuda")
     y.backward(torch.ones_like(y))
     assert calls == ["gelu"]
     leaves = [t.detach().double().requires_grad_() for t in (x, wd, bd, wu, bu)]
@@ -241,7 +243,6 @@ def test_cuda_backend_is_wired_when_the_extension_has_it(monkeypatch, poison):
 
 def test_large_bottleneck_leaves_the_kernels(monkeypatch):
     from fastpeft.ops import _cext
-    monkeypatch.setattr(_cext, "adapter_forward", lambda *a: None, raising=False)  # "cuda" supported
     monkeypatch.setattr(_cext, "ADAPTER_MAX_RANK", 256, raising=False)
     x, wd, bd, wu, bu = make(3, 8, ops.MAX_BOTTLENECK + 1, torch.float32)
     with pytest.raises(fastpeft.BackendUnavailableError, match="'triton' was forced.*bottleneck of at most 256"):
@@ -249,14 +250,14 @@ def test_large_bottleneck_leaves_the_kernels(monkeypatch):
     with pytest.raises(fastpeft.BackendUnavailableError, match="'cuda' was forced.*bottleneck of at most 256"):
         fastpeft.adapter(x, wd, bd, wu, bu, backend="cuda")
     for dev in ("cpu", "cuda"):  # whatever the device, auto falls back to torch
-        assert ops._select(torch.device(dev), ops.MAX_BOTTLENECK + 1, None) == "torch"
+        assert ops._choose(torch.device(dev), ops.MAX_BOTTLENECK + 1, None) == "torch"
     check(x, wd, bd, wu, bu, "relu", 1.0, None, torch.float32)  # auto: the torch path
     with pytest.raises(ValueError, match="1..256"):
         kadapter.block_r(257)
 
 
 def test_auto_on_cpu_picks_interpreter_or_torch():
-    got = ops._select(torch.device("cpu"), 16, None)
+    got = ops._choose(torch.device("cpu"), 16, None)
     assert got == ("triton" if _backend.interpreter_active() else "torch")
 
 

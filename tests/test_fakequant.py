@@ -38,9 +38,9 @@ CASES = [  # (shape, axis)
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    """Every kernel output (y, dx, the partial sums) starts as NaN."""
+    """Every kernel output (y, dx, the partial sums) starts as NaN; the NaN flags as -1 (never written)."""
     def nan_output(shape, like, dtype):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, device=like.device, dtype=dtype)
 
     monkeypatch.setattr(k, "_new_output", nan_output)
 

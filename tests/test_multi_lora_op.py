@@ -12,7 +12,7 @@ from fastpeft.reference import multi_lora as ref
 
 from _utils import DEVICE, TOL, assert_close
 
-KERNEL_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and "cuda" in ops_ml.supported()
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and "cuda" in ops_ml.KERNELS
                                 and _backend.cuda_ext_status()[0] else [])
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 RANKS = (1, 3, 16, 64)            # one stack, r_max = 64
@@ -250,7 +250,7 @@ def test_empty_inputs(backend):
 
 def test_auto_backend_on_cpu_and_regime_rule():
     dev = torch.device("cpu")
-    got = _backend.select(ops_ml.OP, dev, ops_ml.PREFERRED_CUDA, ops_ml.supported())
+    got = _backend.choose(ops_ml.OP, dev, ops_ml.KERNELS)
     assert got == ("triton" if _backend.interpreter_active() else "torch")
     assert ops_ml.regime(1, 8) == "decode" and ops_ml.regime(64, 64) == "decode"
     assert ops_ml.regime(8192, 8) == "prefill" and ops_ml.regime(512, 8) == "prefill"
@@ -320,7 +320,7 @@ def test_cuda_backend_plumbing_with_stand_in_kernels(monkeypatch, force_regime):
     real_why = _backend.why_cannot_run
     monkeypatch.setattr(_backend, "why_cannot_run",
                         lambda b, d, s: None if b == "cuda" and "cuda" in s else real_why(b, d, s))
-    assert "cuda" in ops_ml.supported()
+    assert "cuda" in ops_ml.KERNELS
     for regime in ("decode", "prefill"):
         force_regime(regime)
         x, A, B, rk, s, idx = make(23, 40, 30, torch.float32, pattern="runs", seed=12, device="cpu")

@@ -16,7 +16,9 @@ class FakeQuantize(nn.Module):
     scheme, ``zero_point`` (float32, rounded in the forward) are initialized from the first batch
     seen in training mode (or the first batch at all, if the module was never trained) by the
     min/max rule of ``fastpeft.quantize`` (fastpeft.reference.quant.compute_qparams), so QAT starts
-    from exactly the post-training quantizer; ``initialized`` records that it happened.
+    from exactly the post-training quantizer; ``initialized`` (a bool buffer, in the state_dict)
+    records that it happened. forward reads a Python mirror of it, kept in step by the module
+    (initialization, ``load_state_dict``), so no step reads a device value on the host.
 
     learnable=True: scale and zero_point are Parameters trained with the LSQ / LSQ+ gradients
     (the scale must stay > 0: fake_quantize raises otherwise). learnable=False: they are buffers
@@ -53,6 +55,7 @@ class FakeQuantize(nn.Module):
         else:
             self.register_buffer("zero_point", zero_point)
         self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False  # the buffer's value, on the host
         if not learnable:
             self.register_buffer("min_val", torch.full(shape, float("inf")))
             self.register_buffer("max_val", torch.full(shape, float("-inf")))
@@ -73,6 +76,11 @@ class FakeQuantize(nn.Module):
         self.scale.copy_(scale.reshape(self.scale.shape))
         self.zero_point.copy_(zp.float().reshape(self.zero_point.shape))
         self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)  # loading is not a training step: read it once
 
     @torch.no_grad()
     def _minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +97,7 @@ class FakeQuantize(nn.Module):
             self.min_val.copy_(torch.minimum(self.min_val, lo))
             self.max_val.copy_(torch.maximum(self.max_val, hi))
             self._set_qparams(self.min_val, self.max_val)
-        elif x.numel() and not bool(self.initialized):
+        elif x.numel() and not self._initialized:
             self._set_qparams(*self._minmax(x))
         zp = self.zero_point if self.scheme == "zeropoint" else None
         return fake_quantize(x, self.scale, zp, self.bits, self.scheme, self.axis)

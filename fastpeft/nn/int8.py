@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import _checks
 from ._fp32 import Float32Buffers, fresh_linear
-from ..ops.int8 import _check_threshold, int8_linear, quantize_weight
+from ..ops.int8 import check_threshold, int8_linear, quantize_weight
 from ..reference.int8 import dequantize_weight
 
 
@@ -32,7 +32,7 @@ class Int8Linear(Float32Buffers):
         super().__init__()
         self.in_features = _checks.positive_int("in_features", in_features)
         self.out_features = _checks.positive_int("out_features", out_features)
-        self.threshold = _check_threshold(threshold)
+        self.threshold = check_threshold(threshold)
         self._set_input_scale(input_scale, device)
         w, self.bias = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
         q, s = quantize_weight(w)
@@ -56,7 +56,7 @@ class Int8Linear(Float32Buffers):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.threshold = _check_threshold(threshold)
+        self.threshold = check_threshold(threshold)
         self._set_input_scale(input_scale, linear.weight.device)
         q, s = quantize_weight(linear.weight)
         self.register_buffer("weight_int8", q)

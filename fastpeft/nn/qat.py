@@ -113,7 +113,7 @@ class QATLinear(nn.Module):
         for name, fq in fqs.items():
             if fq is None:
                 continue
-            if not bool(fq.initialized):
+            if not fq._initialized:
                 raise RuntimeError(f"{name} has not seen any data, so it has no scale yet: run the model "
                                    f"on representative inputs (calibration / QAT training) before converting")
             s = fq.scale.detach()

@@ -59,15 +59,33 @@ def _check_span(name: str, t: torch.Tensor, rows: int, cols: int, strides: tuple
                          f"{lo}..{hi}, outside its storage of {size} elements")
 
 
+def _seed_tensor(seed, device: torch.device, p: float) -> torch.Tensor | None:
+    """The dropout seed in device memory, as the kernels read it: an int64 tensor of at least one
+    element on ``device`` (used as given), or an int (its low 32 bits, copied to the device);
+    None without dropout."""
+    if p == 0.0:
+        return None
+    if isinstance(seed, torch.Tensor):
+        _checks.tensor("seed", seed, dtypes=(torch.int64,))
+        if seed.numel() < 1 or seed.device != device:
+            raise ValueError(f"seed must hold one int64 on {device}, got shape {tuple(seed.shape)} on "
+                             f"{seed.device}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+    return torch.full((1,), int(seed) & 0xFFFFFFFF, dtype=torch.int64, device=device)
+
+
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int], R: int,
-                out_scale: float = 1.0, *, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+                out_scale: float = 1.0, *, dropout_p: float = 0.0, seed: int | torch.Tensor = 0) -> torch.Tensor:
     """U = out_scale * dropout(x) A^T, a new float32 [M, R] tensor.
 
     x: [M, K] (any strides); A: the [R, K] operand whose element (r, k) is at
     ``a.data_ptr() + r * a_strides[0] + k * a_strides[1]`` elements (a transposed view of
     another matrix works too), same dtype as x (fp32, fp16 or bf16). dropout_p > 0 drops
     element (m, k) of x by the counter-based mask of ``fastpeft.reference.dropout`` for
-    ``seed`` and scales the kept ones by 1 / (1 - p). Accumulates in fp32.
+    ``seed`` (an int, or an int64 tensor on x's device that the kernel reads: a CUDA graph then
+    replays with the value in memory) and scales the kept ones by 1 / (1 - p). Accumulates in fp32.
     """
     _checks.tensor("x", x, ndim=2)
     _checks.tensor("a", a)
@@ -80,18 +98,19 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int], R:
     _check_span("a", a, R, K, (s_ar, s_ak))
     p = _checks.probability("dropout_p", dropout_p)
     scale = _checks.finite_float("out_scale", out_scale) * (1.0 / (1.0 - p) if p > 0.0 else 1.0)
+    seed_t = _seed_tensor(seed, device, p)
     ext = _extension()
     u = torch.empty((M, R), dtype=torch.float32, device=device)
     ext.lora_shrink(x.data_ptr(), x.stride(0), x.stride(1), a.data_ptr(), s_ar, s_ak,
                     u.data_ptr(), u.stride(0), u.stride(1), M, K, R, _DTYPE_CODES[x.dtype],
-                    out_scale=scale, dropout=p > 0.0, seed=int(seed) & 0xFFFFFFFF,
+                    out_scale=scale, dropout=p > 0.0, seed=0 if seed_t is None else seed_t.data_ptr(),
                     thr31=dropout_threshold(p), split_k=0, device=device.index or 0,
                     stream=_stream(device))
     return u
 
 
 def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int], R: int,
-                 scaling: float, *, dropout_p: float = 0.0, seed: int = 0,
+                 scaling: float, *, dropout_p: float = 0.0, seed: int | torch.Tensor = 0,
                  epilogue_dropout: bool = False) -> torch.Tensor:
     """y += scaling * drop(U B^T) in place; returns y.
 
@@ -122,10 +141,11 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, b_strides: t
     if p > 0.0 and not epilogue_dropout:
         raise ValueError("dropout_p > 0 applies only with epilogue_dropout=True in lora_expand_")
     scaling = _checks.finite_float("scaling", scaling)
+    seed_t = _seed_tensor(seed, device, p)
     ext = _extension()
     ext.lora_expand(y.data_ptr(), y.stride(0), y.stride(1), u.data_ptr(), u.stride(0), u.stride(1),
                     b.data_ptr(), s_bn, s_br, M, N, R, _DTYPE_CODES[y.dtype], scaling=scaling,
-                    dropout=p > 0.0, seed=int(seed) & 0xFFFFFFFF, thr31=dropout_threshold(p),
+                    dropout=p > 0.0, seed=0 if seed_t is None else seed_t.data_ptr(), thr31=dropout_threshold(p),
                     drop_scale=1.0 / (1.0 - p), device=device.index or 0, stream=_stream(device))
     return y
 

@@ -6,81 +6,146 @@ Numerics: fastpeft/reference/adapter.py. Forward keeps no activation: backward r
 h = x W_d^T + b_d from x (one [M, R] pass), so only x and the weights are saved.
 
 Backends: ``triton`` (forward and backward kernels, bottleneck <= MAX_BOTTLENECK), ``cuda``
-(forward only, ``fastpeft.ops._cext.adapter_forward`` where the extension has it; its backward
-runs on triton when Triton can, else torch) and ``torch`` (the reference, by autograd).
+(forward only, ``fastpeft.ops._cext.adapter_forward``; its backward runs on triton when Triton
+can, else torch) and ``torch`` (the reference and its recomputing backward).
+
+Registered ops (fastpeft/ops/_library.py): ``fastpeft::bottleneck_adapter`` (autograd and an
+autocast rule) and ``fastpeft::bottleneck_adapter_backward``. No host sync.
 """
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
 
 from .. import _backend, _checks
 from ..reference import adapter as ref
+from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
 
 OP = "adapter"
 ACTIVATIONS = ref.ACTIVATIONS
-# Preference on CUDA tensors; benchmarks/results records the measurement behind it.
-PREFERRED_CUDA = ("triton", "cuda", "torch")
+KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
 MAX_BOTTLENECK = 256  # kernels.adapter.MAX_BLOCK_R; auto sends wider bottlenecks to a backend that takes them
 
 
-def supported() -> tuple[str, ...]:
-    """The backends this op has: "cuda" only when the extension wrapper has adapter_forward."""
-    from . import _cext
-    return ("triton", "cuda", "torch") if hasattr(_cext, "adapter_forward") else ("triton", "torch")
+def _max_bottleneck(backend: str) -> int | None:
+    """The widest bottleneck a kernel backend takes (None: no limit)."""
+    if backend == "triton":
+        return MAX_BOTTLENECK
+    if backend == "cuda":
+        from . import _cext
+        return getattr(_cext, "ADAPTER_MAX_RANK", MAX_BOTTLENECK)
+    return None
 
 
-def _on_device(t: torch.Tensor):
-    """Kernels launch on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _choose(device: torch.device, R: int, explicit: str | None) -> str:
+    too_narrow = [b for b in KERNELS if (_max_bottleneck(b) or R) < R]
+    forced = _backend.forced_backend(explicit)
+    if forced in too_narrow:
+        raise _backend.BackendUnavailableError(
+            f"{OP}: backend {forced!r} was forced but cannot run: its kernels take a bottleneck of at "
+            f"most {_max_bottleneck(forced)}, got {R}")
+    return _backend.choose(OP, device, tuple(b for b in KERNELS if b not in too_narrow), explicit)
 
 
 def _triton_can_run(device: torch.device, R: int) -> bool:
     return R <= MAX_BOTTLENECK and _backend.why_cannot_run("triton", device, ("triton",)) is None
 
 
-def _cuda_forward(x, wd, bd, wu, bu, activation, scaling):
-    from . import _cext
-    c = lambda t: None if t is None else t.contiguous()
-    return _cext.adapter_forward(x.contiguous(), c(wd), c(bd), c(wu), c(bu), activation, float(scaling))
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
 
 
-class AdapterFunction(torch.autograd.Function):
-    """The fused adapter on 2-D x with a kernel backend ('triton' or 'cuda' forward)."""
+def _forward_kernel(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, backend):
+    name = _choose(x.device, down_weight.shape[0], backend)
+    x2 = _rows(x)
+    if x2.shape[0] == 0 or name == "torch":
+        return ref.adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling).contiguous()
+    with on_device(x2):
+        if name == "cuda":
+            from . import _cext
+            c = lambda t: None if t is None else t.contiguous()
+            y = _cext.adapter_forward(x2.contiguous(), c(down_weight), c(down_bias), c(up_weight), c(up_bias),
+                                      activation, float(scaling))
+        else:
+            from ..kernels import adapter as k
+            y = k.adapter_fwd(x2, down_weight, down_bias, up_weight, up_bias, activation, scaling)
+    return y.reshape(x.shape)
+
+
+def _backward_kernel(x, dy, down_weight, down_bias, up_weight, activation, scaling, need_x, need_weights,
+                     backend):
+    """(dx or an empty placeholder, dW_d, db_d, dW_u, db_u or empty placeholders), in the dtypes of
+    x and of the weights. The cuda backend has no backward kernel: triton runs it where it can."""
+    R = down_weight.shape[0]
+    name = _choose(x.device, R, backend)
+    x2, dy2 = _rows(x), _rows(dy)
+    if name == "triton" or (name == "cuda" and _triton_can_run(x.device, R)):
+        from ..kernels import adapter as k
+        with on_device(x2):
+            dx, a, dh = k.adapter_bwd_rows(x2, dy2, down_weight, down_bias, up_weight, activation, scaling,
+                                           need_dx=need_x, store_ah=need_weights)
+            grads = k.adapter_bwd_weights(x2, dy2, a, dh, scaling) if need_weights else None
+    else:
+        dx, *grads = ref.adapter_backward(x2, dy2, down_weight, down_bias, up_weight, activation, scaling)
+    dx = dx.reshape(x.shape) if need_x else x.new_empty(0)
+    if not need_weights:
+        return (dx, *(t.new_empty(0) for t in (down_weight, down_weight, up_weight, up_weight)))
+    dwd, dbd, dwu, dbu = grads
+    return (dx, dwd.to(down_weight.dtype), dbd.to(down_weight.dtype), dwu.to(up_weight.dtype),
+            dbu.to(up_weight.dtype))
+
+
+def _backward_fake(x, dy, down_weight, down_bias, up_weight, activation, scaling, need_x, need_weights, backend):
+    R, D = down_weight.shape
+    dx = x.new_empty(x.shape if need_x else (0,))
+    if not need_weights:
+        return (dx, *(t.new_empty(0) for t in (down_weight, down_weight, up_weight, up_weight)))
+    return dx, down_weight.new_empty((R, D)), down_weight.new_empty((R,)), up_weight.new_empty((D, R)), \
+        up_weight.new_empty((D,))
+
+
+bottleneck_adapter_op = define(
+    "bottleneck_adapter(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, Tensor? up_bias, "
+    "str activation, float scaling, str? backend) -> Tensor", _forward_kernel,
+    lambda x, *rest: torch.empty_like(x, memory_format=torch.contiguous_format), autocast=(0, 1, 2, 3, 4))
+bottleneck_adapter_backward_op = define(
+    "bottleneck_adapter_backward(Tensor x, Tensor dy, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
+    "str activation, float scaling, bool need_x, bool need_weights, str? backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", _backward_kernel, _backward_fake)
+
+
+class BottleneckAdapterFunction(torch.autograd.Function):
+    """Autograd of fastpeft::bottleneck_adapter: forward keeps only x and the weights; backward
+    recomputes h = x W_d^T + b_d."""
 
     @staticmethod
-    def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, backend):
-        with _on_device(x):
-            if backend == "cuda":
-                y = _cuda_forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
-            else:
-                from ..kernels import adapter as k
-                y = k.adapter_fwd(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
+    def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, backend, direct=False):
+        """``direct``: an eager call on plain tensors: the kernels run without the dispatcher."""
+        with below_autograd():
+            y = call(bottleneck_adapter_op, direct, x, down_weight, down_bias, up_weight, up_bias, activation,
+                     scaling, backend)
         ctx.save_for_backward(x, down_weight, down_bias, up_weight)
-        ctx.cfg = (activation, scaling, backend)
+        ctx.cfg = (activation, scaling, backend, direct)
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, wd, bd, wu = ctx.saved_tensors
-        activation, scaling, backend = ctx.cfg
+        activation, scaling, backend, direct = ctx.cfg
         need_x, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:5]
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         need_w = need_wd or need_bd or need_wu or need_bu
-        if backend == "triton" or _triton_can_run(dy.device, wd.shape[0]):
-            from ..kernels import adapter as k
-            with _on_device(dy):
-                dx, a, dh = k.adapter_bwd_rows(x, dy, wd, bd, wu, activation, scaling,
-                                               need_dx=need_x, store_ah=need_w)
-                dwd = dbd = dwu = dbu = None
-                if need_w:
-                    dwd, dbd, dwu, dbu = k.adapter_bwd_weights(x, dy, a, dh, scaling)
-        else:  # cuda forward without Triton: the reference's recomputing backward
-            dx, dwd, dbd, dwu, dbu = ref.adapter_backward(x, dy, wd, bd, wu, activation, scaling)
-        cast = lambda g, p, need: g.to(p.dtype) if (need and g is not None) else None
-        return (dx if need_x else None, cast(dwd, wd, need_wd), cast(dbd, wd, need_bd),
-                cast(dwu, wu, need_wu), cast(dbu, wu, need_bu), None, None, None)
+        with below_autograd():
+            dx, dwd, dbd, dwu, dbu = call(bottleneck_adapter_backward_op, direct and still_eager(), x, dy, wd, bd, wu,
+                                          activation, scaling, need_x, need_w, backend)
+        keep = lambda g, need: g if need else None
+        return (keep(dx, need_x), keep(dwd, need_wd), keep(dbd, need_bd), keep(dwu, need_wu), keep(dbu, need_bu),
+                None, None, None, None)
+
+
+register_autograd(bottleneck_adapter_op, BottleneckAdapterFunction)
 
 
 def _validate(x, down_weight, down_bias, up_weight, up_bias, activation):
@@ -111,31 +176,12 @@ def _validate(x, down_weight, down_bias, up_weight, up_bias, activation):
         raise ValueError(f"down_bias shape {tuple(down_bias.shape)} must be [{R}] (the bottleneck)")
     if up_bias is not None and up_bias.shape[0] != d:
         raise ValueError(f"up_bias shape {tuple(up_bias.shape)} must be [{d}] (d_model)")
-    _checks.same_dtype(x=x, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight, up_bias=up_bias)
-    return _checks.same_device(x=x, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight,
-                               up_bias=up_bias)
-
-
-def _max_bottleneck(backend: str) -> int | None:
-    """The widest bottleneck a kernel backend takes (None: no limit)."""
-    if backend == "triton":
-        return MAX_BOTTLENECK
-    if backend == "cuda":
-        from . import _cext
-        return getattr(_cext, "ADAPTER_MAX_RANK", MAX_BOTTLENECK)
-    return None
-
-
-def _select(device: torch.device, R: int, explicit: str | None) -> str:
-    sup = supported()
-    too_narrow = [b for b in sup if (_max_bottleneck(b) or R) < R]
-    forced = _backend.forced_backend(explicit)
-    if forced in too_narrow:
-        raise _backend.BackendUnavailableError(
-            f"{OP}: backend {forced!r} was forced but cannot run: its kernels take a bottleneck of at "
-            f"most {_max_bottleneck(forced)}, got {R}")
-    sup = tuple(b for b in sup if b not in too_narrow)
-    return _backend.select(OP, device, PREFERRED_CUDA, sup, explicit=explicit)
+    device = _checks.same_device(x=x, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight,
+                                 up_bias=up_bias)
+    if not torch.is_autocast_enabled(device.type):  # under autocast the op casts them all
+        _checks.same_dtype(x=x, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight,
+                           up_bias=up_bias)
+    return device
 
 
 def adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
@@ -151,15 +197,17 @@ def adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor 
     recomputes them. Gradients for x, both weights and both biases. 0 rows give an empty
     output. ``backend`` forces 'triton' | 'cuda' | 'torch' (see fastpeft._backend); the triton
     kernels take a bottleneck of at most MAX_BOTTLENECK (256), above it auto uses cuda or torch.
+    Under ``torch.autocast`` x and the weights are cast to the autocast dtype first.
+
+    Runs as the registered op ``torch.ops.fastpeft.bottleneck_adapter``; no host sync.
     """
     device = _validate(x, down_weight, down_bias, up_weight, up_bias, activation)
     scaling = _checks.finite_float("scaling", scaling)
-    R, d = down_weight.shape
-    name = _select(device, R, backend)
-    x2 = x.reshape(-1, d)
-    if x2.shape[0] == 0 or name == "torch":
-        return ref.adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = AdapterFunction.apply(x2, down_weight, down_bias, up_weight, up_bias, activation, scaling, name)
-    return y.reshape(x.shape)
+    if backend is not None:
+        _backend.check_name(backend)
+    args = (x, down_weight, down_bias, up_weight, up_bias, activation, scaling, backend)
+    if eager(device.type, x, down_weight, down_bias, up_weight, up_bias):  # no dispatcher round trips
+        if needs_grad(x, down_weight, down_bias, up_weight, up_bias):
+            return BottleneckAdapterFunction.apply(*args, True)
+        return _forward_kernel(*args)
+    return bottleneck_adapter_op(*args)

@@ -1,18 +1,24 @@
 """Fake quantization for quantization-aware training: ``fake_quantize`` with LSQ / LSQ+ gradients
-for the input, the scale and the zero point. Semantics: fastpeft/reference/fakequant.py."""
-from __future__ import annotations
+for the input, the scale and the zero point. Semantics: fastpeft/reference/fakequant.py.
 
-import contextlib
+Registered ops (fastpeft/ops/_library.py):
+  fastpeft::fake_quantize           y, with autograd
+  fastpeft::fake_quantize_backward  (dx, d scale, d zero_point), the LSQ gradient scale applied
+The value checks (scale finite and > 0, x finite) run in the forward's kernel without a host sync
+(fastpeft._checks.check_values): the Triton kernel flags a NaN / inf x as it reads it, so there
+is no second pass over x.
+"""
+from __future__ import annotations
 
 import torch
 
 from .. import _backend, _checks
 from ..reference import fakequant as ref
 from ..reference.quant import SCHEMES, qrange
+from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
 
 OP = "fake_quantize"
-SUPPORTED = ("triton", "torch")
-PREFERRED_CUDA = ("triton", "torch")
+KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
 BITS = (8, 4)
 
 
@@ -40,52 +46,95 @@ def _validate(x, scale, zero_point, bits, scheme, axis):
         if tuple(zero_point.shape) != want:
             raise ValueError(f"zero_point must have scale's shape {want}, got {tuple(zero_point.shape)}")
     _checks.same_device(x=x, scale=scale, zero_point=zero_point)
-    # one host sync for every value check
-    s = scale.detach()
-    good = (s > 0).all() & torch.isfinite(s).all()
-    if x.numel():
-        good &= torch.isfinite(x.detach()).all()
-    if not bool(good):
-        if x.numel() and not bool(torch.isfinite(x.detach()).all()):
-            raise ValueError("x contains NaN or inf")
-        raise ValueError(f"scale must be finite and > 0 in every slot, got {s.flatten()[:8].tolist()}"
-                         f"{' ...' if s.numel() > 8 else ''}")
     return axis
 
 
 def _slot_params(scale, zero_point, bits, scheme):
-    """(scale, inv, zint) float32 [slots], contiguous, without autograd history."""
-    s = scale.detach().float().reshape(-1).contiguous()
-    zint = ref.zero_point_int(None if zero_point is None else zero_point.detach(), s, bits, scheme)
+    """(scale, inv, zint) float32 [slots], contiguous."""
+    s = scale.float().reshape(-1).contiguous()
+    zint = ref.zero_point_int(zero_point, s, bits, scheme)
     return s, (1.0 / s).contiguous(), zint.reshape(-1).contiguous()
 
 
-class _TritonFakeQuantize(torch.autograd.Function):
+def _check_scale(scale: torch.Tensor) -> None:
+    s = scale.reshape(-1)
+    _checks.check_values((s > 0) & torch.isfinite(s), lambda: (
+        f"scale must be finite and > 0 in every slot, got {s[:8].tolist()}{' ...' if s.numel() > 8 else ''}"))
+
+
+def _x_message() -> str:
+    return "x contains NaN or inf"
+
+
+def _forward_kernel(x, scale, zero_point, bits, scheme, axis, backend):
+    name = _backend.choose(OP, x.device, KERNELS, backend)
+    if name == "torch" or x.numel() == 0:
+        if x.numel():
+            _checks.check_values(torch.isfinite(x), _x_message)
+        _check_scale(scale)
+        return ref.fake_quantize(x.contiguous(), scale, zero_point, bits, scheme, axis)
+    from ..kernels import fakequant as k
+    _check_scale(scale)
+    s, inv, zint = _slot_params(scale, zero_point, bits, scheme)
+    with on_device(x):
+        y, bad = k.fake_quantize_fwd(x.contiguous(), s, inv, zint, qrange(bits, scheme), axis)
+    _checks.check_values(bad == 0, _x_message)
+    return y
+
+
+def _backward_kernel(x, dy, scale, zero_point, bits, scheme, axis, backend):
+    name = _backend.choose(OP, x.device, KERNELS, backend)
+    if name == "torch" or x.numel() == 0:
+        dx, ds, dz = ref.fake_quantize_grads(x.contiguous(), scale, zero_point, dy.contiguous(), bits, scheme,
+                                             axis)
+        return dx.contiguous(), ds.float(), dz.float()
+    from ..kernels import fakequant as k
+    s, inv, zint = _slot_params(scale, zero_point, bits, scheme)
+    with on_device(x):
+        dx, ds, dz = k.fake_quantize_bwd(x.contiguous(), dy.contiguous(), s, inv, zint, qrange(bits, scheme), axis)
+    g = ref.grad_scale(x.numel(), s.numel(), bits, scheme)
+    dz = torch.zeros_like(dz) if scheme == "absmax" else dz * g
+    return dx, (ds * g).reshape(scale.shape), dz.reshape(scale.shape)
+
+
+fake_quantize_op = define(
+    "fake_quantize(Tensor x, Tensor scale, Tensor? zero_point, int bits, str scheme, int? axis, str? backend) "
+    "-> Tensor", _forward_kernel, lambda x, *rest: torch.empty_like(x, memory_format=torch.contiguous_format))
+fake_quantize_backward_op = define(
+    "fake_quantize_backward(Tensor x, Tensor dy, Tensor scale, Tensor? zero_point, int bits, str scheme, "
+    "int? axis, str? backend) -> (Tensor, Tensor, Tensor)", _backward_kernel,
+    lambda x, dy, scale, *rest: (torch.empty_like(x, memory_format=torch.contiguous_format),
+                                 scale.new_empty(scale.shape, dtype=torch.float32),
+                                 scale.new_empty(scale.shape, dtype=torch.float32)))
+
+
+class FakeQuantizeFunction(torch.autograd.Function):
+    """Autograd of fastpeft::fake_quantize: the straight-through dx and LSQ / LSQ+ gradients."""
+
     @staticmethod
-    def forward(ctx, x, scale, zero_point, bits, scheme, axis):
-        from ..kernels import fakequant as k
-        s, inv, zint = _slot_params(scale, zero_point, bits, scheme)
-        xc = x.contiguous()
-        rng = qrange(bits, scheme)
-        y = k.fake_quantize_fwd(xc, s, inv, zint, rng, axis)
-        ctx.save_for_backward(xc, scale, zero_point, s, inv, zint)
-        ctx.cfg = (bits, scheme, axis, zero_point is not None, rng)
+    def forward(ctx, x, scale, zero_point, bits, scheme, axis, backend, direct=False):
+        """``direct``: an eager call on plain tensors: the kernels run without the dispatcher."""
+        with below_autograd():
+            y = call(fake_quantize_op, direct, x, scale, zero_point, bits, scheme, axis, backend)
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.cfg = (bits, scheme, axis, backend, direct)
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        from ..kernels import fakequant as k
-        xc, scale, zero_point, s, inv, zint = ctx.saved_tensors
-        bits, scheme, axis, has_zp, rng = ctx.cfg
-        dx, ds, dz = k.fake_quantize_bwd(xc, dy.contiguous(), s, inv, zint, rng, axis)
-        g = ref.grad_scale(xc.numel(), s.numel(), bits, scheme)
-        ds = (ds * g).reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[1] else None
-        if has_zp and ctx.needs_input_grad[2]:
-            dz = torch.zeros_like(dz) if scheme == "absmax" else dz * g
-            dz = dz.reshape(zero_point.shape).to(zero_point.dtype)
-        else:
-            dz = None
-        return (dx if ctx.needs_input_grad[0] else None), ds, dz, None, None, None
+        x, scale, zero_point = ctx.saved_tensors
+        bits, scheme, axis, backend, direct = ctx.cfg
+        with below_autograd():
+            dx, ds, dz = call(fake_quantize_backward_op, direct and still_eager(), x, dy, scale, zero_point, bits,
+                              scheme, axis, backend)
+        need_x, need_s, need_z = ctx.needs_input_grad[:3]
+        return (dx if need_x else None, ds.to(scale.dtype) if need_s else None,
+                dz.to(zero_point.dtype) if (need_z and zero_point is not None) else None,
+                None, None, None, None, None)
+
+
+register_autograd(fake_quantize_op, FakeQuantizeFunction)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None, bits: int = 8,
@@ -100,14 +149,18 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     dx = dy inside the clip range, 0 outside; ds = g * sum dy * (round(v) - v inside, q - z_int
     outside); dz = g * sum dy * (0 inside, -s outside) (0 for absmax), v = x / s,
     g = 1 / sqrt(elements per slot * qmax). Details: fastpeft/reference/fakequant.py.
+
+    x must be finite and the scale finite and > 0: checked in the op's kernel, on the device
+    (CPU: a ValueError; CUDA: a device-side assertion, no host sync). Runs as the registered
+    op ``torch.ops.fastpeft.fake_quantize``.
     """
     axis = _validate(x, scale, zero_point, bits, scheme, axis)
-    name = _backend.select(OP, x.device, PREFERRED_CUDA, SUPPORTED, explicit=backend)
+    if backend is not None:
+        _backend.check_name(backend)
     zp = zero_point
     if zp is not None and not zp.is_floating_point():
         zp = zp.float()  # an integer zero point: no gradient
-    if name == "torch" or x.numel() == 0:
-        return ref.FakeQuantizeFunction.apply(x, scale, zp, bits, scheme, axis)
-    with (torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()):
-        return _TritonFakeQuantize.apply(x, scale, zp, bits, scheme, axis)
-
+    args = (x, scale, zp, bits, scheme, axis, backend)
+    if eager(x.device.type, x, scale, zp):  # no dispatcher round trips
+        return FakeQuantizeFunction.apply(*args, True) if needs_grad(x, scale, zp) else _forward_kernel(*args)
+    return fake_quantize_op(*args)

@@ -1,42 +1,84 @@
-"""LLM.int8() ops: vector-wise int8 quantization and the int8 linear layer with fp16 outliers.
+"""LLM.int8() (Dettmers et al. 2022) as registered ops: vector-wise int8 quantization and the int8
+linear layer with 16-bit outlier columns.
 
-Semantics: fastpeft/reference/int8.py. The layer's weight is frozen; int8_linear gives
-gradients for x (dx = dy W_deq, W_deq = w_int8 * w_scale / 127) and for the bias.
+Semantics: fastpeft/reference/int8.py. Ops (fastpeft/ops/_library.py):
+  fastpeft::int8_vectorwise_quant    (q, row_scale, outlier_cols); not differentiable
+  fastpeft::int8_linear              y; autograd (dx and the bias) and an autocast rule
+  fastpeft::int8_linear_grad_input   dx = dy W_deq, W_deq = w_int8 * w_scale / 127
+The layer's weight is frozen. int8_linear has no host sync (the outlier columns stay on the
+device: a count and an index list the GEMM reads); int8_vectorwise_quant returns the outlier
+columns as an index tensor whose length depends on the data, so it reads that length on the
+host (one sync, in the op's kernel: a compiled graph sees an unbacked size).
 """
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
 
 from .. import _backend, _checks
 from ..reference import int8 as ref
 from ..reference import quant as ref_quant
+from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
 
 OP = "int8_linear"
-SUPPORTED = ("triton", "cuda", "torch")
-PREFERRED_CUDA = ("triton", "cuda", "torch")
-SUPPORTED_STATIC = ("triton", "torch")  # static activation codes: no CUDA C++ kernel
+KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
+KERNELS_STATIC = ("triton", "torch")  # static activation codes: no CUDA C++ kernel
 
 
-def _check_threshold(threshold: object) -> float:
+def check_threshold(threshold: object) -> float:
     t = _checks.finite_float("threshold", threshold)
     if t < 0:
         raise ValueError(f"threshold must be >= 0 (0 disables the outlier decomposition), got {t}")
     return t
 
 
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    """[..., K] -> [M, K] with unit stride along K."""
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
+
+
+def _kernels(backend: str):
+    """(quant_rows, int8_gemm) of a kernel backend: same signatures in kernels/ and csrc/."""
+    if backend == "triton":
+        from ..kernels import int8 as k
+        return k.quant_rows, k.int8_gemm
+    from . import _cext
+    return _cext.int8_quant_rows, _cext.int8_gemm
 
 
 # ---------------------------------------------------------------------------------------------
 # quantization
+
+
+def _quant_kernel(x, threshold, backend):
+    x2 = _rows(x)
+    name = _backend.choose("int8_vectorwise_quant", x.device, KERNELS, backend)
+    if name == "torch" or x2.numel() == 0:
+        q, scale, cols = ref.int8_vectorwise_quant(x2, threshold)
+    else:
+        with on_device(x2):
+            q, scale, flags = _kernels(name)[0](x2, threshold)
+            cols = None
+            if flags is not None:
+                cols = torch.nonzero(flags).flatten()  # the index list is the API: its length syncs
+                q[:, cols] = 0
+    if cols is None:
+        cols = torch.empty(0, dtype=torch.int64, device=x.device)
+    return q, scale, cols
+
+
+def _quant_fake(x, threshold, backend):
+    M, K = math.prod(x.shape[:-1]), x.shape[-1]
+    n_cols = torch.library.get_ctx().new_dynamic_size() if threshold > 0 else 0
+    return (x.new_empty((M, K), dtype=torch.int8), x.new_empty((M,), dtype=torch.float32),
+            x.new_empty((n_cols,), dtype=torch.int64))
+
+
+int8_vectorwise_quant_op = define(
+    "int8_vectorwise_quant(Tensor x, float threshold, str? backend) -> (Tensor, Tensor, Tensor)",
+    _quant_kernel, _quant_fake)
 
 
 def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0, *, backend: str | None = None):
@@ -47,21 +89,18 @@ def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0, *, backend: s
     with |x| < threshold (all entries when threshold == 0); q = round(x * 127 / row_scale);
     outlier_cols = sorted int64 indices of the columns holding an entry with
     |x| >= threshold (None when threshold == 0), whose codes are all 0 in q. A row of
-    zeros gives scale 0 and codes 0.
+    zeros gives scale 0 and codes 0. Not differentiable (x is detached).
+
+    Runs as ``torch.ops.fastpeft.int8_vectorwise_quant``. With threshold > 0 the length of
+    outlier_cols depends on the data: reading it is one host sync (the layer, int8_linear,
+    never needs it).
     """
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
-    threshold = _check_threshold(threshold)
-    x2 = _rows(x)
-    name = _backend.select("int8_vectorwise_quant", x.device, PREFERRED_CUDA, SUPPORTED, explicit=backend)
-    if name == "torch" or x2.numel() == 0:
-        return ref.int8_vectorwise_quant(x2, threshold)
-    with _on_device(x2):
-        q, scale, flags = _kernels(name)[0](x2, threshold)
-        if flags is None:
-            return q, scale, None
-        cols = torch.nonzero(flags).flatten()  # the index list is the API: one sync
-        q[:, cols] = 0
-    return q, scale, cols
+    threshold = check_threshold(threshold)
+    if backend is not None:
+        _backend.check_name(backend)
+    q, scale, cols = call(int8_vectorwise_quant_op, eager(x.device.type, x), x.detach(), threshold, backend)
+    return q, scale, (cols if threshold > 0 else None)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,15 +128,6 @@ def outlier_columns(col_flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return cols, count
 
 
-def _kernels(backend: str):
-    """(quant_rows, int8_gemm) of a kernel backend: same signatures in kernels/ and csrc/."""
-    if backend == "triton":
-        from ..kernels import int8 as k
-        return k.quant_rows, k.int8_gemm
-    from . import _cext
-    return _cext.int8_quant_rows, _cext.int8_gemm
-
-
 def _static_codes_torch(x2, input_scale):
     """int32 codes of x with the fixed per-tensor step: fastpeft.quantize's 8-bit absmax codes."""
     zero = torch.zeros((), dtype=torch.int32, device=x2.device)
@@ -123,14 +153,6 @@ def _forward_kernels(backend, x2, w, sw, bias, threshold):
     return gemm(q, row_scale, w, sw, bias, x2.dtype, x=x2, col_flags=flags, cols=cols, count=count)
 
 
-def _grad_input(backend, dy, w, sw):
-    """dx = dy @ W_deq, W_deq = w_int8 * w_scale / 127."""
-    if backend == "triton":
-        from ..kernels import int8 as k
-        return k.dequant_matmul(dy, w, sw)
-    return (dy.float() @ ref.dequantize_weight(w, sw)).to(dy.dtype)
-
-
 def _torch_linear(x2, w, sw, bias, threshold, input_scale=None):
     """The torch path: the reference, with the int32 GEMM on torch._int_mm where it runs."""
     if input_scale is None:
@@ -146,40 +168,84 @@ def _torch_linear(x2, w, sw, bias, threshold, input_scale=None):
         acc = q.double() @ w.double().t()
     # fp32 epilogue, as the kernels do: the int32 sums and both scales round once each
     y = acc.float() * unit
-    if cols is not None and cols.numel():
+    if cols is not None and cols.numel():  # in the op's kernel: the data-dependent shape stays here
         y += x2[:, cols].float() @ ref.dequantize_weight(w[:, cols], sw).t()
     if bias is not None:
         y += bias.float()
     return y.to(x2.dtype)
 
 
-class Int8LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2, w, sw, bias, threshold, backend, input_scale=None):
-        with _on_device(x2):
-            if backend == "torch":
-                y = _torch_linear(x2, w, sw, bias, threshold, input_scale)
+def _linear_kernel(x, weight_int8, weight_scale, bias, threshold, input_scale, backend):
+    N, K = weight_int8.shape
+    x2 = _rows(x)
+    kernels = KERNELS if input_scale is None else KERNELS_STATIC
+    name = _backend.choose(OP, x.device, kernels, backend)
+    if x2.shape[0] == 0 or N == 0 or K == 0:
+        y = ref.int8_linear(x2, weight_int8, weight_scale, bias, threshold)
+    else:
+        with on_device(x2):
+            if name == "torch":
+                y = _torch_linear(x2, weight_int8, weight_scale, bias, threshold, input_scale)
             elif input_scale is not None:
-                y = _forward_static(x2, w, sw, bias, input_scale)
+                y = _forward_static(x2, weight_int8, weight_scale, bias, input_scale)
             else:
-                y = _forward_kernels(backend, x2, w, sw, bias, threshold)
-        ctx.save_for_backward(w, sw)
-        ctx.backend = backend
-        ctx.has_bias = bias is not None
+                y = _forward_kernels(name, x2, weight_int8, weight_scale, bias, threshold)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def _grad_input_kernel(dy, weight_int8, weight_scale, backend):
+    """dx = dy @ W_deq, W_deq = w_int8 * w_scale / 127, in dy's dtype."""
+    dy2 = _rows(dy)
+    K = weight_int8.shape[1]
+    name = _backend.choose(OP, dy.device, KERNELS, backend)
+    if name == "triton" and dy2.shape[0] and K:
+        from ..kernels import int8 as k
+        with on_device(dy2):
+            dx = k.dequant_matmul(dy2, weight_int8, weight_scale)
+    else:
+        dx = (dy2.float() @ ref.dequantize_weight(weight_int8, weight_scale)).to(dy.dtype)
+    return dx.reshape(*dy.shape[:-1], K)
+
+
+int8_linear_op = define(
+    "int8_linear(Tensor x, Tensor weight_int8, Tensor weight_scale, Tensor? bias, float threshold, "
+    "Tensor? input_scale, str? backend) -> Tensor", _linear_kernel,
+    lambda x, w, sw, b, t, s, be: x.new_empty((*x.shape[:-1], w.shape[0])),
+    autocast=(0, 3))  # x and bias; the codes and float32 scales stay
+int8_linear_grad_input_op = define(
+    "int8_linear_grad_input(Tensor dy, Tensor weight_int8, Tensor weight_scale, str? backend) -> Tensor",
+    _grad_input_kernel, lambda dy, w, sw, be: dy.new_empty((*dy.shape[:-1], w.shape[1])))
+
+
+class Int8LinearFunction(torch.autograd.Function):
+    """Autograd of fastpeft::int8_linear: dx through the dequantized weight (the straight-through
+    estimator for the quantized activations), db = sum(dy); the weight is frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight_int8, weight_scale, bias, threshold, input_scale, backend, direct=False):
+        """``direct``: an eager call on plain tensors: the kernels run without the dispatcher."""
+        with below_autograd():
+            y = call(int8_linear_op, direct, x, weight_int8, weight_scale, bias, threshold, input_scale, backend)
+        ctx.save_for_backward(weight_int8, weight_scale)
+        ctx.cfg = (backend, bias is not None, direct)
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         w, sw = ctx.saved_tensors
-        need_x, _, _, need_b = ctx.needs_input_grad[:4]
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        backend, has_bias, direct = ctx.cfg
+        need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         dx = db = None
         if need_x:
-            with _on_device(dy):
-                dx = _grad_input(ctx.backend, dy, w, sw)
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
-        return dx, None, None, db, None, None, None
+            with below_autograd():
+                dx = call(int8_linear_grad_input_op, direct and still_eager(), dy, w, sw, backend)
+        if need_b and has_bias:
+            db = dy.reshape(-1, w.shape[0]).sum(0) if dy.numel() else dy.new_zeros(w.shape[0])
+        return dx, None, None, db, None, None, None, None
+
+
+register_autograd(int8_linear_op, Int8LinearFunction)
 
 
 def _validate(x, weight_int8, weight_scale, bias):
@@ -196,8 +262,10 @@ def _validate(x, weight_int8, weight_scale, bias):
         _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
         if bias.shape[0] != N:
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match {N} output features")
+    device = _checks.same_device(x=x, weight_int8=weight_int8, weight_scale=weight_scale, bias=bias)
+    if bias is not None and not torch.is_autocast_enabled(device.type):  # autocast casts both
         _checks.same_dtype(x=x, bias=bias)
-    return _checks.same_device(x=x, weight_int8=weight_int8, weight_scale=weight_scale, bias=bias)
+    return device
 
 
 def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
@@ -211,6 +279,8 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.
     int32 product is scaled by row_scale(x) * weight_scale / 127**2, and the columns of x
     holding an entry with |x| >= threshold (threshold > 0) go through a 16-bit product with
     the dequantized weight columns instead. Output in x's dtype; gradient for x (and bias).
+    Under ``torch.autocast``, x and bias are cast to the autocast dtype first (as F.linear's
+    inputs), so y has that dtype.
 
     input_scale (static activations): a float32 tensor of one element on x's device, the fixed
     per-tensor step s of x's codes clamp(rint(x / s), -127, 127) (fastpeft.quantize's 8-bit
@@ -218,21 +288,20 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.
     > 0 (not read on the host). Needs threshold 0; triton and torch backends only. The
     product is then scaled by s * weight_scale / 127. Gradients as without it (the
     straight-through estimator: dx = dy W_deq).
+
+    Runs as the registered op ``torch.ops.fastpeft.int8_linear``; no host sync (the outlier
+    columns are found and used on the device).
     """
     device = _validate(x, weight_int8, weight_scale, bias)
-    threshold = _check_threshold(threshold)
-    supported = SUPPORTED
+    threshold = check_threshold(threshold)
     if input_scale is not None:
         _checks.input_step(input_scale, device)
         if threshold != 0:
             raise ValueError(f"static activations (input_scale) need threshold=0 (no outlier columns), "
                              f"got threshold={threshold:g}")
-        supported = SUPPORTED_STATIC
-    name = _backend.select(OP, device, PREFERRED_CUDA, supported, explicit=backend)
-    N, K = weight_int8.shape
-    x2 = _rows(x)
-    if x2.shape[0] == 0 or N == 0 or K == 0:
-        y = ref.int8_linear(x2, weight_int8, weight_scale, bias, threshold)
-        return y.reshape(*x.shape[:-1], N)
-    y = Int8LinearFunction.apply(x2, weight_int8, weight_scale, bias, threshold, name, input_scale)
-    return y.reshape(*x.shape[:-1], N)
+    if backend is not None:
+        _backend.check_name(backend)
+    args = (x, weight_int8, weight_scale, bias, threshold, input_scale, backend)
+    if eager(device.type, x, weight_int8, weight_scale, bias, input_scale):  # no dispatcher round trips
+        return Int8LinearFunction.apply(*args, True) if needs_grad(x, bias) else _linear_kernel(*args)
+    return int8_linear_op(*args)

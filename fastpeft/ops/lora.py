@@ -1,31 +1,50 @@
-"""LoRA as an autograd op: input checks, backend choice, and the Function.
+"""LoRA (Hu et al. 2021) as registered ops: input checks, every backend's kernels, autograd.
 
     y = x W^T + b + scaling * (dropout(x) A^T) B^T
 
-Forward keeps U = dropout(x) A^T ([M, r], fp32) for dB; dropout(x) is never
-stored: backward regenerates the counter-based mask from the seed. The base
-weight never gets a gradient (it is frozen); the bias gets one when it requires it.
+Ops (registered by fastpeft/ops/_library.py):
+  fastpeft::lora_linear      y; the public op, with autograd and an autocast rule
+  fastpeft::lora_linear_fwd  (y, U): U = dropout(x) A^T, float32 [M, r], kept for dB
+  fastpeft::lora_linear_dx   (dx, V): dx = dy W + s * mask / (1 - p) * ((dy B) A),
+                             V = dy B, float32 [M, r], kept for dA
+  fastpeft::lora_linear_da   dA = s * V^T dropout(x), float32 [r, in]
+dB = s * dy^T U and db = sum(dy) are plain torch ops in the backward. The weight is frozen:
+it never gets a gradient.
+
+Dropout never stores dropout(x): the mask is the counter-based hash of
+fastpeft.reference.dropout of (seed, row, col), and the backward regenerates it. The seed is a
+one-element int64 tensor on x's device, drawn by ``torch.randint`` from the device's generator
+(as PyTorch's own dropout draws its philox seed and offset), so nothing is read on the host and
+a CUDA graph that captured the draw draws a new seed at every replay. No host sync in the
+forward or the backward.
 """
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import _backend, _checks
 from ..reference import lora as ref
+from ..reference.dropout import dropout_2d
+from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
 
 OP = "lora_linear"
-SUPPORTED = ("triton", "cuda", "torch")
-# Preference on CUDA tensors; benchmarks/results records the measurement behind it.
-PREFERRED_CUDA = ("triton", "cuda", "torch")
+KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
 # Accumulate U = x A^T inside the base GEMM's K loop (one launch, x read once) up to
 # this many rows; above it a separate shrink kernel avoids recomputing U per N tile.
 FUSE_SHRINK_MAX_M = 64
+SEED_MAX = 2**31 - 1  # the kernels' masks take 31-bit seeds
 
 
-def _new_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
+def new_seed(device: torch.device, seed: int | None = None) -> torch.Tensor:
+    """The dropout seed as the ops take it: an int64 [1] tensor on ``device``, drawn from torch's
+    generator for that device (no host sync), or holding the given ``seed`` (31 bits of it)."""
+    if seed is None:
+        return torch.randint(0, SEED_MAX, (1,), device=device)
+    return torch.full((1,), int(seed) & SEED_MAX, dtype=torch.int64, device=device)
 
 
 def _fuse_shrink(M: int, R: int, fuse_shrink: bool | None) -> bool:
@@ -36,15 +55,39 @@ def _fuse_shrink(M: int, R: int, fuse_shrink: bool | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# backend implementations on 2-D tensors: forward -> (y, u); backward -> (dx, v)
+# each backend on 2-D tensors: forward -> (y, u); backward -> (dx, v); dA
 
 
-def _triton_forward(x, w, b, A, B, s, p, seed, fuse, need_u):
+def _torch_lora(x, w, b, A, B, s, p, seed):
+    """(y, U) of x [..., K] in x's dtype: the torch backend's arithmetic, differentiable by autograd
+    (dropout's mask is over the 2-D view [M, K] of x)."""
+    xd = x if p == 0.0 else dropout_2d(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), p, seed).view(x.shape)
+    u = F.linear(xd, A)
+    return F.linear(x, w, b).add_(F.linear(u, B), alpha=s), u
+
+
+def _torch_forward(x, w, b, A, B, s, p, seed):
+    y, u = _torch_lora(x, w, b, A, B, s, p, seed)
+    return y, u.float()
+
+
+def _torch_backward_dx(dy, w, A, B, s, p, seed):
+    v = dy @ B
+    dx = dy @ w
+    dx.add_(dropout_2d(v @ A, p, seed), alpha=s)
+    return dx, v.float()
+
+
+def _torch_grad_a(v, x, s, p, seed):
+    return (v.to(x.dtype).t() @ dropout_2d(x, p, seed)).float().mul_(s)
+
+
+def _triton_forward(x, w, b, A, B, s, p, seed, fuse):
     from ..kernels import lora as k
     N, R = w.shape[0], A.shape[0]
     if fuse:
         return k.lora_gemm(x, w, N, (w.stride(0), w.stride(1)), b, B, (B.stride(0), B.stride(1)), R, s,
-                           a=A, a_strides=(A.stride(0), A.stride(1)), store_u=need_u,
+                           a=A, a_strides=(A.stride(0), A.stride(1)), store_u=True,
                            dropout_p=p, seed=seed, shrink_dropout=True)
     u = k.shrink(x, A, (A.stride(0), A.stride(1)), R, dropout_p=p, seed=seed)
     y, _ = k.lora_gemm(x, w, N, (w.stride(0), w.stride(1)), b, B, (B.stride(0), B.stride(1)), R, s, u=u)
@@ -71,10 +114,10 @@ def _triton_grad_a(v, x, s, p, seed):
     return k.grad_a(v, x, s, dropout_p=p, seed=seed)
 
 
-def _cuda_forward(x, w, b, A, B, s, p, seed, fuse, need_u):
+def _cuda_forward(x, w, b, A, B, s, p, seed, fuse):
     from . import _cext
     R = A.shape[0]
-    y = torch.nn.functional.linear(x, w, b)
+    y = F.linear(x, w, b)
     u = _cext.lora_shrink(x, A, (A.stride(0), A.stride(1)), R, dropout_p=p, seed=seed)
     _cext.lora_expand_(y, u, B, (B.stride(0), B.stride(1)), R, s)
     return y, u
@@ -90,61 +133,157 @@ def _cuda_backward_dx(dy, w, A, B, s, p, seed, fuse):
     return dx, v
 
 
-def _torch_grad_a(v, x, s, p, seed):
-    from ..reference.dropout import dropout_2d
-    return s * (v.to(x.dtype).t() @ dropout_2d(x, p, seed))
-
-
-_IMPL = {
+_KERNEL_IMPL = {  # forward, backward dx, dA of the kernel backends
     "triton": (_triton_forward, _triton_backward_dx, _triton_grad_a),
     "cuda": (_cuda_forward, _cuda_backward_dx, _torch_grad_a),
 }
 
 
-def _on_device(t: torch.Tensor):
-    """Kernels launch on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[..., K] -> ([M, K], M) with unit stride along K (K == 0 and M == 0 included)."""
+    M = math.prod(t.shape[:-1])
+    t2 = t.reshape(M, t.shape[-1])
+    return (t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()), M
+
+
+# ---------------------------------------------------------------------------------------------
+# the op kernels (CPU and CUDA): the backend is chosen here, when they run
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse_shrink):
+    """(y [..., out] in x's dtype, U float32 [M, r])."""
+    N, K = weight.shape
+    x2, M = _rows(x)
+    name = _backend.choose(OP, x.device, KERNELS, backend)
+    if name == "torch" or M == 0 or N == 0 or K == 0:
+        y, u = _torch_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    else:
+        fuse = name == "triton" and _fuse_shrink(M, lora_A.shape[0], fuse_shrink)
+        with on_device(x2):
+            y, u = _KERNEL_IMPL[name][0](x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse)
+    return y.reshape(*x.shape[:-1], N), u
+
+
+def _lora_linear_kernel(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse_shrink):
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse_shrink)[0]
+
+
+def _dx_kernel(dy, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse_shrink):
+    N, K = weight.shape
+    dy2, M = _rows(dy)
+    name = _backend.choose(OP, dy.device, KERNELS, backend)
+    if name == "torch" or M == 0 or N == 0 or K == 0:
+        dx, v = _torch_backward_dx(dy2, weight, lora_A, lora_B, scaling, dropout_p, seed)
+    else:
+        fuse = name == "triton" and _fuse_shrink(M, lora_A.shape[0], fuse_shrink)
+        with on_device(dy2):
+            dx, v = _KERNEL_IMPL[name][1](dy2, weight, lora_A, lora_B, scaling, dropout_p, seed, fuse)
+    return dx.reshape(*dy.shape[:-1], K), v
+
+
+def _da_kernel(v, x, scaling, dropout_p, seed, backend):
+    x2, M = _rows(x)
+    name = _backend.choose(OP, x.device, KERNELS, backend)
+    if name == "torch" or M == 0 or x2.shape[1] == 0:
+        return _torch_grad_a(v, x2, scaling, dropout_p, seed)
+    with on_device(x2):
+        return _KERNEL_IMPL[name][2](v, x2, scaling, dropout_p, seed)
+
+
+def _fake_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse_shrink):
+    M = math.prod(x.shape[:-1])
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((M, lora_A.shape[0]), dtype=torch.float32))
+
+
+_ARGS = ("Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+         "float dropout_p, Tensor? seed, str? backend, bool? fuse_shrink")
+lora_linear_op = define(f"lora_linear({_ARGS}) -> Tensor", _lora_linear_kernel,
+                        lambda *a: _fake_forward(*a)[0], autocast=(0, 1, 2, 3, 4))  # as F.linear's inputs
+lora_linear_fwd_op = define(f"lora_linear_fwd({_ARGS}) -> (Tensor, Tensor)", _forward, _fake_forward)
+lora_linear_dx_op = define(
+    "lora_linear_dx(Tensor dy, Tensor weight, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
+    "Tensor? seed, str? backend, bool? fuse_shrink) -> (Tensor, Tensor)", _dx_kernel,
+    lambda dy, weight, A, *rest: (dy.new_empty((*dy.shape[:-1], weight.shape[1])),
+                                  dy.new_empty((math.prod(dy.shape[:-1]), A.shape[0]), dtype=torch.float32)))
+lora_linear_da_op = define(
+    "lora_linear_da(Tensor v, Tensor x, float scaling, float dropout_p, Tensor? seed, str? backend) -> Tensor",
+    _da_kernel, lambda v, x, *rest: x.new_empty((v.shape[1], x.shape[-1]), dtype=torch.float32))
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Fused LoRA on 2-D x with a kernel backend ('triton' or 'cuda')."""
+    """Autograd of fastpeft::lora_linear: forward keeps U (for dB), x (for dA) and the seed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse):
-        fwd, _, _ = _IMPL[backend]
-        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
-        with _on_device(x):
-            y, u = fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse, need_B)
-        # keep only what backward reads: x for dA, U for dB (fp32 [M, r])
-        ctx.save_for_backward(x if need_A else None, weight, lora_A, lora_B, u if need_B else None)
-        ctx.cfg = (scaling, dropout_p, seed, backend, fuse, bias is not None)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse_shrink,
+                direct=False):
+        """``direct``: an eager call on plain tensors (fastpeft.ops._library.eager): the kernels are
+        called in Python, not through the dispatcher."""
+        with below_autograd():
+            y, u = call(lora_linear_fwd_op, direct, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                        backend, fuse_shrink)
+        need_A, need_B = ctx.needs_input_grad[3:5]
+        ctx.save_for_backward(x if need_A else None, weight, lora_A, lora_B, u if need_B else None, seed)
+        ctx.cfg = (scaling, dropout_p, backend, fuse_shrink, bias is not None, direct)
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, u = ctx.saved_tensors
-        scaling, p, seed, backend, fuse, has_bias = ctx.cfg
-        _, bwd_dx, grad_a = _IMPL[backend]
+        x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+        scaling, p, backend, fuse_shrink, has_bias, direct = ctx.cfg
+        direct = direct and still_eager()
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        dx = v = dA = None
-        with _on_device(dy):
+        dx = v = dA = dB = db = None
+        N = weight.shape[0]
+        with below_autograd():
             if need_x:
-                dx, v = bwd_dx(dy, weight, lora_A, lora_B, scaling, p, seed, fuse)
+                dx, v = call(lora_linear_dx_op, direct, dy, weight, lora_A, lora_B, scaling, p, seed, backend,
+                             fuse_shrink)
+            dy2 = dy.reshape(math.prod(dy.shape[:-1]), N) if (need_A or need_B or need_b) else None
             if need_A:
                 if v is None:
-                    v = (dy @ lora_B).float()
-                dA = grad_a(v, x, scaling, p, seed).to(lora_A.dtype)
-        dB = (scaling * (dy.t() @ u.to(dy.dtype))).to(lora_B.dtype) if need_B else None
-        db = dy.sum(0) if (need_b and has_bias) else None
-        return dx, None, db, dA, dB, None, None, None, None, None
+                    v = (dy2 @ lora_B).float()
+                dA = call(lora_linear_da_op, direct, v, x, scaling, p, seed, backend).to(lora_A.dtype)
+        if need_B:
+            dB = (scaling * (dy2.t() @ u.to(dy.dtype))).to(lora_B.dtype)
+        if need_b and has_bias:
+            db = dy2.sum(0)
+        return dx, None, db, dA, dB, None, None, None, None, None, None
 
 
-def _torch_path(x2, weight, bias, lora_A, lora_B, scaling, p, seed):
-    return ref.lora_linear(x2, weight.detach(), bias, lora_A, lora_B, scaling, p, seed)
+register_autograd(lora_linear_op, LoRALinearFunction)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public functions
+
+
+def _autocasting(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type)
+
+
+def _valid(x, weight, bias, A, B) -> bool:
+    """Every check of ``_validate`` in one expression: the per-call fast path (a layer is called
+    hundreds of times a step); ``_validate`` runs only to say what is wrong."""
+    F_ = _checks.FLOAT_DTYPES
+    T = torch.Tensor
+    if not (isinstance(x, T) and isinstance(weight, T) and isinstance(A, T) and isinstance(B, T)
+            and (bias is None or isinstance(bias, T))):
+        return False
+    N, K = (weight.shape[0], weight.shape[1]) if weight.dim() == 2 else (-1, -1)
+    device, r = x.device, A.shape[0]
+    return (x.dim() >= 1 and x.shape[-1] == K and A.dim() == 2 and B.dim() == 2 and r > 0 and A.shape[1] == K
+            and B.shape[0] == N and B.shape[1] == r and x.dtype in F_ and weight.dtype in F_ and A.dtype in F_
+            and B.dtype == A.dtype and weight.device == device and A.device == device and B.device == device
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == N and bias.dtype in F_
+                                  and bias.device == device))
+            and ((weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)) or _autocasting(device)))
 
 
 def _validate(x, weight, bias, lora_A, lora_B):
+    if _valid(x, weight, bias, lora_A, lora_B):
+        return x.device
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("weight", weight, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     if bias is not None:
@@ -164,9 +303,19 @@ def _validate(x, weight, bias, lora_A, lora_B):
         raise ValueError(f"lora_A shape {tuple(lora_A.shape)} must be [r, {K}] (in features of weight)")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B shape {tuple(lora_B.shape)} must be [{N}, {r}] ([out, r])")
-    _checks.same_dtype(x=x, weight=weight, bias=bias)
+    device = _checks.same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    if not _autocasting(device):  # under autocast the op casts them all, as F.linear does
+        _checks.same_dtype(x=x, weight=weight, bias=bias)
     _checks.same_dtype(lora_A=lora_A, lora_B=lora_B)
-    return _checks.same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    return device
+
+
+def _dropout_seed(device, p: float, seed) -> torch.Tensor | None:
+    if p == 0.0:
+        return None
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return new_seed(device, seed)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -179,40 +328,46 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     gradient); bias: [out] or None; lora_A: [r, in]; lora_B: [out, r]. x, weight and
     bias share one dtype (fp32, fp16, bf16); the adapters may have another float
     dtype, in which case the low-rank path computes in x's dtype and the adapter
-    gradients come back in theirs. Dropout (``dropout_p`` when ``training``) uses the
-    counter-based mask of ``fastpeft.reference.dropout``; ``seed`` fixes it (drawn
-    from torch's CPU generator otherwise), and every backend draws the same mask.
+    gradients come back in theirs. Under ``torch.autocast`` every one of them is cast to the
+    autocast dtype first, as ``F.linear``'s inputs are, and y has that dtype.
+
+    Dropout (``dropout_p`` when ``training``) uses the counter-based mask of
+    ``fastpeft.reference.dropout``; its seed is drawn on x's device from torch's generator
+    (``torch.manual_seed`` makes it reproducible; a replayed CUDA graph draws a new one), or
+    fixed by ``seed``. Every backend draws the same mask from the same seed.
     ``backend`` forces 'triton' | 'cuda' | 'torch' (see fastpeft._backend);
-    ``fuse_shrink`` overrides the choice of computing x A^T inside the GEMM.
+    ``fuse_shrink`` overrides the choice of computing x A^T inside the GEMM (triton).
+
+    Runs as the registered op ``torch.ops.fastpeft.lora_linear`` (one graph node under
+    torch.compile / torch.export). No host sync.
     """
     device = _validate(x, weight, bias, lora_A, lora_B)
     scaling = _checks.finite_float("scaling", scaling)
     p = _checks.probability("dropout_p", dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = _new_seed()
-    seed = 0 if seed is None else int(seed) & 0x7FFFFFFF
-    name = _backend.select(OP, device, PREFERRED_CUDA, SUPPORTED, explicit=backend)
-
-    N, K = weight.shape
-    x2 = x.reshape(-1, K)
+    if backend is not None:
+        _backend.check_name(backend)
     A, B = lora_A, lora_B
-    if A.dtype != x.dtype:  # adapters kept in another precision: compute in x's dtype
+    if A.dtype != x.dtype and not _autocasting(device):  # adapters in another precision: x's dtype
         A, B = A.to(x.dtype), B.to(x.dtype)
-    if x2.shape[0] == 0 or N == 0 or K == 0 or name == "torch":
-        y = _torch_path(x2, weight, bias, A, B, scaling, p, seed)
-        return y.reshape(*x.shape[:-1], N)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    fuse = _fuse_shrink(x2.shape[0], A.shape[0], fuse_shrink) if name == "triton" else False
-    y = LoRALinearFunction.apply(x2, weight.detach(), bias, A, B, scaling, p, seed, name, fuse)
-    return y.reshape(*x.shape[:-1], N)
+    args = (x, weight.detach() if weight.requires_grad else weight, bias, A, B, scaling, p,
+            _dropout_seed(device, p, seed), backend, fuse_shrink)
+    if eager(device.type, x, weight, bias, A, B):  # the kernels, without the dispatcher's round trips
+        if _backend.choose(OP, device, KERNELS, backend) == "torch":
+            # torch's autograd (C++) differentiates the torch backend's arithmetic: per call, cheaper
+            # than the explicit backward of the registered op, and dropout's mask is computed once
+            return _torch_lora(*args[:8])[0]
+        if needs_grad(x, bias, A, B):
+            return LoRALinearFunction.apply(*args, True)
+        return _lora_linear_kernel(*args)
+    return lora_linear_op(*args)
 
 
 def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 dropout_p: float = 0.0, training: bool = False, *, seed: int | None = None) -> torch.Tensor:
     """The low-rank term alone, scaling * (dropout(x) A^T) B^T, for bases that are not a
     plain weight (an int8 layer): x [..., in], lora_A [r, in], lora_B [out, r]; output in x's
-    dtype. Plain PyTorch (the dropout mask is the shared counter-based one, materialized here).
+    dtype. Plain PyTorch (the dropout mask is the shared counter-based one, materialized here,
+    its seed drawn on x's device as in ``lora_linear``): torch.compile traces through it.
     """
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("lora_A", lora_A, ndim=2, dtypes=_checks.FLOAT_DTYPES)
@@ -221,10 +376,9 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     if r == 0 or lora_A.shape[1] != x.shape[-1] or lora_B.shape[1] != r:
         raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} must be [r, "
                          f"{x.shape[-1]}] and [out, r] with r > 0")
-    _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B)
+    device = _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B)
     scaling = _checks.finite_float("scaling", scaling)
     p = _checks.probability("dropout_p", dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = _new_seed()
     A, B = (lora_A, lora_B) if lora_A.dtype == x.dtype else (lora_A.to(x.dtype), lora_B.to(x.dtype))
-    return ref.lora_update(x, A, B, scaling, p, 0 if seed is None else int(seed) & 0x7FFFFFFF)
+    seed_t = _dropout_seed(device, p, seed)
+    return ref.lora_update(x, A, B, scaling, p, 0 if seed_t is None else seed_t)

@@ -3,23 +3,24 @@
     y[i] = out[i] + s_a * (x[i] A_a[:r_a]^T) B_a[:, :r_a]^T,    a = indices[i]
 
 Numerics: fastpeft/reference/multi_lora.py. Backends: ``triton`` (kernels/multi_lora.py),
-``cuda`` (``fastpeft.ops._cext.multi_lora_shrink`` / ``multi_lora_expand`` where the extension
-has them) and ``torch`` (the reference). Nothing here reads a tensor value on the host except
-the optional value check (one sync, skipped during CUDA-graph capture), so the op can be
-captured in a CUDA graph and replayed with new indices, ranks and scalings.
+``cuda`` (``fastpeft.ops._cext.multi_lora_shrink`` / ``multi_lora_expand``) and ``torch`` (the
+reference). Registered ops (fastpeft/ops/_library.py), inference only (no autograd):
+  fastpeft::multi_lora       the update alone, a new tensor
+  fastpeft::multi_lora_add_  the update added into ``out`` in place (mutates ``out``)
+Nothing reads a tensor value on the host: the optional value check of the indices and ranks
+runs on the device (fastpeft._checks.check_values: on CUDA a device-side assertion), so the op
+can be captured in a CUDA graph and replayed with new indices, ranks and scalings.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
 from .. import _backend, _checks
 from ..reference import multi_lora as ref
+from ._library import define, eager, on_device
 
 OP = "multi_lora"
-# Preference on CUDA tensors; benchmarks/results records the measurement behind it.
-PREFERRED_CUDA = ("triton", "cuda", "torch")
+KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
 INT_DTYPES = (torch.int32, torch.int64)
 # Regime choice (shapes only, never values). Per-row programs (decode, BGMV) give every row
 # its own program and read each row's adapter on its own: best while rows are few, since the
@@ -35,26 +36,11 @@ DECODE_MAX_MIXED_ROWS = 1024
 ROWS_PER_ADAPTER = 4
 
 
-def supported() -> tuple[str, ...]:
-    """The backends this op has: "cuda" only when the extension wrapper has the gathered kernels."""
-    from . import _cext
-    return ("triton", "cuda", "torch") if hasattr(_cext, "multi_lora_shrink") else ("triton", "torch")
-
-
 def regime(T: int, n: int) -> str:
     """"decode" (per-row programs) or "prefill" (adapter-sorted row tiles), from shapes only."""
     if T <= DECODE_MAX_ROWS or (T <= DECODE_MAX_MIXED_ROWS and T < ROWS_PER_ADAPTER * n):
         return "decode"
     return "prefill"
-
-
-def _on_device(t: torch.Tensor):
-    """Kernels launch on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _validate(x, lora_A, lora_B, ranks, scalings, indices, out) -> torch.device:
@@ -104,17 +90,21 @@ def _validate(x, lora_A, lora_B, ranks, scalings, indices, out) -> torch.device:
 
 
 def _check_values(ranks: torch.Tensor, indices: torch.Tensor, n: int, r_max: int) -> None:
-    """Index values in [-1, n) and ranks in [1, r_max]: one host sync."""
-    bad_idx = ((indices < -1) | (indices >= n)).any()
-    bad_rank = ((ranks < 1) | (ranks > r_max)).any()
-    flags = torch.stack([bad_idx, bad_rank]).tolist()  # the one sync
-    if flags[0]:
-        pos = int(((indices < -1) | (indices >= n)).nonzero()[0, 0])
-        raise ValueError(f"indices must be in [-1, {n}) (-1: no adapter; {n} adapters in the stack); "
-                         f"row {pos} has {int(indices[pos])}")
-    if flags[1]:
-        pos = int(((ranks < 1) | (ranks > r_max)).nonzero()[0, 0])
-        raise ValueError(f"ranks must be in [1, r_max={r_max}]; adapter {pos} has rank {int(ranks[pos])}")
+    """Index values in [-1, n) and ranks in [1, r_max], on the device (no host sync on CUDA)."""
+    bad_idx = (indices < -1) | (indices >= n)
+    bad_rank = (ranks < 1) | (ranks > r_max)
+
+    def index_message():
+        pos = int(bad_idx.nonzero()[0, 0])
+        return (f"indices must be in [-1, {n}) (-1: no adapter; {n} adapters in the stack); "
+                f"row {pos} has {int(indices[pos])}")
+
+    def rank_message():
+        pos = int(bad_rank.nonzero()[0, 0])
+        return f"ranks must be in [1, r_max={r_max}]; adapter {pos} has rank {int(ranks[pos])}"
+
+    _checks.check_values(~bad_idx, index_message)
+    _checks.check_values(~bad_rank, rank_message)
 
 
 def _cuda_path(x2, A, B, ranks, scalings, idx, y2, regime_name):
@@ -134,46 +124,24 @@ def _cuda_path(x2, A, B, ranks, scalings, idx, y2, regime_name):
     return y2
 
 
-def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
-               scalings: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None, *,
-               check: bool = True, backend: str | None = None) -> torch.Tensor:
-    """Many LoRA adapters in one batch: each row of x through its own adapter (inference).
-
-        y[i] = out[i] + s_a * (x[i] A_a[:r_a]^T) B_a[:, :r_a]^T,   a = indices[i], r_a = ranks[a],
-                                                                    s_a = scalings[a]
-
-    x: [..., in] (rows = the leading dims flattened); lora_A: [n, r_max, in] and lora_B:
-    [n, out, r_max] in x's dtype (fp32, fp16, bf16), entries beyond each adapter's rank are
-    ignored (never read into the result); ranks: int [n] in [1, r_max]; scalings: float [n];
-    indices: int [rows] (or x's leading shape), -1 = no adapter. Returns ``out`` with the
-    update added in place when given ([..., out], x's dtype), else a new tensor holding the
-    update alone (zero rows where there is no adapter).
-
-    ``check=True`` validates the index and rank values with one host sync (skipped while a
-    CUDA graph is being captured); with ``check=False`` nothing is read on the host, and an
-    out-of-range index counts as "no adapter" (never an out-of-bounds read). Inference only:
-    raises RuntimeError when autograd would need a gradient. ``backend`` forces 'triton' |
-    'cuda' | 'torch' (see fastpeft._backend).
-    """
-    device = _validate(x, lora_A, lora_B, ranks, scalings, indices, out)
+def _add_into(out, x, lora_A, lora_B, ranks, scalings, indices, check, backend):
+    """out (or None: a new zero-filled result) += the update; returns the result."""
     n, r_max, K = lora_A.shape
     N = lora_B.shape[1]
     idx = indices.reshape(-1)
     T = idx.shape[0]
-    if check and not _capturing(device):
+    if check:
         _check_values(ranks, idx, n, r_max)
-    name = _backend.select(OP, device, PREFERRED_CUDA, supported(), explicit=backend)
+    name = _backend.choose(OP, x.device, KERNELS, backend)
     if scalings.dtype != torch.float32:
         scalings = scalings.float()
     lead = x.shape[:-1]
     if T == 0 or N == 0 or K == 0 or name == "torch":
-        with torch.no_grad():
-            delta = ref.multi_lora_delta(x.reshape(T, K), lora_A, lora_B, ranks, scalings, idx)
+        delta = ref.multi_lora_delta(x.reshape(T, K), lora_A, lora_B, ranks, scalings, idx)
         if out is None:
             return delta.reshape(*lead, N)
         out.add_(delta.reshape(out.shape))
         return out
-
     x2 = x.reshape(T, K)
     ranks, scalings, idx = ranks.contiguous(), scalings.contiguous(), idx.contiguous()
     y2, write_back = None, False
@@ -182,7 +150,7 @@ def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, rank
             y2 = out.view(T, N)
         except RuntimeError:  # not viewable as rows: accumulate into a copy, then write it back
             y2, write_back = out.reshape(T, N).clone(), True
-    with _on_device(x2):
+    with on_device(x2):
         if name == "cuda":
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
@@ -199,4 +167,57 @@ def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, rank
         return y2.reshape(*lead, N)
     if write_back:
         out.copy_(y2.view(out.shape))
+    return out
+
+
+def _delta_kernel(x, lora_A, lora_B, ranks, scalings, indices, check, backend):
+    return _add_into(None, x, lora_A, lora_B, ranks, scalings, indices, check, backend)
+
+
+def _add_kernel(out, x, lora_A, lora_B, ranks, scalings, indices, check, backend):
+    _add_into(out, x, lora_A, lora_B, ranks, scalings, indices, check, backend)
+
+
+_ARGS = "Tensor x, Tensor lora_A, Tensor lora_B, Tensor ranks, Tensor scalings, Tensor indices, bool check, str? backend"
+multi_lora_op = define(f"multi_lora({_ARGS}) -> Tensor", _delta_kernel,
+                       lambda x, A, B, *rest: x.new_empty((*x.shape[:-1], B.shape[1])))
+multi_lora_add_op = define(f"multi_lora_add_(Tensor(a!) out, {_ARGS}) -> ()", _add_kernel, lambda *args: None)
+
+
+def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
+               scalings: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None, *,
+               check: bool = True, backend: str | None = None) -> torch.Tensor:
+    """Many LoRA adapters in one batch: each row of x through its own adapter (inference).
+
+        y[i] = out[i] + s_a * (x[i] A_a[:r_a]^T) B_a[:, :r_a]^T,   a = indices[i], r_a = ranks[a],
+                                                                    s_a = scalings[a]
+
+    x: [..., in] (rows = the leading dims flattened); lora_A: [n, r_max, in] and lora_B:
+    [n, out, r_max] in x's dtype (fp32, fp16, bf16), entries beyond each adapter's rank are
+    ignored (never read into the result); ranks: int [n] in [1, r_max]; scalings: float [n];
+    indices: int [rows] (or x's leading shape), -1 = no adapter. Returns ``out`` with the
+    update added in place when given ([..., out], x's dtype), else a new tensor holding the
+    update alone (zero rows where there is no adapter).
+
+    ``check=True`` validates the index and rank values on the device: a ValueError on CPU
+    tensors, a device-side assertion on CUDA ones (no host sync: fine inside CUDA-graph
+    capture). With ``check=False`` nothing is checked, and an out-of-range index counts as "no
+    adapter" (never an out-of-bounds read). Inference only: raises RuntimeError when autograd
+    would need a gradient. ``backend`` forces 'triton' | 'cuda' | 'torch' (see
+    fastpeft._backend). Runs as ``torch.ops.fastpeft.multi_lora`` (``multi_lora_add_`` with
+    ``out``).
+    """
+    _validate(x, lora_A, lora_B, ranks, scalings, indices, out)
+    if backend is not None:
+        _backend.check_name(backend)
+    check = bool(check)
+    direct = eager(x.device.type, x, lora_A, lora_B, ranks, scalings, indices, out)  # no dispatcher round trips
+    if out is None:
+        if direct:
+            return _delta_kernel(x, lora_A, lora_B, ranks, scalings, indices, check, backend)
+        return multi_lora_op(x, lora_A, lora_B, ranks, scalings, indices, check, backend)
+    if direct:
+        _add_kernel(out, x, lora_A, lora_B, ranks, scalings, indices, check, backend)
+    else:
+        multi_lora_add_op(out, x, lora_A, lora_B, ranks, scalings, indices, check, backend)
     return out

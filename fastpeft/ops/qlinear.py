@@ -16,10 +16,14 @@ semantics, threshold 0); "static" quantizes x with one fixed per-tensor step ``i
 as fastpeft.quantize's 8-bit absmax codes. The kernel (kernels/qlinear.py, ``quant_linear_a8``)
 then runs the int8 x int4/int8 product on the int8 tensor cores. The backward is the
 straight-through estimator: dx = dy @ W_deq, as if x had not been quantized.
+
+Registered op (fastpeft/ops/_library.py): ``fastpeft::quant_linear`` with autograd (its
+backward is ``fastpeft::dequantize`` and a matmul) and an autocast rule (x and bias). No host
+sync.
 """
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,29 +31,29 @@ import torch.nn.functional as F
 from .. import _backend, _checks
 from ..reference import int8 as ref_int8
 from ..reference import quant as ref_quant
-from .quant import QuantizedTensor, dequantize
+from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
+from .quant import QuantizedTensor, dequantize_op
 
 OP = "quant_linear"
 ACTIVATIONS = (None, "dynamic", "static")
-SUPPORTED = ("triton", "torch")
-PREFERRED_CUDA = ("triton", "torch")
-
-
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
 
 
-def _torch_linear(x2: torch.Tensor, qw: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _weight(data, scale, zero_point, bits, scheme, axis, group_size, K, dtype):
+    return dequantize_op(data, scale, zero_point, bits, scheme, axis, group_size, [data.shape[0], K], dtype, "torch")
+
+
+def _torch_linear(x2, data, scale, zp, bits, scheme, axis, group_size, bias):
     """The reference composition: dequantize to x's dtype, then F.linear."""
-    return F.linear(x2, dequantize(qw, x2.dtype, backend="torch"), bias)
+    return F.linear(x2, _weight(data, scale, zp, bits, scheme, axis, group_size, x2.shape[1], x2.dtype), bias)
 
 
-def _torch_linear_a8(x2, qw, bias, activations, input_scale) -> torch.Tensor:
+def _torch_linear_a8(x2, data, scale, zp, bits, scheme, axis, group_size, bias, activations, input_scale):
     """The reference of the int8-activation path: x's codes times their step, in float32."""
     if activations == "dynamic":
         q, row_scale, _ = ref_int8.int8_vectorwise_quant(x2, 0.0)
@@ -58,17 +62,17 @@ def _torch_linear_a8(x2, qw, bias, activations, input_scale) -> torch.Tensor:
         s = input_scale.float()
         q = ref_quant.quantize_codes(x2, s, torch.zeros((), dtype=torch.int32, device=s.device), 8, "absmax")
         xd = q.float() * s
-    w = dequantize(qw, torch.float32, backend="torch")
+    w = _weight(data, scale, zp, bits, scheme, axis, group_size, x2.shape[1], torch.float32)
     return F.linear(xd, w, None if bias is None else bias.float()).to(x2.dtype)
 
 
-def _kernel_linear(x2: torch.Tensor, qw: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _kernel_linear(x2, data, scale, zp, bits, scheme, group_size, bias):
     from ..kernels import qlinear as k
-    data = qw.data if qw.data.stride(-1) == 1 else qw.data.contiguous()
-    return k.quant_linear(x2, data, qw.scale, qw.zero_point, qw.bits, qw.scheme, qw.group_size, bias)
+    data = data if data.stride(-1) == 1 else data.contiguous()
+    return k.quant_linear(x2, data, scale, zp, bits, scheme, group_size, bias)
 
 
-def _kernel_linear_a8(x2, qw, bias, activations, input_scale) -> torch.Tensor:
+def _kernel_linear_a8(x2, data, scale, zp, bits, scheme, group_size, bias, activations, input_scale):
     from ..kernels import int8 as kint8
     from ..kernels import qlinear as k
     from ..kernels import quant as kquant
@@ -79,38 +83,89 @@ def _kernel_linear_a8(x2, qw, bias, activations, input_scale) -> torch.Tensor:
         xs = input_scale.reshape(1)
         xq = kquant.codes_with_scale(x2, xs)
         x_mul = 1.0
-    data = qw.data if qw.data.stride(-1) == 1 else qw.data.contiguous()
-    return k.quant_linear_a8(xq, xs, x_mul, data, qw.scale, qw.zero_point, qw.bits, qw.scheme,
-                             qw.group_size, bias, x2.dtype)
+    data = data if data.stride(-1) == 1 else data.contiguous()
+    return k.quant_linear_a8(xq, xs, x_mul, data, scale, zp, bits, scheme, group_size, bias, x2.dtype)
+
+
+def _triton_takes(group_size, activations) -> bool:
+    from ..kernels import qlinear as k
+    return k.supports(group_size) if activations is None else k.supports_a8(group_size)
+
+
+def _choose(device, group_size, activations, backend) -> str:
+    """triton where its kernel takes the group size; else torch (an error if triton was forced)."""
+    name = _backend.choose(OP, device, KERNELS, backend)
+    if name == "triton" and not _triton_takes(group_size, activations):
+        if _backend.forced_backend(backend) == "triton":
+            lo = 16 if activations is None else 32
+            raise ValueError(f"quant_linear: the triton kernel needs group_size a power of two in "
+                             f"[{lo}, 1024], got {group_size}; use backend='torch'")
+        name = "torch"
+    return name
+
+
+def _linear_kernel(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, activations, input_scale,
+                   backend):
+    N = data.shape[0]
+    x2 = _rows(x)
+    name = _choose(x.device, group_size, activations, backend)
+    w_args = (data, scale, zero_point, bits, scheme, axis, group_size)
+    if x2.shape[0] == 0 or N == 0 or x2.shape[1] == 0:  # nothing to quantize: zeros (+ bias)
+        y = _torch_linear(x2, *w_args, bias)
+    else:
+        with on_device(x2):
+            if activations is None:
+                y = _torch_linear(x2, *w_args, bias) if name == "torch" else \
+                    _kernel_linear(x2, data, scale, zero_point, bits, scheme, group_size, bias)
+            elif name == "torch":
+                y = _torch_linear_a8(x2, *w_args, bias, activations, input_scale)
+            else:
+                y = _kernel_linear_a8(x2, data, scale, zero_point, bits, scheme, group_size, bias, activations,
+                                      input_scale)
+    return y.reshape(*x.shape[:-1], N)
+
+
+quant_linear_op = define(
+    "quant_linear(Tensor x, Tensor data, Tensor scale, Tensor zero_point, int bits, str scheme, int? axis, "
+    "int? group_size, Tensor? bias, str? activations, Tensor? input_scale, str? backend) -> Tensor",
+    _linear_kernel, lambda x, data, *rest: x.new_empty((*x.shape[:-1], data.shape[0])),
+    autocast=(0, 8))  # x and bias; codes, scales and the static step stay
 
 
 class QuantLinearFunction(torch.autograd.Function):
+    """Autograd of fastpeft::quant_linear: dx = dy @ W_deq (W_deq materialized in dy's dtype by
+    fastpeft::dequantize, for the backward only), db = sum(dy); the codes are frozen."""
+
     @staticmethod
-    def forward(ctx, x2, bias, qw, backend, activations=None, input_scale=None):
-        with _on_device(x2):
-            if activations is None:
-                y = _torch_linear(x2, qw, bias) if backend == "torch" else _kernel_linear(x2, qw, bias)
-            elif backend == "torch":
-                y = _torch_linear_a8(x2, qw, bias, activations, input_scale)
-            else:
-                y = _kernel_linear_a8(x2, qw, bias, activations, input_scale)
-        ctx.qw = qw  # frozen codes: nothing here is differentiated
-        ctx.backend = backend
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, data, scale, zero_point, bits, scheme, axis, group_size, bias, activations, input_scale,
+                backend, direct=False):
+        """``direct``: an eager call on plain tensors: the kernels run without the dispatcher."""
+        with below_autograd():
+            y = call(quant_linear_op, direct, x, data, scale, zero_point, bits, scheme, axis, group_size, bias,
+                     activations, input_scale, backend)
+        ctx.save_for_backward(data, scale, zero_point)
+        ctx.cfg = (bits, scheme, axis, group_size, x.shape[-1], backend, bias is not None, direct)
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        need_x, need_b = ctx.needs_input_grad[:2]
+        data, scale, zero_point = ctx.saved_tensors
+        bits, scheme, axis, group_size, K, backend, has_bias, direct = ctx.cfg
+        need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[8]
         dx = db = None
+        N = data.shape[0]
         if need_x:
-            with _on_device(dy):
-                # W_deq [out, in] in dy's dtype, materialized for the backward only
-                w = dequantize(ctx.qw, dy.dtype, backend=ctx.backend)
-                dx = dy @ w
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
-        return dx, db, None, None, None, None
+            with below_autograd():
+                w = call(dequantize_op, direct and still_eager(), data, scale, zero_point, bits, scheme, axis,
+                         group_size, [N, K], dy.dtype, backend)
+            dx = dy @ w
+        if need_b and has_bias:
+            db = dy.reshape(-1, N).sum(0) if dy.numel() else dy.new_zeros(N)
+        return dx, None, None, None, None, None, None, None, db, None, None, None, None
+
+
+register_autograd(quant_linear_op, QuantLinearFunction)
 
 
 def _validate(x, qweight, bias):
@@ -152,9 +207,11 @@ def _validate(x, qweight, bias):
         _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
         if bias.shape[0] != N:
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match {N} output features")
+    device = _checks.same_device(x=x, qweight_data=qweight.data, qweight_scale=qweight.scale,
+                                 qweight_zero_point=qweight.zero_point, bias=bias)
+    if bias is not None and not torch.is_autocast_enabled(device.type):  # autocast casts both
         _checks.same_dtype(x=x, bias=bias)
-    return _checks.same_device(x=x, qweight_data=qweight.data, qweight_scale=qweight.scale,
-                               qweight_zero_point=qweight.zero_point, bias=bias)
+    return device
 
 
 def _validate_activations(activations, input_scale, device) -> None:
@@ -180,27 +237,21 @@ def quant_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor |
     tensor. bias: [out] in x's dtype, or None. Gradients for x (dx = dy @ W_deq) and bias; the
     weight is frozen. The triton kernel needs a power-of-two group size (16 to 1024; 32 to 1024
     with int8 activations); other group sizes run the torch composition unless the triton
-    backend is forced (then an error).
+    backend is forced (then an error). Under ``torch.autocast``, x and bias are cast to the
+    autocast dtype first (as F.linear's inputs), so y has that dtype.
 
     activations: None (x stays 16-bit), "dynamic" (int8 per row of x, absmax computed at run
     time) or "static" (int8 with the given per-tensor step ``input_scale``, a float32 tensor of
     one element on x's device that must be finite and > 0: it is not read on the host).
+
+    Runs as the registered op ``torch.ops.fastpeft.quant_linear``; no host sync.
     """
     device = _validate(x, qweight, bias)
     _validate_activations(activations, input_scale, device)
-    name = _backend.select(OP, device, PREFERRED_CUDA, SUPPORTED, explicit=backend)
-    if name == "triton":
-        from ..kernels import qlinear as k
-        ok = k.supports(qweight.group_size) if activations is None else k.supports_a8(qweight.group_size)
-        if not ok:
-            if _backend.forced_backend(backend) == "triton":
-                lo = 16 if activations is None else 32
-                raise ValueError(f"quant_linear: the triton kernel needs group_size a power of two in "
-                                 f"[{lo}, 1024], got {qweight.group_size}; use backend='torch'")
-            name = "torch"
-    N = qweight.shape[0]
-    x2 = _rows(x)
-    if x2.shape[0] == 0 or N == 0 or x2.shape[1] == 0:  # nothing to quantize: zeros (+ bias)
-        return _torch_linear(x2, qweight, bias).reshape(*x.shape[:-1], N)
-    y = QuantLinearFunction.apply(x2, bias, qweight, name, activations, input_scale)
-    return y.reshape(*x.shape[:-1], N)
+    if backend is not None:
+        _backend.check_name(backend)
+    args = (x, qweight.data, qweight.scale, qweight.zero_point, qweight.bits, qweight.scheme, qweight.axis,
+            qweight.group_size, bias, activations, input_scale, backend)
+    if eager(device.type, x, qweight.data, qweight.scale, qweight.zero_point, bias, input_scale):
+        return QuantLinearFunction.apply(*args, True) if needs_grad(x, bias) else _linear_kernel(*args)
+    return quant_linear_op(*args)

@@ -121,3 +121,61 @@ def fused_linear_distillation_loss(student_hidden: torch.Tensor, student_weight:
     with torch.no_grad():
         u = F.linear(teacher_hidden, teacher_weight, teacher_bias)
     return distillation_loss(z, u, labels, temperature, alpha, ignore_index, divergence, reduction)
+
+
+def distillation_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      labels: torch.Tensor | None = None, temperature: float = 2.0, alpha: float = 0.5,
+                      ignore_index: int = -100, divergence: str = "forward_kl") -> torch.Tensor:
+    """d row_loss[i] / d student_logits[i, :] for every row: the gradient of the row losses of
+    ``distillation_loss(..., reduction="none")``, [N, V] in float32 (float64 for float64 logits),
+    by the closed forms (q = softmax(z / T), p = softmax(u / T), w_kd = T^2 weight of D / T):
+
+      forward_kl  w_kd * T * (q - p)
+      reverse_kl  w_kd * T * q (log q - log p - D)
+      jsd         w_kd * T * q ((log q - log m) - KL(q || m)) / 2,   m = (p + q) / 2
+      CE          w_ce * (softmax(z) - onehot(label))
+
+    with the rules of the module docstring (entries with q_j == 0 contribute 0; ignored rows get
+    0). The torch backend of fastpeft.distillation_loss runs this; the tests check it against the
+    autograd of ``distillation_loss``."""
+    V = student_logits.shape[-1]
+    dt = torch.promote_types(student_logits.dtype, torch.float32)
+    z = student_logits.reshape(-1, V).to(dt)
+    u = teacher_logits.reshape(-1, V).to(dt)
+    n = z.shape[0]
+    if labels is None:
+        kd_w, ce_w = 1.0, 0.0
+        valid = torch.ones(n, dtype=torch.bool, device=z.device)
+    else:
+        kd_w, ce_w = float(alpha), 1.0 - float(alpha)
+        lab = labels.reshape(-1).long()
+        valid = lab != ignore_index
+    grad = torch.zeros_like(z)
+    if kd_w > 0:
+        log_q = F.log_softmax(z / temperature, dim=-1)
+        log_p = F.log_softmax(u / temperature, dim=-1)
+        q = log_q.exp()
+        if divergence == "forward_kl":
+            g = q - log_p.exp()
+        else:
+            if divergence == "reverse_kl":
+                log_other = log_p
+            elif divergence == "jsd":
+                both_dead = torch.isneginf(log_p) & torch.isneginf(log_q)
+                zero = torch.zeros_like(log_p)
+                log_other = torch.logaddexp(torch.where(both_dead, zero, log_p),
+                                            torch.where(both_dead, zero, log_q)) - math.log(2.0)
+            else:
+                raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+            live = q > 0
+            diff = torch.where(live, log_q - log_other, torch.zeros_like(q))
+            kl = (q * diff).sum(-1, keepdim=True)  # D (reverse_kl) or KL(q || m) (jsd)
+            g = torch.where(live, q * (diff - kl), torch.zeros_like(q))
+            if divergence == "jsd":
+                g = 0.5 * g
+        grad = grad + (kd_w * temperature) * g
+    if ce_w > 0:
+        safe = torch.where(valid, lab, torch.zeros_like(lab))
+        onehot = F.one_hot(safe, V).to(dt)
+        grad = grad + ce_w * (F.softmax(z, dim=-1) - onehot)
+    return torch.where(valid[:, None], grad, torch.zeros_like(grad))

@@ -11,7 +11,8 @@ function of ``(seed, row, col)``:
     keep(i, j)    = (h >> 1) >= floor(p * 2**31)
 
 ``i`` is the row of the 2-D (flattened) input and ``j`` its column. A kept
-element is scaled by ``1 / (1 - p)``. ``mix32`` is Chris Wellons' "lowbias32"
+element is scaled by ``1 / (1 - p)``. The seed is a 31-bit value: a Python int, or a
+one-element int64 tensor (how the ops pass it: drawn on the device, see fastpeft/ops/lora.py). ``mix32`` is Chris Wellons' "lowbias32"
 integer hash; its output is close to uniform, so P(keep) = 1 - p up to 2**-31.
 
 This file is the specification; kernels/ and csrc/ implement the same function.
@@ -50,18 +51,21 @@ def dropout_threshold(p: float) -> int:
     return int(p * 2**31)
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float,
+def dropout_keep_mask(seed: int | torch.Tensor, rows: int, cols: int, p: float,
                       device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean [rows, cols] mask of the kept elements for ``seed`` and ``p``."""
+    """Boolean [rows, cols] mask of the kept elements for ``seed`` (an int or a one-element
+    int64 tensor) and ``p``."""
     thr = dropout_threshold(p)
     i = torch.arange(rows, dtype=torch.int64, device=device)
     j = torch.arange(cols, dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(-1)[:1].to(device=i.device, dtype=torch.int64)
     row_key = mix32((seed & _M32) ^ mix32(i))
     h = mix32(row_key[:, None] ^ j[None, :])
     return (h >> 1) >= thr
 
 
-def dropout_2d(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def dropout_2d(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
     """x * keep / (1 - p) on a 2-D tensor, with the mask above (the reference dropout)."""
     if p == 0.0:
         return x

@@ -31,11 +31,11 @@
 namespace fastpeft {  // as declared in csrc/bindings.cpp
 void lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_ar, int64_t s_ak,
                  uintptr_t u, int64_t s_um, int64_t s_ur, int64_t M, int64_t K, int64_t R, int dtype,
-                 float out_scale, bool dropout, uint32_t seed, uint32_t thr31, int64_t split_k, int device,
+                 float out_scale, bool dropout, uintptr_t seed, uint32_t thr31, int64_t split_k, int device,
                  uintptr_t stream);
 void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s_um, int64_t s_ur,
                  uintptr_t b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R, int dtype,
-                 float scaling, bool dropout, uint32_t seed, uint32_t thr31, float drop_scale, int device,
+                 float scaling, bool dropout, uintptr_t seed, uint32_t thr31, float drop_scale, int device,
                  uintptr_t stream);
 void multi_lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_aa, int64_t s_ar,
                        int64_t s_ak, uintptr_t u, int64_t s_um, int64_t s_ur, uintptr_t ranks, uintptr_t indices,
@@ -131,7 +131,8 @@ void dispatch(Call& c) {
     const int dtype = c.i32();
     const float out_scale = c.f32();
     const bool dropout = c.flag();
-    const uint32_t seed = c.u32(), thr31 = c.u32();
+    const uintptr_t seed = c.ptr();
+    const uint32_t thr31 = c.u32();
     const int64_t split_k = c.i64();
     const int device = c.i32();
     const auto stream = static_cast<uintptr_t>(c.i64());
@@ -147,7 +148,8 @@ void dispatch(Call& c) {
     const int dtype = c.i32();
     const float scaling = c.f32();
     const bool dropout = c.flag();
-    const uint32_t seed = c.u32(), thr31 = c.u32();
+    const uintptr_t seed = c.ptr();
+    const uint32_t thr31 = c.u32();
     const float drop_scale = c.f32();
     const int device = c.i32();
     const auto stream = static_cast<uintptr_t>(c.i64());

@@ -196,18 +196,18 @@ class EmulatedExtension:
                     dropout=False, seed=0, thr31=0, split_k=0, device=0, stream=0):
         e = _ELEMENT_BYTES.get(dtype, 1)
         ops = [_Operand(x, M, K, s_xm, s_xk, e), _Operand(a, R, K, s_ar, s_ak, e),
-               _Operand(u, M, R, s_um, s_ur, 4, output=True, overwritten=True)]
+               _Operand(u, M, R, s_um, s_ur, 4, output=True, overwritten=True), _Operand(seed, 1, 1, 1, 1, 8)]
         args = [ops[0], s_xm, s_xk, ops[1], s_ar, s_ak, ops[2], s_um, s_ur, M, K, R, dtype, float(out_scale),
-                bool(dropout), _u32("seed", seed), _u32("thr31", thr31), split_k, device, stream]
+                bool(dropout), ops[3], _u32("thr31", thr31), split_k, device, stream]
         self._call("lora_shrink", ops, args)
 
     def lora_expand(self, y, s_ym, s_yn, u, s_um, s_ur, b, s_bn, s_br, M, N, R, dtype, scaling=1.0,
                     dropout=False, seed=0, thr31=0, drop_scale=1.0, device=0, stream=0):
         e = _ELEMENT_BYTES.get(dtype, 1)
         ops = [_Operand(y, M, N, s_ym, s_yn, e, output=True), _Operand(u, M, R, s_um, s_ur, 4),
-               _Operand(b, N, R, s_bn, s_br, e)]
+               _Operand(b, N, R, s_bn, s_br, e), _Operand(seed, 1, 1, 1, 1, 8)]
         args = [ops[0], s_ym, s_yn, ops[1], s_um, s_ur, ops[2], s_bn, s_br, M, N, R, dtype, float(scaling),
-                bool(dropout), _u32("seed", seed), _u32("thr31", thr31), float(drop_scale), device, stream]
+                bool(dropout), ops[3], _u32("thr31", thr31), float(drop_scale), device, stream]
         self._call("lora_expand", ops, args)
 
     def multi_lora_shrink(self, x, s_xm, s_xk, a, s_aa, s_ar, s_ak, u, s_um, s_ur, ranks, indices, index_bits,
