@@ -294,3 +294,96 @@ def test_host_syncs_are_the_listed_ones():
         "\n".join(f"  {f}: {s}" for f, s in new)
     assert not gone, "listed sync sites no longer in the code (drop them from the list):\n" + \
         "\n".join(f"  {f}: {s}" for f, s in gone)
+
+
+# --------------------------------------------------------------------------------- no host reads
+
+
+def _public_calls(dtype=torch.float32):
+    """name -> a call of a public function, forward (and backward where it trains) on fresh inputs."""
+    g = lambda *s, grad=False, seed=0, scale=1.0: _rnd(*s, dtype=dtype, grad=grad, seed=seed, scale=scale)
+    w = g(24, 40, scale=0.2)
+
+    def backward(y):
+        if y.requires_grad:
+            y.float().sum().backward()
+
+    def lora():
+        backward(fastpeft.lora_linear(g(2, 5, 40, grad=True), w, g(24), g(4, 40, grad=True, scale=0.2),
+                                      g(24, 4, grad=True, scale=0.2), 0.5, dropout_p=0.2, training=True))
+
+    def int8(threshold, static=False):
+        q, s = fastpeft.ops.int8.quantize_weight(w)
+        step = torch.tensor(0.02, device=DEVICE) if static else None
+        backward(fastpeft.int8_linear(g(2, 5, 40, grad=True) * 3, q, s, g(24), threshold, input_scale=step))
+
+    def quant(activations):
+        qw = fastpeft.quantize(g(12, 64), 4, "zeropoint", group_size=32)
+        step = torch.tensor(0.03, device=DEVICE) if activations == "static" else None
+        backward(fastpeft.quant_linear(g(3, 64, grad=True), qw, g(12), activations=activations, input_scale=step))
+
+    def fake_quantize():
+        s = torch.full((6,), 0.05, device=DEVICE, requires_grad=True)
+        backward(fastpeft.fake_quantize(g(6, 10, grad=True), s, torch.full((6,), 3.0, device=DEVICE), 4, "zeropoint", 0))
+
+    def adapter():
+        backward(fastpeft.adapter(g(3, 7, 24, grad=True), g(8, 24, grad=True, scale=0.2), g(8, grad=True),
+                                  g(24, 8, grad=True, scale=0.2), g(24, grad=True), "gelu", 0.7))
+
+    def multi_lora():
+        with torch.no_grad():
+            fastpeft.multi_lora(g(7, 40), g(3, 4, 40), g(3, 24, 4), torch.tensor([1, 4, 2], device=DEVICE),
+                                torch.tensor([0.5, 1.0, 2.0], device=DEVICE),
+                                torch.tensor([0, 2, -1, 1, 1, 0, 2], device=DEVICE), check=True)
+
+    labels = torch.tensor([[1, -100, 29], [0, 5, 7]], device=DEVICE)
+
+    def distill():
+        backward(fastpeft.distillation_loss(g(2, 3, 30, grad=True), g(2, 3, 30), labels))
+
+    def fused():
+        backward(fastpeft.fused_linear_distillation_loss(g(2, 3, 16, grad=True), g(30, 16, grad=True, scale=0.3),
+                                                         g(2, 3, 20), g(30, 20, scale=0.3), labels, chunk_size=4))
+
+    return {"lora_linear": lora, "int8_linear t0": lambda: int8(0.0), "int8_linear t2": lambda: int8(2.0),
+            "int8_linear static": lambda: int8(0.0, True), "quant_linear": lambda: quant(None),
+            "quant_linear dynamic": lambda: quant("dynamic"), "quant_linear static": lambda: quant("static"),
+            "fake_quantize": fake_quantize, "adapter": adapter, "multi_lora": multi_lora,
+            "distillation_loss": distill, "fused_linear_distillation_loss": fused,
+            "quantize + dequantize": lambda: fastpeft.dequantize(fastpeft.quantize(g(4, 64), 4, "zeropoint",
+                                                                                  group_size=16))}
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("a host read of a tensor value in a kernel path")
+
+
+@pytest.mark.parametrize("name", list(_public_calls()))
+def test_kernel_paths_read_no_tensor_value_on_the_host(name, monkeypatch):
+    """The default CUDA path (triton; here in the interpreter) forward and backward with every way
+    to read a tensor value on the host made to fail, and the value checks in their device form
+    (as on CUDA: nothing read): the CPU stand-in for a GPU's torch.cuda.set_sync_debug_mode."""
+    if DEVICE == "cpu" and not fastpeft._backend.interpreter_active():
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) on the CPU")
+    call = _public_calls()[name]
+    from fastpeft import _checks
+    monkeypatch.setattr(_checks, "check_values", lambda ok, message, exc=ValueError: None)
+    with monkeypatch.context() as m, fastpeft.use_backend("triton"):
+        for method in ("item", "tolist", "__bool__", "nonzero"):
+            m.setattr(torch.Tensor, method, _forbidden)
+        call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(_public_calls()))
+def test_gpu_kernel_paths_do_not_sync(name):
+    """On a GPU: forward and backward of each op on its default backend under
+    torch.cuda.set_sync_debug_mode("error") (which raises on any synchronizing call)."""
+    call = _public_calls(torch.bfloat16)[name]
+    call()  # first call: compiles, autotunes (may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -173,8 +173,12 @@ def test_mix32_matches_plain_python():
         x ^= x >> 16
         return x
     vals = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
-    got = mix32(torch.tensor(vals, dtype=torch.int64)).tolist()
+    # and 20000 random uint32 values: the int64 products wrap, their low 32 bits must be exact
+    vals += torch.randint(0, 2**32, (20000,), generator=torch.Generator().manual_seed(5)).tolist()
+    t = torch.tensor(vals, dtype=torch.int64)
+    got = mix32(t).tolist()
     assert got == [py_mix32(v) for v in vals]
+    assert t.tolist() == vals  # the input is not modified
 
 
 # --------------------------------------------------------------------------------- errors

@@ -423,8 +423,8 @@ def test_gpu_realistic_shapes(backend, dtype, T, pattern, poison):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("T", [8, 600])
 def test_gpu_cuda_graph_replay_with_new_indices(backend, T):
-    """Captured once (check=True is skipped while capturing), replayed with new indices, ranks
-    and scalings copied into the static buffers: no host sync anywhere inside."""
+    """Captured once (check=True is a device-side assertion, captured too), replayed with new
+    indices, ranks and scalings copied into the static buffers: no host sync anywhere inside."""
     K, N = 256, 192
     x, A, B, rk, s, idx = make(T, K, N, torch.bfloat16, pattern="runs", nan=False)
     base = torch.randn(T, N, device="cuda").to(torch.bfloat16)
@@ -456,13 +456,14 @@ def test_gpu_cuda_graph_replay_with_new_indices(backend, T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("T", [64, 8192])
-def test_gpu_no_sync_without_check(backend, T):
+def test_gpu_no_sync_with_or_without_check(backend, T):
     x, A, B, rk, s, idx = make(T, 512, 256, torch.bfloat16, pattern="runs", nan=False)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with torch.no_grad():
-            y = fastpeft.multi_lora(x, A, B, rk, s, idx, check=False, backend=backend)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert_close("y", y, reference(x, A, B, rk, s, idx), torch.bfloat16)
+    for check in (False, True):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                y = fastpeft.multi_lora(x, A, B, rk, s, idx, check=check, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert_close("y", y, reference(x, A, B, rk, s, idx), torch.bfloat16)

@@ -207,6 +207,10 @@ def adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor 
         _backend.check_name(backend)
     args = (x, down_weight, down_bias, up_weight, up_bias, activation, scaling, backend)
     if eager(device.type, x, down_weight, down_bias, up_weight, up_bias):  # no dispatcher round trips
+        if _choose(device, down_weight.shape[0], backend) == "torch":
+            # the reference, differentiated by torch's autograd (C++): cheaper per call than the
+            # registered op's explicit backward
+            return ref.adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
         if needs_grad(x, down_weight, down_bias, up_weight, up_bias):
             return BottleneckAdapterFunction.apply(*args, True)
         return _forward_kernel(*args)

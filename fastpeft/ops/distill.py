@@ -236,7 +236,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     The triton backend computes the loss and d loss / d student_logits in one kernel launch
     (online softmax, float32 accumulation); the gradient (in the student's dtype) is all that is
     kept for backward. Labels are range-checked on the device (CPU: a ValueError; CUDA: a
-    device-side assertion, no host sync). Runs as ``torch.ops.fastpeft.distillation_loss``.
+    device-side assertion, no host sync). Runs as ``torch.ops.fastpeft.distillation_loss``. The
+    torch backend (the CPU path; on CUDA tensors only when forced) is the reference, which
+    selects the counted rows by value: on CUDA tensors that reads their number on the host.
     """
     _check_logits(student_logits, teacher_logits)
     temperature, alpha = check_options(temperature, alpha, ignore_index, divergence, reduction)

@@ -248,7 +248,24 @@ class Int8LinearFunction(torch.autograd.Function):
 register_autograd(int8_linear_op, Int8LinearFunction)
 
 
+def _valid(x, w, sw, bias) -> bool:
+    """Every check of ``_validate`` in one expression: the per-call fast path."""
+    T = torch.Tensor
+    if not (isinstance(x, T) and isinstance(w, T) and isinstance(sw, T) and (bias is None or isinstance(bias, T))):
+        return False
+    if w.dim() != 2 or x.dim() < 1:
+        return False
+    N, device = w.shape[0], x.device
+    return (x.dtype in _checks.FLOAT_DTYPES and w.dtype == torch.int8 and sw.dtype == torch.float32
+            and sw.dim() == 1 and sw.shape[0] == N and x.shape[-1] == w.shape[1] and w.device == device
+            and sw.device == device
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == N and bias.device == device
+                                  and (bias.dtype == x.dtype or torch.is_autocast_enabled(device.type)))))
+
+
 def _validate(x, weight_int8, weight_scale, bias):
+    if _valid(x, weight_int8, weight_scale, bias):
+        return x.device
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("weight_int8", weight_int8, ndim=2, dtypes=(torch.int8,))
     _checks.tensor("weight_scale", weight_scale, ndim=1, dtypes=(torch.float32,))
@@ -289,8 +306,10 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.
     product is then scaled by s * weight_scale / 127. Gradients as without it (the
     straight-through estimator: dx = dy W_deq).
 
-    Runs as the registered op ``torch.ops.fastpeft.int8_linear``; no host sync (the outlier
-    columns are found and used on the device).
+    Runs as the registered op ``torch.ops.fastpeft.int8_linear``; no host sync on the triton and
+    cuda backends (the outlier columns are found and used on the device). The torch backend
+    (the CPU path; on CUDA tensors only when forced) gathers the outlier columns by value: with
+    threshold > 0 on CUDA tensors that reads their count on the host.
     """
     device = _validate(x, weight_int8, weight_scale, bias)
     threshold = check_threshold(threshold)

@@ -369,14 +369,22 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     dtype. Plain PyTorch (the dropout mask is the shared counter-based one, materialized here,
     its seed drawn on x's device as in ``lora_linear``): torch.compile traces through it.
     """
-    _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("lora_A", lora_A, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("lora_B", lora_B, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    r = lora_A.shape[0]
-    if r == 0 or lora_A.shape[1] != x.shape[-1] or lora_B.shape[1] != r:
-        raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} must be [r, "
-                         f"{x.shape[-1]}] and [out, r] with r > 0")
-    device = _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B)
+    T = torch.Tensor
+    fast = (isinstance(x, T) and isinstance(lora_A, T) and isinstance(lora_B, T) and x.dim() >= 1
+            and lora_A.dim() == 2 and lora_B.dim() == 2 and lora_A.shape[0] > 0 and lora_A.shape[1] == x.shape[-1]
+            and lora_B.shape[1] == lora_A.shape[0] and x.dtype in _checks.FLOAT_DTYPES
+            and lora_A.dtype in _checks.FLOAT_DTYPES and lora_B.dtype in _checks.FLOAT_DTYPES
+            and lora_A.device == x.device and lora_B.device == x.device)
+    if not fast:  # say what is wrong
+        _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
+        _checks.tensor("lora_A", lora_A, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+        _checks.tensor("lora_B", lora_B, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+        r = lora_A.shape[0]
+        if r == 0 or lora_A.shape[1] != x.shape[-1] or lora_B.shape[1] != r:
+            raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} must be [r, "
+                             f"{x.shape[-1]}] and [out, r] with r > 0")
+        _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B)
+    device = x.device
     scaling = _checks.finite_float("scaling", scaling)
     p = _checks.probability("dropout_p", dropout_p) if training else 0.0
     A, B = (lora_A, lora_B) if lora_A.dtype == x.dtype else (lora_A.to(x.dtype), lora_B.to(x.dtype))

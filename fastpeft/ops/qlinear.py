@@ -32,7 +32,7 @@ from .. import _backend, _checks
 from ..reference import int8 as ref_int8
 from ..reference import quant as ref_quant
 from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
-from .quant import QuantizedTensor, dequantize_op
+from .quant import QuantizedTensor, dequantize_op, torch_dequantize
 
 OP = "quant_linear"
 ACTIVATIONS = (None, "dynamic", "static")
@@ -45,7 +45,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _weight(data, scale, zero_point, bits, scheme, axis, group_size, K, dtype):
-    return dequantize_op(data, scale, zero_point, bits, scheme, axis, group_size, [data.shape[0], K], dtype, "torch")
+    return torch_dequantize(data, scale, zero_point, bits, scheme, axis, group_size, [data.shape[0], K], dtype)
 
 
 def _torch_linear(x2, data, scale, zp, bits, scheme, axis, group_size, bias):

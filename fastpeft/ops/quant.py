@@ -139,11 +139,16 @@ def _quantize_fake(x, bits, scheme, axis, group_size, backend):
             x.new_empty(slots, dtype=torch.int32))
 
 
+def torch_dequantize(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype) -> torch.Tensor:
+    """The torch backend of dequantize: the reference's unpacking and (q - zero_point) * scale."""
+    q = ref.unpack4(data, shape[-1], scheme == "absmax") if bits == 4 else data.to(torch.int32)
+    return ref.dequantize_codes(q, scale, zero_point, axis, group_size).to(dtype).reshape(shape)
+
+
 def _dequantize_kernel(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype, backend):
     name = _backend.choose("dequantize", data.device, KERNELS, backend)
     if name == "torch" or data.numel() == 0:
-        q = ref.unpack4(data, shape[-1], scheme == "absmax") if bits == 4 else data.to(torch.int32)
-        return ref.dequantize_codes(q, scale, zero_point, axis, group_size).to(dtype).reshape(shape)
+        return torch_dequantize(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype)
     with on_device(data):
         return _kernels(name)[1](data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype)
 
