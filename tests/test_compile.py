@@ -148,6 +148,32 @@ def test_distillation_step_compiles_without_graph_breaks(name):
     assert compiled_matches_eager(student, losses[name], ids()) == (1, 0)
 
 
+@pytest.mark.parametrize("learnable", [True, False])
+def test_qat_step_compiles_without_graph_breaks(learnable):
+    """Fake quantization, learnable (QATLinear: LSQ / LSQ+ on the weights and the input) or a
+    min/max observer in training mode (its running statistics are buffers updated on the device)."""
+    torch.manual_seed(0)
+    if learnable:
+        m = fastpeft.prepare_qat(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), bits=4,
+                                 scheme="zeropoint")
+    else:
+        m = nn.Sequential(nn.Linear(16, 32), fastpeft.FakeQuantize(8, "zeropoint", learnable=False), nn.Linear(32, 4))
+    m.train()
+    x = torch.randn(8, 16)
+    m(x)  # the first batch initializes the quantizers (a one-time step, before compiling)
+    if not learnable:  # the observer's state changes every step: compare from the same state
+        state = copy.deepcopy(m.state_dict())
+        eager_model, compiled_model = m, copy.deepcopy(m)
+        explain = torch._dynamo.explain(lambda x: compiled_model(x).sum())(x)
+        compiled_model.load_state_dict(state)  # explain ran a step: back to the eager model's state
+        assert (explain.graph_count, explain.graph_break_count) == (1, 0)
+        f = torch.compile(lambda x: compiled_model(x).sum(), backend="aot_eager", fullgraph=True)
+        assert torch.allclose(f(x), eager_model(x).sum(), rtol=1e-5)
+        assert torch.equal(compiled_model[1].min_val, eager_model[1].min_val)
+        return
+    assert compiled_matches_eager(m, lambda x: m(x).pow(2).sum(), x) == (1, 0)
+
+
 def test_graph_breaks_next_to_peft(capsys):
     """The same LoRA model with PEFT's layers and with fastpeft's: both one graph, no break."""
     peft = pytest.importorskip("peft")
