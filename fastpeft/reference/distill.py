@@ -71,6 +71,19 @@ def divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return 0.5 * (_kl_rows(log_p, lm) + _kl_rows(log_q, lm))
 
 
+def _rows(student_logits, teacher_logits, labels, alpha, ignore_index):
+    """(z, u [N, V] in float32 (float64 for float64 logits), labels [N] int64 or None, the counted
+    rows [N] bool, the KD and CE weights): the rules of the module docstring."""
+    V = student_logits.shape[-1]
+    dt = torch.promote_types(student_logits.dtype, torch.float32)
+    z = student_logits.reshape(-1, V).to(dt)
+    u = teacher_logits.reshape(-1, V).to(dt)
+    if labels is None:
+        return z, u, None, torch.ones(z.shape[0], dtype=torch.bool, device=z.device), 1.0, 0.0
+    lab = labels.reshape(-1).long()
+    return z, u, lab, lab != ignore_index, float(alpha), 1.0 - float(alpha)
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       labels: torch.Tensor | None = None, temperature: float = 2.0, alpha: float = 0.5,
                       ignore_index: int = -100, divergence: str = "forward_kl",
@@ -78,19 +91,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE(student, labels); see the module
     docstring. No input checks (fastpeft.distillation_loss does them); autograd gives the
     student's gradient."""
-    V = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
-    dt = torch.promote_types(student_logits.dtype, torch.float32)
-    z = student_logits.reshape(-1, V).to(dt)
-    u = teacher_logits.detach().reshape(-1, V).to(dt)
-    n = z.shape[0]
-    if labels is None:
-        kd_w, ce_w = 1.0, 0.0
-        valid = torch.ones(n, dtype=torch.bool, device=z.device)
-    else:
-        kd_w, ce_w = float(alpha), 1.0 - float(alpha)
-        lab = labels.reshape(-1).long()
-        valid = lab != ignore_index
+    z, u, lab, valid, kd_w, ce_w = _rows(student_logits, teacher_logits.detach(), labels, alpha, ignore_index)
+    dt, n = z.dtype, z.shape[0]
     idx = valid.nonzero().squeeze(1)
     zv, uv = z.index_select(0, idx), u.index_select(0, idx)
     rows_v = torch.zeros(idx.shape[0], dtype=dt, device=z.device)
@@ -138,18 +141,8 @@ def distillation_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     with the rules of the module docstring (entries with q_j == 0 contribute 0; ignored rows get
     0). The torch backend of fastpeft.distillation_loss runs this; the tests check it against the
     autograd of ``distillation_loss``."""
-    V = student_logits.shape[-1]
-    dt = torch.promote_types(student_logits.dtype, torch.float32)
-    z = student_logits.reshape(-1, V).to(dt)
-    u = teacher_logits.reshape(-1, V).to(dt)
-    n = z.shape[0]
-    if labels is None:
-        kd_w, ce_w = 1.0, 0.0
-        valid = torch.ones(n, dtype=torch.bool, device=z.device)
-    else:
-        kd_w, ce_w = float(alpha), 1.0 - float(alpha)
-        lab = labels.reshape(-1).long()
-        valid = lab != ignore_index
+    z, u, lab, valid, kd_w, ce_w = _rows(student_logits, teacher_logits, labels, alpha, ignore_index)
+    V, dt = z.shape[1], z.dtype
     grad = torch.zeros_like(z)
     if kd_w > 0:
         log_q = F.log_softmax(z / temperature, dim=-1)
