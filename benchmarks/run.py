@@ -35,7 +35,7 @@ BENCHES = {
     "lora": "bench_lora",
     "int8": "bench_int8",
     "quant": "bench_quant",
-    "adapter": "bench_adapter",
+    "bottleneck": "bench_bottleneck",
     "multi_lora": "bench_multi_lora",
     "distill": "bench_distill",
     "overhead": "bench_overhead",

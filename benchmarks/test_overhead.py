@@ -57,8 +57,8 @@ LAYERS = {
     "Int8Linear+LoRA": ("int8_lora", "ours", _int8_lora),
     "QuantLinear W4 g32": ("quant", "ours", lambda: fastpeft.QuantLinear.from_linear(nn.Linear(D, D), bits=4,
                                                                                      group_size=32)),
-    "unfused adapter": ("adapter", "unfused", UnfusedAdapter),
-    "Adapter": ("adapter", "ours", lambda: fastpeft.Adapter(D, bottleneck=D // 4)),
+    "unfused adapter": ("bottleneck", "unfused", UnfusedAdapter),
+    "BottleneckAdapter": ("bottleneck", "ours", lambda: fastpeft.BottleneckAdapter(D, bottleneck=D // 4)),
 }
 MODES = ("eval", "fwd+bwd")
 

@@ -44,7 +44,7 @@ void quant_quantize(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t zero_po
 void quant_dequantize(uintptr_t q, uintptr_t scale, uintptr_t zero_point, uintptr_t y, int64_t outer, int64_t C,
                       int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
                       int device, uintptr_t stream);
-void adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr_t bd, uintptr_t wu, uintptr_t bu, uintptr_t y,
+void bottleneck_adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr_t bd, uintptr_t wu, uintptr_t bu, uintptr_t y,
                      int64_t s_ym, int64_t M, int64_t D, int64_t R, int dtype, int activation, float scaling,
                      int64_t n_split, int device, uintptr_t stream);
 int cuda_device_count();
@@ -123,7 +123,7 @@ PYBIND11_MODULE(_C, m) {
         "the same geometry arguments (scheme 0: signed codes / nibbles, 1: unsigned).",
         "q"_a, "scale"_a, "zero_point"_a, "y"_a, "outer"_a, "C"_a, "inner"_a, "last"_a, "mode"_a, "group_size"_a,
         "bits"_a, "scheme"_a, "dtype"_a, "device"_a = 0, "stream"_a = 0, py::call_guard<py::gil_scoped_release>());
-  m.def("adapter_forward", &fastpeft::adapter_forward,
+  m.def("bottleneck_adapter_forward", &fastpeft::bottleneck_adapter_forward,
         "Fused bottleneck adapter (Houlsby): y = x + scaling * (act(x W_d^T + b_d) W_u^T + b_u), y overwritten.\n"
         "X [M, D] (element (m, k) at x + m*s_xm + k) and Y [M, D] (at y + m*s_ym + n) have unit column\n"
         "stride; W_d [R, D] (wd) and W_u [D, R] (wu) are contiguous; b_d [R] (bd) and b_u [D] (bu), 0: none.\n"

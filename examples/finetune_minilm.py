@@ -65,8 +65,8 @@ def _methods():
         "BitFit": (lambda enc: fastpeft.bitfit(enc), 2e-3),
         "LoRA r=8 (query, value)": (lambda enc: fastpeft.inject_lora(enc, ["query", "value"], r=8, lora_alpha=16),
                                     2e-3),
-        "adapters (Houlsby, 32)": (lambda enc: fastpeft.add_adapters(enc, "houlsby", bottleneck=32), 2e-3),
-        "adapters (Pfeiffer, 32)": (lambda enc: fastpeft.add_adapters(enc, "pfeiffer", bottleneck=32), 2e-3),
+        "adapters (Houlsby, 32)": (lambda enc: fastpeft.add_bottleneck_adapters(enc, "houlsby", bottleneck=32), 2e-3),
+        "adapters (Pfeiffer, 32)": (lambda enc: fastpeft.add_bottleneck_adapters(enc, "pfeiffer", bottleneck=32), 2e-3),
         "prompt tuning (20 tokens)": (lambda enc: fastpeft.add_prompt_tuning(enc, 20, init="vocab"), 3e-2),
     }
 

@@ -1,12 +1,12 @@
 """fastpeft: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning and
 efficient inference of large language models."""
 from ._backend import BackendUnavailableError, use_backend
-from .nn.adapter import Adapter
+from .nn.bottleneck import BottleneckAdapter
 from .nn.fakequant import FakeQuantize
 from .nn.int8 import Int8Linear
 from .nn.lora import LoRALinear
 from .nn.qlinear import QuantLinear
-from .ops.adapter import adapter
+from .ops.bottleneck import bottleneck_adapter
 from .ops.fakequant import fake_quantize
 from .ops.int8 import int8_linear, int8_vectorwise_quant
 from .ops.lora import lora_linear
@@ -21,7 +21,7 @@ from .precision import to_half
 from .quantization import quantize_model
 from .nn.qat import QATLinear
 from .qat import convert_qat, prepare_qat
-from .methods import add_adapters, bitfit, freeze, trainable_parameters
+from .methods import add_bottleneck_adapters, bitfit, freeze, trainable_parameters
 from .nn.prompt import PromptTuning
 from .prompt_tuning import add_prompt_tuning, strip_prompt
 from .ops.distill import distillation_loss, fused_linear_distillation_loss
@@ -33,14 +33,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError", "use_backend",
     "LoRALinear", "lora_linear", "multi_lora",
-    "Adapter", "adapter",
+    "BottleneckAdapter", "bottleneck_adapter",
     "inject_lora", "mark_only_lora_as_trainable", "lora_state_dict", "save_adapter", "load_adapter",
     "add_adapter", "delete_adapter", "set_adapter", "adapter_batch",
     "Int8Linear", "int8_linear", "int8_vectorwise_quant", "quantize_int8",
     "QuantizedTensor", "quantize", "dequantize", "QuantLinear", "quant_linear", "to_half", "quantize_model",
     "FakeQuantize", "fake_quantize",
     "QATLinear", "prepare_qat", "convert_qat",
-    "add_adapters", "bitfit", "freeze", "trainable_parameters",
+    "add_bottleneck_adapters", "bitfit", "freeze", "trainable_parameters",
     "PromptTuning", "add_prompt_tuning", "strip_prompt",
     "distillation_loss", "fused_linear_distillation_loss", "FusedLinearDistillationLoss", "distill",
 ]

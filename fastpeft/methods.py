@@ -1,7 +1,7 @@
 """Model-level helpers for the other parameter-efficient methods: bottleneck adapters
 (Houlsby / Pfeiffer placement), BitFit, feature-based transfer, and a trainable-parameter count.
 
-``add_adapters`` puts a ``fastpeft.Adapter`` right after chosen projections of a transformer
+``add_bottleneck_adapters`` puts a ``fastpeft.BottleneckAdapter`` right after chosen projections of a transformer
 (wrapping each in ``AdaptedProjection``) and trains only the adapters and the norms;
 ``bitfit`` trains only the bias terms; ``freeze`` trains only the last k blocks (a head of
 your own goes on top); ``trainable_parameters`` counts what trains. Blocks and projections
@@ -18,7 +18,7 @@ from torch import nn
 
 from . import _checks
 from .model import _replace, name_matches
-from .nn.adapter import Adapter
+from .nn.bottleneck import BottleneckAdapter
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 
@@ -141,7 +141,7 @@ def _inside_adapter(model: nn.Module, name: str) -> bool:
 def _placement_targets(model: nn.Module, placement: str) -> list[str]:
     found = find_blocks(model)
     if not found:
-        raise ValueError(f"add_adapters: found no transformer blocks in {type(model).__name__}; looked "
+        raise ValueError(f"add_bottleneck_adapters: found no transformer blocks in {type(model).__name__}; looked "
                          f"for the output projections of {_known_layouts()}. Pass targets=[module names] "
                          f"to put an adapter after each named module")
     names = []
@@ -166,7 +166,7 @@ def _explicit_targets(model: nn.Module, targets: object) -> list[str]:
     return names
 
 
-def add_adapters(model: nn.Module, placement: str = "houlsby", bottleneck: int = 64,
+def add_bottleneck_adapters(model: nn.Module, placement: str = "houlsby", bottleneck: int = 64,
                  activation: str = "relu", scaling: float = 1.0,
                  targets: Sequence[str] | None = None) -> nn.Module:
     """Insert bottleneck adapters y = x + scaling * up(act(down(x))) into ``model`` in place;
@@ -181,7 +181,7 @@ def add_adapters(model: nn.Module, placement: str = "houlsby", bottleneck: int =
     matches when its qualified name equals an entry or ends with "." + entry) puts an adapter
     after each matching module instead of the placement's choice.
 
-    Each adapter is ``fastpeft.Adapter(width, bottleneck, activation, scaling)`` on the
+    Each adapter is ``fastpeft.BottleneckAdapter(width, bottleneck, activation, scaling)`` on the
     projection's device and dtype, width = its output features; up starts at zero, so the
     model computes what it did before. The projection becomes ``<path>.base_layer`` of an
     ``AdaptedProjection`` (state_dict: ``<path>.base_layer.weight``, ``<path>.adapter.down.weight``,
@@ -191,7 +191,7 @@ def add_adapters(model: nn.Module, placement: str = "houlsby", bottleneck: int =
     (``model.classifier.requires_grad_(True)``).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"add_adapters expects an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"add_bottleneck_adapters expects an nn.Module, got {type(model).__name__}")
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     _checks.positive_int("bottleneck", bottleneck)
@@ -205,7 +205,7 @@ def add_adapters(model: nn.Module, placement: str = "houlsby", bottleneck: int =
         module = model.get_submodule(name)
         if _inside_adapter(model, name):
             raise ValueError(f"module {name!r} already has an adapter (or is part of one); "
-                             f"add_adapters would nest adapters")
+                             f"add_bottleneck_adapters would nest adapters")
         widths[name] = output_width(module)
         if widths[name] is None:
             raise TypeError(f"{name!r} ({type(module).__name__}) has no known output width: adapters "
@@ -216,7 +216,7 @@ def add_adapters(model: nn.Module, placement: str = "houlsby", bottleneck: int =
     for name in names:
         base = model.get_submodule(name)
         device, dtype = _device_dtype(base)
-        new[name] = AdaptedProjection(base, Adapter(widths[name], bottleneck, activation, scaling,
+        new[name] = AdaptedProjection(base, BottleneckAdapter(widths[name], bottleneck, activation, scaling,
                                                     device=device, dtype=dtype))
     for name, module in new.items():
         _replace(model, name, module)

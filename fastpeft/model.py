@@ -9,7 +9,7 @@ back from the LoRALinear modules themselves; nothing else is stored on the model
 Several named LoRA adapters (PEFT's names): ``add_adapter`` / ``delete_adapter`` /
 ``set_adapter`` apply LoRALinear's methods of the same names to every LoRALinear of a model;
 the adapter made by inject_lora is "default". A layer an adapter does not target simply does
-not hold it (no update there). For bottleneck adapters see ``fastpeft.add_adapters``.
+not hold it (no update there). For bottleneck adapters see ``fastpeft.add_bottleneck_adapters``.
 """
 from __future__ import annotations
 
@@ -76,11 +76,11 @@ def _check_target_modules(target_modules: object) -> TargetModules:
 
 
 def fastpeft_internal_names(model: nn.Module) -> set[str]:
-    """Qualified names of the modules inside fastpeft's own trainable modules (an Adapter's
+    """Qualified names of the modules inside fastpeft's own trainable modules (a BottleneckAdapter's
     ``down`` / ``up`` linears): the walkers over a base model's layers ("all-linear" LoRA,
     quantization, QAT) leave them alone."""
-    from .nn.adapter import Adapter
-    prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Adapter))
+    from .nn.bottleneck import BottleneckAdapter
+    prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BottleneckAdapter))
     if not prefixes:
         return set()
     return {n for n, _ in model.named_modules() if n.startswith(prefixes)}
@@ -195,7 +195,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
 def plain_linear_names(model: nn.Module, skip: Sequence[str] | str = ()) -> list[str]:
     """Qualified names of the nn.Linear modules (exact type: subclasses such as
     MultiheadAttention's out_proj are read through .weight) not matched by ``skip`` and not
-    inside fastpeft's own modules (an Adapter's linears)."""
+    inside fastpeft's own modules (a BottleneckAdapter's linears)."""
     skip = [skip] if isinstance(skip, str) else list(skip)
     inner = fastpeft_internal_names(model)
     return [n for n, m in model.named_modules()
@@ -248,7 +248,7 @@ def _known_adapter(model: nn.Module, adapter_name: object) -> str:
 
 def adaptable_names(model: nn.Module) -> list[str]:
     """Qualified names of the modules a LoRA adapter can target: nn.Linear, Int8Linear and
-    LoRALinear, not inside a LoRALinear or a fastpeft Adapter."""
+    LoRALinear, not inside a LoRALinear or a fastpeft BottleneckAdapter."""
     lora = [n + "." for n, m in model.named_modules() if isinstance(m, LoRALinear) and n]
     inner = fastpeft_internal_names(model)
     return [n for n, m in model.named_modules()

@@ -8,7 +8,7 @@ target (sm_90 for the H200) with the same specialization the JIT would apply
 
 ``python tests/_aot.py`` prints registers, spills and shared memory per launch (``--tuned``:
 the autotune configs only, ``--fixed``: the FASTPEFT_AUTOTUNE=0 configs only; AOT_FAMILIES=int8,
-=lora, =quant, =qlinear, =fakequant, =adapter, =multi_lora or =distill restricts it to one op family);
+=lora, =quant, =qlinear, =fakequant, =bottleneck, =multi_lora or =distill restricts it to one op family);
 ``--warm`` (on a GPU machine) compiles the benchmark's launches in parallel into triton's
 cache before ``make gpu-check`` times them.
 """
@@ -393,21 +393,21 @@ def fakequant_launches(dtypes=(torch.bfloat16,), shapes=FAKEQUANT_SHAPES) -> lis
     return list(unique.values())
 
 
-ADAPTER_ACTS = ("relu", "gelu", "gelu_tanh", "silu")
+BOTTLENECK_ACTS = ("relu", "gelu", "gelu_tanh", "silu")
 # (M, d, bottleneck): the benchmark's layer first; the fixed configs' row tiles of 64, 32 and 16
 # (chosen by M against the SM count) for each BLOCK_R range (<= 64, 128, 256); decode; unaligned
 # rows (d % 16 != 0)
-ADAPTER_SHAPES = ((8192, 4096, 64), (16384, 4096, 64), (1, 4096, 64), (300, 1000, 24), (300, 1000, 8),
+BOTTLENECK_SHAPES = ((8192, 4096, 64), (16384, 4096, 64), (1, 4096, 64), (300, 1000, 24), (300, 1000, 8),
                   (16384, 4096, 128), (8192, 4096, 128), (2048, 4096, 128), (8192, 4096, 256), (2048, 4096, 256))
-# the GPU tests' shapes (tests/test_adapter.py), for --warm
-ADAPTER_TEST_SHAPES = ((1, 1032, 64), (300, 776, 24), (1100, 4096, 64), (257, 520, 200))
+# the GPU tests' shapes (tests/test_bottleneck.py), for --warm
+BOTTLENECK_TEST_SHAPES = ((1, 1032, 64), (300, 776, 24), (1100, 4096, 64), (257, 520, 200))
 
 
-def adapter_launches(dtypes=(torch.bfloat16,), shapes=ADAPTER_SHAPES, activations=ADAPTER_ACTS) -> list[Launch]:
+def bottleneck_launches(dtypes=(torch.bfloat16,), shapes=BOTTLENECK_SHAPES, activations=BOTTLENECK_ACTS) -> list[Launch]:
     """Every launch fastpeft.adapter (triton backend) makes, forward and backward (all gradients):
     the row-tile forward, the row-tile backward (dx, a, dh) and the weight-gradient kernel."""
     import fastpeft
-    from fastpeft.kernels import adapter as kad
+    from fastpeft.kernels import bottleneck as kad
 
     def run():
         for dtype in dtypes:
@@ -418,7 +418,7 @@ def adapter_launches(dtypes=(torch.bfloat16,), shapes=ADAPTER_SHAPES, activation
                 wu = torch.zeros(d, R, dtype=dtype, requires_grad=True)
                 bu = torch.zeros(d, dtype=dtype, requires_grad=True)
                 for act in activations:
-                    y = fastpeft.adapter(x, wd, bd, wu, bu, activation=act, scaling=1.0, backend="triton")
+                    y = fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, activation=act, scaling=1.0, backend="triton")
                     y.backward(torch.zeros_like(y))
     launches = capture(kad, run)
     unique = {}
@@ -427,11 +427,11 @@ def adapter_launches(dtypes=(torch.bfloat16,), shapes=ADAPTER_SHAPES, activation
     return list(unique.values())
 
 
-def fixed_adapter_launches(dtypes) -> list[Launch]:
+def fixed_bottleneck_launches(dtypes) -> list[Launch]:
     """FASTPEFT_AUTOTUNE=0 launches: every activation at the benchmark's shape in each dtype; the
     other shapes with gelu_tanh (the longest activation code: the most registers)."""
-    launches = _with_fixed_configs(adapter_launches, dtypes=dtypes, shapes=ADAPTER_SHAPES[:1])
-    launches += _with_fixed_configs(adapter_launches, dtypes=dtypes, shapes=ADAPTER_SHAPES[1:],
+    launches = _with_fixed_configs(bottleneck_launches, dtypes=dtypes, shapes=BOTTLENECK_SHAPES[:1])
+    launches += _with_fixed_configs(bottleneck_launches, dtypes=dtypes, shapes=BOTTLENECK_SHAPES[1:],
                                     activations=("gelu_tanh",))
     unique = {}
     for launch in launches:
@@ -546,7 +546,7 @@ def fixed_distill_launches(dtypes, every_variant: bool = False) -> list[Launch]:
     return list(unique.values())
 
 
-FAMILIES = ("lora", "int8", "quant", "qlinear", "fakequant", "adapter", "multi_lora", "distill")
+FAMILIES = ("lora", "int8", "quant", "qlinear", "fakequant", "bottleneck", "multi_lora", "distill")
 
 
 def _families() -> tuple[str, ...]:
@@ -583,10 +583,10 @@ def check(archs=(90,), autotuned=True, dtypes=(torch.bfloat16,), jobs: int = 2,
         launches += fixed_qlinear_launches(dtypes)
     if "multi_lora" in families and not autotuned:  # no autotuner: only fixed configs to compile
         launches += fixed_multi_lora_launches(dtypes)
-    if "adapter" in families:  # tuned: every autotune config at the benchmark's shape and at BLOCK_R 256
-        launches += (adapter_launches(dtypes=dtypes, shapes=ADAPTER_SHAPES[:1] + ADAPTER_SHAPES[-2:],
+    if "bottleneck" in families:  # tuned: every autotune config at the benchmark's shape and at BLOCK_R 256
+        launches += (bottleneck_launches(dtypes=dtypes, shapes=BOTTLENECK_SHAPES[:1] + BOTTLENECK_SHAPES[-2:],
                                       activations=("gelu_tanh",))
-                     if autotuned else fixed_adapter_launches(dtypes))
+                     if autotuned else fixed_bottleneck_launches(dtypes))
     if "distill" in families and not autotuned:  # no autotuner: only fixed configs to compile
         launches += fixed_distill_launches(dtypes)
     n_arch_checked = len(launches)
@@ -651,12 +651,12 @@ def warm(jobs: int) -> int:
     launches += fixed_int8_launches((torch.bfloat16, torch.float16, torch.float32))
     launches += quant_launches((torch.bfloat16, torch.float16, torch.float32))
     launches += fakequant_launches((torch.bfloat16, torch.float16, torch.float32))
-    launches += adapter_launches(dtypes=(torch.bfloat16,), shapes=ADAPTER_SHAPES[:1], activations=("relu",))
-    launches += adapter_launches(dtypes=(torch.bfloat16,), shapes=((4096, 1024, 64), (1, 1024, 64)),
+    launches += bottleneck_launches(dtypes=(torch.bfloat16,), shapes=BOTTLENECK_SHAPES[:1], activations=("relu",))
+    launches += bottleneck_launches(dtypes=(torch.bfloat16,), shapes=((4096, 1024, 64), (1, 1024, 64)),
                                  activations=("gelu_tanh",))
-    launches += _with_fixed_configs(adapter_launches, dtypes=(torch.bfloat16,), shapes=ADAPTER_TEST_SHAPES)
-    launches += _with_fixed_configs(adapter_launches, dtypes=(torch.float16, torch.float32),
-                                    shapes=ADAPTER_TEST_SHAPES, activations=("gelu",))
+    launches += _with_fixed_configs(bottleneck_launches, dtypes=(torch.bfloat16,), shapes=BOTTLENECK_TEST_SHAPES)
+    launches += _with_fixed_configs(bottleneck_launches, dtypes=(torch.float16, torch.float32),
+                                    shapes=BOTTLENECK_TEST_SHAPES, activations=("gelu",))
     launches += qlinear_launches((torch.bfloat16, torch.float16, torch.float32),
                                  shapes=((1, 4096, 11008), (16, 4096, 11008), (2048, 4096, 4096)),
                                  variants=((4, "zeropoint", 128), (8, "zeropoint", 128), (4, "zeropoint", 32),

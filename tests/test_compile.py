@@ -65,10 +65,10 @@ def build(setup: str) -> nn.Module:
         fastpeft.quantize_model(m, weights="int4", group_size=32, activations="static",
                                 calibration_data=calibration(), skip=("lm_head",))
     elif setup == "bottleneck_adapters":
-        fastpeft.add_adapters(m, bottleneck=8)
+        fastpeft.add_bottleneck_adapters(m, bottleneck=8)
         with torch.no_grad():  # up starts at zero: make the adapters do something
             for mod in m.modules():
-                if isinstance(mod, fastpeft.Adapter):
+                if isinstance(mod, fastpeft.BottleneckAdapter):
                     mod.up.weight.normal_(0, 0.1)
     else:
         raise ValueError(setup)
@@ -244,7 +244,7 @@ def eval_models():
     fastpeft.quantize_model(m, weights="int4", group_size=32, activations="dynamic", skip=("lm_head",))
     out["w4a8_dynamic"] = m
     m = tiny_llama()
-    fastpeft.add_adapters(m, bottleneck=8)
+    fastpeft.add_bottleneck_adapters(m, bottleneck=8)
     out["bottleneck_adapters"] = m
     return {k: v.eval() for k, v in out.items()}
 
@@ -307,7 +307,7 @@ def layer_stack(name: str) -> nn.Module:
         act = "dynamic" if name == "w4a8_dynamic" else None
         layers = [fastpeft.QuantLinear.from_linear(lin(), bits=4, group_size=16, activations=act) for _ in range(2)]
     else:
-        layers = [lin(), fastpeft.Adapter(32, bottleneck=8)]
+        layers = [lin(), fastpeft.BottleneckAdapter(32, bottleneck=8)]
     return nn.Sequential(layers[0], nn.GELU(), layers[1]).eval()
 
 

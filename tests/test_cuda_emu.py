@@ -1,6 +1,6 @@
 """The CUDA C++ kernels of csrc/ on the CPU, through an EMULATOR. Not a GPU test.
 
-tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu, csrc/quant.cu and csrc/adapter.cu unchanged with g++ against
+tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu, csrc/quant.cu and csrc/bottleneck.cu unchanged with g++ against
 stand-in CUDA headers (one OS thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding)
 under AddressSanitizer + UBSan, and a subset under ThreadSanitizer. Patched in for fastpeft._C, it runs
 the checks of test_cuda_ext.py on CPU tensors, so CI (no GPU) checks the kernels' indexing,
@@ -316,7 +316,7 @@ def _cpp_default(text: str | None):
 
 
 @pytest.mark.parametrize("name", ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "quant_quantize",
-                                  "quant_dequantize", "adapter_forward", "multi_lora_shrink", "multi_lora_expand"])
+                                  "quant_dequantize", "bottleneck_adapter_forward", "multi_lora_shrink", "multi_lora_expand"])
 def test_emulated_extension_mirrors_the_bindings(name):
     """EmulatedExtension's functions take the arguments of csrc/bindings.cpp, with its defaults."""
     text = (emulator.CSRC / "bindings.cpp").read_text()
@@ -327,7 +327,7 @@ def test_emulated_extension_mirrors_the_bindings(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# bottleneck adapter (csrc/adapter.cu): the fused forward against the float64 spec of test_cuda_ext.py
+# bottleneck adapter (csrc/bottleneck.cu): the fused forward against the float64 spec of test_cuda_ext.py
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -340,7 +340,7 @@ def test_emulated_extension_mirrors_the_bindings(name):
 ])
 def test_adapter(emu, dtype, M, D, R, activation, x_layout):
     checks.check_adapter("cpu", dtype, M, D, R, activation, x_layout)
-    assert emu.calls["adapter_forward"]
+    assert emu.calls["bottleneck_adapter_forward"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -960,11 +960,11 @@ def test_quant_api_cuda_backend(dtype, bits, scheme, shape, axis, group_size):
 
 
 # ---------------------------------------------------------------------------------------------
-# bottleneck adapter (Houlsby), fused forward (csrc/adapter.cu), against a float64 reference of the
+# bottleneck adapter (Houlsby), fused forward (csrc/bottleneck.cu), against a float64 reference of the
 # spec written here: h = x W_d^T + b_d, a = act(h) ROUNDED to x's dtype, z = a W_u^T + b_u,
 # y = x + s z (s taken as fp32)
 
-ADAPTER_ACTS = ("relu", "gelu", "gelu_tanh", "silu")
+BOTTLENECK_ACTS = ("relu", "gelu", "gelu_tanh", "silu")
 
 
 def adapter_act64(h: torch.Tensor, name: str) -> torch.Tensor:
@@ -1021,7 +1021,7 @@ def adapter_layout(x: torch.Tensor, kind: str) -> torch.Tensor:
 def check_adapter(device, dtype, M, D, R, activation, x_layout="contiguous", bias=True, scaling=1.5, n_split=0):
     x, wd, bd, wu, bu = adapter_inputs(M, D, R, dtype, device, bias)
     x = adapter_layout(x, x_layout)
-    y = _cext.adapter_forward(x, wd, bd, wu, bu, activation, scaling, n_split=n_split)
+    y = _cext.bottleneck_adapter_forward(x, wd, bd, wu, bu, activation, scaling, n_split=n_split)
     assert y.dtype == dtype and y.shape == (M, D) and y.is_contiguous() and y.device == x.device
     ref = adapter_ref(x, wd, bd, wu, bu, activation, scaling)
     err = rel_err(y, ref)
@@ -1038,14 +1038,14 @@ def check_adapter_bounds(device, dtype, M, D, R, activation="gelu", n_split=0, y
     x, wd, bd, wu, bu = adapter_inputs(M, D, R, dtype, device, seed=1)
     buf = torch.full((M + 2, D + y_pad), float("nan"), dtype=dtype, device=device)
     y = buf[1:-1, 1:D + 1]
-    C.adapter_forward(x.data_ptr(), x.stride(0), wd.data_ptr(), bd.data_ptr(), wu.data_ptr(), bu.data_ptr(),
+    C.bottleneck_adapter_forward(x.data_ptr(), x.stride(0), wd.data_ptr(), bd.data_ptr(), wu.data_ptr(), bu.data_ptr(),
                       y.data_ptr(), y.stride(0), M, D, R, _cext._DTYPE_CODES[dtype],
                       _cext.ADAPTER_ACTIVATIONS[activation], scaling=-0.75, n_split=n_split,
                       device=x.device.index or 0, stream=_stream(device))
     assert rel_err(y, adapter_ref(x, wd, bd, wu, bu, activation, -0.75)) <= TOL[dtype]
     pad = buf.clone()
     pad[1:-1, 1:D + 1] = float("nan")
-    assert torch.isnan(pad).all(), "adapter_forward wrote outside y"
+    assert torch.isnan(pad).all(), "bottleneck_adapter_forward wrote outside y"
 
 
 def check_adapter_rounds_a(device, dtype, activation="gelu", M=64, D=64):
@@ -1057,7 +1057,7 @@ def check_adapter_rounds_a(device, dtype, activation="gelu", M=64, D=64):
     x = (torch.randint(-8, 9, (M, D), generator=g) / 4.0).to(device, dtype)
     wd = torch.diag(1.0 + torch.rand(D, generator=g)).to(device, dtype)
     wu = (torch.eye(D) + torch.eye(D).roll(1, dims=1)).to(device, dtype)
-    y = _cext.adapter_forward(x, wd, None, wu, None, activation, 1.0)
+    y = _cext.bottleneck_adapter_forward(x, wd, None, wu, None, activation, 1.0)
     rounded = adapter_ref(x, wd, None, wu, None, activation, 1.0).to(dtype)
     unrounded = adapter_ref(x, wd, None, wu, None, activation, 1.0, round_a=False).to(dtype)
     y = y.cpu()
@@ -1070,54 +1070,54 @@ def check_adapter_errors_and_empty(device):
     x, wd, bd, wu, bu = adapter_inputs(5, 40, 8, torch.float32, device)
     with pytest.raises(ValueError, match="limit of 256"):
         big = torch.randn(257, 40, device=device)
-        _cext.adapter_forward(x, big, None, torch.randn(40, 257, device=device), None, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x, big, None, torch.randn(40, 257, device=device), None, "relu", 1.0)
     with pytest.raises(ValueError, match="up_weight has shape"):
-        _cext.adapter_forward(x, wd, bd, wu[:, :4], bu, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x, wd, bd, wu[:, :4], bu, "relu", 1.0)
     with pytest.raises(ValueError, match="down_weight has shape"):
-        _cext.adapter_forward(x, wd[:, :39], bd, wu, bu, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x, wd[:, :39], bd, wu, bu, "relu", 1.0)
     with pytest.raises(ValueError, match="r must be > 0"):
-        _cext.adapter_forward(x, wd[:0], None, wu[:, :0], None, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x, wd[:0], None, wu[:, :0], None, "relu", 1.0)
     with pytest.raises(TypeError, match="dtypes must match"):
-        _cext.adapter_forward(x, wd.half(), bd, wu, bu, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x, wd.half(), bd, wu, bu, "relu", 1.0)
     with pytest.raises(TypeError, match="int8"):
-        _cext.adapter_forward(x.to(torch.int8), wd, bd, wu, bu, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x.to(torch.int8), wd, bd, wu, bu, "relu", 1.0)
     with pytest.raises(ValueError, match="down_bias has shape"):
-        _cext.adapter_forward(x, wd, bd[:7], wu, bu, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x, wd, bd[:7], wu, bu, "relu", 1.0)
     with pytest.raises(ValueError, match="up_bias has shape"):
-        _cext.adapter_forward(x, wd, bd, wu, bd, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x, wd, bd, wu, bd, "relu", 1.0)
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
-        _cext.adapter_forward(x, wd, bd, wu, bu, "tanh", 1.0)
+        _cext.bottleneck_adapter_forward(x, wd, bd, wu, bu, "tanh", 1.0)
     with pytest.raises(ValueError, match="must be contiguous"):
-        _cext.adapter_forward(x, wu.t(), bd, wu, bu, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x, wu.t(), bd, wu, bu, "relu", 1.0)
     with pytest.raises(ValueError, match="unit column stride"):
-        _cext.adapter_forward(x.t().contiguous().t(), wd, bd, wu, bu, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x.t().contiguous().t(), wd, bd, wu, bu, "relu", 1.0)
     with pytest.raises(ValueError, match="scaling must be finite"):
-        _cext.adapter_forward(x, wd, bd, wu, bu, "relu", float("inf"))
+        _cext.bottleneck_adapter_forward(x, wd, bd, wu, bu, "relu", float("inf"))
     C = _cext._extension()  # the binding's own checks
     y = torch.empty_like(x)
     wd3, wu3 = torch.randn(300, 40, device=device), torch.randn(40, 300, device=device)
     with pytest.raises(ValueError, match="limit of 256"):
-        C.adapter_forward(x.data_ptr(), x.stride(0), wd3.data_ptr(), 0, wu3.data_ptr(), 0, y.data_ptr(), y.stride(0),
+        C.bottleneck_adapter_forward(x.data_ptr(), x.stride(0), wd3.data_ptr(), 0, wu3.data_ptr(), 0, y.data_ptr(), y.stride(0),
                           5, 40, 300, 0, 0, stream=_stream(device))
     args = (x.data_ptr(), x.stride(0), wd.data_ptr(), bd.data_ptr(), wu.data_ptr(), bu.data_ptr(), y.data_ptr(),
             y.stride(0), 5, 40)
     with pytest.raises(ValueError, match="unknown activation code 7"):
-        C.adapter_forward(*args, 8, 0, 7, stream=_stream(device))
+        C.bottleneck_adapter_forward(*args, 8, 0, 7, stream=_stream(device))
     with pytest.raises(ValueError, match="dtype code 5"):
-        C.adapter_forward(*args, 8, 5, 0, stream=_stream(device))
-    assert _cext.adapter_forward(x[:0], wd, bd, wu, bu, "silu", 1.0).shape == (0, 40)
-    empty_d = _cext.adapter_forward(x[:, :0], wd[:, :0], bd, wu[:0], None, "silu", 1.0)
+        C.bottleneck_adapter_forward(*args, 8, 5, 0, stream=_stream(device))
+    assert _cext.bottleneck_adapter_forward(x[:0], wd, bd, wu, bu, "silu", 1.0).shape == (0, 40)
+    empty_d = _cext.bottleneck_adapter_forward(x[:, :0], wd[:, :0], bd, wu[:0], None, "silu", 1.0)
     assert empty_d.shape == (5, 0)
 
 
-ADAPTER_SHAPES = [(100, 24), (136, 64), (72, 128), (1000, 256), (520, 200), (4096, 8), (4096, 64)]
+BOTTLENECK_SHAPES = [(100, 24), (136, 64), (72, 128), (1000, 256), (520, 200), (4096, 8), (4096, 64)]
 
 
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 7, 300])
-@pytest.mark.parametrize("D,R", ADAPTER_SHAPES)
+@pytest.mark.parametrize("D,R", BOTTLENECK_SHAPES)
 def test_adapter(dtype, M, D, R):
     check_adapter("cuda", dtype, M, D, R, "gelu")
 
@@ -1133,7 +1133,7 @@ def test_adapter_large(dtype, M, D, R):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ADAPTER_ACTS)
+@pytest.mark.parametrize("activation", BOTTLENECK_ACTS)
 @pytest.mark.parametrize("M,D,R", [(1, 100, 24), (300, 520, 200), (129, 4096, 64)])
 def test_adapter_activations(dtype, activation, M, D, R):
     check_adapter("cuda", dtype, M, D, R, activation)
@@ -1160,7 +1160,7 @@ def test_adapter_writes_only_its_view(dtype, M, D, R, n_split):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("activation", ADAPTER_ACTS)
+@pytest.mark.parametrize("activation", BOTTLENECK_ACTS)
 def test_adapter_rounds_a(dtype, activation):
     check_adapter_rounds_a("cuda", dtype, activation)
 
@@ -1174,7 +1174,7 @@ def test_adapter_errors_and_empty():
 def test_adapter_cpu_tensors_rejected():
     x, wd, bd, wu, bu = adapter_inputs(3, 8, 2, torch.float32, "cpu")
     with pytest.raises(ValueError, match="need CUDA tensors.*cpu"):
-        _cext.adapter_forward(x, wd, bd, wu, bu, "relu", 1.0)
+        _cext.bottleneck_adapter_forward(x, wd, bd, wu, bu, "relu", 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

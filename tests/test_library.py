@@ -196,7 +196,7 @@ def _linear_layers():
         "Int8Linear+LoRA": fastpeft.LoRALinear.from_linear(fastpeft.Int8Linear.from_linear(base), r=4),
         "QuantLinear": fastpeft.QuantLinear.from_linear(base, bits=4, group_size=32),
         "QuantLinear W4A8": fastpeft.QuantLinear.from_linear(base, bits=4, group_size=32, activations="dynamic"),
-        "Adapter": fastpeft.Adapter(64, bottleneck=8),
+        "BottleneckAdapter": fastpeft.BottleneckAdapter(64, bottleneck=8),
     }
 
 
@@ -326,8 +326,8 @@ def _public_calls(dtype=torch.float32):
         s = torch.full((6,), 0.05, device=DEVICE, requires_grad=True)
         backward(fastpeft.fake_quantize(g(6, 10, grad=True), s, torch.full((6,), 3.0, device=DEVICE), 4, "zeropoint", 0))
 
-    def adapter():
-        backward(fastpeft.adapter(g(3, 7, 24, grad=True), g(8, 24, grad=True, scale=0.2), g(8, grad=True),
+    def bottleneck_adapter():
+        backward(fastpeft.bottleneck_adapter(g(3, 7, 24, grad=True), g(8, 24, grad=True, scale=0.2), g(8, grad=True),
                                   g(24, 8, grad=True, scale=0.2), g(24, grad=True), "gelu", 0.7))
 
     def multi_lora():
@@ -348,7 +348,7 @@ def _public_calls(dtype=torch.float32):
     return {"lora_linear": lora, "int8_linear t0": lambda: int8(0.0), "int8_linear t2": lambda: int8(2.0),
             "int8_linear static": lambda: int8(0.0, True), "quant_linear": lambda: quant(None),
             "quant_linear dynamic": lambda: quant("dynamic"), "quant_linear static": lambda: quant("static"),
-            "fake_quantize": fake_quantize, "adapter": adapter, "multi_lora": multi_lora,
+            "fake_quantize": fake_quantize, "bottleneck_adapter": bottleneck_adapter, "multi_lora": multi_lora,
             "distillation_loss": distill, "fused_linear_distillation_loss": fused,
             "quantize + dequantize": lambda: fastpeft.dequantize(fastpeft.quantize(g(4, 64), 4, "zeropoint",
                                                                                   group_size=16))}

@@ -1,4 +1,4 @@
-"""add_adapters (Houlsby / Pfeiffer), bitfit, freeze and trainable_parameters on tiny random
+"""add_bottleneck_adapters (Houlsby / Pfeiffer), bitfit, freeze and trainable_parameters on tiny random
 BERT, GPT-2 and Llama models (no download); the seed lecture's parameter counts on a
 BERT-base-shaped model built on the meta device."""
 import copy
@@ -9,7 +9,7 @@ from torch import nn
 
 import fastpeft
 from fastpeft import methods
-from fastpeft.methods import AdaptedProjection, add_adapters, bitfit, freeze, trainable_parameters
+from fastpeft.methods import AdaptedProjection, add_bottleneck_adapters, bitfit, freeze, trainable_parameters
 
 transformers = pytest.importorskip("transformers")
 from _hf import tiny_llama, torch_backend  # noqa: E402,F401  (torch_backend: autouse fixture)
@@ -75,7 +75,7 @@ def norm_params(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# add_adapters
+# add_bottleneck_adapters
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
@@ -86,7 +86,7 @@ def test_placement_and_identity(arch, placement):
     x = tokens()
     before = logits(model, x)
     old = {i: model.get_submodule(f"{blocks}.{i}.{ffn}") for i in range(LAYERS)}
-    out = add_adapters(model, placement=placement, bottleneck=8)
+    out = add_bottleneck_adapters(model, placement=placement, bottleneck=8)
     assert out is model
     leaves = (attn, ffn) if placement == "houlsby" else (ffn,)
     expected = {f"{blocks}.{i}.{leaf}" for i in range(LAYERS) for leaf in leaves}
@@ -94,7 +94,7 @@ def test_placement_and_identity(arch, placement):
     assert len(expected) == (2 if placement == "houlsby" else 1) * LAYERS
     for name in expected:
         m = model.get_submodule(name)
-        assert isinstance(m.adapter, fastpeft.Adapter)
+        assert isinstance(m.adapter, fastpeft.BottleneckAdapter)
         assert (m.adapter.bottleneck, m.adapter.activation, m.adapter.scaling) == (8, "relu", 1.0)
         assert sum(p.numel() for p in m.adapter.parameters()) == 2 * hidden * 8 + 8 + hidden
     for i in range(LAYERS):  # the projection itself is kept, weights shared, reachable as before
@@ -127,7 +127,7 @@ def train(model, steps=3, lr=1e-2, seed=3):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_changes_only_adapters_and_norms(arch):
-    model = add_adapters(build(arch), bottleneck=4, activation="gelu")
+    model = add_bottleneck_adapters(build(arch), bottleneck=4, activation="gelu")
     train_set = {n for n in trainable(model) if ".adapter." in n}
     assert train_set and trainable(model) == train_set | norm_params(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -146,10 +146,10 @@ def test_training_changes_only_adapters_and_norms(arch):
 def test_unknown_architecture_and_targets():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.LayerNorm(5))
     with pytest.raises(ValueError, match=r"no transformer blocks.*o_proj.*targets=\[module names\]"):
-        add_adapters(model)
+        add_bottleneck_adapters(model)
     x = torch.randn(3, 6)
     before = model(x)
-    add_adapters(model, targets=["0", "2"], bottleneck=2)
+    add_bottleneck_adapters(model, targets=["0", "2"], bottleneck=2)
     assert adapted(model) == {"0", "2"}
     assert [sum(p.numel() for p in model[i].adapter.parameters()) for i in (0, 2)] == [2 * 8 * 2 + 2 + 8,
                                                                                       2 * 5 * 2 + 2 + 5]
@@ -167,7 +167,7 @@ def test_targets(arch, targets, expected, width):
     model = build(arch)
     x = tokens()
     before = logits(model, x)
-    add_adapters(model, targets=targets, bottleneck=3, placement="pfeiffer")
+    add_bottleneck_adapters(model, targets=targets, bottleneck=3, placement="pfeiffer")
     assert adapted(model) == expected
     m = model.get_submodule(sorted(expected)[0]).adapter
     assert sum(p.numel() for p in m.parameters()) == 2 * width * 3 + 3 + width
@@ -177,49 +177,49 @@ def test_targets(arch, targets, expected, width):
 def test_errors():
     model = build("llama")
     with pytest.raises(ValueError, match="bottleneck"):
-        add_adapters(model, bottleneck=0)
+        add_bottleneck_adapters(model, bottleneck=0)
     with pytest.raises(TypeError, match="bottleneck"):
-        add_adapters(model, bottleneck=2.5)
+        add_bottleneck_adapters(model, bottleneck=2.5)
     with pytest.raises(ValueError, match="activation"):
-        add_adapters(model, activation="softsign-ish")
+        add_bottleneck_adapters(model, activation="softsign-ish")
     with pytest.raises(ValueError, match="placement must be one of"):
-        add_adapters(model, placement="lora")
+        add_bottleneck_adapters(model, placement="lora")
     with pytest.raises(ValueError, match="scaling"):
-        add_adapters(model, scaling=float("inf"))
+        add_bottleneck_adapters(model, scaling=float("inf"))
     with pytest.raises(ValueError, match=r"matches no module"):
-        add_adapters(model, targets=["qq_proj"])
+        add_bottleneck_adapters(model, targets=["qq_proj"])
     with pytest.raises(TypeError, match=r"model\.layers\.0\.mlp.*LlamaMLP.*output width"):
-        add_adapters(model, targets=["mlp"])
+        add_bottleneck_adapters(model, targets=["mlp"])
     with pytest.raises(TypeError, match="list of module names"):
-        add_adapters(model, targets="q_proj")
+        add_bottleneck_adapters(model, targets="q_proj")
     with pytest.raises(TypeError, match="list of module names"):
-        add_adapters(model, targets=[])
+        add_bottleneck_adapters(model, targets=[])
     with pytest.raises(ValueError, match="inside it"):
-        add_adapters(model, targets=["layers.0", "layers.0.mlp.up_proj"])
+        add_bottleneck_adapters(model, targets=["layers.0", "layers.0.mlp.up_proj"])
     with pytest.raises(TypeError, match="nn.Module"):
-        add_adapters("model")
+        add_bottleneck_adapters("model")
     assert not adapted(model)  # the failed calls replaced nothing
-    add_adapters(model, placement="pfeiffer", bottleneck=2)
+    add_bottleneck_adapters(model, placement="pfeiffer", bottleneck=2)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj.*already has an adapter"):
-        add_adapters(model, bottleneck=2)
+        add_bottleneck_adapters(model, bottleneck=2)
     with pytest.raises(ValueError, match="already has an adapter"):
-        add_adapters(model, targets=["down_proj.base_layer"])
+        add_bottleneck_adapters(model, targets=["down_proj.base_layer"])
 
 
 def test_state_dict_layout_and_loading():
     plain = build("gpt2")
-    model = add_adapters(copy.deepcopy(plain), bottleneck=4)
+    model = add_bottleneck_adapters(copy.deepcopy(plain), bottleneck=4)
     with torch.no_grad():  # give the adapters weights that change the output
         for n, p in model.named_parameters():
             if ".adapter." in n:
                 p.normal_(0, 0.5)
     x = tokens()
     ref = logits(model, x)
-    other = add_adapters(build("gpt2"), bottleneck=4)
+    other = add_bottleneck_adapters(build("gpt2"), bottleneck=4)
     other.load_state_dict(model.state_dict())  # strict: same layout
     torch.testing.assert_close(logits(other, x), ref, rtol=0, atol=0)
     # a state_dict from before the wrapping loads into the projections (adapters missing only)
-    fresh = add_adapters(tiny_gpt2(seed=5), bottleneck=4)
+    fresh = add_bottleneck_adapters(tiny_gpt2(seed=5), bottleneck=4)
     result = fresh.load_state_dict(plain.state_dict(), strict=False)
     assert not result.unexpected_keys
     assert result.missing_keys and all(".adapter." in k for k in result.missing_keys)
@@ -227,7 +227,7 @@ def test_state_dict_layout_and_loading():
 
 
 def test_adapter_follows_projection_dtype():
-    model = add_adapters(build("gpt2").to(torch.bfloat16), bottleneck=4, placement="pfeiffer")
+    model = add_bottleneck_adapters(build("gpt2").to(torch.bfloat16), bottleneck=4, placement="pfeiffer")
     dtypes = {p.dtype for n, p in model.named_parameters() if ".adapter." in n}
     assert dtypes == {torch.bfloat16}
 
@@ -280,7 +280,7 @@ def test_freeze_last_blocks(arch):
 
 
 def test_freeze_after_add_adapters_and_blocks_override():
-    model = add_adapters(build("llama"), bottleneck=2)
+    model = add_bottleneck_adapters(build("llama"), bottleneck=2)
     freeze(model, unfreeze_last=1)  # the block list is still found with adapters in it
     assert trainable(model) == {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")}
     seq = nn.Sequential(nn.Embedding(10, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)))
@@ -310,7 +310,7 @@ def test_trainable_parameters(capsys):
 
 
 def test_exports():
-    for name in ("add_adapters", "bitfit", "freeze", "trainable_parameters"):
+    for name in ("add_bottleneck_adapters", "bitfit", "freeze", "trainable_parameters"):
         assert name in fastpeft.__all__ and callable(getattr(fastpeft, name))
 
 
@@ -330,12 +330,12 @@ def test_bert_base_parameter_counts():
     total = trainable_parameters(base, verbose=False)[1]
     rows = [("BERT-base (full fine-tuning)", total, total)]
 
-    one = add_adapters(bert_base_meta(), targets=["encoder.layer.0.output.dense"], bottleneck=32)
+    one = add_bottleneck_adapters(bert_base_meta(), targets=["encoder.layer.0.output.dense"], bottleneck=32)
     adapter = sum(p.numel() for p in one.encoder.layer[0].output.dense.adapter.parameters())
     assert adapter == 2 * 768 * 32 + 32 + 768  # 49,952: "about 50K"
     rows.append(("one adapter, bottleneck 32 (d=768)", adapter, None))
     for placement in ("houlsby", "pfeiffer"):
-        m = add_adapters(bert_base_meta(), placement=placement, bottleneck=32)
+        m = add_bottleneck_adapters(bert_base_meta(), placement=placement, bottleneck=32)
         per = 2 if placement == "houlsby" else 1
         assert len(adapted(m)) == per * 12
         t = trainable_parameters(m, verbose=False)[0]
@@ -368,7 +368,7 @@ def test_bert_base_parameter_counts():
 def test_base_model_walkers_leave_adapter_linears_alone():
     """inject_lora("all-linear"), quantize_model and prepare_qat act on the base model's linears,
     never on the down / up linears inside the adapters."""
-    model = add_adapters(tiny_llama(), "pfeiffer", bottleneck=8)
+    model = add_bottleneck_adapters(tiny_llama(), "pfeiffer", bottleneck=8)
     n_adapters = len(adapted(model))
     inner = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".adapter." in n}
     assert len(inner) == 2 * n_adapters

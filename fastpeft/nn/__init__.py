@@ -1,5 +1,5 @@
 """Drop-in modules built on fastpeft.ops."""
-from .adapter import Adapter
+from .bottleneck import BottleneckAdapter
 from .fakequant import FakeQuantize
 from .int8 import Int8Linear
 from .lora import LoRALinear
@@ -9,5 +9,5 @@ from .qlinear import QuantLinear
 
 __all__ = ["Int8Linear", "LoRALinear", "QuantLinear"]
 __all__ += ["FakeQuantize", "QATLinear"]
-__all__ += ["Adapter"]
+__all__ += ["BottleneckAdapter"]
 __all__ += ["PromptTuning"]

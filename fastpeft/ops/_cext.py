@@ -380,20 +380,20 @@ def quant_dequantize(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# bottleneck adapter (Houlsby), fused forward (fastpeft/reference/adapter.py is the specification)
+# bottleneck adapter (Houlsby), fused forward (fastpeft/reference/bottleneck.py is the specification)
 
 ADAPTER_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
-ADAPTER_MAX_RANK = 256  # csrc/adapter.cu keeps a row tile's bottleneck activations on chip
+BOTTLENECK_MAX_RANK = 256  # csrc/bottleneck.cu keeps a row tile's bottleneck activations on chip
 
 
-def adapter_forward(x2: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+def bottleneck_adapter_forward(x2: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
                     up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str, scaling: float,
                     *, n_split: int = 0) -> torch.Tensor:
     """y2 = x2 + scaling * (act(x2 W_d^T + b_d) W_u^T + b_u), a new contiguous [M, d] tensor.
 
     x2: [M, d] with unit column stride (any row stride), fp32, fp16 or bf16; down_weight W_d
     [r, d] and up_weight W_u [d, r] contiguous; down_bias [r] and up_bias [d] (or None); all of
-    x2's dtype; 1 <= r <= ADAPTER_MAX_RANK. activation: "relu", "gelu" (erf), "gelu_tanh" or
+    x2's dtype; 1 <= r <= BOTTLENECK_MAX_RANK. activation: "relu", "gelu" (erf), "gelu_tanh" or
     "silu". h accumulates in fp32, a = act(h) is rounded to x2's dtype before the second GEMM
     (fp32 accumulation), and y = x + scaling * z is computed in fp32 and rounded once.
     ``n_split`` (tests) forces how many blocks share the d columns of a row tile (0 chooses).
@@ -419,8 +419,8 @@ def adapter_forward(x2: torch.Tensor, down_weight: torch.Tensor, down_bias: torc
     if tuple(up_weight.shape) != (D, R):
         raise ValueError(f"up_weight has shape {tuple(up_weight.shape)}; expected [{D}, {R}] for x2 "
                          f"{tuple(x2.shape)} and down_weight {tuple(down_weight.shape)}")
-    if R > ADAPTER_MAX_RANK:
-        raise ValueError(f"bottleneck r={R} exceeds the CUDA kernel's limit of {ADAPTER_MAX_RANK}")
+    if R > BOTTLENECK_MAX_RANK:
+        raise ValueError(f"bottleneck r={R} exceeds the CUDA kernel's limit of {BOTTLENECK_MAX_RANK}")
     if down_bias is not None:
         _vector("down_bias", down_bias, R, (x2.dtype,))
     if up_bias is not None:
@@ -444,7 +444,7 @@ def adapter_forward(x2: torch.Tensor, down_weight: torch.Tensor, down_bias: torc
     def ptr(t):
         return t.data_ptr() if t is not None else 0
 
-    ext.adapter_forward(x2.data_ptr(), x2.stride(0), down_weight.data_ptr(), ptr(down_bias), up_weight.data_ptr(),
+    ext.bottleneck_adapter_forward(x2.data_ptr(), x2.stride(0), down_weight.data_ptr(), ptr(down_bias), up_weight.data_ptr(),
                         ptr(up_bias), y2.data_ptr(), y2.stride(0), M, D, R, _DTYPE_CODES[x2.dtype],
                         ADAPTER_ACTIVATIONS[activation], scaling=scaling, n_split=n_split,
                         device=device.index or 0, stream=_stream(device))

@@ -58,7 +58,7 @@ void quant_quantize(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t zero_po
 void quant_dequantize(uintptr_t q, uintptr_t scale, uintptr_t zero_point, uintptr_t y, int64_t outer, int64_t C,
                       int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
                       int device, uintptr_t stream);
-void adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr_t bd, uintptr_t wu, uintptr_t bu, uintptr_t y,
+void bottleneck_adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr_t bd, uintptr_t wu, uintptr_t bu, uintptr_t y,
                      int64_t s_ym, int64_t M, int64_t D, int64_t R, int dtype, int activation, float scaling,
                      int64_t n_split, int device, uintptr_t stream);
 }  // namespace fastpeft
@@ -233,7 +233,7 @@ void dispatch(Call& c) {
       fastpeft::quant_dequantize(a, b, s, z, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device,
                                  stream);
     }
-  } else if (c.function() == "adapter_forward") {
+  } else if (c.function() == "bottleneck_adapter_forward") {
     const uintptr_t x = c.ptr();
     const int64_t s_xm = c.i64();
     const uintptr_t wd = c.ptr(), bd = c.ptr(), wu = c.ptr(), bu = c.ptr(), y = c.ptr();
@@ -243,7 +243,7 @@ void dispatch(Call& c) {
     const int64_t n_split = c.i64();
     const int device = c.i32();
     const auto stream = static_cast<uintptr_t>(c.i64());
-    fastpeft::adapter_forward(x, s_xm, wd, bd, wu, bu, y, s_ym, M, D, R, dtype, activation, scaling, n_split, device,
+    fastpeft::bottleneck_adapter_forward(x, s_xm, wd, bd, wu, bu, y, s_ym, M, D, R, dtype, activation, scaling, n_split, device,
                               stream);
   } else {
     throw std::runtime_error("emulator: unknown function " + c.function());

@@ -41,7 +41,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent.parent / "csrc"
 # the translation units of csrc/ with kernels (they include common.cuh)
-KERNELS = ("lora.cu", "int8.cu", "quant.cu", "adapter.cu")
+KERNELS = ("lora.cu", "int8.cu", "quant.cu", "bottleneck.cu")
 
 _COMMON = ["-std=c++20", "-pthread", "-fno-strict-aliasing", f"-I{HERE / 'include'}"]
 VARIANTS = {
@@ -287,7 +287,7 @@ class EmulatedExtension:
         args = [*ops, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device, stream]
         self._call("quant_dequantize", ops, args)
 
-    def adapter_forward(self, x, s_xm, wd, bd, wu, bu, y, s_ym, M, D, R, dtype, activation, scaling=1.0, n_split=0,
+    def bottleneck_adapter_forward(self, x, s_xm, wd, bd, wu, bu, y, s_ym, M, D, R, dtype, activation, scaling=1.0, n_split=0,
                         device=0, stream=0):
         e = _ELEMENT_BYTES.get(dtype, 1)
         ops = [_Operand(x, M, D, s_xm, 1, e), _Operand(wd, R, D, D, 1, e), _Operand(bd, R, 1, 1, 1, e),
@@ -295,7 +295,7 @@ class EmulatedExtension:
                _Operand(y, M, D, s_ym, 1, e, output=True, overwritten=True)]
         args = [ops[0], s_xm, ops[1], ops[2], ops[3], ops[4], ops[5], s_ym, M, D, R, dtype, activation,
                 float(scaling), n_split, device, stream]
-        self._call("adapter_forward", ops, args)
+        self._call("bottleneck_adapter_forward", ops, args)
 
     def _call(self, function: str, ops: list[_Operand], args: list) -> None:
         def token(v) -> str:

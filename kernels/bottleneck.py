@@ -1,21 +1,21 @@
 """Triton kernels for the bottleneck adapter: y = x + s * (act(x W_d^T + b_d) W_u^T + b_u).
 
-Numerics: fastpeft/reference/adapter.py. R (the bottleneck) is padded to BLOCK_R, a power of
+Numerics: fastpeft/reference/bottleneck.py. R (the bottleneck) is padded to BLOCK_R, a power of
 two in [16, MAX_BLOCK_R]; a program holds [BLOCK_M, BLOCK_R] fp32 tiles of the bottleneck.
 
-``_adapter_fwd_kernel``        a program owns BLOCK_M rows: h = x W_d^T + b_d over K tiles of d,
+``_bottleneck_fwd_kernel``        a program owns BLOCK_M rows: h = x W_d^T + b_d over K tiles of d,
     a = act(h) rounded to x's dtype (kept in registers), then per N tile of d
     y = x + s * (a W_u^T + b_u). The second pass walks the N tiles backwards, so the x tiles
     read last in the first pass (the likeliest still in L2) are re-read first.
-``_adapter_bwd_rows_kernel``   a program owns BLOCK_M rows: recomputes h (K loop over x),
+``_bottleneck_bwd_rows_kernel``   a program owns BLOCK_M rows: recomputes h (K loop over x),
     da = dy W_u (N loop over dy), dh = s * da * act'(h); stores a (x's dtype) and dh (fp32),
     [M, R] each, for the weight gradients; then dx = dy + dh W_d (N loop, backwards again).
-``_adapter_bwd_weights_kernel`` a program owns BLOCK_N columns of d and one of SPLIT_M slices
+``_bottleneck_bwd_weights_kernel`` a program owns BLOCK_N columns of d and one of SPLIT_M slices
     of the rows, and reads dy, x, a and dh once: dW_u = s dy^T a, db_u = s sum(dy),
     dW_d = dh^T x, db_d = sum(dh) (stored by the column-0 programs), as fp32 partials
     [SPLIT_M, ...] summed by the caller: deterministic, no atomics.
 
-Kernels only: no policy here (fastpeft/ops/adapter.py decides and wraps).
+Kernels only: no policy here (fastpeft/ops/bottleneck.py decides and wraps).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def _down_proj(X, WD, BD, lm, mask_m, D, R, s_xm, s_xk, s_wdr, s_wdk, s_bd,
 
 
 @triton.jit
-def _adapter_fwd_kernel(
+def _bottleneck_fwd_kernel(
     X, WD, BD, WU, BU, Y,
     M, D, R, M_BUCKET,
     s_xm, s_xk, s_wdr, s_wdk, s_bd, s_wun, s_wur, s_bu, s_ym, s_yn,
@@ -157,7 +157,7 @@ def _adapter_fwd_kernel(
 
 
 @triton.jit
-def _adapter_bwd_rows_kernel(
+def _bottleneck_bwd_rows_kernel(
     X, DY, WD, BD, WU, DX, A_OUT, DH_OUT,
     M, D, R, M_BUCKET,
     s_xm, s_xk, s_dym, s_dyn, s_wdr, s_wdk, s_bd, s_wun, s_wur, s_dxm, s_dxn,
@@ -219,7 +219,7 @@ def _adapter_bwd_rows_kernel(
 
 
 @triton.jit
-def _adapter_bwd_weights_kernel(
+def _bottleneck_bwd_weights_kernel(
     X, DY, A, DH, P_WU, P_WD, P_BU, P_BD,
     M, D, R,
     s_xm, s_xk, s_dym, s_dyn,
@@ -313,19 +313,19 @@ _tuned: dict = {}
 
 def _fwd_launcher():
     if "fwd" not in _tuned:
-        _tuned["fwd"] = _autotune(_adapter_fwd_kernel)
+        _tuned["fwd"] = _autotune(_bottleneck_fwd_kernel)
     return _tuned["fwd"]
 
 
 def _bwd_rows_launcher():
     if "bwd" not in _tuned:
-        _tuned["bwd"] = _autotune(_adapter_bwd_rows_kernel)
+        _tuned["bwd"] = _autotune(_bottleneck_bwd_rows_kernel)
     return _tuned["bwd"]
 
 
 # tests/_aot.py compiles every config of each autotuned launcher (getter -> factory)
-_AOT_AUTOTUNED = {"_fwd_launcher": lambda: _autotune(_adapter_fwd_kernel),
-                  "_bwd_rows_launcher": lambda: _autotune(_adapter_bwd_rows_kernel)}
+_AOT_AUTOTUNED = {"_fwd_launcher": lambda: _autotune(_bottleneck_fwd_kernel),
+                  "_bwd_rows_launcher": lambda: _autotune(_bottleneck_bwd_rows_kernel)}
 
 
 def _fixed_rows_config(M: int, block_r: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -384,7 +384,7 @@ def _launch_rows(kernel, launcher, M: int, br: int, x: torch.Tensor, args, flags
 # launchers (2-D tensors, any strides; shapes, dtypes and devices are checked by fastpeft.ops)
 
 
-def adapter_fwd(x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None, wu: torch.Tensor,
+def bottleneck_fwd(x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None, wu: torch.Tensor,
                 bu: torch.Tensor | None, activation: str, scaling: float) -> torch.Tensor:
     """y = x + s * (act(x W_d^T + b_d) W_u^T + b_u): x [M, D], wd [R, D], wu [D, R] (any strides)."""
     M, D = x.shape
@@ -398,11 +398,11 @@ def adapter_fwd(x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None, wu: 
             float(scaling))
     flags = dict(ACT=ACTIVATION_CODES[activation], HAS_BD=bd is not None, HAS_BU=bu is not None,
                  UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), BLOCK_R=br)
-    _launch_rows(_adapter_fwd_kernel, _fwd_launcher, M, br, x, args, flags)
+    _launch_rows(_bottleneck_fwd_kernel, _fwd_launcher, M, br, x, args, flags)
     return y
 
 
-def adapter_bwd_rows(x: torch.Tensor, dy: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None,
+def bottleneck_bwd_rows(x: torch.Tensor, dy: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None,
                      wu: torch.Tensor, activation: str, scaling: float, need_dx: bool = True,
                      store_ah: bool = True):
     """(dx, a, dh): dx = dy + dh W_d in x's dtype (None unless ``need_dx``); a = act(h) [M, R] in
@@ -422,7 +422,7 @@ def adapter_bwd_rows(x: torch.Tensor, dy: torch.Tensor, wd: torch.Tensor, bd: to
     flags = dict(ACT=ACTIVATION_CODES[activation], HAS_BD=bd is not None, NEED_DX=bool(need_dx),
                  STORE_AH=bool(store_ah), UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
                  BLOCK_R=br)
-    _launch_rows(_adapter_bwd_rows_kernel, _bwd_rows_launcher, M, br, x, args, flags)
+    _launch_rows(_bottleneck_bwd_rows_kernel, _bwd_rows_launcher, M, br, x, args, flags)
     return dx, a, dh
 
 
@@ -451,7 +451,7 @@ def split_m(M: int, D: int, R: int, dtype: torch.dtype, device: torch.device) ->
     return split
 
 
-def adapter_bwd_weights(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, dh: torch.Tensor,
+def bottleneck_bwd_weights(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, dh: torch.Tensor,
                         scaling: float):
     """(dW_d [R, D], db_d [R], dW_u [D, R], db_u [D]) in fp32 from x, dy [M, D], a, dh [M, R]."""
     M, D = x.shape
@@ -462,7 +462,7 @@ def adapter_bwd_weights(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, dh: 
     p_wd = _new_output((split, R, D), x, torch.float32)
     p_bu = _new_output((split, D), x, torch.float32)
     p_bd = _new_output((split, R), x, torch.float32)
-    _adapter_bwd_weights_kernel[(triton.cdiv(D, bn), split, triton.cdiv(R, br))](
+    _bottleneck_bwd_weights_kernel[(triton.cdiv(D, bn), split, triton.cdiv(R, br))](
         x, dy, a, dh, p_wu, p_wd, p_bu, p_bd, M, D, R,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), float(scaling),
         SPLIT_M=split, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),

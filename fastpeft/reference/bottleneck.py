@@ -23,7 +23,7 @@ Their derivatives (``activation_grad``): relu 1 where h > 0 else 0 (0 at h = 0, 
 gelu Phi(h) + h phi(h); gelu_tanh 0.5 (1 + t) + 0.5 h (1 - t^2) sqrt(2 / pi) (1 + 3 * 0.044715 h^2)
 with t the tanh above; silu sg (1 + h (1 - sg)) with sg = sigmoid(h).
 
-Backward (``adapter_backward``) stores no activation: it recomputes h and a from x, as in
+Backward (``bottleneck_adapter_backward``) stores no activation: it recomputes h and a from x, as in
 steps 1-2, then with dy in x's dtype and fp32 accumulation everywhere:
   da   = s * (dy W_u)                    [M, R] fp32
   dh   = da * act'(h)                    [M, R] fp32
@@ -89,12 +89,12 @@ def _hidden(x2, down_weight, down_bias, name):
     return h, activation(h, name).to(x2.dtype)
 
 
-def adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
             up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str = "relu",
             scaling: float = 1.0) -> torch.Tensor:
     """y = x + scaling * (act(x W_d^T + b_d) W_u^T + b_u), with the rounding of steps 1-4 above.
 
-    Differentiable (torch autograd): the ``torch`` backend of ``fastpeft.adapter``.
+    Differentiable (torch autograd): the ``torch`` backend of ``fastpeft.bottleneck_adapter``.
     """
     d = x.shape[-1]
     x2 = x.reshape(-1, d)
@@ -107,10 +107,10 @@ def adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor 
     return y.to(x.dtype).reshape(x.shape)
 
 
-def adapter_backward(x: torch.Tensor, dy: torch.Tensor, down_weight: torch.Tensor,
+def bottleneck_adapter_backward(x: torch.Tensor, dy: torch.Tensor, down_weight: torch.Tensor,
                      down_bias: torch.Tensor | None, up_weight: torch.Tensor, activation: str = "relu",
                      scaling: float = 1.0):
-    """(dx, dW_d, db_d, dW_u, db_u) of ``adapter`` by the recomputing backward of the module
+    """(dx, dW_d, db_d, dW_u, db_u) of ``bottleneck_adapter`` by the recomputing backward of the module
     docstring; x and dy [..., d]; db_d is returned even when down_bias is None (it is the
     gradient a bias would get), db_u likewise."""
     d = x.shape[-1]

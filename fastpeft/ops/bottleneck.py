@@ -2,11 +2,11 @@
 
     y = x + scaling * (act(x W_d^T + b_d) W_u^T + b_u)
 
-Numerics: fastpeft/reference/adapter.py. Forward keeps no activation: backward recomputes
+Numerics: fastpeft/reference/bottleneck.py. Forward keeps no activation: backward recomputes
 h = x W_d^T + b_d from x (one [M, R] pass), so only x and the weights are saved.
 
 Backends: ``triton`` (forward and backward kernels, bottleneck <= MAX_BOTTLENECK), ``cuda``
-(forward only, ``fastpeft.ops._cext.adapter_forward``; its backward runs on triton when Triton
+(forward only, ``fastpeft.ops._cext.bottleneck_adapter_forward``; its backward runs on triton when Triton
 can, else torch) and ``torch`` (the reference and its recomputing backward).
 
 Registered ops (fastpeft/ops/_library.py): ``fastpeft::bottleneck_adapter`` (autograd and an
@@ -19,13 +19,13 @@ import math
 import torch
 
 from .. import _backend, _checks
-from ..reference import adapter as ref
+from ..reference import bottleneck as ref
 from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
 
-OP = "adapter"
+OP = "bottleneck_adapter"
 ACTIVATIONS = ref.ACTIVATIONS
 KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
-MAX_BOTTLENECK = 256  # kernels.adapter.MAX_BLOCK_R; auto sends wider bottlenecks to a backend that takes them
+MAX_BOTTLENECK = 256  # kernels.bottleneck.MAX_BLOCK_R; auto sends wider bottlenecks to a backend that takes them
 
 
 def _max_bottleneck(backend: str) -> int | None:
@@ -34,7 +34,7 @@ def _max_bottleneck(backend: str) -> int | None:
         return MAX_BOTTLENECK
     if backend == "cuda":
         from . import _cext
-        return getattr(_cext, "ADAPTER_MAX_RANK", MAX_BOTTLENECK)
+        return getattr(_cext, "BOTTLENECK_MAX_RANK", MAX_BOTTLENECK)
     return None
 
 
@@ -61,16 +61,16 @@ def _forward_kernel(x, down_weight, down_bias, up_weight, up_bias, activation, s
     name = _choose(x.device, down_weight.shape[0], backend)
     x2 = _rows(x)
     if x2.shape[0] == 0 or name == "torch":
-        return ref.adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling).contiguous()
+        return ref.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling).contiguous()
     with on_device(x2):
         if name == "cuda":
             from . import _cext
             c = lambda t: None if t is None else t.contiguous()
-            y = _cext.adapter_forward(x2.contiguous(), c(down_weight), c(down_bias), c(up_weight), c(up_bias),
+            y = _cext.bottleneck_adapter_forward(x2.contiguous(), c(down_weight), c(down_bias), c(up_weight), c(up_bias),
                                       activation, float(scaling))
         else:
-            from ..kernels import adapter as k
-            y = k.adapter_fwd(x2, down_weight, down_bias, up_weight, up_bias, activation, scaling)
+            from ..kernels import bottleneck as k
+            y = k.bottleneck_fwd(x2, down_weight, down_bias, up_weight, up_bias, activation, scaling)
     return y.reshape(x.shape)
 
 
@@ -82,13 +82,13 @@ def _backward_kernel(x, dy, down_weight, down_bias, up_weight, activation, scali
     name = _choose(x.device, R, backend)
     x2, dy2 = _rows(x), _rows(dy)
     if name == "triton" or (name == "cuda" and _triton_can_run(x.device, R)):
-        from ..kernels import adapter as k
+        from ..kernels import bottleneck as k
         with on_device(x2):
-            dx, a, dh = k.adapter_bwd_rows(x2, dy2, down_weight, down_bias, up_weight, activation, scaling,
+            dx, a, dh = k.bottleneck_bwd_rows(x2, dy2, down_weight, down_bias, up_weight, activation, scaling,
                                            need_dx=need_x, store_ah=need_weights)
-            grads = k.adapter_bwd_weights(x2, dy2, a, dh, scaling) if need_weights else None
+            grads = k.bottleneck_bwd_weights(x2, dy2, a, dh, scaling) if need_weights else None
     else:
-        dx, *grads = ref.adapter_backward(x2, dy2, down_weight, down_bias, up_weight, activation, scaling)
+        dx, *grads = ref.bottleneck_adapter_backward(x2, dy2, down_weight, down_bias, up_weight, activation, scaling)
     dx = dx.reshape(x.shape) if need_x else x.new_empty(0)
     if not need_weights:
         return (dx, *(t.new_empty(0) for t in (down_weight, down_weight, up_weight, up_weight)))
@@ -184,7 +184,7 @@ def _validate(x, down_weight, down_bias, up_weight, up_bias, activation):
     return device
 
 
-def adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
             up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str = "relu",
             scaling: float = 1.0, *, backend: str | None = None) -> torch.Tensor:
     """Fused bottleneck adapter: y = x + scaling * (act(x W_d^T + b_d) W_u^T + b_u).
@@ -210,7 +210,7 @@ def adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor 
         if _choose(device, down_weight.shape[0], backend) == "torch":
             # the reference, differentiated by torch's autograd (C++): cheaper per call than the
             # registered op's explicit backward
-            return ref.adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
+            return ref.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
         if needs_grad(x, down_weight, down_bias, up_weight, up_bias):
             return BottleneckAdapterFunction.apply(*args, True)
         return _forward_kernel(*args)

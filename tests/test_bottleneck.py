@@ -1,13 +1,13 @@
-"""fastpeft.adapter / fastpeft.Adapter against the float64 reference: output and every gradient."""
+"""fastpeft.adapter / fastpeft.BottleneckAdapter against the float64 reference: output and every gradient."""
 
 import pytest
 import torch
 
 import fastpeft
 from fastpeft import _backend
-from fastpeft.kernels import adapter as kadapter
-from fastpeft.ops import adapter as ops
-from fastpeft.reference import adapter as ref
+from fastpeft.kernels import bottleneck as kadapter
+from fastpeft.ops import bottleneck as ops
+from fastpeft.reference import bottleneck as ref
 
 from _utils import DEVICE, assert_close
 
@@ -42,14 +42,14 @@ def check(x, wd, bd, wu, bu, act, s, backend, dtype, x_in=None, factor=1.0):
     """y and the gradients of x, W_d, b_d, W_u, b_u against autograd of the float64 reference
     on the same (rounded) inputs. ``x_in``: a view of the leaf x to pass instead of it."""
     x_in = x if x_in is None else x_in
-    y = fastpeft.adapter(x_in, wd, bd, wu, bu, activation=act, scaling=s, backend=backend)
+    y = fastpeft.bottleneck_adapter(x_in, wd, bd, wu, bu, activation=act, scaling=s, backend=backend)
     assert y.dtype == x.dtype and y.shape == x_in.shape
     dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     y.backward(dy.to(y.device, y.dtype))
     params = (x, wd, bd, wu, bu)
     leaves = [None if t is None else t.detach().cpu().double().requires_grad_() for t in params]
     x64 = leaves[0] if x_in is x else _same_view(leaves[0], x, x_in)
-    yr = ref.adapter(x64, *leaves[1:], act, s)
+    yr = ref.bottleneck_adapter(x64, *leaves[1:], act, s)
     yr.backward(dy)
     assert_close("y", y, yr, dtype, factor)
     for name, t, leaf in zip(GRAD_NAMES, params, leaves):
@@ -120,11 +120,11 @@ def test_partial_gradients(backend, wants, poison):
     params = (x, wd, bd, wu, bu)
     for t, want in zip(params, wants):
         t.requires_grad_(bool(want))
-    y = fastpeft.adapter(x, wd, bd, wu, bu, activation="gelu_tanh", scaling=0.6, backend=backend)
+    y = fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, activation="gelu_tanh", scaling=0.6, backend=backend)
     dy = torch.randn_like(y)
     y.backward(dy)
     leaves = [t.detach().double().requires_grad_() for t in params]
-    ref.adapter(*leaves, "gelu_tanh", 0.6).backward(dy.double())
+    ref.bottleneck_adapter(*leaves, "gelu_tanh", 0.6).backward(dy.double())
     for name, t, leaf, want in zip(GRAD_NAMES, params, leaves, wants):
         if want:
             assert_close(name, t.grad, leaf.grad, torch.float32)
@@ -135,7 +135,7 @@ def test_partial_gradients(backend, wants, poison):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 def test_empty_rows(backend):
     x, wd, bd, wu, bu = make(0, 16, 4, torch.float32, lead=(3,))
-    y = fastpeft.adapter(x, wd, bd, wu, bu, backend=backend)
+    y = fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, backend=backend)
     assert y.shape == (3, 0, 16)
     y.sum().backward()
     assert wd.grad is not None and wd.grad.abs().sum() == 0 and bu.grad.abs().sum() == 0
@@ -144,9 +144,9 @@ def test_empty_rows(backend):
 def test_backward_of_sum_reads_broadcast_dy(poison):
     """y.sum().backward() hands backward an expanded (stride-0) dy."""
     x, wd, bd, wu, bu = make(6, 20, 4, torch.float32)
-    fastpeft.adapter(x, wd, bd, wu, bu, "silu", 1.5, backend="triton").sum().backward()
+    fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, "silu", 1.5, backend="triton").sum().backward()
     leaves = [t.detach().double().requires_grad_() for t in (x, wd, bd, wu, bu)]
-    ref.adapter(*leaves, "silu", 1.5).sum().backward()
+    ref.bottleneck_adapter(*leaves, "silu", 1.5).sum().backward()
     for name, t, leaf in zip(GRAD_NAMES, (x, wd, bd, wu, bu), leaves):
         assert_close(name, t.grad, leaf.grad, torch.float32)
 
@@ -162,8 +162,8 @@ def test_reference_backward_and_activation_grad_match_autograd(act):
     assert torch.allclose(ref.activation_grad(h.detach(), act), h.grad, rtol=1e-12, atol=1e-12)
     leaves = [t.clone().requires_grad_() for t in (x, wd, bd, wu, bu)]
     dy = torch.randn(23, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    ref.adapter(*leaves, act, 0.8).backward(dy)
-    got = ref.adapter_backward(x, dy, wd, bd, wu, act, 0.8)
+    ref.bottleneck_adapter(*leaves, act, 0.8).backward(dy)
+    got = ref.bottleneck_adapter_backward(x, dy, wd, bd, wu, act, 0.8)
     for name, g, leaf in zip(GRAD_NAMES, got, leaves):
         assert_close(name, g, leaf.grad, torch.float64)
 
@@ -180,7 +180,7 @@ def test_gelu_tanh_is_the_tanh_formula():
 
 def test_module_is_identity_at_init_and_its_names():
     torch.manual_seed(0)
-    m = fastpeft.Adapter(40, bottleneck=12, activation="gelu", scaling=2.0, device=DEVICE)
+    m = fastpeft.BottleneckAdapter(40, bottleneck=12, activation="gelu", scaling=2.0, device=DEVICE)
     assert [n for n, _ in m.named_parameters()] == ["down.weight", "down.bias", "up.weight", "up.bias"]
     assert m.down.weight.shape == (12, 40) and m.up.weight.shape == (40, 12)
     assert m.up.weight.abs().sum() == 0 and m.up.bias.abs().sum() == 0
@@ -191,14 +191,14 @@ def test_module_is_identity_at_init_and_its_names():
     y.backward(torch.randn_like(y))
     assert m.up.weight.grad.abs().sum() > 0 and m.up.bias.grad.abs().sum() > 0
     assert m.down.weight.grad.abs().sum() == 0  # up = 0: nothing reaches down yet
-    assert fastpeft.nn.Adapter is fastpeft.Adapter
+    assert fastpeft.nn.BottleneckAdapter is fastpeft.BottleneckAdapter
     assert "bottleneck=12" in repr(m)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 def test_module_matches_functional_and_casts_fp32_params(backend, poison):
     torch.manual_seed(1)
-    m = fastpeft.Adapter(24, bottleneck=8, activation="silu", scaling=0.5, device=DEVICE)
+    m = fastpeft.BottleneckAdapter(24, bottleneck=8, activation="silu", scaling=0.5, device=DEVICE)
     torch.nn.init.normal_(m.up.weight)
     torch.nn.init.normal_(m.up.bias)
     x = torch.randn(3, 5, 24, device=DEVICE, dtype=torch.float16)
@@ -208,14 +208,14 @@ def test_module_matches_functional_and_casts_fp32_params(backend, poison):
     y.float().sum().backward()
     assert m.down.weight.grad.dtype == torch.float32 and m.down.weight.grad.abs().sum() > 0
     p64 = [p.detach().half().double() for p in (m.down.weight, m.down.bias, m.up.weight, m.up.bias)]
-    assert_close("y", y, ref.adapter(x.double(), *p64, "silu", 0.5), torch.float16)
+    assert_close("y", y, ref.bottleneck_adapter(x.double(), *p64, "silu", 0.5), torch.float16)
 
 
 # --------------------------------------------------------------------------------- backends
 
 
 def test_cuda_backend_is_wired(monkeypatch, poison):
-    """With a stand-in for _cext.adapter_forward (and the cuda backend let run on CPU tensors):
+    """With a stand-in for _cext.bottleneck_adapter_forward (and the cuda backend let run on CPU tensors):
     its forward is called with 2-D row-major x, and backward runs on the triton kernels (the
     interpreter here)."""
     from fastpeft.ops import _cext
@@ -225,30 +225,30 @@ def test_cuda_backend_is_wired(monkeypatch, poison):
     def fake(x2, wd, bd, wu, bu, activation, scaling):
         assert x2.dim() == 2 and x2.is_contiguous() and isinstance(activation, str)
         calls.append(activation)
-        return ref.adapter(x2, wd, bd, wu, bu, activation, scaling)
+        return ref.bottleneck_adapter(x2, wd, bd, wu, bu, activation, scaling)
 
-    monkeypatch.setattr(_cext, "adapter_forward", fake, raising=False)
+    monkeypatch.setattr(_cext, "bottleneck_adapter_forward", fake, raising=False)
     why_not = _backend.why_cannot_run
     monkeypatch.setattr(_backend, "why_cannot_run", lambda backend, device, kernels: (
         None if backend == "cuda" else why_not(backend, device, kernels)))
     x, wd, bd, wu, bu = make(9, 40, 8, torch.float32)
-    y = fastpeft.adapter(x, wd, bd, wu, bu, "gelu", 0.9, backend="cuda")
+    y = fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, "gelu", 0.9, backend="cuda")
     y.backward(torch.ones_like(y))
     assert calls == ["gelu"]
     leaves = [t.detach().double().requires_grad_() for t in (x, wd, bd, wu, bu)]
-    ref.adapter(*leaves, "gelu", 0.9).backward(torch.ones(9, 40, dtype=torch.float64))
+    ref.bottleneck_adapter(*leaves, "gelu", 0.9).backward(torch.ones(9, 40, dtype=torch.float64))
     for name, t, leaf in zip(GRAD_NAMES, (x, wd, bd, wu, bu), leaves):
         assert_close(name, t.grad, leaf.grad, torch.float32)
 
 
 def test_large_bottleneck_leaves_the_kernels(monkeypatch):
     from fastpeft.ops import _cext
-    monkeypatch.setattr(_cext, "ADAPTER_MAX_RANK", 256, raising=False)
+    monkeypatch.setattr(_cext, "BOTTLENECK_MAX_RANK", 256, raising=False)
     x, wd, bd, wu, bu = make(3, 8, ops.MAX_BOTTLENECK + 1, torch.float32)
     with pytest.raises(fastpeft.BackendUnavailableError, match="'triton' was forced.*bottleneck of at most 256"):
-        fastpeft.adapter(x, wd, bd, wu, bu, backend="triton")
+        fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, backend="triton")
     with pytest.raises(fastpeft.BackendUnavailableError, match="'cuda' was forced.*bottleneck of at most 256"):
-        fastpeft.adapter(x, wd, bd, wu, bu, backend="cuda")
+        fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, backend="cuda")
     for dev in ("cpu", "cuda"):  # whatever the device, auto falls back to torch
         assert ops._choose(torch.device(dev), ops.MAX_BOTTLENECK + 1, None) == "torch"
     check(x, wd, bd, wu, bu, "relu", 1.0, None, torch.float32)  # auto: the torch path
@@ -286,10 +286,10 @@ def test_bad_inputs_raise_clear_errors():
     ]
     for args, exc, msg in cases:
         with pytest.raises(exc, match=msg):
-            fastpeft.adapter(*args)
+            fastpeft.bottleneck_adapter(*args)
     for s in (float("nan"), float("inf"), "1"):
         with pytest.raises((ValueError, TypeError), match="scaling"):
-            fastpeft.adapter(x, wd, bd, wu, bu, scaling=s)
+            fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, scaling=s)
 
 
 def test_module_bad_arguments():
@@ -300,15 +300,15 @@ def test_module_bad_arguments():
                                ((8, 4), {"activation": "gelu_new"}, ValueError, "unknown activation"),
                                ((8, 4), {"scaling": float("nan")}, ValueError, "scaling")]:
         with pytest.raises(exc, match=msg):
-            fastpeft.Adapter(*args, **kw)
+            fastpeft.BottleneckAdapter(*args, **kw)
 
 
 def test_forced_backend_that_cannot_run():
     x, wd, bd, wu, bu = make(4, 8, 2, torch.float32, device="cpu")
     with pytest.raises(fastpeft.BackendUnavailableError, match="forced"):
-        fastpeft.adapter(x, wd, bd, wu, bu, backend="cuda")
+        fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
-        fastpeft.adapter(x, wd, bd, wu, bu, backend="cutlass")
+        fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, backend="cutlass")
 
 
 # --------------------------------------------------------------------------------- GPU only

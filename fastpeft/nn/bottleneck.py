@@ -1,4 +1,4 @@
-"""Adapter: a Houlsby bottleneck adapter on the fused op."""
+"""BottleneckAdapter: a Houlsby bottleneck adapter on the fused op."""
 from __future__ import annotations
 
 import math
@@ -6,18 +6,18 @@ import math
 from torch import nn
 
 from .. import _checks
-from ..ops.adapter import ACTIVATIONS, adapter
+from ..ops.bottleneck import ACTIVATIONS, bottleneck_adapter
 
 
-class Adapter(nn.Module):
-    """y = x + scaling * up(act(down(x))), fused (``fastpeft.adapter``).
+class BottleneckAdapter(nn.Module):
+    """y = x + scaling * up(act(down(x))), fused (``fastpeft.bottleneck_adapter``).
 
     ``down`` = nn.Linear(d_model, bottleneck) and ``up`` = nn.Linear(bottleneck, d_model), so
     the state dict holds ``down.weight`` [bottleneck, d_model], ``down.bias``, ``up.weight``
     [d_model, bottleneck] and ``up.bias``. Init (Houlsby: near-identity): ``down`` keeps
     nn.Linear's default (weight kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(d_model)),
     about the scale of Houlsby's N(0, 1e-2) at d_model ~ 4096; bias U(+-1/sqrt(d_model)));
-    ``up`` weight and bias are zeros, so a new Adapter is exactly the identity and its first
+    ``up`` weight and bias are zeros, so a new BottleneckAdapter is exactly the identity and its first
     gradients reach ``up`` only. Parameters in another dtype than x (fp32 adapters on a
     half-precision model) are cast to x's dtype for the op; their gradients come back in theirs.
     """
@@ -47,7 +47,7 @@ class Adapter(nn.Module):
         params = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
         if any(p.dtype != x.dtype for p in params):
             params = tuple(p.to(x.dtype) for p in params)
-        return adapter(x, *params, activation=self.activation, scaling=self.scaling)
+        return bottleneck_adapter(x, *params, activation=self.activation, scaling=self.scaling)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "

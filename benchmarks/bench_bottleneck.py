@@ -6,7 +6,7 @@ per shape, forward and forward+backward,
   base      forward only: y.copy_(x), the bandwidth floor of reading x and writing y
   unfused   nn.Linear down -> act -> nn.Linear up -> * s -> + x (the PyTorch module PEFT-style
             libraries run); forward+backward by autograd, x and all four parameters get grads
-  fastpeft  triton, cuda (when fastpeft.ops._cext has adapter_forward; its backward runs on
+  fastpeft  triton, cuda (when fastpeft.ops._cext has bottleneck_adapter_forward; its backward runs on
             triton) and auto (what fastpeft.adapter picks by itself: the summary row)
 Bytes for the bandwidth figure: forward x read + y written, 2 * M * d * 2; forward+backward adds
 x and dy read and dx written (5 * M * d * 2 in all). Each output (and for forward+backward dx,
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import common
 from common import check_record, measure, timing_record
 
-BENCH, OP = "adapter", "adapter"
+BENCH, OP = "bottleneck", "bottleneck_adapter"
 D_MODEL, BOTTLENECK, ACT, SCALING = 4096, 64, "relu", 2.0
 M_VALUES = (8192, 2048, 16)
 QUICK_M = (8192,)
@@ -99,14 +99,14 @@ def _fastpeft_call(backend):
     import fastpeft
 
     def call(x, wd, bd, wu, bu):
-        return fastpeft.adapter(x, wd, bd, wu, bu, activation=ACT, scaling=SCALING, backend=backend)
+        return fastpeft.bottleneck_adapter(x, wd, bd, wu, bu, activation=ACT, scaling=SCALING, backend=backend)
     return call
 
 
 def _variants(device: torch.device) -> list[tuple[str, str, str | None, object]]:
     """(impl, role, why it cannot run or None, callable(x, wd, bd, wu, bu))."""
     from fastpeft import _backend
-    from fastpeft.ops import adapter as aops
+    from fastpeft.ops import bottleneck as aops
     out = []
     for name in ("triton", "cuda"):
         why = _backend.why_cannot_run(name, device, aops.KERNELS)
@@ -117,7 +117,7 @@ def _variants(device: torch.device) -> list[tuple[str, str, str | None, object]]
 
 def auto_choice(device: torch.device) -> str:
     try:
-        from fastpeft.ops import adapter as aops
+        from fastpeft.ops import bottleneck as aops
         return aops._select(device, BOTTLENECK, None)
     except Exception as exc:
         return f"unknown ({common.short_error(exc, 80)})"
@@ -134,9 +134,9 @@ def _n_sets(set_bytes: int) -> int:
 
 def run_gpu(ctx: common.Context) -> list[dict]:
     import fastpeft  # noqa: F401  (fails loudly here, recorded by the runner, if broken)
-    from fastpeft.ops import adapter as aops
+    from fastpeft.ops import bottleneck as aops
 
-    ctx.bench_meta["adapter"] = {
+    ctx.bench_meta["bottleneck"] = {
         "d_model": D_MODEL, "bottleneck": BOTTLENECK, "activation": ACT, "scaling": SCALING,
         "KERNELS": list(aops.KERNELS),
         "bytes": "fwd: x read + y written (2*M*d*2); fwdbwd: + x, dy read, dx written (5*M*d*2)",
@@ -286,7 +286,7 @@ CPU_TIMING_SHAPE = (512, 1024, 64)
 def _check_case(case, dtype, backend, gen):
     """y and every gradient of fastpeft.adapter next to the float64 reference on the same inputs."""
     import fastpeft
-    from fastpeft.reference import adapter as ref
+    from fastpeft.reference import bottleneck as ref
     name, lead, d, R, act, has_bias, noncontig = case
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).to(dtype)
     x, dy = rnd(*lead, d), rnd(*lead, d)
@@ -295,11 +295,11 @@ def _check_case(case, dtype, backend, gen):
     s = 0.7
     ref_x = x.double().requires_grad_(True)
     ref_p = [None if t is None else t.double().requires_grad_(True) for t in params]
-    y64 = ref.adapter(ref_x, *ref_p, act, s)
+    y64 = ref.bottleneck_adapter(ref_x, *ref_p, act, s)
     y64.backward(dy.double())
     x_leaf, x_in = common.input_leaf(x, noncontig)
     leaves = [None if t is None else t.clone().requires_grad_(True) for t in params]
-    y = fastpeft.adapter(x_in, *leaves, activation=act, scaling=s, backend=backend)
+    y = fastpeft.bottleneck_adapter(x_in, *leaves, activation=act, scaling=s, backend=backend)
     y.backward(dy)
     out = [("y", y, y64), ("dx", common.input_grad(x_leaf, noncontig), ref_x.grad)]
     for q, t, r in zip(("dW_d", "db_d", "dW_u", "db_u"), leaves, ref_p):
@@ -313,7 +313,7 @@ def run_cpu(ctx: common.Context) -> list[dict]:
     records: list[dict] = []
     interp = _backend.interpreter_active()
     tri_ok, tri_why = _backend.triton_status()
-    ctx.bench_meta["adapter"] = {"triton_interpreter": interp,
+    ctx.bench_meta["bottleneck"] = {"triton_interpreter": interp,
                                  "note": "CPU timings are of the torch path only; Triton (interpreted) is "
                                          "checked for correctness, not timed"}
     configs = [("torch", (torch.float32, torch.float16, torch.bfloat16))]

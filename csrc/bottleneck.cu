@@ -108,7 +108,7 @@ template <typename T, int RP> struct AdapterTile {
 
 template <typename T, int RP>
 __global__ void __launch_bounds__(kThreads, 2)
-adapter_forward_kernel(const T* __restrict__ x, int64_t s_xm, const T* __restrict__ wd, const T* __restrict__ bd,
+bottleneck_adapter_forward_kernel(const T* __restrict__ x, int64_t s_xm, const T* __restrict__ wd, const T* __restrict__ bd,
                        const T* __restrict__ wu, const T* __restrict__ bu, T* __restrict__ y, int64_t s_ym,
                        int64_t M, int64_t D, int R, int act, float scaling, bool vec1, bool vec_wu, bool vec_y) {
   using Tile = AdapterTile<T, RP>;
@@ -287,10 +287,10 @@ adapter_forward_kernel(const T* __restrict__ x, int64_t s_xm, const T* __restric
 
 }  // namespace
 
-void adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr_t bd, uintptr_t wu, uintptr_t bu, uintptr_t y,
+void bottleneck_adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr_t bd, uintptr_t wu, uintptr_t bu, uintptr_t y,
                      int64_t s_ym, int64_t M, int64_t D, int64_t R, int dtype, int activation, float scaling,
                      int64_t n_split, int device, uintptr_t stream_handle) {
-  const char* func = "adapter_forward";
+  const char* func = "bottleneck_adapter_forward";
   require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, func,
           "unsupported dtype code " + std::to_string(dtype) + " (0 float32, 1 float16, 2 bfloat16)");
   require(activation >= kRelu && activation <= kSilu, func,
@@ -326,7 +326,7 @@ void adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr_t bd, uint
       const bool vec_wu = R % V == 0 && aligned16(wu);
       const bool vec_y = vec_x && aligned16(y) && (M == 1 || s_ym % V == 0);
       const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(split));
-      adapter_forward_kernel<T, RP><<<grid, kThreads, 0, stream>>>(
+      bottleneck_adapter_forward_kernel<T, RP><<<grid, kThreads, 0, stream>>>(
           reinterpret_cast<const T*>(x), s_xm, reinterpret_cast<const T*>(wd), reinterpret_cast<const T*>(bd),
           reinterpret_cast<const T*>(wu), reinterpret_cast<const T*>(bu), reinterpret_cast<T*>(y), s_ym, M, D,
           static_cast<int>(R), activation, scaling, vec1, vec_wu, vec_y);
