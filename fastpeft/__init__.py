@@ -1,32 +1,32 @@
-"""fastpeft: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning and
-efficient inference of large language models."""
+"""fastpeft: fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning and efficient
+inference of large language models.
+
+Layers, each importing only from the ones above it: reference/ (the specification, plain
+PyTorch) -> kernels/ and csrc/ (they compute) -> ops/ (the registered fastpeft:: ops, their
+autograd, input checks, backend choice) -> nn/ (modules) -> model-level helpers (modules.py,
+lora.py, quantization.py, bottleneck.py, freezing.py, prompt_tuning.py, serving.py,
+adapter_io.py, distillation.py, precision.py).
+"""
 from ._backend import BackendUnavailableError, use_backend
-from .nn.bottleneck import BottleneckAdapter
-from .nn.fakequant import FakeQuantize
-from .nn.int8 import Int8Linear
-from .nn.lora import LoRALinear
-from .nn.qlinear import QuantLinear
+from .adapter_io import load_adapter, save_adapter
+from .bottleneck import add_bottleneck_adapters
+from .distillation import distill
+from .freezing import bitfit, freeze, trainable_parameters
+from .lora import add_adapter, delete_adapter, inject_lora, lora_state_dict, mark_only_lora_as_trainable, set_adapter
+from .nn import (BottleneckAdapter, FakeQuantize, FusedLinearDistillationLoss, Int8Linear, LoRALinear, PromptTuning,
+                 QATLinear, QuantLinear)
 from .ops.bottleneck import bottleneck_adapter
+from .ops.distill import distillation_loss, fused_linear_distillation_loss
 from .ops.fakequant import fake_quantize
 from .ops.int8 import int8_linear, int8_vectorwise_quant
 from .ops.lora import lora_linear
 from .ops.multi_lora import multi_lora
 from .ops.qlinear import quant_linear
 from .ops.quant import QuantizedTensor, dequantize, quantize
-from .model import inject_lora, lora_state_dict, mark_only_lora_as_trainable, quantize_int8
-from .adapter_io import load_adapter, save_adapter
-from .model import add_adapter, delete_adapter, set_adapter
-from .serving import adapter_batch
 from .precision import to_half
-from .quantization import quantize_model
-from .nn.qat import QATLinear
-from .qat import convert_qat, prepare_qat
-from .methods import add_bottleneck_adapters, bitfit, freeze, trainable_parameters
-from .nn.prompt import PromptTuning
 from .prompt_tuning import add_prompt_tuning, strip_prompt
-from .ops.distill import distillation_loss, fused_linear_distillation_loss
-from .nn.distill import FusedLinearDistillationLoss
-from .distillation import distill
+from .quantization import convert_qat, prepare_qat, quantize_int8, quantize_model
+from .serving import adapter_batch
 
 __version__ = "0.1.0"
 

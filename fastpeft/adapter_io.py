@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from . import _checks
-from .model import (ALL_LINEAR, BASE_TYPES, active_adapters, adaptable_names, add_adapter_to, lora_adapters,
-                    lora_modules, mark_only_lora_as_trainable, name_matches, output_layer_name,
-                    replace_with_lora)
+from .lora import (BASE_TYPES, active_adapters, adaptable_names, add_adapter_to, lora_adapters, lora_modules,
+                   mark_only_lora_as_trainable, replace_with_lora)
+from .modules import ALL_LINEAR, name_matches, output_layer_name
 from .nn.lora import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, lora_scaling
 from .prompt_tuning import TASK_TYPES as PROMPT_TASK_TYPES
 from .prompt_tuning import DEFAULT_MODULES_TO_SAVE, add_prompt_tuning, get_prompt_tuning, input_embeddings

@@ -27,8 +27,9 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .model import _replace, plain_linear_names
+from .modules import plain_linear_names, replace_module
 from .nn.int8 import Int8Linear
+from .nn.qat import QATLinear, check_config as check_qat_config
 from .nn.qlinear import QuantLinear
 from .reference.quant import qrange
 
@@ -219,5 +220,83 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
             g = group_size if group_size is not None and linear.in_features % group_size == 0 else None
             new = QuantLinear.from_linear(linear, bits=8 if weights == "int8" else 4, group_size=g,
                                           activations=activations, input_scale=step)
-        _replace(model, name, new)
+        replace_module(model, name, new)
+    return model
+
+
+def quantize_int8(model: nn.Module, threshold: float = 6.0, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear of ``model`` in place by ``Int8Linear.from_linear(linear, threshold)``.
+
+    Modules whose qualified name equals an entry of ``skip`` or ends with "." + entry stay
+    as they are (by default the LM head). Works on Hugging Face transformers models; LoRA
+    can be injected afterwards (``inject_lora`` adapts Int8Linear layers). Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_int8 expects an nn.Module, got {type(model).__name__}")
+    new = {n: Int8Linear.from_linear(model.get_submodule(n), threshold=threshold)
+           for n in plain_linear_names(model, skip)}
+    for name, module in new.items():
+        replace_module(model, name, module)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization-aware training
+
+
+def prepare_qat(model: nn.Module, bits: int = 8, scheme: str = "zeropoint", activations: bool = True,
+                skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear of ``model`` (but those matching ``skip``: equal to an entry or
+    ending with "." + entry) in place by ``QATLinear.from_linear(linear, bits, scheme,
+    activations)``; returns ``model``.
+
+    Each layer then trains its float weight through a learnable per-output-row fake quantizer
+    (``bits`` 8 or 4, ``scheme`` "zeropoint" or "absmax"), initialized from the weight's min /
+    max, i.e. the post-training quantizer. activations=True also fake-quantizes each layer's
+    input to int8 (symmetric, one learnable step per tensor, initialized from the first batch
+    the layer sees): the form of fastpeft's static int8-activation kernel. The weight and bias
+    Parameters are the nn.Linear's own (not copied); nothing is frozen or unfrozen. Train as
+    usual (the scales and zero points are Parameters too), then call ``convert_qat``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_qat expects an nn.Module, got {type(model).__name__}")
+    check_qat_config(bits, scheme, activations)
+    names = plain_linear_names(model, skip)
+    if not names:
+        done = sum(isinstance(m, QATLinear) for m in model.modules())
+        hint = f" (it already holds {done} QATLinear layers)" if done else ""
+        raise ValueError(f"prepare_qat: {type(model).__name__} has no nn.Linear submodule outside "
+                         f"skip={tuple(skip) if not isinstance(skip, str) else skip!r}{hint}")
+    new = {n: QATLinear.from_linear(model.get_submodule(n), bits, scheme, activations) for n in names}
+    for name, module in new.items():
+        replace_module(model, name, module)
+    return model
+
+
+def convert_qat(model: nn.Module) -> nn.Module:
+    """Replace every QATLinear of ``model`` in place by its real quantized layer; returns ``model``.
+
+    Each becomes ``fastpeft.QuantLinear.from_quantized`` over the weight's codes under the
+    learned quantizer (per output row; dequantized, they equal the fake-quantized weight bit for
+    bit), with activations="static" and the learned input step when the layer fake-quantized its
+    input (W8A8 / W4A8 on the int8 kernel), weight-only otherwise. Every layer must have seen
+    data first (RuntimeError otherwise; the model is then left unchanged).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_qat expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, QATLinear):
+        raise ValueError("convert_qat converts the QATLinear submodules of a model; for a single layer "
+                         "call its .to_quant_linear()")
+    names = [n for n, m in model.named_modules() if isinstance(m, QATLinear)]
+    if not names:
+        raise ValueError(f"convert_qat: {type(model).__name__} has no QATLinear layer; "
+                         f"call fastpeft.prepare_qat(model, ...) and train it first")
+    new = {}
+    for n in names:
+        try:
+            new[n] = model.get_submodule(n).to_quant_linear()
+        except (RuntimeError, ValueError) as e:
+            raise type(e)(f"convert_qat: layer {n!r}: {e}") from None
+    for name, module in new.items():
+        replace_module(model, name, module)
     return model

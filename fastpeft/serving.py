@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from ._checks import positive_int
-from .model import lora_adapters, lora_modules
+from .lora import lora_adapters, lora_modules
 from .nn.lora import BASE_ADAPTER, LoRALinear
 
 
 def _layer_device(m: LoRALinear) -> torch.device:
-    return m.base_layer.weight_int8.device if m.base_layer is not None else m.weight.device
+    return m.base_layer.device if m.base_layer is not None else m.weight.device
 
 
 class AdapterBatch:
@@ -65,7 +65,7 @@ class AdapterBatch:
         merged = [n for n, m in layers.items() if m.merged]
         if merged:
             raise ValueError(f"adapter_batch: layers {merged} are merged; unmerge them first")
-        busy = [n for n, m in layers.items() if m._routing is not None]
+        busy = [n for n, m in layers.items() if m.routing is not None]
         if busy:
             raise RuntimeError("adapter_batch: the model is already inside an adapter_batch block")
         for m in layers.values():
@@ -77,12 +77,12 @@ class AdapterBatch:
                 self._indices[key] = torch.tensor(idx, dtype=torch.int32).to(key[1])
             self._layers[m] = key
         for m in self._layers:
-            m._routing = self
+            m.routing = self
         return self
 
     def __exit__(self, *exc) -> bool:
         for m in self._layers:
-            m._routing = None
+            m.routing = None
         self._layers.clear()
         self._expanded.clear()
         return False

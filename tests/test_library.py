@@ -273,7 +273,6 @@ PYTHON_BOOLS = {
     ("fastpeft/adapter_io.py", "use_rslora = bool(config.get(\"use_rslora\", False))"),
     ("fastpeft/ops/lora.py", "return M <= FUSE_SHRINK_MAX_M if fuse_shrink is None else bool(fuse_shrink)"),
     ("fastpeft/ops/multi_lora.py", "check = bool(check)"),
-    ("fastpeft/nn/lora.py", "self.use_rslora = bool(use_rslora)"),
     ("fastpeft/nn/lora.py", "_checks.probability(\"lora_dropout\", lora_dropout), bool(use_rslora))"),
 }
 SYNC_PATTERN = re.compile(r"\.item\(\)|\.tolist\(\)|nonzero\(|\.cpu\(\)|synchronize\(|\bbool\(|\.numpy\(\)")

@@ -11,7 +11,7 @@ from torch import nn
 import fastpeft
 import fastpeft.nn.lora as lora_mod
 from fastpeft import LoRALinear, adapter_batch, add_adapter, delete_adapter, load_adapter, save_adapter, set_adapter
-from fastpeft.model import lora_adapters, lora_state_dict, mark_only_lora_as_trainable
+from fastpeft.lora import lora_adapters, lora_state_dict, mark_only_lora_as_trainable
 
 from _utils import assert_close, rel_err
 
@@ -200,7 +200,7 @@ def test_layer_mixed_batch_equals_per_sample(int8, backend):
     with torch.no_grad(), fastpeft.use_backend(backend), adapter_batch(model, names):
         y = model(x)
     assert_close("mixed", y, expected.double(), torch.float32)
-    assert m._routing is None  # the block cleaned up
+    assert m.routing is None  # the block cleaned up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +428,7 @@ def test_adapter_batch_errors(fresh):
         with pytest.raises(RuntimeError, match="already inside"):
             with adapter_batch(model, ["x", "y"]):
                 pass
-    assert all(m._routing is None for m in model.modules() if isinstance(m, LoRALinear))
+    assert all(m.routing is None for m in model.modules() if isinstance(m, LoRALinear))
     model.train()
     with pytest.raises(RuntimeError, match="inference.*training mode"):
         with adapter_batch(model, ["x"]):

@@ -1,5 +1,6 @@
 """Drop-in modules built on fastpeft.ops."""
-from .bottleneck import BottleneckAdapter
+from .bottleneck import AdaptedProjection, BottleneckAdapter
+from .distill import FusedLinearDistillationLoss
 from .fakequant import FakeQuantize
 from .int8 import Int8Linear
 from .lora import LoRALinear
@@ -7,7 +8,5 @@ from .prompt import PromptTuning
 from .qat import QATLinear
 from .qlinear import QuantLinear
 
-__all__ = ["Int8Linear", "LoRALinear", "QuantLinear"]
-__all__ += ["FakeQuantize", "QATLinear"]
-__all__ += ["BottleneckAdapter"]
-__all__ += ["PromptTuning"]
+__all__ = ["AdaptedProjection", "BottleneckAdapter", "FakeQuantize", "FusedLinearDistillationLoss", "Int8Linear",
+           "LoRALinear", "PromptTuning", "QATLinear", "QuantLinear"]

@@ -1,8 +1,10 @@
-"""BottleneckAdapter: a Houlsby bottleneck adapter on the fused op."""
+"""BottleneckAdapter: a Houlsby bottleneck adapter on the fused op; AdaptedProjection: a projection
+followed by one (what fastpeft.add_bottleneck_adapters puts into a model)."""
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from .. import _checks
@@ -52,3 +54,42 @@ class BottleneckAdapter(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "
                 f"scaling={self.scaling:g}")
+
+
+class AdaptedProjection(nn.Module):
+    """y = adapter(base_layer(x)): a bottleneck adapter right after a projection, before the
+    residual add and the norm that follow it in the block (Houlsby et al., 2019).
+
+    The projection is kept, untouched, as ``base_layer``; its state_dict keys move from
+    ``<path>.weight`` / ``<path>.bias`` to ``<path>.base_layer.weight`` / ``.base_layer.bias``,
+    and the adapter's are ``<path>.adapter.down.weight`` [bottleneck, width],
+    ``<path>.adapter.down.bias``, ``<path>.adapter.up.weight`` [width, bottleneck] and
+    ``<path>.adapter.up.bias``. A state_dict written before the wrapping (keys
+    ``<path>.weight`` ...) still loads: the old keys are read into ``base_layer``. Any
+    attribute the wrapper lacks (``weight``, ``bias``, ``in_features``, ``nf`` ...) is read
+    from ``base_layer``.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self._register_load_state_dict_pre_hook(_read_unwrapped_keys, with_module=True)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.adapter(self.base_layer(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+def _read_unwrapped_keys(module: AdaptedProjection, state_dict, prefix, *_) -> None:
+    for key in module.base_layer.state_dict(keep_vars=True):
+        old, new = prefix + key, prefix + "base_layer." + key
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)

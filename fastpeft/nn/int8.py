@@ -1,11 +1,13 @@
 """Int8Linear: LLM.int8() linear layer with int8 weights and 16-bit outlier columns."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from .. import _checks
-from ._fp32 import Float32Buffers, fresh_linear
+from ._common import Float32Buffers, fresh_linear, new_module
 from ..ops.int8 import check_threshold, int8_linear, quantize_weight
 from ..reference.int8 import dequantize_weight
 
@@ -25,19 +27,33 @@ class Int8Linear(Float32Buffers):
     0-d); needs threshold 0.
     """
 
-    _float32_buffers = ("weight_scale", "input_scale")
+    _float32_buffers = ("weight_scale", "input_scale", "_original_scale")
+
+    def _no_merge_backup(self) -> None:
+        """The codes and scales from before ``merge_`` (non-persistent buffers: they follow .to())."""
+        self.register_buffer("_original_int8", None, persistent=False)
+        self.register_buffer("_original_scale", None, persistent=False)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
                  device=None, dtype=None, input_scale=None) -> None:
         super().__init__()
-        self.in_features = _checks.positive_int("in_features", in_features)
-        self.out_features = _checks.positive_int("out_features", out_features)
+        _checks.positive_int("in_features", in_features)
+        _checks.positive_int("out_features", out_features)
+        check_threshold(threshold)  # before the weight is made
+        w, b = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
+        self._build(w, b, threshold, input_scale)
+
+    def _build(self, weight: torch.Tensor, bias: nn.Parameter | None, threshold: float, input_scale) -> None:
+        """The one constructor path: ``weight`` [out, in] quantized row-wise into the buffers,
+        ``bias`` (a frozen Parameter or None) kept as it is."""
+        self.out_features, self.in_features = (int(v) for v in weight.shape)
         self.threshold = check_threshold(threshold)
-        self._set_input_scale(input_scale, device)
-        w, self.bias = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
-        q, s = quantize_weight(w)
+        self._set_input_scale(input_scale, weight.device)
+        q, s = quantize_weight(weight)
         self.register_buffer("weight_int8", q)
         self.register_buffer("weight_scale", s)
+        self._no_merge_backup()
+        self.bias = bias
 
     def _set_input_scale(self, input_scale, device) -> None:
         if input_scale is not None:
@@ -53,21 +69,52 @@ class Int8Linear(Float32Buffers):
         input_scale: the static activation step (then threshold must be 0), or None (dynamic)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Int8Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.threshold = check_threshold(threshold)
-        self._set_input_scale(input_scale, linear.weight.device)
-        q, s = quantize_weight(linear.weight)
-        self.register_buffer("weight_int8", q)
-        self.register_buffer("weight_scale", s)
-        self.bias = None if linear.bias is None else \
-            nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self = new_module(cls)
+        bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self._build(linear.weight, bias, threshold, input_scale)
         return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight_int8.device
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out, in]: weight_int8 * weight_scale / 127."""
         return dequantize_weight(self.weight_int8, self.weight_scale)
+
+    @torch.no_grad()
+    def merge_(self, delta: torch.Tensor) -> None:
+        """Re-quantize (dequantized weight + ``delta``, float [out, in]) into the codes and scales in
+        place (how a LoRA update is merged into an int8 base); ``unmerge_`` restores the current
+        codes and scales exactly."""
+        if self._original_int8 is not None:
+            raise RuntimeError("Int8Linear.merge_: already merged; unmerge_() first")
+        if tuple(delta.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"delta shape {tuple(delta.shape)} must be the weight's "
+                             f"{(self.out_features, self.in_features)}")
+        self._original_int8, self._original_scale = self.weight_int8.clone(), self.weight_scale.clone()
+        q, scale = quantize_weight(self.dequantized_weight() + delta.float())
+        self.weight_int8.copy_(q)
+        self.weight_scale.copy_(scale)
+
+    @torch.no_grad()
+    def unmerge_(self) -> None:
+        """Restore the codes and scales from before ``merge_``, bit for bit."""
+        if self._original_int8 is None:
+            raise RuntimeError("Int8Linear.unmerge_: not merged")
+        self.weight_int8.copy_(self._original_int8)
+        self.weight_scale.copy_(self._original_scale)
+        self._original_int8 = self._original_scale = None
+
+    def merged_copy(self, delta: torch.Tensor | None = None) -> "Int8Linear":
+        """A new Int8Linear holding this one's codes, or (dequantized weight + ``delta``) re-quantized
+        when ``delta`` is given; no merge state is carried over, this layer is unchanged."""
+        out = copy.deepcopy(self)
+        out._original_int8 = out._original_scale = None
+        if delta is not None:
+            out.merge_(delta)
+            out._original_int8 = out._original_scale = None
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.threshold,

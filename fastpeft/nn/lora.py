@@ -1,7 +1,6 @@
 """LoRALinear: a frozen linear layer plus a trainable low-rank update, on the fused op."""
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -11,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
-from ..ops.int8 import quantize_weight
 from ..ops.lora import lora_linear, lora_update
 from ..ops.multi_lora import multi_lora
+from ._common import new_module
 from .int8 import Int8Linear
 
 DEFAULT_ADAPTER = "default"
@@ -38,6 +37,12 @@ class AdapterSpec:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
+def _spec(r, lora_alpha, lora_dropout, use_rslora) -> AdapterSpec:
+    """An AdapterSpec from checked arguments."""
+    return AdapterSpec(_checks.positive_int("r", r), _checks.finite_float("lora_alpha", lora_alpha),
+                       _checks.probability("lora_dropout", lora_dropout), bool(use_rslora))
+
+
 def check_adapter_name(name: object) -> str:
     """A usable adapter name: a non-empty str without ".", not the reserved "__base__"."""
     if not isinstance(name, str):
@@ -59,7 +64,8 @@ class LoRALinear(nn.Module):
 
     On an int8 base (``from_linear(Int8Linear)``) the frozen layer is ``base_layer`` and
     y = base_layer(x) + scaling * (dropout(x) A^T) B^T; the adapters are float32; merge
-    re-quantizes the base and unmerge restores its int8 codes and scales exactly.
+    re-quantizes the base (``Int8Linear.merge_``) and unmerge restores its int8 codes and scales
+    exactly.
 
     Several named adapters (``add_adapter`` / ``set_adapter`` / ``delete_adapter``): the first
     one is "default". ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``lora_dropout``,
@@ -84,32 +90,39 @@ class LoRALinear(nn.Module):
         super().__init__()
         _checks.positive_int("in_features", in_features)
         _checks.positive_int("out_features", out_features)
-        self._set_config(r, lora_alpha, lora_dropout, use_rslora)
-        kw = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
-        self._init_adapter(self.weight.device, self.weight.dtype)
+        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)  # checked before the weight is made
+        weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                              requires_grad=False)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's init
+        b = None
+        if bias:
+            b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+            nn.init.uniform_(b, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
+        self._build(weight, b, None, spec)
 
-    def _set_config(self, r, lora_alpha, lora_dropout, use_rslora) -> None:
-        self.r = _checks.positive_int("r", r)
-        self.lora_alpha = _checks.finite_float("lora_alpha", lora_alpha)
-        self.lora_dropout = _checks.probability("lora_dropout", lora_dropout)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+    def _build(self, weight: nn.Parameter | None, bias: nn.Parameter | None, base_layer: Int8Linear | None,
+               spec: AdapterSpec) -> None:
+        """The one constructor path: a frozen ``weight`` [out, in] and ``bias`` (shared, not copied),
+        or a frozen ``base_layer``; then the "default" adapter of ``spec`` (float32 on an int8
+        base, else in the weight's dtype)."""
+        self.r, self.lora_alpha, self.lora_dropout = spec.r, spec.lora_alpha, spec.lora_dropout
+        self.use_rslora, self.scaling = spec.use_rslora, spec.scaling
         self.merged = False
-        self.base_layer: Int8Linear | None = None  # set by from_linear(Int8Linear)
+        self.base_layer = base_layer
+        if base_layer is not None:
+            base_layer.requires_grad_(False)
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+            self._init_adapter(base_layer.device, torch.float32)
+            return
+        self.out_features, self.in_features = (int(v) for v in weight.shape)
+        self.weight = weight.requires_grad_(False)
+        self.bias = bias if bias is None else bias.requires_grad_(False)
+        self._init_adapter(weight.device, weight.dtype)
 
     def _init_adapter(self, device, dtype) -> None:
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device, dtype=dtype))
         self.register_buffer("_unmerged_weight", None, persistent=False)
-        self.register_buffer("_unmerged_codes", None, persistent=False)
-        self.register_buffer("_unmerged_scale", None, persistent=False)
         self.active_adapter: str | None = DEFAULT_ADAPTER
         self.lora_A_adapters = nn.ParameterDict()  # the inactive adapters
         self.lora_B_adapters = nn.ParameterDict()
@@ -117,7 +130,9 @@ class LoRALinear(nn.Module):
         self._order: list[str] = [DEFAULT_ADAPTER]  # every adapter, in the order added (= slots)
         self._adapters_version = 0  # bumped by add / delete / set_adapter
         self._stack_cache: tuple | None = None
-        self._routing = None  # set by fastpeft.adapter_batch
+        # While set (by fastpeft.adapter_batch: an object with row_indices(layer, x) giving each row's
+        # adapter slot), forward runs the mixed batch: every row with its own adapter.
+        self.routing = None
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -134,21 +149,12 @@ class LoRALinear(nn.Module):
         """
         if not isinstance(linear, (nn.Linear, Int8Linear)):
             raise TypeError(f"from_linear expects an nn.Linear or Int8Linear, got {type(linear).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._set_config(r, lora_alpha, lora_dropout, use_rslora)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
+        self = new_module(cls)
         if isinstance(linear, Int8Linear):
-            self.base_layer = linear
-            self.base_layer.requires_grad_(False)
-            self._init_adapter(linear.weight_int8.device, torch.float32)
-            return self
-        self.weight = linear.weight
-        self.weight.requires_grad_(False)
-        self.bias = linear.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self._init_adapter(linear.weight.device, linear.weight.dtype)
+            self._build(None, None, linear, spec)
+        else:
+            self._build(linear.weight, linear.bias, None, spec)
         return self
 
     @property
@@ -169,7 +175,7 @@ class LoRALinear(nn.Module):
         return self.base_layer(x) if self.base_layer is not None else F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._routing is not None:
+        if self.routing is not None:
             return self._mixed_forward(x)
         if self.active_adapter is None:
             if x.shape[-1] != self.in_features:
@@ -187,9 +193,6 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            dropout_p=self.lora_dropout, training=self.training)
 
-    def _merged_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_weight(self.base_layer.dequantized_weight() + self.delta_weight())
-
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight (rounded once from fp32, or re-quantized for an
@@ -199,11 +202,7 @@ class LoRALinear(nn.Module):
             return
         self._need_active("merge")
         if self.base_layer is not None:
-            base = self.base_layer
-            self._unmerged_codes, self._unmerged_scale = base.weight_int8.clone(), base.weight_scale.clone()
-            q, scale = self._merged_int8()
-            base.weight_int8.copy_(q)
-            base.weight_scale.copy_(scale)
+            self.base_layer.merge_(self.delta_weight())
         else:
             self._unmerged_weight = self.weight.detach().clone()
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
@@ -216,9 +215,7 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRALinear.unmerge(): not merged; nothing done", stacklevel=2)
             return
         if self.base_layer is not None:
-            self.base_layer.weight_int8.copy_(self._unmerged_codes)
-            self.base_layer.weight_scale.copy_(self._unmerged_scale)
-            self._unmerged_codes = self._unmerged_scale = None
+            self.base_layer.unmerge_()
         else:
             self.weight.copy_(self._unmerged_weight)
             self._unmerged_weight = None
@@ -229,12 +226,8 @@ class LoRALinear(nn.Module):
         """A new layer holding the merged weight (this layer is left as it is): an nn.Linear,
         or for an int8 base an Int8Linear with the re-quantized merged weight."""
         if self.base_layer is not None:
-            out = copy.deepcopy(self.base_layer)
-            if not self.merged and self.active_adapter is not None:
-                q, scale = self._merged_int8()
-                out.weight_int8.copy_(q)
-                out.weight_scale.copy_(scale)
-            return out
+            fold = not self.merged and self.active_adapter is not None
+            return self.base_layer.merged_copy(self.delta_weight() if fold else None)
         w = self.weight.detach().clone() if self.merged or self.active_adapter is None else \
             (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -297,7 +290,7 @@ class LoRALinear(nn.Module):
             A, _ = self.adapter_weights(self._order[0])
             return A.device, A.dtype
         if self.base_layer is not None:
-            return self.base_layer.weight_int8.device, torch.float32
+            return self.base_layer.device, torch.float32
         return self.weight.device, self.weight.dtype
 
     def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
@@ -308,8 +301,7 @@ class LoRALinear(nn.Module):
         if name in self._order:
             raise ValueError(f"LoRALinear already has an adapter {name!r} (adapters: {self._order}); "
                              f"delete_adapter it first to replace it")
-        spec = AdapterSpec(_checks.positive_int("r", r), _checks.finite_float("lora_alpha", lora_alpha),
-                           _checks.probability("lora_dropout", lora_dropout), bool(use_rslora))
+        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
         device, dtype = self._adapter_place()
         A = nn.Parameter(torch.empty(spec.r, self.in_features, device=device, dtype=dtype), requires_grad=False)
         B = nn.Parameter(torch.zeros(self.out_features, spec.r, device=device, dtype=dtype), requires_grad=False)
@@ -432,7 +424,7 @@ class LoRALinear(nn.Module):
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(f"x has shape {tuple(x.shape)}; the layer expects [batch, ..., "
                              f"{self.in_features}] under adapter_batch")
-        indices = self._routing.row_indices(self, x)  # validates the batch size
+        indices = self.routing.row_indices(self, x)  # validates the batch size
         y = self._base_forward(x)
         if not self._order or x.numel() == 0:
             return y

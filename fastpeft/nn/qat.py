@@ -12,11 +12,12 @@ from ..ops.fakequant import BITS
 from ..ops.quant import QuantizedTensor
 from ..reference.fakequant import zero_point_int
 from ..reference.quant import SCHEMES, pack4, quantize_codes
+from ._common import new_module
 from .fakequant import FakeQuantize
 from .qlinear import QuantLinear
 
 
-def _check_config(bits, scheme, activations):
+def check_config(bits, scheme, activations):
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     if scheme not in SCHEMES:
@@ -51,16 +52,17 @@ class QATLinear(nn.Module):
         super().__init__()
         in_features = _checks.positive_int("in_features", in_features)
         out_features = _checks.positive_int("out_features", out_features)
-        _check_config(bits, scheme, activations)
+        check_config(bits, scheme, activations)
         w = torch.empty(out_features, in_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear's init
         b = None
         if bias:
             b = torch.empty(out_features, device=device, dtype=dtype)
             nn.init.uniform_(b, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
-        self._setup(nn.Parameter(w), None if b is None else nn.Parameter(b), bits, scheme, activations)
+        self._build(nn.Parameter(w), None if b is None else nn.Parameter(b), bits, scheme, activations)
 
-    def _setup(self, weight, bias, bits, scheme, activations):
+    def _build(self, weight, bias, bits, scheme, activations):
+        """The one constructor path: the layer over these weight and bias Parameters (shared)."""
         self.out_features, self.in_features = (int(v) for v in weight.shape)
         self.bits, self.scheme = bits, scheme
         self.weight = weight
@@ -79,14 +81,13 @@ class QATLinear(nn.Module):
         the QATLinear trains them)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QATLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
-        _check_config(bits, scheme, activations)
+        check_config(bits, scheme, activations)
         _checks.positive_int("in_features", linear.in_features)
         _checks.positive_int("out_features", linear.out_features)
         if not linear.weight.is_floating_point():
             raise TypeError(f"QATLinear needs a floating weight, got {linear.weight.dtype}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, bits, scheme, activations)
+        self = new_module(cls)
+        self._build(linear.weight, linear.bias, bits, scheme, activations)
         return self
 
     @torch.no_grad()

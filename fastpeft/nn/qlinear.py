@@ -1,11 +1,13 @@
 """QuantLinear: weight-only quantized linear layer (W8A16 / W4A16) on fastpeft.quant_linear."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from .. import _checks
-from ._fp32 import Float32Buffers, fresh_linear
+from ._common import Float32Buffers, fresh_linear, new_module
 from ..ops.qlinear import ACTIVATIONS, quant_linear
 from ..ops.quant import BITS, QuantizedTensor, dequantize, quantize
 from ..reference.quant import SCHEMES
@@ -25,6 +27,20 @@ def _check_config(bits, group_size, scheme, activations=None, input_scale=None):
                          "pass: fastpeft.quantize_model(..., activations='static', calibration_data=...))")
     if activations != "static" and input_scale is not None:
         raise ValueError(f"input_scale is only used with activations='static', got activations={activations!r}")
+    if input_scale is not None:
+        _checks.step_tensor("input_scale", input_scale)  # its value, before any weight is quantized
+
+
+def _quantize_weight(w: torch.Tensor, bits, group_size, scheme, dtype) -> QuantizedTensor:
+    """``w`` [out, in] quantized per group of ``group_size`` input features (None: per output row),
+    recorded as a ``dtype`` weight."""
+    with torch.no_grad():
+        q = quantize(w.detach(), bits, scheme, axis=0 if group_size is None else None, group_size=group_size)
+    return dataclasses.replace(q, dtype=dtype)
+
+
+def _frozen_copy(bias: torch.Tensor | None) -> nn.Parameter | None:
+    return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
 
 class QuantLinear(Float32Buffers):
@@ -49,26 +65,27 @@ class QuantLinear(Float32Buffers):
                  group_size: int | None = 128, scheme: str = "zeropoint", device=None, dtype=None,
                  activations: str | None = None, input_scale=None) -> None:
         super().__init__()
-        self.in_features = _checks.positive_int("in_features", in_features)
-        self.out_features = _checks.positive_int("out_features", out_features)
+        _checks.positive_int("in_features", in_features)
+        _checks.positive_int("out_features", out_features)
         _check_config(bits, group_size, scheme, activations, input_scale)
-        self._set_activations(activations, input_scale, device)
-        w, self.bias = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
-        self._set_weight(w, bits, group_size, scheme, dtype or torch.get_default_dtype())
+        w, b = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
+        self._build(_quantize_weight(w, bits, group_size, scheme, dtype or torch.get_default_dtype()), b,
+                    activations, input_scale)
 
-    def _set_activations(self, activations, input_scale, device):
+    def _build(self, qweight: QuantizedTensor, bias: nn.Parameter | None, activations, input_scale) -> None:
+        """The one constructor path: the layer over ``qweight``'s codes, scales and zero points (as
+        they are), ``bias`` (a frozen Parameter or None) kept."""
+        self.out_features, self.in_features = (int(v) for v in qweight.shape)
+        self.bits, self.group_size, self.scheme = qweight.bits, qweight.group_size, qweight.scheme
+        self.weight_dtype = qweight.dtype
         self.activations = activations
         if input_scale is not None:
-            input_scale = _checks.step_tensor("input_scale", input_scale).to(device)
+            input_scale = _checks.step_tensor("input_scale", input_scale).to(qweight.data.device)
         self.register_buffer("input_scale", input_scale)
-
-    def _set_weight(self, w, bits, group_size, scheme, dtype):
-        with torch.no_grad():
-            q = quantize(w.detach(), bits, scheme, axis=0 if group_size is None else None, group_size=group_size)
-        self.bits, self.group_size, self.scheme, self.weight_dtype = bits, group_size, scheme, dtype
-        self.register_buffer("weight_data", q.data)
-        self.register_buffer("weight_scale", q.scale)
-        self.register_buffer("weight_zero_point", q.zero_point)
+        self.register_buffer("weight_data", qweight.data)
+        self.register_buffer("weight_scale", qweight.scale.float())
+        self.register_buffer("weight_zero_point", qweight.zero_point.to(torch.int32))
+        self.bias = bias
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128,
@@ -79,13 +96,9 @@ class QuantLinear(Float32Buffers):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         _check_config(bits, group_size, scheme, activations, input_scale)
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._set_activations(activations, input_scale, linear.weight.device)
-        self._set_weight(linear.weight, bits, group_size, scheme, linear.weight.dtype)
-        self.bias = None if linear.bias is None else \
-            nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self = new_module(cls)
+        self._build(_quantize_weight(linear.weight, bits, group_size, scheme, linear.weight.dtype),
+                    _frozen_copy(linear.bias), activations, input_scale)
         return self
 
     @classmethod
@@ -102,20 +115,14 @@ class QuantLinear(Float32Buffers):
             raise ValueError(f"from_quantized needs per-output-row (axis=0) or per-group scales, got "
                              f"axis={qweight.axis}")
         _check_config(qweight.bits, qweight.group_size, qweight.scheme, activations, input_scale)
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.out_features, self.in_features = (int(v) for v in qweight.shape)
-        self._set_activations(activations, input_scale, qweight.data.device)
-        self.bits, self.group_size, self.scheme = qweight.bits, qweight.group_size, qweight.scheme
-        self.weight_dtype = qweight.dtype
-        self.register_buffer("weight_data", qweight.data.clone())
-        self.register_buffer("weight_scale", qweight.scale.float().clone())
-        self.register_buffer("weight_zero_point", qweight.zero_point.to(torch.int32).clone())
         if bias is not None:
             _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
-            if bias.shape[0] != self.out_features:
-                raise ValueError(f"bias shape {tuple(bias.shape)} does not match {self.out_features} outputs")
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+            if bias.shape[0] != qweight.shape[0]:
+                raise ValueError(f"bias shape {tuple(bias.shape)} does not match {qweight.shape[0]} outputs")
+        self = new_module(cls)
+        copied = dataclasses.replace(qweight, data=qweight.data.clone(), scale=qweight.scale.clone(),
+                                     zero_point=qweight.zero_point.clone())
+        self._build(copied, _frozen_copy(bias), activations, input_scale)
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""Model-level LoRA helpers: put LoRALinear into a model, choose what trains, collect the adapter.
+"""Model-level LoRA: put LoRALinear into a model, choose what trains, collect the adapter.
 
 ``inject_lora`` replaces matching ``nn.Linear`` modules in place by ``LoRALinear`` (the
 base weight is shared, not copied) and freezes everything else;
@@ -13,77 +13,23 @@ not hold it (no update there). For bottleneck adapters see ``fastpeft.add_bottle
 """
 from __future__ import annotations
 
-import re
-from typing import Mapping, Sequence, Union
+from typing import Mapping
 
 from torch import nn
 
+from .modules import (ALL_LINEAR, TargetModules, check_target_modules, fastpeft_internal_names, name_matches,
+                      output_layer_name, replace_module)
 from .nn.int8 import Int8Linear
 from .nn.lora import LoRALinear, check_adapter_name
 
-ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 # Module types inject_lora can wrap (LoRALinear.from_linear accepts them).
 BASE_TYPES = (nn.Linear, Int8Linear)
-
-TargetModules = Union[str, Sequence[str]]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Qualified name -> LoRALinear, for every LoRALinear in ``model`` (in module order)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def output_layer_name(model: nn.Module) -> str | None:
-    """Qualified name of ``model.get_output_embeddings()`` (the LM head), or None."""
-    getter = getattr(model, "get_output_embeddings", None)
-    if not callable(getter):
-        return None
-    try:
-        out = getter()
-    except (NotImplementedError, AttributeError):
-        return None
-    if out is None:
-        return None
-    return next((name for name, m in model.named_modules() if m is out), None)
-
-
-def name_matches(name: str, target_modules: TargetModules) -> bool:
-    """PEFT's rule: a regex string full-matches ``name``; a list entry equals ``name``
-    or is a suffix of it after a dot."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def _check_target_modules(target_modules: object) -> TargetModules:
-    if isinstance(target_modules, str):
-        if target_modules.lower() == ALL_LINEAR:
-            return ALL_LINEAR
-        try:
-            re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(f"target_modules {target_modules!r} is not a valid regex: {e}") from None
-        return target_modules
-    if isinstance(target_modules, (list, tuple, set, frozenset)):
-        entries = list(target_modules)
-        if not entries or not all(isinstance(t, str) and t for t in entries):
-            raise ValueError(f"target_modules must be a non-empty list of non-empty names, a regex "
-                             f"string or {ALL_LINEAR!r}; got {target_modules!r}")
-        return entries
-    raise TypeError(f"target_modules must be a list of names, a regex string or {ALL_LINEAR!r}, "
-                    f"got {type(target_modules).__name__}")
-
-
-def fastpeft_internal_names(model: nn.Module) -> set[str]:
-    """Qualified names of the modules inside fastpeft's own trainable modules (a BottleneckAdapter's
-    ``down`` / ``up`` linears): the walkers over a base model's layers ("all-linear" LoRA,
-    quantization, QAT) leave them alone."""
-    from .nn.bottleneck import BottleneckAdapter
-    prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BottleneckAdapter))
-    if not prefixes:
-        return set()
-    return {n for n, _ in model.named_modules() if n.startswith(prefixes)}
 
 
 def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
@@ -92,7 +38,7 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     "all-linear" selects every nn.Linear except the output layer (PEFT's rule). A selected
     LoRALinear raises ValueError, any other non-Linear module TypeError, no match ValueError.
     """
-    target_modules = _check_target_modules(target_modules)
+    target_modules = check_target_modules(target_modules)
     if target_modules == ALL_LINEAR:
         head = output_layer_name(model)
         inner = fastpeft_internal_names(model)
@@ -115,11 +61,6 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     return names
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), leaf, module)
-
-
 def replace_with_lora(model: nn.Module, ranks: Mapping[str, tuple[int, float]],
                       lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
     """Replace each named nn.Linear by ``LoRALinear.from_linear`` with its (r, lora_alpha)."""
@@ -127,7 +68,7 @@ def replace_with_lora(model: nn.Module, ranks: Mapping[str, tuple[int, float]],
                                         lora_dropout=lora_dropout, use_rslora=use_rslora)
            for name, (r, alpha) in ranks.items()}
     for name, module in new.items():
-        _replace(model, name, module)
+        replace_module(model, name, module)
 
 
 def inject_lora(model: nn.Module, target_modules: TargetModules, r: int = 8, lora_alpha: float = 8,
@@ -192,32 +133,6 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     return {k: v for k, v in model.state_dict().items() if k in wanted}
 
 
-def plain_linear_names(model: nn.Module, skip: Sequence[str] | str = ()) -> list[str]:
-    """Qualified names of the nn.Linear modules (exact type: subclasses such as
-    MultiheadAttention's out_proj are read through .weight) not matched by ``skip`` and not
-    inside fastpeft's own modules (a BottleneckAdapter's linears)."""
-    skip = [skip] if isinstance(skip, str) else list(skip)
-    inner = fastpeft_internal_names(model)
-    return [n for n, m in model.named_modules()
-            if type(m) is nn.Linear and n and n not in inner and not name_matches(n, skip)]
-
-
-def quantize_int8(model: nn.Module, threshold: float = 6.0, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
-    """Replace every nn.Linear of ``model`` in place by ``Int8Linear.from_linear(linear, threshold)``.
-
-    Modules whose qualified name equals an entry of ``skip`` or ends with "." + entry stay
-    as they are (by default the LM head). Works on Hugging Face transformers models; LoRA
-    can be injected afterwards (``inject_lora`` adapts Int8Linear layers). Returns ``model``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize_int8 expects an nn.Module, got {type(model).__name__}")
-    new = {n: Int8Linear.from_linear(model.get_submodule(n), threshold=threshold)
-           for n in plain_linear_names(model, skip)}
-    for name, module in new.items():
-        _replace(model, name, module)
-    return model
-
-
 # ---------------------------------------------------------------------------------------------
 # several named LoRA adapters
 
@@ -276,7 +191,7 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
             raise ValueError("add_adapter: the model has no LoRALinear modules; call "
                              "fastpeft.inject_lora first or pass target_modules")
     else:
-        target_modules = _check_target_modules(target_modules)
+        target_modules = check_target_modules(target_modules)
         candidates = adaptable_names(model)
         if target_modules == ALL_LINEAR:
             head = output_layer_name(model)
@@ -309,7 +224,7 @@ def add_adapter_to(model: nn.Module, ranks: Mapping[str, tuple[int, float]], ada
             layer = new[name]
             layer.rename_adapter(layer.active_adapter, adapter_name)
             layer.set_adapter(None)
-            _replace(model, name, layer)
+            replace_module(model, name, layer)
         else:
             model.get_submodule(name).add_adapter(adapter_name, r, alpha, lora_dropout, use_rslora)
 

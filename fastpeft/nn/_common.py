@@ -1,10 +1,22 @@
-"""Quantized modules keep their scales in float32 when the model is cast to 16-bit."""
+"""What fastpeft's modules share: the one way a ``from_linear`` / ``from_quantized`` starts
+(``new_module``), nn.Linear's initialization for a new layer (``fresh_linear``), and float32
+scales that stay float32 when a model is cast to 16-bit (``Float32Buffers``)."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
+
+
+def new_module(cls):
+    """An instance of ``cls`` whose nn.Module state is set up and nothing else: what every
+    ``from_linear`` / ``from_quantized`` starts from before the class's one ``_build`` fills it
+    from existing tensors (calling ``__init__`` would allocate and initialize a weight only to
+    throw it away)."""
+    obj = cls.__new__(cls)
+    nn.Module.__init__(obj)
+    return obj
 
 
 def fresh_linear(in_features: int, out_features: int, bias: bool, device, dtype

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import fastpeft
-from fastpeft import methods
-from fastpeft.methods import AdaptedProjection, add_bottleneck_adapters, bitfit, freeze, trainable_parameters
+from fastpeft import add_bottleneck_adapters, bitfit, freeze, modules, trainable_parameters
+from fastpeft.nn import AdaptedProjection
 
 transformers = pytest.importorskip("transformers")
 from _hf import tiny_llama, torch_backend  # noqa: E402,F401  (torch_backend: autouse fixture)
@@ -70,7 +70,7 @@ def trainable(model):
 
 
 def norm_params(model):
-    return {f"{mn}.{pn}" for mn, m in model.named_modules() if methods.is_norm(m)
+    return {f"{mn}.{pn}" for mn, m in model.named_modules() if modules.is_norm(m)
             for pn, _ in m.named_parameters(recurse=False)}
 
 
