@@ -1,5 +1,6 @@
 """Helpers shared by the Triton kernel modules: interpreter detection, dot precision, the
-tensor-core dot with the interpreter's bf16 workaround, grouped program ordering."""
+tensor-core dot with the interpreter's bf16 workaround, grouped program ordering, output
+buffers and the SM count."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,24 @@ _RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 
 def interpreted() -> bool:
     """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The interpreter has no SMs. The split and slice choices made from the SM count then see a
+# small GPU's 8, so that on the tests' small shapes they take their multi-program paths.
+INTERPRETER_SM_COUNT = 8
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (INTERPRETER_SM_COUNT for CPU tensors)."""
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Every buffer a kernel must fully write comes from here (the tests poison it: an element a
+    kernel fails to write then fails them)."""
+    return torch.empty(shape, device=like.device, dtype=dtype)
 
 
 def autotune_enabled() -> bool:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import autotune_enabled as _autotune_enabled
 from ._common import dot as _dot
 from ._common import interpreted as _interpreted
@@ -338,7 +339,7 @@ def _fixed_rows_config(M: int, block_r: int, dtype: torch.dtype, device: torch.d
     if dtype == torch.float32:  # 3xTF32 dots: hi/lo operand halves double the registers
         cfg = (16, 32, 32, 8 if block_r > 128 else 4, 2)
     else:
-        n_sm = _sm_count(device)
+        n_sm = _common.sm_count(device)
         bm = next((b for b in (64, 32) if triton.cdiv(M, b) >= n_sm), 16)
         if block_r <= 64:
             cfg = {64: (64, 128, 64, 8, 4), 32: (32, 128, 64, 4, 4), 16: (16, 128, 64, 4, 4)}[bm]
@@ -357,15 +358,6 @@ def block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer a kernel must fully write comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, device=like.device, dtype=dtype)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _m_bucket(M: int) -> int:
@@ -390,7 +382,7 @@ def bottleneck_fwd(x: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor | None, w
     M, D = x.shape
     R = wd.shape[0]
     br = block_r(R)
-    y = _new_output((M, D), x, x.dtype)
+    y = _common.new_output((M, D), x, x.dtype)
     args = (x, wd, bd if bd is not None else wd, wu, bu if bu is not None else wu, y,
             M, D, R, _m_bucket(M),
             x.stride(0), x.stride(1), wd.stride(0), wd.stride(1), bd.stride(0) if bd is not None else 0,
@@ -410,9 +402,9 @@ def bottleneck_bwd_rows(x: torch.Tensor, dy: torch.Tensor, wd: torch.Tensor, bd:
     M, D = x.shape
     R = wd.shape[0]
     br = block_r(R)
-    dx = _new_output((M, D), x, x.dtype) if need_dx else None
-    a = _new_output((M, R), x, x.dtype) if store_ah else None
-    dh = _new_output((M, R), x, torch.float32) if store_ah else None
+    dx = _common.new_output((M, D), x, x.dtype) if need_dx else None
+    a = _common.new_output((M, R), x, x.dtype) if store_ah else None
+    dh = _common.new_output((M, R), x, torch.float32) if store_ah else None
     dx_arg, (s_dxm, s_dxn) = (dx, dx.stride()) if need_dx else (x, (0, 0))
     args = (x, dy, wd, bd if bd is not None else wd, wu, dx_arg, a if store_ah else x, dh if store_ah else x,
             M, D, R, _m_bucket(M),
@@ -444,7 +436,7 @@ def split_m(M: int, D: int, R: int, dtype: torch.dtype, device: torch.device) ->
     """Row slices of the weight-gradient kernel: about two programs per SM, >= 2 row tiles a slice."""
     block_m, block_n, br = _weights_config(R, dtype)[:3]
     tiles, m_tiles = triton.cdiv(D, block_n) * triton.cdiv(R, br), triton.cdiv(M, block_m)
-    want = 2 * _sm_count(device)
+    want = 2 * _common.sm_count(device)
     split = 1
     while tiles * split * 2 <= want and split * 2 <= m_tiles // 2:
         split *= 2
@@ -458,10 +450,10 @@ def bottleneck_bwd_weights(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, d
     R = a.shape[1]
     bm, bn, br, warps, stages = _weights_config(R, x.dtype)
     split = split_m(M, D, R, x.dtype, x.device)
-    p_wu = _new_output((split, D, R), x, torch.float32)
-    p_wd = _new_output((split, R, D), x, torch.float32)
-    p_bu = _new_output((split, D), x, torch.float32)
-    p_bd = _new_output((split, R), x, torch.float32)
+    p_wu = _common.new_output((split, D, R), x, torch.float32)
+    p_wd = _common.new_output((split, R, D), x, torch.float32)
+    p_bu = _common.new_output((split, D), x, torch.float32)
+    p_bd = _common.new_output((split, R), x, torch.float32)
     _bottleneck_bwd_weights_kernel[(triton.cdiv(D, bn), split, triton.cdiv(R, br))](
         x, dy, a, dh, p_wu, p_wd, p_bu, p_bd, M, D, R,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), float(scaling),

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import interpreted as _interpreted
 
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -177,10 +178,6 @@ def _distill_kernel(
 # host side
 
 
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer a kernel must fully write comes from here (tests poison it)."""
-    return torch.empty(shape, device=like.device, dtype=dtype)
-
 
 def config(V: int) -> dict:
     """BLOCK_V and warps: tiles of up to 2048 on the GPU (8 elements a thread; 4096-wide tiles at 8
@@ -205,9 +202,9 @@ def distill_loss_fwd(z: torch.Tensor, u: torch.Tensor, labels: torch.Tensor | No
     N, V = z.shape
     has_kd = kd_weight > 0
     has_ce = labels is not None and ce_weight > 0
-    losses = _new_output((N,), z, torch.float32)
+    losses = _common.new_output((N,), z, torch.float32)
     if compute_grad and grad is None:
-        grad = _new_output((N, V), z, z.dtype)
+        grad = _common.new_output((N, V), z, z.dtype)
     g = grad if compute_grad else losses  # an unused pointer when there is no gradient
     cfg = config(V)
     t = float(temperature)

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import interpreted as _interpreted
 from ._common import rint as _rint
 from ._common import round_bf16 as _round_bf16
@@ -133,13 +134,6 @@ def _bwd_kernel(
 # host side
 
 
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer a kernel must fully write comes from here (tests poison it)."""
-    return torch.empty(shape, device=like.device, dtype=dtype)
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _geometry(shape: tuple[int, ...], axis: int | None) -> tuple[int, int, int]:
@@ -163,7 +157,7 @@ def _config(A: int, C: int, B: int, device: torch.device) -> dict:
         block_c = max(1, min(triton.next_power_of_2(C), (64 if interp else 2048) // block_r))
     c_blocks = triton.cdiv(C, block_c)
     r_blocks = triton.cdiv(R, block_r)
-    target = 3 if interp else 4 * _sm_count(device)
+    target = 3 if interp else 4 * _common.sm_count(device)
     splits_wanted = max(1, triton.cdiv(target, c_blocks))
     r_split = block_r * triton.cdiv(r_blocks, min(r_blocks, splits_wanted))
     splits = triton.cdiv(R, r_split)
@@ -172,7 +166,7 @@ def _config(A: int, C: int, B: int, device: torch.device) -> dict:
                 block_r=block_r, block_c=block_c, warps=warps)
 
 
-def _common(x, axis, bits_range):
+def _launch_setup(x, axis, bits_range):
     shape = tuple(x.shape)
     A, C, B = _geometry(shape, axis)
     cfg = _config(A, C, B, x.device)
@@ -190,9 +184,9 @@ def fake_quantize_fwd(x: torch.Tensor, scale: torch.Tensor, inv: torch.Tensor, z
     dtype; bad int32 [programs], 1 where a program read a NaN or inf in x, else 0.
 
     x contiguous fp32/fp16/bf16 with >= 1 element; scale, inv, zint contiguous float32 [slots]."""
-    y = _new_output(tuple(x.shape), x, x.dtype)
-    cfg, const = _common(x, axis, qrange)
-    bad = _new_output((cfg["grid"][0] * cfg["grid"][1],), x, torch.int32)
+    y = _common.new_output(tuple(x.shape), x, x.dtype)
+    cfg, const = _launch_setup(x, axis, qrange)
+    bad = _common.new_output((cfg["grid"][0] * cfg["grid"][1],), x, torch.int32)
     _fwd_kernel[cfg["grid"]](
         x, y, bad, scale, inv, zint, cfg["R"], cfg["C"], cfg["B"], cfg["r_split"],
         ROUND_BF16=_interpreted() and x.dtype == torch.bfloat16, num_warps=cfg["warps"], **const)
@@ -205,10 +199,10 @@ def fake_quantize_bwd(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, in
     """(dx like x, ds_sum float32 [slots], dz_sum float32 [slots]): the straight-through dx and the
     per-slot sums of dy * (inside ? rint(v) - v : q - zint) and dy * (inside ? 0 : -scale),
     before LSQ's gradient scale. dy contiguous, x's shape (any float dtype)."""
-    dx = _new_output(tuple(x.shape), x, x.dtype)
-    cfg, const = _common(x, axis, qrange)
-    pds = _new_output((cfg["splits"], cfg["C"]), x, torch.float32)
-    pdz = _new_output((cfg["splits"], cfg["C"]), x, torch.float32)
+    dx = _common.new_output(tuple(x.shape), x, x.dtype)
+    cfg, const = _launch_setup(x, axis, qrange)
+    pds = _common.new_output((cfg["splits"], cfg["C"]), x, torch.float32)
+    pdz = _common.new_output((cfg["splits"], cfg["C"]), x, torch.float32)
     _bwd_kernel[cfg["grid"]](
         x, dy, dx, pds, pdz, scale, inv, zint, cfg["R"], cfg["C"], cfg["B"], cfg["r_split"],
         num_warps=cfg["warps"], **const)

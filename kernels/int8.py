@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import autotune_enabled as _autotune_enabled
 from ._common import dot as _dot
 from ._common import grouped_pid as _grouped_pid
@@ -354,10 +355,6 @@ def _m_bucket(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
 
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer a kernel must fully write comes from here (tests poison it)."""
-    return torch.empty(shape, device=like.device, dtype=dtype)
-
 
 # ---------------------------------------------------------------------------------------------
 # launchers (2-D tensors with unit stride in the last dim; shapes and devices are checked by
@@ -375,8 +372,8 @@ def quant_rows(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.T
     """
     M, K = x.shape
     threshold = float(threshold)
-    q = _new_output((M, K), x, torch.int8)
-    scale = _new_output((M,), x, torch.float32)
+    q = _common.new_output((M, K), x, torch.int8)
+    scale = _common.new_output((M,), x, torch.float32)
     flags = torch.zeros((K,), device=x.device, dtype=torch.int32) if threshold > 0 else None
     if M == 0:
         return q, scale, flags
@@ -396,8 +393,8 @@ def outlier_columns(col_flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     ``count`` entries of cols are the indices k with col_flags[k] != 0, ascending; the rest is
     unspecified."""
     K = col_flags.shape[0]
-    cols = _new_output((K,), col_flags, torch.int32)
-    count = _new_output((1,), col_flags, torch.int32)
+    cols = _common.new_output((K,), col_flags, torch.int32)
+    count = _common.new_output((1,), col_flags, torch.int32)
     if K == 0:
         return cols, count.zero_()
     block = 64 if _interpreted() else min(2048, max(128, triton.next_power_of_2(K)))
@@ -424,7 +421,7 @@ def int8_gemm(q: torch.Tensor, row_scale: torch.Tensor, w_int8: torch.Tensor, w_
     """
     M, K = q.shape
     N = w_int8.shape[0]
-    y = _new_output((M, N), q, out_dtype)
+    y = _common.new_output((M, N), q, out_dtype)
     if M == 0 or N == 0:
         return y
     has_outliers = cols is not None
@@ -460,7 +457,7 @@ def dequant_matmul(dy: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor
     """
     M, N = dy.shape
     K = w_int8.shape[1]
-    dx = _new_output((M, K), dy, dy.dtype)
+    dx = _common.new_output((M, K), dy, dy.dtype)
     if M == 0 or K == 0:
         return dx
     args = (dy, w_int8, w_scale, dx, M, N, K, _m_bucket(M),

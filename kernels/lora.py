@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import autotune_enabled as _autotune_enabled
 from ._common import dot as _dot
 from ._common import grouped_pid as _grouped_pid
@@ -303,10 +304,6 @@ def _drop_args(dropout_p: float, seed: torch.Tensor | None, like: torch.Tensor):
 FUSE_SHRINK_MAX_R = 64
 
 
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer a kernel must fully write comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, device=like.device, dtype=dtype)
-
 
 # ---------------------------------------------------------------------------------------------
 # launchers (2-D tensors; shapes and devices are checked by fastpeft.ops)
@@ -332,8 +329,8 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, N: int, w_strides: tuple[int, in
     fuse = u is None
     if fuse and R > FUSE_SHRINK_MAX_R:
         raise ValueError(f"fused shrink supports r <= {FUSE_SHRINK_MAX_R}, got {R}")
-    y = _new_output((M, N), x, x.dtype)
-    u_out = _new_output((M, R), x, torch.float32) if fuse and store_u else None
+    y = _common.new_output((M, N), x, x.dtype)
+    u_out = _common.new_output((M, R), x, torch.float32) if fuse and store_u else None
     u_arg, s_um, s_ur = (x, 0, 0) if fuse else (u, u.stride(0), u.stride(1))
     a_arg, (s_ar, s_ak) = (a, a_strides) if fuse else (x, (0, 0))
     uo_arg, s_om, s_or = (u_out, u_out.stride(0), u_out.stride(1)) if u_out is not None else (x, 0, 0)
@@ -359,11 +356,6 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, N: int, w_strides: tuple[int, in
     return y, u_out
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
 
 def shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int], R: int, out_scale: float = 1.0,
            *, dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
@@ -380,11 +372,11 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int], R: int,
     k_tiles = triton.cdiv(K, block_k)
     split_k = 1
     if not _interpreted():
-        want = 2 * _sm_count(x.device)
+        want = 2 * _common.sm_count(x.device)
         while grid_m * grid_r * split_k * 2 <= want and split_k * 2 <= max(1, k_tiles // 4):
             split_k *= 2
     u = torch.zeros((M, R), device=x.device, dtype=torch.float32) if split_k > 1 else \
-        _new_output((M, R), x, torch.float32)
+        _common.new_output((M, R), x, torch.float32)
     drop_scale, seed_arg, thr31 = _drop_args(dropout_p, seed, x)
     _shrink_kernel[(grid_m, grid_r, split_k)](
         x, a, u, M, K, R, x.stride(0), x.stride(1), a_strides[0], a_strides[1], u.stride(0), u.stride(1),
@@ -407,10 +399,10 @@ def grad_a(v: torch.Tensor, x: torch.Tensor, out_scale: float, *, dropout_p: flo
     grid_k, grid_r = triton.cdiv(K, block_k), triton.cdiv(R, block_r)
     split_m = 1
     if not _interpreted():
-        want = 2 * _sm_count(x.device)
+        want = 2 * _common.sm_count(x.device)
         while grid_k * grid_r * split_m * 2 <= want and split_m * 2 <= max(1, triton.cdiv(M, block_m) // 4):
             split_m *= 2
-    parts = _new_output((split_m, R, K), x, torch.float32)
+    parts = _common.new_output((split_m, R, K), x, torch.float32)
     drop_scale, seed_arg, thr31 = _drop_args(dropout_p, seed, x)
     _grad_a_kernel[(grid_k, grid_r, split_m)](
         v, x, parts, M, K, R, v.stride(0), v.stride(1), x.stride(0), x.stride(1),

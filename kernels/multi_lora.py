@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import dot as _dot
 from ._common import interpreted as _interpreted
 from ._common import precision as _precision
@@ -230,11 +231,6 @@ def _sgmv_expand_kernel(
 # configs (fixed, keyed on shapes; tests/_aot.py checks they compile without spills)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
 
 def _block_r(r_max: int) -> int:
     """Rank tile: r_max rounded up to a power of two in [16, 64]; larger stacks loop over tiles."""
@@ -250,10 +246,6 @@ def _split(K: int, block_k: int, programs: int, want: int, min_tiles: int) -> tu
     k_split = triton.cdiv(k_tiles, split) * block_k
     return triton.cdiv(K, k_split), k_split
 
-
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer a kernel must fully write comes from here (tests poison it with NaN)."""
-    return torch.empty(shape, device=like.device, dtype=dtype)
 
 
 def _aligned(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Tensor) -> tuple[bool, bool]:
@@ -272,7 +264,7 @@ def decode_config(T: int, K: int, N: int, r_max: int, device: torch.device,
     GPU) and the expand's N tile, both as wide as registers allow and narrowed while the grid is
     smaller than two programs per SM."""
     block_r = _block_r(r_max)
-    want = 2 * _sm_count(device)
+    want = 2 * _common.sm_count(device)
     if _interpreted():
         block_k, block_n = 32, 32
     else:  # [BLOCK_R, BLOCK_K] and [BLOCK_N, BLOCK_R] fp32 products: 4096 elements (32 a thread)
@@ -301,7 +293,7 @@ def prefill_config(T: int, K: int, N: int, r_max: int, dtype: torch.dtype, devic
         bm_e = 32 if wide and block_r > 16 else 64
         bn_e = 128 if expand_aligned and not (wide and block_r > 32) else 64
         warps, stages, warps_e = 4, (2 if block_r > 16 else 3), 8
-    split, k_split = _split(K, bk, triton.cdiv(T, bm), 2 * _sm_count(device), 4)
+    split, k_split = _split(K, bk, triton.cdiv(T, bm), 2 * _common.sm_count(device), 4)
     return dict(BLOCK_R=block_r, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, K_SPLIT=k_split,
                 BLOCK_M_E=bm_e, BLOCK_N=bn_e, num_warps=warps, num_stages=stages, num_warps_e=warps_e)
 
@@ -316,7 +308,7 @@ def plan(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     All on the device: one Triton launch and a torch.sort, no host sync."""
     T = indices.shape[0]
     kdt = torch.int16 if n < 2**15 - 1 else torch.int32
-    keys = _new_output((T,), indices, kdt)
+    keys = _common.new_output((T,), indices, kdt)
     block = 1024
     _keys_kernel[(triton.cdiv(T, block),)](indices, keys, T, n, BLOCK=block)
     skeys, perm = torch.sort(keys, stable=True)
@@ -337,11 +329,11 @@ def multi_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ranks: torch.T
     N = B.shape[1]
     accumulate = y is not None
     if y is None:
-        y = _new_output((T, N), x, x.dtype)
+        y = _common.new_output((T, N), x, x.dtype)
     aligned = _aligned(x, A, B, y)
     if regime == "decode":
         cfg = decode_config(T, K, N, R, x.device, *aligned)
-        u = _new_output((cfg["SPLIT_K"], T, R), x, torch.float32)
+        u = _common.new_output((cfg["SPLIT_K"], T, R), x, torch.float32)
         _bgmv_shrink_kernel[(T, cfg["SPLIT_K"])](
             x, A, ranks, indices, u, T, K, n, R, cfg["K_SPLIT"],
             x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
@@ -359,7 +351,7 @@ def multi_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ranks: torch.T
         raise ValueError(f"unknown regime {regime!r}")
     cfg = prefill_config(T, K, N, R, x.dtype, x.device, *aligned)
     keys, perm = plan(indices, n)
-    u = _new_output((cfg["SPLIT_K"], T, R), x, torch.float32)
+    u = _common.new_output((cfg["SPLIT_K"], T, R), x, torch.float32)
     flags = dict(UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), BLOCK_R=cfg["BLOCK_R"])
     _sgmv_shrink_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), cfg["SPLIT_K"])](
         x, A, ranks, keys, perm, u, T, K, n, R, cfg["K_SPLIT"],

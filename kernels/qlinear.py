@@ -66,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import dot as _dot
 from ._common import grouped_pid as _grouped_pid
 from ._common import interpreted as _interpreted
@@ -411,10 +412,6 @@ def _fixed_config(M: int, dtype: torch.dtype) -> dict:
     return {**cfg, "GROUP_M": 8}
 
 
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer a kernel must fully write comes from here (tests poison it)."""
-    return torch.empty(shape, device=like.device, dtype=dtype)
-
 
 def _is_pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
@@ -440,7 +437,7 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_
     """
     M, K = x.shape
     N = data.shape[0]
-    y = _new_output((M, N), x, x.dtype)
+    y = _common.new_output((M, N), x, x.dtype)
     if M == 0 or N == 0:
         return y
     if K == 0:
@@ -469,9 +466,6 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_
     _qlinear_kernel[grid](*args, **flags, **cfg)
     return y
 
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _gemv_config(M: int, N: int, K: int, bits: int, group_size: int | None, device: torch.device) -> dict:
@@ -503,7 +497,7 @@ def _gemv_split_k(n_tiles: int, k_tiles: int, device: torch.device) -> int:
     (tests force others through this function)."""
     if _interpreted():
         return 2
-    want = 2 * _sm_count(device)
+    want = 2 * _common.sm_count(device)
     split = 1
     while n_tiles * split < want and 2 * (split * 2) <= k_tiles:
         split *= 2
@@ -533,7 +527,7 @@ def _quant_linear_gemv(x, data, scale, zero_point, bits, scheme, per_row, g, s_s
     cfg = _gemv_config(M, N, K, bits, None if per_row else g, x.device)
     split = cfg.pop("SPLIT_K")
     k_split = cfg.pop("K_SPLIT")
-    ws = _new_output((split, M, N), x, torch.float32) if split > 1 else y  # y: WS is not written
+    ws = _common.new_output((split, M, N), x, torch.float32) if split > 1 else y  # y: WS is not written
     units, words = _code_units(data)
     b = bias if bias is not None else scale
     _qlinear_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), split)](
@@ -587,7 +581,7 @@ def quant_linear_a8(xq: torch.Tensor, x_scale: torch.Tensor, x_mul: float, data:
     """
     M, K = xq.shape
     N = data.shape[0]
-    y = _new_output((M, N), xq, out_dtype)
+    y = _common.new_output((M, N), xq, out_dtype)
     if M == 0 or N == 0:
         return y
     if K == 0:

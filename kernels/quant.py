@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import interpreted as _interpreted
 from ._common import rint as _rint
 from ._common import round_bf16 as _round_bf16
@@ -336,10 +337,6 @@ def _dequant_kernel(
 # host side
 
 
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Every buffer a kernel must fully write comes from here (tests poison it)."""
-    return torch.empty(shape, device=like.device, dtype=dtype)
-
 
 def _qrange(bits: int, scheme: str) -> tuple[int, int]:
     if scheme == "absmax":
@@ -393,7 +390,7 @@ def _stats(x2: torch.Tensor, S: int, L: int, by_col: bool, bits: int, scheme: st
     """Fills scale and zp (flat, [S]) from the min/max of the rows (or columns) of x2 [.., L];
     returns inv [S]."""
     interp = _interpreted()
-    inv = _new_output((S,), x2, torch.float32)
+    inv = _common.new_output((S,), x2, torch.float32)
     if by_col:  # x2 [R, S]: slot = column
         R = L
         block_k = 16 if interp else min(128, max(16, triton.next_power_of_2(S)))
@@ -403,8 +400,8 @@ def _stats(x2: torch.Tensor, S: int, L: int, by_col: bool, bits: int, scheme: st
         splits = max(1, min(want, triton.cdiv(R, block_r)))
         r_split = triton.cdiv(triton.cdiv(R, block_r), splits) * block_r
         splits = triton.cdiv(R, r_split)
-        plo = _new_output((splits, S), x2, torch.float32)
-        phi = _new_output((splits, S), x2, torch.float32)
+        plo = _common.new_output((splits, S), x2, torch.float32)
+        phi = _common.new_output((splits, S), x2, torch.float32)
         _col_stats_kernel[(kb, splits)](x2, plo, phi, R, S, r_split, BLOCK_R=block_r, BLOCK_K=block_k,
                                         num_warps=4)
         s_slot, s_split = 1, S
@@ -416,8 +413,8 @@ def _stats(x2: torch.Tensor, S: int, L: int, by_col: bool, bits: int, scheme: st
         splits = max(1, min(want, triton.cdiv(L, block_l)))
         l_split = triton.cdiv(triton.cdiv(L, block_l), splits) * block_l
         splits = triton.cdiv(L, l_split)
-        plo = _new_output((S, splits), x2, torch.float32)
-        phi = _new_output((S, splits), x2, torch.float32)
+        plo = _common.new_output((S, splits), x2, torch.float32)
+        phi = _common.new_output((S, splits), x2, torch.float32)
         _row_stats_kernel[(sb, splits)](x2, plo, phi, S, L, l_split, splits, BLOCK_S=block_s, BLOCK_L=block_l,
                                         num_warps=4 if block_s * block_l <= 2048 else 8)
         s_slot, s_split = splits, 1
@@ -444,10 +441,10 @@ def quantize(x: torch.Tensor, bits: int, scheme: str, axis: int | None, group_si
     shape = tuple(x.shape)
     qmin, qmax = _qrange(bits, scheme)
     absmax = scheme == "absmax"
-    data = _new_output(_data_shape(shape, bits), x, torch.int8 if (bits == 8 and absmax) else torch.uint8)
+    data = _common.new_output(_data_shape(shape, bits), x, torch.int8 if (bits == 8 and absmax) else torch.uint8)
     sshape = _slot_shape(shape, axis, group_size)
-    scale = _new_output(sshape, x, torch.float32)
-    zp = _new_output(sshape, x, torch.int32)
+    scale = _common.new_output(sshape, x, torch.float32)
+    zp = _common.new_output(sshape, x, torch.int32)
     if x.numel() == 0:
         scale.fill_(1.0)
         zp.zero_()
@@ -492,7 +489,7 @@ def codes_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     launch: the kernel takes its reciprocal). Static activation quantization
     (fastpeft.quant_linear / int8_linear with an input_scale)."""
     x = x if x.is_contiguous() else x.contiguous()
-    q = _new_output(tuple(x.shape), x, torch.int8)
+    q = _common.new_output(tuple(x.shape), x, torch.int8)
     N = x.numel()
     if N == 0:
         return q
@@ -512,7 +509,7 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """y [shape] in out_dtype: (q - zero_point) * scale in float32, then cast (q unpacked from the
     4-bit nibbles, two's complement for absmax). data, scale and zero_point as ``quantize`` makes them."""
     shape = tuple(shape)
-    y = _new_output(shape, data, out_dtype)
+    y = _common.new_output(shape, data, out_dtype)
     N = math.prod(shape)
     if N == 0:
         return y

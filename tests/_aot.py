@@ -97,14 +97,14 @@ def capture(module, run) -> list[Launch]:
     tuned = module._make_autotuned() if hasattr(module, "_make_autotuned") else None
     # modules with several autotuned kernels name each launcher getter and its factory
     more_tuned = {getter: factory() for getter, factory in getattr(module, "_AOT_AUTOTUNED", {}).items()}
-    saved_interp = _backend.interpreter_active
+    from fastpeft.kernels import _common
+    saved_interp, saved_sm_count = _backend.interpreter_active, _common.sm_count
     _backend.interpreter_active = lambda: True  # lets fastpeft route CPU tensors to the triton backend
+    # split-K/M factors are constexprs: use the GPU's SM count
+    _common.sm_count = lambda device: int(os.environ.get("AOT_SM_COUNT", "132"))
     try:
         saved["_interpreted"] = module._interpreted
         module._interpreted = lambda: False
-        if hasattr(module, "_sm_count"):  # split-K/M factors are constexprs: use the GPU's count
-            saved["_sm_count"] = module._sm_count
-            module._sm_count = lambda device: int(os.environ.get("AOT_SM_COUNT", "132"))
         for n in kernels:
             saved[n] = getattr(module, n)
             setattr(module, n, _Recorder(saved[n], sink))
@@ -119,6 +119,7 @@ def capture(module, run) -> list[Launch]:
         run()
     finally:
         _backend.interpreter_active = saved_interp
+        _common.sm_count = saved_sm_count
         for n, v in saved.items():
             setattr(module, n, v)
     return sink

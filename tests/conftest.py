@@ -35,13 +35,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# A value no kernel writes, by dtype: NaN for floats; -128 is no int8 code; any uint8 byte is a
+# code (0xA5: unlikely); other integers their most negative value (no index, count, flag or key).
+POISON = {torch.int8: -128, torch.uint8: 0xA5}
+
+
+def poison_value(dtype: torch.dtype):
+    if dtype in POISON:
+        return POISON[dtype]
+    return float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+
+
 @pytest.fixture
 def poison_outputs(monkeypatch):
-    """Kernel output buffers start as NaN, so an element a kernel fails to write fails the test."""
-    from fastpeft.kernels import lora as klora
+    """Every buffer a Triton kernel must fully write (fastpeft.kernels._common.new_output) starts
+    poisoned, so an element a kernel fails to write fails the test."""
+    from fastpeft.kernels import _common
 
-    def nan_output(shape, like, dtype):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    def poisoned(shape, like, dtype):
+        return torch.full(shape, poison_value(dtype), device=like.device, dtype=dtype)
 
-    monkeypatch.setattr(klora, "_new_output", nan_output)
-    return nan_output
+    monkeypatch.setattr(_common, "new_output", poisoned)
+    return poisoned

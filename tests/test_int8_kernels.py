@@ -17,16 +17,6 @@ ROWS = [1, 5, 33]
 KS = [37, 70, 130]
 THRESHOLD = 6.0
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy: 0 * inf in the interpreter
-POISON = {torch.int8: -128, torch.int32: -2**31, torch.int64: -2**63}  # -128 is never a code
-
-
-@pytest.fixture
-def poison_int8(monkeypatch):
-    """Every output buffer of the launchers starts poisoned: NaN, or an impossible integer."""
-    def poisoned(shape, like, dtype):
-        return torch.full(shape, POISON.get(dtype, float("nan")), device=like.device, dtype=dtype)
-
-    monkeypatch.setattr(k, "_new_output", poisoned)
 
 
 def assert_close(name, out, ref, dtype, factor=1.0):
@@ -97,7 +87,7 @@ def check_quant(x, threshold):
 @pytest.mark.parametrize("MK", [(M, K) for M in ROWS for K in KS] + [(5, 4500)],  # 4500: chunked on the GPU too
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
-def test_quant_rows_matches_reference(dtype, MK, threshold, poison_int8):
+def test_quant_rows_matches_reference(dtype, MK, threshold, poison_outputs):
     M, K = MK
     x = make_x(M, K, dtype)
     q, _, flags = check_quant(x, threshold)
@@ -107,7 +97,7 @@ def test_quant_rows_matches_reference(dtype, MK, threshold, poison_int8):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_quant_rows_rounds_ties_to_even(dtype, poison_int8):
+def test_quant_rows_rounds_ties_to_even(dtype, poison_outputs):
     # row max 254 -> 127 / 254 = 0.5 exactly: odd integers land on .5 ties
     odd = torch.arange(-253, 254, 2, dtype=torch.float64)
     x = torch.zeros(3, odd.numel() + 1, dtype=torch.float64)
@@ -125,7 +115,7 @@ def test_quant_rows_rounds_ties_to_even(dtype, poison_int8):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
-def test_quant_rows_bad_rows_stay_in_their_row(dtype, threshold, poison_int8):
+def test_quant_rows_bad_rows_stay_in_their_row(dtype, threshold, poison_outputs):
     M, K = 7, 70
     x = make_x(M, K, dtype, outliers=False)
     x[1] = 0.0
@@ -144,7 +134,7 @@ def test_quant_rows_bad_rows_stay_in_their_row(dtype, threshold, poison_int8):
         assert flags[9] == 1 and flags.sum() == K  # the -inf row flags every column
 
 
-def test_quant_rows_tiny_scale(poison_int8):
+def test_quant_rows_tiny_scale(poison_outputs):
     """A row of subnormals: 127 / scale overflows to inf; codes are +-127 and 0, as the reference."""
     x = make_x(4, 37, torch.float32, outliers=False)
     x[2] = x[2] * 1e-40
@@ -152,7 +142,7 @@ def test_quant_rows_tiny_scale(poison_int8):
     check_quant(x, 0.0)
 
 
-def test_quant_rows_row_strided_input(poison_int8):
+def test_quant_rows_row_strided_input(poison_outputs):
     big = make_x(9, 130, torch.float16)
     check_quant(big[:, :100], THRESHOLD)  # stride(0) = 130
 
@@ -191,7 +181,7 @@ def test_quant_rows_matches_bitsandbytes(dtype, threshold):
 
 @pytest.mark.parametrize("K", [1, 37, 130, 300])
 @pytest.mark.parametrize("pattern", ["none", "some", "all", "last"])
-def test_outlier_columns(K, pattern, poison_int8):
+def test_outlier_columns(K, pattern, poison_outputs):
     flags = torch.zeros(K, dtype=torch.int32)
     if pattern == "some":
         flags = (torch.rand(K, generator=_gen(K)) < 0.2).int()
@@ -230,7 +220,7 @@ def reference_linear(x, w, ws, bias, threshold):
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("KN", [(37, 70), (130, 37), (70, 130)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
-def test_int8_gemm_matches_reference(dtype, M, KN, threshold, poison_int8):
+def test_int8_gemm_matches_reference(dtype, M, KN, threshold, poison_outputs):
     K, N = KN
     x = make_x(M, K, dtype)
     w, ws = make_w(N, K)
@@ -241,7 +231,7 @@ def test_int8_gemm_matches_reference(dtype, M, KN, threshold, poison_int8):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_int8_gemm_reference_codes_and_int64_cols(dtype, poison_int8):
+def test_int8_gemm_reference_codes_and_int64_cols(dtype, poison_outputs):
     """The reference's own q (outlier columns already zero) and int64 column list, no bias."""
     M, K, N = 20, 100, 45
     x = make_x(M, K, dtype)
@@ -254,7 +244,7 @@ def test_int8_gemm_reference_codes_and_int64_cols(dtype, poison_int8):
 
 
 @pytest.mark.parametrize("flagged", [False, True])
-def test_int8_gemm_is_exact_in_int32(flagged, poison_int8):
+def test_int8_gemm_is_exact_in_int32(flagged, poison_outputs):
     """With unit scales (127 * 127 / 127^2) the fp32 output is the int32 GEMM, exactly."""
     M, K, N = 33, 130, 70
     g = _gen(5)
@@ -274,7 +264,7 @@ def test_int8_gemm_is_exact_in_int32(flagged, poison_int8):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("threshold", [0.0, THRESHOLD])
-def test_int8_gemm_bad_rows_stay_in_their_row(dtype, threshold, poison_int8):
+def test_int8_gemm_bad_rows_stay_in_their_row(dtype, threshold, poison_outputs):
     M, K, N = 6, 70, 37
     x = make_x(M, K, dtype)
     x[1] = 0.0
@@ -291,7 +281,7 @@ def test_int8_gemm_bad_rows_stay_in_their_row(dtype, threshold, poison_int8):
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
-def test_int8_gemm_out_dtype_and_row_strides(out_dtype, poison_int8):
+def test_int8_gemm_out_dtype_and_row_strides(out_dtype, poison_outputs):
     M, K, N = 5, 70, 130
     big = make_x(M, 2 * K, torch.float16)
     x = big[:, K:]  # stride(0) = 2K
@@ -323,7 +313,7 @@ def _tf32_factor(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("NK", [(37, 70), (130, 37), (70, 130)], ids=lambda s: "x".join(map(str, s)))
-def test_dequant_matmul_matches_reference(dtype, M, NK, poison_int8):
+def test_dequant_matmul_matches_reference(dtype, M, NK, poison_outputs):
     N, K = NK
     w, ws = make_w(N, K)
     dy = torch.randn(M, N, generator=_gen(M + N), dtype=torch.float64).to(DEVICE, dtype)
@@ -333,7 +323,7 @@ def test_dequant_matmul_matches_reference(dtype, M, NK, poison_int8):
     assert_close("dx", dx, ref_dx, dtype, factor=_tf32_factor(dtype))
 
 
-def test_dequant_matmul_small_gradients_do_not_underflow_fp16(poison_int8):
+def test_dequant_matmul_small_gradients_do_not_underflow_fp16(poison_outputs):
     """dy ~ 1e-2, w_scale ~ 1e-2: dy * w_scale / 127 ~ 1e-6 is an fp16 subnormal (a few bits),
     W_deq and dx ~ 1e-4 are normal: the W tile is the one scaled."""
     N, K = 70, 37
@@ -356,7 +346,7 @@ def test_dequant_matmul_empty():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 16, 300, 2048])
-def test_gpu_autotuned_configs_are_correct(M, monkeypatch, poison_int8):
+def test_gpu_autotuned_configs_are_correct(M, monkeypatch, poison_outputs):
     monkeypatch.setenv("FASTPEFT_AUTOTUNE", "1")
     K, N = 1024, 768
     x = make_x(M, K, torch.bfloat16)

@@ -20,19 +20,6 @@ SCALINGS = (0.5, 2.0, 1.0, 0.25)
 
 
 @pytest.fixture
-def poison(monkeypatch):
-    """Kernel-written buffers start as NaN (floats) or a garbage key (ints): an element a kernel
-    fails to write fails the test."""
-    from fastpeft.kernels import multi_lora as kml
-
-    def garbage_output(shape, like, dtype):
-        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
-        return torch.full(shape, fill, device=like.device, dtype=dtype)
-
-    monkeypatch.setattr(kml, "_new_output", garbage_output)
-
-
-@pytest.fixture
 def force_regime(monkeypatch):
     def force(name):
         if name is not None:
@@ -93,7 +80,7 @@ BACKEND_REGIMES = [(b, r) for b in KERNEL_BACKENDS for r in ("decode", "prefill"
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", ["mixed", "runs"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference(backend, regime, dtype, pattern, shape, poison, force_regime):
+def test_matches_reference(backend, regime, dtype, pattern, shape, poison_outputs, force_regime):
     force_regime(regime)
     T, K, N = shape
     x, A, B, rk, s, idx = make(T, K, N, dtype, pattern=pattern)
@@ -107,7 +94,7 @@ def test_matches_reference(backend, regime, dtype, pattern, shape, poison, force
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("regime", ["decode", "prefill"])
-def test_out_in_place(backend, dtype, regime, poison, force_regime):
+def test_out_in_place(backend, dtype, regime, poison_outputs, force_regime):
     force_regime(regime)
     x, A, B, rk, s, idx = make(41, 48, 40, dtype, pattern="runs", seed=3)
     out = torch.randn(41, 40, device=DEVICE).to(dtype)
@@ -149,10 +136,11 @@ def test_leading_dims_and_strided_inputs(backend, regime, force_regime):
 
 
 @pytest.mark.parametrize("regime", ["decode", "prefill"])
-def test_split_k_partials(regime, poison, force_regime, monkeypatch):
+def test_split_k_partials(regime, poison_outputs, force_regime, monkeypatch):
     """More SMs than the interpreter's default: the shrink splits K into partial sums."""
+    from fastpeft.kernels import _common
     from fastpeft.kernels import multi_lora as kml
-    monkeypatch.setattr(kml, "_sm_count", lambda device: 64)
+    monkeypatch.setattr(_common, "sm_count", lambda device: 64)
     force_regime(regime)
     x, A, B, rk, s, idx = make(20, 300, 40, torch.float32, pattern="runs", seed=9)
     T, K = x.shape
@@ -163,7 +151,7 @@ def test_split_k_partials(regime, poison, force_regime, monkeypatch):
     assert_close("y", y, reference(x, A, B, rk, s, idx), torch.float32)
 
 
-def test_prefill_tiles_correct_in_any_order(poison, force_regime, monkeypatch):
+def test_prefill_tiles_correct_in_any_order(poison_outputs, force_regime, monkeypatch):
     """Row tiles mixing adapters in any order (no sort at all) are still right: the kernels loop
     over the distinct adapters of each tile."""
     from fastpeft.kernels import multi_lora as kml
@@ -210,7 +198,7 @@ def test_one_adapter_many_ranks_and_large_rank(backend, force_regime):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 @pytest.mark.parametrize("regime", ["decode", "prefill"])
-def test_unchecked_out_of_range_values_are_memory_safe(backend, regime, poison, force_regime):
+def test_unchecked_out_of_range_values_are_memory_safe(backend, regime, poison_outputs, force_regime):
     """check=False: indices outside [-1, n) mean "no adapter"; ranks are clamped to [0, r_max]."""
     force_regime(regime)
     x, A, B, rk, s, idx = make(30, 40, 24, torch.float32, seed=6)
@@ -409,7 +397,7 @@ def test_forced_backend_that_cannot_run():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("T", [1, 37, 700, 4099])
 @pytest.mark.parametrize("pattern", ["mixed", "runs"])
-def test_gpu_realistic_shapes(backend, dtype, T, pattern, poison):
+def test_gpu_realistic_shapes(backend, dtype, T, pattern, poison_outputs):
     x, A, B, rk, s, idx = make(T, 1032, 776, dtype, ranks=(1, 3, 16, 64, 8, 64), pattern=pattern)
     y = fastpeft.multi_lora(x, A, B, rk, s, idx, backend=backend)
     assert_close("y", y, reference(x, A, B, rk, s, idx), dtype, factor=50 if dtype == torch.float32 else 1)

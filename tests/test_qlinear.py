@@ -23,13 +23,6 @@ GRANS = [(64, 32, None), (96, 32, None), (256, 64, None), (256, 128, None), (70,
 OUT = 40  # not a multiple of the kernel's N tile
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    def nan_output(shape, like, dtype):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
-    monkeypatch.setattr(k, "_new_output", nan_output)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -64,7 +57,7 @@ def make_x(M, K, dtype, seed=1):
 @pytest.mark.parametrize("K,group_size,axis", GRANS)
 @pytest.mark.parametrize("scheme", ["zeropoint", "absmax"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_kernel_forward(poison, bits, scheme, K, group_size, axis, dtype):
+def test_kernel_forward(poison_outputs, bits, scheme, K, group_size, axis, dtype):
     qw = make_qweight(OUT, K, bits, scheme, group_size, axis)
     bias = torch.randn(OUT, generator=_gen(5)).to(DEVICE, dtype)
     for M in (1, 5, 33):
@@ -89,7 +82,7 @@ def test_torch_backend_forward(bits, K, group_size, axis, dtype):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_leading_dims_and_strides(poison, backend):
+def test_leading_dims_and_strides(poison_outputs, backend):
     qw = make_qweight(OUT, 64, 4, "zeropoint", 32, None)
     big = make_x(2 * 3 * 5, 128, torch.float16).reshape(2, 3, 5, 128)
     x = big[:, :, :, ::2]  # non-unit last stride
@@ -110,7 +103,7 @@ def test_empty_batch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("M", [1, 5, 33, 300])
-def test_kernel_bf16_gpu(poison, bits, M):
+def test_kernel_bf16_gpu(poison_outputs, bits, M):
     for K, g, axis in GRANS:
         for scheme in ("zeropoint", "absmax"):
             qw = make_qweight(OUT, K, bits, scheme, g, axis)
@@ -147,7 +140,7 @@ def test_grads(backend, bits, scheme, K, group_size, axis, dtype):
 
 @pytest.mark.parametrize("bits,group_size,scheme,tol", [(4, 32, "zeropoint", 0.15), (4, None, "absmax", 0.3),
                                                         (8, 64, "zeropoint", 0.01), (8, 128, "absmax", 0.02)])
-def test_from_linear_close_to_fp32(poison, bits, group_size, scheme, tol):
+def test_from_linear_close_to_fp32(poison_outputs, bits, group_size, scheme, tol):
     torch.manual_seed(0)
     lin = nn.Linear(128, 48).to(DEVICE)
     ql = fastpeft.QuantLinear.from_linear(lin, bits=bits, group_size=group_size, scheme=scheme)
@@ -303,7 +296,7 @@ GEMV_GRANS = GRANS + [(72, None, 0)]
 @pytest.mark.parametrize("K,group_size,axis", GEMV_GRANS)
 @pytest.mark.parametrize("scheme", ["zeropoint", "absmax"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_gemv_forward(poison, gemv, bits, scheme, K, group_size, axis, dtype):
+def test_gemv_forward(poison_outputs, gemv, bits, scheme, K, group_size, axis, dtype):
     """M in 1..4 (M = 3: a masked row of the 4-row block), SPLIT_K 1, 2 and 3 (a K range of one
     partial tile at K = 70 and 72, of two tiles at K = 256 with 3 splits), bias or not."""
     qw = make_qweight(OUT, K, bits, scheme, group_size, axis)
@@ -322,7 +315,7 @@ def test_gemv_forward(poison, gemv, bits, scheme, K, group_size, axis, dtype):
 
 
 @pytest.mark.parametrize("bits,scheme,group_size", [(4, "zeropoint", 64), (8, "absmax", None), (4, "absmax", 32)])
-def test_gemv_split_k_sums_every_partial_once(poison, gemv, bits, scheme, group_size):
+def test_gemv_split_k_sums_every_partial_once(poison_outputs, gemv, bits, scheme, group_size):
     """4 splits of one K tile each: x nonzero in one tile at a time must give that tile's
     product (no partial dropped or doubled), and x = 0 gives exactly the bias (added once,
     after the sum of the splits)."""
@@ -344,7 +337,7 @@ def test_gemv_split_k_sums_every_partial_once(poison, gemv, bits, scheme, group_
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gemv_strided_x_and_unaligned_codes(poison, gemv, dtype):
+def test_gemv_strided_x_and_unaligned_codes(poison_outputs, gemv, dtype):
     """x rows with a row stride other than K and an odd offset (passed through as they are), x
     with a non-unit last stride (made contiguous by fastpeft.ops), and codes whose rows are not
     whole aligned int32 words (the kernel reads them as bytes)."""
@@ -387,7 +380,8 @@ def test_gemv_gpu_config(monkeypatch):
     """The GPU tiles and split heuristic (no kernel runs): one group per tile for groups of 128
     and 256, >= 2 programs per SM, whole K tiles per split, every K covered."""
     monkeypatch.setattr(k, "_interpreted", lambda: False)
-    monkeypatch.setattr(k, "_sm_count", lambda device: 132)
+    from fastpeft.kernels import _common
+    monkeypatch.setattr(_common, "sm_count", lambda device: 132)
     cases = {  # (bits, N, K, group_size): (BLOCK_N, BLOCK_K, SPLIT_K)
         (4, 11008, 4096, None): (16, 512, 1), (4, 11008, 4096, 128): (64, 128, 2),
         (8, 11008, 4096, None): (16, 512, 1), (8, 11008, 4096, 128): (32, 128, 1),

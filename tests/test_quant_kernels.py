@@ -12,19 +12,10 @@ from fastpeft.reference import quant as ref
 
 from _utils import DEVICE
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy NaN/inf in the interpreter
-POISON = {torch.int8: -128, torch.uint8: 0xAA, torch.int32: -2**31}
+pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+              pytest.mark.usefixtures("poison_outputs")]  # numpy NaN/inf in the interpreter
 SCHEMES = ["absmax", "zeropoint"]
 BITS = [8, 4]
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Every output buffer of the launchers starts poisoned: NaN, or an unlikely integer."""
-    def poisoned(shape, like, dtype):
-        return torch.full(shape, POISON.get(dtype, float("nan")), device=like.device, dtype=dtype)
-
-    monkeypatch.setattr(k, "_new_output", poisoned)
 
 
 def _gen(seed):
