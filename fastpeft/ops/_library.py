@@ -26,7 +26,6 @@ FakeTensor, functionalization, vmap) and every autocast region goes through the 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -138,8 +137,3 @@ def register_autocast(op: torch._ops.OpOverload, cast: Sequence[int]) -> None:
         # the Python dispatcher (tracing) takes py_impl; eager calls take the C++ registration
         op.py_impl(key)(py_kernel)
         LIB.impl(name, lambda _keyset_arg, *args, _k=py_kernel: _k(*args), key_name, with_keyset=True)
-
-
-def on_device(t: torch.Tensor):
-    """Kernels launch on the current CUDA device: make it ``t``'s device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

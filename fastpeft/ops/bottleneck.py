@@ -14,13 +14,13 @@ autocast rule) and ``fastpeft::bottleneck_adapter_backward``. No host sync.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .. import _backend, _checks
 from ..reference import bottleneck as ref
-from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
+from ._common import on_device, rows
+from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "bottleneck_adapter"
 ACTIVATIONS = ref.ACTIVATIONS
@@ -52,14 +52,9 @@ def _triton_can_run(device: torch.device, R: int) -> bool:
     return R <= MAX_BOTTLENECK and _backend.why_cannot_run("triton", device, ("triton",)) is None
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
-
-
 def _forward_kernel(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, backend):
     name = _choose(x.device, down_weight.shape[0], backend)
-    x2 = _rows(x)
+    x2 = rows(x)
     if x2.shape[0] == 0 or name == "torch":
         return ref.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling).contiguous()
     with on_device(x2):
@@ -80,7 +75,7 @@ def _backward_kernel(x, dy, down_weight, down_bias, up_weight, activation, scali
     x and of the weights. The cuda backend has no backward kernel: triton runs it where it can."""
     R = down_weight.shape[0]
     name = _choose(x.device, R, backend)
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = rows(x), rows(dy)
     if name == "triton" or (name == "cuda" and _triton_can_run(x.device, R)):
         from ..kernels import bottleneck as k
         with on_device(x2):

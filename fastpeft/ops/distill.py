@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from .. import _backend, _checks
 from ..reference import distill as ref
-from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd
+from ._common import on_device, rows
+from ._library import below_autograd, call, define, eager, needs_grad, register_autograd
 
 OP = "distillation_loss"
 KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
@@ -102,12 +103,6 @@ def _check_logits(student_logits, teacher_logits):
     _checks.same_device(student_logits=student_logits, teacher_logits=teacher_logits)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., V] -> [N, V] with unit stride along V (a view where possible)."""
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    return x2 if x2.stride(-1) == 1 or x2.shape[1] == 1 else x2.contiguous()
-
-
 def _weights(labels, alpha):
     """(kd weight, ce weight): labels None -> KD only at full weight."""
     return (1.0, 0.0) if labels is None else (alpha, 1.0 - alpha)
@@ -124,10 +119,10 @@ def _grad_scale(labels, ignore_index, reduction, n_rows, device) -> tuple[torch.
     return count, torch.ones(1, dtype=torch.float32, device=device)
 
 
-def _reduce(rows: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(row_losses: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
-        return rows.sum()
-    return (rows.sum() / count.clamp(min=1.0)).reshape(())
+        return row_losses.sum()
+    return (row_losses.sum() / count.clamp(min=1.0)).reshape(())
 
 
 def _scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -149,11 +144,11 @@ def _loss_kernel(student_logits, teacher_logits, labels, temperature, alpha, ign
     shape = student_logits.shape
     _check_label_values(labels, V, ignore_index)
     name = _backend.choose(OP, student_logits.device, KERNELS, backend)
-    z, u = _rows(student_logits), _rows(teacher_logits)
+    z, u = rows(student_logits), rows(teacher_logits)
     lab = None if labels is None else labels.reshape(-1)
     count, scale = _grad_scale(labels, ignore_index, reduction, z.shape[0], z.device)
     if name == "torch" or z.numel() == 0:
-        rows = ref.distillation_loss(z, u, lab, temperature, alpha, ignore_index, divergence, "none").float()
+        row_losses = ref.distillation_loss(z, u, lab, temperature, alpha, ignore_index, divergence, "none").float()
         grad = None
         if need_grad:
             grad = (ref.distillation_grad(z, u, lab, temperature, alpha, ignore_index, divergence)
@@ -164,9 +159,9 @@ def _loss_kernel(student_logits, teacher_logits, labels, temperature, alpha, ign
             lab = lab.long()
         kd_w, ce_w = _weights(labels, alpha)
         with on_device(z):
-            rows, grad = k.distill_loss_fwd(z, u, lab.contiguous() if lab is not None else None, temperature,
+            row_losses, grad = k.distill_loss_fwd(z, u, lab.contiguous() if lab is not None else None, temperature,
                                             kd_w, ce_w, ignore_index, divergence, scale, need_grad)
-    loss = rows.reshape(shape[:-1]) if reduction == "none" else _reduce(rows, count, reduction)
+    loss = row_losses.reshape(shape[:-1]) if reduction == "none" else _reduce(row_losses, count, reduction)
     grad = grad.reshape(shape) if need_grad else student_logits.new_empty(0)
     return loss, grad
 
@@ -271,11 +266,11 @@ def default_chunk_size(n_rows: int, vocab: int) -> int:
 
 def _chunk_loss_torch(z, u, lab, temperature, alpha, ignore_index, divergence, scale, need_grad):
     """The reference on one chunk: (row losses, scale * d(row losses)/dz in z's dtype, or None)."""
-    rows = ref.distillation_loss(z, u, lab, temperature, alpha, ignore_index, divergence, "none").float()
+    row_losses = ref.distillation_loss(z, u, lab, temperature, alpha, ignore_index, divergence, "none").float()
     grad = None
     if need_grad:
         grad = (ref.distillation_grad(z, u, lab, temperature, alpha, ignore_index, divergence) * scale).to(z.dtype)
-    return rows, grad
+    return row_losses, grad
 
 
 def _accumulate_weight_grad(acc: torch.Tensor, gz: torch.Tensor, h: torch.Tensor, block: int = 16384) -> None:
@@ -307,7 +302,7 @@ def _fused_kernel(student_hidden, student_weight, teacher_hidden, teacher_weight
     lab = None if labels is None else labels.reshape(-1)
     if lab is not None and lab.dtype not in (torch.int32, torch.int64):
         lab = lab.long()
-    rows = torch.empty(N, dtype=torch.float32, device=hs.device)
+    row_losses = torch.empty(N, dtype=torch.float32, device=hs.device)
     grad_h = torch.empty(hs.shape, dtype=hs.dtype, device=hs.device) if need_h else None
     grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need_w else None
     grad_b = torch.zeros(V, dtype=torch.float32, device=ws.device) if need_b else None
@@ -325,7 +320,7 @@ def _fused_kernel(student_hidden, student_weight, teacher_hidden, teacher_weight
             else:
                 r, gz = _chunk_loss_torch(z, u, lab_c, temperature, alpha, ignore_index, divergence, scale, need_z)
             del u
-            rows[c0:c1] = r
+            row_losses[c0:c1] = r
             if need_h:
                 torch.mm(gz, ws, out=grad_h[c0:c1])
             if need_w:
@@ -334,7 +329,7 @@ def _fused_kernel(student_hidden, student_weight, teacher_hidden, teacher_weight
                 grad_b += gz.sum(0, dtype=torch.float32)
             del z, gz
     empty = lambda: hs.new_empty(0)  # a placeholder per output: outputs must not alias each other
-    return (_reduce(rows, count, reduction), empty() if grad_h is None else grad_h.reshape(student_hidden.shape),
+    return (_reduce(row_losses, count, reduction), empty() if grad_h is None else grad_h.reshape(student_hidden.shape),
             empty() if grad_w is None else grad_w.to(ws.dtype), empty() if grad_b is None else grad_b.to(bs.dtype))
 
 

@@ -15,7 +15,8 @@ import torch
 from .. import _backend, _checks
 from ..reference import fakequant as ref
 from ..reference.quant import SCHEMES, qrange
-from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
+from ._common import on_device
+from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "fake_quantize"
 KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors

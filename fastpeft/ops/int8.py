@@ -19,7 +19,8 @@ import torch
 from .. import _backend, _checks
 from ..reference import int8 as ref
 from ..reference import quant as ref_quant
-from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
+from ._common import on_device, rows
+from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "int8_linear"
 KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
@@ -31,12 +32,6 @@ def check_threshold(threshold: object) -> float:
     if t < 0:
         raise ValueError(f"threshold must be >= 0 (0 disables the outlier decomposition), got {t}")
     return t
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., K] -> [M, K] with unit stride along K."""
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
 
 
 def _kernels(backend: str):
@@ -53,7 +48,7 @@ def _kernels(backend: str):
 
 
 def _quant_kernel(x, threshold, backend):
-    x2 = _rows(x)
+    x2 = rows(x)
     name = _backend.choose("int8_vectorwise_quant", x.device, KERNELS, backend)
     if name == "torch" or x2.numel() == 0:
         q, scale, cols = ref.int8_vectorwise_quant(x2, threshold)
@@ -177,7 +172,7 @@ def _torch_linear(x2, w, sw, bias, threshold, input_scale=None):
 
 def _linear_kernel(x, weight_int8, weight_scale, bias, threshold, input_scale, backend):
     N, K = weight_int8.shape
-    x2 = _rows(x)
+    x2 = rows(x)
     kernels = KERNELS if input_scale is None else KERNELS_STATIC
     name = _backend.choose(OP, x.device, kernels, backend)
     if x2.shape[0] == 0 or N == 0 or K == 0:
@@ -195,7 +190,7 @@ def _linear_kernel(x, weight_int8, weight_scale, bias, threshold, input_scale, b
 
 def _grad_input_kernel(dy, weight_int8, weight_scale, backend):
     """dx = dy @ W_deq, W_deq = w_int8 * w_scale / 127, in dy's dtype."""
-    dy2 = _rows(dy)
+    dy2 = rows(dy)
     K = weight_int8.shape[1]
     name = _backend.choose(OP, dy.device, KERNELS, backend)
     if name == "triton" and dy2.shape[0] and K:

@@ -29,7 +29,8 @@ from torch.autograd.function import once_differentiable
 from .. import _backend, _checks
 from ..reference import lora as ref
 from ..reference.dropout import dropout_2d
-from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
+from ._common import on_device, rows
+from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "lora_linear"
 KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
@@ -139,13 +140,6 @@ _KERNEL_IMPL = {  # forward, backward dx, dA of the kernel backends
 }
 
 
-def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """[..., K] -> ([M, K], M) with unit stride along K (K == 0 and M == 0 included)."""
-    M = math.prod(t.shape[:-1])
-    t2 = t.reshape(M, t.shape[-1])
-    return (t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()), M
-
-
 # ---------------------------------------------------------------------------------------------
 # the op kernels (CPU and CUDA): the backend is chosen here, when they run
 
@@ -153,7 +147,8 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse_shrink):
     """(y [..., out] in x's dtype, U float32 [M, r])."""
     N, K = weight.shape
-    x2, M = _rows(x)
+    x2 = rows(x)
+    M = x2.shape[0]
     name = _backend.choose(OP, x.device, KERNELS, backend)
     if name == "torch" or M == 0 or N == 0 or K == 0:
         y, u = _torch_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -170,7 +165,8 @@ def _lora_linear_kernel(x, weight, bias, lora_A, lora_B, scaling, dropout_p, see
 
 def _dx_kernel(dy, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, fuse_shrink):
     N, K = weight.shape
-    dy2, M = _rows(dy)
+    dy2 = rows(dy)
+    M = dy2.shape[0]
     name = _backend.choose(OP, dy.device, KERNELS, backend)
     if name == "torch" or M == 0 or N == 0 or K == 0:
         dx, v = _torch_backward_dx(dy2, weight, lora_A, lora_B, scaling, dropout_p, seed)
@@ -182,7 +178,8 @@ def _dx_kernel(dy, weight, lora_A, lora_B, scaling, dropout_p, seed, backend, fu
 
 
 def _da_kernel(v, x, scaling, dropout_p, seed, backend):
-    x2, M = _rows(x)
+    x2 = rows(x)
+    M = x2.shape[0]
     name = _backend.choose(OP, x.device, KERNELS, backend)
     if name == "torch" or M == 0 or x2.shape[1] == 0:
         return _torch_grad_a(v, x2, scaling, dropout_p, seed)

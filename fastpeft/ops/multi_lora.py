@@ -17,7 +17,8 @@ import torch
 
 from .. import _backend, _checks
 from ..reference import multi_lora as ref
-from ._library import define, eager, on_device
+from ._common import on_device
+from ._library import define, eager
 
 OP = "multi_lora"
 KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors

@@ -23,7 +23,6 @@ sync.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +30,13 @@ import torch.nn.functional as F
 from .. import _backend, _checks
 from ..reference import int8 as ref_int8
 from ..reference import quant as ref_quant
-from ._library import below_autograd, call, define, eager, needs_grad, on_device, register_autograd, still_eager
+from ._common import on_device, rows
+from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 from .quant import QuantizedTensor, dequantize_op, torch_dequantize
 
 OP = "quant_linear"
 ACTIVATIONS = (None, "dynamic", "static")
 KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    return x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous()
 
 
 def _weight(data, scale, zero_point, bits, scheme, axis, group_size, K, dtype):
@@ -107,7 +102,7 @@ def _choose(device, group_size, activations, backend) -> str:
 def _linear_kernel(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, activations, input_scale,
                    backend):
     N = data.shape[0]
-    x2 = _rows(x)
+    x2 = rows(x)
     name = _choose(x.device, group_size, activations, backend)
     w_args = (data, scale, zero_point, bits, scheme, axis, group_size)
     if x2.shape[0] == 0 or N == 0 or x2.shape[1] == 0:  # nothing to quantize: zeros (+ bias)

@@ -16,7 +16,8 @@ import torch
 
 from .. import _backend, _checks
 from ..reference import quant as ref
-from ._library import call, define, eager, on_device
+from ._common import on_device
+from ._library import call, define, eager
 
 KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
 BITS = (8, 4)
