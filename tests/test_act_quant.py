@@ -12,15 +12,13 @@ import torch
 from torch import nn
 
 import fastpeft
-from fastpeft.kernels import int8 as kint8
-from fastpeft.kernels import qlinear as kq
 from fastpeft.kernels import quant as kquant
 from fastpeft.ops.int8 import quantize_weight
 from fastpeft.reference import int8 as ref8
 from fastpeft.reference import quant as refq
 
 from _utils import DEVICE, assert_close
-from test_qlinear import OUT, _gen, make_qweight, make_x, w_deq64
+from _quant_cases import OUT, _gen, make_qweight, make_x, w_deq64
 
 DTYPES = [torch.float32, torch.float16]
 # (in, group_size, axis): one group per interpreter K tile (32), a group over two tiles (64, 128),

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 peft = pytest.importorskip("peft")
 from _hf import tiny_llama, torch_backend  # noqa: E402,F401  (torch_backend: autouse fixture)
+from _utils import rel_err  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,6 @@ def logits(model):
     with torch.no_grad():
         return model(X).logits
 
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def train(model, steps=3):

@@ -17,6 +17,7 @@ import torch
 import fastpeft
 
 from _hf import torch_backend, transformers  # noqa: F401  (torch_backend: autouse fixture)
+from _utils import rel_err as rel
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -27,10 +28,6 @@ def tiny_llama():
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).float()
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def models(setup: str):

@@ -3,7 +3,7 @@
 tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu, csrc/quant.cu and csrc/bottleneck.cu unchanged with g++ against
 stand-in CUDA headers (one OS thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding)
 under AddressSanitizer + UBSan, and a subset under ThreadSanitizer. Patched in for fastpeft._C, it runs
-the checks of test_cuda_ext.py on CPU tensors, so CI (no GPU) checks the kernels' indexing,
+the checks of _cuda_checks.py (the GPU tests of test_cuda_ext.py run them too) on CPU tensors, so CI (no GPU) checks the kernels' indexing,
 bounds, barriers, dropout masks, int8 and quantization codes and numerics. What it cannot check (warp execution, the real
 wmma fragment layouts and accumulation order, the memory model, performance) is listed in
 tests/cuda_emu/README.md: the GPU tests of test_cuda_ext.py remain the real check.
@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import torch
 
-import test_cuda_ext as checks  # the check_* helpers the GPU tests use
+import _cuda_checks as checks  # the check_* helpers the GPU tests use
 from cuda_emu import emulator
 from fastpeft import _backend
 from fastpeft.ops import _cext
@@ -327,7 +327,7 @@ def test_emulated_extension_mirrors_the_bindings(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# bottleneck adapter (csrc/bottleneck.cu): the fused forward against the float64 spec of test_cuda_ext.py
+# bottleneck adapter (csrc/bottleneck.cu): the fused forward against the float64 spec of _cuda_checks.py
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -381,7 +381,7 @@ def test_adapter_no_data_races(emulate, check, args):
 # ---------------------------------------------------------------------------------------------
 # multi-adapter LoRA (csrc/lora.cu, MULTI kernels): ranks 1, 3, 16, 64 in one stack (and an unused adapter of
 # NaN), NaN beyond every rank, rows without adapter (-1, n, huge, negative, int64 values that truncate to valid
-# ones), against the float64 spec of test_cuda_ext.py
+# ones), against the float64 spec of _cuda_checks.py
 
 I32, I64 = torch.int32, torch.int64
 

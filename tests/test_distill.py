@@ -16,7 +16,7 @@ import fastpeft
 from fastpeft.kernels import distill as k
 from fastpeft.reference import distill as rd
 
-from _utils import DEVICE, TOL, assert_close, rel_err
+from _utils import DEVICE, assert_close, rel_err
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
               pytest.mark.usefixtures("poison_outputs")]

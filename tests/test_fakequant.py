@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.kernels import fakequant as k
 from fastpeft.reference import fakequant as rfq
 from fastpeft.reference import quant as rq
 

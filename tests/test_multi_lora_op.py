@@ -10,7 +10,7 @@ from fastpeft import _backend
 from fastpeft.ops import multi_lora as ops_ml
 from fastpeft.reference import multi_lora as ref
 
-from _utils import DEVICE, TOL, assert_close
+from _utils import DEVICE, assert_close
 
 KERNEL_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and "cuda" in ops_ml.KERNELS
                                 and _backend.cuda_ext_status()[0] else [])

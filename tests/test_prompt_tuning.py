@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 peft = pytest.importorskip("peft")
 from _hf import tiny_llama, torch_backend  # noqa: E402,F401  (torch_backend: autouse fixture)
+from _utils import rel_err  # noqa: E402
 
 V, T = 128, 4
 
@@ -97,9 +98,6 @@ def randomize_prompt(model, seed=5):
                                                      generator=torch.Generator().manual_seed(seed)))
     return model
 
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------

