@@ -29,7 +29,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).parent.resolve()
 CUDA_SOURCES = ["csrc/lora.cu", "csrc/int8.cu", "csrc/quant.cu", "csrc/bottleneck.cu"]
 CXX_SOURCES = ["csrc/bindings.cpp"]
-CUDA_HEADERS = ["csrc/common.cuh"]
+CUDA_HEADERS = ["csrc/common.cuh", "csrc/fastpeft.h"]
 
 
 def _cuda_home_env() -> str | None:

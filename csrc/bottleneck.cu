@@ -287,9 +287,8 @@ bottleneck_adapter_forward_kernel(const T* __restrict__ x, int64_t s_xm, const T
 
 }  // namespace
 
-void bottleneck_adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr_t bd, uintptr_t wu, uintptr_t bu, uintptr_t y,
-                     int64_t s_ym, int64_t M, int64_t D, int64_t R, int dtype, int activation, float scaling,
-                     int64_t n_split, int device, uintptr_t stream_handle) {
+void bottleneck_adapter_forward(const BottleneckAdapterForwardParams& p) {
+  FASTPEFT_BOTTLENECK_ADAPTER_FORWARD(FASTPEFT_UNPACK)
   const char* func = "bottleneck_adapter_forward";
   require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, func,
           "unsupported dtype code " + std::to_string(dtype) + " (0 float32, 1 float16, 2 bfloat16)");
@@ -305,7 +304,6 @@ void bottleneck_adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr
   require(x != 0 && wd != 0 && wu != 0 && y != 0, func, "null device pointer");
   require(M == 1 || s_ym >= D, func, "the rows of y overlap (row stride " + std::to_string(s_ym) + " < d)");
   DeviceGuard guard(device, func);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
 
   dispatch_dtype(dtype, func, [&](auto tag) {
     using T = decltype(tag);

@@ -11,6 +11,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "fastpeft.h"
+
 namespace fastpeft {
 
 // ---------------------------------------------------------------------------------------------

@@ -454,9 +454,8 @@ void launch_gemm(bool vw16, int64_t tiles, cudaStream_t stream, const int8_t* q,
 
 }  // namespace
 
-void int8_quant_rows(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t q, int64_t s_qm, uintptr_t row_scale,
-                     int64_t M, int64_t K, int dtype, float threshold, uintptr_t col_flags, int device,
-                     uintptr_t stream_handle) {
+void int8_quant_rows(const Int8QuantRowsParams& p) {
+  FASTPEFT_INT8_QUANT_ROWS(FASTPEFT_UNPACK)
   const char* func = "int8_quant_rows";
   require(M >= 0 && K >= 0, func, "sizes must be >= 0, got " + std::to_string(M) + " x " + std::to_string(K));
   check_dtype(func, dtype);
@@ -464,7 +463,6 @@ void int8_quant_rows(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t q, int64
   if (M == 0) return;
   require(row_scale != 0 && (K == 0 || (x != 0 && q != 0)), func, "null device pointer");
   DeviceGuard guard(device, func);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
 
   dispatch_dtype(dtype, func, [&](auto tag) {
     using T = decltype(tag);
@@ -494,10 +492,8 @@ void int8_quant_rows(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t q, int64
   });
 }
 
-void int8_gemm(uintptr_t q, int64_t s_qm, uintptr_t row_scale, uintptr_t w, int64_t s_wn, uintptr_t w_scale,
-               uintptr_t y, int64_t s_ym, int64_t M, int64_t N, int64_t K, int dtype, uintptr_t bias, uintptr_t x,
-               int64_t s_xm, int64_t s_xk, uintptr_t col_flags, uintptr_t cols, int64_t n_cols, uintptr_t count,
-               int tile, int device, uintptr_t stream_handle) {
+void int8_gemm(const Int8GemmParams& p) {
+  FASTPEFT_INT8_GEMM(FASTPEFT_UNPACK)
   const char* func = "int8_gemm";
   require(M >= 0 && N >= 0 && K >= 0, func,
           "sizes must be >= 0, got M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
@@ -511,7 +507,6 @@ void int8_gemm(uintptr_t q, int64_t s_qm, uintptr_t row_scale, uintptr_t w, int6
   require(y != 0 && row_scale != 0 && w_scale != 0 && (K == 0 || (q != 0 && w != 0)), func, "null device pointer");
   require(cols == 0 || K == 0 || x != 0, func, "the outlier columns (cols, count) need x");
   DeviceGuard guard(device, func);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
 
   int cfg = tile;
   if (cfg == 0) {

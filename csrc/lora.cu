@@ -559,10 +559,8 @@ AdapterMap adapter_map(uintptr_t row_order, uintptr_t indices, int index_bits, u
 
 }  // namespace
 
-void lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_ar, int64_t s_ak,
-                 uintptr_t u, int64_t s_um, int64_t s_ur, int64_t M, int64_t K, int64_t R, int dtype,
-                 float out_scale, bool dropout, uintptr_t seed, uint32_t thr31, int64_t split_k, int device,
-                 uintptr_t stream_handle) {
+void lora_shrink(const LoraShrinkParams& p) {
+  FASTPEFT_LORA_SHRINK(FASTPEFT_UNPACK)
   const char* func = "lora_shrink";
   check_sizes(func, M, K, R);
   check_args(func, dtype, dropout, thr31);
@@ -571,7 +569,6 @@ void lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s
   if (M == 0) return;
   require(u != 0 && (K == 0 || (x != 0 && a != 0)), func, "null device pointer");
   DeviceGuard guard(device, func);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (K == 0) {
     zero_u(reinterpret_cast<float*>(u), s_um, s_ur, M, R, stream, func);
     return;
@@ -604,10 +601,8 @@ void lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s
   });
 }
 
-void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s_um, int64_t s_ur,
-                 uintptr_t b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R, int dtype,
-                 float scaling, bool dropout, uintptr_t seed, uint32_t thr31, float drop_scale, int device,
-                 uintptr_t stream_handle) {
+void lora_expand(const LoraExpandParams& p) {
+  FASTPEFT_LORA_EXPAND(FASTPEFT_UNPACK)
   const char* func = "lora_expand";
   check_sizes(func, M, N, R);
   check_args(func, dtype, dropout, thr31);
@@ -615,7 +610,6 @@ void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s
   if (M == 0 || N == 0) return;
   require(y != 0 && u != 0 && b != 0, func, "null device pointer");
   DeviceGuard guard(device, func);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
 
   dispatch_dtype(dtype, func, [&](auto tag) {
     using T = decltype(tag);
@@ -636,10 +630,8 @@ void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s
   });
 }
 
-void multi_lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_aa, int64_t s_ar,
-                       int64_t s_ak, uintptr_t u, int64_t s_um, int64_t s_ur, uintptr_t ranks, uintptr_t indices,
-                       int index_bits, uintptr_t row_order, int64_t M, int64_t K, int64_t R, int64_t n, int dtype,
-                       int tile, int64_t split_k, int64_t slices, int device, uintptr_t stream_handle) {
+void multi_lora_shrink(const MultiLoraShrinkParams& p) {
+  FASTPEFT_MULTI_LORA_SHRINK(FASTPEFT_UNPACK)
   const char* func = "multi_lora_shrink";
   check_sizes(func, M, K, R);
   check_args(func, dtype, false, 0);
@@ -649,7 +641,6 @@ void multi_lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int
   require(u != 0 && indices != 0 && (n == 0 || ranks != 0) && (n == 0 || K == 0 || (x != 0 && a != 0)), func,
           "null device pointer");
   DeviceGuard guard(device, func);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   if (K == 0 || n == 0) {  // no products: every element of U is 0
     zero_u(reinterpret_cast<float*>(u), s_um, s_ur, M, R, stream, func);
     return;
@@ -689,10 +680,8 @@ void multi_lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int
   });
 }
 
-void multi_lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s_um, int64_t s_ur,
-                       uintptr_t b, int64_t s_ba, int64_t s_bn, int64_t s_br, uintptr_t ranks, uintptr_t scalings,
-                       uintptr_t indices, int index_bits, uintptr_t row_order, int64_t M, int64_t N, int64_t R,
-                       int64_t n, int dtype, int tile, int64_t slices, int device, uintptr_t stream_handle) {
+void multi_lora_expand(const MultiLoraExpandParams& p) {
+  FASTPEFT_MULTI_LORA_EXPAND(FASTPEFT_UNPACK)
   const char* func = "multi_lora_expand";
   check_sizes(func, M, N, R);
   check_args(func, dtype, false, 0);
@@ -700,7 +689,6 @@ void multi_lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int
   if (M == 0 || N == 0 || n == 0) return;  // n == 0: no row has an adapter
   require(y != 0 && u != 0 && b != 0 && ranks != 0 && scalings != 0 && indices != 0, func, "null device pointer");
   DeviceGuard guard(device, func);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
 
   dispatch_dtype(dtype, func, [&](auto tag) {
     using T = decltype(tag);

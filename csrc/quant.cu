@@ -363,9 +363,8 @@ void launch_codes(const Geometry& geo, const T* x, const float* s, const int* z,
 
 }  // namespace
 
-void quant_quantize(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t zero_point, int64_t outer, int64_t C,
-                    int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
-                    int device, uintptr_t stream_handle) {
+void quant_quantize(const QuantQuantizeParams& p) {
+  FASTPEFT_QUANT_QUANTIZE(FASTPEFT_UNPACK)
   const char* func = "quant_quantize";
   const Geometry geo = check_geometry(func, outer, C, inner, last, mode, group_size, bits, scheme);
   require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, func,
@@ -373,7 +372,6 @@ void quant_quantize(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t zero_po
   require(geo.numel > 0, func, "cannot quantize an empty tensor (its slots have no min / max)");
   require(x != 0 && q != 0 && scale != 0 && zero_point != 0, func, "null device pointer");
   DeviceGuard guard(device, func);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int qmax = scheme == kAbsmax ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
   const float qmin_f = scheme == kAbsmax ? -static_cast<float>(qmax) : 0.0f, qmax_f = static_cast<float>(qmax);
   auto sp = reinterpret_cast<float*>(scale);
@@ -431,9 +429,8 @@ void quant_quantize(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t zero_po
   });
 }
 
-void quant_dequantize(uintptr_t q, uintptr_t scale, uintptr_t zero_point, uintptr_t y, int64_t outer, int64_t C,
-                      int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
-                      int device, uintptr_t stream_handle) {
+void quant_dequantize(const QuantDequantizeParams& p) {
+  FASTPEFT_QUANT_DEQUANTIZE(FASTPEFT_UNPACK)
   const char* func = "quant_dequantize";
   const Geometry geo = check_geometry(func, outer, C, inner, last, mode, group_size, bits, scheme);
   require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, func,
@@ -441,7 +438,6 @@ void quant_dequantize(uintptr_t q, uintptr_t scale, uintptr_t zero_point, uintpt
   if (geo.numel == 0) return;
   require(q != 0 && scale != 0 && zero_point != 0 && y != 0, func, "null device pointer");
   DeviceGuard guard(device, func);
-  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const bool sign = scheme == kAbsmax;
   const bool vec = aligned16(y) && (bits == 8 ? q % 8 == 0 : (q % 4 == 0 && last % 2 == 0));
   const bool uniform = mode == kTensor || (mode == kChannel && geo.inner % kDqV == 0) ||

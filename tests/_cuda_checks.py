@@ -72,9 +72,9 @@ def check_shrink_split_k(device, dtype, M, K, R, split_k):
     A = torch.randn(R, K, generator=g).to(device, dtype)
     buf = torch.full((M + 2, R + 3), float("nan"), device=device)
     u = buf[1:-1, 1:-2]
-    C.lora_shrink(x.data_ptr(), x.stride(0), x.stride(1), A.data_ptr(), A.stride(0), A.stride(1),
-                  u.data_ptr(), u.stride(0), u.stride(1), M, K, R, _cext._DTYPE_CODES[dtype],
-                  out_scale=1.0, split_k=split_k, device=x.device.index or 0, stream=_stream(device))
+    C.lora_shrink(x=x.data_ptr(), s_xm=x.stride(0), s_xk=x.stride(1), a=A.data_ptr(), s_ar=A.stride(0),
+                  s_ak=A.stride(1), u=u.data_ptr(), s_um=u.stride(0), s_ur=u.stride(1), M=M, K=K, R=R,
+                  dtype=_cext._DTYPE_CODES[dtype], out_scale=1.0, split_k=split_k, device=x.device.index or 0, stream=_stream(device))
     assert rel_err(u, x.double() @ A.double().t()) <= TOL[dtype]
     pad = buf.clone()
     pad[1:-1, 1:-2] = float("nan")
@@ -261,8 +261,8 @@ def check_int8_quant_bounds(device, dtype, M, K, threshold, pad=5):
     sbuf = torch.full((M + 2,), float("nan"), device=device)
     fbuf = torch.full((K + 2,), 7, dtype=torch.int32, device=device)
     fbuf[1:-1] = 0
-    C.int8_quant_rows(x.data_ptr(), x.stride(0), x.stride(1), q.data_ptr(), q.stride(0), sbuf[1:].data_ptr(), M, K,
-                      _cext._DTYPE_CODES[dtype], threshold=threshold, col_flags=fbuf[1:].data_ptr(),
+    C.int8_quant_rows(x=x.data_ptr(), s_xm=x.stride(0), s_xk=x.stride(1), q=q.data_ptr(), s_qm=q.stride(0),
+                      row_scale=sbuf[1:].data_ptr(), M=M, K=K, dtype=_cext._DTYPE_CODES[dtype], threshold=threshold, col_flags=fbuf[1:].data_ptr(),
                       device=x.device.index or 0, stream=_stream(device))
     rq, rrs, rcols = ref_int8.int8_vectorwise_quant(x.cpu(), threshold)
     assert torch.equal(q.cpu(), int8_codes(x, threshold, rrs))
@@ -371,9 +371,9 @@ def check_int8_gemm_bounds(device, dtype, M, N, K, threshold, tile=0):
     y = buf[1:-1, 2:-1]
     x = t["x"]
     ptr = (lambda v: 0 if v is None else v.data_ptr())
-    C.int8_gemm(t["q"].data_ptr(), t["q"].stride(0), t["rs"].data_ptr(), t["w"].data_ptr(), t["w"].stride(0),
-                t["ws"].data_ptr(), y.data_ptr(), y.stride(0), M, N, K, _cext._DTYPE_CODES[dtype],
-                bias=ptr(t["bias"]), x=x.data_ptr(), s_xm=x.stride(0), s_xk=x.stride(1), col_flags=ptr(t["flags"]),
+    C.int8_gemm(q=t["q"].data_ptr(), s_qm=t["q"].stride(0), row_scale=t["rs"].data_ptr(), w=t["w"].data_ptr(),
+                s_wn=t["w"].stride(0), w_scale=t["ws"].data_ptr(), y=y.data_ptr(), s_ym=y.stride(0), M=M, N=N, K=K,
+                dtype=_cext._DTYPE_CODES[dtype], bias=ptr(t["bias"]), x=x.data_ptr(), s_xm=x.stride(0), s_xk=x.stride(1), col_flags=ptr(t["flags"]),
                 cols=ptr(t["cols"]), n_cols=K if threshold > 0 else 0, count=ptr(t["count"]), tile=tile,
                 device=x.device.index or 0, stream=_stream(device))
     n = int(t["count"].item()) if threshold > 0 else 0
@@ -535,7 +535,8 @@ def check_dequant(device, out_dtype, shape, bits, scheme, axis=None, group_size=
 def _quant_args(shape, bits, scheme, axis, group_size):
     b, code, axis, group_size, mode, outer, C, inner, last, sshape = _cext._quant_geometry(
         tuple(shape), bits, scheme, axis, group_size)
-    return (outer, C, inner, last, mode, group_size or 0, bits, code), sshape
+    return dict(outer=outer, C=C, inner=inner, last=last, mode=mode, group_size=group_size or 0, bits=bits,
+                scheme=code), sshape
 
 
 def check_quant_bounds(device, dtype, shape, bits, scheme, axis=None, group_size=None, pad=9):
@@ -548,8 +549,8 @@ def check_quant_bounds(device, dtype, shape, bits, scheme, axis=None, group_size
     qbuf = torch.full((nb + 2 * pad,), 0x80, dtype=torch.uint8, device=device)
     sbuf = torch.full((ns + 2 * pad,), float("nan"), device=device)
     zbuf = torch.full((ns + 2 * pad,), -7, dtype=torch.int32, device=device)
-    C.quant_quantize(x.data_ptr(), qbuf[pad:].data_ptr(), sbuf[pad:].data_ptr(), zbuf[pad:].data_ptr(), *geo,
-                     _cext._DTYPE_CODES[dtype], device=x.device.index or 0, stream=_stream(device))
+    C.quant_quantize(x=x.data_ptr(), q=qbuf[pad:].data_ptr(), scale=sbuf[pad:].data_ptr(),
+                     zero_point=zbuf[pad:].data_ptr(), **geo, dtype=_cext._DTYPE_CODES[dtype], device=x.device.index or 0, stream=_stream(device))
     assert torch.equal(qbuf[pad:pad + nb].cpu(), rdata.reshape(-1).view(torch.uint8))
     assert_same(sbuf[pad:pad + ns].reshape(rscale.shape), rscale, "scale")
     assert torch.equal(zbuf[pad:pad + ns].cpu(), rzp.reshape(-1))
@@ -563,8 +564,8 @@ def check_quant_bounds(device, dtype, shape, bits, scheme, axis=None, group_size
     d = qbuf[pad:pad + nb].clone()
     s = sbuf[pad:pad + ns].clone()
     z = zbuf[pad:pad + ns].clone()
-    C.quant_dequantize(d.data_ptr(), s.data_ptr(), z.data_ptr(), ybuf[off:].data_ptr(), *geo,
-                       _cext._DTYPE_CODES[dtype], device=x.device.index or 0, stream=_stream(device))
+    C.quant_dequantize(q=d.data_ptr(), scale=s.data_ptr(), zero_point=z.data_ptr(), y=ybuf[off:].data_ptr(), **geo,
+                       dtype=_cext._DTYPE_CODES[dtype], device=x.device.index or 0, stream=_stream(device))
     want = dequant_ref(rdata, rscale, rzp, bits, scheme, axis, group_size, shape, dtype).reshape(-1)
     assert_same(ybuf[off:off + n], want, "y")
     assert torch.isnan(ybuf[:off]).all() and torch.isnan(ybuf[off + n:]).all(), "dequantize wrote outside y"
@@ -626,7 +627,7 @@ def check_quant_errors(device):
         args = dict(outer=1, C=1, inner=24, last=6, mode=0, group_size=0, bits=8, scheme=0)
         args.update(bad)
         with pytest.raises(ValueError, match="quant_quantize"):
-            C.quant_quantize(x.data_ptr(), data.data_ptr(), scale.data_ptr(), zp.data_ptr(), dtype=0,
+            C.quant_quantize(x=x.data_ptr(), q=data.data_ptr(), scale=scale.data_ptr(), zero_point=zp.data_ptr(), dtype=0,
                              device=x.device.index or 0, stream=_stream(device), **args)
     # empty dequantize; 0-d per tensor
     assert _cext.quant_dequantize(data[:, :0], scale[:0], zp[:0], 4, "zeropoint", 1, None, (4, 0), torch.float16) \
@@ -748,9 +749,10 @@ def check_adapter_bounds(device, dtype, M, D, R, activation="gelu", n_split=0, y
     x, wd, bd, wu, bu = adapter_inputs(M, D, R, dtype, device, seed=1)
     buf = torch.full((M + 2, D + y_pad), float("nan"), dtype=dtype, device=device)
     y = buf[1:-1, 1:D + 1]
-    C.bottleneck_adapter_forward(x.data_ptr(), x.stride(0), wd.data_ptr(), bd.data_ptr(), wu.data_ptr(), bu.data_ptr(),
-                      y.data_ptr(), y.stride(0), M, D, R, _cext._DTYPE_CODES[dtype],
-                      _cext.ADAPTER_ACTIVATIONS[activation], scaling=-0.75, n_split=n_split,
+    C.bottleneck_adapter_forward(x=x.data_ptr(), s_xm=x.stride(0), wd=wd.data_ptr(), bd=bd.data_ptr(), wu=wu.data_ptr(),
+                                 bu=bu.data_ptr(), y=y.data_ptr(), s_ym=y.stride(0), M=M, D=D, R=R,
+                                 dtype=_cext._DTYPE_CODES[dtype], activation=_cext.ADAPTER_ACTIVATIONS[activation],
+                                 scaling=-0.75, n_split=n_split,
                       device=x.device.index or 0, stream=_stream(device))
     assert rel_err(y, adapter_ref(x, wd, bd, wu, bu, activation, -0.75)) <= TOL[dtype]
     pad = buf.clone()
@@ -807,14 +809,23 @@ def check_adapter_errors_and_empty(device):
     y = torch.empty_like(x)
     wd3, wu3 = torch.randn(300, 40, device=device), torch.randn(40, 300, device=device)
     with pytest.raises(ValueError, match="limit of 256"):
-        C.bottleneck_adapter_forward(x.data_ptr(), x.stride(0), wd3.data_ptr(), 0, wu3.data_ptr(), 0, y.data_ptr(), y.stride(0),
-                          5, 40, 300, 0, 0, stream=_stream(device))
-    args = (x.data_ptr(), x.stride(0), wd.data_ptr(), bd.data_ptr(), wu.data_ptr(), bu.data_ptr(), y.data_ptr(),
-            y.stride(0), 5, 40)
+        C.bottleneck_adapter_forward(x=x.data_ptr(), s_xm=x.stride(0), wd=wd3.data_ptr(), bd=0, wu=wu3.data_ptr(),
+                                     bu=0, y=y.data_ptr(), s_ym=y.stride(0), M=5, D=40, R=300, dtype=0, activation=0,
+                                     stream=_stream(device))
+    args = dict(x=x.data_ptr(), s_xm=x.stride(0), wd=wd.data_ptr(), bd=bd.data_ptr(), wu=wu.data_ptr(),
+                bu=bu.data_ptr(), y=y.data_ptr(), s_ym=y.stride(0), M=5, D=40, R=8, stream=_stream(device))
     with pytest.raises(ValueError, match="unknown activation code 7"):
-        C.bottleneck_adapter_forward(*args, 8, 0, 7, stream=_stream(device))
+        C.bottleneck_adapter_forward(**args, dtype=0, activation=7)
     with pytest.raises(ValueError, match="dtype code 5"):
-        C.bottleneck_adapter_forward(*args, 8, 5, 0, stream=_stream(device))
+        C.bottleneck_adapter_forward(**args, dtype=5, activation=0)
+    with pytest.raises(ValueError, match="unknown keyword"):
+        C.bottleneck_adapter_forward(**args, dtype=0, activation=0, not_a_field=1)
+    with pytest.raises(ValueError, match="missing required keyword argument activation"):
+        C.bottleneck_adapter_forward(**args, dtype=0)
+    with pytest.raises(TypeError, match="keyword M"):  # a size that is no integer
+        C.bottleneck_adapter_forward(**{**args, "M": 5.0}, dtype=0, activation=0)
+    with pytest.raises(TypeError, match="keyword wd"):  # a pointer that is no address
+        C.bottleneck_adapter_forward(**{**args, "wd": -8}, dtype=0, activation=0)
     assert _cext.bottleneck_adapter_forward(x[:0], wd, bd, wu, bu, "silu", 1.0).shape == (0, 40)
     empty_d = _cext.bottleneck_adapter_forward(x[:, :0], wd[:, :0], bd, wu[:0], None, "silu", 1.0)
     assert empty_d.shape == (5, 0)
@@ -1049,21 +1060,25 @@ def check_multi_lora_errors_and_empty(device):
     with pytest.raises(ValueError, match="tile must be"):
         _cext._multi_lora_shrink(x, A, ranks, idx, u, tile=-1)
     C = _cext._extension()  # the binding's own checks
-    args = (x.data_ptr(), x.stride(0), 1, A.data_ptr(), R * K, K, 1, u.data_ptr(), R, 1, ranks.data_ptr(),
-            idx.data_ptr())
+    args = dict(x=x.data_ptr(), s_xm=x.stride(0), s_xk=1, a=A.data_ptr(), s_aa=R * K, s_ar=K, s_ak=1, u=u.data_ptr(),
+                s_um=R, s_ur=1, ranks=ranks.data_ptr(), indices=idx.data_ptr(), row_order=0, M=T, K=K, R=R,
+                stream=_stream(device))
     with pytest.raises(ValueError, match="index_bits must be 32 or 64"):
-        C.multi_lora_shrink(*args, 16, 0, T, K, R, n, 0, stream=_stream(device))
+        C.multi_lora_shrink(**args, index_bits=16, n=n, dtype=0)
+    args["index_bits"] = 64
     with pytest.raises(ValueError, match="tile must be 0"):
-        C.multi_lora_shrink(*args, 64, 0, T, K, R, n, 0, tile=3, stream=_stream(device))
+        C.multi_lora_shrink(**args, n=n, dtype=0, tile=3)
     with pytest.raises(ValueError, match="slices must be in"):
-        C.multi_lora_shrink(*args, 64, 0, T, K, R, n, 0, slices=100000, stream=_stream(device))
+        C.multi_lora_shrink(**args, n=n, dtype=0, slices=100000)
     with pytest.raises(ValueError, match="dtype code 7"):
-        C.multi_lora_shrink(*args, 64, 0, T, K, R, n, 7, stream=_stream(device))
+        C.multi_lora_shrink(**args, n=n, dtype=7)
     with pytest.raises(ValueError, match="adapter count n"):
-        C.multi_lora_shrink(*args, 64, 0, T, K, R, -1, 0, stream=_stream(device))
+        C.multi_lora_shrink(**args, n=-1, dtype=0)
     with pytest.raises(ValueError, match="index_bits must be 32 or 64"):
-        C.multi_lora_expand(y.data_ptr(), N, 1, u.data_ptr(), R, 1, B.data_ptr(), N * R, R, 1, ranks.data_ptr(),
-                            s.data_ptr(), idx.data_ptr(), 8, 0, T, N, R, n, 0, stream=_stream(device))
+        C.multi_lora_expand(y=y.data_ptr(), s_ym=N, s_yn=1, u=u.data_ptr(), s_um=R, s_ur=1, b=B.data_ptr(),
+                            s_ba=N * R, s_bn=R, s_br=1, ranks=ranks.data_ptr(), scalings=s.data_ptr(),
+                            indices=idx.data_ptr(), index_bits=8, row_order=0, M=T, N=N, R=R, n=n, dtype=0,
+                            stream=_stream(device))
     # empty batches, K = 0 (u all zeros), an empty stack (every row without adapter)
     assert shrink(x[:0], A, ranks, idx[:0], u[:0]).shape == (0, R)
     assert expand(y[:0], u[:0], B, ranks, s, idx[:0]).shape == (0, N)

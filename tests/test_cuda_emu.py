@@ -10,8 +10,6 @@ tests/cuda_emu/README.md: the GPU tests of test_cuda_ext.py remain the real chec
 """
 from __future__ import annotations
 
-import inspect
-import re
 import subprocess
 
 import pytest
@@ -306,24 +304,25 @@ def test_emulator_reports_out_of_bounds_reads(emulate):
         checks.check_expand("cpu", F32, 7, 50, 4)
 
 
-def _cpp_default(text: str | None):
-    if not text:
-        return inspect.Parameter.empty
-    text = text.strip()
-    if text in ("true", "false"):
-        return text == "true"
-    return float(text.rstrip("f")) if "." in text else int(text.rstrip("uU"))
-
-
-@pytest.mark.parametrize("name", ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "quant_quantize",
-                                  "quant_dequantize", "bottleneck_adapter_forward", "multi_lora_shrink", "multi_lora_expand"])
-def test_emulated_extension_mirrors_the_bindings(name):
-    """EmulatedExtension's functions take the arguments of csrc/bindings.cpp, with its defaults."""
-    text = (emulator.CSRC / "bindings.cpp").read_text()
-    chunk = next(c for c in text.split("m.def(")[1:] if c.lstrip().startswith(f'"{name}"'))
-    want = [(n, _cpp_default(d)) for n, d in re.findall(r'"(\w+)"_a(?:\s*=\s*([^,)]+))?', chunk)]
-    params = list(inspect.signature(getattr(emulator.EmulatedExtension, name)).parameters.values())[1:]
-    assert [(p.name, p.default) for p in params] == want
+def test_emulator_reads_the_declared_fields(tmp_path):
+    """emulator.entry_points() reads csrc/fastpeft.h's entry points and fields as the C preprocessor does
+    (the device reads the fields of a call in that order)."""
+    src = tmp_path / "fields.cpp"
+    src.write_text('#include <cstdio>\n#include "fastpeft.h"\n'
+                   '#define SHOW(kind, name, init) std::printf(" %s %s %s", #kind, #name, #init);\n'
+                   '#define ENTRY(fn, Params, FIELDS) std::printf("\\n%s", #fn); FIELDS(SHOW)\n'
+                   'int main() { FASTPEFT_ENTRY_POINTS(ENTRY) }\n')
+    exe = tmp_path / "fields"
+    subprocess.run([emulator.compiler(), "-std=c++20", f"-I{emulator.CSRC}", str(src), "-o", str(exe)], check=True)
+    want = {}
+    for line in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split("\n")[1:]:
+        name, *words = line.split()
+        want[name] = tuple(emulator.Field(k, n, emulator._cpp_value(d))
+                           for k, n, d in zip(words[::3], words[1::3], words[2::3]))
+    got = emulator.entry_points()
+    assert got == want
+    assert set(got) == set(emulator.OPERANDS)
+    assert any(f.default is emulator.REQUIRED for f in got["lora_shrink"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Thin wrappers over the CUDA C++ extension ``fastpeft._C`` (the ``cuda`` backend).
 
 ``fastpeft._C`` links no libtorch: it takes raw device pointers, element strides, a dtype
-code and a stream. These wrappers check the tensors, pass their pointers and strides and
+code and a stream, as keyword arguments named as the fields of the parameter structs in
+csrc/fastpeft.h. These wrappers check the tensors, pass their pointers and strides and
 torch's current stream, and fold the dropout rescale ``1 / (1 - p)`` into the scalars.
 """
 from __future__ import annotations
@@ -101,8 +102,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int], R:
     seed_t = _seed_tensor(seed, device, p)
     ext = _extension()
     u = torch.empty((M, R), dtype=torch.float32, device=device)
-    ext.lora_shrink(x.data_ptr(), x.stride(0), x.stride(1), a.data_ptr(), s_ar, s_ak,
-                    u.data_ptr(), u.stride(0), u.stride(1), M, K, R, _DTYPE_CODES[x.dtype],
+    ext.lora_shrink(x=x.data_ptr(), s_xm=x.stride(0), s_xk=x.stride(1), a=a.data_ptr(), s_ar=s_ar, s_ak=s_ak,
+                    u=u.data_ptr(), s_um=u.stride(0), s_ur=u.stride(1), M=M, K=K, R=R, dtype=_DTYPE_CODES[x.dtype],
                     out_scale=scale, dropout=p > 0.0, seed=0 if seed_t is None else seed_t.data_ptr(),
                     thr31=dropout_threshold(p), split_k=0, device=device.index or 0,
                     stream=_stream(device))
@@ -143,8 +144,9 @@ def lora_expand_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, b_strides: t
     scaling = _checks.finite_float("scaling", scaling)
     seed_t = _seed_tensor(seed, device, p)
     ext = _extension()
-    ext.lora_expand(y.data_ptr(), y.stride(0), y.stride(1), u.data_ptr(), u.stride(0), u.stride(1),
-                    b.data_ptr(), s_bn, s_br, M, N, R, _DTYPE_CODES[y.dtype], scaling=scaling,
+    ext.lora_expand(y=y.data_ptr(), s_ym=y.stride(0), s_yn=y.stride(1), u=u.data_ptr(), s_um=u.stride(0),
+                    s_ur=u.stride(1), b=b.data_ptr(), s_bn=s_bn, s_br=s_br, M=M, N=N, R=R,
+                    dtype=_DTYPE_CODES[y.dtype], scaling=scaling,
                     dropout=p > 0.0, seed=0 if seed_t is None else seed_t.data_ptr(), thr31=dropout_threshold(p),
                     drop_scale=1.0 / (1.0 - p), device=device.index or 0, stream=_stream(device))
     return y
@@ -188,8 +190,8 @@ def int8_quant_rows(x: torch.Tensor, threshold: float):
     q = torch.empty((M, K), dtype=torch.int8, device=device)
     row_scale = torch.empty((M,), dtype=torch.float32, device=device)
     flags = torch.zeros((K,), dtype=torch.int32, device=device) if threshold > 0.0 else None
-    ext.int8_quant_rows(x.data_ptr(), x.stride(0), x.stride(1), q.data_ptr(), q.stride(0), row_scale.data_ptr(),
-                        M, K, _DTYPE_CODES[x.dtype], threshold=threshold,
+    ext.int8_quant_rows(x=x.data_ptr(), s_xm=x.stride(0), s_xk=x.stride(1), q=q.data_ptr(), s_qm=q.stride(0),
+                        row_scale=row_scale.data_ptr(), M=M, K=K, dtype=_DTYPE_CODES[x.dtype], threshold=threshold,
                         col_flags=flags.data_ptr() if flags is not None else 0,
                         device=device.index or 0, stream=_stream(device))
     return q, row_scale, flags
@@ -253,8 +255,9 @@ def int8_gemm(q: torch.Tensor, row_scale: torch.Tensor, w_int8: torch.Tensor, w_
     def ptr(t):
         return t.data_ptr() if t is not None else 0
 
-    ext.int8_gemm(q.data_ptr(), q.stride(0), row_scale.data_ptr(), w_int8.data_ptr(), w_int8.stride(0),
-                  w_scale.data_ptr(), y.data_ptr(), y.stride(0), M, N, K, _DTYPE_CODES[out_dtype], bias=ptr(bias),
+    ext.int8_gemm(q=q.data_ptr(), s_qm=q.stride(0), row_scale=row_scale.data_ptr(), w=w_int8.data_ptr(),
+                  s_wn=w_int8.stride(0), w_scale=w_scale.data_ptr(), y=y.data_ptr(), s_ym=y.stride(0), M=M, N=N, K=K,
+                  dtype=_DTYPE_CODES[out_dtype], bias=ptr(bias),
                   x=ptr(x), s_xm=x.stride(0) if x is not None else 0, s_xk=x.stride(1) if x is not None else 0,
                   col_flags=ptr(col_flags), cols=ptr(cols), n_cols=cols.numel() if cols is not None else 0,
                   count=ptr(count), tile=tile, device=device.index or 0, stream=_stream(device))
@@ -332,8 +335,9 @@ def quant_quantize(x: torch.Tensor, bits: int, scheme: str, axis: int | None, gr
     data = torch.empty(dshape, dtype=dtype, device=device)
     scale = torch.empty(sshape, dtype=torch.float32, device=device)
     zero_point = torch.empty(sshape, dtype=torch.int32, device=device)
-    ext.quant_quantize(xc.data_ptr(), data.data_ptr(), scale.data_ptr(), zero_point.data_ptr(), outer, C, inner, last,
-                       mode, group_size or 0, bits, code, _DTYPE_CODES[x.dtype], device=device.index or 0,
+    ext.quant_quantize(x=xc.data_ptr(), q=data.data_ptr(), scale=scale.data_ptr(), zero_point=zero_point.data_ptr(),
+                       outer=outer, C=C, inner=inner, last=last, mode=mode, group_size=group_size or 0, bits=bits,
+                       scheme=code, dtype=_DTYPE_CODES[x.dtype], device=device.index or 0,
                        stream=_stream(device))
     return data, scale, zero_point
 
@@ -373,8 +377,9 @@ def quant_dequantize(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     if y.numel() == 0:
         return y
     dc, sc, zc = data.contiguous(), scale.contiguous(), zero_point.contiguous()
-    ext.quant_dequantize(dc.data_ptr(), sc.data_ptr(), zc.data_ptr(), y.data_ptr(), outer, C, inner, last, mode,
-                         group_size or 0, bits, code, _DTYPE_CODES[out_dtype], device=device.index or 0,
+    ext.quant_dequantize(q=dc.data_ptr(), scale=sc.data_ptr(), zero_point=zc.data_ptr(), y=y.data_ptr(), outer=outer,
+                         C=C, inner=inner, last=last, mode=mode, group_size=group_size or 0, bits=bits, scheme=code,
+                         dtype=_DTYPE_CODES[out_dtype], device=device.index or 0,
                          stream=_stream(device))
     return y
 
@@ -444,10 +449,11 @@ def bottleneck_adapter_forward(x2: torch.Tensor, down_weight: torch.Tensor, down
     def ptr(t):
         return t.data_ptr() if t is not None else 0
 
-    ext.bottleneck_adapter_forward(x2.data_ptr(), x2.stride(0), down_weight.data_ptr(), ptr(down_bias), up_weight.data_ptr(),
-                        ptr(up_bias), y2.data_ptr(), y2.stride(0), M, D, R, _DTYPE_CODES[x2.dtype],
-                        ADAPTER_ACTIVATIONS[activation], scaling=scaling, n_split=n_split,
-                        device=device.index or 0, stream=_stream(device))
+    ext.bottleneck_adapter_forward(x=x2.data_ptr(), s_xm=x2.stride(0), wd=down_weight.data_ptr(), bd=ptr(down_bias),
+                                   wu=up_weight.data_ptr(), bu=ptr(up_bias), y=y2.data_ptr(), s_ym=y2.stride(0), M=M,
+                                   D=D, R=R, dtype=_DTYPE_CODES[x2.dtype],
+                                   activation=ADAPTER_ACTIVATIONS[activation], scaling=scaling, n_split=n_split,
+                                   device=device.index or 0, stream=_stream(device))
     return y2
 
 
@@ -512,10 +518,11 @@ def _multi_lora_shrink(x2: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor, i
     ext = _extension()
     if T == 0 or r_max == 0:
         return u
-    ext.multi_lora_shrink(x2.data_ptr(), x2.stride(0), x2.stride(1), A.data_ptr(), A.stride(0), A.stride(1),
-                          A.stride(2), u.data_ptr(), u.stride(0), u.stride(1), ranks.data_ptr(), indices.data_ptr(),
-                          _INDEX_BITS[indices.dtype], row_order.data_ptr() if row_order is not None else 0,
-                          T, K, r_max, n, _DTYPE_CODES[x2.dtype], tile=tile, split_k=split_k, slices=slices,
+    ext.multi_lora_shrink(x=x2.data_ptr(), s_xm=x2.stride(0), s_xk=x2.stride(1), a=A.data_ptr(), s_aa=A.stride(0),
+                          s_ar=A.stride(1), s_ak=A.stride(2), u=u.data_ptr(), s_um=u.stride(0), s_ur=u.stride(1),
+                          ranks=ranks.data_ptr(), indices=indices.data_ptr(), index_bits=_INDEX_BITS[indices.dtype],
+                          row_order=row_order.data_ptr() if row_order is not None else 0, M=T, K=K, R=r_max, n=n,
+                          dtype=_DTYPE_CODES[x2.dtype], tile=tile, split_k=split_k, slices=slices,
                           device=device.index or 0, stream=_stream(device))
     return u
 
@@ -554,11 +561,12 @@ def _multi_lora_expand(y2: torch.Tensor, u: torch.Tensor, B: torch.Tensor, ranks
     ext = _extension()
     if T == 0 or N == 0 or r_max == 0 or n == 0:
         return y2
-    ext.multi_lora_expand(y2.data_ptr(), y2.stride(0), y2.stride(1), u.data_ptr(), u.stride(0), u.stride(1),
-                          B.data_ptr(), B.stride(0), B.stride(1), B.stride(2), ranks.data_ptr(), scalings.data_ptr(),
-                          indices.data_ptr(), _INDEX_BITS[indices.dtype],
-                          row_order.data_ptr() if row_order is not None else 0, T, N, r_max, n,
-                          _DTYPE_CODES[y2.dtype], tile=tile, slices=slices, device=device.index or 0,
+    ext.multi_lora_expand(y=y2.data_ptr(), s_ym=y2.stride(0), s_yn=y2.stride(1), u=u.data_ptr(), s_um=u.stride(0),
+                          s_ur=u.stride(1), b=B.data_ptr(), s_ba=B.stride(0), s_bn=B.stride(1), s_br=B.stride(2),
+                          ranks=ranks.data_ptr(), scalings=scalings.data_ptr(), indices=indices.data_ptr(),
+                          index_bits=_INDEX_BITS[indices.dtype],
+                          row_order=row_order.data_ptr() if row_order is not None else 0, M=T, N=N, R=r_max, n=n,
+                          dtype=_DTYPE_CODES[y2.dtype], tile=tile, slices=slices, device=device.index or 0,
                           stream=_stream(device))
     return y2
 

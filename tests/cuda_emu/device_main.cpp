@@ -3,8 +3,8 @@
 //
 // Protocol (emulator.py writes it to stdin):
 //   one text line:  <function> <nbuf> {<size> <head> <offset> <is_output>}*nbuf <arguments...>
-//                   the arguments of bindings.cpp in order, each pointer as a buffer index (-1: null),
-//                   floats in C99 hex notation
+//                   the fields of the entry point's parameter struct (csrc/fastpeft.h) in order, each
+//                   pointer as a buffer index (-1: null), floats in C99 hex notation
 //   then the bytes of each buffer, in order.
 // A buffer holds exactly the bytes an operand spans; it is allocated at that size after <head>
 // bytes of padding that keep the host tensor's address modulo 64, so AddressSanitizer reports
@@ -27,41 +27,7 @@
 #endif
 
 #include "cuda_runtime.h"
-
-namespace fastpeft {  // as declared in csrc/bindings.cpp
-void lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_ar, int64_t s_ak,
-                 uintptr_t u, int64_t s_um, int64_t s_ur, int64_t M, int64_t K, int64_t R, int dtype,
-                 float out_scale, bool dropout, uintptr_t seed, uint32_t thr31, int64_t split_k, int device,
-                 uintptr_t stream);
-void lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s_um, int64_t s_ur,
-                 uintptr_t b, int64_t s_bn, int64_t s_br, int64_t M, int64_t N, int64_t R, int dtype,
-                 float scaling, bool dropout, uintptr_t seed, uint32_t thr31, float drop_scale, int device,
-                 uintptr_t stream);
-void multi_lora_shrink(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t a, int64_t s_aa, int64_t s_ar,
-                       int64_t s_ak, uintptr_t u, int64_t s_um, int64_t s_ur, uintptr_t ranks, uintptr_t indices,
-                       int index_bits, uintptr_t row_order, int64_t M, int64_t K, int64_t R, int64_t n, int dtype,
-                       int tile, int64_t split_k, int64_t slices, int device, uintptr_t stream);
-void multi_lora_expand(uintptr_t y, int64_t s_ym, int64_t s_yn, uintptr_t u, int64_t s_um, int64_t s_ur,
-                       uintptr_t b, int64_t s_ba, int64_t s_bn, int64_t s_br, uintptr_t ranks, uintptr_t scalings,
-                       uintptr_t indices, int index_bits, uintptr_t row_order, int64_t M, int64_t N, int64_t R,
-                       int64_t n, int dtype, int tile, int64_t slices, int device, uintptr_t stream);
-void int8_quant_rows(uintptr_t x, int64_t s_xm, int64_t s_xk, uintptr_t q, int64_t s_qm, uintptr_t row_scale,
-                     int64_t M, int64_t K, int dtype, float threshold, uintptr_t col_flags, int device,
-                     uintptr_t stream);
-void int8_gemm(uintptr_t q, int64_t s_qm, uintptr_t row_scale, uintptr_t w, int64_t s_wn, uintptr_t w_scale,
-               uintptr_t y, int64_t s_ym, int64_t M, int64_t N, int64_t K, int dtype, uintptr_t bias, uintptr_t x,
-               int64_t s_xm, int64_t s_xk, uintptr_t col_flags, uintptr_t cols, int64_t n_cols, uintptr_t count,
-               int tile, int device, uintptr_t stream);
-void quant_quantize(uintptr_t x, uintptr_t q, uintptr_t scale, uintptr_t zero_point, int64_t outer, int64_t C,
-                    int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
-                    int device, uintptr_t stream);
-void quant_dequantize(uintptr_t q, uintptr_t scale, uintptr_t zero_point, uintptr_t y, int64_t outer, int64_t C,
-                      int64_t inner, int64_t last, int mode, int64_t group_size, int bits, int scheme, int dtype,
-                      int device, uintptr_t stream);
-void bottleneck_adapter_forward(uintptr_t x, int64_t s_xm, uintptr_t wd, uintptr_t bd, uintptr_t wu, uintptr_t bu, uintptr_t y,
-                     int64_t s_ym, int64_t M, int64_t D, int64_t R, int dtype, int activation, float scaling,
-                     int64_t n_split, int device, uintptr_t stream);
-}  // namespace fastpeft
+#include "fastpeft.h"
 
 namespace {
 
@@ -103,6 +69,7 @@ class Call {
   uint32_t u32() { return next<uint32_t>(); }
   bool flag() { return next<int>() != 0; }
   float f32() { return static_cast<float>(std::strtod(next<std::string>().c_str(), nullptr)); }  // as pybind11
+  uintptr_t stream() { return static_cast<uintptr_t>(next<uint64_t>()); }
 
  private:
   template <typename T> T next() {
@@ -120,134 +87,18 @@ class Call {
   std::vector<Buffer> buffers_;
 };
 
-void dispatch(Call& c) {
-  if (c.function() == "lora_shrink") {
-    const uintptr_t x = c.ptr();
-    const int64_t s_xm = c.i64(), s_xk = c.i64();
-    const uintptr_t a = c.ptr();
-    const int64_t s_ar = c.i64(), s_ak = c.i64();
-    const uintptr_t u = c.ptr();
-    const int64_t s_um = c.i64(), s_ur = c.i64(), M = c.i64(), K = c.i64(), R = c.i64();
-    const int dtype = c.i32();
-    const float out_scale = c.f32();
-    const bool dropout = c.flag();
-    const uintptr_t seed = c.ptr();
-    const uint32_t thr31 = c.u32();
-    const int64_t split_k = c.i64();
-    const int device = c.i32();
-    const auto stream = static_cast<uintptr_t>(c.i64());
-    fastpeft::lora_shrink(x, s_xm, s_xk, a, s_ar, s_ak, u, s_um, s_ur, M, K, R, dtype, out_scale, dropout, seed,
-                          thr31, split_k, device, stream);
-  } else if (c.function() == "lora_expand") {
-    const uintptr_t y = c.ptr();
-    const int64_t s_ym = c.i64(), s_yn = c.i64();
-    const uintptr_t u = c.ptr();
-    const int64_t s_um = c.i64(), s_ur = c.i64();
-    const uintptr_t b = c.ptr();
-    const int64_t s_bn = c.i64(), s_br = c.i64(), M = c.i64(), N = c.i64(), R = c.i64();
-    const int dtype = c.i32();
-    const float scaling = c.f32();
-    const bool dropout = c.flag();
-    const uintptr_t seed = c.ptr();
-    const uint32_t thr31 = c.u32();
-    const float drop_scale = c.f32();
-    const int device = c.i32();
-    const auto stream = static_cast<uintptr_t>(c.i64());
-    fastpeft::lora_expand(y, s_ym, s_yn, u, s_um, s_ur, b, s_bn, s_br, M, N, R, dtype, scaling, dropout, seed,
-                          thr31, drop_scale, device, stream);
-  } else if (c.function() == "multi_lora_shrink") {
-    const uintptr_t x = c.ptr();
-    const int64_t s_xm = c.i64(), s_xk = c.i64();
-    const uintptr_t a = c.ptr();
-    const int64_t s_aa = c.i64(), s_ar = c.i64(), s_ak = c.i64();
-    const uintptr_t u = c.ptr();
-    const int64_t s_um = c.i64(), s_ur = c.i64();
-    const uintptr_t ranks = c.ptr(), indices = c.ptr();
-    const int index_bits = c.i32();
-    const uintptr_t row_order = c.ptr();
-    const int64_t M = c.i64(), K = c.i64(), R = c.i64(), n = c.i64();
-    const int dtype = c.i32(), tile = c.i32();
-    const int64_t split_k = c.i64(), slices = c.i64();
-    const int device = c.i32();
-    const auto stream = static_cast<uintptr_t>(c.i64());
-    fastpeft::multi_lora_shrink(x, s_xm, s_xk, a, s_aa, s_ar, s_ak, u, s_um, s_ur, ranks, indices, index_bits,
-                                row_order, M, K, R, n, dtype, tile, split_k, slices, device, stream);
-  } else if (c.function() == "multi_lora_expand") {
-    const uintptr_t y = c.ptr();
-    const int64_t s_ym = c.i64(), s_yn = c.i64();
-    const uintptr_t u = c.ptr();
-    const int64_t s_um = c.i64(), s_ur = c.i64();
-    const uintptr_t b = c.ptr();
-    const int64_t s_ba = c.i64(), s_bn = c.i64(), s_br = c.i64();
-    const uintptr_t ranks = c.ptr(), scalings = c.ptr(), indices = c.ptr();
-    const int index_bits = c.i32();
-    const uintptr_t row_order = c.ptr();
-    const int64_t M = c.i64(), N = c.i64(), R = c.i64(), n = c.i64();
-    const int dtype = c.i32(), tile = c.i32();
-    const int64_t slices = c.i64();
-    const int device = c.i32();
-    const auto stream = static_cast<uintptr_t>(c.i64());
-    fastpeft::multi_lora_expand(y, s_ym, s_yn, u, s_um, s_ur, b, s_ba, s_bn, s_br, ranks, scalings, indices,
-                                index_bits, row_order, M, N, R, n, dtype, tile, slices, device, stream);
-  } else if (c.function() == "int8_quant_rows") {
-    const uintptr_t x = c.ptr();
-    const int64_t s_xm = c.i64(), s_xk = c.i64();
-    const uintptr_t q = c.ptr();
-    const int64_t s_qm = c.i64();
-    const uintptr_t row_scale = c.ptr();
-    const int64_t M = c.i64(), K = c.i64();
-    const int dtype = c.i32();
-    const float threshold = c.f32();
-    const uintptr_t col_flags = c.ptr();
-    const int device = c.i32();
-    const auto stream = static_cast<uintptr_t>(c.i64());
-    fastpeft::int8_quant_rows(x, s_xm, s_xk, q, s_qm, row_scale, M, K, dtype, threshold, col_flags, device, stream);
-  } else if (c.function() == "int8_gemm") {
-    const uintptr_t q = c.ptr();
-    const int64_t s_qm = c.i64();
-    const uintptr_t row_scale = c.ptr(), w = c.ptr();
-    const int64_t s_wn = c.i64();
-    const uintptr_t w_scale = c.ptr(), y = c.ptr();
-    const int64_t s_ym = c.i64(), M = c.i64(), N = c.i64(), K = c.i64();
-    const int dtype = c.i32();
-    const uintptr_t bias = c.ptr(), x = c.ptr();
-    const int64_t s_xm = c.i64(), s_xk = c.i64();
-    const uintptr_t col_flags = c.ptr(), cols = c.ptr();
-    const int64_t n_cols = c.i64();
-    const uintptr_t count = c.ptr();
-    const int tile = c.i32(), device = c.i32();
-    const auto stream = static_cast<uintptr_t>(c.i64());
-    fastpeft::int8_gemm(q, s_qm, row_scale, w, s_wn, w_scale, y, s_ym, M, N, K, dtype, bias, x, s_xm, s_xk, col_flags,
-                        cols, n_cols, count, tile, device, stream);
-  } else if (c.function() == "quant_quantize" || c.function() == "quant_dequantize") {
-    const uintptr_t a = c.ptr(), b = c.ptr(), s = c.ptr(), z = c.ptr();
-    const int64_t outer = c.i64(), C = c.i64(), inner = c.i64(), last = c.i64();
-    const int mode = c.i32();
-    const int64_t group_size = c.i64();
-    const int bits = c.i32(), scheme = c.i32(), dtype = c.i32(), device = c.i32();
-    const auto stream = static_cast<uintptr_t>(c.i64());
-    if (c.function() == "quant_quantize") {
-      fastpeft::quant_quantize(a, b, s, z, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device,
-                               stream);
-    } else {  // q, scale, zero_point, y
-      fastpeft::quant_dequantize(a, b, s, z, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device,
-                                 stream);
-    }
-  } else if (c.function() == "bottleneck_adapter_forward") {
-    const uintptr_t x = c.ptr();
-    const int64_t s_xm = c.i64();
-    const uintptr_t wd = c.ptr(), bd = c.ptr(), wu = c.ptr(), bu = c.ptr(), y = c.ptr();
-    const int64_t s_ym = c.i64(), M = c.i64(), D = c.i64(), R = c.i64();
-    const int dtype = c.i32(), activation = c.i32();
-    const float scaling = c.f32();
-    const int64_t n_split = c.i64();
-    const int device = c.i32();
-    const auto stream = static_cast<uintptr_t>(c.i64());
-    fastpeft::bottleneck_adapter_forward(x, s_xm, wd, bd, wu, bu, y, s_ym, M, D, R, dtype, activation, scaling, n_split, device,
-                              stream);
-  } else {
-    throw std::runtime_error("emulator: unknown function " + c.function());
+// Each field of the entry point's parameter struct (csrc/fastpeft.h), in order, by its kind.
+#define EMU_READ_FIELD(kind, name, init) p.name = c.kind();
+#define EMU_DISPATCH(fn, Params, FIELDS) \
+  if (c.function() == #fn) {             \
+    fastpeft::Params p;                  \
+    FIELDS(EMU_READ_FIELD)               \
+    return fastpeft::fn(p);              \
   }
+
+void dispatch(Call& c) {
+  FASTPEFT_ENTRY_POINTS(EMU_DISPATCH)
+  throw std::runtime_error("emulator: unknown function " + c.function());
 }
 
 }  // namespace

@@ -8,8 +8,8 @@ mechanical rewrites: each ``kernel<<<cfg>>>(args)`` launch, which g++ cannot par
 under another name, its real name bound to heap memory of its exact size that the emulator
 fills with NaN before every block (``emu::shared_memory`` in include/cuda_runtime.h).
 
-``EmulatedExtension`` has ``fastpeft._C``'s kernel functions with the same arguments (raw
-pointers and element strides). For each call it copies exactly the bytes every operand spans
+``EmulatedExtension`` has ``fastpeft._C``'s kernel functions with the same keyword arguments (raw
+pointers and element strides), read from csrc/fastpeft.h. For each call it copies exactly the bytes every operand spans
 out of the host tensors' memory, runs the call in a fresh device process, and copies the output
 operands back (outputs the kernel must overwrite start poisoned: NaN, or -128 for int8 codes).
 With it patched in for ``fastpeft._C``, the checks of tests/_cuda_checks.py run on CPU tensors.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import hashlib
 import operator
 import os
@@ -35,6 +36,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -99,7 +101,7 @@ def build(variant: str = "asan", csrc: str | os.PathLike | None = None,
     csrc = Path(csrc or CSRC).resolve()
     kernel_sources = [csrc / k for k in KERNELS]
     flags = [*_COMMON, f"-I{csrc}", *VARIANTS[variant]]
-    inputs = [*kernel_sources, *sorted(csrc.glob("*.cuh")), *sorted((HERE / "include").glob("*.h")),
+    inputs = [*kernel_sources, *sorted(csrc.glob("*.cuh")), *sorted(csrc.glob("*.h")), *sorted((HERE / "include").glob("*.h")),
               HERE / "device_main.cpp", Path(__file__)]
     key = hashlib.sha256(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode())
     key.update(" ".join(flags).encode())
@@ -130,18 +132,56 @@ def build(variant: str = "asan", csrc: str | os.PathLike | None = None,
     return exe
 
 
-def _index(name: str, v) -> int:
+class Field(NamedTuple):
+    """One field of an entry point's parameter struct in csrc/fastpeft.h."""
+    kind: str  # ptr, i64, i32, u32, flag, f32, stream
+    name: str
+    default: object  # REQUIRED: none
+
+
+REQUIRED = object()
+
+
+def _cpp_value(text: str):
+    text = text.strip()
+    if text == "required":
+        return REQUIRED
+    if text in ("true", "false"):
+        return text == "true"
+    return float(text.rstrip("f")) if "." in text else int(text.rstrip("uU"))
+
+
+def entry_points(header: str | os.PathLike | None = None) -> dict[str, tuple[Field, ...]]:
+    """The entry points of fastpeft._C and their fields, in order, read from csrc/fastpeft.h."""
+    text = Path(header or CSRC / "fastpeft.h").read_text()
+    macros = dict(re.findall(r"#define (FASTPEFT_\w+)\(F\)((?:.*\\\n)*.*)", text))
+    entries = re.findall(r"E\((\w+), \w+, (FASTPEFT_\w+)\)", text)
+    if not entries:
+        raise RuntimeError(f"no entry points found in {header}")
+    return {name: tuple(Field(k, n, _cpp_value(d)) for k, n, d in re.findall(r"F\((\w+), (\w+), ([^)]*)\)", macros[m]))
+            for name, m in entries}
+
+
+_INT_RANGES = {"ptr": (0, 2**64), "stream": (0, 2**64), "i64": (-2**63, 2**63), "i32": (-2**31, 2**31),
+               "u32": (0, 2**32)}
+
+
+def _convert(function: str, field: Field, v):
+    """``v`` as the binding casts it to the field's kind; TypeError where the binding's cast fails."""
     try:
-        return operator.index(v)
+        if field.kind == "f32":
+            if isinstance(v, (str, bytes)):
+                raise TypeError
+            return float(v)
+        if field.kind == "flag":
+            return bool(v)
+        v = operator.index(v)
+        lo, hi = _INT_RANGES[field.kind]
+        if not lo <= v < hi:
+            raise TypeError
+        return v
     except TypeError:
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}") from None
-
-
-def _u32(name: str, v) -> int:
-    v = _index(name, v)
-    if not 0 <= v < 2**32:
-        raise TypeError(f"{name}: {v} does not fit in uint32")
-    return v
+        raise TypeError(f"{function}: keyword {field.name} takes a {field.kind} value, got {v!r}") from None
 
 
 _ELEMENT_BYTES = {0: 4, 1: 2, 2: 2}  # by dtype code
@@ -159,10 +199,10 @@ class _Operand:
     def __init__(self, ptr, rows, cols, s0, s1, elem: int, output: bool = False, overwritten: bool = False,
                  poison: int = -1, lead: tuple | None = None):
         """``lead``: (count, stride) of a leading dim (a stack of [rows, cols] operands)."""
-        self.ptr, self.output, self.overwritten = _index("pointer", ptr), output, overwritten
+        self.ptr, self.output, self.overwritten = ptr, output, overwritten
         self.elem, self.poison = elem, poison
-        shape = [_index("size", v) for v in ((lead[0],) if lead else ()) + (rows, cols)]
-        strides = [_index("size", v) for v in ((lead[1],) if lead else ()) + (s0, s1)]
+        shape = ((lead[0],) if lead else ()) + (rows, cols)
+        strides = ((lead[1],) if lead else ()) + (s0, s1)
         self.start, self.size, self.offset = self.ptr, 0, 0
         if min(shape) > 0 and self.ptr != 0:
             ends = [(n - 1) * st for n, st in zip(shape, strides)]
@@ -180,8 +220,114 @@ class _Operand:
         return bytes(data)
 
 
+# The bytes each pointer field of an entry point spans, from the call's fields ``p`` (a dict):
+# one _Operand per pointer field.
+def _lora_shrink(p):
+    e = _ELEMENT_BYTES.get(p["dtype"], 1)
+    return dict(x=_Operand(p["x"], p["M"], p["K"], p["s_xm"], p["s_xk"], e),
+                a=_Operand(p["a"], p["R"], p["K"], p["s_ar"], p["s_ak"], e),
+                u=_Operand(p["u"], p["M"], p["R"], p["s_um"], p["s_ur"], 4, output=True, overwritten=True),
+                seed=_Operand(p["seed"], 1, 1, 1, 1, 8))
+
+
+def _lora_expand(p):
+    e = _ELEMENT_BYTES.get(p["dtype"], 1)
+    return dict(y=_Operand(p["y"], p["M"], p["N"], p["s_ym"], p["s_yn"], e, output=True),
+                u=_Operand(p["u"], p["M"], p["R"], p["s_um"], p["s_ur"], 4),
+                b=_Operand(p["b"], p["N"], p["R"], p["s_bn"], p["s_br"], e),
+                seed=_Operand(p["seed"], 1, 1, 1, 1, 8))
+
+
+def _multi_lora_rows(p):
+    return dict(ranks=_Operand(p["ranks"], p["n"], 1, 1, 1, 4),
+                indices=_Operand(p["indices"], p["M"], 1, 1, 1, 8 if p["index_bits"] == 64 else 4),
+                row_order=_Operand(p["row_order"], p["M"], 1, 1, 1, 4))
+
+
+def _multi_lora_shrink(p):
+    e = _ELEMENT_BYTES.get(p["dtype"], 1)
+    return dict(x=_Operand(p["x"], p["M"], p["K"], p["s_xm"], p["s_xk"], e),
+                a=_Operand(p["a"], p["R"], p["K"], p["s_ar"], p["s_ak"], e, lead=(p["n"], p["s_aa"])),
+                u=_Operand(p["u"], p["M"], p["R"], p["s_um"], p["s_ur"], 4, output=True, overwritten=True),
+                **_multi_lora_rows(p))
+
+
+def _multi_lora_expand(p):
+    e = _ELEMENT_BYTES.get(p["dtype"], 1)
+    return dict(y=_Operand(p["y"], p["M"], p["N"], p["s_ym"], p["s_yn"], e, output=True),
+                u=_Operand(p["u"], p["M"], p["R"], p["s_um"], p["s_ur"], 4),
+                b=_Operand(p["b"], p["N"], p["R"], p["s_bn"], p["s_br"], e, lead=(p["n"], p["s_ba"])),
+                scalings=_Operand(p["scalings"], p["n"], 1, 1, 1, 4), **_multi_lora_rows(p))
+
+
+def _int8_quant_rows(p):
+    e = _ELEMENT_BYTES.get(p["dtype"], 1)
+    return dict(x=_Operand(p["x"], p["M"], p["K"], p["s_xm"], p["s_xk"], e),
+                q=_Operand(p["q"], p["M"], p["K"], p["s_qm"], 1, 1, output=True, overwritten=True, poison=-128),
+                row_scale=_Operand(p["row_scale"], p["M"], 1, 1, 1, 4, output=True, overwritten=True),
+                col_flags=_Operand(p["col_flags"], p["K"], 1, 1, 1, 4, output=True))  # zeroed by the caller
+
+
+def _int8_gemm(p):
+    e = _ELEMENT_BYTES.get(p["dtype"], 1)
+    M, N, K = p["M"], p["N"], p["K"]
+    return dict(q=_Operand(p["q"], M, K, p["s_qm"], 1, 1), row_scale=_Operand(p["row_scale"], M, 1, 1, 1, 4),
+                w=_Operand(p["w"], N, K, p["s_wn"], 1, 1), w_scale=_Operand(p["w_scale"], N, 1, 1, 1, 4),
+                y=_Operand(p["y"], M, N, p["s_ym"], 1, e, output=True, overwritten=True),
+                bias=_Operand(p["bias"], N, 1, 1, 1, e), x=_Operand(p["x"], M, K, p["s_xm"], p["s_xk"], e),
+                col_flags=_Operand(p["col_flags"], K, 1, 1, 1, 4), cols=_Operand(p["cols"], p["n_cols"], 1, 1, 1, 4),
+                count=_Operand(p["count"], 1, 1, 1, 1, 4))
+
+
+def _quant_sizes(p):
+    """(numel, code bytes, slots) of a quant_* call (0s for bad geometry: the device rejects it)."""
+    outer, C, inner, last = (max(0, p[k]) for k in ("outer", "C", "inner", "last"))
+    numel = outer * C * inner
+    if last <= 0 or numel % last:
+        return numel, 0, 0
+    nbytes = numel if p["bits"] == 8 else numel // last * ((last + 1) // 2)
+    if p["mode"] == 1:
+        slots = C
+    elif p["mode"] == 2:
+        slots = numel // p["group_size"] if p["group_size"] >= 1 else 0
+    else:
+        slots = 1
+    return numel, nbytes, slots
+
+
+def _quant_quantize(p):
+    numel, nbytes, slots = _quant_sizes(p)
+    return dict(x=_Operand(p["x"], numel, 1, 1, 1, _ELEMENT_BYTES.get(p["dtype"], 1)),
+                q=_Operand(p["q"], nbytes, 1, 1, 1, 1, output=True, overwritten=True, poison=-128),
+                scale=_Operand(p["scale"], slots, 1, 1, 1, 4, output=True, overwritten=True),
+                zero_point=_Operand(p["zero_point"], slots, 1, 1, 1, 4, output=True, overwritten=True))
+
+
+def _quant_dequantize(p):
+    numel, nbytes, slots = _quant_sizes(p)
+    return dict(q=_Operand(p["q"], nbytes, 1, 1, 1, 1), scale=_Operand(p["scale"], slots, 1, 1, 1, 4),
+                zero_point=_Operand(p["zero_point"], slots, 1, 1, 1, 4),
+                y=_Operand(p["y"], numel, 1, 1, 1, _ELEMENT_BYTES.get(p["dtype"], 1), output=True, overwritten=True))
+
+
+def _bottleneck_adapter_forward(p):
+    e = _ELEMENT_BYTES.get(p["dtype"], 1)
+    M, D, R = p["M"], p["D"], p["R"]
+    return dict(x=_Operand(p["x"], M, D, p["s_xm"], 1, e), wd=_Operand(p["wd"], R, D, D, 1, e),
+                bd=_Operand(p["bd"], R, 1, 1, 1, e), wu=_Operand(p["wu"], D, R, R, 1, e),
+                bu=_Operand(p["bu"], D, 1, 1, 1, e),
+                y=_Operand(p["y"], M, D, p["s_ym"], 1, e, output=True, overwritten=True))
+
+
+OPERANDS = {"lora_shrink": _lora_shrink, "lora_expand": _lora_expand, "multi_lora_shrink": _multi_lora_shrink,
+            "multi_lora_expand": _multi_lora_expand, "int8_quant_rows": _int8_quant_rows, "int8_gemm": _int8_gemm,
+            "quant_quantize": _quant_quantize, "quant_dequantize": _quant_dequantize,
+            "bottleneck_adapter_forward": _bottleneck_adapter_forward}
+
+
 class EmulatedExtension:
-    """Stands in for ``fastpeft._C``: the same kernel functions, run by the emulated device."""
+    """Stands in for ``fastpeft._C``: the same kernel functions (keyword arguments, as csrc/fastpeft.h
+    declares them), run by the emulated device."""
 
     def __init__(self, exe: str | os.PathLike, timeout: float = 300.0, fault: str | None = None):
         """``fault`` injects one (see FASTPEFT_CUDA_EMU_FAULT in include/ and device_main.cpp)."""
@@ -191,121 +337,45 @@ class EmulatedExtension:
         if fault:
             self.env["FASTPEFT_CUDA_EMU_FAULT"] = fault
         self.calls: collections.Counter[str] = collections.Counter()  # device calls made, by function
+        self.entry_points = entry_points()
+        if set(self.entry_points) != set(OPERANDS):
+            raise RuntimeError(f"csrc/fastpeft.h declares {sorted(self.entry_points)}; the emulator knows the "
+                               f"operands of {sorted(OPERANDS)}")
 
-    def lora_shrink(self, x, s_xm, s_xk, a, s_ar, s_ak, u, s_um, s_ur, M, K, R, dtype, out_scale=1.0,
-                    dropout=False, seed=0, thr31=0, split_k=0, device=0, stream=0):
-        e = _ELEMENT_BYTES.get(dtype, 1)
-        ops = [_Operand(x, M, K, s_xm, s_xk, e), _Operand(a, R, K, s_ar, s_ak, e),
-               _Operand(u, M, R, s_um, s_ur, 4, output=True, overwritten=True), _Operand(seed, 1, 1, 1, 1, 8)]
-        args = [ops[0], s_xm, s_xk, ops[1], s_ar, s_ak, ops[2], s_um, s_ur, M, K, R, dtype, float(out_scale),
-                bool(dropout), ops[3], _u32("thr31", thr31), split_k, device, stream]
-        self._call("lora_shrink", ops, args)
+    def __getattr__(self, name: str):
+        if name in OPERANDS:
+            return functools.partial(self._call, name)
+        raise AttributeError(name)
 
-    def lora_expand(self, y, s_ym, s_yn, u, s_um, s_ur, b, s_bn, s_br, M, N, R, dtype, scaling=1.0,
-                    dropout=False, seed=0, thr31=0, drop_scale=1.0, device=0, stream=0):
-        e = _ELEMENT_BYTES.get(dtype, 1)
-        ops = [_Operand(y, M, N, s_ym, s_yn, e, output=True), _Operand(u, M, R, s_um, s_ur, 4),
-               _Operand(b, N, R, s_bn, s_br, e), _Operand(seed, 1, 1, 1, 1, 8)]
-        args = [ops[0], s_ym, s_yn, ops[1], s_um, s_ur, ops[2], s_bn, s_br, M, N, R, dtype, float(scaling),
-                bool(dropout), ops[3], _u32("thr31", thr31), float(drop_scale), device, stream]
-        self._call("lora_expand", ops, args)
+    def _call(self, function: str, /, **kwargs) -> None:
+        """One call, as the binding takes it: every field by keyword (an unknown keyword or a missing
+        required one: ValueError; a value of the wrong kind: TypeError)."""
+        fields = self.entry_points[function]
+        unknown = set(kwargs) - {f.name for f in fields}
+        if unknown:
+            raise ValueError(f"{function}: unknown keyword argument(s) {sorted(unknown)}; it takes: "
+                             + " ".join(f.name for f in fields))
+        p = {}
+        for f in fields:
+            if f.name in kwargs:
+                p[f.name] = _convert(function, f, kwargs[f.name])
+            elif f.default is REQUIRED:
+                raise ValueError(f"{function}: missing required keyword argument {f.name}")
+            else:
+                p[f.name] = f.default
+        operands = OPERANDS[function](p)
+        pointers = [f.name for f in fields if f.kind == "ptr"]
+        if set(operands) != set(pointers):
+            raise RuntimeError(f"{function}: the emulator describes operands {sorted(operands)}, csrc/fastpeft.h "
+                               f"declares pointers {sorted(pointers)}")
+        ops = [operands[name] for name in pointers]
 
-    def multi_lora_shrink(self, x, s_xm, s_xk, a, s_aa, s_ar, s_ak, u, s_um, s_ur, ranks, indices, index_bits,
-                          row_order, M, K, R, n, dtype, tile=0, split_k=0, slices=0, device=0, stream=0):
-        e = _ELEMENT_BYTES.get(dtype, 1)
-        ops = [_Operand(x, M, K, s_xm, s_xk, e), _Operand(a, R, K, s_ar, s_ak, e, lead=(n, s_aa)),
-               _Operand(u, M, R, s_um, s_ur, 4, output=True, overwritten=True), _Operand(ranks, n, 1, 1, 1, 4),
-               _Operand(indices, M, 1, 1, 1, 8 if index_bits == 64 else 4), _Operand(row_order, M, 1, 1, 1, 4)]
-        args = [ops[0], s_xm, s_xk, ops[1], s_aa, s_ar, s_ak, ops[2], s_um, s_ur, ops[3], ops[4], index_bits, ops[5],
-                M, K, R, n, dtype, tile, split_k, slices, device, stream]
-        self._call("multi_lora_shrink", ops, args)
+        def token(f: Field) -> str:
+            if f.kind == "ptr":
+                return str(pointers.index(f.name) if p[f.name] else -1)
+            return float(p[f.name]).hex() if f.kind == "f32" else str(int(p[f.name]))
 
-    def multi_lora_expand(self, y, s_ym, s_yn, u, s_um, s_ur, b, s_ba, s_bn, s_br, ranks, scalings, indices,
-                          index_bits, row_order, M, N, R, n, dtype, tile=0, slices=0, device=0, stream=0):
-        e = _ELEMENT_BYTES.get(dtype, 1)
-        ops = [_Operand(y, M, N, s_ym, s_yn, e, output=True), _Operand(u, M, R, s_um, s_ur, 4),
-               _Operand(b, N, R, s_bn, s_br, e, lead=(n, s_ba)), _Operand(ranks, n, 1, 1, 1, 4),
-               _Operand(scalings, n, 1, 1, 1, 4), _Operand(indices, M, 1, 1, 1, 8 if index_bits == 64 else 4),
-               _Operand(row_order, M, 1, 1, 1, 4)]
-        args = [ops[0], s_ym, s_yn, ops[1], s_um, s_ur, ops[2], s_ba, s_bn, s_br, ops[3], ops[4], ops[5], index_bits,
-                ops[6], M, N, R, n, dtype, tile, slices, device, stream]
-        self._call("multi_lora_expand", ops, args)
-
-    def int8_quant_rows(self, x, s_xm, s_xk, q, s_qm, row_scale, M, K, dtype, threshold=0.0, col_flags=0, device=0,
-                        stream=0):
-        e = _ELEMENT_BYTES.get(dtype, 1)
-        ops = [_Operand(x, M, K, s_xm, s_xk, e),
-               _Operand(q, M, K, s_qm, 1, 1, output=True, overwritten=True, poison=-128),
-               _Operand(row_scale, M, 1, 1, 1, 4, output=True, overwritten=True),
-               _Operand(col_flags, K, 1, 1, 1, 4, output=True)]  # zeroed by the caller, only set
-        args = [ops[0], s_xm, s_xk, ops[1], s_qm, ops[2], M, K, dtype, float(threshold), ops[3], device, stream]
-        self._call("int8_quant_rows", ops, args)
-
-    def int8_gemm(self, q, s_qm, row_scale, w, s_wn, w_scale, y, s_ym, M, N, K, dtype, bias=0, x=0, s_xm=0, s_xk=0,
-                  col_flags=0, cols=0, n_cols=0, count=0, tile=0, device=0, stream=0):
-        e = _ELEMENT_BYTES.get(dtype, 1)
-        ops = [_Operand(q, M, K, s_qm, 1, 1), _Operand(row_scale, M, 1, 1, 1, 4), _Operand(w, N, K, s_wn, 1, 1),
-               _Operand(w_scale, N, 1, 1, 1, 4), _Operand(y, M, N, s_ym, 1, e, output=True, overwritten=True),
-               _Operand(bias, N, 1, 1, 1, e), _Operand(x, M, K, s_xm, s_xk, e), _Operand(col_flags, K, 1, 1, 1, 4),
-               _Operand(cols, n_cols, 1, 1, 1, 4), _Operand(count, 1, 1, 1, 1, 4)]
-        args = [ops[0], s_qm, ops[1], ops[2], s_wn, ops[3], ops[4], s_ym, M, N, K, dtype, ops[5], ops[6], s_xm, s_xk,
-                ops[7], ops[8], n_cols, ops[9], tile, device, stream]
-        self._call("int8_gemm", ops, args)
-
-    @staticmethod
-    def _quant_sizes(outer, C, inner, last, mode, group_size, bits):
-        """(numel, code bytes, slots) of a quant_* call (0s for bad geometry: the device rejects it)."""
-        outer, C, inner, last = (max(0, _index("size", v)) for v in (outer, C, inner, last))
-        numel = outer * C * inner
-        if last <= 0 or numel % last:
-            return numel, 0, 0
-        nbytes = numel if bits == 8 else numel // last * ((last + 1) // 2)
-        if mode == 1:
-            slots = C
-        elif mode == 2:
-            slots = numel // group_size if group_size >= 1 else 0
-        else:
-            slots = 1
-        return numel, nbytes, slots
-
-    def quant_quantize(self, x, q, scale, zero_point, outer, C, inner, last, mode, group_size, bits, scheme, dtype,
-                       device=0, stream=0):
-        numel, nbytes, slots = self._quant_sizes(outer, C, inner, last, mode, group_size, bits)
-        ops = [_Operand(x, numel, 1, 1, 1, _ELEMENT_BYTES.get(dtype, 1)),
-               _Operand(q, nbytes, 1, 1, 1, 1, output=True, overwritten=True, poison=-128),
-               _Operand(scale, slots, 1, 1, 1, 4, output=True, overwritten=True),
-               _Operand(zero_point, slots, 1, 1, 1, 4, output=True, overwritten=True)]
-        args = [*ops, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device, stream]
-        self._call("quant_quantize", ops, args)
-
-    def quant_dequantize(self, q, scale, zero_point, y, outer, C, inner, last, mode, group_size, bits, scheme, dtype,
-                         device=0, stream=0):
-        numel, nbytes, slots = self._quant_sizes(outer, C, inner, last, mode, group_size, bits)
-        ops = [_Operand(q, nbytes, 1, 1, 1, 1), _Operand(scale, slots, 1, 1, 1, 4),
-               _Operand(zero_point, slots, 1, 1, 1, 4),
-               _Operand(y, numel, 1, 1, 1, _ELEMENT_BYTES.get(dtype, 1), output=True, overwritten=True)]
-        args = [*ops, outer, C, inner, last, mode, group_size, bits, scheme, dtype, device, stream]
-        self._call("quant_dequantize", ops, args)
-
-    def bottleneck_adapter_forward(self, x, s_xm, wd, bd, wu, bu, y, s_ym, M, D, R, dtype, activation, scaling=1.0, n_split=0,
-                        device=0, stream=0):
-        e = _ELEMENT_BYTES.get(dtype, 1)
-        ops = [_Operand(x, M, D, s_xm, 1, e), _Operand(wd, R, D, D, 1, e), _Operand(bd, R, 1, 1, 1, e),
-               _Operand(wu, D, R, R, 1, e), _Operand(bu, D, 1, 1, 1, e),
-               _Operand(y, M, D, s_ym, 1, e, output=True, overwritten=True)]
-        args = [ops[0], s_xm, ops[1], ops[2], ops[3], ops[4], ops[5], s_ym, M, D, R, dtype, activation,
-                float(scaling), n_split, device, stream]
-        self._call("bottleneck_adapter_forward", ops, args)
-
-    def _call(self, function: str, ops: list[_Operand], args: list) -> None:
-        def token(v) -> str:
-            if isinstance(v, _Operand):
-                return str(ops.index(v) if v.ptr else -1)
-            if isinstance(v, bool):
-                return str(int(v))
-            return v.hex() if isinstance(v, float) else str(_index(function, v))
-
-        header = " ".join([function, str(len(ops))] + [op.header() for op in ops] + [token(v) for v in args])
+        header = " ".join([function, str(len(ops))] + [op.header() for op in ops] + [token(f) for f in fields])
         request = header.encode() + b"\n" + b"".join(op.payload() for op in ops)
         self.calls[function] += 1
         try:
