@@ -7,25 +7,21 @@ per shape, forward and forward+backward,
   unfused   nn.Linear down -> act -> nn.Linear up -> * s -> + x (the PyTorch module PEFT-style
             libraries run); forward+backward by autograd, x and all four parameters get grads
   fastpeft  triton, cuda (when fastpeft.ops._cext has bottleneck_adapter_forward; its backward runs on
-            triton) and auto (what fastpeft.adapter picks by itself: the summary row)
+            triton) and auto (what fastpeft.bottleneck_adapter picks by itself: the summary row)
 Bytes for the bandwidth figure: forward x read + y written, 2 * M * d * 2; forward+backward adds
 x and dy read and dx written (5 * M * d * 2 in all). Each output (and for forward+backward dx,
 dW_d, db_d, dW_u, db_u) is checked against an fp32 computation on the same inputs.
 
-CPU: checks fastpeft.adapter's triton (interpreted) and torch backends against the float64
-reference on small awkward shapes, gradients included, and times the torch path against the
-unfused module.
+CPU: times the torch path against the same baselines on a smaller fp32 shape (outputs checked
+the same way). Correctness of every backend is tests/'s (make test).
 """
 from __future__ import annotations
-
-import itertools
-import math
 
 import torch
 import torch.nn.functional as F
 
 import common
-from common import check_record, measure, timing_record
+from common import timing_record
 
 BENCH, OP = "bottleneck", "bottleneck_adapter"
 D_MODEL, BOTTLENECK, ACT, SCALING = 4096, 64, "relu", 2.0
@@ -87,6 +83,7 @@ class Problem:
         self.xg = self.x.clone().requires_grad_(True)
         self.leaves = [p.clone().requires_grad_(True) for p in self.params]
         self.unfused = UnfusedAdapter(*self.params, ACT, SCALING)
+        self.out = torch.empty_like(self.x)  # the copy base writes here
 
     def grad_leaves(self, impl: str) -> list[torch.Tensor]:
         if impl == "unfused":
@@ -124,12 +121,59 @@ def auto_choice(device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# the implementations, GPU and CPU alike
+
+
+def _reference_fp32(p: Problem) -> tuple[torch.Tensor, dict]:
+    """y and the gradients (dx, dW_d, db_d, dW_u, db_u) of the unfused computation in fp32."""
+    leaves = [t.float().requires_grad_(True) for t in [p.x] + p.params]
+    x, wd, bd, wu, bu = leaves
+    y = x + F.linear(_ACT_FNS[ACT](F.linear(x, wd, bd)), wu, bu) * SCALING
+    y.backward(p.dy.float())
+    return y.detach(), dict(zip(("dx", "dW_d", "db_d", "dW_u", "db_u"), (t.grad for t in leaves)))
+
+
+def _train(fwd):
+    def call(p):
+        y = fwd(p)
+        y.backward(p.dy)
+        return y
+    return call
+
+
+def _impls(mode: str, shape: dict, elt: int, variants, picked: str, targets: bool) -> list[common.Impl]:
+    """The copy base (forward only), the unfused module and the fastpeft variants of one mode."""
+    f, b = flops_bytes(mode, shape["M"], shape["d"], shape["R"], elt)
+    fwd = mode == "fwd"
+    impls = [common.Impl("base", "base", lambda p: p.out.copy_(p.x), bytes=b, check=False)] if fwd else []
+    impls.append(common.Impl("unfused", "unfused", (lambda p: p.unfused(p.x)) if fwd else
+                             _train(lambda p: p.unfused(p.xg)), flops=f, bytes=b,
+                             grads=None if fwd else (lambda p: p.grad_leaves("unfused"))))
+    target = target_for(mode, shape["M"]) if targets else None
+    for name, role, why, call in variants:
+        impls.append(common.Impl(
+            name, role, (lambda p, c=call: c(p.x, *p.params)) if fwd else _train(lambda p, c=call: c(p.xg, *p.leaves)),
+            error=why, grads=None if fwd else (lambda p: p.grad_leaves("fastpeft")), flops=f, bytes=b,
+            target=target if role in ("auto", "variant") else None,
+            extra={"picked": picked} if role == "auto" else {}))
+    return impls
+
+
+def _measure_shape(ctx, shape: dict, dtype, sets: list[Problem], variants, picked: str) -> list[dict]:
+    dname, elt = common.DTYPE_NAMES[dtype], dtype.itemsize
+    graph, probe = common.use_graphs(ctx, lambda p: p.out.copy_(p.x), sets)
+    y_ref, grads_ref = _reference_fp32(sets[0])
+    records = []
+    for mode, want in (("fwd", {"y": y_ref}), ("fwdbwd", grads_ref)):
+        impls = _impls(mode, shape, elt, variants, picked, ctx.cuda)
+        known = {"base": probe} if mode == "fwd" and ctx.cuda and not graph else None
+        records += common.time_impls(ctx, BENCH, OP, mode, shape, dname, impls, sets, graph=graph, want=want,
+                                     known=known)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU
-
-
-def _n_sets(set_bytes: int) -> int:
-    """Enough input copies that one pass over them is 3x the L2 cache (at most 8)."""
-    return int(min(8, max(1, math.ceil(3 * common.l2_bytes() / max(set_bytes, 1)))))
 
 
 def run_gpu(ctx: common.Context) -> list[dict]:
@@ -140,27 +184,25 @@ def run_gpu(ctx: common.Context) -> list[dict]:
         "d_model": D_MODEL, "bottleneck": BOTTLENECK, "activation": ACT, "scaling": SCALING,
         "KERNELS": list(aops.KERNELS),
         "bytes": "fwd: x read + y written (2*M*d*2); fwdbwd: + x, dy read, dx written (5*M*d*2)",
-        "timing": f"CUDA graphs when the copy base < {common.GRAPH_BELOW_MS} ms (inputs rotated over "
-                  f"copies totalling >= 3x L2), else triton do_bench median (L2 flushed per call)",
+        "timing": f"CUDA graphs (triton.testing.do_bench_cudagraph) when the copy base < {common.GRAPH_BELOW_MS} "
+                  f"ms (inputs rotated over copies totalling >= 3x L2), else triton.testing.do_bench median "
+                  f"(L2 flushed per call)",
     }
-    records: list[dict] = []
-    ms = QUICK_M if ctx.quick else M_VALUES
-    for i, M in enumerate(ms):
-        shape = {"M": M, "d": D_MODEL, "R": BOTTLENECK}
-        if ctx.interrupted:
-            raise common.Interrupted("signal between shapes")
-        if ctx.time_left() < 5.0:
-            for mode in ("fwd", "fwdbwd"):
-                records.append(timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto",
-                                             error=common.budget_spent(ctx)))
-            continue
-        ctx.log(f"[{i + 1}/{len(ms)}] {common.shape_str(shape)} ...", end="")
-        common.run_shape(
-            ctx, records, lambda: _gpu_shape(ctx, M, D_MODEL, BOTTLENECK),
-            lambda err: [timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto", error=err)
-                         for mode in ("fwd", "fwdbwd")],
-            _describe)
-    return records
+    variants, picked = _variants(ctx.device), auto_choice(ctx.device)
+
+    def measure_shape(shape):
+        M, d, R = shape["M"], shape["d"], shape["R"]
+        sets = [Problem(M, d, R, torch.bfloat16, ctx.device, 1000 + j)
+                for j in range(common.input_copies(2 * 4 * M * d))]
+        return _measure_shape(ctx, shape, torch.bfloat16, sets, variants, picked)
+
+    shapes = [{"M": M, "d": D_MODEL, "R": BOTTLENECK} for M in (QUICK_M if ctx.quick else M_VALUES)]
+    return common.run_shapes(ctx, shapes, measure_shape, _placeholders, _describe)
+
+
+def _placeholders(shape: dict, error: str) -> list[dict]:
+    return [timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto", error=error)
+            for mode in ("fwd", "fwdbwd")]
 
 
 def _describe(p: dict) -> str:
@@ -169,200 +211,19 @@ def _describe(p: dict) -> str:
             f"unfused{sol} [{p.get('picked')}]")
 
 
-def _reference_fp32(p: Problem):
-    """y and (dx, dW_d, db_d, dW_u, db_u) of the unfused computation in fp32 on the same inputs."""
-    leaves = [t.float().requires_grad_(True) for t in [p.x] + p.params]
-    x, wd, bd, wu, bu = leaves
-    y = x + F.linear(_ACT_FNS[ACT](F.linear(x, wd, bd)), wu, bu) * SCALING
-    y.backward(p.dy.float())
-    return y.detach(), [t.grad for t in leaves]
-
-
-def _gpu_shape(ctx, M, d, R) -> list[dict]:
-    shape, dname, elt = {"M": M, "d": d, "R": R}, "bf16", 2
-    sets = [Problem(M, d, R, torch.bfloat16, ctx.device, 1000 + j) for j in range(_n_sets(elt * 4 * M * d))]
-    p0 = sets[0]
-    picked = auto_choice(ctx.device)
-    y_ref, g_ref = _reference_fp32(p0)
-    records: list[dict] = []
-    out = {id(p): torch.empty_like(p.x) for p in sets}
-
-    def rotate(fn):
-        it = itertools.cycle(sets)
-        return lambda: fn(next(it))
-
-    def base_fwd(p):
-        return out[id(p)].copy_(p.x)
-
-    probe = measure(rotate(base_fwd), ctx)
-    graph = probe.ms is not None and probe.ms < common.GRAPH_BELOW_MS
-    timed = lambda fn, grads=None: measure(rotate(fn), ctx, graph=graph, eager_too=graph, grad_to_none=grads)
-    variants = _variants(ctx.device)
-
-    # -- forward
-    fwd_impls = [("base", "base", None, base_fwd), ("unfused", "unfused", None, lambda p: p.unfused(p.x))]
-    fwd_impls += [(name, role, why, (lambda c: lambda p: c(p.x, *p.params))(call))
-                  for name, role, why, call in variants]
-    for name, role, err, fn in fwd_impls:
-        f, b = flops_bytes("fwd", M, d, R, elt)
-        extra = {"picked": picked} if role == "auto" else {}
-        tgt = target_for("fwd", M) if role in ("auto", "variant") else None
-        if err:
-            records.append(timing_record(BENCH, OP, "fwd", shape, dname, name, role, flops=f, bytes_=b,
-                                         target=tgt, error=err, **extra))
-            continue
-
-        def nograd(fn=fn):
-            def g(p):
-                with torch.no_grad():
-                    return fn(p)
-            return g
-        m = probe if (role == "base" and not graph) else timed(nograd())
-        if role != "base" and m.error is None:
-            try:
-                extra["rel_err"] = common.rel_err(nograd()(p0), y_ref)
-                extra["ok"] = extra["rel_err"] <= common.TOL[dname]
-                if not extra["ok"]:
-                    extra["note"] = f"WRONG: rel err {extra['rel_err']:.2e} > {common.TOL[dname]:.0e}"
-            except Exception as exc:
-                extra["note"] = f"check failed: {common.short_error(exc, 120)}"
-        records.append(timing_record(BENCH, OP, "fwd", shape, dname, name, role, m, flops=f if role != "base"
-                                     else None, bytes_=b, target=tgt, **extra))
-
-    # -- forward + backward (x and all four parameters get gradients)
-    def train(fwd):
-        def g(p):
-            y = fwd(p)
-            y.backward(p.dy)
-            return y
-        return g
-
-    bwd_impls = [("unfused", "unfused", None, train(lambda p: p.unfused(p.xg)))]
-    bwd_impls += [(name, role, why, train((lambda c: lambda p: c(p.xg, *p.leaves))(call)))
-                  for name, role, why, call in variants]
-    for name, role, err, fn in bwd_impls:
-        f, b = flops_bytes("fwdbwd", M, d, R, elt)
-        extra = {"picked": picked} if role == "auto" else {}
-        tgt = target_for("fwdbwd", M) if role in ("auto", "variant") else None
-        if err:
-            records.append(timing_record(BENCH, OP, "fwdbwd", shape, dname, name, role, flops=f, bytes_=b,
-                                         target=tgt, error=err, **extra))
-            continue
-        m = timed(fn, [t for p in sets for t in p.grad_leaves(name)])
-        if m.error is None:
-            try:
-                for t in p0.grad_leaves(name):
-                    t.grad = None
-                fn(p0)
-                errs = [common.rel_err(t.grad, r) for t, r in zip(p0.grad_leaves(name), g_ref)]
-                extra["rel_err"] = max(errs)
-                extra["rel_err_dx_dWd_dbd_dWu_dbu"] = errs
-                extra["ok"] = extra["rel_err"] <= common.TOL[dname]
-                if not extra["ok"]:
-                    extra["note"] = "WRONG: rel err dx/dWd/dbd/dWu/dbu " + "/".join(f"{e:.1e}" for e in errs)
-            except Exception as exc:
-                extra["note"] = f"check failed: {common.short_error(exc, 120)}"
-        records.append(timing_record(BENCH, OP, "fwdbwd", shape, dname, name, role, m, flops=f, bytes_=b,
-                                     target=tgt, **extra))
-    for rec in records:
-        rec["n_input_copies"] = len(sets)
-    return records
-
-
 # ---------------------------------------------------------------------------------------------
-# CPU: correctness of every backend that runs here, and the torch path's timing
+# CPU: the torch path's timing (correctness: tests/test_bottleneck.py)
 
 
-CHECK_CASES = [
-    # (name, lead dims, d, bottleneck, activation, biases, non-contiguous x)
-    ("M=7 d=40 R=24 relu", (7,), 40, 24, "relu", True, False),
-    ("x[2,3] d=33 R=5 gelu_tanh, x non-contiguous", (2, 3), 33, 5, "gelu_tanh", True, True),
-    ("M=1 d=72 R=16 silu", (1,), 72, 16, "silu", True, False),
-    ("M=19 d=48 R=12 gelu, no biases", (19,), 48, 12, "gelu", False, False),
-]
 CPU_TIMING_SHAPE = (512, 1024, 64)
 
 
-def _check_case(case, dtype, backend, gen):
-    """y and every gradient of fastpeft.adapter next to the float64 reference on the same inputs."""
-    import fastpeft
-    from fastpeft.reference import bottleneck as ref
-    name, lead, d, R, act, has_bias, noncontig = case
-    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).to(dtype)
-    x, dy = rnd(*lead, d), rnd(*lead, d)
-    params = [rnd(R, d, scale=d ** -0.5), rnd(R, scale=0.5) if has_bias else None,
-              rnd(d, R, scale=R ** -0.5), rnd(d, scale=0.5) if has_bias else None]
-    s = 0.7
-    ref_x = x.double().requires_grad_(True)
-    ref_p = [None if t is None else t.double().requires_grad_(True) for t in params]
-    y64 = ref.bottleneck_adapter(ref_x, *ref_p, act, s)
-    y64.backward(dy.double())
-    x_leaf, x_in = common.input_leaf(x, noncontig)
-    leaves = [None if t is None else t.clone().requires_grad_(True) for t in params]
-    y = fastpeft.bottleneck_adapter(x_in, *leaves, activation=act, scaling=s, backend=backend)
-    y.backward(dy)
-    out = [("y", y, y64), ("dx", common.input_grad(x_leaf, noncontig), ref_x.grad)]
-    for q, t, r in zip(("dW_d", "db_d", "dW_u", "db_u"), leaves, ref_p):
-        if t is not None:
-            out.append((q, t.grad, r.grad))
-    return out
-
-
 def run_cpu(ctx: common.Context) -> list[dict]:
-    from fastpeft import _backend
-    records: list[dict] = []
-    interp = _backend.interpreter_active()
-    tri_ok, tri_why = _backend.triton_status()
-    ctx.bench_meta["bottleneck"] = {"triton_interpreter": interp,
-                                 "note": "CPU timings are of the torch path only; Triton (interpreted) is "
-                                         "checked for correctness, not timed"}
-    configs = [("torch", (torch.float32, torch.float16, torch.bfloat16))]
-    if tri_ok and interp:
-        configs.append(("triton", (torch.float32, torch.float16)))
-    else:
-        why = tri_why or "TRITON_INTERPRET=1 was not set before triton was imported"
-        records.append(check_record(BENCH, OP, "triton backend", "-", "all", None, 0.0, error=f"not checked: {why}"))
-    cases = CHECK_CASES[:2] if ctx.quick else CHECK_CASES
-    ctx.log(f"adapter: correctness against the float64 reference ({len(cases)} cases)")
-    for backend, dtypes in configs:
-        for dtype in dtypes:
-            dname = common.DTYPE_NAMES[dtype]
-            for case in cases:
-                common.run_check(ctx, records, BENCH, OP, f"adapter[{backend}] {case[0]}", dname,
-                                 lambda: _check_case(case, dtype, backend, torch.Generator().manual_seed(7)))
-    ctx.save_partial(records)
-    ctx.log("adapter: CPU timings (fp32, torch path; perf_counter medians)")
-    records += _cpu_timings(ctx, *CPU_TIMING_SHAPE)
-    ctx.save_partial(records)
+    ctx.bench_meta["bottleneck"] = {"note": "CPU timings are of the torch path only"}
+    ctx.log("bottleneck: CPU timings (fp32, torch path; torch.utils.benchmark medians)")
+    M, d, R = CPU_TIMING_SHAPE
+    variants = [("fastpeft[torch]", "auto", None, _fastpeft_call("torch"))]
+    records = _measure_shape(ctx, {"M": M, "d": d, "R": R}, torch.float32,
+                             [Problem(M, d, R, torch.float32, ctx.device, 99)], variants, "torch")
+    common.log_cpu_timings(ctx, records)
     return records
-
-
-def _no_grad_call(fn):
-    with torch.no_grad():
-        return fn()
-
-
-def _cpu_timings(ctx, M, d, R) -> list[dict]:
-    shape, dname, elt = {"M": M, "d": d, "R": R}, "fp32", 4
-    p = Problem(M, d, R, torch.float32, ctx.device, 99)
-    call = _fastpeft_call("torch")
-    nograd = lambda fn: (lambda: _no_grad_call(fn))
-    fwd = {"base": ("base", nograd(lambda: torch.empty_like(p.x).copy_(p.x)), None),
-           "unfused": ("unfused", nograd(lambda: p.unfused(p.x)), None),
-           "fastpeft[torch]": ("auto", nograd(lambda: call(p.x, *p.params)), None)}
-    bwd = {"unfused": ("unfused", lambda: p.unfused(p.xg).backward(p.dy), p.grad_leaves("unfused")),
-           "fastpeft[torch]": ("auto", lambda: call(p.xg, *p.leaves).backward(p.dy), p.grad_leaves("fastpeft"))}
-    recs = []
-    for mode, table in (("fwd", fwd), ("fwdbwd", bwd)):
-        timed = common.measure_cpu_interleaved({n: (fn, grads) for n, (role, fn, grads) in table.items()}, ctx)
-        for name, (role, fn, grads) in table.items():
-            f, b = flops_bytes(mode, M, d, R, elt)
-            recs.append(timing_record(BENCH, OP, mode, shape, dname, name, role, timed.get(name),
-                                      flops=None if role == "base" else f, bytes_=b,
-                                      **({"picked": "torch (CPU)"} if role == "auto" else {})))
-    common.finalize(recs, ctx.ceilings)
-    for mode in ("fwd", "fwdbwd"):
-        line = ", ".join(f"{r['impl']} {common._ms(r['ms'])} ms" if r.get("ms") else f"{r['impl']}: {r['error']}"
-                         for r in recs if r["mode"] == mode)
-        ctx.log(f"  {common.shape_str(shape)} fp32 {mode}: {line}")
-    return recs

@@ -14,8 +14,9 @@ rows ignore_index):
     (target: >= 4x less than the materialized PyTorch way) and time.
 Every fastpeft row also carries rel_err of the loss and gradients against the unfused one.
 
-CPU: the triton kernel (interpreted) against the torch backend on small shapes, every
-divergence, loss and gradients, and the fused-linear op's triton and torch backends.
+CPU: times the torch paths (fastpeft's closed-form backward, the chunked fused-linear loss)
+against the same PyTorch ways on a small fp32 shape (outputs checked the same way).
+Correctness of every backend is tests/'s (make test).
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import math
 import torch
 
 import common
-from common import check_record, measure, timing_record
 
 BENCH = "distill"
 TOKENS, VOCAB = 8192, 128256
@@ -39,14 +39,17 @@ def run(ctx: common.Context) -> list[dict]:
     return run_gpu(ctx) if ctx.cuda else run_cpu(ctx)
 
 
-def _peak_extra(fn) -> tuple[int, int]:
-    """(peak bytes allocated during fn() above what was allocated before it, that baseline)."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+def _peak_extra(ctx, fn) -> tuple[int, int] | None:
+    """(peak bytes allocated during fn() above what was allocated before it, that baseline); None
+    off the GPU (no allocator statistics)."""
+    if ctx.device.type != "cuda":
+        return None
+    ctx.sync()
+    ctx.empty_cache()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
-    torch.cuda.synchronize()
+    ctx.sync()
     return torch.cuda.max_memory_allocated() - before, before
 
 
@@ -80,124 +83,97 @@ def composition(z, u, labels, divergence, temperature=T, alpha=ALPHA, ignore_ind
     return torch.where(valid, rows, 0.0).sum() / valid.sum().clamp(min=1)
 
 
-def _loss_case(ctx, records, z, u, labels, divergence):
+def _memory(ctx, leaves):
+    """A time_impls report: the peak memory of one more call above the inputs."""
+    def report(im: common.Impl, out: dict) -> dict:
+        _reset(leaves)
+        peak = _peak_extra(ctx, lambda: im.fn(None))
+        return {} if peak is None else {"peak_mem_extra_gib": peak[0] / 2**30, "inputs_gib": peak[1] / 2**30}
+    return report
+
+
+def _reset(leaves):
+    for t in leaves:
+        t.grad = None
+
+
+def _fwdbwd(loss_fn):
+    def call(_):
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach().float()
+    return call
+
+
+def _want(loss_fn, leaves, names) -> dict:
+    """The unfused way's loss and gradients: what the other implementations are checked against."""
+    _reset(leaves)
+    want = {"y": _fwdbwd(loss_fn)(None)}
+    want.update((n, t.grad.detach().clone()) for n, t in zip(names, leaves))
+    _reset(leaves)
+    return want
+
+
+def _memory_ratios(ctx, recs: list[dict], unfused: str, target: float, target_roles: tuple, what: str) -> None:
+    """Each fastpeft record's peak memory against the unfused one's (and the target where it applies)."""
+    mem = {r["impl"]: r["peak_mem_extra_gib"] for r in recs if r.get("peak_mem_extra_gib") is not None}
+    for r in recs:
+        if r["role"] == "unfused" or r["impl"] not in mem or not mem.get(unfused):
+            continue
+        ratio = mem[unfused] / max(mem[r["impl"]], 2**-30)
+        r["mem_ratio_vs_unfused"] = ratio
+        verdict = ""
+        if r["role"] in target_roles:
+            r["mem_target"] = f">= {target:g}x less peak memory than {what}"
+            r["mem_meets"] = ratio >= target
+            verdict = f" (target >= {target:g}x: {'met' if r['mem_meets'] else 'NOT met'})"
+        r.setdefault("note", f"peak +{mem[r['impl']]:.2f} GiB vs {what} +{mem[unfused]:.2f} GiB: "
+                             f"{ratio:.1f}x less{verdict}")
+    ctx.log("  peak above inputs: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
+
+
+def _loss_case(ctx, z, u, labels, divergence) -> list[dict]:
     import fastpeft
     shape = {"tokens": z.shape[0], "vocab": z.shape[1], "div": divergence}
     leaf = z.clone().requires_grad_()
     fast = lambda b: (lambda: fastpeft.distillation_loss(leaf, u, labels, T, ALPHA, divergence=divergence, backend=b))
-    impls = [("torch composition", "unfused", lambda: composition(leaf, u, labels, divergence)),
-             ("fastpeft[triton]", "variant", fast("triton")), ("fastpeft[auto]", "auto", fast(None))]
-    results, mem = {}, {}
-    for impl, role, loss_fn in impls:
-        def step(f=loss_fn):
-            leaf.grad = None
-            f().backward()
-        m = measure(step, ctx, grad_to_none=[leaf])
-        extra = {}
-        if m.error is None:
-            try:
-                leaf.grad = None
-                peak, base = _peak_extra(step)
-                mem[impl] = peak
-                extra.update(peak_mem_extra_gib=peak / 2**30, inputs_gib=base / 2**30)
-                loss = loss_fn()
-                leaf.grad = None
-                loss.backward()
-                results[impl] = (loss.detach().float(), leaf.grad.detach().clone())
-            except Exception as exc:
-                extra["note"] = f"memory/check failed: {common.short_error(exc, 120)}"
-        leaf.grad = None
-        records.append(timing_record(BENCH, "distillation_loss", "fwdbwd", shape, "bf16", impl, role, m,
-                                     bytes_=5 * z.numel() * z.element_size(),
-                                     target=LOSS_TARGET if role != "unfused" else None, **extra))
-        torch.cuda.empty_cache()
-    ref = results.get("torch composition")
-    for r in records[-len(impls):]:
-        got = results.get(r["impl"])
-        if r["role"] != "unfused" and got is not None and ref is not None:
-            r["rel_err"] = max(common.rel_err(got[0], ref[0]), common.rel_err(got[1], ref[1]))
-            r["ok"] = r["rel_err"] <= common.TOL["bf16"]
-            if not r["ok"]:
-                r["note"] = f"WRONG: rel err {r['rel_err']:.2e} against the torch composition"
-        if r["role"] != "unfused" and r["impl"] in mem and mem.get("torch composition"):
-            ratio = mem["torch composition"] / max(mem[r["impl"]], 1)
-            r["mem_ratio_vs_unfused"] = ratio
-            r["mem_target"] = f">= {LOSS_MEM_TARGET:g}x less peak memory than unfused"
-            r["mem_meets"] = ratio >= LOSS_MEM_TARGET
-            r.setdefault("note", f"peak +{_gib(mem[r['impl']])} vs unfused +{_gib(mem['torch composition'])}: "
-                                 f"{ratio:.1f}x less "
-                                 f"(target >= {LOSS_MEM_TARGET:g}x: {'met' if r['mem_meets'] else 'NOT met'})")
-    ctx.log(f"  distillation_loss {divergence}: peak above inputs "
-            + ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()))
-    return mem
+    unfused = lambda: composition(leaf, u, labels, divergence)
+    impls = [common.Impl(name, role, _fwdbwd(fn), grads=lambda _: [leaf], bytes=5 * z.numel() * z.element_size(),
+                         target=LOSS_TARGET if role != "unfused" else None, check=role != "unfused")
+             for name, role, fn in (("torch composition", "unfused", unfused),
+                                    ("fastpeft[triton]", "variant", fast("triton")),
+                                    ("fastpeft[auto]", "auto", fast(None)))]
+    recs = common.time_impls(ctx, BENCH, "distillation_loss", "fwdbwd", shape, "bf16", impls, [None],
+                             want=_want(unfused, [leaf], ["d student"]), report=_memory(ctx, [leaf]))
+    _memory_ratios(ctx, recs, "torch composition", LOSS_MEM_TARGET, ("variant", "auto"), "unfused")
+    return recs
 
 
-def _fused_case(ctx, records, hs, ws, ht, wt, labels):
+def _fused_case(ctx, hs, ws, ht, wt, labels) -> list[dict]:
     import fastpeft
-    shape = {"tokens": hs.shape[0], "vocab": ws.shape[0], "Hs": hs.shape[1], "Ht": ht.shape[1]}
-    h = hs.clone().requires_grad_()
-    w = ws.clone().requires_grad_()
-    mod = fastpeft.FusedLinearDistillationLoss(temperature=T, alpha=ALPHA)
     F = torch.nn.functional
+    shape = {"tokens": hs.shape[0], "vocab": ws.shape[0], "Hs": hs.shape[1], "Ht": ht.shape[1]}
+    h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    mod = fastpeft.FusedLinearDistillationLoss(temperature=T, alpha=ALPHA)
 
-    def materialized_torch():
+    def teacher():
         with torch.no_grad():
-            u = F.linear(ht, wt)
-        return composition(F.linear(h, w), u, labels, "forward_kl")
+            return F.linear(ht, wt)
 
-    def materialized_kernel():
-        with torch.no_grad():
-            u = F.linear(ht, wt)
-        return fastpeft.distillation_loss(F.linear(h, w), u, labels, T, ALPHA)
-
-    impls = [("materialized torch", "unfused", materialized_torch),
-             ("materialized+fastpeft[auto]", "variant", materialized_kernel),
-             ("fastpeft[fused-linear]", "auto", lambda: mod(h, w, ht, wt, labels))]
-    results, mem = {}, {}
-    for impl, role, loss_fn in impls:
-        def step(f=loss_fn):
-            h.grad = w.grad = None
-            f().backward()
-        m = measure(step, ctx, grad_to_none=[h, w])
-        extra = {}
-        if m.error is None:
-            try:
-                h.grad = w.grad = None
-                peak, base = _peak_extra(step)
-                mem[impl] = peak
-                extra.update(peak_mem_extra_gib=peak / 2**30, inputs_gib=base / 2**30)
-                h.grad = w.grad = None
-                loss = loss_fn()
-                loss.backward()
-                results[impl] = (loss.detach().float(), h.grad.detach().clone(), w.grad.detach().clone())
-            except Exception as exc:
-                extra["note"] = f"memory/check failed: {common.short_error(exc, 120)}"
-        h.grad = w.grad = None
-        flops = 2 * 2 * hs.shape[0] * ws.shape[0] * hs.shape[1] + 2 * hs.shape[0] * ws.shape[0] * ht.shape[1]
-        records.append(timing_record(BENCH, "fused_linear_distillation", "fwdbwd", shape, "bf16", impl, role, m,
-                                     flops=flops + 2 * hs.shape[0] * ws.shape[0] * hs.shape[1],
-                                     target=None, **extra))
-        torch.cuda.empty_cache()
-    ref = results.get("materialized torch")
-    for r in records[-len(impls):]:
-        got = results.get(r["impl"])
-        if r["role"] != "unfused" and got is not None and ref is not None:
-            r["rel_err"] = max(common.rel_err(a, b) for a, b in zip(got, ref))
-            r["ok"] = r["rel_err"] <= common.TOL["bf16"]
-            if not r["ok"]:
-                r["note"] = f"WRONG: rel err {r['rel_err']:.2e} against the materialized torch way"
-        if r["role"] != "unfused" and r["impl"] in mem and mem.get("materialized torch"):
-            ratio = mem["materialized torch"] / max(mem[r["impl"]], 1)
-            r["mem_ratio_vs_unfused"] = ratio
-            if r["role"] == "auto":
-                r["mem_target"] = f">= {FUSED_MEM_TARGET:g}x less peak memory than the materialized torch way"
-                r["mem_meets"] = ratio >= FUSED_MEM_TARGET
-            r.setdefault("note", f"peak +{_gib(mem[r['impl']])} vs materialized torch "
-                                 f"+{_gib(mem['materialized torch'])}: {ratio:.1f}x less"
-                                 + (f" (target >= {FUSED_MEM_TARGET:g}x: {'met' if r['mem_meets'] else 'NOT met'})"
-                                    if r["role"] == "auto" else ""))
-    ctx.log("  fused-linear distillation: peak above inputs " + ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()))
-    return mem
+    materialized = lambda: composition(F.linear(h, w), teacher(), labels, "forward_kl")
+    tokens, vocab = hs.shape[0], ws.shape[0]
+    # the student's logits forward and both backward GEMMs, and the teacher's logits
+    flops = 3 * 2 * tokens * vocab * hs.shape[1] + 2 * tokens * vocab * ht.shape[1]
+    impls = [common.Impl(name, role, _fwdbwd(fn), grads=lambda _: [h, w], flops=flops, check=role != "unfused")
+             for name, role, fn in (
+                 ("materialized torch", "unfused", materialized),
+                 ("materialized+fastpeft[auto]", "variant",
+                  lambda: fastpeft.distillation_loss(F.linear(h, w), teacher(), labels, T, ALPHA)),
+                 ("fastpeft[fused-linear]", "auto", lambda: mod(h, w, ht, wt, labels)))]
+    recs = common.time_impls(ctx, BENCH, "fused_linear_distillation", "fwdbwd", shape, "bf16", impls, [None],
+                             want=_want(materialized, [h, w], ["d hidden", "d weight"]), report=_memory(ctx, [h, w]))
+    _memory_ratios(ctx, recs, "materialized torch", FUSED_MEM_TARGET, ("auto",), "the materialized torch way")
+    return recs
 
 
 def run_gpu(ctx: common.Context) -> list[dict]:
@@ -207,99 +183,70 @@ def run_gpu(ctx: common.Context) -> list[dict]:
     z = torch.randn(TOKENS, VOCAB, generator=g, device=dev, dtype=torch.bfloat16) * 2
     u = (0.6 * z.float() + 1.5 * torch.randn(TOKENS, VOCAB, generator=g, device=dev)).to(torch.bfloat16)
     labels = _labels(TOKENS, VOCAB, g, dev)
-    summary = {}
     for divergence in (("forward_kl",) if ctx.quick else ("forward_kl", "jsd")):
         if ctx.time_left() <= 0:
             break
         try:
-            summary[f"loss {divergence} peak GiB"] = {k: v / 2**30 for k, v in
-                                                      _loss_case(ctx, records, z, u, labels, divergence).items()}
+            records += _loss_case(ctx, z, u, labels, divergence)
         except Exception as exc:  # e.g. out of memory: record, go on
-            records.append(check_record(BENCH, "distillation_loss", divergence, "bf16", "run", None, 0.0,
-                                        error=f"failed: {common.short_error(exc)}"))
+            records.append(common.error_record(BENCH, "distillation_loss", divergence,
+                                               f"failed: {common.short_error(exc)}"))
+        ctx.empty_cache()
         ctx.save_partial(records)
     del z, u
-    torch.cuda.empty_cache()
+    ctx.empty_cache()
     if ctx.time_left() > 0:
         hs = torch.randn(TOKENS, HS, generator=g, device=dev, dtype=torch.bfloat16)
         ht = torch.randn(TOKENS, HT, generator=g, device=dev, dtype=torch.bfloat16)
         ws = (torch.randn(VOCAB, HS, generator=g, device=dev) * (2 / HS ** 0.5)).to(torch.bfloat16)
         wt = (torch.randn(VOCAB, HT, generator=g, device=dev) * (2 / HT ** 0.5)).to(torch.bfloat16)
         try:
-            summary["fused-linear peak GiB"] = {k: v / 2**30 for k, v in
-                                                _fused_case(ctx, records, hs, ws, ht, wt, labels).items()}
+            records += _fused_case(ctx, hs, ws, ht, wt, labels)
         except Exception as exc:
-            records.append(check_record(BENCH, "fused_linear_distillation", "fused-linear", "bf16", "run", None, 0.0,
-                                        error=f"failed: {common.short_error(exc)}"))
+            records.append(common.error_record(BENCH, "fused_linear_distillation", "fused-linear",
+                                               f"failed: {common.short_error(exc)}"))
         ctx.save_partial(records)
     ctx.bench_meta["distill"] = {
         "peak memory": "torch.cuda.max_memory_allocated during one forward + backward minus the memory "
-                       "allocated before it (the inputs); GiB",
-        **summary}
+                       "allocated before it (the inputs); GiB (peak_mem_extra_gib)"}
     return records
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: the interpreted kernel against the torch backend
+# CPU: the torch paths' timing (correctness: tests/test_distill.py)
 
 
-CHECK_CASES = (  # (divergence, temperature, alpha)
-    ("forward_kl", 2.0, 0.5), ("reverse_kl", 1.0, 0.3), ("jsd", 0.7, 1.0), ("forward_kl", 1.5, 0.0))
+CPU_SHAPE = (256, 8192, 256)  # tokens, vocabulary, student hidden size (the teacher's: twice)
 
 
 def run_cpu(ctx: common.Context) -> list[dict]:
+    ctx.bench_meta["distill"] = {"note": "CPU timings are of the torch paths only (the PyTorch composition, "
+                                         "fastpeft's closed-form torch backward, the chunked fused-linear loss)"}
+    ctx.log("distill: CPU timings (fp32, torch path; torch.utils.benchmark medians)")
     import fastpeft
-    from fastpeft import _backend
-    records: list[dict] = []
-    if not (_backend.interpreter_active() and _backend.triton_status()[0]):
-        return [check_record(BENCH, "distillation_loss", "triton backend", "-", "all", None, 0.0,
-                             error="not checked: the Triton interpreter is not active")]
+    N, V, H = CPU_SHAPE
     g = torch.Generator().manual_seed(0)
-    N, V, H = 12, 300, 32
     z = torch.randn(N, V, generator=g) * 2
     u = 0.6 * z + torch.randn(N, V, generator=g) * 1.5
     labels = _labels(N, V, g, "cpu")
-    for divergence, temp, alpha in CHECK_CASES[:2] if ctx.quick else CHECK_CASES:
-        for dtype in (torch.float32, torch.float16):
-            dname = common.DTYPE_NAMES[dtype]
-            name = f"triton vs torch: {divergence} T={temp} alpha={alpha}"
-            try:
-                out = {}
-                for backend in ("triton", "torch"):
-                    leaf = z.to(dtype).detach().clone().requires_grad_()
-                    loss = fastpeft.distillation_loss(leaf, u.to(dtype), labels, temp, alpha, divergence=divergence,
-                                                      backend=backend)
-                    loss.backward()
-                    out[backend] = (loss.detach(), leaf.grad)
-                for i, q in enumerate(("loss", "d student")):
-                    records.append(check_record(BENCH, "distillation_loss", name, dname, q,
-                                                common.rel_err(out["triton"][i], out["torch"][i]), common.TOL[dname]))
-            except Exception as exc:
-                records.append(check_record(BENCH, "distillation_loss", name, dname, "all", None, 0.0,
-                                            error=f"failed: {common.short_error(exc)}"))
-    for divergence in ("forward_kl", "reverse_kl", "jsd"):  # the GPU baseline computes the same loss
-        a = composition(z, u, labels, divergence)
-        b = fastpeft.distillation_loss(z, u, labels, T, ALPHA, divergence=divergence, backend="torch")
-        records.append(check_record(BENCH, "distillation_loss", f"torch composition vs reference: {divergence}",
-                                    "fp32", "loss", common.rel_err(a, b), common.TOL["fp32"]))
+    leaf = z.clone().requires_grad_()
+    unfused = lambda: composition(leaf, u, labels, "forward_kl")
+    impls = [common.Impl("torch composition", "unfused", _fwdbwd(unfused), grads=lambda _: [leaf], check=False),
+             common.Impl("fastpeft[torch]", "auto", _fwdbwd(lambda: fastpeft.distillation_loss(
+                 leaf, u, labels, T, ALPHA, backend="torch")), grads=lambda _: [leaf])]
+    records = common.time_impls(ctx, BENCH, "distillation_loss", "fwdbwd", {"tokens": N, "vocab": V},
+                                "fp32", impls, [None], want=_want(unfused, [leaf], ["d student"]))
     hs, ht = torch.randn(N, H, generator=g), torch.randn(N, 2 * H, generator=g)
     ws, wt = torch.randn(V, H, generator=g) / H ** 0.5, torch.randn(V, 2 * H, generator=g) / (2 * H) ** 0.5
-    bs = torch.randn(V, generator=g) * 0.1
-    try:
-        out = {}
-        for backend in ("triton", "torch"):
-            leaves = [t.clone().requires_grad_() for t in (hs, ws, bs)]
-            loss = fastpeft.fused_linear_distillation_loss(leaves[0], leaves[1], ht, wt, labels, leaves[2],
-                                                           temperature=T, alpha=ALPHA, chunk_size=5, backend=backend)
-            loss.backward()
-            out[backend] = (loss.detach(), *(t.grad for t in leaves))
-        for i, q in enumerate(("loss", "d hidden", "d weight", "d bias")):
-            records.append(check_record(BENCH, "fused_linear_distillation", "triton vs torch: chunks of 5 rows",
-                                        "fp32", q, common.rel_err(out["triton"][i], out["torch"][i]),
-                                        common.TOL["fp32"]))
-    except Exception as exc:
-        records.append(check_record(BENCH, "fused_linear_distillation", "triton vs torch", "fp32", "all", None, 0.0,
-                                    error=f"failed: {common.short_error(exc)}"))
-    n_ok = sum(r["ok"] for r in records)
-    ctx.log(f"distill: {n_ok}/{len(records)} triton-vs-torch checks passed; GPU timings and memory need CUDA")
+    h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    F = torch.nn.functional
+    materialized = lambda: composition(F.linear(h, w), F.linear(ht, wt).detach(), labels, "forward_kl")
+    fused = lambda: fastpeft.fused_linear_distillation_loss(h, w, ht, wt, labels, temperature=T, alpha=ALPHA,
+                                                            backend="torch")
+    impls = [common.Impl("materialized torch", "unfused", _fwdbwd(materialized), grads=lambda _: [h, w], check=False),
+             common.Impl("fastpeft[fused-linear,torch]", "auto", _fwdbwd(fused), grads=lambda _: [h, w])]
+    records += common.time_impls(ctx, BENCH, "fused_linear_distillation", "fwdbwd",
+                                 {"tokens": N, "vocab": V, "Hs": H, "Ht": 2 * H}, "fp32", impls, [None],
+                                 want=_want(materialized, [h, w], ["d hidden", "d weight"]))
+    common.log_cpu_timings(ctx, records)
     return records

@@ -16,28 +16,25 @@ an int8 base trains through): fastpeft auto (x requires grad, dx = dy W_deq) aga
 F.linear(x, W) + dx = dy @ W in bf16.
 Each output is checked against the int8 layer's exact math in float64 (codes and scales
 from fastpeft.reference.int8, the int32 product computed exactly in float64) with the bf16
-tolerance; a wrong kernel shows as WRONG. Records also carry err_vs_exact, the error
-against float64 x @ W (quantization error included), for bf16 and int8 alike.
+tolerance; a wrong kernel shows as WRONG (bnb, which quantizes W its own way, is not checked
+so). Records also carry err_vs_exact, the error against float64 x @ W (quantization error
+included), for bf16, bnb and int8 alike.
 
 Targets (issue 3; measured, never asserted): M >= 2048: >= 1.3x faster than base at
 threshold 0, >= 1.15x at threshold 6; M <= 16: >= 1.4x faster than base; >= 2x faster
 than bitsandbytes (when it is installed). Achieved TOP/s are reported against the int8
 ceiling (torch._int_mm) measured in the same run, GB/s against the copy ceiling.
 
-CPU: checks int8_linear's triton (interpreted) and torch backends (and
-int8_vectorwise_quant) against fastpeft.reference.int8 with x gradients, and times the
-torch path against F.linear in fp32 on a small shape.
+CPU: times the torch path against F.linear, the int_mm way and bnb in fp32 on a small shape
+(outputs checked the same way). Correctness of every backend is tests/'s (make test).
 """
 from __future__ import annotations
-
-import itertools
-import math
 
 import torch
 import torch.nn.functional as F
 
 import common
-from common import check_record, measure, timing_record
+from common import timing_record
 
 BENCH, OP = "int8", "int8_linear"
 # Order run in (the time budget may cut the tail): one of each target's cases first.
@@ -46,7 +43,7 @@ KN_VALUES = ((4096, 4096), (4096, 11008), (11008, 4096))   # (in features K, out
 THRESHOLDS = (0.0, 6.0)
 FWDBWD_THRESHOLD = 6.0
 QUICK = dict(M=(2048, 16), KN=((4096, 4096),))
-INT8_MAX = 127.0
+INT_MM_MIN_ROWS = 16  # torch._int_mm on CUDA needs more than 16 rows: fewer are padded to 32
 
 # inputs: x ~ N(0, 1) clamped to +-5 (so that threshold 6 finds exactly the planted outliers);
 # for threshold > 0, about 0.1% of the columns get a few entries of magnitude 8..20
@@ -176,8 +173,8 @@ class Layer:
         self.W = (torch.randn(N, K, generator=g, device=device) * K ** -0.5).to(dtype)
         self.w, self.ws = quantize_weight(self.W)          # once, outside every timed region
         self.w_t = self.w.t()                              # column-major [K, N] for torch._int_mm
-        self.ws_mm = self.ws / INT8_MAX**2                 # the epilogue's weight factor (fp32)
-        self.ws_deq = self.ws / INT8_MAX                   # W_deq = w * ws / 127 (fp32)
+        self.ws_mm = self.ws / 127.0**2                    # the epilogue's weight factor (fp32)
+        self.ws_deq = self.ws / 127.0                      # W_deq = w * ws / 127 (fp32), 127: the largest code
         self.x = {t: make_x(M, K, n_outlier_cols(K) if t > 0 else 0, g, device, dtype) for t in thresholds}
         self.dy = self.xg = None
         if grad_threshold is not None:
@@ -191,9 +188,9 @@ def int_mm_scaled(x: torch.Tensor, L: Layer, threshold: float, quant_backend: st
     import fastpeft
     q, row_scale, cols = fastpeft.int8_vectorwise_quant(x, threshold, backend=quant_backend)
     M = q.shape[0]
-    pad = x.is_cuda and M <= 16                    # CUDA _int_mm needs more than 16 rows
+    pad = x.is_cuda and M <= INT_MM_MIN_ROWS
     if pad:
-        q = F.pad(q, (0, 0, 0, 32 - M))
+        q = F.pad(q, (0, 0, 0, 2 * INT_MM_MIN_ROWS - M))
     acc = torch._int_mm(q, L.w_t)
     if pad:
         acc = acc[:M]
@@ -207,13 +204,9 @@ def int_mm_scaled(x: torch.Tensor, L: Layer, threshold: float, quant_backend: st
 def reference(x: torch.Tensor, L: Layer, threshold: float):
     """(y of the int8 layer in float64 (exact int32 product), x @ W in float64, #outlier cols)."""
     from fastpeft.reference import int8 as ref
-    q, rs, cols = ref.int8_vectorwise_quant(x, threshold)
-    y = (q.double() @ L.w.double().t()) * (rs.double()[:, None] * L.ws.double()[None, :]) / INT8_MAX**2
-    n = 0 if cols is None else int(cols.numel())
-    if n:
-        y += x[:, cols].double() @ (L.w[:, cols].double() * (L.ws.double()[:, None] / INT8_MAX)).t()
-    exact = x.double() @ L.W.double().t()
-    return y, exact, n
+    cols = ref.int8_vectorwise_quant(x, threshold)[2]
+    y = ref.int8_linear(x.double(), L.w, L.ws, None, threshold)
+    return y, x.double() @ L.W.double().t(), 0 if cols is None else int(cols.numel())
 
 
 def dx_reference(dy: torch.Tensor, L: Layer) -> torch.Tensor:
@@ -221,25 +214,109 @@ def dx_reference(dy: torch.Tensor, L: Layer) -> torch.Tensor:
     return dy.double() @ ref.dequantize_weight(L.w, L.ws).double()
 
 
-def _no_grad(fn):
-    def g(*a):
+# ---------------------------------------------------------------------------------------------
+# the implementations, GPU and CPU alike
+
+
+def _work(mode, shape, elt, int8, dname) -> dict:
+    """flops, bytes and the throughput-peak fields of one record, as Impl keywords."""
+    w = flops_bytes(mode, shape["M"], shape["K"], shape["N"], elt, int8, dname)
+    return {"flops": w.pop("flops"), "bytes": w.pop("bytes_"), "extra": w}
+
+
+def _fwd_impls(shape, elt, dname, avail: dict, picked: str, cuda: bool, peer_measured: bool) -> list[common.Impl]:
+    """One threshold's forward: base, int_mm+scale, bnb and the fastpeft variants. ``avail``: impl
+    -> None when it runs here, else why not; fastpeft variants missing from it are not run."""
+    import fastpeft
+    M, t = shape["M"], shape["t"]
+    what = "int8_linear, quantize x included"
+    call = lambda backend: (lambda L: fastpeft.int8_linear(L.x[t], L.w, L.ws, None, t, backend=backend))
+    impls = [
+        ("base", "base", lambda L: F.linear(L.x[t], L.W), True, "F.linear(x, W), bf16 W"),
+        ("int_mm+scale", "unfused", lambda L: int_mm_scaled(L.x[t], L, t, None if cuda else "torch"), t == 0,
+         "quantize x (fastpeft.int8_vectorwise_quant) + torch._int_mm + separate scale ops"
+         + (" + outlier cols in bf16 (host sync for the column list)" if t else "")
+         + (" (x padded to 32 rows)" if cuda and M <= INT_MM_MIN_ROWS else "")),
+        ("bnb", "peer", lambda L: L.bnb[t](L.x[t]), False, "bitsandbytes Linear8bitLt forward (quantizes x)"),
+    ] + [(name, role, call(backend), True, what) for name, role, backend in _VARIANTS if name in avail]
+    target = target_for("fwd", M, t, peer_measured) if cuda else None
+    out = []
+    for name, role, fn, capturable, timed in impls:
+        work = _work("fwd", shape, elt, role != "base", dname)
+        work["extra"].update(timed=timed, **({"picked": picked} if role == "auto" else {}))
+        # the base (bf16 W) and bnb (its own codes, quantized from fp16 W) do not compute the int8 layer's
+        # math: they carry err_vs_exact only
+        out.append(common.Impl(name, role, fn, error=avail.get(name), capturable=capturable,
+                               check=role not in ("base", "peer"),
+                               target=target if role in ("auto", "variant") else None, **work))
+    return out
+
+
+_VARIANTS = (("fastpeft[triton]", "variant", "triton"), ("fastpeft[cuda]", "variant", "cuda"),
+             ("fastpeft[auto]", "auto", None), ("fastpeft[torch]", "auto", "torch"))
+
+
+def _fwdbwd_impls(shape, elt, dname, picked: str, backend: str | None) -> list[common.Impl]:
+    import fastpeft
+    t = shape["t"]
+
+    def train(L):
+        y = fastpeft.int8_linear(L.xg, L.w, L.ws, None, t, backend=backend)
+        y.backward(L.dy)
+        return y
+
+    name = "fastpeft[auto]" if backend is None else f"fastpeft[{backend}]"
+    return [common.Impl("base", "base", lambda L: (F.linear(L.x[t], L.W), torch.mm(L.dy, L.W)), check=False,
+                        **_work("fwdbwd", shape, elt, False, dname)),
+            common.Impl(name, "auto", train, grads=lambda L: [L.xg], **_with_extra(
+                _work("fwdbwd", shape, elt, True, dname), picked=picked,
+                timed="int8_linear(x) forward (quantize included) + backward (dx = dy W_deq)"))]
+
+
+def _with_extra(work: dict, **fields) -> dict:
+    work["extra"].update(fields)
+    return work
+
+
+def _measure_step(ctx, M, K, N, dtype, sets: list[Layer], avail: dict, picked: str, peer_measured: bool,
+                  fwdbwd_backend: str | None) -> list[dict]:
+    """Every threshold's forward and the forward+backward row of one (M, K, N)."""
+    dname, elt, L0 = common.DTYPE_NAMES[dtype], dtype.itemsize, sets[0]
+    graph, probe = common.use_graphs(ctx, lambda L: F.linear(L.x[0.0], L.W), sets)
+    records = []
+    for t in THRESHOLDS:
+        shape = _shape(M, K, N, t)
         with torch.no_grad():
-            return fn(*a)
-    return g
+            y_ref, y_exact, n_out = reference(L0.x[t], L0, t)
+        impls = _fwd_impls(shape, elt, dname, avail, picked, ctx.cuda, peer_measured)
+        known = {"base": probe} if t == 0.0 and ctx.cuda and not graph else None
+        recs = common.time_impls(ctx, BENCH, OP, "fwd", shape, dname, impls, sets, graph=graph, want={"y": y_ref},
+                                 known=known, report=lambda im, out, ye=y_exact: {"err_vs_exact": common.rel_err(out["y"], ye)})
+        records += _tagged(recs, t, n_out)
+        del y_ref, y_exact
+    t = FWDBWD_THRESHOLD
+    with torch.no_grad():
+        y_ref, _, n_out = reference(L0.x[t], L0, t)
+        dx_ref = dx_reference(L0.dy, L0)
+    impls = _fwdbwd_impls(_shape(M, K, N, t), elt, dname, picked, fwdbwd_backend)
+    recs = common.time_impls(ctx, BENCH, OP, "fwdbwd", _shape(M, K, N, t), dname, impls, sets, graph=graph,
+                             want={"y": y_ref, "dx": dx_ref})
+    return records + _tagged(recs, t, n_out)
+
+
+def _tagged(recs: list[dict], t: float, n_out: int) -> list[dict]:
+    for r in recs:
+        r.update(threshold=t, n_outlier_cols=n_out)
+    return recs
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU
 
 
-def _steps(quick: bool) -> list[tuple[int, int, int]]:
+def _steps(quick: bool) -> list[dict]:
     ms, kns = (QUICK["M"], QUICK["KN"]) if quick else (M_PRIORITY, KN_VALUES)
-    return [(M, K, N) for M in ms for (K, N) in kns]
-
-
-def _n_sets(set_bytes: int) -> int:
-    """Enough input copies that one pass over them is 3x the L2 cache (at most 8)."""
-    return int(min(8, max(1, math.ceil(3 * common.l2_bytes() / max(set_bytes, 1)))))
+    return [{"M": M, "K": K, "N": N} for M in ms for (K, N) in kns]
 
 
 def run_gpu(ctx: common.Context) -> list[dict]:
@@ -264,33 +341,31 @@ def run_gpu(ctx: common.Context) -> list[dict]:
                  "region; int_mm+scale = fastpeft.int8_vectorwise_quant (auto backend; t > 0 syncs "
                  "with the host for the outlier column list) + torch._int_mm (x padded to 32 rows when "
                  "M <= 16) + separate fp32 scale ops + bf16 outlier matmul; bnb = Linear8bitLt forward",
-        "timing": f"CUDA graphs when base fwd < {common.GRAPH_BELOW_MS} ms (inputs rotated over copies "
-                  f"totalling >= 3x L2), else triton do_bench median (L2 flushed per call); paths that "
-                  "sync with the host (int_mm+scale at t > 0, bnb) are timed with do_bench only, and "
-                  "ratios against them use fastpeft's eager (do_bench) time",
-        "check": "rel err vs float64 of the int8 layer's exact math (tol bf16 1e-2); err_vs_exact: vs "
-                 "float64 x @ W",
+        "timing": f"CUDA graphs (triton.testing.do_bench_cudagraph) when base fwd < {common.GRAPH_BELOW_MS} ms "
+                  f"(inputs rotated over copies totalling >= 3x L2), else triton.testing.do_bench median (L2 "
+                  "flushed per call); paths that sync with the host (int_mm+scale at t > 0, bnb) are timed "
+                  "with do_bench only, and ratios against them use fastpeft's eager (do_bench) time",
+        "check": "rel err vs float64 of the int8 layer's exact math (the tests' bf16 tolerance); err_vs_exact: "
+                 "vs float64 x @ W",
     }
-    steps = _steps(ctx.quick)
-    records: list[dict] = []
-    durations: dict[int, float] = {}
-    for i, (M, K, N) in enumerate(steps):
-        if ctx.interrupted:
-            raise common.Interrupted("signal between shapes")
-        guess = durations.get(M, max(durations.values(), default=5.0))
-        if ctx.time_left() < guess:
-            records += _placeholders(M, K, N, common.budget_spent(ctx))
-            ctx.log(f"[{i + 1:2d}/{len(steps)}] M={M} K={K} N={N}: skipped (time budget)")
-            continue
-        ctx.log(f"[{i + 1:2d}/{len(steps)}] M={M} K={K} N={N} ...", end="")
-        durations[M] = common.run_shape(
-            ctx, records, lambda: _gpu_step(ctx, M, K, N, bnb_ok, bnb_why, errs, picked),
-            lambda err: _placeholders(M, K, N, err), _describe, head=lambda p: f"{p['mode']} t={p['shape']['t']}")
-    return records
+    avail = {"base": None, "int_mm+scale": None, "bnb": None if bnb_ok else bnb_why,
+             "fastpeft[triton]": errs["triton"], "fastpeft[cuda]": errs["cuda"], "fastpeft[auto]": None}
+
+    def measure_step(step):
+        M, K, N = step["M"], step["K"], step["N"]
+        set_bytes = N * K + 2 * M * K + 2 * M * N   # the int8 paths' footprint (bf16 W doubles it)
+        sets = [Layer(M, K, N, torch.bfloat16, ctx.device, 2000 + j, THRESHOLDS,
+                      bnb_thresholds=THRESHOLDS if bnb_ok else (), grad_threshold=FWDBWD_THRESHOLD)
+                for j in range(common.input_copies(set_bytes))]
+        return _measure_step(ctx, M, K, N, torch.bfloat16, sets, avail, picked, bnb_ok, None)
+
+    return common.run_shapes(ctx, _steps(ctx.quick), measure_step, _placeholders, _describe,
+                             head=lambda p: f"{p['mode']} t={p['shape']['t']}")
 
 
-def _placeholders(M, K, N, error: str) -> list[dict]:
+def _placeholders(step: dict, error: str) -> list[dict]:
     """The fastpeft[auto] records of a step that was skipped or failed."""
+    M, K, N = step["M"], step["K"], step["N"]
     recs = [timing_record(BENCH, OP, "fwd", _shape(M, K, N, t), "bf16", "fastpeft[auto]", "auto", error=error)
             for t in THRESHOLDS]
     recs.append(timing_record(BENCH, OP, "fwdbwd", _shape(M, K, N, FWDBWD_THRESHOLD), "bf16", "fastpeft[auto]",
@@ -310,250 +385,23 @@ def _describe(p: dict) -> str:
             + ("" if p.get("ok", True) else " WRONG"))
 
 
-def _gpu_step(ctx, M, K, N, bnb_ok, bnb_why, errs, picked) -> list[dict]:
-    import fastpeft
-    dtype, dname, elt = torch.bfloat16, "bf16", 2
-    tol = common.TOL[dname]
-    set_bytes = N * K + elt * M * K + elt * M * N   # the int8 paths' footprint (bf16 W doubles it)
-    sets = [Layer(M, K, N, dtype, ctx.device, 2000 + j, THRESHOLDS,
-                  bnb_thresholds=THRESHOLDS if bnb_ok else (), grad_threshold=FWDBWD_THRESHOLD)
-            for j in range(_n_sets(set_bytes))]
-    L0 = sets[0]
-
-    def rotate(fn):
-        it = itertools.cycle(sets)
-        return lambda: fn(next(it))
-
-    # base first: its time decides CUDA graphs vs do_bench for the whole shape
-    probe = measure(rotate(lambda L: F.linear(L.x[0.0], L.W)), ctx)
-    graph = probe.ms is not None and probe.ms < common.GRAPH_BELOW_MS
-
-    def timed(fn, capturable=True, grads=None):
-        g = graph and capturable
-        return measure(rotate(fn), ctx, graph=g, eager_too=g, grad_to_none=grads)
-
-    records: list[dict] = []
-    refs: dict = {}
-    for t in THRESHOLDS:
-        shape = _shape(M, K, N, t)
-        with torch.no_grad():
-            refs[t] = y_ref, y_exact, n_out = reference(L0.x[t], L0, t)
-        call = lambda backend: (lambda L: fastpeft.int8_linear(L.x[t], L.w, L.ws, None, t, backend=backend))
-        # (impl, role, error, fn(L), capturable, what is timed)
-        impls = [
-            ("base", "base", None, lambda L: F.linear(L.x[t], L.W), True, "F.linear(x, W), bf16 W"),
-            ("int_mm+scale", "unfused", None, lambda L: int_mm_scaled(L.x[t], L, t), t == 0,
-             "quantize x (fastpeft.int8_vectorwise_quant) + torch._int_mm + separate scale ops"
-             + (" + outlier cols in bf16 (host sync for the column list)" if t else "")
-             + (" (x padded to 32 rows)" if M <= 16 else "")),
-            ("bnb", "peer", None if bnb_ok else bnb_why, lambda L: L.bnb[t](L.x[t]), False,
-             "bitsandbytes Linear8bitLt forward (quantizes x)"),
-            ("fastpeft[triton]", "variant", errs["triton"], call("triton"), True, "int8_linear, quantize x included"),
-            ("fastpeft[cuda]", "variant", errs["cuda"], call("cuda"), True, "int8_linear, quantize x included"),
-            ("fastpeft[auto]", "auto", None, call(None), True, "int8_linear, quantize x included"),
-        ]
-        base_ms = None
-        group = []
-        for name, role, err, fn, capturable, what in impls:
-            int8 = role != "base"
-            work = flops_bytes("fwd", M, K, N, elt, int8)
-            extra = {"threshold": t, "n_outlier_cols": n_out, "timed": what, "n_input_copies": len(sets)}
-            if role == "auto":
-                extra["picked"] = picked
-            tgt = target_for("fwd", M, t, bnb_ok) if role in ("auto", "variant") else None
-            if err:
-                group.append(timing_record(BENCH, OP, "fwd", shape, dname, name, role, target=tgt,
-                                           error=err, **work, **extra))
-                continue
-            fn = _no_grad(fn)
-            m = probe if (role == "base" and t == 0.0 and not graph) else timed(fn, capturable)
-            if m.error is None:
-                try:
-                    y = fn(L0)
-                    extra["err_vs_exact"] = common.rel_err(y, y_exact)
-                    if int8:
-                        extra["rel_err"] = common.rel_err(y, y_ref)
-                        extra["ok"] = extra["rel_err"] <= tol
-                        if not extra["ok"]:
-                            extra["note"] = f"WRONG: rel err {extra['rel_err']:.2e} > {tol:.0e}"
-                    del y
-                except Exception as exc:
-                    extra["note"] = f"check failed: {common.short_error(exc, 120)}"
-            if role == "base":
-                base_ms = m.ms
-            elif base_ms and m.ms:
-                extra["speedup_vs_base"] = base_ms / m.ms
-            group.append(timing_record(BENCH, OP, "fwd", shape, dname, name, role, m, target=tgt,
-                                       **work, **extra))
-        records += group
-        if t != FWDBWD_THRESHOLD:
-            del refs[t]
-        del y_ref, y_exact
-
-    # forward + backward at FWDBWD_THRESHOLD: x requires grad, the weight is frozen
-    t = FWDBWD_THRESHOLD
-    shape = _shape(M, K, N, t)
-    y_ref, _, n_out = refs.pop(t)
-    with torch.no_grad():
-        dx_ref = dx_reference(L0.dy, L0)
-
-    def base_fwdbwd(L):
-        F.linear(L.x[t], L.W)
-        return torch.mm(L.dy, L.W)
-
-    def train(L):
-        y = fastpeft.int8_linear(L.xg, L.w, L.ws, None, t)
-        y.backward(L.dy)
-        return y
-
-    extra_all = {"threshold": t, "n_outlier_cols": n_out, "n_input_copies": len(sets)}
-    mb = timed(_no_grad(base_fwdbwd))
-    records.append(timing_record(BENCH, OP, "fwdbwd", shape, dname, "base", "base", mb,
-                                 **flops_bytes("fwdbwd", M, K, N, elt, False), **extra_all,
-                                 timed="F.linear(x, W) and dx = dy @ W, bf16"))
-    grads = [L.xg for L in sets]
-    m = timed(train, True, grads)
-    extra = {"picked": picked, "timed": "int8_linear(x) forward (quantize included) + backward (dx = dy W_deq)"}
-    if m.error is None:
-        try:
-            L0.xg.grad = None
-            y = train(L0)
-            errs_ = [common.rel_err(y, y_ref), common.rel_err(L0.xg.grad, dx_ref)]
-            extra["rel_err"] = max(errs_)
-            extra["rel_err_y_dx"] = errs_
-            extra["ok"] = extra["rel_err"] <= tol
-            if not extra["ok"]:
-                extra["note"] = "WRONG: rel err y/dx " + "/".join(f"{e:.1e}" for e in errs_)
-            del y
-        except Exception as exc:
-            extra["note"] = f"check failed: {common.short_error(exc, 120)}"
-    if mb.ms and m.ms:
-        extra["speedup_vs_base"] = mb.ms / m.ms
-    records.append(timing_record(BENCH, OP, "fwdbwd", shape, dname, "fastpeft[auto]", "auto", m,
-                                 **flops_bytes("fwdbwd", M, K, N, elt, True), **extra_all, **extra))
-    del sets, L0, y_ref, dx_ref
-    return records
-
-
 # ---------------------------------------------------------------------------------------------
-# CPU: correctness of every backend that runs here, and the torch path's timing
+# CPU: the torch path's timing (correctness: tests/test_int8*.py)
 
 
-CHECK_CASES = [
-    # (name, lead dims, K, N, bias, non-contiguous x, zero row)
-    ("M=5 K=40 N=24 bias, a row of zeros", (5,), 40, 24, True, False, True),
-    ("x[2,3] K=72 N=40 no bias, x non-contiguous", (2, 3), 72, 40, False, True, False),
-]
 CPU_TIMING_SHAPE = (256, 1024, 1024)   # M, K, N
 
 
-def _check_case(case, threshold, dtype, backend, gen) -> list[tuple[str, object, object, float | None]]:
-    """(quantity, out, ref, tol or None for the dtype's) of one case: quantization and the layer."""
-    import fastpeft
-    from fastpeft.ops.int8 import quantize_weight
-    from fastpeft.reference import int8 as ref
-    name, lead, K, N, has_bias, noncontig, zero_row = case
-    M = math.prod(lead)
-    x = make_x(M, K, 2 if threshold > 0 else 0, gen, "cpu", torch.float32)
-    if zero_row:
-        x[min(2, M - 1)] = 0.0
-    x = x.reshape(*lead, K).to(dtype)
-    w, ws = quantize_weight(torch.randn(N, K, generator=gen) * K ** -0.5)
-    b = torch.randn(N, generator=gen).to(dtype) if has_bias else None
-    dy = torch.randn(*lead, N, generator=gen).to(dtype)
-    # float64 reference on the same (rounded) inputs
-    y64 = ref.int8_linear(x.double(), w, ws, None if b is None else b.double(), threshold)
-    dx64 = (dy.double().reshape(-1, N) @ ref.dequantize_weight(w, ws).double()).reshape(*lead, K)
-    q_ref, s_ref, c_ref = ref.int8_vectorwise_quant(x.reshape(-1, K), threshold)
-    # fastpeft; a non-contiguous x is every other column of a wider leaf
-    x_leaf, x_in = common.input_leaf(x, noncontig)
-    b_leaf = b.clone().requires_grad_(True) if has_bias else None
-    with torch.no_grad():
-        q, s, c = fastpeft.int8_vectorwise_quant(x_in, threshold, backend=backend)
-    y = fastpeft.int8_linear(x_in, w, ws, b_leaf, threshold, backend=backend)
-    y.backward(dy)
-    dx = common.input_grad(x_leaf, noncontig)
-    same_cols = (c is None and c_ref is None) or (
-        c is not None and c_ref is not None and torch.equal(c.cpu().long(), c_ref.cpu().long()))
-    out = [("q (codes, up to ties)", q.reshape(-1, K).float(), q_ref.float(), 1e-2),
-           ("row_scale", s, s_ref, 1e-6),
-           ("outlier_cols", torch.zeros(1) if same_cols else None, torch.zeros(1), 0.0),
-           ("y", y, y64, None), ("dx", dx, dx64, None)]
-    if has_bias:
-        out.append(("dbias", b_leaf.grad, dy.double().reshape(-1, N).sum(0), None))
-    return out
-
-
 def run_cpu(ctx: common.Context) -> list[dict]:
-    from fastpeft import _backend
-    records: list[dict] = []
-    interp = _backend.interpreter_active()
-    tri_ok, tri_why = _backend.triton_status()
     bnb_ok, bnb_why = bnb_status(torch.device("cpu"))
-    ctx.bench_meta["int8"] = {"bitsandbytes": bnb_why, "triton_interpreter": interp,
+    ctx.bench_meta["int8"] = {"bitsandbytes": bnb_why,
                               "note": "CPU timings are of the torch path only (torch._int_mm on the CPU); "
-                                      "Triton (interpreted) is checked for correctness, not timed; bnb's "
-                                      "CPU module dequantizes its weight instead of running int8"}
-    configs = [("torch", (torch.float32, torch.float16, torch.bfloat16))]
-    if tri_ok and interp:
-        configs.append(("triton", (torch.float32, torch.float16)))
-    else:
-        why = tri_why or "TRITON_INTERPRET=1 was not set before triton was imported"
-        records.append(check_record(BENCH, OP, "triton backend", "-", "all", None, 0.0,
-                                    error=f"not checked: {why}"))
-    cases = CHECK_CASES[:1] if ctx.quick else CHECK_CASES
-    ctx.log(f"int8: correctness against fastpeft.reference.int8 in float64 ({len(cases)} cases x "
-            f"thresholds {', '.join(f'{t:g}' for t in THRESHOLDS)})")
-    for backend, dtypes in configs:
-        for dtype in dtypes:
-            dname = common.DTYPE_NAMES[dtype]
-            for case in cases:
-                for t in THRESHOLDS:
-                    common.run_check(ctx, records, BENCH, OP, f"int8_linear[{backend}] {case[0]} t={t:g}", dname,
-                                     lambda: _check_case(case, t, dtype, backend, torch.Generator().manual_seed(11)))
-    ctx.save_partial(records)
-
-    ctx.log("int8: CPU timings (fp32, torch path; perf_counter medians, interleaved)")
-    records += _cpu_timings(ctx, *CPU_TIMING_SHAPE, bnb_ok, bnb_why)
-    ctx.save_partial(records)
+                                      "bnb's CPU module dequantizes its weight instead of running int8"}
+    ctx.log("int8: CPU timings (fp32, torch path; torch.utils.benchmark medians, interleaved)")
+    M, K, N = CPU_TIMING_SHAPE
+    sets = [Layer(M, K, N, torch.float32, torch.device("cpu"), 99, THRESHOLDS,
+                  bnb_thresholds=THRESHOLDS if bnb_ok else (), grad_threshold=FWDBWD_THRESHOLD)]
+    avail = {"base": None, "int_mm+scale": None, "bnb": None if bnb_ok else bnb_why, "fastpeft[torch]": None}
+    records = _measure_step(ctx, M, K, N, torch.float32, sets, avail, "torch", bnb_ok, "torch")
+    common.log_cpu_timings(ctx, records)
     return records
-
-
-def _cpu_timings(ctx, M, K, N, bnb_ok, bnb_why) -> list[dict]:
-    import fastpeft
-    dtype, dname, elt = torch.float32, "fp32", 4
-    L = Layer(M, K, N, dtype, torch.device("cpu"), 99, THRESHOLDS,
-              bnb_thresholds=THRESHOLDS if bnb_ok else (), grad_threshold=FWDBWD_THRESHOLD)
-    recs: list[dict] = []
-    groups = [("fwd", t) for t in THRESHOLDS] + [("fwdbwd", FWDBWD_THRESHOLD)]
-    for mode, t in groups:
-        shape = _shape(M, K, N, t)
-        if mode == "fwd":
-            table = {
-                "base": ("base", _no_grad(lambda: F.linear(L.x[t], L.W)), None, None),
-                "int_mm+scale": ("unfused", _no_grad(lambda: int_mm_scaled(L.x[t], L, t, "torch")), None, None),
-                "bnb": ("peer", _no_grad(lambda: L.bnb[t](L.x[t])), None, None if bnb_ok else bnb_why),
-                "fastpeft[torch]": ("auto", _no_grad(lambda: fastpeft.int8_linear(L.x[t], L.w, L.ws, None, t,
-                                                                                 backend="torch")), None, None),
-            }
-        else:
-            table = {
-                "base": ("base", _no_grad(lambda: (F.linear(L.x[t], L.W), torch.mm(L.dy, L.W))), None, None),
-                "fastpeft[torch]": ("auto", lambda: fastpeft.int8_linear(L.xg, L.w, L.ws, None, t,
-                                                                        backend="torch").backward(L.dy),
-                                    [L.xg], None),
-            }
-        timed = common.measure_cpu_interleaved(
-            {name: (fn, grads) for name, (role, fn, grads, err) in table.items() if not err}, ctx)
-        for name, (role, fn, grads, err) in table.items():
-            extra = {"threshold": t, "picked": "torch (CPU)"} if role == "auto" else {"threshold": t}
-            recs.append(timing_record(BENCH, OP, mode, shape, dname, name, role, timed.get(name), error=err,
-                                      **flops_bytes(mode, M, K, N, elt, role != "base", dname), **extra))
-    common.finalize(recs, ctx.ceilings)
-    for mode, t in groups:
-        line = ", ".join(f"{r['impl']} {common._ms(r['ms'])} ms" + (f" ({r['ratio_vs_base']:.2f}x base)"
-                                                                  if r.get("ratio_vs_base") else "")
-                         if r.get("ms") else f"{r['impl']}: {r['error']}"
-                         for r in recs if r["mode"] == mode and r["threshold"] == t)
-        ctx.log(f"  M={M} K={K} N={N} t={t:g} fp32 {mode}: {line}")
-    return recs

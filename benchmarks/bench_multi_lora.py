@@ -20,20 +20,16 @@ Per case, two modes:
 Each output is checked against an fp32 computation on the same inputs. Inputs (weights and
 adapters included) rotate over copies totalling >= 3x L2, so graph-timed calls read HBM.
 
-CPU: checks multi_lora's triton (interpreted, both regimes) and torch backends, and the PEFT
-harness itself, against the float64 reference on small awkward shapes (NaN beyond each rank),
-and times the torch path against base, the PEFT loop and PEFT on small shapes.
+CPU: times the torch path against base, the PEFT loop and PEFT on small fp32 shapes (outputs
+checked the same way). Correctness of every backend is tests/'s (make test).
 """
 from __future__ import annotations
-
-import itertools
-import math
 
 import torch
 import torch.nn.functional as F
 
 import common
-from common import check_record, measure, timing_record
+from common import timing_record
 
 BENCH, OP = "multi_lora", "multi_lora"
 K_IN = N_OUT = 4096
@@ -127,7 +123,7 @@ def peft_loop(x, W, A, B, ranks: list[int], scalings: list[float], names: list[s
 class Problem:
     """One layer's inputs: x [seqs, tokens, K], W, the adapter stacks, per-sequence adapters."""
 
-    def __init__(self, seqs, tokens, n, K, N, ranks, dtype, device, seed, *, decode, peft_ok, nan=False):
+    def __init__(self, seqs, tokens, n, K, N, ranks, dtype, device, seed, *, decode, peft_ok):
         g = torch.Generator(device=device).manual_seed(seed)
         rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
         r_max = max(ranks)
@@ -135,10 +131,6 @@ class Problem:
         self.W = rnd(N, K, scale=K ** -0.5)
         self.A = rnd(n, r_max, K, scale=K ** -0.5)
         self.B = torch.stack([rnd(N, r_max, scale=r ** -0.5) for r in ranks])
-        if nan:
-            for i, r in enumerate(ranks):
-                self.A[i, r:] = float("nan")
-                self.B[i, :, r:] = float("nan")
         self.rank_list = list(ranks)
         self.scaling_list = [SCALING / (1 + (i % 3)) for i in range(n)]
         self.ranks = torch.tensor(self.rank_list, dtype=torch.int32, device=device)
@@ -210,20 +202,54 @@ def auto_choice(T: int, n: int, device: torch.device) -> str:
         return f"unknown ({common.short_error(exc, 80)})"
 
 
-def _no_grad(fn):
-    def g(*a):
-        with torch.no_grad():
-            return fn(*a)
-    return g
+# ---------------------------------------------------------------------------------------------
+# the implementations, GPU and CPU alike
+
+
+def _impls(mode: str, case: str, shape: dict, used: int, elt: int, variants, peft_error: str | None,
+           picked: str, targets: bool) -> list[common.Impl]:
+    """base and, for the whole layer, PEFT's loop and PEFT; the fastpeft variants of the mode."""
+    T, K, N, r = shape["M"], shape["K"], shape["N"], shape["r"]
+    base_f, base_b = flops_bytes("base", T, K, N, r, used, elt)
+    f, b = flops_bytes(mode, T, K, N, r, used, elt)
+    impls = [common.Impl("base", "base", lambda p: F.linear(p.x, p.W), flops=base_f, bytes=base_b, check=False)]
+    if mode == "layer":
+        impls += [common.Impl("unfused", "unfused",
+                              lambda p: peft_loop(p.x, p.W, p.A, p.B, p.rank_list, p.scaling_list, p.names),
+                              capturable=False, flops=f, bytes=b),  # its Python-list gathers sync with the host
+                  common.Impl("peft", "peer", lambda p: p.peft(p.x, adapter_names=p.names), error=peft_error,
+                              capturable=False, flops=f, bytes=b)]
+    target = target_for(case, mode, peft_error is None) if targets else None
+    make = _layer_call if mode == "layer" else _update_call
+    for name, role, why, backend in variants:
+        impls.append(common.Impl(name, role, make(backend), error=why, flops=f, bytes=b,
+                                 target=target if role in ("auto", "variant") else None,
+                                 extra={"picked": picked} if role == "auto" else {}))
+    return impls
+
+
+def _measure_case(ctx, case: str, shape: dict, dtype, sets: list[Problem], variants, peft_ok, peft_why,
+                  picked: str) -> list[dict]:
+    dname, elt, p0 = common.DTYPE_NAMES[dtype], dtype.itemsize, sets[0]
+    peft_error = None if peft_ok else peft_why
+    if peft_error is None and p0.peft is None:
+        peft_error = p0.peft_error
+    graph, probe = common.use_graphs(ctx, lambda p: F.linear(p.x, p.W), sets)
+    with torch.no_grad():
+        y_ref, d_ref = p0.reference(torch.float32)
+    records = []
+    for mode, want in (("layer", y_ref), ("update", d_ref)):
+        impls = _impls(mode, case, shape, p0.used, elt, variants, peft_error, picked, ctx.cuda)
+        known = {"base": probe} if mode == "layer" and ctx.cuda and not graph else None
+        records += common.time_impls(ctx, BENCH, OP, mode, shape, dname, impls, sets, graph=graph,
+                                     want={"y": want}, known=known)
+    for rec in records:
+        rec["adapters_used"] = p0.used
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
 # GPU
-
-
-def _n_sets(set_bytes: int) -> int:
-    """Enough input copies that one pass over them is 3x the L2 cache (at most 8)."""
-    return int(min(8, max(1, math.ceil(3 * common.l2_bytes() / max(set_bytes, 1)))))
 
 
 def run_gpu(ctx: common.Context) -> list[dict]:
@@ -241,29 +267,29 @@ def run_gpu(ctx: common.Context) -> list[dict]:
         "decode_floor": (f"the 64 distinct adapters hold {ad_b / 2**20:.0f} MiB against the base weight's "
                          f"{base_b / 2**20:.0f} MiB (with x and y): at equal bandwidth the layer cannot take "
                          f"less than {(base_b + ad_b) / base_b:.2f}x the base time"),
-        "timing": f"CUDA graphs when the base op < {common.GRAPH_BELOW_MS} ms (inputs rotated over copies "
-                  f"totalling >= 3x L2; PEFT's loop cannot be captured and is timed eagerly, compared "
-                  f"eager to eager), else triton do_bench median (L2 flushed per call)",
+        "timing": f"CUDA graphs (triton.testing.do_bench_cudagraph) when the base op < {common.GRAPH_BELOW_MS} ms "
+                  f"(inputs rotated over copies totalling >= 3x L2; PEFT's loop cannot be captured and is timed "
+                  f"eagerly, compared eager to eager), else triton.testing.do_bench median (L2 flushed per call)",
     }
-    records: list[dict] = []
-    cases = list(GPU_CASES.items())
-    for i, (case, (seqs, tokens, n)) in enumerate(cases):
-        T = seqs * tokens
-        shape = {"case": case, "M": T, "K": K_IN, "N": N_OUT, "n": n, "r": RANK}
-        if ctx.interrupted:
-            raise common.Interrupted("signal between shapes")
-        if ctx.time_left() < 5.0:
-            for mode in ("layer", "update"):
-                records.append(timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto",
-                                             error=common.budget_spent(ctx)))
-            continue
-        ctx.log(f"[{i + 1}/{len(cases)}] {common.shape_str(shape)} ...", end="")
-        common.run_shape(
-            ctx, records, lambda: _gpu_case(ctx, case, seqs, tokens, n, peft_ok, peft_why),
-            lambda err: [timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto", error=err)
-                         for mode in ("layer", "update")],
-            _describe)
-    return records
+
+    def measure_case(shape):
+        case, (seqs, tokens, n) = shape["case"], GPU_CASES[shape["case"]]
+        T, K, N, r = shape["M"], shape["K"], shape["N"], shape["r"]
+        sets = [Problem(seqs, tokens, n, K, N, [r] * n, torch.bfloat16, ctx.device, 1000 + j,
+                        decode=case == "decode", peft_ok=peft_ok)
+                for j in range(common.input_copies(2 * (T * K + N * K + n * r * (K + N) + T * N)))]
+        variants = _variants(ctx.device, with_torch=case == "decode")
+        return _measure_case(ctx, case, shape, torch.bfloat16, sets, variants, peft_ok, peft_why,
+                             auto_choice(T, n, ctx.device))
+
+    shapes = [{"case": case, "M": s * t, "K": K_IN, "N": N_OUT, "n": n, "r": RANK}
+              for case, (s, t, n) in GPU_CASES.items()]
+    return common.run_shapes(ctx, shapes, measure_case, _placeholders, _describe)
+
+
+def _placeholders(shape: dict, error: str) -> list[dict]:
+    return [timing_record(BENCH, OP, mode, shape, "bf16", "fastpeft[auto]", "auto", error=error)
+            for mode in ("layer", "update")]
 
 
 def _describe(p: dict) -> str:
@@ -273,169 +299,23 @@ def _describe(p: dict) -> str:
             + f" [{p.get('picked')}]")
 
 
-def _gpu_case(ctx, case, seqs, tokens, n, peft_ok, peft_why) -> list[dict]:
-    T, K, N, r, elt, dname = seqs * tokens, K_IN, N_OUT, RANK, 2, "bf16"
-    shape = {"case": case, "M": T, "K": K, "N": N, "n": n, "r": r}
-    set_bytes = elt * (T * K + N * K + n * r * (K + N) + T * N)
-    sets = [Problem(seqs, tokens, n, K, N, [r] * n, torch.bfloat16, ctx.device, 1000 + j,
-                    decode=case == "decode", peft_ok=peft_ok) for j in range(_n_sets(set_bytes))]
-    p0 = sets[0]
-    used = p0.used
-    peft_error = None if peft_ok else peft_why
-    if peft_error is None and p0.peft is None:
-        peft_error = p0.peft_error
-    picked = auto_choice(T, n, ctx.device)
-    with torch.no_grad():
-        y_ref, d_ref = p0.reference(torch.float32)
-
-    def rotate(fn):
-        it = itertools.cycle(sets)
-        return lambda: fn(next(it))
-
-    base = lambda p: F.linear(p.x, p.W)
-    probe = measure(rotate(_no_grad(base)), ctx)
-    graph = probe.ms is not None and probe.ms < common.GRAPH_BELOW_MS
-    timed = lambda fn: measure(rotate(_no_grad(fn)), ctx, graph=graph, eager_too=graph)
-    variants = _variants(ctx.device, with_torch=case == "decode")
-    records: list[dict] = []
-    tables = {
-        "layer": [("base", "base", None, base, None),
-                  ("unfused", "unfused", None,
-                   lambda p: peft_loop(p.x, p.W, p.A, p.B, p.rank_list, p.scaling_list, p.names), y_ref),
-                  ("peft", "peer", peft_error, lambda p: p.peft(p.x, adapter_names=p.names), y_ref)]
-                 + [(name, role, why, _layer_call(be), y_ref) for name, role, why, be in variants],
-        "update": [("base", "base", None, base, None)]
-                  + [(name, role, why, _update_call(be), d_ref) for name, role, why, be in variants],
-    }
-    for mode, impls in tables.items():
-        for name, role, err, fn, want in impls:
-            f, b = flops_bytes("base" if role == "base" else mode, T, K, N, r, used, elt)
-            extra = {"picked": picked} if role == "auto" else {}
-            tgt = target_for(case, mode, peft_error is None) if role in ("auto", "variant") else None
-            if err:
-                records.append(timing_record(BENCH, OP, mode, shape, dname, name, role, flops=f, bytes_=b,
-                                             target=tgt, error=err, **extra))
-                continue
-            m = probe if (role == "base" and not graph) else timed(fn)
-            if want is not None and m.error is None:
-                try:
-                    extra["rel_err"] = common.rel_err(_no_grad(fn)(p0).float(), want)
-                    extra["ok"] = extra["rel_err"] <= common.TOL[dname]
-                    if not extra["ok"]:
-                        extra["note"] = f"WRONG: rel err {extra['rel_err']:.2e} > {common.TOL[dname]:.0e}"
-                except Exception as exc:
-                    extra["note"] = f"check failed: {common.short_error(exc, 120)}"
-            records.append(timing_record(BENCH, OP, mode, shape, dname, name, role, m, flops=f, bytes_=b,
-                                         target=tgt, **extra))
-    for rec in records:
-        rec["n_input_copies"] = len(sets)
-        rec["adapters_used"] = used
-    del sets, p0
-    return records
-
-
 # ---------------------------------------------------------------------------------------------
-# CPU: correctness of every backend that runs here (and of the PEFT harness), torch path timings
-
-
-CHECK_CASES = [
-    # (name, sequences, tokens, K, N, ranks (r_max = max), decode-like)
-    ("T=7 K=37 N=45 n=4 r={1,3,16,64}, every row its own adapter", 7, 1, 37, 45, (1, 3, 16, 64), True),
-    ("T=3x23 K=40 N=33 n=3 r={5,64,2}, runs per sequence", 3, 23, 40, 33, (5, 64, 2), False),
-    ("T=1 K=64 N=48 n=2 r={8,16}", 1, 1, 64, 48, (8, 16), True),
-]
-
-
-def _check_case(case, dtype, backend, regime):
-    import fastpeft
-    from fastpeft.ops import multi_lora as mops
-    name, seqs, tokens, K, N, ranks, decode = case
-    p = Problem(seqs, tokens, len(ranks), K, N, ranks, dtype, torch.device("cpu"), 7, decode=decode,
-                peft_ok=False, nan=True)
-    want, want_d = p.reference()
-    saved = mops.regime
-    if regime is not None:
-        mops.regime = lambda T, n: regime
-    try:
-        with torch.no_grad():
-            y = F.linear(p.x, p.W)
-            fastpeft.multi_lora(p.x, p.A, p.B, p.ranks, p.scalings, p.idx.reshape(seqs, tokens), out=y,
-                                backend=backend)
-            d = fastpeft.multi_lora(p.x, p.A, p.B, p.ranks, p.scalings, p.idx, backend=backend)
-    finally:
-        mops.regime = saved
-    return [("y (out)", y, want), ("update", d, want_d)]
-
-
-def _check_peft(case):
-    name, seqs, tokens, K, N, ranks, decode = case
-    p = Problem(seqs, tokens, len(ranks), K, N, ranks, torch.float32, torch.device("cpu"), 7, decode=decode,
-                peft_ok=True)
-    if p.peft is None:
-        raise RuntimeError(p.peft_error)
-    want, _ = p.reference()
-    with torch.no_grad():
-        return [("peft", p.peft(p.x, adapter_names=p.names), want),
-                ("peft loop (unfused)", peft_loop(p.x, p.W, p.A, p.B, p.rank_list, p.scaling_list, p.names), want)]
+# CPU: the torch path's timing (correctness: tests/test_multi_lora_op.py, tests/test_multi_adapter.py)
 
 
 def run_cpu(ctx: common.Context) -> list[dict]:
-    from fastpeft import _backend
-    records: list[dict] = []
-    interp = _backend.interpreter_active()
-    tri_ok, tri_why = _backend.triton_status()
     peft_ok, peft_why = _peft_status()
-    ctx.bench_meta["multi_lora"] = {"peft": peft_why, "triton_interpreter": interp,
-                                    "note": "CPU timings are of the torch path only; Triton (interpreted) "
-                                            "is checked for correctness, not timed"}
-    configs = [("torch", None, (torch.float32, torch.float16, torch.bfloat16))]
-    if tri_ok and interp:
-        configs += [("triton", "decode", (torch.float32, torch.float16)),
-                    ("triton", "prefill", (torch.float32, torch.float16))]
-    else:
-        why = tri_why or "TRITON_INTERPRET=1 was not set before triton was imported"
-        records.append(check_record(BENCH, OP, "triton backend", "-", "all", None, 0.0, error=f"not checked: {why}"))
-    cases = CHECK_CASES[:2] if ctx.quick else CHECK_CASES
-    ctx.log(f"multi_lora: correctness against the float64 reference ({len(cases)} cases, NaN beyond each rank)")
-    jobs = [(f"multi_lora[{be}{',' + rg if rg else ''}] {c[0]}", dt, lambda c=c, dt=dt, be=be, rg=rg:
-             _check_case(c, dt, be, rg)) for be, rg, dts in configs for dt in dts for c in cases]
-    if peft_ok:
-        jobs += [(f"PEFT harness {c[0]}", torch.float32, lambda c=c: _check_peft(c)) for c in cases]
-    else:
-        records.append(check_record(BENCH, OP, "PEFT harness", "-", "all", None, 0.0, error=f"not checked: {peft_why}"))
-    for cname, dtype, job in jobs:
-        common.run_check(ctx, records, BENCH, OP, cname, common.DTYPE_NAMES[dtype], job)
-    ctx.save_partial(records)
-    ctx.log("multi_lora: CPU timings (fp32, torch path; perf_counter medians)")
-    timing_cases = list(CPU_TIMING_CASES.items())[:1] if ctx.quick else list(CPU_TIMING_CASES.items())
-    for case, (seqs, tokens, n, d) in timing_cases:
-        records += _cpu_timings(ctx, case, seqs, tokens, n, d, peft_ok, peft_why)
+    ctx.bench_meta["multi_lora"] = {"peft": peft_why, "note": "CPU timings are of the torch path only"}
+    ctx.log("multi_lora: CPU timings (fp32, torch path; torch.utils.benchmark medians)")
+    records: list[dict] = []
+    cases = list(CPU_TIMING_CASES.items())
+    for case, (seqs, tokens, n, d) in cases[:1] if ctx.quick else cases:
+        shape = {"case": case, "M": seqs * tokens, "K": d, "N": d, "n": n, "r": RANK}
+        sets = [Problem(seqs, tokens, n, d, d, [RANK] * n, torch.float32, ctx.device, 99,
+                        decode=case == "decode", peft_ok=peft_ok)]
+        recs = _measure_case(ctx, case, shape, torch.float32, sets, [("fastpeft[torch]", "auto", None, "torch")],
+                             peft_ok, peft_why, "torch")
+        common.log_cpu_timings(ctx, recs)
+        records += recs
         ctx.save_partial(records)
     return records
-
-
-def _cpu_timings(ctx, case, seqs, tokens, n, d, peft_ok, peft_why) -> list[dict]:
-    T, r, dname, elt = seqs * tokens, RANK, "fp32", 4
-    shape = {"case": case, "M": T, "K": d, "N": d, "n": n, "r": r}
-    p = Problem(seqs, tokens, n, d, d, [r] * n, torch.float32, ctx.device, 99, decode=case == "decode",
-                peft_ok=peft_ok)
-    peft_error = None if peft_ok else peft_why
-    if peft_error is None and p.peft is None:
-        peft_error = p.peft_error
-    table = {"base": ("base", lambda: F.linear(p.x, p.W), None),
-             "unfused": ("unfused", lambda: peft_loop(p.x, p.W, p.A, p.B, p.rank_list, p.scaling_list, p.names),
-                         None),
-             "peft": ("peer", lambda: p.peft(p.x, adapter_names=p.names), peft_error),
-             "fastpeft[torch]": ("auto", lambda: _layer_call("torch")(p), None)}
-    timed = common.measure_cpu_interleaved({k: (_no_grad(fn), None) for k, (role, fn, err) in table.items()
-                                            if not err}, ctx)
-    recs = []
-    for name, (role, fn, err) in table.items():
-        f, b = flops_bytes("base" if role == "base" else "layer", T, d, d, r, p.used, elt)
-        recs.append(timing_record(BENCH, OP, "layer", shape, dname, name, role, timed.get(name), flops=f,
-                                  bytes_=b, error=err, **({"picked": "torch (CPU)"} if role == "auto" else {})))
-    common.finalize(recs, ctx.ceilings)
-    line = ", ".join(f"{r['impl']} {common._ms(r['ms'])} ms" if r.get("ms") else f"{r['impl']}: {r['error']}"
-                     for r in recs)
-    ctx.log(f"  {common.shape_str(shape)} fp32 layer: {line}")
-    return recs

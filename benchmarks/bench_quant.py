@@ -11,20 +11,23 @@ Also quant_linear (W4A16 zero-point g128, W8A16 absmax per row; 4096 -> 11008, M
 2048}) against bf16 F.linear with the original weight; targets (issue 4): M = 1 >= 2.5x (W4)
 / >= 1.6x (W8) faster, M >= 2048 within 1.15x.
 
-And the seed's static-vs-dynamic trade-off for int8 activations on the same layer (4096 ->
+And the static-vs-dynamic trade-off of int8 activations (Nagel et al., 2021) on the same layer (4096 ->
 11008, M in {1, 16, 2048}): W8A8 (int8_linear, threshold 0) and W4A8 (quant_linear, zero-point
 g128) with a scale per token computed at run time ("dynamic") or one calibrated step
 ("static"), against bf16 F.linear; each checked against its torch path. No target: measured.
 
-CPU: checks both ops' triton (interpreted) and torch backends against each other on small
-shapes (bit-exact), every scheme, width and granularity.
+CPU: times the static and dynamic int8 activations on the torch path against fp32 F.linear on a
+small layer. Correctness of every backend is tests/'s (make test).
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 
 import common
-from common import check_record, measure, timing_record
 
 BENCH = "quant"
 SHAPE = (16384, 8192)
@@ -33,7 +36,6 @@ CASES = (  # (name, bits, scheme, axis, group_size)
     ("int8 absmax per-row", 8, "absmax", 0, None),
     ("int4 zeropoint g128", 4, "zeropoint", None, 128),
 )
-CHECK_GRANULARITIES = ((None, None), (0, None), (1, None), (None, 32))
 
 
 def run(ctx: common.Context) -> list[dict]:
@@ -58,52 +60,47 @@ def _backend_of(impl: str) -> str | None:
     return None if impl == "fastpeft[auto]" else impl.removeprefix("fastpeft[").removesuffix("]")
 
 
+def _exact(want: torch.Tensor, field: str | None = None) -> Callable[[common.Impl, dict], dict]:
+    """A time_impls report: is the output (its ``field`` for a QuantizedTensor or its first element
+    for a tuple) bit-equal to the torch path's?"""
+    def report(im: common.Impl, out: dict) -> dict:
+        y = out["y"]
+        got = y[0] if isinstance(y, tuple) else (getattr(y, field) if field else y)
+        ok = bool(got.shape == want.shape and torch.equal(got, want))
+        return {"ok": ok} if ok else {"ok": False, "note": "WRONG: differs from the torch path"}
+    return report
+
+
 def run_gpu(ctx: common.Context) -> list[dict]:
     import fastpeft
     records: list[dict] = []
     rows, cols = QUICK_SHAPE if ctx.quick else SHAPE
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(rows, cols, generator=g, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    x = torch.randn(rows, cols, generator=g, device=ctx.device, dtype=torch.bfloat16)
     for cname, bits, scheme, axis, group in CASES:
         if ctx.time_left() <= 0:
-            records.append(check_record(BENCH, "dequantize", cname, "bf16", "run", None, 0.0,
-                                        error="skipped: time budget"))
+            records.append(common.error_record(BENCH, "dequantize", cname, common.budget_spent(ctx)))
             continue
         shape = {"rows": rows, "cols": cols, "case": cname}
         ref_q = fastpeft.quantize(x, bits, scheme, axis=axis, group_size=group, backend="torch")
         ref_y = fastpeft.dequantize(ref_q, backend="torch")
-        qbytes = ref_q.nbytes
-        for op, nbytes in (("dequantize", qbytes + 2 * x.numel()), ("quantize", qbytes + 2 * x.numel())):
+        nbytes = ref_q.nbytes + 2 * x.numel()
+        for op in ("dequantize", "quantize"):
             target = {"min_sol": 0.85} if op == "dequantize" else None
+            impls = []
             for impl, role, why in _impls(x.device):
-                if why:
-                    records.append(timing_record(BENCH, op, "fwd", shape, "bf16", impl, role, bytes_=nbytes,
-                                                 target=target if role != "unfused" else None,
-                                                 error=f"unavailable: {why}"))
-                    continue
                 backend = _backend_of(impl)
                 if op == "dequantize":
-                    fn = lambda b=backend: fastpeft.dequantize(ref_q, backend=b)
-                elif backend in ("triton", "cuda"):  # the kernel alone (quantize() also checks x is finite)
-                    kernel = fastpeft.ops.quant._kernels(backend)[0]
-                    fn = lambda k=kernel: k(x, bits, scheme, axis, group)
+                    fn = lambda _, b=backend: fastpeft.dequantize(ref_q, backend=b)
+                elif backend in ("triton", "cuda") and why is None:  # the kernel alone (quantize() also checks x)
+                    fn = lambda _, k=fastpeft.ops.quant._kernels(backend)[0]: k(x, bits, scheme, axis, group)
                 else:
-                    fn = lambda b=backend: fastpeft.quantize(x, bits, scheme, axis=axis, group_size=group, backend=b)
-                m = measure(fn, ctx)
-                extra = {}
-                try:
-                    out = fn()
-                    if op == "dequantize":
-                        extra["ok"] = bool(torch.equal(out, ref_y))
-                    else:
-                        data = out[0] if isinstance(out, tuple) else out.data
-                        extra["ok"] = bool(torch.equal(data, ref_q.data))
-                    if not extra["ok"]:
-                        extra["note"] = "WRONG: differs from the torch path"
-                except Exception as exc:
-                    extra["note"] = f"check failed: {common.short_error(exc, 120)}"
-                records.append(timing_record(BENCH, op, "fwd", shape, "bf16", impl, role, m, bytes_=nbytes,
-                                             target=target if role != "unfused" else None, **extra))
+                    fn = lambda _, b=backend: fastpeft.quantize(x, bits, scheme, axis=axis, group_size=group, backend=b)
+                impls.append(common.Impl(impl, role, fn, error=why and f"unavailable: {why}", bytes=nbytes,
+                                         target=target if role != "unfused" else None, check=False))
+            report = _exact(ref_y) if op == "dequantize" else _exact(ref_q.data, "data")
+            records += common.time_impls(ctx, BENCH, op, "fwd", shape, "bf16", impls, [None], want={"y": ref_y},
+                                         report=report)
             ctx.save_partial(records)
         ctx.log(f"  quant {cname}: done")
     return records
@@ -125,45 +122,36 @@ def qlinear_target(M: int, bits: int) -> dict | None:
 
 def run_qlinear_gpu(ctx: common.Context) -> list[dict]:
     """quant_linear (fused dequantize-GEMM) against bf16 F.linear with the original weight."""
-    import torch.nn.functional as F
-
     import fastpeft
     records: list[dict] = []
-    g = torch.Generator(device="cuda").manual_seed(1)
+    g = torch.Generator(device=ctx.device).manual_seed(1)
     for K, N in QLINEAR_KN:
-        W = torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        W = torch.randn(N, K, generator=g, device=ctx.device, dtype=torch.bfloat16) / K ** 0.5
         for cname, bits, scheme, group in QLINEAR_CASES:
             qw = fastpeft.quantize(W, bits, scheme, axis=None if group else 0, group_size=group)
             for M in QLINEAR_M:
                 if ctx.time_left() <= 0:
                     break
-                x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
+                x = torch.randn(M, K, generator=g, device=ctx.device, dtype=torch.bfloat16)
                 shape = {"M": M, "K": K, "N": N, "case": cname}
-                flops = 2 * M * N * K
-                base_bytes = 2 * (N * K + M * K + M * N)
-                ours_bytes = qw.nbytes + 2 * (M * K + M * N)
-                y_ref = F.linear(x.float(), fastpeft.dequantize(qw, torch.float32))
-                graph = M <= 16
-                impls = [("base", "base", lambda: F.linear(x, W), base_bytes),
-                         ("torch", "unfused", lambda: fastpeft.quant_linear(x, qw, backend="torch"), ours_bytes),
-                         ("fastpeft[triton]", "variant",
-                          lambda: fastpeft.quant_linear(x, qw, backend="triton"), ours_bytes),
-                         ("fastpeft[auto]", "auto", lambda: fastpeft.quant_linear(x, qw), ours_bytes)]
-                for impl, role, fn, nbytes in impls:
-                    m = measure(fn, ctx, graph=graph, eager_too=graph)
-                    extra = {}
-                    if role != "base" and m.error is None:
-                        extra["rel_err"] = common.rel_err(fn(), y_ref)
-                        extra["ok"] = extra["rel_err"] <= common.TOL["bf16"]
-                        if not extra["ok"]:
-                            extra["note"] = f"WRONG: rel err {extra['rel_err']:.2e}"
-                    records.append(timing_record(BENCH, "quant_linear", "fwd", shape, "bf16", impl, role, m,
-                                                 flops=flops, bytes_=nbytes,
-                                                 target=qlinear_target(M, bits) if role in ("variant", "auto")
-                                                 else None, **extra))
+                flops, ours_bytes = 2 * M * N * K, qw.nbytes + 2 * (M * K + M * N)
+                target = qlinear_target(M, bits)
+                impls = [common.Impl("base", "base", lambda _: F.linear(x, W), flops=flops,
+                                     bytes=2 * (N * K + M * K + M * N), check=False)]
+                impls += [common.Impl(name, role, lambda _, b=backend: fastpeft.quant_linear(x, qw, backend=b),
+                                      flops=flops, bytes=ours_bytes, target=target if role != "unfused" else None)
+                          for name, role, backend in (("torch", "unfused", "torch"),
+                                                      ("fastpeft[triton]", "variant", "triton"),
+                                                      ("fastpeft[auto]", "auto", None))]
+                want = {"y": F.linear(x.float(), fastpeft.dequantize(qw, torch.float32))}
+                records += common.time_impls(ctx, BENCH, "quant_linear", "fwd", shape, "bf16", impls, [None],
+                                             graph=M <= GRAPH_MAX_M, want=want)
                 ctx.save_partial(records)
             ctx.log(f"  quant_linear {cname} {K}->{N}: done")
     return records
+
+
+GRAPH_MAX_M = 16  # the decode-size rows whose layer is timed in CUDA graphs (launch overhead dominates)
 
 
 ACT_CASES = ("W8A8", "W4A8")
@@ -184,78 +172,57 @@ def _act_fns(x, W, case: str, step: torch.Tensor):
             for act in ("dynamic", "static")}
 
 
+def _act_impls(x, W, M: int, K: int, N: int, backend_of_variants: str | None) -> list[common.Impl]:
+    """bf16 (fp32 on the CPU) F.linear and the static / dynamic int8-activation layers (W8A8, W4A8)."""
+    flops = 2 * M * N * K
+    impls = [common.Impl("F.linear", "base", lambda _: F.linear(x, W), flops=flops, check=False)]
+    step = (x.float().abs().amax() / 127).reshape(())
+    for case in ACT_CASES:
+        for act, fn in _act_fns(x, W, case, step).items():
+            impls.append(common.Impl(f"{case} {act}", "variant", lambda _, f=fn: f(backend_of_variants), flops=flops))
+    return impls
+
+
 def run_act_gpu(ctx: common.Context) -> list[dict]:
-    """Static vs dynamic int8 activations (W8A8, W4A8) against bf16 F.linear."""
-    import torch.nn.functional as F
+    """Static vs dynamic int8 activations (W8A8, W4A8) against bf16 F.linear, each checked
+    against its torch path."""
     records: list[dict] = []
-    g = torch.Generator(device="cuda").manual_seed(2)
+    g = torch.Generator(device=ctx.device).manual_seed(2)
     for K, N in QLINEAR_KN:
-        W = torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        W = torch.randn(N, K, generator=g, device=ctx.device, dtype=torch.bfloat16) / K ** 0.5
         for M in QLINEAR_M:
             if ctx.time_left() <= 0:
                 break
-            x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
-            step = (x.float().abs().amax() / 127).reshape(())
-            shape = {"M": M, "K": K, "N": N}
-            graph = M <= 16
-            m = measure(lambda: F.linear(x, W), ctx, graph=graph, eager_too=graph)
-            records.append(timing_record(BENCH, "int8_activations", "fwd", shape, "bf16", "bf16 F.linear",
-                                         "base", m, flops=2 * M * N * K))
-            for case in ACT_CASES:
-                for act, fn in _act_fns(x, W, case, step).items():
-                    m = measure(lambda: fn(None), ctx, graph=graph, eager_too=graph)
-                    extra = {}
-                    if m.error is None:
-                        extra["rel_err"] = common.rel_err(fn(None), fn("torch"))
-                        extra["ok"] = extra["rel_err"] <= common.TOL["bf16"]
-                        if not extra["ok"]:
-                            extra["note"] = f"WRONG: rel err {extra['rel_err']:.2e}"
-                    records.append(timing_record(BENCH, "int8_activations", "fwd", shape, "bf16",
-                                                 f"{case} {act}", "variant", m, flops=2 * M * N * K, **extra))
+            x = torch.randn(M, K, generator=g, device=ctx.device, dtype=torch.bfloat16)
+            impls = _act_impls(x, W, M, K, N, None)
+            torch_paths = {im.name: im for im in _act_impls(x, W, M, K, N, "torch")}
+            for im in impls:  # each against its own torch path: a want each
+                want = {"y": torch_paths[im.name].fn(None)} if im.check else None
+                records += common.time_impls(ctx, BENCH, "int8_activations", "fwd", {"M": M, "K": K, "N": N},
+                                             "bf16", [im], [None], graph=M <= GRAPH_MAX_M, want=want)
             ctx.save_partial(records)
         ctx.log(f"  int8 activations {K}->{N}: done")
     return records
 
 
+# ---------------------------------------------------------------------------------------------
+# CPU: the static-vs-dynamic trade-off on the torch path (correctness: tests/test_quant*.py,
+# tests/test_act_quant.py)
+
+
+CPU_ACT_SHAPE = (256, 1024, 1024)  # M, K, N
+
+
 def run_cpu(ctx: common.Context) -> list[dict]:
-    import fastpeft
-    from fastpeft import _backend
-    records: list[dict] = []
-    if not (_backend.interpreter_active() and _backend.triton_status()[0]):
-        return [check_record(BENCH, "quantize", "triton backend", "-", "all", None, 0.0,
-                             error="not checked: the Triton interpreter is not active")]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 64, generator=g) * 3
-    n = 0
-    for bits in (8, 4):
-        for scheme in ("absmax", "zeropoint"):
-            for axis, group in CHECK_GRANULARITIES:
-                name = f"{bits}-bit {scheme} axis={axis} group={group}"
-                try:
-                    a = fastpeft.quantize(x, bits, scheme, axis=axis, group_size=group, backend="triton")
-                    b = fastpeft.quantize(x, bits, scheme, axis=axis, group_size=group, backend="torch")
-                    same = all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("data", "scale", "zero_point"))
-                    ya = fastpeft.dequantize(a, backend="triton")
-                    yb = fastpeft.dequantize(b, backend="torch")
-                    err = 0.0 if same and torch.equal(ya, yb) else common.rel_err(ya, yb) or float("inf")
-                    records.append(check_record(BENCH, "quantize", f"triton vs torch: {name}", "fp32",
-                                                "codes+dequantized", err, 0.0))
-                except Exception as exc:
-                    records.append(check_record(BENCH, "quantize", name, "fp32", "all", None, 0.0,
-                                                error=f"failed: {common.short_error(exc)}"))
-                n += 1
-    xa = torch.randn(5, 128, generator=g)
-    W = torch.randn(48, 128, generator=g) / 128 ** 0.5
-    step = (xa.abs().amax() * 0.8 / 127).reshape(())
-    for case in ACT_CASES:
-        for act, fn in _act_fns(xa, W, case, step).items():
-            try:
-                err = common.rel_err(fn("triton"), fn("torch"))
-                records.append(check_record(BENCH, "int8_activations", f"triton vs torch: {case} {act}", "fp32",
-                                            "y", err, common.TOL["fp32"]))
-            except Exception as exc:
-                records.append(check_record(BENCH, "int8_activations", f"{case} {act}", "fp32", "y", None, 0.0,
-                                            error=f"failed: {common.short_error(exc)}"))
-            n += 1
-    ctx.log(f"quant: {n} triton-vs-torch checks (quantize/dequantize bit-exact expected); GPU timings need CUDA")
+    M, K, N = CPU_ACT_SHAPE
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(M, K, generator=g)
+    W = torch.randn(N, K, generator=g) / K ** 0.5
+    ctx.bench_meta["quant"] = {"note": "CPU: int8 activations (static / dynamic) on the torch path only; "
+                                       "quantize / dequantize / quant_linear are timed on the GPU"}
+    ctx.log("quant: CPU timings of int8 activations (fp32, torch path; torch.utils.benchmark medians)")
+    impls = [dataclasses.replace(im, check=False) for im in _act_impls(x, W, M, K, N, "torch")]
+    records = common.time_impls(ctx, BENCH, "int8_activations", "fwd", {"M": M, "K": K, "N": N}, "fp32",
+                                impls, [None])
+    common.log_cpu_timings(ctx, records)
     return records

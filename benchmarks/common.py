@@ -1,14 +1,17 @@
 """Shared machinery for fastpeft's benchmarks: device, ceilings, timing, records, writers.
 
 A benchmark module (``bench_<name>.py``) exposes ``run(ctx) -> list[dict]`` and returns
-records built by ``timing_record`` / ``check_record``. The runner (``run.py``) turns them
-into ratios (``finalize``), a JSON file, a markdown report and a plot.
+records built by ``timing_record`` (most through ``time_impls``, the one implementation loop)
+or ``error_record``. The runner (``run.py``) turns them into ratios (``finalize``), a JSON
+file, a markdown report and a plot. Timers: ``triton.testing.do_bench`` /
+``do_bench_cudagraph`` on the GPU, ``torch.utils.benchmark.Timer`` on the CPU. Correctness is
+tests/'s: the output checks of timed calls use its ``rel_err`` and ``TOL`` (tests/_utils.py).
 
 Nothing here imports triton at module level: on a CPU-only machine the runner sets
 TRITON_INTERPRET=1 before the first triton import, and that must stay possible.
 
 Record schema (one dict per measurement; see benchmarks/README.md):
-  kind       "timing" | "check"
+  kind       "timing" | "error" (a bench or case that could not run: bench, op, what, error)
   bench, op  benchmark module name ("lora") and op ("lora_linear")
   mode       "fwd" | "fwdbwd" (or anything a bench defines)
   shape      dict, e.g. {"M": 2048, "K": 4096, "N": 4096, "r": 16}; shape_str its text
@@ -16,24 +19,26 @@ Record schema (one dict per measurement; see benchmarks/README.md):
   impl       "base" | "unfused" | "peft" | "fastpeft[...]"
   role       "base" | "unfused" | "peer" | "variant" | "auto" (the one the summary shows)
   ms         median milliseconds (None when it did not run; see error)
-  timing     "cudagraph" | "do_bench" | "perf_counter"; ms_eager: do_bench without graphs
+  timing     "cudagraph" | "do_bench" | "torch.utils.benchmark"; ms_eager: do_bench without graphs
   flops, bytes; tflops, gbps, sol (fraction of the roofline from the measured ceilings;
              peak: which ceiling the FLOPs/OPs run at, default the dtype; "int8" = int8_tops)
   ratio_vs_base       ms / ms(base)          (<= 1.05 means "at most 5% slower than base")
   speedup_vs_unfused  ms(unfused) / ms       (>= 1.25 means "25% faster than PEFT's way")
   speedup_vs_peer     ms(peer) / ms
   target, meets       the target text and whether it was met (None: no target / not measured)
+  rel_err, rel_errs, ok  the output check of a timed call (largest relative error, per quantity,
+                      within the tests' tolerance for the dtype)
   error               why it has no number (not installed, failed, skipped)
 """
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import math
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 import traceback
@@ -42,9 +47,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from _utils import TOL, rel_err  # noqa: E402  (the tests' output checks: one copy)
+
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                torch.float64: "fp64"}
-TOL = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2, "fp64": 1e-12}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 GRAPH_BELOW_MS = 0.05   # a shape whose base op runs faster than this is timed in CUDA graphs
 
 
@@ -102,12 +110,17 @@ def environment() -> dict:
     return env
 
 
+# The L2 size assumed when the device does not report it (or on the CPU, where the GPU benches'
+# input rotation is not used): above the H100's and H200's 50 MiB, so it errs on more copies.
+FALLBACK_L2_BYTES = 64 * 2**20
+
+
 def l2_bytes() -> int:
     if torch.cuda.is_available():
         size = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
         if size:
             return int(size)
-    return 60 * 2**20
+    return FALLBACK_L2_BYTES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,9 +139,24 @@ class Context:
     interrupted: bool = False                           # set by the runner's SIGTERM handler
     bench_meta: dict = field(default_factory=dict)      # per-bench facts for the results' meta
 
+    device_type: str | None = None  # where the inputs live; default "cuda" when cuda, else "cpu"
+
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda" if self.cuda else "cpu")
+        return torch.device(self.device_type or ("cuda" if self.cuda else "cpu"))
+
+    def sync(self, quiet: bool = False) -> None:
+        """Wait for the GPU (``quiet``: ignore its errors, e.g. after a failed call)."""
+        if self.device.type == "cuda":
+            try:
+                torch.cuda.synchronize()
+            except Exception:
+                if not quiet:
+                    raise
+
+    def empty_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -160,78 +188,13 @@ class Context:
     def rep_ms(self) -> int:
         return 15 if self.quick else 40
 
+    @property
+    def graph_rep_ms(self) -> int:  # the calls one CUDA graph holds: about this many milliseconds
+        return 2 if self.quick else 5
+
 
 # ---------------------------------------------------------------------------------------------
-# timing
-
-
-def do_bench_ms(fn: Callable[[], Any], ctx: Context, grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
-    """Median of triton.testing.do_bench (it flushes L2 before every call)."""
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=ctx.warmup_ms, rep=ctx.rep_ms, grad_to_none=grad_to_none,
-                          return_mode="median"))
-
-
-def cudagraph_ms(fn: Callable[[], Any], ctx: Context, grad_to_none: Sequence[torch.Tensor] | None = None,
-                 replays: int = 10) -> float:
-    """Median per-call time of ``fn`` replayed from one CUDA graph holding n calls.
-
-    No L2 flush: callers rotate their inputs (several weight copies) so that each call
-    reads from HBM, as a model stepping through its layers does.
-    """
-    target_ms = 2.0 if ctx.quick else 5.0
-
-    def call():
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        fn()
-
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            call()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            call()
-        end.record()
-        torch.cuda.synchronize()
-        estimate = max(start.elapsed_time(end) / 5, 1e-3)
-        n = int(min(256, max(4, target_ms / estimate)))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(n):
-                call()
-        torch.cuda.synchronize()
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(replays):
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / n)
-    del graph
-    torch.cuda.current_stream().wait_stream(stream)
-    return float(statistics.median(times))
-
-
-def cpu_ms(fn: Callable[[], Any], ctx: Context, min_time_s: float | None = None, max_reps: int = 50) -> float:
-    """Median wall-clock milliseconds of ``fn`` on the CPU (time.perf_counter)."""
-    min_time_s = (0.15 if ctx.quick else 0.4) if min_time_s is None else min_time_s
-    fn()
-    fn()
-    times: list[float] = []
-    t_end = time.perf_counter() + min_time_s
-    while len(times) < 5 or (time.perf_counter() < t_end and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))
+# timing: the standard timers (triton.testing on the GPU, torch.utils.benchmark on the CPU)
 
 
 @dataclass
@@ -243,27 +206,258 @@ class Measured:
     error: str | None = None
 
 
-def run_check(ctx: "Context", records: list[dict], bench: str, op: str, name: str, dname: str,
-              results: Callable[[], Iterable[tuple]]) -> list[dict]:
-    """One correctness case of a CPU run: ``results()`` yields (quantity, out, ref) or
-    (quantity, out, ref, tol) (tol None: the dtype's ``TOL``); a failure gives one failed record.
-    Appends the check records to ``records``, logs a PASS / FAIL line, returns the records."""
+def _reset(grads: Sequence[torch.Tensor] | None) -> None:
+    for t in grads or ():
+        t.grad = None
+
+
+def gpu_ms(fn: Callable[[], Any], ctx: Context, *, graph: bool = False,
+           grad_to_none: Sequence[torch.Tensor] | None = None) -> float:
+    """Median milliseconds of one ``fn()`` on the GPU: ``triton.testing.do_bench`` (it flushes L2
+    before every call), or ``triton.testing.do_bench_cudagraph`` (the calls replayed from one CUDA
+    graph, no L2 flush: callers rotate their inputs over copies so that each call reads HBM, as a
+    model stepping through its layers does)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+    if graph:
+        return float(do_bench_cudagraph(fn, rep=ctx.graph_rep_ms, grad_to_none=grad_to_none, return_mode="median"))
+    return float(do_bench(fn, warmup=ctx.warmup_ms, rep=ctx.rep_ms, grad_to_none=grad_to_none,
+                          return_mode="median"))
+
+
+def cpu_ms(fns: dict[str, Callable[[], Any]], ctx: Context, min_time_s: float | None = None) -> dict[str, float]:
+    """Median milliseconds of each callable on the CPU (``torch.utils.benchmark.Timer``, at the
+    current thread count), measured in alternation: ``ROUNDS`` blocked_autorange rounds each,
+    merged, so that load from other processes hits every callable alike."""
+    from torch.utils.benchmark import Measurement, Timer
+    min_time_s = (0.6 if ctx.quick else 2.0) if min_time_s is None else min_time_s
+    timers = {name: Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=torch.get_num_threads())
+              for name, fn in fns.items()}
+    runs: dict[str, list] = {name: [] for name in timers}
+    for _ in range(CPU_ROUNDS):
+        for name, timer in timers.items():
+            runs[name].append(timer.blocked_autorange(min_run_time=min_time_s / CPU_ROUNDS / max(1, len(timers))))
+    return {name: Measurement.merge(ms)[0].median * 1e3 for name, ms in runs.items()}
+
+
+CPU_ROUNDS = 5  # alternation rounds of cpu_ms
+
+
+def _failed(ctx: Context, exc: Exception) -> str:
+    if ctx.interrupted:  # the signal landed inside code that turned it into another error
+        raise Interrupted("signal during a measurement") from exc
+    if os.environ.get("FASTPEFT_BENCH_TRACEBACK"):
+        traceback.print_exc()
+    ctx.sync(quiet=True)
+    return f"failed: {short_error(exc)}"
+
+
+def _warm(fn: Callable[[], Any], ctx: Context, grads, calls: int = 2) -> float:
+    """Call ``fn`` (autotuning and compilation happen here); the seconds it took."""
     t0 = time.perf_counter()
-    tol = TOL[dname]
+    for _ in range(calls):
+        _reset(grads)
+        fn()
+    ctx.sync()
+    return time.perf_counter() - t0
+
+
+def measure(fn: Callable[[], Any], ctx: Context, *, graph: bool = False, eager_too: bool = False,
+            grad_to_none: Sequence[torch.Tensor] | None = None) -> Measured:
+    """Warm ``fn`` up, then time it. On the GPU: in a CUDA graph when ``graph`` (do_bench if the
+    capture fails), eagerly too when ``eager_too`` (``ms_eager``). On the CPU: ``cpu_ms``.
+    Never raises (but for an interrupt): a failure comes back as ``Measured.error``."""
+    if not ctx.cuda:
+        return measure_together({"fn": (fn, grad_to_none)}, ctx)["fn"]
+    out = Measured()
     try:
-        recs = [check_record(bench, op, name, dname, q, rel_err(out, ref), tol if not t or t[0] is None else t[0])
-                for q, out, ref, *t in results()]
+        out.warmup_s = _warm(fn, ctx, grad_to_none)
+        if graph:
+            try:
+                out.ms, out.timing = gpu_ms(fn, ctx, graph=True, grad_to_none=grad_to_none), "cudagraph"
+            except Interrupted:
+                raise
+            except Exception as exc:
+                ctx.sync(quiet=True)
+                out.timing = f"do_bench (CUDA graph capture failed: {short_error(exc, 160)})"
+        if out.ms is None or eager_too:
+            out.ms_eager = gpu_ms(fn, ctx, grad_to_none=grad_to_none)
+            if out.ms is None:
+                out.ms, out.timing = out.ms_eager, out.timing or "do_bench"
     except Interrupted:
         raise
     except Exception as exc:
-        recs = [check_record(bench, op, name, dname, "all", None, tol, error=f"failed: {short_error(exc)}")]
-    records += recs
-    worst = max((r["rel_err"] for r in recs if r["rel_err"] is not None), default=None)
-    bad = ", ".join(r["quantity"] for r in recs if not r["ok"])
-    ctx.log(f"  {'PASS' if not bad else 'FAIL'} {name[:76]:<62} {dname}  max rel err {_f(worst, '.1e')} "
-            f"(tol {tol:.0e}, {', '.join(r['quantity'] for r in recs)})" + (f"  failing: {bad}" if bad else "")
-            + f"  {time.perf_counter() - t0:.1f} s")
-    return recs
+        out.error = _failed(ctx, exc)
+    return out
+
+
+def measure_together(fns: dict[str, tuple[Callable[[], Any], Sequence[torch.Tensor] | None]],
+                     ctx: Context) -> dict[str, Measured]:
+    """CPU timings of several callables in alternation (``cpu_ms``); ``fns``: name -> (fn, the
+    leaves whose .grad each call sets, reset before each call). A failing fn gets its error."""
+    out: dict[str, Measured] = {}
+    calls: dict[str, Callable[[], Any]] = {}
+    for name, (fn, grads) in fns.items():
+        def call(fn=fn, grads=grads):
+            _reset(grads)
+            return fn()
+        out[name] = m = Measured(timing="torch.utils.benchmark")
+        try:
+            m.warmup_s = _warm(call, ctx, None)
+            calls[name] = call
+        except Interrupted:
+            raise
+        except Exception as exc:
+            m.error = _failed(ctx, exc)
+    try:
+        for name, ms in cpu_ms(calls, ctx).items():
+            out[name].ms = ms
+    except Interrupted:
+        raise
+    except Exception as exc:
+        error = _failed(ctx, exc)
+        for name in calls:
+            out[name].error = error
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the implementation loop: every bench times its implementations of one mode of one shape here
+
+
+@dataclass
+class Impl:
+    """One implementation of an op, timed in one mode of one shape.
+
+    ``fn(inputs)`` makes one call on one input set (for forward+backward it runs the backward
+    too and returns the output); without ``grads`` it runs under torch.no_grad.
+    """
+    name: str                                   # "base", "unfused", "peft", "fastpeft[triton]", ...
+    role: str                                   # "base" | "unfused" | "peer" | "variant" | "auto"
+    fn: Callable[[Any], Any] | None = None
+    error: str | None = None                    # why it cannot run here (recorded instead of a time)
+    grads: Callable[[Any], list] | None = None  # the leaves whose .grad a call sets, in ``want``'s order
+    capturable: bool = True                     # False: it syncs with the host, timed eagerly only
+    flops: float | None = None
+    bytes: float | None = None
+    target: dict | None = None
+    extra: dict = field(default_factory=dict)   # more record fields
+    check: bool = True                          # False: its output is not compared (e.g. the base op)
+
+
+def input_copies(set_bytes: int) -> int:
+    """Enough copies of an input set that one pass over them is 3x the L2 cache (at most 8)."""
+    return int(min(8, max(1, math.ceil(3 * l2_bytes() / max(set_bytes, 1)))))
+
+
+def rotating(fn: Callable[[Any], Any], sets: Sequence[Any]) -> Callable[[], Any]:
+    """``fn`` over the input sets in turn, one per call."""
+    it = itertools.cycle(sets)
+    return lambda: fn(next(it))
+
+
+def no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args):
+        with torch.no_grad():
+            return fn(*args)
+    return call
+
+
+def use_graphs(ctx: Context, base: Callable[[Any], Any], sets: Sequence[Any]) -> tuple[bool, Measured]:
+    """Time the base op (eagerly); CUDA graphs for the whole shape when it runs under
+    GRAPH_BELOW_MS (where launch overhead would dominate an eager time). Returns (graphs?, the
+    base's measurement)."""
+    probe = measure(rotating(no_grad(base), sets), ctx)
+    return ctx.cuda and probe.ms is not None and probe.ms < GRAPH_BELOW_MS, probe
+
+
+def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], dname: str) -> dict:
+    """Record fields of an output check: the relative errors of ``got`` against ``want`` (the
+    tests' rel_err), whether the largest is within the tests' tolerance for the dtype."""
+    errs = {q: rel_err(got[q], want[q]) for q in want}
+    worst = max(errs.values())
+    extra = {"rel_err": worst, "rel_errs": errs, "ok": worst <= TOL[DTYPES[dname]]}
+    if not extra["ok"]:
+        extra["note"] = "WRONG: rel err " + ", ".join(f"{q} {e:.1e}" for q, e in errs.items())
+    return extra
+
+
+def time_impls(ctx: Context, bench: str, op: str, mode: str, shape: dict, dname: str, impls: Sequence[Impl],
+               sets: Sequence[Any], *, graph: bool = False, want: dict[str, torch.Tensor] | None = None,
+               known: dict[str, Measured] | None = None,
+               report: Callable[[Impl, dict[str, torch.Tensor]], dict] | None = None) -> list[dict]:
+    """Time each implementation and check its output on ``sets[0]``; one record each.
+
+    GPU: each impl on its own, rotating over ``sets``, in CUDA graphs when ``graph`` (and the
+    impl is capturable; then eagerly too). CPU: all impls together (``measure_together``) on
+    ``sets[0]``. ``want``: the outputs to compare with: {"y": ...} checks the returned output,
+    other keys the gradients of ``impl.grads`` in order. ``known``: measurements made already.
+    ``report(impl, outputs)``: more record fields from every impl's outputs (the base's included).
+    """
+    known = known or {}
+    calls = {im.name: (im.fn if im.grads else no_grad(im.fn)) for im in impls if im.error is None}
+    if not ctx.cuda:
+        p0 = sets[0]
+        timed = measure_together({im.name: ((lambda c=calls[im.name]: c(p0)), im.grads(p0) if im.grads else None)
+                                  for im in impls if im.name in calls and im.name not in known}, ctx)
+    records = []
+    for im in impls:
+        rec_extra = dict(im.extra)
+        if im.error is not None:
+            m = Measured(error=im.error)
+        elif im.name in known:
+            m = known[im.name]
+        elif ctx.cuda:
+            g = graph and im.capturable
+            m = measure(rotating(calls[im.name], sets), ctx, graph=g, eager_too=g,
+                        grad_to_none=[t for s in sets for t in im.grads(s)] if im.grads else None)
+        else:
+            m = timed[im.name]
+        if want and (im.check or report) and m.error is None:
+            try:
+                outputs = _outputs(im, calls[im.name], sets[0], want)
+                if im.check:
+                    rec_extra.update(compare(outputs, want, dname))
+                if report:
+                    rec_extra.update(report(im, outputs))
+            except Interrupted:
+                raise
+            except Exception as exc:
+                rec_extra["note"] = f"check failed: {short_error(exc, 120)}"
+        records.append(timing_record(bench, op, mode, shape, dname, im.name, im.role, m, flops=im.flops,
+                                     bytes_=im.bytes, target=im.target, n_input_copies=len(sets), **rec_extra))
+    return records
+
+
+def _outputs(im: Impl, call: Callable[[Any], Any], p, want: dict) -> dict:
+    """What ``want`` names of one call on ``p``: "y" the output, the others the gradients."""
+    _reset(im.grads(p) if im.grads else None)
+    y = call(p)
+    out = {"y": y} if "y" in want else {}
+    grads = [t.grad for t in im.grads(p)] if im.grads else []
+    out.update(zip([q for q in want if q != "y"], grads))
+    return out
+
+
+def run_shapes(ctx: Context, shapes: Sequence[dict], measure_shape: Callable[[dict], list[dict]],
+               placeholders: Callable[[dict, str], list[dict]], describe: Callable[[dict], str],
+               head: Callable[[dict], str] = lambda p: p["mode"]) -> list[dict]:
+    """The shape loop of a GPU bench: stops starting shapes once the time budget cannot cover one
+    more like the last one of its M (``placeholders(shape, why)`` stand in for the skipped ones),
+    and runs each with ``run_shape``."""
+    records: list[dict] = []
+    durations: dict = {}
+    for i, shape in enumerate(shapes):
+        if ctx.interrupted:
+            raise Interrupted("signal between shapes")
+        key = shape.get("M")
+        if ctx.time_left() < durations.get(key, max(durations.values(), default=5.0)):
+            records += placeholders(shape, budget_spent(ctx))
+            ctx.log(f"[{i + 1:2d}/{len(shapes)}] {shape_str(shape)}: skipped (time budget)")
+            continue
+        ctx.log(f"[{i + 1:2d}/{len(shapes)}] {shape_str(shape)} ...", end="")
+        durations[key] = run_shape(ctx, records, lambda: measure_shape(shape),
+                                   lambda err: placeholders(shape, err), describe, head)
+    return records
 
 
 def budget_spent(ctx: "Context") -> str:
@@ -287,7 +481,7 @@ def run_shape(ctx: "Context", records: list[dict], measure: Callable[[], list[di
         if ctx.interrupted:
             raise Interrupted("signal during a shape") from exc
         recs = failed(f"failed: {short_error(exc)}")
-    torch.cuda.empty_cache()
+    ctx.empty_cache()
     seconds = time.monotonic() - t0
     records += recs
     print(" " + progress_line(recs, ctx, describe, head) + f"  ({seconds:.1f} s)", flush=True)
@@ -312,161 +506,73 @@ def progress_line(recs: list[dict], ctx: "Context", describe: Callable[[dict], s
     return " | ".join(parts)
 
 
+def log_cpu_timings(ctx: Context, recs: list[dict]) -> None:
+    """One log line per (shape, mode) of CPU timing records: each impl's ms and ratio to base."""
+    finalize(recs, ctx.ceilings)
+    groups: dict[tuple, list[dict]] = {}
+    for r in recs:
+        groups.setdefault((r["shape_str"], r["dtype"], r["mode"]), []).append(r)
+    for (shape, dname, mode), rs in groups.items():
+        line = ", ".join(f"{r['impl']} {_ms(r['ms'])} ms" + (f" ({r['ratio_vs_base']:.2f}x base)"
+                                                            if r.get("ratio_vs_base") else "")
+                         if r.get("ms") else f"{r['impl']}: {r['error']}" for r in rs)
+        ctx.log(f"  {shape} {dname} {mode}: {line}")
+
+
 def short_error(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def measure(fn: Callable[[], Any], ctx: Context, *, graph: bool = False, eager_too: bool = False,
-            grad_to_none: Sequence[torch.Tensor] | None = None, warmup_calls: int = 2) -> Measured:
-    """Warm ``fn`` up (autotuning and compilation happen here), then time it.
-
-    On the GPU: CUDA graphs when ``graph`` (falling back to do_bench if capture fails),
-    and also eager do_bench when ``eager_too``. On the CPU: perf_counter medians.
-    Never raises: a failure comes back as ``Measured.error``.
-    """
-    out = Measured()
-
-    def call():
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        return fn()
-
-    try:
-        t0 = time.perf_counter()
-        for _ in range(warmup_calls):
-            call()
-        if ctx.cuda:
-            torch.cuda.synchronize()
-        out.warmup_s = time.perf_counter() - t0
-        if not ctx.cuda:
-            out.ms, out.timing = cpu_ms(call, ctx), "perf_counter"
-            return out
-        if graph:
-            try:
-                out.ms, out.timing = cudagraph_ms(fn, ctx, grad_to_none), "cudagraph"
-            except Interrupted:
-                raise
-            except Exception as exc:
-                torch.cuda.synchronize()
-                out.timing = f"do_bench (CUDA graph capture failed: {short_error(exc, 160)})"
-        if out.ms is None or eager_too:
-            eager = do_bench_ms(fn, ctx, grad_to_none)
-            out.ms_eager = eager
-            if out.ms is None:
-                out.ms = eager
-                out.timing = out.timing or "do_bench"
-    except Interrupted:
-        raise
-    except Exception as exc:
-        if ctx.interrupted:  # the signal landed inside code that turned it into another error
-            raise Interrupted("signal during a measurement") from exc
-        out.error = f"failed: {short_error(exc)}"
-        if os.environ.get("FASTPEFT_BENCH_TRACEBACK"):
-            traceback.print_exc()
-        if ctx.cuda:
-            try:
-                torch.cuda.synchronize()
-            except Exception:
-                pass
-    return out
-
-
-def measure_cpu_interleaved(fns: dict, ctx: Context, min_time_s: float | None = None,
-                            max_rounds: int = 40) -> dict:
-    """CPU timings of several callables taken in alternation (round robin), so that load
-    from other processes hits every one of them alike. ``fns``: name -> (fn, grad_to_none).
-    Returns name -> Measured (median ms over rounds); a failing fn gets its error."""
-    min_time_s = (0.6 if ctx.quick else 2.0) if min_time_s is None else min_time_s
-    out: dict = {}
-    calls: dict = {}
-    for name, (fn, grads) in fns.items():
-        def call(fn=fn, grads=grads):
-            if grads:
-                for t in grads:
-                    t.grad = None
-            return fn()
-        m = Measured(timing="perf_counter (interleaved)")
-        try:
-            t0 = time.perf_counter()
-            call()
-            call()
-            m.warmup_s = time.perf_counter() - t0
-            calls[name] = call
-        except Interrupted:
-            raise
-        except Exception as exc:
-            m.error = f"failed: {short_error(exc)}"
-        out[name] = m
-    times: dict = {name: [] for name in calls}
-    t_end = time.perf_counter() + min_time_s
-    rounds = 0
-    while calls and (rounds < 5 or (time.perf_counter() < t_end and rounds < max_rounds)):
-        for name, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-    for name, ts in times.items():
-        out[name].ms = float(statistics.median(ts))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # ceilings, measured in the same run
 
 
+def _time_one(fn: Callable[[], Any], ctx: Context, cpu_s: float) -> float:
+    return gpu_ms(fn, ctx) if ctx.cuda else cpu_ms({"fn": fn}, ctx, min_time_s=cpu_s)["fn"]
+
+
+def _copy_ceiling(ctx: Context) -> dict:
+    n = (2**27 if ctx.quick else 2**28) if ctx.cuda else 2**24  # GPU: 1 GiB (0.5 quick) of fp32; CPU 64 MiB
+    src = torch.randn(n, device=ctx.device)
+    dst = torch.empty_like(src)
+    ms = _time_one(lambda: dst.copy_(src), ctx, 0.2)
+    where = "device-to-device" if ctx.cuda else "CPU"
+    return {"copy_gbps": 2 * n * 4 / ms / 1e6, "copy_note": f"{where} copy of {n * 4 / 2**30:.2f} GiB, read+write bytes"}
+
+
+def _matmul_ceiling(ctx: Context) -> dict:
+    s, dtype = (8192, torch.bfloat16) if ctx.cuda else (1024, torch.float32)
+    a = torch.randn(s, s, device=ctx.device, dtype=dtype)
+    b = torch.randn(s, s, device=ctx.device, dtype=dtype)
+    ms = _time_one(lambda: torch.mm(a, b), ctx, 0.3)
+    name = DTYPE_NAMES[dtype]
+    where = "" if ctx.cuda else f", CPU, {torch.get_num_threads()} threads"
+    return {"matmul_tflops": {name: 2 * s**3 / ms / 1e9}, "matmul_note": f"torch.mm {s}^3 {name} on randn data{where}"}
+
+
+def _int8_ceiling(ctx: Context) -> dict:
+    s = 8192 if ctx.cuda else 512
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    a = torch.randint(-127, 128, (s, s), generator=g, device=ctx.device, dtype=torch.int8)
+    bt = torch.randint(-127, 128, (s, s), generator=g, device=ctx.device, dtype=torch.int8).t()
+    # bt: a column-major second operand, as a linear layer's weight [N, K] gives it
+    ms = _time_one(lambda: torch._int_mm(a, bt), ctx, 0.2)
+    where = "" if ctx.cuda else f", CPU, {torch.get_num_threads()} threads"
+    return {"int8_tops": 2 * s**3 / ms / 1e9, "int8_note": f"torch._int_mm {s}^3 int8 -> int32 on random codes{where}"}
+
+
 def measure_ceilings(ctx: Context) -> dict:
     """Copy bandwidth (read + write bytes), dense matmul throughput on random data and the
-    int8 GEMM throughput of torch._int_mm (``int8_tops``, T OP/s)."""
+    int8 GEMM throughput of torch._int_mm (``int8_tops``, T OP/s); a failed one is an error
+    entry and loses nothing else."""
     ceil: dict = {}
-    try:
-        if ctx.cuda:
-            n = 2**28 if not ctx.quick else 2**27  # 1 GiB (0.5 GiB quick) of fp32
-            src = torch.randn(n, device="cuda")
-            dst = torch.empty_like(src)
-            ms = do_bench_ms(lambda: dst.copy_(src), ctx)
-            ceil["copy_gbps"] = 2 * src.numel() * 4 / ms / 1e6
-            ceil["copy_note"] = f"device-to-device copy of {src.numel() * 4 / 2**30:.2f} GiB, read+write bytes"
-            del src, dst
-            s = 8192
-            a = torch.randn(s, s, device="cuda", dtype=torch.bfloat16)
-            b = torch.randn(s, s, device="cuda", dtype=torch.bfloat16)
-            ms = do_bench_ms(lambda: torch.mm(a, b), ctx)
-            ceil["matmul_tflops"] = {"bf16": 2 * s**3 / ms / 1e9}
-            ceil["matmul_note"] = f"torch.mm {s}x{s}x{s} bf16 on randn data"
-            del a, b
-            torch.cuda.empty_cache()
-        else:
-            src = torch.randn(2**24)
-            dst = torch.empty_like(src)
-            ms = cpu_ms(lambda: dst.copy_(src), ctx, min_time_s=0.2)
-            ceil["copy_gbps"] = 2 * src.numel() * 4 / ms / 1e6
-            ceil["copy_note"] = "CPU copy of 64 MiB, read+write bytes"
-            s = 1024
-            a, b = torch.randn(s, s), torch.randn(s, s)
-            ms = cpu_ms(lambda: torch.mm(a, b), ctx, min_time_s=0.3)
-            ceil["matmul_tflops"] = {"fp32": 2 * s**3 / ms / 1e9}
-            ceil["matmul_note"] = f"CPU torch.mm {s}^3 fp32 on randn data, {torch.get_num_threads()} threads"
-    except Exception as exc:
-        ceil["error"] = f"failed: {short_error(exc)}"
-    try:  # int8 tensor-core throughput (TOP/s) for the int8 benches; its failure loses nothing else
-        s = 8192 if ctx.cuda else 512
-        g = torch.Generator(device=ctx.device).manual_seed(0)
-        a = torch.randint(-127, 128, (s, s), generator=g, device=ctx.device, dtype=torch.int8)
-        w = torch.randint(-127, 128, (s, s), generator=g, device=ctx.device, dtype=torch.int8)
-        bt = w.t()  # column-major second operand, as a linear layer's weight [N, K] gives it
-        ms = (do_bench_ms(lambda: torch._int_mm(a, bt), ctx) if ctx.cuda
-              else cpu_ms(lambda: torch._int_mm(a, bt), ctx, min_time_s=0.2, max_reps=10))
-        ceil["int8_tops"] = 2 * s**3 / ms / 1e9
-        ceil["int8_note"] = (f"torch._int_mm {s}x{s}x{s} int8 -> int32 on random codes"
-                             + ("" if ctx.cuda else f", CPU, {torch.get_num_threads()} threads"))
-        del a, w, bt
-        if ctx.cuda:
-            torch.cuda.empty_cache()
-    except Exception as exc:
-        ceil["int8_error"] = f"int8 ceiling failed: {short_error(exc)}"
+    for measure_one, key in ((_copy_ceiling, "error"), (_matmul_ceiling, "error"), (_int8_ceiling, "int8_error")):
+        try:
+            ceil.update(measure_one(ctx))
+        except Exception as exc:
+            ceil[key] = (ceil.get(key, "") + " " if key in ceil else "") + f"{measure_one.__name__} failed: {short_error(exc)}"
+        ctx.empty_cache()
     return ceil
 
 
@@ -512,44 +618,9 @@ def timing_record(bench: str, op: str, mode: str, shape: dict, dtype: str, impl:
     return rec
 
 
-def check_record(bench: str, op: str, name: str, dtype: str, quantity: str, rel_err: float | None,
-                 tol: float, error: str | None = None, **extra) -> dict:
-    ok = rel_err is not None and math.isfinite(rel_err) and rel_err <= tol and error is None
-    rec = {"kind": "check", "bench": bench, "op": op, "name": name, "dtype": dtype, "quantity": quantity,
-           "rel_err": rel_err, "tol": tol, "ok": ok, "error": error}
-    rec.update(extra)
-    return rec
-
-
-def input_leaf(x: torch.Tensor, noncontig: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(leaf requiring grad, the input to pass): a non-contiguous input is every other
-    column of a wider leaf."""
-    if not noncontig:
-        leaf = x.clone().requires_grad_(True)
-        return leaf, leaf
-    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    leaf = wide.requires_grad_(True)
-    return leaf, leaf[..., ::2]
-
-
-def input_grad(leaf: torch.Tensor, noncontig: bool) -> torch.Tensor:
-    """The gradient of the input made by ``input_leaf``."""
-    return leaf.grad[..., ::2] if noncontig else leaf.grad
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; NaN or inf anywhere (or no tensor) gives inf."""
-    if out is None or ref is None:
-        return math.inf
-    out, ref = out.detach().double(), ref.detach().double()
-    if out.shape != ref.shape:
-        return math.inf
-    if not torch.isfinite(out).all():
-        return math.inf
-    denom = ref.norm().item()
-    diff = (out - ref).norm().item()
-    return diff if denom == 0 else diff / denom
+def error_record(bench: str, op: str, what: str, error: str) -> dict:
+    """A bench, or a case of one, that could not run (crashed, skipped, unavailable)."""
+    return {"kind": "error", "bench": bench, "op": op, "what": what, "error": error}
 
 
 def _group_key(r: dict) -> tuple:
@@ -735,13 +806,8 @@ def detail_rows(records: list[dict]) -> list[list[str]]:
     return rows
 
 
-CHECK_HEADERS = ("op", "check", "dtype", "quantity", "rel err", "tol", "ok")
-
-
-def check_rows(records: list[dict]) -> list[list[str]]:
-    return [[r["op"], r["name"], r["dtype"], r["quantity"], _f(r.get("rel_err"), ".2e"), _f(r["tol"], ".0e"),
-             ("PASS" if r["ok"] else "FAIL") + (f" ({r['error']})" if r.get("error") else "")]
-            for r in records if r.get("kind") == "check"]
+def error_rows(records: list[dict]) -> list[list[str]]:
+    return [[r["bench"], r["op"], r["what"], r["error"]] for r in records if r.get("kind") == "error"]
 
 
 def markdown(meta: dict, records: list[dict]) -> str:
@@ -771,11 +837,13 @@ def markdown(meta: dict, records: list[dict]) -> str:
     summ = summary_rows(records)
     if summ:
         lines += ["## Summary", "", md_table(SUMMARY_HEADERS, summ), ""]
-    checks = check_rows(records)
-    if checks:
-        n_ok = sum(1 for r in records if r.get("kind") == "check" and r["ok"])
-        lines += ["## Correctness checks", "", f"{n_ok}/{len(checks)} passed", "",
-                  md_table(CHECK_HEADERS, checks), ""]
+    wrong = [r for r in records if r.get("kind") == "timing" and r.get("ok") is False]
+    if wrong:
+        lines += ["## WRONG OUTPUTS", ""] + [f"- {r['impl']} {r['mode']} {r['shape_str']}: {r.get('note')}"
+                                             for r in wrong] + [""]
+    errors = error_rows(records)
+    if errors:
+        lines += ["## Did not run", "", md_table(("bench", "op", "what", "why"), errors), ""]
     det = detail_rows(records)
     if det:
         lines += ["## Details", "", md_table(DETAIL_HEADERS, det), ""]

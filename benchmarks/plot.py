@@ -79,7 +79,7 @@ def plot_results(json_path: str, png_path: str | None = None) -> str | None:
         if ys and max(ys) > 4:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    handles, labels = {}, []
+    handles = {}
     for row in axes:
         for ax in row:
             for h, l in zip(*ax.get_legend_handles_labels()):

@@ -1,6 +1,6 @@
 """Fine-tune the all-MiniLM-L6-v2 encoder on a small sentiment task with every fine-tuning method
-fastpeft has, on the CPU, and compare them the way the seed lecture does: trainable parameters,
-time and accuracy.
+fastpeft has, on the CPU, and compare them as the PEFT papers do (Houlsby et al., 2019; Hu et al., 2021; Ben Zaken
+et al., 2022; Lester et al., 2021): trainable parameters, time and accuracy.
 
     .venv/bin/python -P examples/finetune_minilm.py            # all methods, 60 steps each
     .venv/bin/python -P examples/finetune_minilm.py --steps 20 --methods bitfit,lora

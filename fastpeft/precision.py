@@ -1,5 +1,6 @@
-"""Half precision for a whole model, done carefully: the seed lecture's ``model.half()``
-with the numerically sensitive layers (normalizations) kept in float32."""
+"""Half precision for a whole model, done carefully: ``model.half()`` with the numerically
+sensitive layers (normalizations) kept in float32, as mixed-precision training does
+(Micikevicius et al., 2018, "Mixed Precision Training")."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,9 +1,10 @@
-"""Model-level post-training quantization: the seed lecture's PTQ workflows on fastpeft's layers.
+"""Model-level post-training quantization (PTQ; Nagel et al., 2021, "A White Paper on Neural Network
+Quantization") and quantization-aware training (QAT; Jacob et al., 2018) on fastpeft's layers.
 
 Weights: int8 or int4 zero-point codes (groups of ``group_size`` input features) or, with int8
 activations and int8 weights, LLM.int8()'s per-row absmax codes.
 
-Activations (the seed's static-vs-dynamic trade-off):
+Activations (the static-vs-dynamic trade-off):
 - None: they stay 16-bit (weight-only W8A16 / W4A16, ``QuantLinear``).
 - "dynamic": each token (row) gets its own absmax int8 scale at run time: one extra reduction
   over the row per layer call, no calibration, robust to any input range.

@@ -43,15 +43,7 @@ from ._common import rint as _rint
 from ._common import tuning_bench as _tuning_bench
 from ._common import upcast as _upcast
 
-
-
-
-INT8_MAX = 127.0
-_QMAX = tl.constexpr(127.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# device helpers
+_QMAX = tl.constexpr(127.0)  # the largest int8 code: LLM.int8()'s symmetric range [-127, 127]
 
 
 # ---------------------------------------------------------------------------------------------

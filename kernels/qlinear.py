@@ -52,8 +52,8 @@ zero point per output row and tile) the weight operand is int8: 4-bit codes unpa
 their zero point (|q - z| <= 15), 8-bit absmax codes as loaded, 8-bit zero-point codes as
 q ^ 0x80 = q - 128 with the exact correction (z - 128) * sum_k x_q; the int8 x int8 -> int32
 dot is exact, converted to fp32 and scaled by the group scale into the fp32 accumulator; the
-activation step multiplies once in the epilogue. This is the seed's quantized inference: no
-16-bit operand at all, the tensor cores' int8 rate (twice bf16's on the H100 / H200).
+activation step multiplies once in the epilogue. This is integer-only inference (Jacob et al., 2018, "Quantization and
+Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"): no 16-bit operand, the tensor cores' int8 rate (twice bf16's on the H100 / H200).
 
 The backward (dx = dy @ W_deq) is not a kernel: fastpeft/ops/qlinear.py dequantizes the
 weight (fastpeft.dequantize) and runs a dense matmul.

@@ -1,6 +1,6 @@
 """add_bottleneck_adapters (Houlsby / Pfeiffer), bitfit, freeze and trainable_parameters on tiny random
-BERT, GPT-2 and Llama models (no download); the seed lecture's parameter counts on a
-BERT-base-shaped model built on the meta device."""
+BERT, GPT-2 and Llama models (no download); the trainable-parameter counts of
+the adapter, LoRA and BitFit papers on a BERT-base-shaped model built on the meta device."""
 import copy
 
 import pytest
@@ -315,7 +315,8 @@ def test_exports():
 
 
 # ---------------------------------------------------------------------------------------------
-# the seed lecture's numbers, on a BERT-base-shaped model (meta device: no memory)
+# trainable-parameter counts (Houlsby et al. 2019, Pfeiffer et al. 2021, Hu et al. 2021, Ben Zaken et al.
+# 2022) on a BERT-base-shaped model (meta device: no memory)
 
 
 def bert_base_meta():

@@ -12,6 +12,7 @@ from torch import nn
 from .. import _checks
 from ..ops.lora import lora_linear, lora_update
 from ..ops.multi_lora import multi_lora
+from ..reference.lora import lora_delta_weight
 from ._common import new_module
 from .int8 import Int8Linear
 
@@ -169,7 +170,7 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in fp32, shape [out, in] (of the active adapter)."""
         self._need_active("delta_weight")
-        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        return lora_delta_weight(self.lora_A.detach().float(), self.lora_B.detach().float(), self.scaling)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) if self.base_layer is not None else F.linear(x, self.weight, self.bias)

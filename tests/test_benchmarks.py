@@ -1,0 +1,141 @@
+"""The benchmarks' GPU code paths, run here on the CPU at tiny shapes, so that a GPU session (rare,
+and short) does not find a broken bench: every bench's ``run_gpu`` with CPU tensors (the Triton
+kernels in the interpreter), the triton.testing timers replaced by one timed call, CUDA graphs on
+and off. What is checked is that each implementation runs, is timed and is checked against its
+reference, not any timing. Also: the one implementation loop (``common.time_impls``) reports a
+wrong output as wrong.
+"""
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import bench_bottleneck  # noqa: E402
+import bench_distill  # noqa: E402
+import bench_int8  # noqa: E402
+import bench_lora  # noqa: E402
+import bench_multi_lora  # noqa: E402
+import bench_quant  # noqa: E402
+import common  # noqa: E402
+
+# errors a record may carry here: backends and peers that do not run on this machine
+EXPECTED_ERRORS = ("unavailable:", "not installed")
+
+
+def _one_call(fn, ctx, *, graph=False, grad_to_none=None):
+    """Stands in for triton.testing's timers: the milliseconds of one call."""
+    for t in grad_to_none or ():
+        t.grad = None
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "graphs"])
+def gpu_ctx(request, monkeypatch):
+    """A GPU-run Context whose inputs live on the CPU; ``graphs``: every shape takes the CUDA-graph
+    path (the graph timer is the same stand-in)."""
+    monkeypatch.setattr(common, "gpu_ms", _one_call)
+    monkeypatch.setattr(common, "GRAPH_BELOW_MS", float("inf") if request.param else 0.0)
+    ctx = common.Context(cuda=True, device_type="cpu", quick=True)
+    ctx.ceilings = {"copy_gbps": 10.0, "matmul_tflops": {"bf16": 0.1}, "int8_tops": 0.1}
+    return ctx
+
+
+def _check_records(records, ctx, min_checked=1):
+    assert records
+    assert not [r for r in records if r["kind"] == "error"]
+    timings = [r for r in records if r["kind"] == "timing"]
+    for r in timings:
+        if r["error"]:
+            assert r["error"].startswith(EXPECTED_ERRORS), (r["impl"], r["error"])
+            continue
+        assert r["ms"] is not None and r["ms"] > 0, r
+        assert r.get("ok", True) is True, (r["impl"], r["mode"], r.get("note"))
+        assert "check failed" not in (r.get("note") or ""), (r["impl"], r["note"])
+    checked = [r for r in timings if r.get("ok") is True]
+    assert len(checked) >= min_checked
+    assert any(r["role"] == "auto" and r["ms"] for r in timings)
+    common.finalize(records, ctx.ceilings)
+    assert "## Summary" in common.markdown({"stamp": "test"}, records)
+    return timings
+
+
+def test_lora_gpu_path(gpu_ctx, monkeypatch):
+    monkeypatch.setattr(bench_lora, "QUICK", dict(M=(3,), KN=((40, 24),), R=(4,)))
+    timings = _check_records(bench_lora.run_gpu(gpu_ctx), gpu_ctx)
+    impls = {(r["impl"], r["mode"]) for r in timings if r["ms"]}
+    for name in ("base", "unfused", "fastpeft[triton,fused]", "fastpeft[triton,split]", "fastpeft[auto]"):
+        assert {(name, "fwd"), (name, "fwdbwd")} <= impls, name
+    grads = [r for r in timings if r["mode"] == "fwdbwd" and r.get("rel_errs")]
+    assert grads and all(set(r["rel_errs"]) == {"dx", "dA", "dB"} for r in grads)
+
+
+def test_bottleneck_gpu_path(gpu_ctx, monkeypatch):
+    monkeypatch.setattr(bench_bottleneck, "QUICK_M", (5,))
+    monkeypatch.setattr(bench_bottleneck, "D_MODEL", 48)
+    monkeypatch.setattr(bench_bottleneck, "BOTTLENECK", 8)
+    timings = _check_records(bench_bottleneck.run_gpu(gpu_ctx), gpu_ctx)
+    assert any(r["impl"] == "fastpeft[triton]" and r["mode"] == "fwdbwd" and r.get("ok") for r in timings)
+
+
+def test_int8_gpu_path(gpu_ctx, monkeypatch):
+    monkeypatch.setattr(bench_int8, "QUICK", dict(M=(5,), KN=((64, 40),)))
+    timings = _check_records(bench_int8.run_gpu(gpu_ctx), gpu_ctx)
+    fwd = [r for r in timings if r["mode"] == "fwd" and r["ms"]]
+    assert {r["threshold"] for r in fwd} == set(bench_int8.THRESHOLDS)
+    assert all(r.get("err_vs_exact") is not None for r in fwd)
+    assert any(r["impl"] == "fastpeft[triton]" and r.get("ok") for r in fwd)
+    assert any(r["mode"] == "fwdbwd" and r["role"] == "auto" and set(r["rel_errs"]) == {"y", "dx"} for r in timings)
+
+
+def test_multi_lora_gpu_path(gpu_ctx, monkeypatch):
+    monkeypatch.setattr(bench_multi_lora, "GPU_CASES", {"decode": (3, 1, 3), "prefill": (2, 5, 2)})
+    monkeypatch.setattr(bench_multi_lora, "K_IN", 32)
+    monkeypatch.setattr(bench_multi_lora, "N_OUT", 24)
+    monkeypatch.setattr(bench_multi_lora, "RANK", 4)
+    timings = _check_records(bench_multi_lora.run_gpu(gpu_ctx), gpu_ctx)
+    assert {r["mode"] for r in timings if r.get("ok")} == {"layer", "update"}
+
+
+def test_quant_gpu_path(gpu_ctx, monkeypatch):
+    monkeypatch.setattr(bench_quant, "QUICK_SHAPE", (4, 256))
+    monkeypatch.setattr(bench_quant, "QLINEAR_KN", ((256, 48),))
+    monkeypatch.setattr(bench_quant, "QLINEAR_M", (1, 3))
+    timings = _check_records(bench_quant.run(gpu_ctx), gpu_ctx)
+    assert {r["op"] for r in timings if r.get("ok")} == {"dequantize", "quantize", "quant_linear", "int8_activations"}
+
+
+def test_distill_gpu_path(gpu_ctx, monkeypatch):
+    for name, value in (("TOKENS", 16), ("VOCAB", 300), ("HS", 16), ("HT", 32)):
+        monkeypatch.setattr(bench_distill, name, value)
+    timings = _check_records(bench_distill.run_gpu(gpu_ctx), gpu_ctx)
+    assert {r["op"] for r in timings if r.get("ok")} == {"distillation_loss", "fused_linear_distillation"}
+
+
+def test_time_impls_reports_a_wrong_output():
+    """A wrong implementation comes out as ok=False with the failing quantity in the note; a
+    failing one as its error; the CPU timer gives every other one a time."""
+    ctx = common.Context(cuda=False, quick=True)
+    x = torch.randn(8, 16)
+    w = torch.randn(4, 16)
+    want = {"y": x @ w.t()}
+
+    def broken(_):
+        raise RuntimeError("no kernel")
+
+    impls = [common.Impl("right", "auto", lambda _: x @ w.t()),
+             common.Impl("wrong", "variant", lambda _: 1.01 * (x @ w.t())),
+             common.Impl("crashes", "variant", broken),
+             common.Impl("absent", "variant", error="unavailable: not here")]
+    recs = {r["impl"]: r for r in common.time_impls(ctx, "t", "op", "fwd", {"M": 8}, "fp32", impls, [None],
+                                                    want=want)}
+    assert recs["right"]["ok"] is True and recs["right"]["ms"] > 0
+    assert recs["wrong"]["ok"] is False and "WRONG" in recs["wrong"]["note"] and "y" in recs["wrong"]["note"]
+    assert recs["crashes"]["ms"] is None and "no kernel" in recs["crashes"]["error"]
+    assert recs["absent"]["error"] == "unavailable: not here"
