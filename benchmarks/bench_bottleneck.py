@@ -133,26 +133,18 @@ def _reference_fp32(p: Problem) -> tuple[torch.Tensor, dict]:
     return y.detach(), dict(zip(("dx", "dW_d", "db_d", "dW_u", "db_u"), (t.grad for t in leaves)))
 
 
-def _train(fwd):
-    def call(p):
-        y = fwd(p)
-        y.backward(p.dy)
-        return y
-    return call
-
-
 def _impls(mode: str, shape: dict, elt: int, variants, picked: str, targets: bool) -> list[common.Impl]:
     """The copy base (forward only), the unfused module and the fastpeft variants of one mode."""
     f, b = flops_bytes(mode, shape["M"], shape["d"], shape["R"], elt)
     fwd = mode == "fwd"
     impls = [common.Impl("base", "base", lambda p: p.out.copy_(p.x), bytes=b, check=False)] if fwd else []
     impls.append(common.Impl("unfused", "unfused", (lambda p: p.unfused(p.x)) if fwd else
-                             _train(lambda p: p.unfused(p.xg)), flops=f, bytes=b,
+                             common.with_backward(lambda p: p.unfused(p.xg)), flops=f, bytes=b,
                              grads=None if fwd else (lambda p: p.grad_leaves("unfused"))))
     target = target_for(mode, shape["M"]) if targets else None
     for name, role, why, call in variants:
         impls.append(common.Impl(
-            name, role, (lambda p, c=call: c(p.x, *p.params)) if fwd else _train(lambda p, c=call: c(p.xg, *p.leaves)),
+            name, role, (lambda p, c=call: c(p.x, *p.params)) if fwd else common.with_backward(lambda p, c=call: c(p.xg, *p.leaves)),
             error=why, grads=None if fwd else (lambda p: p.grad_leaves("fastpeft")), flops=f, bytes=b,
             target=target if role in ("auto", "variant") else None,
             extra={"picked": picked} if role == "auto" else {}))

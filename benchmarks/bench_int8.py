@@ -260,11 +260,7 @@ def _fwdbwd_impls(shape, elt, dname, picked: str, backend: str | None) -> list[c
     import fastpeft
     t = shape["t"]
 
-    def train(L):
-        y = fastpeft.int8_linear(L.xg, L.w, L.ws, None, t, backend=backend)
-        y.backward(L.dy)
-        return y
-
+    train = common.with_backward(lambda L: fastpeft.int8_linear(L.xg, L.w, L.ws, None, t, backend=backend))
     name = "fastpeft[auto]" if backend is None else f"fastpeft[{backend}]"
     return [common.Impl("base", "base", lambda L: (F.linear(L.x[t], L.W), torch.mm(L.dy, L.W)), check=False,
                         **_work("fwdbwd", shape, elt, False, dname)),

@@ -191,14 +191,6 @@ def _reference_fp32(p: Problem) -> tuple[torch.Tensor, dict]:
     return y, {"dx": xr.grad, "dA": Ar.grad, "dB": Br.grad}
 
 
-def _train(fwd):
-    def call(p):
-        y = fwd(p)
-        y.backward(p.dy)
-        return y
-    return call
-
-
 def _impls(mode: str, shape: dict, elt: int, cuda_tensors: bool, peft_error: str | None, picked: str,
            unavailable: dict) -> list[common.Impl]:
     """base, unfused, peft and the fastpeft variants of one mode; ``unavailable``: impl -> why not."""
@@ -211,15 +203,15 @@ def _impls(mode: str, shape: dict, elt: int, cuda_tensors: bool, peft_error: str
         common.Impl("base", "base", (lambda p: F.linear(p.x, p.W)) if fwd else
                     (lambda p: (F.linear(p.x, p.W), torch.mm(p.dy, p.W))), flops=base_f, bytes=base_b, check=False),
         common.Impl("unfused", "unfused", (lambda p: unfused(p.x, p.W, p.A, p.B, p.s)) if fwd else
-                    _train(lambda p: unfused(p.xg, p.W, p.Ag, p.Bg, p.s)), flops=f, bytes=b,
+                    common.with_backward(lambda p: unfused(p.xg, p.W, p.Ag, p.Bg, p.s)), flops=f, bytes=b,
                     grads=None if fwd else (lambda p: p.leaves("unfused"))),
-        common.Impl("peft", "peer", (lambda p: p.peft(p.x)) if fwd else _train(lambda p: p.peft(p.xg)),
+        common.Impl("peft", "peer", (lambda p: p.peft(p.x)) if fwd else common.with_backward(lambda p: p.peft(p.xg)),
                     error=peft_error, flops=f, bytes=b, grads=None if fwd else (lambda p: p.leaves("peft"))),
     ]
     for name, role, call in _variants(cuda_tensors):
         impls.append(common.Impl(
             name, role, (lambda p, c=call: c(p.x, p.W, p.A, p.B, p.s)) if fwd else
-            _train(lambda p, c=call: c(p.xg, p.W, p.Ag, p.Bg, p.s)), error=unavailable.get(name),
+            common.with_backward(lambda p, c=call: c(p.xg, p.W, p.Ag, p.Bg, p.s)), error=unavailable.get(name),
             grads=None if fwd else (lambda p, n=name: p.leaves(n)), flops=f, bytes=b,
             target=target if role in ("auto", "variant") else None,
             extra={"picked": picked} if role == "auto" else {}))

@@ -362,6 +362,15 @@ def no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def with_backward(fwd: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+    """A forward+backward call: ``fwd(inputs)``, then its backward from ``inputs.dy``; returns y."""
+    def call(p):
+        y = fwd(p)
+        y.backward(p.dy)
+        return y
+    return call
+
+
 def use_graphs(ctx: Context, base: Callable[[Any], Any], sets: Sequence[Any]) -> tuple[bool, Measured]:
     """Time the base op (eagerly); CUDA graphs for the whole shape when it runs under
     GRAPH_BELOW_MS (where launch overhead would dominate an eager time). Returns (graphs?, the

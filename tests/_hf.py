@@ -43,3 +43,23 @@ def tiny_llama(seed: int = 0) -> nn.Module:
             if name.endswith("bias"):
                 p.uniform_(-0.1, 0.1)
     return model
+
+
+def train(model: nn.Module, x: torch.Tensor, steps: int, lr: float = 1e-2) -> tuple[list[float], list[dict]]:
+    """AdamW (no weight decay) on the causal-LM loss of ``x`` (labels = x) over the trainable
+    parameters, ``steps`` steps. Returns the loss of each step and after the last one, and each
+    step's gradients by parameter name (None where a parameter got none)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    losses, grads = [], []
+    for _ in range(steps):
+        loss = model(x, labels=x).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        grads.append({n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        losses.append(model(x, labels=x).loss.item())
+    return losses, grads

@@ -12,7 +12,7 @@ from fastpeft import add_bottleneck_adapters, bitfit, freeze, modules, trainable
 from fastpeft.nn import AdaptedProjection
 
 transformers = pytest.importorskip("transformers")
-from _hf import tiny_llama, torch_backend  # noqa: E402,F401  (torch_backend: autouse fixture)
+from _hf import tiny_llama, torch_backend, train  # noqa: E402,F401  (torch_backend: autouse fixture)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,28 +110,13 @@ def test_placement_and_identity(arch, placement):
     torch.testing.assert_close(logits(model, x), before, rtol=1e-6, atol=1e-6)  # identity at init
 
 
-def train(model, steps=3, lr=1e-2, seed=3):
-    x = tokens(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    grads = []
-    for _ in range(steps):
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        grads.append({n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
-        opt.step()
-    model.eval()
-    return grads
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_changes_only_adapters_and_norms(arch):
     model = add_bottleneck_adapters(build(arch), bottleneck=4, activation="gelu")
     train_set = {n for n in trainable(model) if ".adapter." in n}
     assert train_set and trainable(model) == train_set | norm_params(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads = train(model)
+    grads = train(model, tokens(3), steps=3)[1]
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert all(g[n] is None for g in grads), f"frozen {n} got a gradient"
@@ -246,7 +231,7 @@ def test_bitfit(arch):
     assert trainable(model) == set(biases)
     assert trainable_parameters(model, verbose=False)[0] == count
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, steps=1)
+    train(model, tokens(3), steps=1)
     assert {n for n, p in model.named_parameters() if not torch.equal(p, before[n])} == set(biases)
 
 

@@ -11,7 +11,7 @@ import fastpeft
 from fastpeft import LoRALinear, inject_lora, lora_state_dict, mark_only_lora_as_trainable
 
 transformers = pytest.importorskip("transformers")
-from _hf import tiny_llama, torch_backend  # noqa: E402,F401  (torch_backend: autouse fixture)
+from _hf import tiny_llama, torch_backend, train  # noqa: E402,F401  (torch_backend: autouse fixture)
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -166,27 +166,10 @@ def test_lora_state_dict(model):
     assert lora_state_dict(nn.Linear(2, 2)) == {}
 
 
-def train(model, steps=4, lr=1e-2, seed=3):
-    x = tokens(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(x, labels=x).loss
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        losses.append(model(x, labels=x).loss.item())
-    return losses
-
-
 def test_training_changes_only_lora(model):
     inject_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    losses = train(model)
+    losses = train(model, tokens(3), steps=4)[0]
     assert losses[-1] < losses[0]
     for n, p in model.named_parameters():
         changed = not torch.equal(p, before[n])
@@ -197,7 +180,7 @@ def test_training_lora_only_biases(model):
     inject_lora(model, ["q_proj"], r=4)
     mark_only_lora_as_trainable(model, "lora_only")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, steps=2)
+    train(model, tokens(3), steps=2)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {f"{n}.{k}" for n in layer_names("q_proj") for k in ("lora_A", "lora_B", "bias")}
 
