@@ -1,8 +1,14 @@
 """pytest set-up for the benchmarks run by pytest (benchmarks/test_*.py, pytest-benchmark): the
-ratio table of test_overhead.py, printed after pytest-benchmark's own."""
+ratio table of test_overhead.py, printed after pytest-benchmark's own. Like tests/, it imports the
+installed fastpeft, never the checkout's root."""
 from __future__ import annotations
 
 import pytest
+
+import common  # noqa: F401  (puts tests/ on sys.path, for _utils)
+from _utils import import_installed_package
+
+import_installed_package()
 
 _RESULTS: dict = {}
 

@@ -1,4 +1,8 @@
-"""Shared test helpers: relative error against float64 references, per-dtype tolerances."""
+"""Shared test helpers: relative error against float64 references, per-dtype tolerances, and the
+import set-up of tests run from the checkout."""
+import sys
+from pathlib import Path
+
 import torch
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -21,3 +25,21 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.d
     err = rel_err(out, ref)
     tol = TOL[dtype] * factor
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def import_installed_package() -> None:
+    """Have ``import fastpeft`` (and Hugging Face's ``kernels``) load from the environment, not
+    from the checkout's root, which ``python -m pytest`` puts first on sys.path: there the root's
+    kernels/ (the source of ``fastpeft.kernels``, mapped into the package at install) would stand
+    for Hugging Face's ``kernels`` package, which transformers imports. Tests test the installed
+    package (``make install`` installs the checkout in editable mode, so edits need no reinstall).
+    """
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != CHECKOUT]
+    try:
+        import fastpeft  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"fastpeft is not installed in {sys.prefix}: run `make test` (it installs it into "
+                          f".venv), or `make install` and then .venv/bin/python -m pytest ...") from exc

@@ -1,4 +1,5 @@
-"""Test setup: Triton runs under its CPU interpreter when there is no GPU.
+"""Test setup: Triton runs under its CPU interpreter when there is no GPU, and the tests import
+the installed fastpeft, never the checkout's root (see _utils.import_installed_package).
 
 TRITON_INTERPRET must be set before triton is first imported, so it happens here,
 at collection, before any test module imports fastpeft's kernels.
@@ -8,9 +9,12 @@ import os
 import pytest
 import torch
 
+from _utils import import_installed_package
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import_installed_package()  # after TRITON_INTERPRET: it imports fastpeft, and so triton
 
 
 def pytest_addoption(parser):

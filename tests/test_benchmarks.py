@@ -1,7 +1,7 @@
-"""The benchmarks' GPU code paths, run here on the CPU at tiny shapes, so that a GPU session (rare,
-and short) does not find a broken bench: every bench's ``run_gpu`` with CPU tensors (the Triton
-kernels in the interpreter), the triton.testing timers replaced by one timed call, CUDA graphs on
-and off. What is checked is that each implementation runs, is timed and is checked against its
+"""The benchmarks' GPU code paths at tiny shapes, so that a GPU session (rare, and short) does not
+find a broken bench: every bench's ``run_gpu``, CUDA graphs on and off. Without a GPU: with CPU
+tensors (the Triton kernels in the interpreter), the triton.testing timers replaced by one timed
+call; with one: as they run. What is checked is that each implementation runs, is timed and is checked against its
 reference, not any timing. Also: the one implementation loop (``common.time_impls``) reports a
 wrong output as wrong.
 """
@@ -38,10 +38,13 @@ def _one_call(fn, ctx, *, graph=False, grad_to_none=None):
 
 @pytest.fixture(params=[False, True], ids=["eager", "graphs"])
 def gpu_ctx(request, monkeypatch):
-    """A GPU-run Context whose inputs live on the CPU; ``graphs``: every shape takes the CUDA-graph
-    path (the graph timer is the same stand-in)."""
-    monkeypatch.setattr(common, "gpu_ms", _one_call)
+    """A GPU-run Context; ``graphs``: every shape takes the CUDA-graph path. Without a GPU its
+    inputs live on the CPU and one timed call stands in for triton.testing's timers (the graph
+    timer too); with one, the real thing at tiny shapes."""
     monkeypatch.setattr(common, "GRAPH_BELOW_MS", float("inf") if request.param else 0.0)
+    if torch.cuda.is_available():
+        return common.Context(cuda=True, quick=True)
+    monkeypatch.setattr(common, "gpu_ms", _one_call)
     ctx = common.Context(cuda=True, device_type="cpu", quick=True)
     ctx.ceilings = {"copy_gbps": 10.0, "matmul_tflops": {"bf16": 0.1}, "int8_tops": 0.1}
     return ctx
