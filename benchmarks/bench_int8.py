@@ -43,7 +43,6 @@ KN_VALUES = ((4096, 4096), (4096, 11008), (11008, 4096))   # (in features K, out
 THRESHOLDS = (0.0, 6.0)
 FWDBWD_THRESHOLD = 6.0
 QUICK = dict(M=(2048, 16), KN=((4096, 4096),))
-INT_MM_MIN_ROWS = 16  # torch._int_mm on CUDA needs more than 16 rows: fewer are padded to 32
 
 # inputs: x ~ N(0, 1) clamped to +-5 (so that threshold 6 finds exactly the planted outliers);
 # for threshold > 0, about 0.1% of the columns get a few entries of magnitude 8..20
@@ -186,6 +185,7 @@ class Layer:
 def int_mm_scaled(x: torch.Tensor, L: Layer, threshold: float, quant_backend: str | None = None) -> torch.Tensor:
     """The unfused PyTorch way: quantize, torch._int_mm, scale; outlier columns in 16 bits."""
     import fastpeft
+    from fastpeft.ops.int8 import INT_MM_MIN_ROWS  # fewer rows are padded to twice as many
     q, row_scale, cols = fastpeft.int8_vectorwise_quant(x, threshold, backend=quant_backend)
     M = q.shape[0]
     pad = x.is_cuda and M <= INT_MM_MIN_ROWS
@@ -228,6 +228,7 @@ def _fwd_impls(shape, elt, dname, avail: dict, picked: str, cuda: bool, peer_mea
     """One threshold's forward: base, int_mm+scale, bnb and the fastpeft variants. ``avail``: impl
     -> None when it runs here, else why not; fastpeft variants missing from it are not run."""
     import fastpeft
+    from fastpeft.ops.int8 import INT_MM_MIN_ROWS
     M, t = shape["M"], shape["t"]
     what = "int8_linear, quantize x included"
     call = lambda backend: (lambda L: fastpeft.int8_linear(L.x[t], L.w, L.ws, None, t, backend=backend))

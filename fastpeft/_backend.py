@@ -7,8 +7,10 @@ Inside that kernel, at run time, ``choose`` picks one of fastpeft's implementati
   ``cuda``    the CUDA C++ extension ``fastpeft._C``: CUDA tensors.
   ``torch``   plain PyTorch with the reference semantics: any device.
 
-``auto`` (the default) takes, for CUDA tensors, the first of the op's backends (listed in the
-order the benchmarks measured fastest: benchmarks/README.md) that can run; for CPU tensors
+``auto`` (the default) takes, for CUDA tensors, the first of the op's backends (its module's
+``KERNELS``: Triton first, where it covers every case, then CUDA C++, then plain PyTorch; an
+order by design, not yet by measurement: the benchmarks' ``fastest`` column, from a GPU run,
+is what should set it) that can run; for CPU tensors
 ``triton`` under the interpreter, else ``torch``. An op's ``backend=`` argument,
 ``fastpeft.use_backend(...)`` or ``FASTPEFT_BACKEND=triton|cuda|torch`` force one (in that
 order of precedence); a forced backend that cannot run raises ``BackendUnavailableError``

@@ -228,17 +228,26 @@ _LARGE_M_CONFIGS = [
 ]
 
 
+# Row counts that choose among the configs: up to SMALL_M rows (decode) only the small-M configs
+# (BLOCK_M <= SMALL_M, where the weight read dominates) and above it only the large ones; up to
+# MID_M rows no config taller than MID_M / 2, so that a tile is never mostly padding rows.
+SMALL_M, MID_M = 32, 128
+# Above this rank, a tile larger than 128 x 128 spills: the U and Bt tiles of 64 ranks sit in
+# registers next to the fp32 accumulator.
+SPILL_RANK, SPILL_TILE = 32, 128 * 128
+
+
 def _prune(configs, named_args, **kwargs):
     mb = named_args["M_BUCKET"]
     br = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 16))
     keep = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if (mb <= 32) != (bm <= 32):
+        if (mb <= SMALL_M) != (bm <= SMALL_M):
             continue
-        if mb <= 128 and bm > 64:
+        if mb <= MID_M and bm > MID_M // 2:
             continue
-        if br > 32 and bm * bn > 128 * 128:  # U and Bt tiles of 64 ranks next to acc: spills
+        if br > SPILL_RANK and bm * bn > SPILL_TILE:
             continue
         keep.append(c)
     return keep or configs[:1]
@@ -357,6 +366,12 @@ def lora_gemm(x: torch.Tensor, w: torch.Tensor, N: int, w_strides: tuple[int, in
 
 
 
+# Split-K of the shrink: splits until the grid has about two programs per SM, each keeping at least
+# this many K tiles (its 3-stage load pipeline fills, and the fp32 atomic adds of the partial U stay
+# a small part of its work).
+MIN_K_TILES_PER_SPLIT = 4
+
+
 def shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int], R: int, out_scale: float = 1.0,
            *, dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
     """U[m, r] = out_scale * sum_k dropout(X)[m, k] At[k, r] in fp32, At read via ``a_strides = (s_ar, s_ak)``."""
@@ -373,7 +388,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, a_strides: tuple[int, int], R: int,
     split_k = 1
     if not _interpreted():
         want = 2 * _common.sm_count(x.device)
-        while grid_m * grid_r * split_k * 2 <= want and split_k * 2 <= max(1, k_tiles // 4):
+        while grid_m * grid_r * split_k * 2 <= want and split_k * 2 <= max(1, k_tiles // MIN_K_TILES_PER_SPLIT):
             split_k *= 2
     u = torch.zeros((M, R), device=x.device, dtype=torch.float32) if split_k > 1 else \
         _common.new_output((M, R), x, torch.float32)

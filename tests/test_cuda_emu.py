@@ -304,25 +304,46 @@ def test_emulator_reports_out_of_bounds_reads(emulate):
         checks.check_expand("cpu", F32, 7, 50, 4)
 
 
-def test_emulator_reads_the_declared_fields(tmp_path):
-    """emulator.entry_points() reads csrc/fastpeft.h's entry points and fields as the C preprocessor does
-    (the device reads the fields of a call in that order)."""
-    src = tmp_path / "fields.cpp"
+@pytest.fixture(scope="module")
+def declared_fields(tmp_path_factory):
+    """Every entry point's fields as the C preprocessor reads csrc/fastpeft.h: name -> (Field, ...)."""
+    tmp = tmp_path_factory.mktemp("fields")
+    src = tmp / "fields.cpp"
     src.write_text('#include <cstdio>\n#include "fastpeft.h"\n'
                    '#define SHOW(kind, name, init) std::printf(" %s %s %s", #kind, #name, #init);\n'
                    '#define ENTRY(fn, Params, FIELDS) std::printf("\\n%s", #fn); FIELDS(SHOW)\n'
                    'int main() { FASTPEFT_ENTRY_POINTS(ENTRY) }\n')
-    exe = tmp_path / "fields"
+    exe = tmp / "fields"
     subprocess.run([emulator.compiler(), "-std=c++20", f"-I{emulator.CSRC}", str(src), "-o", str(exe)], check=True)
-    want = {}
+    out = {}
     for line in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split("\n")[1:]:
         name, *words = line.split()
-        want[name] = tuple(emulator.Field(k, n, emulator._cpp_value(d))
-                           for k, n, d in zip(words[::3], words[1::3], words[2::3]))
-    got = emulator.entry_points()
-    assert got == want
-    assert set(got) == set(emulator.OPERANDS)
-    assert any(f.default is emulator.REQUIRED for f in got["lora_shrink"])
+        out[name] = tuple(emulator.Field(k, n, emulator._cpp_value(d))
+                          for k, n, d in zip(words[::3], words[1::3], words[2::3]))
+    return out
+
+
+ENTRY_POINTS = ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "quant_quantize", "quant_dequantize",
+                "bottleneck_adapter_forward", "multi_lora_shrink", "multi_lora_expand"]
+
+
+def test_every_entry_point_is_emulated(declared_fields):
+    assert sorted(declared_fields) == sorted(ENTRY_POINTS) == sorted(emulator.OPERANDS)
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_emulated_extension_reads_the_declared_fields(declared_fields, name):
+    """EmulatedExtension takes the fields of csrc/fastpeft.h (read by emulator.entry_points) in the
+    preprocessor's order, kinds and defaults (the device reads a call's fields in that order), and
+    describes the operand of each pointer field."""
+    fields = emulator.entry_points()[name]
+    assert fields == declared_fields[name]
+    assert any(f.default is emulator.REQUIRED for f in fields)
+    ext = emulator.EmulatedExtension("/nonexistent")
+    with pytest.raises(ValueError, match=f"{name}: unknown keyword"):
+        getattr(ext, name)(not_a_field=1)
+    with pytest.raises(ValueError, match=f"{name}: missing required keyword argument {fields[0].name}"):
+        getattr(ext, name)()
 
 
 # ---------------------------------------------------------------------------------------------

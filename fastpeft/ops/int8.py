@@ -148,6 +148,11 @@ def _forward_kernels(backend, x2, w, sw, bias, threshold):
     return gemm(q, row_scale, w, sw, bias, x2.dtype, x=x2, col_flags=flags, cols=cols, count=count)
 
 
+# torch._int_mm on CUDA (cuBLASLt's int8 GEMM) needs more than this many rows, and K and N multiples
+# of 8; elsewhere the torch path computes the int32 sums exactly in float64.
+INT_MM_MIN_ROWS = 16
+
+
 def _torch_linear(x2, w, sw, bias, threshold, input_scale=None):
     """The torch path: the reference, with the int32 GEMM on torch._int_mm where it runs."""
     if input_scale is None:
@@ -157,7 +162,7 @@ def _torch_linear(x2, w, sw, bias, threshold, input_scale=None):
         q, cols = _static_codes_torch(x2, input_scale).to(torch.int8), None
         unit = input_scale.float().reshape(1, 1) * (sw[None, :] / ref.INT8_MAX)
     M, K = q.shape
-    if x2.device.type == "cpu" or (M > 16 and K % 8 == 0 and w.shape[0] % 8 == 0):
+    if x2.device.type == "cpu" or (M > INT_MM_MIN_ROWS and K % 8 == 0 and w.shape[0] % 8 == 0):
         acc = torch._int_mm(q, w.t())
     else:  # exact in float64: |acc| <= K * 127**2 < 2**53
         acc = q.double() @ w.double().t()
