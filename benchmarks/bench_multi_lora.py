@@ -94,9 +94,10 @@ def make_peft_model(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ranks: li
     base.weight = torch.nn.Parameter(W, requires_grad=False)
     cfg = lambda i: LoraConfig(r=ranks[i], lora_alpha=scalings[i] * ranks[i], target_modules=["proj"],
                                lora_dropout=0.0)
-    model = get_peft_model(_OneLinear(base), cfg(0), adapter_name="a0")
+    # autocast_adapter_dtype=False: the adapters stay in W's dtype (PEFT would make 16-bit ones float32)
+    model = get_peft_model(_OneLinear(base), cfg(0), adapter_name="a0", autocast_adapter_dtype=False)
     for i in range(1, len(ranks)):
-        model.add_adapter(f"a{i}", cfg(i))
+        model.add_adapter(f"a{i}", cfg(i), autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
     with torch.no_grad():
         for i, r in enumerate(ranks):

@@ -204,6 +204,7 @@ class Measured:
     timing: str | None = None
     warmup_s: float | None = None
     error: str | None = None
+    eager_error: str | None = None  # the eager timing of a graph-timed call failed (ms stands)
 
 
 def _reset(grads: Sequence[torch.Tensor] | None) -> None:
@@ -277,12 +278,20 @@ def measure(fn: Callable[[], Any], ctx: Context, *, graph: bool = False, eager_t
             except Interrupted:
                 raise
             except Exception as exc:
+                if ctx.interrupted:
+                    raise Interrupted("signal during a CUDA graph capture") from exc
                 ctx.sync(quiet=True)
                 out.timing = f"do_bench (CUDA graph capture failed: {short_error(exc, 160)})"
-        if out.ms is None or eager_too:
-            out.ms_eager = gpu_ms(fn, ctx, grad_to_none=grad_to_none)
-            if out.ms is None:
-                out.ms, out.timing = out.ms_eager, out.timing or "do_bench"
+        if out.ms is None:
+            out.ms = out.ms_eager = gpu_ms(fn, ctx, grad_to_none=grad_to_none)
+            out.timing = out.timing or "do_bench"
+        elif eager_too:
+            try:
+                out.ms_eager = gpu_ms(fn, ctx, grad_to_none=grad_to_none)
+            except Interrupted:
+                raise
+            except Exception as exc:
+                out.eager_error = _failed(ctx, exc)
     except Interrupted:
         raise
     except Exception as exc:
@@ -375,8 +384,10 @@ def use_graphs(ctx: Context, base: Callable[[Any], Any], sets: Sequence[Any]) ->
     """Time the base op (eagerly); CUDA graphs for the whole shape when it runs under
     GRAPH_BELOW_MS (where launch overhead would dominate an eager time). Returns (graphs?, the
     base's measurement)."""
+    if not ctx.cuda:  # no graphs on the CPU, and time_impls times the base with the others
+        return False, Measured()
     probe = measure(rotating(no_grad(base), sets), ctx)
-    return ctx.cuda and probe.ms is not None and probe.ms < GRAPH_BELOW_MS, probe
+    return probe.ms is not None and probe.ms < GRAPH_BELOW_MS, probe
 
 
 def compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], dname: str) -> dict:
@@ -404,6 +415,13 @@ def time_impls(ctx: Context, bench: str, op: str, mode: str, shape: dict, dname:
     """
     known = known or {}
     calls = {im.name: (im.fn if im.grads else no_grad(im.fn)) for im in impls if im.error is None}
+    leaves = {}
+    for im in impls:  # the leaves of every input set, for the timers to reset
+        if im.name in calls and im.grads:
+            try:
+                leaves[im.name] = [t for s in sets for t in im.grads(s)]
+            except Exception as exc:
+                leaves[im.name] = exc
     if not ctx.cuda:
         p0 = sets[0]
         timed = measure_together({im.name: ((lambda c=calls[im.name]: c(p0)), im.grads(p0) if im.grads else None)
@@ -415,10 +433,11 @@ def time_impls(ctx: Context, bench: str, op: str, mode: str, shape: dict, dname:
             m = Measured(error=im.error)
         elif im.name in known:
             m = known[im.name]
+        elif isinstance(leaves.get(im.name), Exception):
+            m = Measured(error=f"failed: {short_error(leaves[im.name])}")
         elif ctx.cuda:
             g = graph and im.capturable
-            m = measure(rotating(calls[im.name], sets), ctx, graph=g, eager_too=g,
-                        grad_to_none=[t for s in sets for t in im.grads(s)] if im.grads else None)
+            m = measure(rotating(calls[im.name], sets), ctx, graph=g, eager_too=g, grad_to_none=leaves.get(im.name))
         else:
             m = timed[im.name]
         if want and (im.check or report) and m.error is None:
@@ -430,8 +449,10 @@ def time_impls(ctx: Context, bench: str, op: str, mode: str, shape: dict, dname:
                     rec_extra.update(report(im, outputs))
             except Interrupted:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # a check that cannot run is no pass
                 rec_extra["note"] = f"check failed: {short_error(exc, 120)}"
+                if im.check:
+                    rec_extra["ok"] = False
         records.append(timing_record(bench, op, mode, shape, dname, im.name, im.role, m, flops=im.flops,
                                      bytes_=im.bytes, target=im.target, n_input_copies=len(sets), **rec_extra))
     return records
@@ -622,6 +643,7 @@ def timing_record(bench: str, op: str, mode: str, shape: dict, dtype: str, impl:
     rec = {"kind": "timing", "bench": bench, "op": op, "mode": mode, "shape": dict(shape),
            "shape_str": shape_str(shape), "dtype": dtype, "impl": impl, "role": role,
            "ms": m.ms, "ms_eager": m.ms_eager, "timing": m.timing, "warmup_s": m.warmup_s,
+           **({"eager_error": m.eager_error} if m.eager_error else {}),
            "flops": flops, "bytes": bytes_, "target": target, "error": error or m.error}
     rec.update(extra)
     return rec
@@ -652,16 +674,32 @@ def _target_text(t: dict | None) -> str:
     return ", ".join(parts)
 
 
+def _graphed(r: dict) -> bool:
+    return r.get("timing") == "cudagraph"
+
+
 def _speedup(ref: dict | None, r: dict) -> tuple[float | None, str | None]:
-    """ms(ref) / ms(r), like with like: when the reference could only be timed eagerly
-    (do_bench, e.g. it syncs with the host and cannot be captured) and r was timed in CUDA
-    graphs, r's eager time is used; the basis is returned then (None otherwise)."""
+    """ms(ref) / ms(r), like with like: when only one of them was timed in CUDA graphs (the
+    other could only be timed eagerly: it syncs with the host, or its capture failed), the
+    graph-timed one's eager time (``ms_eager``) is used; the basis is returned then (None
+    otherwise; no ratio when that eager time is missing)."""
     ms = r.get("ms")
-    if not ref or not ms:
+    if not ref or not ms or not ref.get("ms"):
         return None, None
-    if r.get("timing") == "cudagraph" and ref.get("timing") != "cudagraph" and r.get("ms_eager"):
-        return ref["ms"] / r["ms_eager"], "eager (the reference was not timed in CUDA graphs)"
-    return ref["ms"] / ms, None
+    if _graphed(r) == _graphed(ref):
+        return ref["ms"] / ms, None
+    ref_ms, r_ms = (ref["ms"], r.get("ms_eager")) if _graphed(r) else (ref.get("ms_eager"), ms)
+    if not ref_ms or not r_ms:
+        return None, None
+    return ref_ms / r_ms, "eager (one side could not be timed in CUDA graphs)"
+
+
+def _comparable_ms(recs: list[dict]) -> dict:
+    """id(record) -> the ms to rank ``recs`` by: their ms when all were timed alike, else the
+    eager times."""
+    if len({_graphed(r) for r in recs}) <= 1:
+        return {id(r): r["ms"] for r in recs}
+    return {id(r): r.get("ms_eager") or (r["ms"] if not _graphed(r) else math.inf) for r in recs}
 
 
 def finalize(records: list[dict], ceilings: dict) -> list[dict]:
@@ -672,14 +710,9 @@ def finalize(records: list[dict], ceilings: dict) -> list[dict]:
             groups.setdefault(_group_key(r), []).append(r)
     copy_gbps = ceilings.get("copy_gbps")
     for recs in groups.values():
-        def ms_of(role):
-            for r in recs:
-                if r["role"] == role and r.get("ms"):
-                    return r["ms"]
-            return None
         def rec_of(role):
             return next((r for r in recs if r["role"] == role and r.get("ms")), None)
-        base = ms_of("base")
+        base = rec_of("base")
         for r in recs:
             ms = r.get("ms")
             r["tflops"] = r["flops"] / ms / 1e9 if ms and r.get("flops") else None
@@ -691,10 +724,12 @@ def finalize(records: list[dict], ceilings: dict) -> list[dict]:
             if r["gbps"] and copy_gbps:
                 ideal.append(r["bytes"] / (copy_gbps * 1e6))
             r["sol"] = max(ideal) / ms if ideal and ms else None
-            r["ratio_vs_base"] = ms / base if ms and base else None
+            vs_base, basis_b = _speedup(base, r)
+            r["ratio_vs_base"] = 1 / vs_base if vs_base else None
             r["speedup_vs_unfused"], basis_u = _speedup(rec_of("unfused"), r)
             r["speedup_vs_peer"], basis_p = _speedup(rec_of("peer"), r)
-            for key, basis in (("speedup_vs_unfused_basis", basis_u), ("speedup_vs_peer_basis", basis_p)):
+            for key, basis in (("ratio_vs_base_basis", basis_b), ("speedup_vs_unfused_basis", basis_u),
+                               ("speedup_vs_peer_basis", basis_p)):
                 if basis:
                     r[key] = basis
             t = r.get("target")
@@ -718,12 +753,15 @@ def finalize(records: list[dict], ceilings: dict) -> list[dict]:
         # which fastpeft variant was fastest in this group (the "auto" record carries it)
         cands = ([r for r in recs if r["role"] == "variant" and r.get("ms")]
                  or [r for r in recs if r["role"] == "auto" and r.get("ms")])
+        autos = [r for r in recs if r["role"] == "auto" and r.get("ms")]
         if cands:
-            best = min(cands, key=lambda r: r["ms"])
+            rank = _comparable_ms(cands + [r for r in autos if r not in cands])
+            best = min(cands, key=lambda r: rank[id(r)])
             for r in recs:
                 if r["role"] == "auto":
                     r["fastest"] = best["impl"]
-                    r["auto_vs_fastest"] = r["ms"] / best["ms"] if r.get("ms") else None
+                    r["auto_vs_fastest"] = (rank[id(r)] / rank[id(best)] if r.get("ms") and rank[id(best)]
+                                            and math.isfinite(rank[id(r)]) else None)
     return records
 
 

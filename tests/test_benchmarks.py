@@ -134,11 +134,32 @@ def test_time_impls_reports_a_wrong_output():
 
     impls = [common.Impl("right", "auto", lambda _: x @ w.t()),
              common.Impl("wrong", "variant", lambda _: 1.01 * (x @ w.t())),
+             common.Impl("misshapen", "variant", lambda _: (x @ w.t())[:4]),
              common.Impl("crashes", "variant", broken),
              common.Impl("absent", "variant", error="unavailable: not here")]
     recs = {r["impl"]: r for r in common.time_impls(ctx, "t", "op", "fwd", {"M": 8}, "fp32", impls, [None],
                                                     want=want)}
     assert recs["right"]["ok"] is True and recs["right"]["ms"] > 0
     assert recs["wrong"]["ok"] is False and "WRONG" in recs["wrong"]["note"] and "y" in recs["wrong"]["note"]
+    assert recs["misshapen"]["ok"] is False and "check failed" in recs["misshapen"]["note"]
     assert recs["crashes"]["ms"] is None and "no kernel" in recs["crashes"]["error"]
     assert recs["absent"]["error"] == "unavailable: not here"
+
+
+def test_ratios_compare_like_with_like():
+    """When only one side of a ratio was timed in CUDA graphs, the graph-timed side's eager time is
+    used (and the record says so); the fastest variant is picked on one basis too."""
+    def rec(impl, role, ms, ms_eager=None, timing="do_bench"):
+        return common.timing_record("b", "op", "fwd", {"M": 1}, "bf16", impl, role,
+                                    common.Measured(ms=ms, ms_eager=ms_eager, timing=timing))
+
+    base = rec("base", "base", 1.0, 2.0, "cudagraph")
+    eager_variant = rec("v1", "variant", 3.0)  # its capture failed: eager only
+    graphed_variant = rec("v2", "variant", 1.5, 3.5, "cudagraph")
+    auto = rec("auto", "auto", 1.5, 3.5, "cudagraph")
+    peer = rec("peer", "peer", 7.0)  # syncs with the host: eager only
+    common.finalize([base, eager_variant, graphed_variant, auto, peer], {})
+    assert eager_variant["ratio_vs_base"] == pytest.approx(1.5) and "eager" in eager_variant["ratio_vs_base_basis"]
+    assert graphed_variant["ratio_vs_base"] == pytest.approx(1.5) and "ratio_vs_base_basis" not in graphed_variant
+    assert auto["speedup_vs_peer"] == pytest.approx(2.0) and "eager" in auto["speedup_vs_peer_basis"]
+    assert auto["fastest"] == "v1" and auto["auto_vs_fastest"] == pytest.approx(3.5 / 3.0)
