@@ -72,15 +72,6 @@ def run(ctx: common.Context) -> list[dict]:
 # shared pieces
 
 
-def _peft_status() -> tuple[bool, str]:
-    try:
-        import peft  # noqa: F401
-        from peft.tuners.lora import Linear  # noqa: F401
-        return True, f"peft {peft.__version__}"
-    except Exception as exc:
-        return False, f"not installed/failed: {common.short_error(exc)}"
-
-
 def make_peft_layer(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, r: int, alpha: float):
     """PEFT's LoRA Linear around an nn.Linear sharing ``weight`` (frozen), adapters = A, B."""
     import inspect
@@ -250,7 +241,7 @@ def run_gpu(ctx: common.Context) -> list[dict]:
     from fastpeft import _backend
     from fastpeft.ops import lora as lops
 
-    peft_ok, peft_why = _peft_status()
+    peft_ok, peft_why = common.peft_status()
     cuda_ok, cuda_why = _backend.cuda_ext_status()
     ctx.bench_meta["lora"] = {
         "peft": peft_why, "fastpeft._C": "importable" if cuda_ok else cuda_why,
@@ -292,7 +283,7 @@ CPU_TIMING_SHAPES = [(512, 1024, 1024, 16), (128, 1024, 2816, 8)]
 
 
 def run_cpu(ctx: common.Context) -> list[dict]:
-    peft_ok, peft_why = _peft_status()
+    peft_ok, peft_why = common.peft_status()
     ctx.bench_meta["lora"] = {"peft": peft_why, "note": "CPU timings are of the torch path only"}
     ctx.log("lora: CPU timings (fp32, torch path; torch.utils.benchmark medians)")
     records: list[dict] = []

@@ -68,15 +68,6 @@ def run(ctx: common.Context) -> list[dict]:
 # shared pieces
 
 
-def _peft_status() -> tuple[bool, str]:
-    try:
-        import peft
-        from peft import LoraConfig, get_peft_model  # noqa: F401
-        return True, f"peft {peft.__version__}"
-    except Exception as exc:
-        return False, f"not installed/failed: {common.short_error(exc)}"
-
-
 class _OneLinear(torch.nn.Module):
     def __init__(self, linear):
         super().__init__()
@@ -257,7 +248,7 @@ def run_gpu(ctx: common.Context) -> list[dict]:
     import fastpeft  # noqa: F401  (fails loudly here, recorded by the runner, if broken)
     from fastpeft.ops import multi_lora as mops
 
-    peft_ok, peft_why = _peft_status()
+    peft_ok, peft_why = common.peft_status()
     elt = 2
     base_b = flops_bytes("base", 64, K_IN, N_OUT, RANK, 0, elt)[1]
     ad_b = elt * 64 * RANK * (K_IN + N_OUT)
@@ -305,7 +296,7 @@ def _describe(p: dict) -> str:
 
 
 def run_cpu(ctx: common.Context) -> list[dict]:
-    peft_ok, peft_why = _peft_status()
+    peft_ok, peft_why = common.peft_status()
     ctx.bench_meta["multi_lora"] = {"peft": peft_why, "note": "CPU timings are of the torch path only"}
     ctx.log("multi_lora: CPU timings (fp32, torch path; torch.utils.benchmark medians)")
     records: list[dict] = []

@@ -549,6 +549,17 @@ def log_cpu_timings(ctx: Context, recs: list[dict]) -> None:
         ctx.log(f"  {shape} {dname} {mode}: {line}")
 
 
+def peft_status() -> tuple[bool, str]:
+    """Whether PEFT (the peer of the LoRA benches: its LoRA layer and get_peft_model) imports."""
+    try:
+        import peft
+        from peft import LoraConfig, get_peft_model  # noqa: F401
+        from peft.tuners.lora import Linear  # noqa: F401
+        return True, f"peft {peft.__version__}"
+    except Exception as exc:
+        return False, f"not installed/failed: {short_error(exc)}"
+
+
 def short_error(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "..."

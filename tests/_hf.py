@@ -1,5 +1,6 @@
 """Tiny Hugging Face models for the model-level tests (no download), and their fixtures."""
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -63,3 +64,15 @@ def train(model: nn.Module, x: torch.Tensor, steps: int, lr: float = 1e-2) -> tu
     with torch.no_grad():
         losses.append(model(x, labels=x).loss.item())
     return losses, grads
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A tiny random Llama, built once per test module."""
+    return tiny_llama()
+
+
+@pytest.fixture
+def fresh(base):
+    """Makes deep copies of ``base``: a model each test may change."""
+    return lambda: copy.deepcopy(base)

@@ -1,5 +1,4 @@
 """save_adapter / load_adapter: round trips, and Hugging Face PEFT files both ways."""
-import copy
 import json
 import os
 import warnings
@@ -13,18 +12,8 @@ from fastpeft import LoRALinear, inject_lora, load_adapter, save_adapter
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 peft = pytest.importorskip("peft")
-from _hf import tiny_llama, torch_backend  # noqa: E402,F401  (torch_backend: autouse fixture)
+from _hf import base, fresh, torch_backend  # noqa: E402,F401  (fixtures; torch_backend: autouse)
 from _utils import rel_err  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def base():
-    return tiny_llama()
-
-
-@pytest.fixture
-def fresh(base):
-    return lambda: copy.deepcopy(base)
 
 
 X = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))

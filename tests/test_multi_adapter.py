@@ -1,7 +1,6 @@
 """Several named LoRA adapters: LoRALinear.add/delete/set_adapter, the model-level helpers,
 load/save of named adapters, and mixed batches (fastpeft.adapter_batch) against per-sample
 runs, PEFT's adapter_names= batches and generate()."""
-import copy
 import math
 
 import pytest
@@ -16,7 +15,7 @@ from fastpeft.lora import lora_adapters, lora_state_dict, mark_only_lora_as_trai
 from _utils import assert_close, rel_err
 
 transformers = pytest.importorskip("transformers")
-from _hf import tiny_llama, torch_backend  # noqa: E402,F401  (torch_backend: autouse fixture)
+from _hf import base, fresh, torch_backend  # noqa: E402,F401  (fixtures; torch_backend: autouse)
 
 V = 128
 
@@ -213,16 +212,6 @@ ADAPTERS = {  # name -> (r, lora_alpha, target modules)
     "z": (16, 8, ["q_proj", "gate_proj", "up_proj"]),
 }
 NAMES = ["x", "__base__", "z", "y", "x"]
-
-
-@pytest.fixture(scope="module")
-def base():
-    return tiny_llama()
-
-
-@pytest.fixture
-def fresh(base):
-    return lambda: copy.deepcopy(base)
 
 
 def tokens(batch=len(NAMES), seq=7, seed=1):
