@@ -1,7 +1,8 @@
 // LLM.int8() kernels (fastpeft/reference/int8.py is the specification):
 //
 //   quant_rows:  row_scale[m] = max |x[m, k]| over the entries with |x| < t (all when t == 0)
-//                q[m, k]      = rint(x[m, k] * ((1 / row_scale[m]) * 127)), clamped to [-127, 127];
+//                q[m, k]      = rint((x[m, k] * L) * ((1 / (row_scale[m] * L)) * 127)), clamped to
+//                               [-127, 127]; L = 2^64 for rows with row_scale < 2^-64, else 1;
 //                               0 for outlier entries (|x| >= t, t > 0), NaN products and scale 0
 //                col_flags[k] = 1 where some |x[m, k]| >= t (atomicOr into a zeroed array: red.or,
 //                               fire and forget; outliers are rare)
@@ -32,6 +33,9 @@ namespace fastpeft {
 namespace {
 
 constexpr int kThreads = 256;  // 8 warps per block, both kernels
+// fastpeft.reference.int8.LIFT_BELOW and LIFT: 2^-64 and 2^64
+constexpr float kLiftBelow = 5.42101086242752217e-20f;
+constexpr float kLift = 18446744073709551616.0f;
 constexpr int64_t kMaxK = 133143;  // 127 * 127 * K < 2^31: the int32 accumulators cannot overflow
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -113,9 +117,11 @@ quant_rows_kernel(const T* __restrict__ x, int64_t s_xm, int64_t s_xk, int8_t* _
   const float scale = __uint_as_float(bits);
   if (!row_in) return;  // no barrier follows
   if (lane == 0) row_scale[m] = scale;
-  // as the reference computes it: torch's `127.0 / scale` is `scale.reciprocal() * 127` (two
-  // roundings), which decides ties such as 63.5 vs 63.49999; a NaN scale gives codes 0
-  const float inv = scale > 0.0f ? (1.0f / scale) * 127.0f : 0.0f;
+  // as the reference computes it: torch's `127.0 / (scale * lift)` is `(scale * lift).reciprocal()
+  // * 127` (two roundings), which decides ties such as 63.5 vs 63.49999; a NaN scale gives codes 0.
+  // lift: rows too small for a finite 127 / scale are scaled by an exact power of two first
+  const float lift = scale < kLiftBelow ? kLift : 1.0f;
+  const float inv = scale > 0.0f ? (1.0f / (scale * lift)) * 127.0f : 0.0f;
 
   // pass 2: the codes
   int8_t* qr = q + m * s_qm;
@@ -125,7 +131,7 @@ quant_rows_kernel(const T* __restrict__ x, int64_t s_xm, int64_t s_xk, int8_t* _
     uint32_t packed[(V + 3) / 4] = {};
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      packed[j / 4] |= code_byte(v[j], inv, outliers && fabsf(v[j]) >= threshold) << (8 * (j % 4));
+      packed[j / 4] |= code_byte(v[j] * lift, inv, outliers && fabsf(v[j]) >= threshold) << (8 * (j % 4));
     }
     if (V == 8) {
       *reinterpret_cast<uint2*>(qr + k) = make_uint2(packed[0], packed[V > 4 ? 1 : 0]);

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import int8 as _ref
 from . import _common
 from ._common import autotune_enabled as _autotune_enabled
 from ._common import dot as _dot
@@ -44,6 +45,8 @@ from ._common import tuning_bench as _tuning_bench
 from ._common import upcast as _upcast
 
 _QMAX = tl.constexpr(127.0)  # the largest int8 code: LLM.int8()'s symmetric range [-127, 127]
+_LIFT_BELOW = tl.constexpr(_ref.LIFT_BELOW)  # rows scaled by _LIFT first (see fastpeft.reference.int8)
+_LIFT = tl.constexpr(_ref.LIFT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,9 +66,9 @@ def _absmax_chunk(x, kk, K, FLAGS, threshold, HAS_THRESHOLD: tl.constexpr):
 
 
 @triton.jit
-def _codes_chunk(x, inv, threshold, HAS_THRESHOLD: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    """int8 codes of the fp32 chunk x: rint(x * inv) in [-127, 127]; 0 for NaN and outliers."""
-    v = x * inv[:, None]
+def _codes_chunk(x, lift, inv, threshold, HAS_THRESHOLD: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """int8 codes of the fp32 chunk x: rint((x * lift) * inv) in [-127, 127]; 0 for NaN and outliers."""
+    v = (x * lift[:, None]) * inv[:, None]
     v = tl.where(v == v, v, 0.0)  # NaN rows, 0 * inf
     if HAS_THRESHOLD:
         v = tl.where(tl.abs(x) >= threshold, 0.0, v)
@@ -102,20 +105,23 @@ def _quant_rows_kernel(
     scale = tl.where(nans > 0, float("nan"), amax)
     tl.store(SCALE + offs_m, scale, mask=mask_m)
 
-    # inv = 127 / scale exactly as torch evaluates the reference's `127.0 / row_scale`, which is
-    # reciprocal(row_scale) * 127 (two fp32 roundings); 0 for a zero or NaN scale
+    # inv = 127 / (scale * lift) exactly as torch evaluates the reference's `127.0 / (row_scale * lift)`,
+    # which is reciprocal(row_scale * lift) * 127 (two fp32 roundings); 0 for a zero or NaN scale;
+    # lift: the reference's exact power of two for rows too small for a finite 127 / scale
     pos = scale > 0
-    inv = tl.where(pos, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.where(pos, scale, 1.0)) * _QMAX, 0.0)
+    lift = tl.where(scale < _LIFT_BELOW, _LIFT, 1.0)
+    inv = tl.where(pos, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), tl.where(pos, scale * lift, 1.0)) * _QMAX,
+                   0.0)
     if ONE_CHUNK:
         tl.store(q_row + offs_k[None, :] * s_qk,
-                 _codes_chunk(x, inv, threshold, HAS_THRESHOLD, USE_LIBDEVICE), mask=mask)
+                 _codes_chunk(x, lift, inv, threshold, HAS_THRESHOLD, USE_LIBDEVICE), mask=mask)
     else:  # pass 2 reads the rows again (from cache)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask = mask_m[:, None] & (kk < K)[None, :]
             x = tl.load(x_row + kk[None, :] * s_xk, mask=mask, other=0.0).to(tl.float32)
             tl.store(q_row + kk[None, :] * s_qk,
-                     _codes_chunk(x, inv, threshold, HAS_THRESHOLD, USE_LIBDEVICE), mask=mask)
+                     _codes_chunk(x, lift, inv, threshold, HAS_THRESHOLD, USE_LIBDEVICE), mask=mask)
 
 
 @triton.jit

@@ -195,11 +195,12 @@ def int8_x(M, K, dtype, threshold, special=(), seed=0, device="cpu"):
     threshold > 0: three columns get entries of 1.2 .. 4 x threshold in a few rows, one entry is exactly
     the threshold (an outlier: |x| >= t) and one just below it (kept; it sets its row's scale).
     ``special`` (when M > 3; the outliers then go to rows >= 3): "zero" (row 0 all zeros), "nan"
-    (row 1 gets a NaN), "inf" (row 2 gets a -inf: an outlier when threshold > 0).
+    (row 1 gets a NaN), "inf" (row 2 gets a -inf: an outlier when threshold > 0), "tiny" (row 3
+    scaled by 1e-40: subnormal in fp32 and bf16, 127 / its scale overflows; zeros in fp16).
     """
     g = torch.Generator().manual_seed(seed * 7919 + M * 131 + K)
     x = torch.randn(M, K, generator=g)
-    first = 3 if special and M > 3 else 0
+    first = len(special) if special and M > len(special) else 0
     if threshold > 0 and K >= 3:
         cols = torch.randperm(K, generator=g)[:3]
         for c in cols.tolist():
@@ -216,6 +217,8 @@ def int8_x(M, K, dtype, threshold, special=(), seed=0, device="cpu"):
             x[1, K // 2] = float("nan")
         if "inf" in special:
             x[2, K // 3] = float("-inf")
+        if "tiny" in special:
+            x[3] *= 1e-40
     return x.to(device, dtype)
 
 
@@ -223,10 +226,7 @@ def int8_codes(x, threshold, row_scale):
     """The reference's codes before it zeroes the outlier columns (what the kernels write)."""
     xf = x.float().cpu()
     kept = xf.masked_fill(xf.abs() >= threshold, 0.0) if threshold > 0 else xf
-    rs = row_scale.cpu()
-    inv = torch.where(rs > 0, 127.0 / rs, torch.zeros_like(rs))
-    q = torch.round(kept * inv[:, None]).clamp_(-127, 127)
-    return torch.nan_to_num(q, nan=0.0).to(torch.int8)
+    return ref_int8.row_codes(kept, row_scale.cpu())
 
 
 def check_int8_quant(device, dtype, M, K, threshold, x_layout="contiguous", special=()):
@@ -669,7 +669,7 @@ QUANT_CASES = [
 ]
 
 
-INT8_SPECIAL = ("zero", "nan", "inf")
+INT8_SPECIAL = ("zero", "nan", "inf", "tiny")
 
 
 QUANT_SCHEMES = [(8, "absmax"), (8, "zeropoint"), (4, "absmax"), (4, "zeropoint")]

@@ -312,3 +312,44 @@ def test_module_errors():
     with pytest.raises(ValueError, match="num_channels=4"):
         fq(torch.randn(2, 5))
     assert "bits=8" in repr(fq)
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_batch_leaves_the_quantizer_as_it_was(learnable, bad):
+    """A NaN / inf batch raises before the observer's range (or the first-batch scale) changes:
+    the next good batch trains as if the bad one never came."""
+    g = torch.Generator().manual_seed(0)
+    good = torch.randn(4, 8, generator=g)
+    poisoned = good.clone()
+    poisoned[1, 3] = bad
+    fq, twin = (fastpeft.FakeQuantize(8, "zeropoint", learnable=learnable).train() for _ in range(2))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fq(poisoned)
+    assert torch.equal(fq(good), twin(good))
+    assert all(torch.equal(a, b) for a, b in zip(fq.state_dict().values(), twin.state_dict().values()))
+    layer = fastpeft.QATLinear(8, 3)
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        with torch.no_grad():
+            layer.weight[0, 0] = bad
+            layer(good)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    assert torch.isfinite(layer(good)).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_per_channel_on_one_dim_input(backend):
+    """1-D x with axis=0: one element per channel (the torch backward summed every channel into one)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, generator=g).requires_grad_()
+    scale = (torch.rand(12, generator=g) * 0.1 + 0.01).requires_grad_()
+    y = fastpeft.fake_quantize(x, scale, None, 8, "absmax", axis=0, backend=backend)
+    dy = torch.randn(12, generator=g)
+    dx, ds = torch.autograd.grad(y, [x, scale], dy)
+    wdx, wds, _ = rfq.fake_quantize_grads(x.detach(), scale.detach(), None, dy, 8, "absmax", 0, torch.float64)
+    assert torch.equal(y, rfq.fake_quantize(x.detach(), scale.detach(), None, 8, "absmax", 0))
+    assert torch.equal(dx, wdx) and ds.shape == (12,) and torch.allclose(ds.double(), wds, rtol=1e-5, atol=1e-8)
+    fq = fastpeft.FakeQuantize(8, "absmax", axis=0, num_channels=12, learnable=False).train()
+    assert fq(x.detach()).shape == (12,) and fq.scale.shape == (12,)

@@ -254,3 +254,24 @@ def test_quantize_int8_and_inject_lora_on_a_transformers_model():
             opt.step()
         changed = {n for n, t in qmodel.state_dict().items() if not torch.equal(t, before[n])}
         assert changed and all(".lora_" in n for n in changed)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("K", [0, 1])
+def test_one_or_no_input_feature(backend, K):
+    """K == 1 (torch._int_mm on the CPU returns wrong sums there, differing between runs) and
+    K == 0 (y is the bias): the reference's values, the same on every call, layer included."""
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(5, K, generator=g).to(DEVICE)
+    w_int8, w_scale = ref.quantize_weight(torch.randn(8, K, generator=g).to(DEVICE))
+    bias = torch.randn(8, generator=g).to(DEVICE)
+    want = ref.int8_linear(x.cpu(), w_int8.cpu(), w_scale.cpu(), bias.cpu())
+    for _ in range(3):
+        y = fastpeft.int8_linear(x, w_int8, w_scale, bias, threshold=0.0, backend=backend)
+        assert rel_err(y.cpu(), want.float()) <= 1e-6
+    lin = nn.Linear(K, 8).to(DEVICE)
+    layer = fastpeft.Int8Linear.from_linear(lin, threshold=0.0)
+    with _backend.use_backend(backend):
+        out = layer(x)
+    assert rel_err(out.cpu(), ref.int8_linear(x.cpu(), layer.weight_int8.cpu(), layer.weight_scale.cpu(),
+                                              lin.bias.detach().cpu()).float()) <= 1e-6

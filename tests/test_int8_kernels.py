@@ -50,9 +50,7 @@ def unzeroed_codes(x, threshold):
     out = ref.outlier_mask(xf, threshold)
     kept = xf if out is None else xf.masked_fill(out, 0.0)
     _, scale, _ = ref.int8_vectorwise_quant(x.cpu(), threshold)
-    inv = torch.where(scale > 0, ref.INT8_MAX / scale, torch.zeros_like(scale))
-    q = torch.round(kept * inv[:, None]).clamp_(-127, 127)
-    return torch.nan_to_num(q, nan=0.0).to(torch.int8)
+    return ref.row_codes(kept, scale)
 
 
 def check_quant(x, threshold):
@@ -131,11 +129,19 @@ def test_quant_rows_bad_rows_stay_in_their_row(dtype, threshold, poison_outputs)
 
 
 def test_quant_rows_tiny_scale(poison_outputs):
-    """A row of subnormals: 127 / scale overflows to inf; codes are +-127 and 0, as the reference."""
-    x = make_x(4, 37, torch.float32, outliers=False)
+    """Rows of subnormals and of tiny normals (127 / scale would overflow to inf, making every code
+    +-127): the codes of the exact quotients, as the reference."""
+    x = make_x(5, 37, torch.float32, outliers=False)
     x[2] = x[2] * 1e-40
     x[2, 4] = 0.0
+    x[3] = x[3] * 1e-37
+    x[4] = x[4] * 2.0**-64  # at the lifting bound
     check_quant(x, 0.0)
+    q, scale, _ = k.quant_rows(x, 0.0)
+    exact = torch.round(x.double().cpu() * 127 / scale.double().cpu()[:, None])
+    assert (q.cpu().double() - exact).abs().max() <= 1  # two fp32 roundings of the quotient: ties may differ
+    assert q[2, 4] == 0 and (q[2:].abs().amax(dim=1) == 127).all()
+    assert (q[2:].abs() < 127).any(dim=1).all(), "not every nonzero code saturates"
 
 
 def test_quant_rows_row_strided_input(poison_outputs):

@@ -249,3 +249,13 @@ def test_partial_gradients(backend, wants, poison_outputs):
             assert_close(name, t.grad, leaf.grad, torch.float32)
         else:
             assert t.grad is None
+
+
+def test_dropout_p_checked_when_not_training():
+    """An impossible dropout_p is an error in eval mode too (it was silently ignored)."""
+    x, w, b, A, B = make(3, 8, 5, 2, torch.float32)
+    for p in (1.5, -0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="dropout_p"):
+            fastpeft.lora_linear(x, w, b, A, B, 0.5, p, training=False)
+        with pytest.raises(ValueError, match="dropout_p"):
+            fastpeft.ops.lora_update(x, A, B, 0.5, p, training=False)

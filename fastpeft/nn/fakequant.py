@@ -9,6 +9,10 @@ from ..ops.fakequant import BITS, fake_quantize
 from ..reference.quant import SCHEMES, compute_qparams
 
 
+def _nonfinite_batch() -> str:
+    return "x contains NaN or inf: the quantizer's range was not updated from this batch"
+
+
 class FakeQuantize(nn.Module):
     """y = fastpeft.fake_quantize(x, scale, zero_point, bits, scheme, axis).
 
@@ -88,17 +92,23 @@ class FakeQuantize(nn.Module):
         if self.axis is None:
             return x.amin(), x.amax()
         dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
+        if not dims:  # 1-D: one element per channel (amin(dim=[]) would reduce everything)
+            return x, x
         return x.amin(dim=dims), x.amax(dim=dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_channels(x)
-        if x.numel() and (not self.learnable and self.training):
+        observe = not self.learnable and self.training
+        if x.numel() and (observe or not self._initialized):
             lo, hi = self._minmax(x)
-            self.min_val.copy_(torch.minimum(self.min_val, lo))
-            self.max_val.copy_(torch.maximum(self.max_val, hi))
-            self._set_qparams(self.min_val, self.max_val)
-        elif x.numel() and not self._initialized:
-            self._set_qparams(*self._minmax(x))
+            # the state changes only after the batch passed: a NaN or inf batch raises here and leaves
+            # the observed range (or the uninitialized scale) as it was
+            _checks.check_values(torch.isfinite(lo) & torch.isfinite(hi), _nonfinite_batch)
+            if observe:
+                lo, hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+                self.min_val.copy_(lo)
+                self.max_val.copy_(hi)
+            self._set_qparams(lo, hi)
         zp = self.zero_point if self.scheme == "zeropoint" else None
         return fake_quantize(x, self.scale, zp, self.bits, self.scheme, self.axis)
 

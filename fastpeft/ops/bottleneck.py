@@ -19,7 +19,7 @@ import torch
 
 from .. import _backend, _checks
 from ..reference import bottleneck as ref
-from ._common import on_device, rows
+from ._common import building_graph, on_device, rows, vjp_with_graph
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "bottleneck_adapter"
@@ -121,16 +121,19 @@ class BottleneckAdapterFunction(torch.autograd.Function):
         with below_autograd():
             y = call(bottleneck_adapter_op, direct, x, down_weight, down_bias, up_weight, up_bias, activation,
                      scaling, backend)
-        ctx.save_for_backward(x, down_weight, down_bias, up_weight)
+        ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias)
         ctx.cfg = (activation, scaling, backend, direct)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, wd, bd, wu = ctx.saved_tensors
+        x, wd, bd, wu, bu = ctx.saved_tensors
         activation, scaling, backend, direct = ctx.cfg
         need_x, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:5]
+        if building_graph():  # create_graph: the reference's gradients, recorded
+            grads = vjp_with_graph(lambda *t: ref.bottleneck_adapter(*t, activation, scaling), (x, wd, bd, wu, bu),
+                                   ctx.needs_input_grad[:5], dy)
+            return (*grads, None, None, None, None)
         need_w = need_wd or need_bd or need_wu or need_bu
         with below_autograd():
             dx, dwd, dbd, dwu, dbu = call(bottleneck_adapter_backward_op, direct and still_eager(), x, dy, wd, bd, wu,

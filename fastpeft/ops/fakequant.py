@@ -15,7 +15,7 @@ import torch
 from .. import _backend, _checks
 from ..reference import fakequant as ref
 from ..reference.quant import SCHEMES, qrange
-from ._common import on_device
+from ._common import building_graph, on_device
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "fake_quantize"
@@ -122,13 +122,15 @@ class FakeQuantizeFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, scale, zero_point = ctx.saved_tensors
         bits, scheme, axis, backend, direct = ctx.cfg
-        with below_autograd():
-            dx, ds, dz = call(fake_quantize_backward_op, direct and still_eager(), x, dy, scale, zero_point, bits,
-                              scheme, axis, backend)
+        if building_graph():  # create_graph: the torch backend's formulas, recorded
+            dx, ds, dz = ref.fake_quantize_grads(x, scale, zero_point, dy, bits, scheme, axis)
+        else:
+            with below_autograd():
+                dx, ds, dz = call(fake_quantize_backward_op, direct and still_eager(), x, dy, scale, zero_point,
+                                  bits, scheme, axis, backend)
         need_x, need_s, need_z = ctx.needs_input_grad[:3]
         return (dx if need_x else None, ds.to(scale.dtype) if need_s else None,
                 dz.to(zero_point.dtype) if (need_z and zero_point is not None) else None,

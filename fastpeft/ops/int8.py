@@ -19,7 +19,7 @@ import torch
 from .. import _backend, _checks
 from ..reference import int8 as ref
 from ..reference import quant as ref_quant
-from ._common import on_device, rows
+from ._common import building_graph, dense, on_device, rows
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "int8_linear"
@@ -153,6 +153,14 @@ def _forward_kernels(backend, x2, w, sw, bias, threshold):
 INT_MM_MIN_ROWS = 16
 
 
+def _int_mm_exact(M: int, K: int, N: int, device: torch.device) -> bool:
+    """Whether torch._int_mm computes this [M, K] x [K, N] product (else: float64, exact). On the
+    CPU it returns wrong sums, changing between runs, for K == 1 (torch 2.13; any M and N > 1)."""
+    if device.type == "cpu":
+        return K > 1
+    return M > INT_MM_MIN_ROWS and K % 8 == 0 and N % 8 == 0
+
+
 def _torch_linear(x2, w, sw, bias, threshold, input_scale=None):
     """The torch path: the reference, with the int32 GEMM on torch._int_mm where it runs."""
     if input_scale is None:
@@ -162,7 +170,7 @@ def _torch_linear(x2, w, sw, bias, threshold, input_scale=None):
         q, cols = _static_codes_torch(x2, input_scale).to(torch.int8), None
         unit = input_scale.float().reshape(1, 1) * (sw[None, :] / ref.INT8_MAX)
     M, K = q.shape
-    if x2.device.type == "cpu" or (M > INT_MM_MIN_ROWS and K % 8 == 0 and w.shape[0] % 8 == 0):
+    if _int_mm_exact(M, K, w.shape[0], x2.device):
         acc = torch._int_mm(q, w.t())
     else:  # exact in float64: |acc| <= K * 127**2 < 2**53
         acc = q.double() @ w.double().t()
@@ -184,6 +192,8 @@ def _linear_kernel(x, weight_int8, weight_scale, bias, threshold, input_scale, b
         y = ref.int8_linear(x2, weight_int8, weight_scale, bias, threshold)
     else:
         with on_device(x2):
+            if name != "torch":  # the kernels read these by index
+                weight_scale, bias = dense(weight_scale), dense(bias)
             if name == "torch":
                 y = _torch_linear(x2, weight_int8, weight_scale, bias, threshold, input_scale)
             elif input_scale is not None:
@@ -198,13 +208,18 @@ def _grad_input_kernel(dy, weight_int8, weight_scale, backend):
     dy2 = rows(dy)
     K = weight_int8.shape[1]
     name = _backend.choose(OP, dy.device, KERNELS, backend)
-    if name == "triton" and dy2.shape[0] and K:
-        from ..kernels import int8 as k
-        with on_device(dy2):
-            dx = k.dequant_matmul(dy2, weight_int8, weight_scale)
-    else:
-        dx = (dy2.float() @ ref.dequantize_weight(weight_int8, weight_scale)).to(dy.dtype)
+    if name != "triton" or dy2.shape[0] == 0 or K == 0:
+        return _grad_input_torch(dy, weight_int8, weight_scale)
+    from ..kernels import int8 as k
+    with on_device(dy2):
+        dx = k.dequant_matmul(dy2, weight_int8, dense(weight_scale))
     return dx.reshape(*dy.shape[:-1], K)
+
+
+def _grad_input_torch(dy, weight_int8, weight_scale):
+    """dx = dy @ W_deq in dy's dtype by torch ops (a float32 product), which autograd records."""
+    dx = rows(dy).float() @ ref.dequantize_weight(weight_int8, weight_scale)
+    return dx.to(dy.dtype).reshape(*dy.shape[:-1], weight_int8.shape[1])
 
 
 int8_linear_op = define(
@@ -231,13 +246,14 @@ class Int8LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         w, sw = ctx.saved_tensors
         backend, has_bias, direct = ctx.cfg
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         dx = db = None
-        if need_x:
+        if need_x and building_graph():  # create_graph: dx, linear in dy, by recorded torch ops
+            dx = _grad_input_torch(dy, w, sw)
+        elif need_x:
             with below_autograd():
                 dx = call(int8_linear_grad_input_op, direct and still_eager(), dy, w, sw, backend)
         if need_b and has_bias:

@@ -24,12 +24,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import _backend, _checks
 from ..reference import lora as ref
 from ..reference.dropout import dropout_2d
-from ._common import on_device, rows
+from ._common import building_graph, dense, on_device, rows, vjp_with_graph
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "lora_linear"
@@ -155,7 +154,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend,
     else:
         fuse = name == "triton" and _fuse_shrink(M, lora_A.shape[0], fuse_shrink)
         with on_device(x2):
-            y, u = _KERNEL_IMPL[name][0](x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fuse)
+            y, u = _KERNEL_IMPL[name][0](x2, weight, dense(bias), lora_A, lora_B, scaling, dropout_p, seed, fuse)
     return y.reshape(*x.shape[:-1], N), u
 
 
@@ -220,17 +219,25 @@ class LoRALinearFunction(torch.autograd.Function):
             y, u = call(lora_linear_fwd_op, direct, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
                         backend, fuse_shrink)
         need_A, need_B = ctx.needs_input_grad[3:5]
-        ctx.save_for_backward(x if need_A else None, weight, lora_A, lora_B, u if need_B else None, seed)
-        ctx.cfg = (scaling, dropout_p, backend, fuse_shrink, bias is not None, direct)
+        # x: for dA, and for a differentiated dB (U's x); without them no gradient depends on x
+        ctx.save_for_backward(x if need_A or need_B else None, weight, bias, lora_A, lora_B, u if need_B else None,
+                              seed)
+        ctx.cfg = (scaling, dropout_p, backend, fuse_shrink, bias is not None, direct, x.shape, x.dtype)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-        scaling, p, backend, fuse_shrink, has_bias, direct = ctx.cfg
+        x, weight, bias, lora_A, lora_B, u, seed = ctx.saved_tensors
+        scaling, p, backend, fuse_shrink, has_bias, direct, x_shape, x_dtype = ctx.cfg
         direct = direct and still_eager()
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        if building_graph():  # create_graph: the torch path's gradients, recorded (y is affine in x, so
+            # without a saved x any x of its shape gives the same derivatives: zeros stand in)
+            if x is None:
+                x = torch.zeros(x_shape, dtype=x_dtype, device=dy.device, requires_grad=need_x)
+            grads = vjp_with_graph(lambda *t: _torch_lora(*t, scaling, p, seed)[0],
+                                   (x, weight, bias, lora_A, lora_B), (need_x, False, need_b, need_A, need_B), dy)
+            return (*grads, None, None, None, None, None, None)
         dx = v = dA = dB = db = None
         N = weight.shape[0]
         with below_autograd():
@@ -340,7 +347,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     device = _validate(x, weight, bias, lora_A, lora_B)
     scaling = _checks.finite_float("scaling", scaling)
-    p = _checks.probability("dropout_p", dropout_p) if training else 0.0
+    p = _checks.probability("dropout_p", dropout_p)  # checked when not training too: wrong either way
+    p = p if training else 0.0
     if backend is not None:
         _backend.check_name(backend)
     A, B = lora_A, lora_B
@@ -383,7 +391,8 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
         _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B)
     device = x.device
     scaling = _checks.finite_float("scaling", scaling)
-    p = _checks.probability("dropout_p", dropout_p) if training else 0.0
+    p = _checks.probability("dropout_p", dropout_p)  # checked when not training too: wrong either way
+    p = p if training else 0.0
     A, B = (lora_A, lora_B) if lora_A.dtype == x.dtype else (lora_A.to(x.dtype), lora_B.to(x.dtype))
     seed_t = _dropout_seed(device, p, seed)
     return ref.lora_update(x, A, B, scaling, p, 0 if seed_t is None else seed_t)

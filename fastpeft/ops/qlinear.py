@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .. import _backend, _checks
 from ..reference import int8 as ref_int8
 from ..reference import quant as ref_quant
-from ._common import on_device, rows
+from ._common import dense, on_device, rows
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 from .quant import QuantizedTensor, dequantize_op, torch_dequantize
 
@@ -109,6 +109,8 @@ def _linear_kernel(x, data, scale, zero_point, bits, scheme, axis, group_size, b
         y = _torch_linear(x2, *w_args, bias)
     else:
         with on_device(x2):
+            if name != "torch":  # the kernels read these by index
+                data, scale, zero_point, bias = dense(data), dense(scale), dense(zero_point), dense(bias)
             if activations is None:
                 y = _torch_linear(x2, *w_args, bias) if name == "torch" else \
                     _kernel_linear(x2, data, scale, zero_point, bits, scheme, group_size, bias)
@@ -143,8 +145,7 @@ class QuantLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy):  # dx and db are torch ops on dy: recorded under create_graph
         data, scale, zero_point = ctx.saved_tensors
         bits, scheme, axis, group_size, K, backend, has_bias, direct = ctx.cfg
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[8]

@@ -97,9 +97,9 @@ def fake_quantize_grads(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     dz_e = d * torch.where(inside, torch.zeros_like(d), -s.to(acc_dtype).expand_as(d))
     if axis is None:
         ds, dz = ds_e.sum(), dz_e.sum()
-    else:
-        dims = [i for i in range(x.dim()) if i != axis]
-        ds, dz = ds_e.sum(dim=dims), dz_e.sum(dim=dims)
+    else:  # (a 1-D x has one element per slot: nothing to sum; sum(dim=[]) would sum everything)
+        dims = [i for i in range(x.dim()) if i != axis % x.dim()]
+        ds, dz = (ds_e.sum(dim=dims), dz_e.sum(dim=dims)) if dims else (ds_e, dz_e)
     if scheme == "absmax":
         dz = torch.zeros_like(dz)
     return dx, (ds * g).reshape(scale.shape), (dz * g).reshape(scale.shape)

@@ -23,7 +23,7 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
                 dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """The low-rank term alone: scaling * (dropout(x) A^T) B^T, x: [..., in] -> [..., out]."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])  # (-1 is ambiguous when x is empty)
     u = F.linear(dropout_2d(x2, dropout_p, seed), lora_A)
     return (scaling * F.linear(u, lora_B)).reshape(*lead, lora_B.shape[0])
 
