@@ -107,9 +107,10 @@ def check_values(ok: torch.Tensor, message, exc: type = ValueError) -> None:
     CPU tensors: read at once; raises ``exc(message())``. CUDA tensors: an asynchronous
     device-side assertion (``torch._assert_async``): no host sync, allowed in CUDA-graph capture;
     a failure surfaces as a CUDA error ("device-side assert triggered") at the next
-    synchronization, as PyTorch's own index checks do. Call it inside an op's kernel, never in
-    code that torch.compile traces (a value read there would break the graph)."""
-    if ok.device.type == "cuda":
-        torch._assert_async(ok.all(), "fastpeft: an input value check failed (run on the CPU for the message)")
+    synchronization, as PyTorch's own index checks do. In code torch.compile traces, the same
+    assertion is a graph node on every device (a value read would break the graph): a failure
+    raises a RuntimeError when the graph runs."""
+    if ok.device.type == "cuda" or torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), "fastpeft: an input value check failed (run eagerly on the CPU for the message)")
     elif not bool(ok.all()):  # host memory: no device to wait for
         raise exc(message())

@@ -333,3 +333,18 @@ def test_cuda_registrations_trace_on_fake_cuda_tensors(name):
     out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
     out = out[0] if isinstance(out, (list, tuple)) else out
     assert out.meta["val"].device.type == "cuda" and tuple(out.meta["val"].shape) == (3, 5, 32)
+
+
+def test_compiled_observer_refuses_a_nonfinite_batch_and_keeps_its_state():
+    """The batch check is a graph node under torch.compile (no graph break): a NaN batch raises
+    when the graph runs, and the observed range and scale stay those of the good batches."""
+    fq = fastpeft.FakeQuantize(8, "zeropoint", learnable=False).train()
+    compiled = torch.compile(fq, fullgraph=True)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    compiled(x)
+    state = {k: v.clone() for k, v in fq.state_dict().items()}
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="value check failed"):
+        compiled(bad)
+    assert all(torch.equal(v, fq.state_dict()[k]) for k, v in state.items())
