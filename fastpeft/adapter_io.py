@@ -31,7 +31,7 @@ from torch import nn
 from . import _checks
 from .lora import (BASE_TYPES, active_adapters, adaptable_names, add_adapter_to, lora_adapters, lora_modules,
                    mark_only_lora_as_trainable, replace_with_lora)
-from .modules import ALL_LINEAR, name_matches, output_layer_name
+from .modules import ALL_LINEAR, Pattern, compile_regex, name_matches, output_layer_name, regex_match
 from .nn.lora import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, lora_scaling
 from .prompt_tuning import TASK_TYPES as PROMPT_TASK_TYPES
 from .prompt_tuning import DEFAULT_MODULES_TO_SAVE, add_prompt_tuning, get_prompt_tuning, input_embeddings
@@ -69,6 +69,11 @@ def _safetensors():
 # peft.utils.other.get_pattern_key
 
 
+def _what(value, field: str) -> str:
+    """Where a pattern came from (a validated config's Pattern knows its field and file)."""
+    return getattr(value, "what", f"adapter config {field}")
+
+
 def _layer_index_ok(config: dict, name: str) -> bool:
     layers = config.get("layers_to_transform")
     if layers is None or (isinstance(layers, list) and not layers):
@@ -79,7 +84,8 @@ def _layer_index_ok(config: dict, name: str) -> bool:
     else:
         match = None
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = regex_match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name, _what(pattern, "layers_pattern"),
+                                full=False)
             if match:
                 break
     if not match:
@@ -95,7 +101,8 @@ def _excluded(config: dict, name: str) -> bool:
 
 def peft_matches(config: dict, name: str) -> bool:
     """Whether PEFT would put LoRA on the module called ``name`` under ``config``
-    (target_modules as a list or regex, exclude_modules, layers_to_transform / layers_pattern)."""
+    (target_modules as a list or regex, exclude_modules, layers_to_transform / layers_pattern).
+    Regexes are matched with their work bounded (``fastpeft.modules.regex_match``)."""
     targets = config["target_modules"]
     if _excluded(config, name) or not name_matches(name, targets):
         return False
@@ -104,13 +111,10 @@ def peft_matches(config: dict, name: str) -> bool:
 
 def pattern_value(pattern: dict | None, name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key K with
-    re.match(rf"(.*\\.)?({K})$", name), else ``default``."""
+    re.match(rf"(.*\\.)?({K})$", name), else ``default`` (the work of each match bounded)."""
     for key, value in (pattern or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error as e:
-            raise ValueError(f"rank_pattern/alpha_pattern key {key!r} is not a valid regex: {e}") from None
+        if regex_match(rf"(.*\.)?({key})$", name, _what(key, "rank_pattern/alpha_pattern key"), full=False):
+            return value
     return default
 
 
@@ -302,10 +306,181 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, task_type: s
 
 
 # ---------------------------------------------------------------------------------------------
-# load
+# load: everything in an adapter directory is untrusted input, checked before the model is touched
 
 
-def _read(directory: str) -> tuple[dict, dict]:
+def _json_type(value) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "an object", type(None): "null"}
+    shown = repr(value)
+    return f"{shown if len(shown) <= 80 else shown[:80] + '...'} ({names.get(type(value), type(value).__name__)})"
+
+
+_REQUIRED = object()  # a field without a default
+
+
+class _Fields:
+    """Typed reads of an adapter_config.json: a wrong type raises TypeError, a wrong value
+    ValueError, each naming the field and the file (``where``). A missing field or null takes the
+    default, as in PEFT's config classes."""
+
+    def __init__(self, config: dict, where: str):
+        self.config, self.where = config, where
+
+    def fail(self, exc: type, field: str, text: str):
+        raise exc(f"load_adapter: {self.where}: field {field!r} {text}")
+
+    def get(self, field: str, default=None):
+        value = self.config.get(field)
+        return default if value is None else value
+
+    def flag(self, field: str, default: bool = False) -> bool:
+        value = self.get(field, default)
+        if not isinstance(value, bool):
+            self.fail(TypeError, field, f"must be true or false (a JSON boolean), got {_json_type(value)}")
+        return value
+
+    def integer(self, field: str, default: int | None | object = _REQUIRED, minimum: int = 1) -> int | None:
+        value = self.get(field, default)
+        if value is _REQUIRED:
+            self.fail(ValueError, field, "is missing")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(TypeError, field, f"must be an integer, got {_json_type(value)}")
+        if value < minimum:
+            self.fail(ValueError, field, f"must be >= {minimum}, got {value}")
+        return value
+
+    def number(self, field: str, default: float, low: float = -math.inf, high: float = math.inf) -> float:
+        """A finite number in [low, high) (JSON's NaN and Infinity, which Python writes, are refused)."""
+        value = self.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(TypeError, field, f"must be a number, got {_json_type(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not (math.isfinite(number) and low <= number < high):
+            bounds = "" if (low, high) == (-math.inf, math.inf) else f" in [{low:g}, {high:g})"
+            self.fail(ValueError, field, f"must be a finite number{bounds}, got {_json_type(value)}")
+        return value
+
+    def text(self, field: str, default: str | None = None) -> str | None:
+        value = self.get(field, default)
+        if value is not None and not isinstance(value, str):
+            self.fail(TypeError, field, f"must be a string or null, got {_json_type(value)}")
+        return value
+
+    def names(self, field: str) -> list[str] | None:
+        """null, or module names: a string (one name) or a list of non-empty strings."""
+        value = self.config.get(field)
+        if isinstance(value, str):
+            value = [value]
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            self.fail(TypeError, field, f"must be a module name, a list of module names or null, "
+                                        f"got {_json_type(self.config.get(field))}")
+        if value is not None and not all(value):
+            self.fail(ValueError, field, "must not hold an empty module name")
+        return value
+
+    def targets(self, field: str, regex: str = "{}") -> Pattern | list[str] | None:
+        """PEFT's target_modules / exclude_modules / layers_pattern: null, a regex string (embedded
+        in a larger one as ``regex`` shows, which must compile) or a list of module names (PEFT's
+        sets are written as lists; for layers_pattern each entry is a regex too)."""
+        value = self.config.get(field)
+        what = f"load_adapter: {self.where}: field {field!r}"
+        if isinstance(value, str):
+            compile_regex(regex.format(value), what)
+            return Pattern(value, what)
+        if value is None or isinstance(value, list) and not value:
+            return value
+        if not isinstance(value, list):
+            self.fail(TypeError, field, f"must be a regex string, a list of module names or null, "
+                                        f"got {_json_type(value)}")
+        names = self.names(field)
+        for name in names if regex != "{}" else ():
+            compile_regex(regex.format(name), what)
+        return [Pattern(name, what) for name in names] if regex != "{}" else names
+
+    def layers(self, field: str) -> int | list[int] | None:
+        value = self.config.get(field)
+        entries = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in entries):
+            self.fail(TypeError, field, f"must be a layer index, a list of layer indices or null, "
+                                        f"got {_json_type(value)}")
+        if value is not None and any(v < 0 for v in entries):
+            self.fail(ValueError, field, f"must hold layer indices >= 0, got {_json_type(value)}")
+        return value
+
+    def pattern_map(self, field: str, kind: str) -> dict:
+        """PEFT's rank_pattern / alpha_pattern: an object from regex keys (matched as
+        re.match(rf"(.*\.)?({key})$", name)) to values of ``kind``: "integer" (> 0) or "number"."""
+        value = self.get(field, {})
+        if not isinstance(value, dict):
+            self.fail(TypeError, field, f"must be an object (module pattern -> value) or null, got {_json_type(value)}")
+        out = {}
+        for key, v in value.items():
+            what = f"load_adapter: {self.where}: field {field!r} key {key!r}"
+            compile_regex(rf"(.*\.)?({key})$", what)
+            label = f"{field}[{key!r}]"
+            if v is None:
+                self.fail(TypeError, label, f"must be {'an integer' if kind == 'integer' else 'a number'}, got null")
+            entry = _Fields({label: v}, self.where)
+            out[Pattern(key, what)] = entry.integer(label) if kind == "integer" else entry.number(label, 0)
+        return out
+
+
+MAX_CONFIG_BYTES = 16 << 20  # adapter_config.json files take kilobytes; ours list every adapted path at most
+BOOL_FIELDS = ("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora")  # UNSUPPORTED_FIELDS that are flags
+
+
+def _read_config(path: str) -> dict:
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"load_adapter: {path!r} has {size} bytes; an adapter config is refused above "
+                         f"{MAX_CONFIG_BYTES}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except RecursionError:
+        raise ValueError(f"load_adapter: {path!r} nests JSON values too deeply") from None
+    except ValueError as e:  # not UTF-8, not JSON, an integer of too many digits
+        raise ValueError(f"load_adapter: {path!r} is not a valid JSON file: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"load_adapter: {path!r} does not hold a JSON object (got {_json_type(config)})")
+    return config
+
+
+def _read_weights(directory: str) -> tuple[dict, str]:
+    """The tensors of the adapter's weights file, loaded as data only (safetensors, or a torch file
+    read with weights_only=True: no pickled code runs), and its path."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        def read():
+            return _safetensors().load_file(path, device="cpu")
+    elif os.path.isfile(os.path.join(directory, LEGACY_WEIGHTS_NAME)):
+        path = os.path.join(directory, LEGACY_WEIGHTS_NAME)
+
+        def read():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"load_adapter: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} "
+                                f"found in {directory!r}")
+    try:
+        state = read()
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # the file's own parser refused it (truncated, corrupt): whatever it raises
+        raise ValueError(f"load_adapter: {path!r} is not a readable weights file: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"load_adapter: {path!r} does not map names to tensors")
+    return state, path
+
+
+def _read(directory: str) -> tuple[dict, dict, str, str]:
+    """(config, tensors, config path, weights path) of an adapter directory."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"load_adapter: adapter directory {directory!r} does not exist"
                                 if not os.path.exists(directory) else
@@ -313,61 +488,71 @@ def _read(directory: str) -> tuple[dict, dict]:
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"load_adapter: {config_path!r} not found")
-    with open(config_path) as f:
-        config = json.load(f)
-    if not isinstance(config, dict):
-        raise ValueError(f"load_adapter: {config_path!r} does not hold a JSON object")
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
-    if os.path.isfile(weights):
-        state = _safetensors().load_file(weights, device="cpu")
-    elif os.path.isfile(legacy):
-        state = torch.load(legacy, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"load_adapter: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} "
-                                f"found in {directory!r}")
-    return config, state
+    config = _read_config(config_path)
+    state, weights_path = _read_weights(directory)
+    return config, state, config_path, weights_path
 
 
-def check_config(config: dict) -> None:
-    """Raise for a config that is not plain LoRA on linear layers (naming the field)."""
+def check_config(config: dict, where: str = "adapter config") -> dict:
+    """The fields of a PEFT LoraConfig that fastpeft uses, each checked (type, range; regexes
+    compile), as a dict: r, lora_alpha, lora_dropout, use_rslora, target_modules,
+    exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern. Raises,
+    naming the field and ``where``, for a wrong type or value (TypeError / ValueError) and for a
+    config that is not plain LoRA on linear layers (NotImplementedError)."""
+    fields = _Fields(config, where)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"peft_type must be 'LORA' or 'PROMPT_TUNING', got {config.get('peft_type')!r}")
+        raise ValueError(f"load_adapter: {where}: field 'peft_type' must be 'LORA' or 'PROMPT_TUNING', "
+                         f"got {_json_type(config.get('peft_type'))}")
     for field in UNSUPPORTED_FIELDS:
-        if config.get(field):
-            raise NotImplementedError(f"adapter config field {field}={config[field]!r} is not "
-                                      f"supported by fastpeft (plain LoRA only)")
-    if config.get("bias", "none") != "none":
-        raise NotImplementedError(f"adapter config field bias={config['bias']!r} is not supported "
+        if fields.flag(field) if field in BOOL_FIELDS else config.get(field):
+            raise NotImplementedError(f"load_adapter: {where}: adapter config field {field}={config[field]!r} "
+                                      f"is not supported by fastpeft (plain LoRA only)")
+    bias = fields.text("bias", "none")
+    if bias != "none":
+        raise NotImplementedError(f"load_adapter: {where}: adapter config field bias={bias!r} is not supported "
                                   f"(only 'none')")
-    init = config.get("init_lora_weights", True)
+    init = fields.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        fields.fail(TypeError, "init_lora_weights", f"must be true, false or a method name, got {_json_type(init)}")
     if init not in PLAIN_INITS:
-        raise NotImplementedError(f"adapter config field init_lora_weights={init!r} is not supported: "
-                                  f"it changes the base weights or the layer (supported: {PLAIN_INITS})")
+        raise NotImplementedError(f"load_adapter: {where}: adapter config field init_lora_weights={init!r} is not "
+                                  f"supported: it changes the base weights or the layer (supported: {PLAIN_INITS})")
     if config.get("target_modules") is None:
-        raise ValueError("adapter config has target_modules=null; fastpeft needs the modules named")
+        raise ValueError(f"load_adapter: {where}: adapter config has target_modules=null; fastpeft needs the "
+                         f"modules named")
+    return {
+        "r": fields.integer("r", 8),
+        "lora_alpha": fields.number("lora_alpha", 8),
+        "lora_dropout": fields.number("lora_dropout", 0.0, 0.0, 1.0),
+        "use_rslora": fields.flag("use_rslora"),
+        "target_modules": fields.targets("target_modules"),
+        "exclude_modules": fields.targets("exclude_modules"),
+        "layers_to_transform": fields.layers("layers_to_transform"),
+        "layers_pattern": fields.targets("layers_pattern", regex=r"(?:^|.*?\.){}\.(?P<idx>\d+)\."),
+        "rank_pattern": fields.pattern_map("rank_pattern", "integer"),
+        "alpha_pattern": fields.pattern_map("alpha_pattern", "number"),
+    }
 
 
 def _ranks(config: dict, names: list[str]) -> dict[str, tuple[int, float]]:
-    """module name -> (r, lora_alpha) under the config's r / lora_alpha and patterns."""
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    """module name -> (r, lora_alpha) under the (checked) config's r / lora_alpha and patterns."""
+    r, alpha = config["r"], config["lora_alpha"]
     out = {}
     for n in names:
-        r_n = pattern_value(config.get("rank_pattern"), n, r)
-        alpha_n = pattern_value(config.get("alpha_pattern"), n, alpha)
-        out[n] = (_checks.positive_int(f"r of {n!r}", r_n),
-                  _checks.finite_float(f"lora_alpha of {n!r}", alpha_n))
+        r_n = pattern_value(config["rank_pattern"], n, r)
+        alpha_n = pattern_value(config["alpha_pattern"], n, alpha)
+        out[n] = (_checks.positive_int(f"r of {n!r}", r_n), float(alpha_n))
     return out
 
 
-def _planned_names(model: nn.Module, config: dict) -> list[str]:
+def _planned_names(model: nn.Module, config: dict, where: str) -> list[str]:
     """The modules PEFT would adapt in ``model`` under ``config`` (a LoRALinear counts as the
     linear it wraps; the modules inside it are not candidates)."""
     targets = config["target_modules"]
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         if any(type(m).__name__ == "Conv1D" for m in model.modules()):
-            raise NotImplementedError("target_modules='all-linear' on a model with transformers "
-                                      "Conv1D layers: fastpeft adapts nn.Linear and Int8Linear only")
+            raise NotImplementedError(f"load_adapter: {where}: target_modules='all-linear' on a model with "
+                                      f"transformers Conv1D layers: fastpeft adapts nn.Linear and Int8Linear only")
         head = output_layer_name(model)
         names = [n for n in adaptable_names(model)
                  if n != head and not _excluded(config, n) and _layer_index_ok(config, n)]
@@ -378,14 +563,15 @@ def _planned_names(model: nn.Module, config: dict) -> list[str]:
         for n in names:
             module = model.get_submodule(n)
             if not isinstance(module, BASE_TYPES + (LoRALinear,)):
-                raise NotImplementedError(f"target_modules={targets!r} selects {n!r} of type "
+                raise NotImplementedError(f"load_adapter: {where}: target_modules={targets!r} selects {n!r} of type "
                                           f"{type(module).__name__}: fastpeft adapts nn.Linear and Int8Linear only")
     if not names:
-        raise ValueError(f"adapter config target_modules={targets!r} selects no module of this model")
+        raise ValueError(f"load_adapter: {where}: adapter config target_modules={targets!r} selects no module of "
+                         f"this model")
     return names
 
 
-def _parse_keys(state: dict) -> tuple[dict, list[str]]:
+def _parse_keys(state: dict, where: str) -> tuple[dict, list[str]]:
     """(module name, "A"|"B") -> (file key, tensor); and the keys that are not LoRA weights."""
     found, other, adapters = {}, [], set()
     for key, tensor in state.items():
@@ -395,55 +581,75 @@ def _parse_keys(state: dict) -> tuple[dict, list[str]]:
             continue
         slot = (match["module"], match["which"])
         if slot in found:
-            raise ValueError(f"load_adapter: keys {found[slot][0]!r} and {key!r} hold the same weight")
+            raise ValueError(f"load_adapter: {where}: keys {found[slot][0]!r} and {key!r} hold the same weight")
         found[slot] = (key, tensor)
         adapters.add(match["adapter"])
     if len(adapters) > 1:
-        raise ValueError(f"load_adapter: the file holds several adapters {sorted(map(str, adapters))}")
+        raise ValueError(f"load_adapter: {where}: the file holds several adapters {sorted(map(str, adapters))}")
     return found, other
 
 
-def _load_prompt(model: nn.Module, directory: str, config: dict, state: dict) -> nn.Module:
-    subs = config.get("num_transformer_submodules")
-    if subs not in (None, 1):
-        raise NotImplementedError(f"adapter config num_transformer_submodules={subs!r}: fastpeft's prompt "
-                                  f"tuning has one prompt (no encoder-decoder models)")
-    task = config.get("task_type")
+def _weight_dtype(key: str, tensor: torch.Tensor, where: str) -> None:
+    """Only floating-point tensors are weights: an integer or bool tensor would be cast, a complex
+    one lose its imaginary part."""
+    if not tensor.is_floating_point():
+        raise TypeError(f"load_adapter: {where}: {key!r} has dtype {str(tensor.dtype).replace('torch.', '')}; "
+                        f"weights must be floating point")
+
+
+def _prompt_task(fields: _Fields) -> str | None:
+    task = fields.text("task_type")
     if task is not None and task not in PROMPT_TASK_TYPES:
-        raise NotImplementedError(f"adapter config task_type={task!r} is not supported for prompt tuning "
-                                  f"(supported: {PROMPT_TASK_TYPES})")
-    T = _checks.positive_int("adapter config num_virtual_tokens", config.get("num_virtual_tokens"))
+        if task in TASK_TYPES:
+            raise NotImplementedError(f"load_adapter: {fields.where}: adapter config task_type={task!r} is not "
+                                      f"supported for prompt tuning (supported: {PROMPT_TASK_TYPES})")
+        fields.fail(ValueError, "task_type", f"must be one of PEFT's task types {TASK_TYPES} or null, got {task!r}")
+    return task
+
+
+def _load_prompt(model: nn.Module, config: dict, state: dict, config_path: str, weights_path: str) -> nn.Module:
+    fields = _Fields(config, config_path)
+    subs = fields.integer("num_transformer_submodules", 1)
+    if subs != 1:
+        raise NotImplementedError(f"load_adapter: {config_path}: adapter config num_transformer_submodules={subs!r}: "
+                                  f"fastpeft's prompt tuning has one prompt (no encoder-decoder models)")
+    task = _prompt_task(fields)
+    T = fields.integer("num_virtual_tokens")
+    token_dim = fields.integer("token_dim", None)
+    saved = fields.names("modules_to_save") or []
+    init = fields.text("prompt_tuning_init")
     if PROMPT_KEY not in state:
-        raise ValueError(f"load_adapter: the prompt-tuning adapter in {directory!r} has no {PROMPT_KEY!r} "
-                         f"(keys: {sorted(state)})")
+        raise ValueError(f"load_adapter: the prompt-tuning adapter {weights_path!r} has no {PROMPT_KEY!r} "
+                         f"(keys: {sorted(state)[:20]})")
     tensor = state[PROMPT_KEY]
     existing = get_prompt_tuning(model)
-    saved = config.get("modules_to_save") or []
-    if isinstance(saved, str):
-        saved = [saved]
     # PEFT adds its task heads to modules_to_save when it loads an adapter.
-    spec = list(dict.fromkeys(list(saved) + list(DEFAULT_MODULES_TO_SAVE.get(task, ()))))
-    heads = _head_tensors(model, directory, spec + list(existing.modules_to_save if existing else ()),
+    spec = list(dict.fromkeys(saved + list(DEFAULT_MODULES_TO_SAVE.get(task, ()))))
+    heads = _head_tensors(model, weights_path, spec + list(existing.modules_to_save if existing else ()),
                           {k: v for k, v in state.items() if k != PROMPT_KEY})
     dim = existing.embedding_dim if existing is not None else input_embeddings(model).weight.shape[1]
-    if tuple(tensor.shape) != (T, dim) or not tensor.is_floating_point():
-        raise ValueError(f"load_adapter: {PROMPT_KEY!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype} "
-                         f"but num_virtual_tokens={T} and the model's embedding dim {dim} need a float ({T}, {dim})")
-    token_dim = config.get("token_dim")
+    _weight_dtype(PROMPT_KEY, tensor, weights_path)
+    if tuple(tensor.shape) != (T, dim):
+        raise ValueError(f"load_adapter: {weights_path}: {PROMPT_KEY!r} has shape {tuple(tensor.shape)} but "
+                         f"num_virtual_tokens={T} and the model's embedding dim {dim} need ({T}, {dim})")
     if token_dim is not None and token_dim != dim:
-        raise ValueError(f"load_adapter: adapter config token_dim={token_dim} but the model's embeddings "
-                         f"have dim {dim}")
+        raise ValueError(f"load_adapter: {config_path}: adapter config token_dim={token_dim} but the model's "
+                         f"embeddings have dim {dim}")
     if existing is not None and existing.num_virtual_tokens != T:
-        raise ValueError(f"load_adapter: the model's prompt has {existing.num_virtual_tokens} virtual tokens but "
-                         f"the adapter has num_virtual_tokens={T}")
+        raise ValueError(f"load_adapter: {config_path}: the model's prompt has {existing.num_virtual_tokens} virtual "
+                         f"tokens but the adapter has num_virtual_tokens={T}")
     if existing is not None and task is not None and task != existing.task_type:
-        raise ValueError(f"load_adapter: the model's prompt tuning is for task_type={existing.task_type!r} but "
-                         f"the adapter's is {task!r}")
+        raise ValueError(f"load_adapter: {config_path}: the model's prompt tuning is for "
+                         f"task_type={existing.task_type!r} but the adapter's is {task!r}")
+    if existing is None and saved and not modules_to_save_names(model, spec):
+        raise ValueError(f"load_adapter: {config_path}: field 'modules_to_save' {saved} selects no module of "
+                         f"{type(model).__name__} (whole module names)")
+    # every check is done: from here on the model changes
     if existing is None:
         add_prompt_tuning(model, T, init=tensor.to(torch.float32), task_type=task,
                           modules_to_save=spec if saved else None)
-        if config.get("prompt_tuning_init") in PROMPT_INITS:
-            get_prompt_tuning(model).peft_init = config["prompt_tuning_init"]
+        if init in PROMPT_INITS:
+            get_prompt_tuning(model).peft_init = init
     else:
         with torch.no_grad():
             existing.weight.copy_(tensor)
@@ -453,25 +659,37 @@ def _load_prompt(model: nn.Module, directory: str, config: dict, state: dict) ->
     return model
 
 
-def _head_tensors(model: nn.Module, directory: str, spec: list[str], state: dict) -> list:
+def _head_tensors(model: nn.Module, where: str, spec: list[str], state: dict) -> list:
     """(model tensor, file tensor) for the modules_to_save keys "base_model.<module>.<name>" of a
-    prompt-tuning adapter; raises for a key that names no tensor of a module ``spec`` selects."""
+    prompt-tuning adapter, each checked: a key must name a tensor of a module ``spec`` selects
+    (``modules_to_save_names``: whole module names, not string suffixes), with its shape and a
+    dtype of its kind (floating point for floating tensors, the same dtype otherwise); two keys
+    of one tied tensor must agree."""
     names = sorted(modules_to_save_names(model, spec), key=len, reverse=True)
-    pairs, unexpected = [], []
+    pairs, unexpected, seen = [], [], {}
     for key, value in sorted(state.items()):
         path = key.removeprefix(PROMPT_PREFIX)
         name = next((n for n in names if path.startswith(n + ".")), None) if key.startswith(PROMPT_PREFIX) else None
         target = model.get_submodule(name).state_dict(keep_vars=True).get(path[len(name) + 1:]) if name else None
         if target is None:
             unexpected.append(key)
-        elif tuple(target.shape) != tuple(value.shape):
-            raise ValueError(f"load_adapter: {key!r} has shape {tuple(value.shape)} but the model's {path} has "
-                             f"shape {tuple(target.shape)}")
-        else:
-            pairs.append((target, value))
+            continue
+        if target.is_floating_point():
+            _weight_dtype(key, value, where)
+        elif value.dtype != target.dtype:
+            raise TypeError(f"load_adapter: {where}: {key!r} has dtype {value.dtype} but the model's {path} "
+                            f"has dtype {target.dtype}")
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(f"load_adapter: {where}: {key!r} has shape {tuple(value.shape)} but the model's "
+                             f"{path} has shape {tuple(target.shape)}")
+        tied = seen.setdefault(id(target), (key, value))
+        if tied[0] != key and not torch.equal(tied[1], value.to(tied[1].dtype)):
+            raise ValueError(f"load_adapter: {where}: {tied[0]!r} and {key!r} are the same tensor of the model "
+                             f"(tied) but hold different values")
+        pairs.append((target, value))
     if unexpected:
-        raise ValueError(f"load_adapter: the prompt-tuning adapter in {directory!r} has keys that name no tensor "
-                         f"of its modules_to_save {spec}: {unexpected}")
+        raise ValueError(f"load_adapter: the prompt-tuning adapter {where!r} has keys that name no tensor of its "
+                         f"modules_to_save {spec} (whole module names): {unexpected[:20]}")
     return pairs
 
 
@@ -484,15 +702,23 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     is added next to the others (inactive, frozen) in the modules its config selects, with its
     own r / lora_alpha / target modules: LoRALinear modules get it via add_adapter, nn.Linear /
     Int8Linear ones become LoRALinear holding only it; a name layers already hold is loaded
-    into those layers, which must match the adapter's modules and scalings.
+    into those layers, which must match the adapter's modules and scalings (and not be merged
+    with it).
 
     A model without LoRALinear modules first gets them where the config's target_modules
     (list, regex, "all-linear"; exclude_modules, layers_to_transform) select them, with
     r / lora_alpha from rank_pattern / alpha_pattern, lora_dropout and use_rslora, and only
     LoRA trains. A model that has them must match the adapter's modules and scalings. The
     weights are copied into lora_A / lora_B, keeping their dtype and device; keys may carry
-    an adapter name ("...lora_A.default.weight"). Nothing is changed when a check fails
-    (missing or unexpected keys, a wrong shape or scaling).
+    an adapter name ("...lora_A.default.weight").
+
+    The directory is untrusted input: tensors are read as data only (safetensors, or
+    adapter_model.bin with torch.load(weights_only=True)); every config field fastpeft uses is
+    checked for its type and range (TypeError / ValueError naming the field and the file);
+    regexes are matched with their work bounded (``fastpeft.modules.regex_match``); every
+    tensor's name, shape and dtype (floating point) is checked. All of it happens before the
+    model is touched: a failed load leaves the model as it was. The values of the weights are
+    not checked (NaN weights load).
 
     A PEFT prompt-tuning adapter (peft_type "PROMPT_TUNING", one prompt: no encoder-decoder)
     goes into the model's prompt tuning, or sets it up first (``add_prompt_tuning`` with the
@@ -500,43 +726,47 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter expects an nn.Module, got {type(model).__name__}")
-    config, state = _read(os.fspath(directory))
-    if config.get("peft_type") == "PROMPT_TUNING":
+    raw, state, config_path, weights_path = _read(os.fspath(directory))
+    if raw.get("peft_type") == "PROMPT_TUNING":
         if adapter_name is not None:
             raise ValueError("load_adapter: adapter_name is for LoRA adapters; a model has one prompt")
-        return _load_prompt(model, os.fspath(directory), config, state)
-    check_config(config)
+        return _load_prompt(model, raw, state, config_path, weights_path)
+    config = check_config(raw, config_path)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     lora = lora_modules(model)
     target = adapter_name if adapter_name is not None else _active_name(model) if lora else DEFAULT_ADAPTER
     existing = {n: m for n, m in lora.items() if m.has_adapter(target)}
-    names = list(existing) if existing else _planned_names(model, config)
+    names = list(existing) if existing else _planned_names(model, config, config_path)
     ranks = _ranks(config, names)
     use_rslora = bool(config.get("use_rslora", False))
-    found, other = _parse_keys(state)
+    found, other = _parse_keys(state, weights_path)
     expected = {(n, w) for n in names for w in "AB"}
     missing = sorted(f"{PREFIX}{n}.lora_{w}.weight" for n, w in expected - found.keys())
     unexpected = sorted(other + [found[s][0] for s in found.keys() - expected])
     if missing or unexpected:
         raise ValueError(f"load_adapter: the adapter in {os.fspath(directory)!r} does not fit the model: "
-                         f"missing keys {missing}, unexpected keys {unexpected}")
+                         f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}")
     for n, m in existing.items():
         r, alpha = ranks[n]
-        want = lora_scaling(r, alpha, use_rslora)
         have = m.adapter_spec(target)
-        if have.r != r or not math.isclose(have.scaling, want, rel_tol=1e-6):
-            raise ValueError(f"load_adapter: module {n!r} has r={have.r}, lora_alpha={have.lora_alpha:g}, "
+        if m.merged and m.active_adapter == target:
+            raise ValueError(f"load_adapter: module {n!r} is merged with adapter {target!r}: loading new weights "
+                             f"would leave the old ones in its weight; call unmerge() first")
+        # r first: a rank no layer can have never reaches the scaling's arithmetic
+        if have.r != r or not math.isclose(have.scaling, lora_scaling(r, alpha, use_rslora), rel_tol=1e-6):
+            raise ValueError(f"load_adapter: {config_path}: module {n!r} has r={have.r}, lora_alpha={have.lora_alpha:g}, "
                              f"use_rslora={have.use_rslora} (scaling {have.scaling:g}) for adapter {target!r} "
-                             f"but the adapter config gives r={r}, lora_alpha={alpha:g}, "
-                             f"use_rslora={use_rslora} (scaling {want:g})")
+                             f"but the adapter config gives r={r}, lora_alpha={alpha:g}, use_rslora={use_rslora}")
     for (n, w), (key, tensor) in found.items():
         base, r = model.get_submodule(n), ranks[n][0]
+        _weight_dtype(key, tensor, weights_path)
         want = (r, base.in_features) if w == "A" else (base.out_features, r)
         if tuple(tensor.shape) != want:
-            raise ValueError(f"load_adapter: {key!r} has shape {tuple(tensor.shape)} but the model's "
+            raise ValueError(f"load_adapter: {weights_path}: {key!r} has shape {tuple(tensor.shape)} but the model's "
                              f"{n}.lora_{w} has shape {want}")
-    dropout = config.get("lora_dropout", 0.0)
+    # every check is done: from here on the model changes
+    dropout = config["lora_dropout"]
     if not lora:
         replace_with_lora(model, ranks, dropout, use_rslora)
         if target != DEFAULT_ADAPTER:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import _checks
+from .modules import name_matches
 from .nn.prompt import PromptTuning
 
 PROMPT_ATTR = "prompt_tuning"
@@ -139,8 +140,14 @@ def _initial_prompt(emb: nn.Module, num_virtual_tokens: int, init: object,
 
 
 def modules_to_save_names(model: nn.Module, spec: Sequence[str]) -> list[str]:
-    """The modules PEFT's modules_to_save = ``spec`` selects: qualified names ending with an entry."""
-    return [n for n, _ in model.named_modules() if n and any(n.endswith(t) for t in spec)]
+    """The modules modules_to_save = ``spec`` selects: those whose qualified name equals an entry
+    or ends with "." + entry (whole module names, the rule PEFT applies to target_modules lists and
+    to keep modules_to_save out of LoRA's targets). PEFT's own ``_set_trainable`` tests a raw
+    string suffix (``name.endswith(entry)``), under which "j" selects every q_proj ... down_proj:
+    from an untrusted file that would let a one-letter entry overwrite and unfreeze them. The
+    entries PEFT writes (its task heads "classifier", "score", "qa_outputs", the names users
+    give) are whole module names, selected alike under both rules."""
+    return [n for n, _ in model.named_modules() if n and name_matches(n, list(spec))]
 
 
 def _modules_to_save_spec(task: str, modules_to_save: object) -> list[str]:
@@ -183,11 +190,11 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     floating tensor [T, D]. Random draws use torch.Generator().manual_seed(seed), or the global
     RNG when seed is None, in PEFT's order: the same seed gives PEFT's prompt. P is float32.
     task_type (PEFT's: CAUSAL_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION) decides
-    how labels are extended; None infers it from the model class. modules_to_save (PEFT's rule:
-    modules whose qualified name ends with an entry) stay trainable and are saved with the
-    prompt; None gives PEFT's default, the task head ["classifier", "score"] for SEQ_CLS and
-    TOKEN_CLS (a new head is random), ["qa_outputs"] for QUESTION_ANS, none otherwise; pass []
-    to train the prompt alone.
+    how labels are extended; None infers it from the model class. modules_to_save (whole module
+    names: a module whose qualified name equals an entry or ends with "." + entry) stay
+    trainable and are saved with the prompt; None gives PEFT's default, the task head
+    ["classifier", "score"] for SEQ_CLS and TOKEN_CLS (a new head is random), ["qa_outputs"] for
+    QUESTION_ANS, none otherwise; pass [] to train the prompt alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_prompt_tuning expects an nn.Module, got {type(model).__name__}")

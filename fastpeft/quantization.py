@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from . import _checks
 from .modules import plain_linear_names, replace_module
 from .nn.int8 import Int8Linear
 from .nn.qat import QATLinear, check_config as check_qat_config
@@ -203,6 +204,8 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     if observer not in OBSERVERS:
         raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
+    if group_size is not None:  # an int > 0 (2.5 or True would silently mean one scale per row)
+        _checks.positive_int("group_size", group_size)
     if activations == "static":
         if calibration_data is None:
             raise ValueError("activations='static' needs calibration_data (an iterable of model inputs) "
@@ -210,19 +213,29 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
         PercentileObserver(percentile)  # validates percentile before the calibration pass
     elif calibration_data is not None:
         raise ValueError("calibration_data is only used with activations='static'")
-    names = plain_linear_names(model, skip)
+    names = plain_linear_names(model, _skip(skip))
     steps = calibrate(model, names, calibration_data, observer, percentile) if activations == "static" else {}
+    new = {}  # every layer is built before any is replaced: an error leaves the model as it was
     for name in names:
         linear = model.get_submodule(name)
         step = steps.get(name)
         if weights == "int8" and activations is not None:
-            new = Int8Linear.from_linear(linear, threshold=0.0, input_scale=step)
+            new[name] = Int8Linear.from_linear(linear, threshold=0.0, input_scale=step)
         else:
             g = group_size if group_size is not None and linear.in_features % group_size == 0 else None
-            new = QuantLinear.from_linear(linear, bits=8 if weights == "int8" else 4, group_size=g,
-                                          activations=activations, input_scale=step)
-        replace_module(model, name, new)
+            new[name] = QuantLinear.from_linear(linear, bits=8 if weights == "int8" else 4, group_size=g,
+                                                activations=activations, input_scale=step)
+    for name, module in new.items():
+        replace_module(model, name, module)
     return model
+
+
+def _skip(skip: object) -> Sequence[str]:
+    """``skip``: a module name or a sequence of them (matched as in ``name_matches``)."""
+    names = [skip] if isinstance(skip, str) else skip
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"skip must be a module name or a list of module names, got {skip!r}")
+    return list(names)
 
 
 def quantize_int8(model: nn.Module, threshold: float = 6.0, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
@@ -235,7 +248,7 @@ def quantize_int8(model: nn.Module, threshold: float = 6.0, skip: Sequence[str] 
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_int8 expects an nn.Module, got {type(model).__name__}")
     new = {n: Int8Linear.from_linear(model.get_submodule(n), threshold=threshold)
-           for n in plain_linear_names(model, skip)}
+           for n in plain_linear_names(model, _skip(skip))}
     for name, module in new.items():
         replace_module(model, name, module)
     return model
@@ -262,7 +275,7 @@ def prepare_qat(model: nn.Module, bits: int = 8, scheme: str = "zeropoint", acti
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat expects an nn.Module, got {type(model).__name__}")
     check_qat_config(bits, scheme, activations)
-    names = plain_linear_names(model, skip)
+    names = plain_linear_names(model, _skip(skip))
     if not names:
         done = sum(isinstance(m, QATLinear) for m in model.modules())
         hint = f" (it already holds {done} QATLinear layers)" if done else ""

@@ -154,6 +154,11 @@ PEFT_CONFIGS = {
     "all-linear": dict(target_modules="all-linear"),
     "exclude+layers": dict(target_modules=["q_proj", "o_proj", "up_proj"], exclude_modules=["o_proj"],
                            layers_to_transform=[1]),
+    # regexes whose work fastpeft's quick bound cannot clear for every name (Unsloth writes this form;
+    # a regex rank_pattern key): the bound worked out on each real name clears them
+    "lazy-regex": dict(target_modules=r"(?:.*?(?:model).*?(?:self_attn|mlp).*?(?:q_proj|v_proj|down_proj).*?)",
+                       rank_pattern={r"(?:\w+\.)*layers\.1\.\w+\.(?:q|v)_proj": 2}, alpha_pattern={r".*down_.*": 2}),
+    "layers_pattern": dict(target_modules=["q_proj", "down_proj"], layers_pattern="layers", layers_to_transform=0),
 }
 
 

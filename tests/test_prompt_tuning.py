@@ -459,3 +459,17 @@ def test_deepcopy_keeps_its_own_prompt():
     randomize_prompt(twin, seed=9)
     assert torch.equal(model(input_ids=X).logits, before)
     assert not torch.equal(twin(input_ids=X).logits, before)
+
+
+def test_modules_to_save_are_whole_module_names():
+    """An entry selects the modules it names (the qualified name equals it or ends with "." + it),
+    not every name that ends with its letters: "j" is no module of a Llama, "_proj" neither;
+    "q_proj" is both layers' q_proj and nothing else."""
+    for entry in ("j", "_proj", "proj", "self_attn.q"):
+        with pytest.raises(ValueError, match="selects no module"):
+            add_prompt_tuning(fresh("llama"), T, modules_to_save=[entry])
+    model = add_prompt_tuning(fresh("llama"), T, modules_to_save=["q_proj", "layers.1.mlp.down_proj"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"prompt_tuning.weight", "model.layers.0.self_attn.q_proj.weight",
+                       "model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.q_proj.weight",
+                       "model.layers.1.self_attn.q_proj.bias", "model.layers.1.mlp.down_proj.weight"}

