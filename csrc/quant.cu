@@ -7,9 +7,11 @@
 //   kGroup    slot e / g                               (groups of g along the last dim; g | L)
 // Per slot, with lo / hi its min / max and b the bits:
 //   absmax     scale = max(|lo|, |hi|) / (2^(b-1) - 1), zero_point 0, codes in [-qmax, qmax] (int8)
-//   zeropoint  lo' = min(lo, 0), hi' = max(hi, 0); scale = (hi' - lo') / (2^b - 1);
-//              zero_point = clamp(rint(-lo' * (1 / scale)), 0, qmax), codes in [0, qmax] (uint8)
-//   scale 0 -> 1; a NaN in the slot -> scale NaN and codes 0 (zero_point 0).
+//   zeropoint  lo' = min(lo, 0), hi' = max(hi, 0); scale = (hi' - lo') / (2^b - 1) (halved where
+//              hi' - lo' overflows); zero_point = clamp(rint(-lo' * (1 / scale)), 0, qmax), codes
+//              in [0, qmax] (uint8)
+//   scale 0 -> 1, below 2^-126 -> 2^-126; a NaN in the slot -> scale NaN and codes 0 (zero_point 0);
+//   dequantize saturates (q - zp) * scale at the output dtype's largest finite value.
 //   code = clamp(rint(x * (1 / scale)) + zero_point); NaN -> 0, +-inf clamp.
 // 1 / scale is __frcp_rn (IEEE, as torch's `1.0 / scale`), then one fp32 multiply; the /qmax are
 // IEEE divisions (__fdiv_rn); rintf rounds half to even: codes equal the reference's bit for bit.
@@ -59,6 +61,20 @@ struct QParams {
   int zp;
 };
 
+// fastpeft.reference.quant.MIN_SCALE: 2^-126, the smallest normal float32
+constexpr float kMinScale = 1.17549435082228750797e-38f;
+
+// y clamped to T's finite range (NaN compares false and stays): the cast cannot overflow to inf
+template <typename T> __device__ __forceinline__ float saturate(float y);
+template <> __device__ __forceinline__ float saturate<float>(float y) { return y; }
+template <> __device__ __forceinline__ float saturate<__half>(float y) {
+  return y > 65504.0f ? 65504.0f : (y < -65504.0f ? -65504.0f : y);
+}
+template <> __device__ __forceinline__ float saturate<__nv_bfloat16>(float y) {
+  constexpr float kTop = 3.38953138925153547590e+38f;  // the largest finite bf16
+  return y > kTop ? kTop : (y < -kTop ? -kTop : y);
+}
+
 // scale and zero_point of a slot from its min / max keys.
 __device__ __forceinline__ QParams qparams(uint32_t kmin, uint32_t kmax, int scheme, int qmax) {
   const bool nan = kmax > kKeyPosInf || kmin < kKeyNegInf;
@@ -68,9 +84,13 @@ __device__ __forceinline__ QParams qparams(uint32_t kmin, uint32_t kmax, int sch
   if (scheme == kAbsmax) {
     scale = __fdiv_rn(fmaxf(fabsf(lo), fabsf(hi)), static_cast<float>(qmax));
   } else {
-    scale = __fdiv_rn(fmaxf(hi, 0.0f) - fminf(lo, 0.0f), static_cast<float>(qmax));
+    // where hi' - lo' overflows to inf, the halves (exact at that size) give the same rounding
+    const float hi2 = fmaxf(hi, 0.0f), lo2 = fminf(lo, 0.0f), d = hi2 - lo2;
+    scale = d == __uint_as_float(0x7F800000u) ? 2.0f * __fdiv_rn(0.5f * hi2 - 0.5f * lo2, static_cast<float>(qmax))
+                     : __fdiv_rn(d, static_cast<float>(qmax));
   }
   if (scale == 0.0f) scale = 1.0f;
+  if (scale < kMinScale) scale = kMinScale;  // subnormal ranges: 1 / scale stays finite
   if (nan) scale = __uint_as_float(0x7FC00000u);
   if (scheme == kZeropoint) {
     const float z = rintf(-fminf(lo, 0.0f) * __frcp_rn(scale));
@@ -263,9 +283,9 @@ dequant_kernel(const uint8_t* __restrict__ q, const float* __restrict__ scale, c
   const float s0 = MODE == kTensor ? scale[0] : 0.0f;
   const float z0 = MODE == kTensor ? static_cast<float>(zp[0]) : 0.0f;
   auto value = [&](int c, int64_t e) {
-    if (MODE == kTensor) return (static_cast<float>(c) - z0) * s0;
+    if (MODE == kTensor) return saturate<T>((static_cast<float>(c) - z0) * s0);
     const int64_t s = slot_of<MODE>(e, C, inner, g);
-    return (static_cast<float>(c) - static_cast<float>(zp[s])) * scale[s];
+    return saturate<T>((static_cast<float>(c) - static_cast<float>(zp[s])) * scale[s]);
   };
   int64_t done = 0;
   if (VEC) {
@@ -293,7 +313,7 @@ dequant_kernel(const uint8_t* __restrict__ q, const float* __restrict__ scale, c
         const int64_t s = slot_of<MODE>(e0, C, inner, g);
         const float sc = scale[s], zf = static_cast<float>(zp[s]);
 #pragma unroll
-        for (int j = 0; j < kDqV; ++j) out[j] = (static_cast<float>(c[j]) - zf) * sc;
+        for (int j = 0; j < kDqV; ++j) out[j] = saturate<T>((static_cast<float>(c[j]) - zf) * sc);
       } else {
 #pragma unroll
         for (int j = 0; j < kDqV; ++j) out[j] = value(c[j], e0 + j);

@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import int8 as _ref
 from . import _common
 from ._common import autotune_enabled as _autotune_enabled
 from ._common import dot as _dot
@@ -45,8 +44,12 @@ from ._common import tuning_bench as _tuning_bench
 from ._common import upcast as _upcast
 
 _QMAX = tl.constexpr(127.0)  # the largest int8 code: LLM.int8()'s symmetric range [-127, 127]
-_LIFT_BELOW = tl.constexpr(_ref.LIFT_BELOW)  # rows scaled by _LIFT first (see fastpeft.reference.int8)
-_LIFT = tl.constexpr(_ref.LIFT)
+# rows whose scale is below _LIFT_BELOW are scaled by _LIFT first: fastpeft.reference.int8's
+# LIFT_BELOW and LIFT (the kernels import no other layer; tests/test_int8_kernels.py checks they agree)
+LIFT_BELOW = 2.0**-64
+LIFT = 2.0**64
+_LIFT_BELOW = tl.constexpr(LIFT_BELOW)
+_LIFT = tl.constexpr(LIFT)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,10 +5,13 @@ reference's; dequantize computes the reference's fp32 ``(q - zp) * scale`` then 
 
 Per slot (lo, hi = min, max; NaN flag), in fp32 as the reference evaluates it under torch:
   absmax     scale = div_rn(max(|lo|, |hi|), qmax)                 (torch: an exact division)
-  zeropoint  scale = div_rn(max(hi, 0) - min(lo, 0), qmax)
-  scale 0 -> 1, NaN slot -> NaN; inv = div_rn(1, scale) (torch's ``1.0 / scale``);
+  zeropoint  scale = div_rn(hi' - lo', qmax), hi' = max(hi, 0), lo' = min(lo, 0); where
+             hi' - lo' overflows to inf, 2 * div_rn(hi' / 2 - lo' / 2, qmax) (the same rounding)
+  scale 0 -> 1, below MIN_SCALE -> MIN_SCALE, NaN slot -> NaN; inv = div_rn(1, scale) (torch's
+  ``1.0 / scale``);
   zp = rint(clamp(nan->0(-min(lo, 0) * inv), 0, qmax));
   code = clamp(rint(x * inv) + zp, qmin, qmax) with a NaN product giving code 0 (nan_to_num).
+  dequantize: (q - zp) * scale in fp32, clamped to the output dtype's finite range, cast.
   Clamping the product to [qmin - zp, qmax - zp] before rint is the same (integer bounds, rint
   monotone) and keeps |v| small for the interpreter's magic-number rint.
 
@@ -31,7 +34,8 @@ Kernels:
     of nibbles shares one lookup when the group is even); the 4-bit results are interleaved in
     registers (tl.join) so the stores stay contiguous.
 
-Kernels only: shapes, dtypes and arguments are validated by the caller.
+Kernels only: shapes, dtypes and arguments are validated by the caller (fastpeft/ops/quant.py);
+the launchers take contiguous copies of strided operands (the kernels index them as dense).
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ from ._common import round_bf16 as _round_bf16
 
 # slot modes of the elementwise kernels
 _TENSOR, _DIV, _MOD, _DIVMOD = 0, 1, 2, 3
+# the smallest scale (reference.quant.MIN_SCALE): 2**-126, the smallest normal float32
+MIN_SCALE = tl.constexpr(torch.finfo(torch.float32).tiny)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,8 +69,12 @@ def _qparams(lo, hi, nan, QMAX: tl.constexpr, ABSMAX: tl.constexpr, USE_LIBDEVIC
         lo2 = lo
     else:
         lo2 = tl.minimum(lo, 0.0)
-        scale = tl.math.div_rn(tl.maximum(hi, 0.0) - lo2, qmax)
+        hi2 = tl.maximum(hi, 0.0)
+        d = hi2 - lo2
+        halved = 2.0 * tl.math.div_rn(0.5 * hi2 - 0.5 * lo2, qmax)  # exact halves where d overflows
+        scale = tl.where(d == float("inf"), halved, tl.math.div_rn(d, qmax))
     scale = tl.where(scale == 0.0, 1.0, scale)
+    scale = tl.where(scale < MIN_SCALE, MIN_SCALE, scale)
     scale = tl.where(nan, float("nan"), scale)
     inv = tl.math.div_rn(tl.full(lo.shape, 1.0, tl.float32), scale)
     if ABSMAX:
@@ -304,7 +314,7 @@ def _dequant_kernel(
     D, SCALE, ZP, Y, N_UNITS, K, P, DIV, MOD,
     SLOT_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, SIGNED: tl.constexpr,
     FOUR_BIT: tl.constexpr, EVEN: tl.constexpr, PAIR_SAME: tl.constexpr, INT64: tl.constexpr,
-    ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    ROUND_BF16: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
@@ -328,6 +338,7 @@ def _dequant_kernel(
     sc, zp = _slot_params(SCALE, ZP, e0, e, m, mask, DIV, MOD, 0.0, SLOT_MODE, GROUP, HAS_ZP, FOUR_BIT,
                           PAIR_SAME)
     y = (q - zp) * sc
+    y = tl.where(y > TOP, TOP, tl.where(y < -TOP, -TOP, y))  # saturate (NaN compares false: stays)
     if ROUND_BF16:
         y = _round_bf16(y)
     tl.store(Y + e, y.to(Y.dtype.element_ty), mask=mask)
@@ -437,7 +448,9 @@ def quantize(x: torch.Tensor, bits: int, scheme: str, axis: int | None, group_si
     (zeropoint, 8 bits) or, for 4 bits, uint8 [..., ceil(last / 2)] packed as ``pack4`` (low
     nibble = even element, absmax nibbles in two's complement, odd last dim padded with code 0).
     An empty x gives empty data and scale 1 / zero point 0 for its (element-less) slots.
+    A strided x is read through a contiguous copy.
     """
+    x = x.contiguous()
     shape = tuple(x.shape)
     qmin, qmax = _qrange(bits, scheme)
     absmax = scheme == "absmax"
@@ -506,8 +519,11 @@ def codes_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, scheme: str,
                axis: int | None, group_size: int | None, shape, out_dtype: torch.dtype) -> torch.Tensor:
-    """y [shape] in out_dtype: (q - zero_point) * scale in float32, then cast (q unpacked from the
-    4-bit nibbles, two's complement for absmax). data, scale and zero_point as ``quantize`` makes them."""
+    """y [shape] in out_dtype: (q - zero_point) * scale in float32, saturated to out_dtype's finite
+    range, then cast (q unpacked from the 4-bit nibbles, two's complement for absmax). data, scale
+    and zero_point as ``quantize`` makes them (shapes and dtypes checked by the caller; strided
+    ones are read through contiguous copies)."""
+    data, scale, zero_point = data.contiguous(), scale.contiguous(), zero_point.contiguous()
     shape = tuple(shape)
     y = _common.new_output(shape, data, out_dtype)
     N = math.prod(shape)
@@ -521,5 +537,6 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         data, scale, zero_point, y, units, K, P, div, mod,
         SLOT_MODE=mode, GROUP=group, HAS_ZP=not absmax, SIGNED=absmax, FOUR_BIT=bits == 4, EVEN=even,
         PAIR_SAME=bits == 4 and group % 2 == 0 and group > 0, INT64=N + 2 * block >= 2**31,
-        ROUND_BF16=_interpreted() and out_dtype == torch.bfloat16, BLOCK=block, num_warps=warps)
+        ROUND_BF16=_interpreted() and out_dtype == torch.bfloat16, TOP=torch.finfo(out_dtype).max, BLOCK=block,
+        num_warps=warps)
     return y

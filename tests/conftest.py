@@ -17,6 +17,33 @@ if not HAS_CUDA:
 import_installed_package()  # after TRITON_INTERPRET: it imports fastpeft, and so triton
 
 
+def _exact_bf16_conversions() -> None:
+    """Harness patch: triton 3.6's interpreter converts bf16 subnormals to float32 wrongly (its
+    generic ``_convert_float`` renormalizes them into float32's exponent, underflows, and
+    4.4999e-39 loads as 6.2448e-39; a GPU's conversion is a 16-bit shift, exact), so every kernel
+    reading bf16 subnormals computed wrong values on the CPU only. bf16 -> float32 becomes that
+    shift here, and float32 -> bf16 (round to nearest even) torch's own cast."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    generic = interpreter._convert_float
+
+    def convert(data, src, dst, rounding_mode):
+        if src == tl.bfloat16 and dst == tl.float32:
+            return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        if src == tl.float32 and dst == tl.bfloat16 and rounding_mode in (None, interpreter._ir.ROUNDING_MODE.RTNE):
+            return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(torch.bfloat16) \
+                .view(torch.int16).numpy().view(np.uint16)
+        return generic(data, src, dst, rounding_mode)
+
+    interpreter._convert_float = convert
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _exact_bf16_conversions()
+
+
 def pytest_addoption(parser):
     parser.addoption("--shard", default=None,
                      help="I/N: run only every N-th test starting at I (parallel runs in make gpu-check)")

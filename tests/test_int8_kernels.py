@@ -128,6 +128,10 @@ def test_quant_rows_bad_rows_stay_in_their_row(dtype, threshold, poison_outputs)
         assert flags[9] == 1 and flags.sum() == K  # the -inf row flags every column
 
 
+def test_lift_constants_are_the_references():
+    assert (k.LIFT_BELOW, k.LIFT) == (ref.LIFT_BELOW, ref.LIFT)
+
+
 def test_quant_rows_tiny_scale(poison_outputs):
     """Rows of subnormals and of tiny normals (127 / scale would overflow to inf, making every code
     +-127): the codes of the exact quotients, as the reference."""

@@ -194,10 +194,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="2-D"):
         fastpeft.quant_linear(x, three_d)
     import dataclasses
-    with pytest.raises(ValueError, match="scale shape"):
+    with pytest.raises(ValueError, match="qweight.scale has shape"):
         fastpeft.quant_linear(x, dataclasses.replace(qw, scale=qw.scale[:, :1]))
-    with pytest.raises(ValueError, match="data shape"):
+    with pytest.raises(ValueError, match="qweight.data has shape"):
         fastpeft.quant_linear(x, dataclasses.replace(qw, data=qw.data[:, :5]))
+    for bad in (qw.data.float(), qw.data.to(torch.int32)):  # codes of another dtype: not codes
+        with pytest.raises(TypeError, match="qweight.data has dtype"):
+            fastpeft.quant_linear(x, dataclasses.replace(qw, data=bad))
 
 
 def test_group_size_not_power_of_two():

@@ -1,8 +1,9 @@
 """fastpeft.kernels.quant (Triton) launchers against fastpeft/reference/quant.py.
 
 Runs under TRITON_INTERPRET=1 on the CPU and for real on a GPU. Codes (packed or not), scales
-and zero points must EQUAL the reference's; dequantize must equal the reference's fp32
-``dequantize_codes`` cast to the output dtype. Every output buffer starts poisoned.
+and zero points must EQUAL the reference's; dequantize must equal the reference's
+``dequantize`` (fp32 ``dequantize_codes``, saturated, cast to the output dtype), the edges of the
+float32 range included. Every output buffer starts poisoned.
 """
 import pytest
 import torch
@@ -49,7 +50,7 @@ def check(x, bits, scheme, axis=None, gs=None, out_dtypes=None):
     assert torch.equal(data.cpu(), rdata), "codes"
     for dt in out_dtypes or (x.dtype,):
         y = k.dequantize(data, scale, zp, bits, scheme, axis, gs, x.shape, dt)
-        ry = ref.dequantize_codes(q, rs, rz, axis, gs).to(dt)
+        ry = ref.dequantize(q, rs, rz, axis, gs, dt)
         assert y.dtype == dt and y.shape == x.shape
         assert torch.equal(y.cpu().nan_to_num(nan=1234.0), ry.nan_to_num(nan=1234.0)), "dequantize"
     return data, scale, zp
@@ -190,3 +191,63 @@ def test_full_code_range_and_exact_zero():
             assert (y[:, 5] == 0).all()
             s = scale.cpu().repeat_interleave(32, dim=-1)
             assert ((y - x.cpu()).abs() <= s / 2 * (1 + 1e-6)).all()
+
+
+EDGE_ROWS = {  # name -> (dtype, a [4, 6] tensor's rows: each a slot with axis=0)
+    "float32-range": (torch.float32, [[-3e38, 3e38, 0.0, 1.0, -1.0, 2e38],             # hi - lo overflows
+                                      [-3.4028234663852886e38, 3.4028234663852886e38, 0.0, 5.0, -5.0, 1.0],
+                                      [1e-40, -3e-41, 0.0, 5e-45, 2e-39, -1e-39],      # a subnormal range
+                                      [0.0, 1.0, -2.0, 3e-39, 0.5, -0.25]]),
+    "bfloat16-subnormal": (torch.bfloat16, [[2.2959e-39, 0.0, -1e-39, 3.6734e-40, 1e-40, 0.0],
+                                            [3.3895e38, -3.3895e38, 0.0, 1.0, -1.0, 2.0],
+                                            [1.0, -1.0, 1e-39, 0.0, 0.25, 3.0],
+                                            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]),
+    "float16-max": (torch.float16, [[-65504.0, 65504.0, 0.0, 1.0, -1.0, 2.0],
+                                    [65504.0, 0.5, -20000.0, 0.0, 3.0, -3.0],
+                                    [6e-8, -6e-8, 0.0, 1e-7, 0.0, 0.0],                # float16 subnormals
+                                    [-65504.0, 1.0, 2.0, 3.0, 4.0, 5.0]]),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_ROWS))
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("bits", BITS)
+def test_float32_range_edges(bits, scheme, case):
+    """A range wider than float32's (finite scale, halved), subnormal ranges (scale MIN_SCALE),
+    the dtype's max (dequantize saturates), bf16 subnormals (read exactly under the interpreter):
+    scales, codes and dequantized values equal to the reference's, per row and per tensor."""
+    dtype, rows = EDGE_ROWS[case]
+    x = torch.tensor(rows, dtype=torch.float64).to(DEVICE, dtype)
+    for axis in (0, None):
+        data, scale, zp = check(x, bits, scheme, axis, None, out_dtypes=(dtype, torch.float32))
+        assert torch.isfinite(scale).all() and bool((scale >= ref.MIN_SCALE).all())
+        y = k.dequantize(data, scale, zp, bits, scheme, axis, None, x.shape, dtype)
+        assert torch.isfinite(y).all() and bool((y[x == 0] == 0).all())
+
+
+@pytest.mark.parametrize("bits,scheme", [(8, "absmax"), (4, "zeropoint")])
+def test_launchers_read_strided_operands(bits, scheme):
+    """The launchers index their operands as dense arrays: strided, transposed, offset or
+    expanded (stride 0) ones must be read as their values."""
+    x = make_x((6, 16), torch.float32)
+    data, scale, zp = k.quantize(x, bits, scheme, None, 4)
+    want = k.dequantize(data, scale, zp, bits, scheme, None, 4, x.shape, torch.float32)
+    wide = torch.zeros(6, 8, dtype=scale.dtype, device=DEVICE)
+    wide[:, ::2] = scale
+    assert torch.equal(k.dequantize(data, wide[:, ::2], zp, bits, scheme, None, 4, x.shape, torch.float32), want)
+    assert torch.equal(k.dequantize(data, scale.t().contiguous().t(), zp.t().contiguous().t(), bits, scheme, None, 4,
+                                    x.shape, torch.float32), want)
+    flat = torch.zeros(data.numel() + 5, dtype=data.dtype, device=DEVICE)
+    flat[5:] = data.reshape(-1)
+    assert torch.equal(k.dequantize(flat[5:].view(data.shape), scale, zp, bits, scheme, None, 4, x.shape,
+                                    torch.float32), want)
+    row = x[:1].expand(6, 16)  # stride 0
+    got = k.quantize(row, bits, scheme, None, 4)
+    for g, r in zip(got, reference(row.contiguous(), bits, scheme, None, 4)):
+        assert torch.equal(g.cpu(), r)
+    codes = got[0][:1].expand_as(got[0])
+    assert torch.equal(k.dequantize(codes, got[1], got[2], bits, scheme, None, 4, x.shape, torch.float32),
+                       k.dequantize(got[0], got[1], got[2], bits, scheme, None, 4, x.shape, torch.float32))
+    t = x.t().contiguous().t()
+    for g, r in zip(k.quantize(t, bits, scheme, 1, None), reference(x, bits, scheme, 1, None)):
+        assert torch.equal(g.cpu(), r)

@@ -32,7 +32,7 @@ from ..reference import int8 as ref_int8
 from ..reference import quant as ref_quant
 from ._common import dense, on_device, rows
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
-from .quant import QuantizedTensor, dequantize_op, torch_dequantize
+from .quant import QuantizedTensor, check_fields, dequantize_op, torch_dequantize
 
 OP = "quant_linear"
 ACTIVATIONS = (None, "dynamic", "static")
@@ -164,50 +164,33 @@ class QuantLinearFunction(torch.autograd.Function):
 register_autograd(quant_linear_op, QuantLinearFunction)
 
 
-def _validate(x, qweight, bias):
+def _validate(x, qweight, bias) -> tuple[torch.device, int | None]:
+    """(device, qweight's axis in [0, 2) or None) after checking every field of ``qweight`` against
+    the others (fastpeft.ops.quant.check_fields: code dtype, packed shape, slot shapes, devices), and
+    what quant_linear adds: a 2-D weight, per-row / per-group / per-tensor scales, x's features."""
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     if not isinstance(qweight, QuantizedTensor):
         raise TypeError(f"qweight must be a fastpeft.QuantizedTensor (fastpeft.quantize(weight, ...)), "
                         f"got {type(qweight).__name__}")
-    if len(qweight.shape) != 2:
-        raise ValueError(f"qweight must be a quantized 2-D [out, in] weight, got shape {tuple(qweight.shape)}")
-    N, K = qweight.shape
-    if qweight.bits not in (4, 8):
-        raise ValueError(f"qweight.bits must be 4 or 8, got {qweight.bits!r}")
-    if qweight.scheme not in ("absmax", "zeropoint"):
-        raise ValueError(f"qweight.scheme must be 'absmax' or 'zeropoint', got {qweight.scheme!r}")
-    if qweight.axis is not None and qweight.axis != 0:
+    shape, axis = check_fields(qweight.data, qweight.scale, qweight.zero_point, qweight.bits, qweight.scheme,
+                               qweight.axis, qweight.group_size, qweight.shape, qweight.dtype, origin="qweight.")
+    if len(shape) != 2:
+        raise ValueError(f"qweight must be a quantized 2-D [out, in] weight, got shape {shape}")
+    N, K = shape
+    if axis is not None and axis != 0:
         raise ValueError(f"quant_linear supports per-output-row (axis=0), per-group (group_size along "
                          f"in) or per-tensor scales; got axis={qweight.axis} (one scale per input feature)")
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but qweight "
-                         f"{tuple(qweight.shape)} expects {K}")
-    packed = (K + 1) // 2 if qweight.bits == 4 else K
-    if tuple(qweight.data.shape) != (N, packed):
-        raise ValueError(f"qweight.data shape {tuple(qweight.data.shape)} does not match a "
-                         f"{qweight.bits}-bit [{N}, {K}] weight (expected {(N, packed)})")
-    if qweight.group_size is not None:
-        slots = (N, K // qweight.group_size)
-    elif qweight.axis == 0:
-        slots = (N,)
-    else:
-        slots = ()
-    for name in ("scale", "zero_point"):
-        t = getattr(qweight, name)
-        if tuple(t.shape) != slots:
-            raise ValueError(f"qweight.{name} shape {tuple(t.shape)} does not match its granularity "
-                             f"(expected {slots})")
-    _checks.tensor("qweight.scale", qweight.scale, dtypes=(torch.float32,))
-    _checks.tensor("qweight.zero_point", qweight.zero_point, dtypes=(torch.int32,))
+                         f"{shape} expects {K}")
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
         if bias.shape[0] != N:
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match {N} output features")
-    device = _checks.same_device(x=x, qweight_data=qweight.data, qweight_scale=qweight.scale,
-                                 qweight_zero_point=qweight.zero_point, bias=bias)
+    device = _checks.same_device(x=x, qweight_data=qweight.data, bias=bias)
     if bias is not None and not torch.is_autocast_enabled(device.type):  # autocast casts both
         _checks.same_dtype(x=x, bias=bias)
-    return device
+    return device, axis
 
 
 def _validate_activations(activations, input_scale, device) -> None:
@@ -242,11 +225,11 @@ def quant_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor |
 
     Runs as the registered op ``torch.ops.fastpeft.quant_linear``; no host sync.
     """
-    device = _validate(x, qweight, bias)
+    device, axis = _validate(x, qweight, bias)
     _validate_activations(activations, input_scale, device)
     if backend is not None:
         _backend.check_name(backend)
-    args = (x, qweight.data, qweight.scale, qweight.zero_point, qweight.bits, qweight.scheme, qweight.axis,
+    args = (x, qweight.data, qweight.scale, qweight.zero_point, qweight.bits, qweight.scheme, axis,
             qweight.group_size, bias, activations, input_scale, backend)
     if eager(device.type, x, qweight.data, qweight.scale, qweight.zero_point, bias, input_scale):
         return QuantLinearFunction.apply(*args, True) if needs_grad(x, bias) else _linear_kernel(*args)

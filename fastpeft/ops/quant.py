@@ -6,6 +6,14 @@ Registered ops (fastpeft/ops/_library.py), neither differentiable:
   fastpeft::dequantize  (codes - zero_point) * scale in the requested dtype
 ``quantize`` checks that x is finite inside its kernel (fastpeft._checks.check_values: on CUDA
 a device-side assertion, no host sync).
+
+Untrusted inputs: ``check_fields`` is the one check of a quantized tensor's layout (bits, scheme,
+axis / group_size, shape, dtypes and shapes of data / scale / zero_point, one device) against
+what ``quantize`` makes. ``dequantize`` runs it before anything is allocated or launched (in the
+op's kernel and in its fake, so traced calls check too), ``QuantizedTensor.load`` runs it on a
+file's metadata and tensors (then also checks their values), ``QuantizedTensor.validate`` on
+demand. The kernels index data, scale and zero_point as dense arrays: strided, expanded or
+offset ones are copied once (``contiguous()``) before the launch.
 """
 from __future__ import annotations
 
@@ -22,6 +30,119 @@ from ._library import call, define, eager
 KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
 BITS = (8, 4)
 _DTYPES = {str(d).replace("torch.", ""): d for d in _checks.FLOAT_DTYPES}
+FORMAT = "fastpeft.QuantizedTensor"  # the "format" entry of a saved file's metadata
+_TENSORS = ("data", "scale", "zero_point")  # the tensors of a saved file
+_META_PREVIEW = 80  # characters of a bad metadata entry quoted in an error
+
+
+def _code_dtype(bits: int, scheme: str) -> torch.dtype:
+    return torch.int8 if (bits == 8 and scheme == "absmax") else torch.uint8
+
+
+def _data_shape(shape: tuple, bits: int) -> tuple:
+    """The shape of the stored codes: 4-bit codes pack two per byte along the last dim."""
+    return tuple(shape) if bits == 8 else (*shape[:-1], (shape[-1] + 1) // 2)
+
+
+def _preview(v: object) -> str:
+    """repr(v), cut to a readable length (a hostile file's shape may hold a million entries)."""
+    text = repr(v)
+    return text if len(text) <= _META_PREVIEW else text[:_META_PREVIEW] + "..."
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def _check_config(bits, scheme, axis, group_size, shape, dtype, origin: str = "") -> tuple[tuple, int | None]:
+    """The tensor-free fields of a quantized tensor; returns (shape as a tuple, axis in [0, ndim))."""
+    if not _is_int(bits):
+        raise TypeError(f"{origin}bits must be an int (8 or 4), got {type(bits).__name__} {bits!r}")
+    if bits not in BITS:
+        raise ValueError(f"{origin}bits must be 8 or 4, got {bits!r}")
+    if not isinstance(scheme, str):
+        raise TypeError(f"{origin}scheme must be a str, got {type(scheme).__name__}")
+    if scheme not in ref.SCHEMES:
+        raise ValueError(f"{origin}scheme must be one of {ref.SCHEMES}, got {scheme!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{origin}dtype must be one of float32, float16, bfloat16, got {dtype!r}")
+    if not isinstance(shape, (list, tuple)) or not all(_is_int(n) for n in shape):
+        raise TypeError(f"{origin}shape must be a sequence of ints, got {_preview(shape)}")
+    shape = tuple(shape)
+    if not shape or any(n < 0 for n in shape):
+        raise ValueError(f"{origin}shape must have at least one dim and no negative size, got {_preview(list(shape))}")
+    if axis is not None and group_size is not None:
+        raise ValueError(f"{origin}axis and group_size are exclusive (one scale per channel, or per group "
+                         f"along the last dim), got axis={axis!r}, group_size={group_size!r}")
+    if axis is not None:
+        if not _is_int(axis):
+            raise TypeError(f"{origin}axis must be an int or None, got {type(axis).__name__} {axis!r}")
+        if not -len(shape) <= axis < len(shape):
+            raise ValueError(f"{origin}axis {axis} is out of range for shape {_preview(list(shape))}")
+        axis %= len(shape)
+    if group_size is not None:
+        if not _is_int(group_size):
+            raise TypeError(f"{origin}group_size must be an int or None, got {type(group_size).__name__} "
+                            f"{group_size!r}")
+        if group_size <= 0 or shape[-1] % group_size:
+            raise ValueError(f"{origin}group_size {group_size} must be > 0 and divide the last dim of shape "
+                             f"{_preview(list(shape))}")
+    return shape, axis
+
+
+def check_fields(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype,
+                 origin: str = "") -> tuple[tuple, int | None]:
+    """Check that (data, scale, zero_point) are what ``quantize(x, bits, scheme, axis, group_size)``
+    makes for an x of ``shape``, and that ``dtype`` is a float dtype; return (shape as a tuple,
+    axis in [0, ndim)). Exactly: bits 8 or 4; a known scheme; axis in [-ndim, ndim) or
+    group_size > 0 dividing the last dim (not both); shape non-negative ints; data of the
+    scheme's code dtype and of shape ``shape`` (4 bits: last dim ceil(last / 2)); scale float32
+    and zero_point int32 of ``reference.quant.slot_shape``; all three on one device. Reads no
+    tensor value (no host sync). Raises TypeError (a type or dtype) or ValueError (a value or
+    shape) naming the field, after ``origin`` (e.g. the file)."""
+    shape, axis = _check_config(bits, scheme, axis, group_size, shape, dtype, origin)
+    for name, t in (("data", data), ("scale", scale), ("zero_point", zero_point)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{origin}{name} must be a torch.Tensor, got {type(t).__name__}")
+    code = _code_dtype(bits, scheme)
+    if data.dtype != code:
+        raise TypeError(f"{origin}data has dtype {data.dtype}; {bits}-bit {scheme} codes are {code}")
+    if tuple(data.shape) != _data_shape(shape, bits):
+        raise ValueError(f"{origin}data has shape {list(data.shape)}; a {bits}-bit tensor of shape "
+                         f"{_preview(list(shape))} stores codes of shape {_preview(list(_data_shape(shape, bits)))}")
+    slots = tuple(ref.slot_shape(shape, axis, group_size))
+    for name, t, want in (("scale", scale, torch.float32), ("zero_point", zero_point, torch.int32)):
+        if t.dtype != want:
+            raise TypeError(f"{origin}{name} has dtype {t.dtype}; expected {want}")
+        if tuple(t.shape) != slots:
+            raise ValueError(f"{origin}{name} has shape {list(t.shape)}; axis={axis}, group_size={group_size} "
+                             f"of shape {_preview(list(shape))} gives {_preview(list(slots))}")
+    if not data.device == scale.device == zero_point.device:
+        raise ValueError(f"{origin}data, scale and zero_point must be on one device, got {data.device}, "
+                         f"{scale.device}, {zero_point.device}")
+    return shape, axis
+
+
+def _check_values(data, scale, zero_point, bits, scheme, origin: str = "") -> None:
+    """The values the format promises: every scale finite and > 0, zero points inside the code
+    range (0 for absmax), absmax codes inside [-qmax, qmax] (-128, or a 4-bit nibble 8, is no
+    code). Reads the values (on CUDA an asynchronous device-side assertion): for files and
+    ``validate(values=True)``, not for the dequantize hot path."""
+    _checks.check_values(torch.isfinite(scale) & (scale > 0),
+                         lambda: f"{origin}scale must be finite and > 0 in every slot")
+    qmin, qmax = ref.qrange(bits, scheme)
+    if scheme == "absmax":
+        _checks.check_values(zero_point == 0, lambda: f"{origin}zero_point must be 0 for absmax")
+    else:
+        _checks.check_values((zero_point >= qmin) & (zero_point <= qmax),
+                             lambda: f"{origin}zero_point must be in [{qmin}, {qmax}] for {bits}-bit {scheme}")
+    if scheme == "absmax":
+        if bits == 8:
+            codes_ok = data != qmin - 1
+        else:  # the two's complement nibble of qmin - 1 = -8
+            nibble = 1 << (bits - 1)
+            codes_ok = ((data & 0xF) != nibble) & ((data >> 4) != nibble)
+        _checks.check_values(codes_ok, lambda: f"{origin}data holds a code outside [{qmin}, {qmax}]")
 
 
 @dataclasses.dataclass
@@ -32,6 +153,9 @@ class QuantizedTensor:
     packed two per byte along the last dim ([..., ceil(last / 2)]). ``scale`` float32 and
     ``zero_point`` int32 have one entry per slot (tensor, channel along ``axis``, or group
     of ``group_size`` along the last dim). ``shape`` and ``dtype`` are the original's.
+    Every scale is finite and > 0 and every zero point a code. Construction checks nothing
+    (it is on the quantize path); ``dequantize`` checks the layout (``check_fields``),
+    ``load`` the layout and the values, ``validate`` either on demand.
     """
 
     data: torch.Tensor
@@ -60,28 +184,74 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self, dtype)
 
+    def validate(self, values: bool = False) -> "QuantizedTensor":
+        """Raise TypeError / ValueError naming the first field that is not what ``quantize``
+        makes (``check_fields``); with ``values``, also a scale that is not finite and > 0, a
+        zero point or code outside the code range (a host read of those tensors). Returns self."""
+        check_fields(self.data, self.scale, self.zero_point, self.bits, self.scheme, self.axis, self.group_size,
+                     self.shape, self.dtype)
+        if values:
+            _check_values(self.data, self.scale, self.zero_point, self.bits, self.scheme)
+        return self
+
     def _metadata(self) -> dict[str, str]:
-        return {"format": "fastpeft.QuantizedTensor", "bits": str(self.bits), "scheme": self.scheme,
+        return {"format": FORMAT, "bits": str(self.bits), "scheme": self.scheme,
                 "axis": json.dumps(self.axis), "group_size": json.dumps(self.group_size),
                 "shape": json.dumps(list(self.shape)), "dtype": str(self.dtype).replace("torch.", "")}
 
     def save(self, path: str) -> None:
-        """Write a safetensors file (tensors data/scale/zero_point, the rest as metadata)."""
+        """Write a safetensors file (tensors data/scale/zero_point, the rest as metadata), after
+        checking the layout (``validate``): no file that ``load`` would refuse."""
         from safetensors.torch import save_file
+        self.validate()
         save_file({"data": self.data.contiguous(), "scale": self.scale.contiguous(),
                    "zero_point": self.zero_point.contiguous()}, path, metadata=self._metadata())
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> "QuantizedTensor":
-        from safetensors import safe_open
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "fastpeft.QuantizedTensor":
-                raise ValueError(f"{path} is not a fastpeft.QuantizedTensor file (metadata {meta})")
-            t = {k: f.get_tensor(k) for k in ("data", "scale", "zero_point")}
-        return cls(t["data"], t["scale"], t["zero_point"], int(meta["bits"]), meta["scheme"],
-                   json.loads(meta["axis"]), json.loads(meta["group_size"]),
-                   torch.Size(json.loads(meta["shape"])), _DTYPES[meta["dtype"]])
+        """Read a file ``save`` wrote, trusting nothing in it: safetensors only (no pickle); the
+        metadata parsed as JSON and checked before any tensor is read, then the tensors against
+        it (``check_fields``) and their values (finite positive scales, zero points and codes in
+        range), all on the CPU; only then moved to ``device``. A bad file raises ValueError or
+        TypeError naming the file and the field."""
+        from safetensors import SafetensorError, safe_open
+        origin = f"{path}: "
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not a {FORMAT} file (metadata {_preview(meta)})")
+                fields = _parse_metadata(meta, origin)
+                shape, axis = _check_config(*fields, origin=origin)
+                names = sorted(f.keys())
+                if names != sorted(_TENSORS):
+                    raise ValueError(f"{origin}holds tensors {names}; expected {sorted(_TENSORS)}")
+                data, scale, zero_point = (f.get_tensor(k) for k in _TENSORS)
+        except SafetensorError as exc:
+            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+        bits, scheme, _, group_size, _, dtype = fields
+        check_fields(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype, origin)
+        _check_values(data, scale, zero_point, bits, scheme, origin)
+        return cls(data, scale, zero_point, bits, scheme, axis, group_size, torch.Size(shape), dtype).to(device)
+
+
+def _parse_metadata(meta: dict, origin: str) -> tuple:
+    """(bits, scheme, axis, group_size, shape, dtype) of a file's metadata: numbers and shape
+    as JSON, types left to ``_check_config``; a missing or unparsable entry is a ValueError."""
+    raw = {}
+    for key in ("bits", "scheme", "axis", "group_size", "shape", "dtype"):
+        if not isinstance(meta.get(key), str):
+            raise ValueError(f"{origin}metadata has no {key!r} entry (a string)")
+        raw[key] = meta[key]
+    parsed = {}
+    for key in ("bits", "axis", "group_size", "shape"):
+        try:
+            parsed[key] = json.loads(raw[key])
+        except (ValueError, RecursionError):  # JSONDecodeError, an over-long int, absurd nesting
+            raise ValueError(f"{origin}metadata {key} = {_preview(raw[key])} cannot be parsed as JSON") from None
+    if raw["dtype"] not in _DTYPES:
+        raise ValueError(f"{origin}dtype {_preview(raw['dtype'])} is not one of {', '.join(_DTYPES)}")
+    return parsed["bits"], raw["scheme"], parsed["axis"], parsed["group_size"], parsed["shape"], _DTYPES[raw["dtype"]]
 
 
 def _validate(x, bits, scheme, axis, group_size):
@@ -113,10 +283,6 @@ def _kernels(backend: str):
     return _cext.quant_quantize, _cext.quant_dequantize
 
 
-def _code_dtype(bits: int, scheme: str) -> torch.dtype:
-    return torch.int8 if (bits == 8 and scheme == "absmax") else torch.uint8
-
-
 def _quantize_kernel(x, bits, scheme, axis, group_size, backend):
     if x.numel():
         _checks.check_values(torch.isfinite(x), lambda: "x contains NaN or inf: its slot's scale would be "
@@ -133,25 +299,37 @@ def _quantize_kernel(x, bits, scheme, axis, group_size, backend):
 
 
 def _quantize_fake(x, bits, scheme, axis, group_size, backend):
-    shape = tuple(x.shape)
-    data_shape = (*shape[:-1], (shape[-1] + 1) // 2) if bits == 4 else shape
     slots = ref.slot_shape(x.shape, axis, group_size)
-    return (x.new_empty(data_shape, dtype=_code_dtype(bits, scheme)), x.new_empty(slots, dtype=torch.float32),
-            x.new_empty(slots, dtype=torch.int32))
+    return (x.new_empty(_data_shape(x.shape, bits), dtype=_code_dtype(bits, scheme)),
+            x.new_empty(slots, dtype=torch.float32), x.new_empty(slots, dtype=torch.int32))
 
 
 def torch_dequantize(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype) -> torch.Tensor:
-    """The torch backend of dequantize: the reference's unpacking and (q - zero_point) * scale."""
+    """The torch backend of dequantize: the reference's unpacking and (q - zero_point) * scale,
+    saturated to dtype's finite range (reference.quant.dequantize)."""
     q = ref.unpack4(data, shape[-1], scheme == "absmax") if bits == 4 else data.to(torch.int32)
-    return ref.dequantize_codes(q, scale, zero_point, axis, group_size).to(dtype).reshape(shape)
+    return ref.dequantize(q, scale, zero_point, axis, group_size, dtype).reshape(shape)
 
 
-def _dequantize_kernel(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype, backend):
+def _dequantize_checked(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype, backend):
+    """dequantize once ``check_fields`` passed (shape a tuple, axis in [0, ndim))."""
     name = _backend.choose("dequantize", data.device, KERNELS, backend)
     if name == "torch" or data.numel() == 0:
         return torch_dequantize(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype)
+    # the kernels index all three as dense arrays (a no-op when they already are)
+    data, scale, zero_point = data.contiguous(), scale.contiguous(), zero_point.contiguous()
     with on_device(data):
         return _kernels(name)[1](data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype)
+
+
+def _dequantize_kernel(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype, backend):
+    shape, axis = check_fields(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype)
+    return _dequantize_checked(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype, backend)
+
+
+def _dequantize_fake(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype, backend):
+    shape, _ = check_fields(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype)
+    return data.new_empty(shape, dtype=dtype)
 
 
 quantize_op = define(
@@ -159,8 +337,7 @@ quantize_op = define(
     _quantize_kernel, _quantize_fake)
 dequantize_op = define(
     "dequantize(Tensor data, Tensor scale, Tensor zero_point, int bits, str scheme, int? axis, int? group_size, "
-    "SymInt[] shape, ScalarType dtype, str? backend) -> Tensor", _dequantize_kernel,
-    lambda data, scale, zp, bits, scheme, axis, g, shape, dtype, backend: data.new_empty(shape, dtype=dtype))
+    "SymInt[] shape, ScalarType dtype, str? backend) -> Tensor", _dequantize_kernel, _dequantize_fake)
 
 
 def quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: int | None = None,
@@ -170,8 +347,13 @@ def quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: int |
 
     absmax: symmetric codes in [-(2^(b-1)-1), 2^(b-1)-1], scale = absmax / qmax, zero_point 0.
     zeropoint: codes in [0, 2^b - 1]; the slot's min (or 0) maps to the lowest code and its max
-    (or 0) to the highest, and 0.0 dequantizes to exactly 0.0. An all-zero slot gets scale 1.
-    |dequantize(quantize(x)) - x| <= scale / 2 elementwise. 4-bit codes are packed two per byte.
+    (or 0) to the highest (or, where rounding the zero point shifts the grid, the one below),
+    and 0.0 dequantizes to exactly 0.0. An all-zero slot gets scale 1, a slot narrower than
+    qmax * 2^-126 the smallest normal scale 2^-126 (so 1 / scale is finite; such a slot uses
+    fewer codes); a range wider than float32's (e.g. [-3e38, 3e38]) still gets a finite scale.
+    |dequantize(quantize(x), float32) - x| <= scale * (1/2 + 2^-13) elementwise (scale / 2 plus
+    float32 rounding: reference.quant.ERROR_BOUND); other dtypes round that float32 value once.
+    4-bit codes are packed two per byte. Any strides. Empty x (0 rows) gives empty codes.
     x must be finite (checked in the op's kernel: on CUDA a device-side assertion, no host sync).
     Not differentiable. Runs as ``torch.ops.fastpeft.quantize``.
     """
@@ -184,15 +366,22 @@ def quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: int |
 
 def dequantize(qx: QuantizedTensor, dtype: torch.dtype | None = None, *,
                backend: str | None = None) -> torch.Tensor:
-    """(codes - zero_point) * scale, in ``dtype`` (default: the original tensor's dtype).
-    Runs as ``torch.ops.fastpeft.dequantize``."""
+    """(codes - zero_point) * scale, in ``dtype`` (default: the original tensor's dtype),
+    computed in float32 and saturated to ``dtype``'s finite range before the cast (a NaN scale
+    gives NaN). ``qx``'s fields are checked against each other first (``check_fields``: a
+    hand-built or loaded QuantizedTensor whose codes, scales or zero points do not match its
+    shape, bits, scheme, axis or group_size raises TypeError / ValueError naming the field);
+    strided data, scale or zero_point are fine. Runs as ``torch.ops.fastpeft.dequantize``."""
     if not isinstance(qx, QuantizedTensor):
         raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qx).__name__}")
+    shape, axis = check_fields(qx.data, qx.scale, qx.zero_point, qx.bits, qx.scheme, qx.axis, qx.group_size,
+                               qx.shape, qx.dtype)
     dtype = qx.dtype if dtype is None else dtype
     if dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
     if backend is not None:
         _backend.check_name(backend)
-    direct = eager(qx.data.device.type, qx.data, qx.scale, qx.zero_point)  # no dispatcher round trips
-    return call(dequantize_op, direct, qx.data, qx.scale, qx.zero_point, qx.bits, qx.scheme, qx.axis, qx.group_size,
-                list(qx.shape), dtype, backend)
+    args = (qx.data, qx.scale, qx.zero_point, qx.bits, qx.scheme, axis, qx.group_size)
+    if eager(qx.data.device.type, qx.data, qx.scale, qx.zero_point):  # no dispatcher round trip, no second check
+        return _dequantize_checked(*args, shape, dtype, backend)
+    return dequantize_op(*args, list(shape), dtype, backend)
