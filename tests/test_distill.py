@@ -223,6 +223,83 @@ def test_teacher_gets_no_gradient_and_int32_labels():
 
 
 # ---------------------------------------------------------------------------------------------
+# accuracy at any temperature: D is a sum of terms of order delta^2 (delta = log p - log q), not a
+# difference of terms of order log V; float32 keeps a few ulps of D where T^2 multiplies it
+
+TEMPERATURES = [1.0, 10.0, 1e2, 1e3, 1e4]
+
+
+def check_kd_accuracy(backend, z, u, T, divergence, check_grad=True):
+    """KD only (no labels: the row loss is T^2 D), per-row losses and a random grad_out, against
+    the reference run in float64 on the same (rounded) logits. The loss is float32 whatever the
+    logits' dtype: it gets float32's tolerance; the gradient comes in the logits' dtype."""
+    go = grad_outputs("none", z.shape[:-1])
+    kw = dict(temperature=T, divergence=divergence, reduction="none")
+    out, gz = run(backend, z, u, None, go, **kw)
+    ref, rgz = reference(z, u, None, go, **kw)
+    assert_close(f"loss T={T:g}", out, ref, torch.float32)
+    if check_grad:
+        assert_close(f"grad T={T:g}", gz, rgz, z.dtype)
+
+
+@pytest.mark.parametrize("T", TEMPERATURES, ids=lambda t: f"T{t:g}")
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accuracy_at_any_temperature(backend, divergence, T):
+    """fp32 logits, V = 400: float32's tolerance at every temperature. (The log-softmax form lost
+    ~eps log V / delta^2 relative: 2e-3 at T = 100, the loss ~10x off at T = 1e4.)"""
+    z, u, _ = make((2,), vocab=400, seed=11, ignore=())
+    check_kd_accuracy(backend, z, u, T, divergence)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accuracy_large_vocab_and_bf16(backend, divergence):
+    """V = 2000 at T = 1e4; bf16 logits at T = 1e3 (the loss in float32's tolerance, the bf16
+    gradient in bf16's)."""
+    z, u, _ = make((2,), vocab=2000, seed=12, ignore=())
+    check_kd_accuracy(backend, z, u, 1e4, divergence)
+    z, u, _ = make((2,), torch.bfloat16, vocab=400, seed=13, ignore=())
+    check_kd_accuracy(backend, z, u, 1e3, divergence)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accuracy_hard_logits(backend, divergence):
+    """Logits that break the log-softmax form even at T = 1, or the naive fixes of it: a student
+    nearly equal to the teacher; a teacher offset by 100 from the student (T = 1e3); finite
+    masks (-1e4, where softmax underflows to 0); a 30x logit scale (most probabilities underflow,
+    the log-ratios span far more than e^x can hold; its rows are saturated: their gradients, 1e-9
+    to 1e-30, are below float32's resolution of the terms they cancel from, in any formulation)."""
+    z, u, _ = make((2,), vocab=200, seed=14, ignore=())
+    g = torch.Generator().manual_seed(15)
+    near = z + 1e-3 * torch.randn(z.shape, generator=g).to(DEVICE)
+    check_kd_accuracy(backend, z, near, 1.0, divergence)
+    check_kd_accuracy(backend, z, u + 100.0, 1e3, divergence)
+    zm, um = z.clone(), u.clone()
+    zm[:, :20] = -1e4
+    um[:, 40:60] = -1e4
+    check_kd_accuracy(backend, zm, um, 2.0, divergence)
+    check_kd_accuracy(backend, 30.0 * z, 30.0 * u, 1.0, divergence, check_grad=False)
+
+
+def test_reference_series_helpers():
+    """e^x - 1 - x and y - log1p(y) in float32 to a few ulps across the series' cut, against
+    float64 (the expressions as written lose everything near 0)."""
+    x = torch.cat([torch.linspace(-3, 3, 2001), torch.tensor([1e-6, -1e-6, 1e-3, 0.5, -0.5, 0.49, -0.51])])
+    e2 = rd.expm1_minus_x(x).double()
+    want = torch.expm1(x.double()) - x.double()
+    nz = want != 0
+    assert ((e2 - want).abs()[nz] / want[nz]).max() < 2e-6
+    y = torch.cat([torch.linspace(-0.9, 3, 2001), torch.tensor([1e-6, -1e-6, 1.0, -0.5, 1.01, -0.51])])
+    h = rd.y_minus_log1p(y).double()
+    want = y.double() - torch.log1p(y.double())
+    nz = want != 0
+    assert ((h - want).abs()[nz] / want[nz]).max() < 2e-6
+    assert (rd.expm1_minus_x(torch.tensor([float("-inf")])) == float("inf")).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # the reference against other formulations
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .. import _backend, _checks
 from ..reference import distill as ref
-from ._common import on_device, rows
+from ._common import building_graph, on_device, refuse_double_backward, rows
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd
 
 OP = "distillation_loss"
@@ -125,6 +125,11 @@ def _reduce(row_losses: torch.Tensor, count: torch.Tensor, reduction: str) -> to
     return (row_losses.sum() / count.clamp(min=1.0)).reshape(())
 
 
+NO_DOUBLE_BACKWARD = ("its forward computes the gradient and keeps only that (not the logits), so the "
+                      "gradient has no graph to differentiate; compute the loss with fastpeft.reference.distill"
+                      " for higher-order gradients")
+
+
 def _scale_grad_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """grad *= g (grad_output, one element) in place: no copy of a logits-sized tensor and no host
     read of g. The saved gradient is used up: autograd refuses a second backward (its version
@@ -198,8 +203,9 @@ class DistillationLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        if building_graph():
+            refuse_double_backward("distillation_loss", NO_DOUBLE_BACKWARD)
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             grad.mul_(g.reshape(*g.shape, 1).to(torch.float32))
@@ -374,8 +380,9 @@ class FusedLinearDistillationFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        if building_graph():
+            refuse_double_backward("fused_linear_distillation_loss", NO_DOUBLE_BACKWARD)
         gh, gw, gb = (_scale_grad_(t, g) if need else None for t, need in zip(ctx.saved_tensors, ctx.needs))
         return gh, gw, None, None, None, gb, None, None, None, None, None, None, None, None, None
 
