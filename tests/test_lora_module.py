@@ -1,4 +1,5 @@
 """fastpeft.LoRALinear: init, from_linear, merge/unmerge, to_linear, dropout, errors."""
+import copy
 import math
 
 import pytest
@@ -36,7 +37,7 @@ def test_rslora_scaling_and_trainable_parameters():
     assert m.scaling == pytest.approx(8 / 4)
     names = {n for n, p in m.named_parameters() if p.requires_grad}
     assert names == {"lora_A", "lora_B"}
-    assert set(m.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    assert set(m.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "_extra_state"}  # the merged flag
 
 
 def test_from_linear_shares_the_weight():
@@ -174,3 +175,48 @@ def test_wrong_input_features_message():
     m = fastpeft.LoRALinear(8, 4, r=2)
     with pytest.raises(ValueError, match="x has 5 features"):
         m(torch.randn(3, 5))
+
+
+def _merged_pair(base: str, seed: int):
+    """A LoRALinear (float or int8 base) with a nonzero update, and a fresh one of the same shape."""
+    g = torch.Generator().manual_seed(seed)
+
+    def layer():
+        lin = nn.Linear(24, 10)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(10, 24, generator=g))
+        if base == "int8":
+            lin = fastpeft.Int8Linear.from_linear(lin, threshold=0.0)
+        out = fastpeft.LoRALinear.from_linear(lin, r=4, lora_alpha=8)
+        with torch.no_grad():
+            out.lora_A.copy_(torch.randn(4, 24, generator=g))
+            out.lora_B.copy_(torch.randn(10, 4, generator=g))
+        return out
+
+    return layer(), layer()
+
+
+@pytest.mark.parametrize("base", ["float", "int8"])
+def test_merged_state_round_trips_both_ways(base):
+    """The state of a merged layer is its unmerged weight plus the merged flag: loaded into a fresh
+    layer it gives the merged outputs bit for bit (and unmerges to the unmerged ones); an unmerged
+    state loaded into a merged layer replaces its original weight (no stale merge left behind)."""
+    trained, fresh = _merged_pair(base, 0)
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(1))
+    y_unmerged = trained(x)
+    trained.merge()
+    y_merged = trained(x)
+    fresh.load_state_dict(copy.deepcopy(trained.state_dict()))
+    assert fresh.merged and torch.equal(fresh(x), y_merged)
+    fresh.unmerge()
+    assert torch.equal(fresh(x), y_unmerged)
+    other, merged_target = _merged_pair(base, 2)
+    merged_target.merge()
+    merged_target.load_state_dict(other.state_dict())
+    assert not merged_target.merged and torch.equal(merged_target(x), other(x))
+    merged_target.merge()
+    merged_target.unmerge()
+    assert torch.equal(merged_target(x), other(x)), "unmerge restored a stale weight"
+    state = {k: v for k, v in other.state_dict().items() if not k.endswith("_extra_state")}
+    fresh.load_state_dict(state)  # saved without the flag: an unmerged layer
+    assert not fresh.merged and torch.equal(fresh(x), other(x))

@@ -120,6 +120,14 @@ class Int8Linear(Float32Buffers):
         return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.threshold,
                            input_scale=self.input_scale)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """While merged (``merge_``), the codes and scales from before the merge: the layer's own
+        state; the merged ones are derived from it (LoRALinear records the merge and redoes it)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._original_int8 is not None:
+            destination[prefix + "weight_int8"] = self._original_int8
+            destination[prefix + "weight_scale"] = self._original_scale
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + "weight"

@@ -20,6 +20,9 @@ DEFAULT_ADAPTER = "default"
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in fastpeft.adapter_batch
 
 
+EXTRA_STATE = "_extra_state"  # nn.Module's key of get_extra_state() in a state dict
+
+
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilized LoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -109,6 +112,8 @@ class LoRALinear(nn.Module):
         self.r, self.lora_alpha, self.lora_dropout = spec.r, spec.lora_alpha, spec.lora_dropout
         self.use_rslora, self.scaling = spec.use_rslora, spec.scaling
         self.merged = False
+        self._merge_after_load = False
+        self.register_load_state_dict_post_hook(LoRALinear._merge_loaded)
         self.base_layer = base_layer
         if base_layer is not None:
             base_layer.requires_grad_(False)
@@ -221,6 +226,40 @@ class LoRALinear(nn.Module):
             self.weight.copy_(self._unmerged_weight)
             self._unmerged_weight = None
         self.merged = False
+
+    # The merge is state. state_dict() holds the base weight from before the merge (the merged
+    # one derives from it and the adapter) and, as extra state, whether the layer is merged;
+    # load_state_dict unmerges a merged layer first (the load then replaces its original weight)
+    # and merges again after the load when the state says so: merged or not, both ways, a round
+    # trip gives the saved layer bit for bit.
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state) -> None:
+        self._merge_after_load = bool(state)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged and self.base_layer is None:  # (an int8 base saves its own original codes)
+            destination[prefix + "weight"] = self._unmerged_weight
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if self.merged:
+            self.unmerge()
+        self._merge_after_load = False
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + EXTRA_STATE in missing_keys:  # a state saved without the flag: an unmerged layer
+            missing_keys.remove(prefix + EXTRA_STATE)
+
+    @staticmethod
+    def _merge_loaded(module: "LoRALinear", incompatible_keys) -> None:
+        """load_state_dict post-hook (after the children: an int8 base's codes are in place)."""
+        if getattr(module, "_merge_after_load", False):
+            module._merge_after_load = False
+            module.merge()
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear | Int8Linear:
