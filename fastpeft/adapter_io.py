@@ -26,12 +26,15 @@ from collections import Counter
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import _checks
-from .lora import (BASE_TYPES, active_adapters, adaptable_names, add_adapter_to, lora_adapters, lora_modules,
-                   mark_only_lora_as_trainable, replace_with_lora)
-from .modules import ALL_LINEAR, Pattern, compile_regex, name_matches, output_layer_name, regex_match
+from .lora import (BASE_TYPES, BIAS_MODES, active_adapters, adaptable_names, add_adapter_to, dtensor_class, fsdp1_class,
+                   gather_tensors, is_distributed, is_sharded, lora_adapters, lora_modules,
+                   mark_only_lora_as_trainable, model_class, replace_with_lora, tensor_index)
+from .modules import (ALL_LINEAR, Pattern, canonical_name, compile_regex, name_matches, output_layer_name,
+                      regex_match, unwrap_model)
 from .nn.lora import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, lora_scaling
 from .prompt_tuning import TASK_TYPES as PROMPT_TASK_TYPES
 from .prompt_tuning import DEFAULT_MODULES_TO_SAVE, add_prompt_tuning, get_prompt_tuning, input_embeddings
@@ -45,7 +48,7 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 # init_lora_weights values whose saved A and B apply to the unmodified base weights as plain LoRA.
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 # LoraConfig fields for features LoRALinear does not have: any truthy value is refused.
-UNSUPPORTED_FIELDS = ("use_dora", "fan_in_fan_out", "modules_to_save", "layer_replication", "lora_bias",
+UNSUPPORTED_FIELDS = ("use_dora", "fan_in_fan_out", "layer_replication", "lora_bias",
                       "target_parameters", "trainable_token_indices", "use_qalora",
                       "alora_invocation_tokens", "use_bdlora", "arrow_config", "velora_config",
                       "kasa_config", "monteclora_config", "megatron_config")
@@ -134,11 +137,21 @@ def _uniform(modules: dict, attr: str):
     return values.pop()
 
 
+def _module_names(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module of ``model`` under the names of the unwrapped model (``canonical_name``; for a
+    wrapper and the module it wraps, which share a name, the wrapped one)."""
+    return {canonical_name(n): m for n, m in model.named_modules() if n}
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {canonical_name(n): m for n, m in lora_modules(model).items()}
+
+
 def _target_modules(model: nn.Module, names: list[str]):
     """The shortest target_modules under which PEFT selects exactly ``names``: their leaf
     names, else their qualified paths, else a regex of the escaped paths."""
     wanted = set(names)
-    everything = [n for n, _ in model.named_modules() if n]
+    everything = list(_module_names(model))
     for candidate in (sorted({n.rpartition(".")[2] for n in names}), sorted(wanted)):
         if {n for n in everything if name_matches(n, candidate)} == wanted:
             return candidate
@@ -169,8 +182,11 @@ def _active_name(model: nn.Module) -> str:
 
 def adapter_views(model: nn.Module, adapter_name: str | None = None) -> dict[str, SimpleNamespace]:
     """Module name -> (r, lora_alpha, lora_dropout, use_rslora, scaling, lora_A, lora_B) of
-    adapter ``adapter_name`` (None: the active one) in each LoRALinear holding it."""
-    modules = lora_modules(model)
+    adapter ``adapter_name`` (None: the active one) in each LoRALinear holding it. Names are those
+    of the unwrapped model; under FSDP, lora_A / lora_B are the local shards (``gather_tensors``
+    reads them whole)."""
+    model = unwrap_model(model)
+    modules = _lora_layers(model)
     if not modules:
         raise ValueError("the model has no LoRALinear modules: call fastpeft.inject_lora first")
     name = _active_name(model) if adapter_name is None else adapter_name
@@ -187,15 +203,19 @@ def adapter_views(model: nn.Module, adapter_name: str | None = None) -> dict[str
     return views
 
 
-def adapter_config(model: nn.Module, task_type: str | None = None, adapter_name: str | None = None) -> dict:
+def adapter_config(model: nn.Module, task_type: str | None = None, adapter_name: str | None = None, *,
+                   bias: str = "none", modules_to_save: list[str] | None = None) -> dict:
     """The adapter_config.json contents that describe adapter ``adapter_name`` (None: the active
-    one) of the LoRALinear modules of ``model``."""
+    one) of the LoRALinear modules of ``model``, with PEFT's ``bias`` and ``modules_to_save``."""
+    model = unwrap_model(model)
     modules = adapter_views(model, adapter_name)
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     r = Counter(m.r for m in modules.values()).most_common(1)[0][0]
     alpha = Counter(m.lora_alpha for m in modules.values()).most_common(1)[0][0]
-    model_cls = type(model)
+    model_cls = model_class(model)
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -215,10 +235,10 @@ def adapter_config(model: nn.Module, task_type: str | None = None, adapter_name:
         "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "bias": "none",
+        "bias": bias,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save or None,
         "use_dora": False,
         "lora_bias": False,
         "layer_replication": None,
@@ -239,6 +259,7 @@ def _config_value(model: nn.Module, *names: str):
 def prompt_adapter_config(model: nn.Module, task_type: str | None = None) -> dict:
     """The adapter_config.json contents (a PEFT PromptTuningConfig) for the soft prompt that
     ``fastpeft.add_prompt_tuning`` put on ``model``."""
+    model = unwrap_model(model)
     prompt = get_prompt_tuning(model)
     if prompt is None:
         raise ValueError("the model has no prompt tuning: call fastpeft.add_prompt_tuning first")
@@ -265,8 +286,145 @@ def prompt_adapter_config(model: nn.Module, task_type: str | None = None) -> dic
     }
 
 
+def _is_bias(name: str) -> bool:
+    """fastpeft's (and loralib's) bias rule for bias="all": the tensor's own name contains "bias"."""
+    return "bias" in name.rpartition(".")[2]
+
+
+def _inside(name: str, modules) -> str | None:
+    """The module of ``modules`` (names) that ``name`` lies in, if any (the innermost)."""
+    return max((m for m in modules if name.startswith(m + ".")), key=len, default=None)
+
+
+def _peft_names(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
+    """The module names PEFT's _set_trainable tests modules_to_save entries against: those of the
+    model inside a PeftModel (prefix "base_model.model."), LoRA layers with their children."""
+    names = [PREFIX + n for n in _module_names(model)]
+    for n in layers:
+        names += [f"{PREFIX}{n}.{c}" for c in ("base_layer", "lora_A", "lora_B", "lora_dropout")]
+        names += [f"{PREFIX}{n}.{c}.{DEFAULT_ADAPTER}" for c in ("lora_A", "lora_B", "lora_dropout")]
+    return names
+
+
+def _modules_to_save_entries(model: nn.Module, layers: dict[str, LoRALinear], heads: list[str]) -> list[str]:
+    """The shortest modules_to_save list that selects exactly the modules ``heads`` both under
+    fastpeft's rule (whole module names) and under PEFT's (a raw suffix of the name): their leaf
+    names, else their paths. Raises ValueError when neither does."""
+    everything, peft_names = list(_module_names(model)), _peft_names(model, layers)
+    wanted = set(heads)
+    for candidate in (sorted({h.rpartition(".")[2] for h in heads}), sorted(wanted)):
+        ours = {n for n in everything if name_matches(n, candidate)}
+        theirs = {n.removeprefix(PREFIX) for n in peft_names if any(n.endswith(c) for c in candidate)}
+        if ours == wanted and theirs == wanted:
+            return candidate
+    raise ValueError(f"save_adapter: no modules_to_save list selects exactly the modules {sorted(wanted)} "
+                     f"under PEFT's rule (a raw suffix of the module name): another module's name ends in "
+                     f"one of theirs")
+
+
+_BIAS_ORDER = {"none": 0, "lora_only": 1, "all": 2}
+
+
+def _saved_tensors(model: nn.Module, views: dict[str, SimpleNamespace], adapter: str, infer: bool,
+                   bias: str | None, modules_to_save) -> tuple[str, list[str], dict[str, str]]:
+    """What a LoRA adapter file holds besides lora_A / lora_B, in PEFT's format: (bias mode,
+    modules_to_save entries, file key -> tensor name). With ``infer`` (saving the active adapter)
+    every parameter that requires grad must be saved: the adapter's A and B; a bias (a LoRALinear's
+    base bias: bias "lora_only"; any other: "all", PEFT's "base_model.model.<path>.base_layer.bias"
+    for a LoRALinear's); a parameter of a module that holds no LoRALinear (modules_to_save: the
+    largest such module whose parameters all train, e.g. a classifier head; its whole state is
+    saved as "base_model.model.<module>.<tensor>"). Anything else raises ValueError naming it.
+    ``bias`` / ``modules_to_save`` given add to what is inferred (they never drop a trained value)."""
+    index = tensor_index(model)
+    modules, layers = _module_names(model), _lora_layers(model)
+    saved_ids = {id(t) for v in views.values() for t in (v.lora_A, v.lora_B)}
+    lora_biases = {id(m.base_bias): n for n, m in layers.items() if m.base_bias is not None}
+    heads, bias_mode, free_biases, lora_trained, wrong = set(), "none", [], [], []
+
+    def trains(module: nn.Module) -> bool:
+        params = list(module.parameters())
+        return bool(params) and all(p.requires_grad for p in params)
+
+    def holds_lora(name: str) -> bool:
+        return name in layers or any(n.startswith(name + ".") for n in layers)
+
+    seen = set()
+    for name, (owner, attr) in index.items() if infer else ():
+        p = owner._parameters.get(attr)
+        if p is None or not p.requires_grad or id(p) in saved_ids or id(p) in seen:
+            continue
+        seen.add(id(p))
+        layer = name if name in layers else _inside(name, layers)
+        module = name.rpartition(".")[0]
+        if id(p) in lora_biases:
+            bias_mode = max(bias_mode, "lora_only", key=_BIAS_ORDER.get)
+            lora_trained.append(name)
+        elif layer is not None or not module:
+            wrong.append(name)
+        elif _is_bias(name):  # a bias alone is PEFT's bias "all", unless its module is saved whole
+            free_biases.append(name)
+        elif holds_lora(module):
+            wrong.append(name)
+        else:
+            while "." in module and trains(modules[module.rpartition(".")[0]]) and \
+                    not holds_lora(module.rpartition(".")[0]):
+                module = module.rpartition(".")[0]
+            heads.add(module)
+    if wrong:
+        raise ValueError(f"save_adapter: parameters {wrong[:10]} require grad but PEFT's LoRA format cannot hold "
+                         f"them (they are not lora_A / lora_B of adapter {adapter!r}, not a bias, and not in a "
+                         f"module without LoRA that modules_to_save could name); freeze them "
+                         f"(requires_grad_(False)) to save the adapter without them")
+    if modules_to_save is not None:
+        if isinstance(modules_to_save, str) or not all(isinstance(e, str) and e for e in modules_to_save):
+            raise TypeError(f"save_adapter: modules_to_save must be None or a list of module names, "
+                            f"got {modules_to_save!r}")
+        chosen = [n for n in modules if name_matches(n, list(modules_to_save))]
+        if not chosen:
+            raise ValueError(f"save_adapter: modules_to_save={list(modules_to_save)} selects no module of "
+                             f"{type(model).__name__} (whole module names)")
+        clash = [n for n in chosen if holds_lora(n) or _inside(n, layers)]
+        if clash:
+            raise ValueError(f"save_adapter: modules_to_save selects {clash}, which hold or lie in LoRA layers")
+        heads |= set(chosen)
+    heads = sorted(h for h in heads if _inside(h, heads) is None)
+    if any(_inside(b, heads) is None for b in free_biases):
+        bias_mode = "all"
+    if bias is not None:
+        if bias not in BIAS_MODES:
+            raise ValueError(f"save_adapter: bias must be None or one of {BIAS_MODES}, got {bias!r}")
+        if _BIAS_ORDER[bias] < _BIAS_ORDER[bias_mode]:
+            trained = lora_trained + [b for b in free_biases if _inside(b, heads) is None]
+            raise ValueError(f"save_adapter: bias={bias!r} would drop trained biases {trained[:10]} "
+                             f"(they need bias={bias_mode!r}); freeze them to leave them out")
+        bias_mode = bias
+    keys = {}
+    if bias_mode != "none":
+        lora_bias_names = {f"{n}.{m.base_bias_name}": n for n, m in layers.items() if m.base_bias is not None}
+        for name, (owner, attr) in index.items():
+            if attr not in owner._parameters or _inside(name, heads) is not None:
+                continue
+            if name in lora_bias_names:
+                if bias_mode == "all" or lora_bias_names[name] in views:
+                    keys[f"{PREFIX}{lora_bias_names[name]}.base_layer.bias"] = name
+            elif bias_mode == "all" and _is_bias(name) and _inside(name, layers) is None:
+                keys[PREFIX + name] = name
+    for name in index:
+        if _inside(name, heads) is not None:
+            keys[PREFIX + name] = name
+    return bias_mode, _modules_to_save_entries(model, layers, heads) if heads else [], keys
+
+
+def _check_directory(directory) -> str:
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"save_adapter: {directory!r} exists and is not a directory")
+    return directory
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None,
-                 adapter_name: str | None = None) -> None:
+                 adapter_name: str | None = None, bias: str | None = None,
+                 modules_to_save: list[str] | None = None, is_main_process: bool | None = None) -> None:
     """Write the LoRALinear modules of ``model`` to ``directory`` as a PEFT LoRA adapter, or,
     for a model with prompt tuning, its soft prompt as a PEFT prompt-tuning adapter.
 
@@ -274,35 +432,70 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, task_type: s
     (an error when layers disagree on it), from the layers that hold it; keys carry no
     adapter name, as in the directories PEFT's save_pretrained writes per adapter.
 
+    Nothing that trains is dropped. Saving the active adapter, every parameter that requires
+    grad goes into the file in PEFT's format, or save_adapter raises ValueError naming it:
+    biases (``mark_only_lora_as_trainable(model, bias=...)``) as PEFT's ``bias`` "lora_only"
+    (only LoRALinear biases train: "base_model.model.<path>.base_layer.bias") or "all" (every
+    parameter named *bias*), and the modules without LoRA whose parameters train (a classifier
+    head you unfroze) as PEFT's ``modules_to_save``, their whole state under
+    "base_model.model.<module>.<tensor>". ``bias`` / ``modules_to_save`` (whole module names)
+    save more than what trains; they cannot leave out what trains. An inactive adapter is saved
+    with these only when they are given.
+
     Every LoRALinear must share lora_dropout and use_rslora (PEFT keeps one of each); r and
     lora_alpha may differ per module (rank_pattern / alpha_pattern). Tensors keep their dtype.
     A prompt is saved as "prompt_embeddings" [num_virtual_tokens, token_dim] with the task_type
     given to add_prompt_tuning (``task_type`` here, if given, must agree).
+
+    ``model`` may be wrapped for training: DistributedDataParallel, torch.compile, FSDP1
+    (FullyShardedDataParallel with use_orig_params=True) or FSDP2 (fully_shard); the file holds
+    the keys and values of the unwrapped model. Under FSDP the whole tensors are gathered from the
+    shards (only the saved ones: ``fastpeft.lora.gather_tensors``), a collective: every rank must
+    call save_adapter, and it returns on each rank once the files are written. Under DDP nothing
+    is gathered: call it on every rank or on rank 0 alone. One process writes: rank 0 of the
+    default process group for a model wrapped in DDP or sharded by FSDP, every caller otherwise;
+    ``is_main_process`` overrides this (PEFT's argument of that name).
     """
-    prompt = get_prompt_tuning(model)
-    if prompt is not None and lora_modules(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_adapter expects an nn.Module, got {type(model).__name__}")
+    inner = unwrap_model(model)
+    prompt = get_prompt_tuning(inner)
+    if prompt is not None and lora_modules(inner):
         raise ValueError("the model has both LoRALinear modules and prompt tuning; a PEFT adapter "
                          "directory holds one method")
-    if prompt is not None and adapter_name is not None:
-        raise ValueError("save_adapter: adapter_name is for LoRA adapters; the model's prompt tuning has none")
-    config = adapter_config(model, task_type, adapter_name) if prompt is None else \
-        prompt_adapter_config(model, task_type)
-    directory = os.fspath(directory)
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise NotADirectoryError(f"save_adapter: {directory!r} exists and is not a directory")
-    tensors = {}
+    if prompt is not None and (adapter_name, bias, modules_to_save) != (None, None, None):
+        raise ValueError("save_adapter: adapter_name, bias and modules_to_save are for LoRA adapters; a soft "
+                         "prompt is saved with the modules_to_save given to add_prompt_tuning")
+    directory = _check_directory(directory)
+    index = tensor_index(inner)
+    name_of = {id(owner._parameters.get(attr, owner._buffers.get(attr))): n for n, (owner, attr) in index.items()}
     if prompt is not None:
-        tensors[PROMPT_KEY] = prompt.weight.detach().to("cpu").contiguous()
-        for name in modules_to_save_names(model, prompt.modules_to_save):
-            for key, value in model.get_submodule(name).state_dict().items():
-                tensors[f"{PROMPT_PREFIX}{name}.{key}"] = value.detach().to("cpu").contiguous()
-    for name, m in (adapter_views(model, adapter_name) if prompt is None else {}).items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
-    os.makedirs(directory, exist_ok=True)
-    _safetensors().save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+        config = prompt_adapter_config(inner, task_type)
+        keys = {PROMPT_KEY: name_of[id(prompt.weight)]}
+        heads = [canonical_name(h) for h in modules_to_save_names(inner, prompt.modules_to_save)]
+        keys.update({PROMPT_PREFIX + n: n for n in index if _inside(n, heads) is not None})
+    else:
+        views = adapter_views(inner, adapter_name)
+        name = _active_name(inner) if adapter_name is None else adapter_name
+        infer = name in active_adapters(inner)
+        bias_mode, entries, keys = _saved_tensors(inner, views, name, infer, bias, modules_to_save)
+        config = adapter_config(inner, task_type, adapter_name, bias=bias_mode, modules_to_save=entries)
+        for n, m in views.items():
+            keys[f"{PREFIX}{n}.lora_A.weight"] = name_of[id(m.lora_A)]
+            keys[f"{PREFIX}{n}.lora_B.weight"] = name_of[id(m.lora_B)]
+    values = gather_tensors(model, list(keys.values()))
+    distributed = is_distributed(model)
+    if is_main_process is None:
+        is_main_process = not (distributed and dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if is_main_process:
+        # copies: tied tensors (an embedding and its head) must not share storage in a safetensors file
+        tensors = {key: values[n].to("cpu", copy=True).contiguous() for key, n in sorted(keys.items())}
+        os.makedirs(directory, exist_ok=True)
+        _safetensors().save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    if is_sharded(model) and dist.is_initialized():
+        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +689,8 @@ def _read(directory: str) -> tuple[dict, dict, str, str]:
 def check_config(config: dict, where: str = "adapter config") -> dict:
     """The fields of a PEFT LoraConfig that fastpeft uses, each checked (type, range; regexes
     compile), as a dict: r, lora_alpha, lora_dropout, use_rslora, target_modules,
-    exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern. Raises,
+    exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern, bias,
+    modules_to_save (a list of module names), task_type (a string or None). Raises,
     naming the field and ``where``, for a wrong type or value (TypeError / ValueError) and for a
     config that is not plain LoRA on linear layers (NotImplementedError)."""
     fields = _Fields(config, where)
@@ -508,9 +702,8 @@ def check_config(config: dict, where: str = "adapter config") -> dict:
             raise NotImplementedError(f"load_adapter: {where}: adapter config field {field}={config[field]!r} "
                                       f"is not supported by fastpeft (plain LoRA only)")
     bias = fields.text("bias", "none")
-    if bias != "none":
-        raise NotImplementedError(f"load_adapter: {where}: adapter config field bias={bias!r} is not supported "
-                                  f"(only 'none')")
+    if bias not in BIAS_MODES:
+        fields.fail(ValueError, "bias", f"must be one of {BIAS_MODES}, got {_json_type(bias)}")
     init = fields.get("init_lora_weights", True)
     if not isinstance(init, (bool, str)):
         fields.fail(TypeError, "init_lora_weights", f"must be true, false or a method name, got {_json_type(init)}")
@@ -531,6 +724,9 @@ def check_config(config: dict, where: str = "adapter config") -> dict:
         "layers_pattern": fields.targets("layers_pattern", regex=r"(?:^|.*?\.){}\.(?P<idx>\d+)\."),
         "rank_pattern": fields.pattern_map("rank_pattern", "integer"),
         "alpha_pattern": fields.pattern_map("alpha_pattern", "number"),
+        "bias": bias,
+        "modules_to_save": fields.names("modules_to_save") or [],
+        "task_type": fields.text("task_type"),
     }
 
 
@@ -693,6 +889,111 @@ def _head_tensors(model: nn.Module, where: str, spec: list[str], state: dict) ->
     return pairs
 
 
+def _bias_targets(model: nn.Module, index: dict, names: list[str], heads: list[str], bias: str) -> dict[str, str]:
+    """File key -> tensor name of the biases a LoRA adapter with PEFT's ``bias`` may hold: for
+    "lora_only" and "all" the base bias of each adapted module P ("base_model.model.P.base_layer.bias",
+    PEFT's name, whatever the module is now: nn.Linear, Int8Linear or LoRALinear); for "all" also
+    every other parameter named *bias* outside LoRA layers and the modules_to_save."""
+    if bias == "none":
+        return {}
+    keys = {}
+    for n in names:
+        module = model.get_submodule(n)
+        attr = module.base_bias_name if isinstance(module, LoRALinear) else "bias"
+        if f"{n}.{attr}" in index:
+            keys[f"{PREFIX}{n}.base_layer.bias"] = f"{n}.{attr}"
+    if bias == "all":
+        layers = names + [canonical_name(n) for n in lora_modules(model)]
+        for n, (owner, attr) in index.items():
+            if attr in owner._parameters and _is_bias(n) and _inside(n, layers) is None and _inside(n, heads) is None:
+                keys[PREFIX + n] = n
+    return keys
+
+
+def _wrapper_bias(path: str, heads: list[str], index: dict) -> str | None:
+    """For PEFT's bias "all" keys of a head in its in-memory names, "<head>.original_module.<bias>"
+    and "<head>.modules_to_save[.<adapter name>].<bias>" (PEFT strips the adapter name only right
+    before a tensor's own name), the model's "<head>.<bias>"; None for anything else."""
+    head = _inside(path, heads)
+    if head is None:
+        return None
+    where, _, rest = path.removeprefix(head + ".").partition(".")
+    candidates = [rest] + ([rest.partition(".")[2]] if where == "modules_to_save" else [])
+    if where in ("original_module", "modules_to_save"):
+        for name in candidates:
+            if f"{head}.{name}" in index and _is_bias(name):
+                return f"{head}.{name}"
+    return None
+
+
+def _extra_tensors(model: nn.Module, config: dict, names: list[str], keys: list[str], state: dict,
+                   where: str) -> tuple[list, list[str], list[str], list[str]]:
+    """The biases and modules_to_save tensors of a LoRA adapter file (``keys``: those that are not
+    lora_A / lora_B), each checked against the model: ([(model tensor, file tensor)], the modules
+    modules_to_save selects, missing keys, unexpected keys).
+
+    modules_to_save selects whole module names (``fastpeft.prompt_tuning.modules_to_save_names``),
+    the config's entries and PEFT's task heads for its task_type ("classifier", "score" for SEQ_CLS
+    and TOKEN_CLS, "qa_outputs" for QUESTION_ANS, which PEFT adds when it loads); a key
+    "base_model.model.<module>.<tensor>" must name a parameter or persistent buffer of one of them,
+    and every tensor of the modules the config names must be in the file (PEFT writes each whole).
+    PEFT's bias "all" also writes a head's biases under its in-memory names (``_wrapper_bias``); they are
+    checked and skipped ("<module>.bias" is the trained one). Biases: ``_bias_targets``. Nothing else of the base model is written."""
+    index = tensor_index(model)
+    modules = list(_module_names(model))
+    task_heads = list(DEFAULT_MODULES_TO_SAVE.get(config["task_type"], ()))
+    spec = list(dict.fromkeys(config["modules_to_save"] + task_heads))
+    heads = [n for n in modules if name_matches(n, spec)]
+    heads = [h for h in heads if _inside(h, heads) is None]
+    named = [h for h in heads if name_matches(h, config["modules_to_save"])]
+    layers = names + [canonical_name(n) for n in lora_modules(model)]
+    clash = [h for h in heads if h in layers or _inside(h, layers) or any(n.startswith(h + ".") for n in layers)]
+    if clash:
+        raise ValueError(f"load_adapter: {where}: modules_to_save {spec} selects {clash}, which are or hold LoRA "
+                         f"layers")
+    targets = _bias_targets(model, index, names, heads, config["bias"])
+    targets.update({PREFIX + n: n for n in index if _inside(n, heads) is not None})
+    pairs, unexpected, seen = [], [], {}
+    for key in sorted(keys):
+        value, name = state[key], targets.get(key)
+        quirk = None
+        if name is None and config["bias"] == "all" and key.startswith(PREFIX):
+            name = quirk = _wrapper_bias(key.removeprefix(PREFIX), heads, index)
+        if name is None:
+            unexpected.append(key)
+            continue
+        owner, attr = index[name]
+        target = getattr(owner, attr)
+        if target.is_floating_point():
+            _weight_dtype(key, value, where)
+        elif value.dtype != target.dtype:
+            raise TypeError(f"load_adapter: {where}: {key!r} has dtype {value.dtype} but the model's {name} "
+                            f"has dtype {target.dtype}")
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(f"load_adapter: {where}: {key!r} has shape {tuple(value.shape)} but the model's "
+                             f"{name} has shape {tuple(target.shape)}")
+        if quirk is not None:
+            continue
+        tied = seen.setdefault(id(target), (key, value))
+        if tied[0] != key and not torch.equal(tied[1], value.to(tied[1].dtype)):
+            raise ValueError(f"load_adapter: {where}: {tied[0]!r} and {key!r} are the same tensor of the model "
+                             f"(tied) but hold different values")
+        pairs.append((target, value))
+    missing = [PREFIX + n for n in index if _inside(n, named) is not None and PREFIX + n not in state]
+    return pairs, heads, missing, unexpected
+
+
+def _assign(target: torch.Tensor, value: torch.Tensor) -> None:
+    """target <- value (a whole tensor from a file); an FSDP2 DTensor gets its shard of it
+    (``distribute_tensor``, a collective: every rank must call this, in the same order)."""
+    dtensor = dtensor_class()
+    if dtensor is not None and isinstance(target, dtensor):
+        from torch.distributed.tensor import distribute_tensor
+        value = distribute_tensor(value.to(target.to_local().device, target.dtype), target.device_mesh,
+                                  target.placements)
+    target.copy_(value)
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Load the PEFT LoRA adapter in ``directory`` into ``model``; return ``model``.
 
@@ -708,9 +1009,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     A model without LoRALinear modules first gets them where the config's target_modules
     (list, regex, "all-linear"; exclude_modules, layers_to_transform) select them, with
     r / lora_alpha from rank_pattern / alpha_pattern, lora_dropout and use_rslora, and only
-    LoRA trains. A model that has them must match the adapter's modules and scalings. The
-    weights are copied into lora_A / lora_B, keeping their dtype and device; keys may carry
-    an adapter name ("...lora_A.default.weight").
+    LoRA trains (with the config's bias, and its modules_to_save). A model that has them must
+    match the adapter's modules and scalings. The weights are copied into lora_A / lora_B,
+    keeping their dtype and device; keys may carry an adapter name ("...lora_A.default.weight").
+
+    PEFT's ``bias`` ("lora_only", "all") and ``modules_to_save`` (a trained classifier head:
+    PEFT's SEQ_CLS / TOKEN_CLS adapters) load too: the biases into the model's biases, the
+    modules' tensors into those modules, in place (``_extra_tensors`` says which keys may write
+    what). fastpeft keeps one copy of them, not one per adapter as PEFT's wrapper does, so they
+    load only into a model that holds no other named adapter.
+
+    ``model`` may be wrapped in DistributedDataParallel or torch.compile (the unwrapped model is
+    loaded; load on every rank), or sharded by FSDP2 (fully_shard) when its LoRA layers already
+    hold the adapter (inject_lora or load_adapter before fully_shard): each rank takes its shard
+    (``distribute_tensor``, a collective: every rank must call it). FSDP1 models are refused: load
+    before wrapping.
 
     The directory is untrusted input: tensors are read as data only (safetensors, or
     adapter_model.bin with torch.load(weights_only=True)); every config field fastpeft uses is
@@ -726,27 +1039,45 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter expects an nn.Module, got {type(model).__name__}")
+    wrapped, model = model, unwrap_model(model)
+    fsdp = fsdp1_class()
+    if fsdp is not None and fsdp.fsdp_modules(wrapped):
+        raise NotImplementedError("load_adapter into an FSDP1 (FullyShardedDataParallel) model is not supported: "
+                                  "load into the model before wrapping it, on every rank")
     raw, state, config_path, weights_path = _read(os.fspath(directory))
     if raw.get("peft_type") == "PROMPT_TUNING":
         if adapter_name is not None:
             raise ValueError("load_adapter: adapter_name is for LoRA adapters; a model has one prompt")
-        return _load_prompt(model, raw, state, config_path, weights_path)
+        _load_prompt(model, raw, state, config_path, weights_path)
+        return wrapped
     config = check_config(raw, config_path)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
     lora = lora_modules(model)
     target = adapter_name if adapter_name is not None else _active_name(model) if lora else DEFAULT_ADAPTER
     existing = {n: m for n, m in lora.items() if m.has_adapter(target)}
+    if not existing and is_sharded(model):
+        raise NotImplementedError(f"load_adapter: no LoRA layer of this FSDP2 (fully_shard) model holds adapter "
+                                  f"{target!r}, and layers made now would not be sharded: load the adapter (or "
+                                  f"inject_lora) before fully_shard")
     names = list(existing) if existing else _planned_names(model, config, config_path)
     ranks = _ranks(config, names)
     use_rslora = bool(config.get("use_rslora", False))
     found, other = _parse_keys(state, weights_path)
+    extras, heads, missing_extra, unexpected_extra = _extra_tensors(model, config, names, other, state, weights_path)
     expected = {(n, w) for n in names for w in "AB"}
-    missing = sorted(f"{PREFIX}{n}.lora_{w}.weight" for n, w in expected - found.keys())
-    unexpected = sorted(other + [found[s][0] for s in found.keys() - expected])
+    missing = sorted([f"{PREFIX}{n}.lora_{w}.weight" for n, w in expected - found.keys()] + missing_extra)
+    unexpected = sorted(unexpected_extra + [found[s][0] for s in found.keys() - expected])
     if missing or unexpected:
+        heads_missing = f" (the modules_to_save {config['modules_to_save']} are saved whole)" if missing_extra else ""
         raise ValueError(f"load_adapter: the adapter in {os.fspath(directory)!r} does not fit the model: "
-                         f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}")
+                         f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}{heads_missing}")
+    others = [a for a in lora_adapters(model) if a != target]
+    if extras and others:
+        raise NotImplementedError(f"load_adapter: {config_path}: the adapter holds biases or modules_to_save "
+                                  f"(bias={config['bias']!r}, modules_to_save={config['modules_to_save']}) but the "
+                                  f"model holds other adapters {others}: fastpeft keeps one copy of the base "
+                                  f"model's biases and heads, which they share")
     for n, m in existing.items():
         r, alpha = ranks[n]
         have = m.adapter_spec(target)
@@ -772,11 +1103,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         if target != DEFAULT_ADAPTER:
             for n in names:
                 model.get_submodule(n).rename_adapter(DEFAULT_ADAPTER, target)
-        mark_only_lora_as_trainable(model, "none")
+        mark_only_lora_as_trainable(model, config["bias"])
+        for h in heads:
+            model.get_submodule(h).requires_grad_(True)
     elif not existing:
         add_adapter_to(model, ranks, target, dropout, use_rslora)
     modules = lora_modules(model)
     with torch.no_grad():
         for (n, w), (_, tensor) in found.items():
-            modules[n].adapter_weights(target)["AB".index(w)].copy_(tensor)
-    return model
+            _assign(modules[n].adapter_weights(target)["AB".index(w)], tensor)
+        for tensor, value in extras:
+            _assign(tensor, value)
+    return wrapped

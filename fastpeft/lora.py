@@ -10,15 +10,22 @@ Several named LoRA adapters (PEFT's names): ``add_adapter`` / ``delete_adapter``
 ``set_adapter`` apply LoRALinear's methods of the same names to every LoRALinear of a model;
 the adapter made by inject_lora is "default". A layer an adapter does not target simply does
 not hold it (no update there). For bottleneck adapters see ``fastpeft.add_bottleneck_adapters``.
+
+Models wrapped for training (DDP, torch.compile, FSDP1, FSDP2's fully_shard): ``unwrap_model`` /
+``canonical_name`` (fastpeft.modules) give the user's model and its names, ``gather_tensors`` the
+whole tensors behind FSDP's shards (what lora_state_dict and save_adapter read), and ``wrap_fsdp1``
+an FSDP1 model that reduces only what trains (``fsdp_auto_wrap_policy``: one unit per block).
 """
 from __future__ import annotations
 
-from typing import Mapping
+import sys
+from typing import Iterable, Mapping
 
+import torch
 from torch import nn
 
-from .modules import (ALL_LINEAR, TargetModules, check_target_modules, fastpeft_internal_names, name_matches,
-                      output_layer_name, replace_module)
+from .modules import (ALL_LINEAR, TargetModules, canonical_name, check_target_modules, fastpeft_internal_names,
+                      find_blocks, name_matches, output_layer_name, replace_module, unwrap_model)
 from .nn.int8 import Int8Linear
 from .nn.lora import LoRALinear, check_adapter_name
 
@@ -119,18 +126,209 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     """The entries of ``model.state_dict()`` that hold lora_A / lora_B (and the inactive named
     adapters, lora_A_adapters.<name> / lora_B_adapters.<name>), plus biases per ``bias``
-    ("none" | "all": every parameter named *bias* | "lora_only": the LoRALinear biases)."""
+    ("none" | "all": every parameter named *bias* | "lora_only": the LoRALinear biases).
+
+    ``model`` may be wrapped for training (DDP, torch.compile, FSDP1 with use_orig_params=True,
+    FSDP2): the keys are those of the unwrapped model and the values whole tensors, gathered from
+    the shards under FSDP (``gather_tensors``; then every rank must call it, and every rank gets
+    the whole dict)."""
     _check_bias(bias)
+    inner = unwrap_model(model)
+    index = tensor_index(inner)
     wanted = set()
-    for name, m in lora_modules(model).items():
-        prefix = name + "." if name else ""
-        wanted |= {prefix + k for k, _ in m.named_parameters(remove_duplicate=False)
-                   if k.startswith("lora_")}
+    for name, m in lora_modules(inner).items():
+        prefix = f"{canonical_name(name)}." if canonical_name(name) else ""
+        wanted |= {prefix + k for k, _ in m.named_parameters(remove_duplicate=False) if k.startswith("lora_")}
         if bias == "lora_only" and m.base_bias is not None:
             wanted.add(prefix + m.base_bias_name)
     if bias == "all":
-        wanted |= {n for n, _ in model.named_parameters(remove_duplicate=False) if _is_bias_name(n)}
-    return {k: v for k, v in model.state_dict().items() if k in wanted}
+        wanted |= {n for n, (m, attr) in index.items() if attr in m._parameters and _is_bias_name(n)}
+    return gather_tensors(model, [n for n in index if n in wanted])
+
+
+# ---------------------------------------------------------------------------------------------
+# models wrapped for training: DDP, torch.compile, FSDP1, FSDP2 (fully_shard)
+
+
+def _loaded(module_name: str, attr: str):
+    """``attr`` of the torch module ``module_name`` if that module was imported, else None: a model
+    can only be wrapped by a class whose module was imported, so nothing is imported here."""
+    module = sys.modules.get(module_name)
+    return getattr(module, attr, None) if module is not None else None
+
+
+def fsdp1_class():
+    """FSDP1's FullyShardedDataParallel, if it was imported."""
+    return _loaded("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
+
+
+def dtensor_class():
+    """DTensor (FSDP2's parameters), if it was imported."""
+    return _loaded("torch.distributed.tensor", "DTensor")
+
+
+def model_class(model: nn.Module) -> type:
+    """The class of ``model`` before FSDP2's fully_shard, which makes it an instance of a new
+    subclass (FSDP<class name>) of FSDPModule and its class."""
+    fsdp_module = _loaded("torch.distributed.fsdp", "FSDPModule")
+    if fsdp_module is None or not isinstance(model, fsdp_module):
+        return type(model)
+    return next(c for c in type(model).__mro__ if not issubclass(c, fsdp_module))
+
+
+def tensor_index(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """State-dict name -> (owning module, attribute) for every parameter and persistent buffer of
+    ``model`` (tied tensors under each of their names), names as in the unwrapped model
+    (``canonical_name``). Raises for FSDP1 with use_orig_params=False, whose modules no longer
+    hold their parameters."""
+    out = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        tensors = list(m._parameters.items()) + [(k, b) for k, b in m._buffers.items()
+                                                   if k not in m._non_persistent_buffers_set]
+        for attr, t in tensors:
+            if t is None:
+                continue
+            if attr == "_flat_param":
+                raise NotImplementedError("FSDP1 with use_orig_params=False keeps flat parameters only; wrap the "
+                                          "model with FullyShardedDataParallel(..., use_orig_params=True) "
+                                          "(or use FSDP2's fully_shard) to save or read its adapter")
+            out[canonical_name(f"{prefix}.{attr}" if prefix else attr)] = (m, attr)
+    return out
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds parameters sharded across processes (FSDP1 units or FSDP2's
+    DTensors): reading them whole is then a collective that every rank must join."""
+    fsdp, dtensor = fsdp1_class(), dtensor_class()
+    return (fsdp is not None and bool(fsdp.fsdp_modules(model))) or \
+        (dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()))
+
+
+def is_distributed(model: nn.Module) -> bool:
+    """Whether ``model`` is trained by several processes: wrapped in DDP or sharded by FSDP."""
+    while isinstance(model, nn.Module) and "_orig_mod" in model._modules:
+        model = model._modules["_orig_mod"]
+    return isinstance(model, nn.parallel.DistributedDataParallel) or is_sharded(model)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    dtensor = dtensor_class()
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def gather_tensors(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The whole (unsharded, detached) tensors called ``names`` in the unwrapped ``model``, in that
+    order. Plain tensors (and DDP's, which every rank holds whole) are returned as they are, FSDP2's
+    DTensors gathered with ``DTensor.full_tensor()``, FSDP1's flat-parameter views inside
+    ``FullyShardedDataParallel.summon_full_params`` of the one unit that holds them (only the units
+    that hold a wanted tensor are unsharded, one at a time, and copied from). Under FSDP this is a
+    collective: every rank must call it with the same names, in the same order, and every rank gets
+    the whole tensors."""
+    inner = unwrap_model(model)
+    index = tensor_index(inner)
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise KeyError(f"the model has no parameters or buffers {unknown[:10]}")
+    out = {}
+    fsdp = fsdp1_class()
+    units = fsdp.fsdp_modules(model) if fsdp is not None else []
+    if units:
+        fsdp.fsdp_modules(model, root_only=True)  # finds the roots by lazy-initializing them: an inner unit
+        owner = {}                                # summoned first would take itself for a root
+        for unit in units:  # pre-order: a nested unit overrides the unit around it
+            owner.update({id(p): unit for p in unit.module.parameters()})
+        for unit in units:  # ignored_states (wrap_fsdp1's trainable parameters) are whole: no unit holds them
+            for p in getattr(unit, "_ignored_params", ()):
+                owner.pop(id(p), None)
+        held = {}
+        for n in names:
+            m, attr = index[n]
+            unit = owner.get(id(m._parameters[attr])) if attr in m._parameters else None
+            if unit is not None:
+                held.setdefault(id(unit), []).append(n)
+        for unit in units:
+            if id(unit) in held:
+                with fsdp.summon_full_params(unit, recurse=False, writeback=False):
+                    for n in held[id(unit)]:
+                        m, attr = index[n]
+                        out[n] = getattr(m, attr).detach().clone()  # the unsharded storage is freed on exit
+    for n in names:
+        if n not in out:
+            m, attr = index[n]
+            out[n] = _whole(getattr(m, attr))
+    return {n: out[n] for n in names}
+
+
+def fsdp_auto_wrap_policy(model: nn.Module):
+    """An FSDP1 ``auto_wrap_policy`` putting each transformer block in its own unit: the classes
+    named in ``model._no_split_modules`` (Hugging Face models), else the block classes of the known
+    layouts (``fastpeft.modules.find_blocks``), as PEFT's ``fsdp_auto_wrap_policy`` does for the
+    blocks. It shards the base model block by block; it cannot by itself keep FSDP1 from reducing
+    frozen values, since a LoRALinear holds lora_A / lora_B next to its frozen weight and FSDP1
+    reduces a unit's flat parameter whole: ``wrap_fsdp1`` keeps the trainable parameters out of
+    the flat parameters for that."""
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    inner = unwrap_model(model)
+    wanted = set(getattr(inner, "_no_split_modules", None) or ())
+    classes = {type(m) for m in inner.modules() if type(m).__name__ in wanted}
+    if not classes:
+        classes = {type(block) for _, _, blocks in find_blocks(inner) for block in blocks}
+    return ModuleWrapPolicy(classes)
+
+
+def wrap_fsdp1(model: nn.Module, **fsdp_kwargs) -> nn.Module:
+    """``FullyShardedDataParallel(model, use_orig_params=True, ...)`` that reduces only the trainable
+    values: the frozen base is sharded (by default one unit per block, ``fsdp_auto_wrap_policy``);
+    the parameters that train (LoRA, biases, heads: a few MB) stay whole on every rank
+    (``ignored_states``) and their gradients are averaged over the process group by one
+    all-reduce each, as soon as each is accumulated. FSDP1 alone would reduce every unit's flat
+    parameter whole (frozen weights included), 8 to 20 times the trainable values on a small
+    Llama.
+
+    Call it on every rank after inject_lora / mark_only_lora_as_trainable (what trains is read
+    here) and give it what you would give FSDP (``device_id``, ``process_group``, ``mixed_precision``,
+    ...; ``ignored_states`` are added to). With ``device_id`` the trainable parameters move there
+    too (FSDP moves only what it manages). Mixed precision does not apply to them, and under
+    FSDP1's ``no_sync()`` they are still reduced at each backward. save_adapter / load_adapter /
+    lora_state_dict read and write the returned model."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap_fsdp1 expects an nn.Module, got {type(model).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("wrap_fsdp1: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first")
+    if fsdp_kwargs.get("use_orig_params") is False:
+        raise ValueError("wrap_fsdp1: use_orig_params must be True (save_adapter reads the original parameters)")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("wrap_fsdp1: no parameter of the model requires grad; call inject_lora (or "
+                         "mark_only_lora_as_trainable) first")
+    device = fsdp_kwargs.get("device_id")
+    if device is not None:
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        for p in trainable:
+            p.data = p.data.to(device)
+    group = fsdp_kwargs.get("process_group")
+    if isinstance(group, tuple):  # HYBRID_SHARD's (intra-node, inter-node) pair: average over all of them
+        group = None
+    fsdp_kwargs = dict(fsdp_kwargs, use_orig_params=True,
+                       ignored_states=list(fsdp_kwargs.get("ignored_states") or ()) + trainable)
+    fsdp_kwargs.setdefault("auto_wrap_policy", fsdp_auto_wrap_policy(model))
+    wrapped = FullyShardedDataParallel(model, **fsdp_kwargs)
+    size = dist.get_world_size(group)
+
+    def average(p: torch.Tensor) -> None:
+        dist.all_reduce(p.grad, group=group)
+        p.grad.div_(size)
+
+    for p in trainable:
+        p.register_post_accumulate_grad_hook(average)
+    return wrapped
 
 
 # ---------------------------------------------------------------------------------------------

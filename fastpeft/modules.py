@@ -93,6 +93,35 @@ def fastpeft_internal_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_modules() if n.startswith(prefixes)}
 
 
+# The attribute under which a training wrapper keeps the module it wraps, and which that wrapper
+# puts into the qualified names of everything inside it: torch.compile's OptimizedModule
+# (_orig_mod), FSDP1's FullyShardedDataParallel (_fsdp_wrapped_module), activation
+# checkpointing's CheckpointWrapper (_checkpoint_wrapped_module). DDP and DataParallel keep it
+# as ``.module`` (at the root only). FSDP2's fully_shard adds no module and no name.
+WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside the wrappers at the root of ``model``: DistributedDataParallel /
+    DataParallel (``.module``), torch.compile (``._orig_mod``), FSDP1 and activation checkpointing
+    (their wrapped module), as often as they are stacked. Nested wrappers (FSDP1 units, compiled
+    or checkpointed blocks) stay: ``canonical_name`` removes them from names."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        inner = next((model._modules[a] for a in WRAPPER_SEGMENTS if a in model._modules), None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the segments wrappers insert (WRAPPER_SEGMENTS): the name the same module
+    or tensor has in the unwrapped model, as ``torch.distributed.checkpoint`` names it."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the qualified ``name`` of ``model`` (a direct child of its parent)."""
     parent_name, _, leaf = name.rpartition(".")

@@ -253,8 +253,8 @@ def edit_config(d, **changes):
 @pytest.mark.parametrize("field, value, exc", [
     ("use_dora", True, NotImplementedError),
     ("fan_in_fan_out", True, NotImplementedError),
-    ("bias", "all", NotImplementedError),
-    ("modules_to_save", ["lm_head"], NotImplementedError),
+    ("bias", "lora", ValueError),
+    ("modules_to_save", ["lm_head"], ValueError),  # names the head, whose weight the file lacks
     ("layer_replication", [[0, 2]], NotImplementedError),
     ("lora_bias", True, NotImplementedError),
     ("init_lora_weights", "pissa", NotImplementedError),

@@ -66,7 +66,8 @@ def test_add_adapter_keeps_default_and_state_dict_layout():
     assert m.lora_A is A and m.lora_B is B and (m.r, m.scaling) == (4, 2.0)
     assert m.adapter_names == ("default", "x") and m.active_adapter == "default"
     assert torch.equal(m(x), y0)
-    assert set(m.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "lora_A_adapters.x", "lora_B_adapters.x"}
+    assert set(m.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "lora_A_adapters.x", "lora_B_adapters.x",
+                                   "_extra_state"}  # (the merged flag)
     assert m.lora_A_adapters["x"].shape == (2, 12) and m.lora_B_adapters["x"].shape == (8, 2)
     assert torch.count_nonzero(m.lora_B_adapters["x"]) == 0
     assert not m.lora_A_adapters["x"].requires_grad and A.requires_grad
@@ -83,7 +84,7 @@ def test_set_adapter_swaps_parameters_and_config():
     assert m.lora_A_adapters["default"] is A0
     assert (m.r, m.lora_alpha, m.scaling) == (1, 2.0, 2.0)
     assert Aone.requires_grad and not A0.requires_grad  # only the active adapter trains
-    assert set(m.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "lora_A_adapters.default",
+    assert set(m.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "_extra_state", "lora_A_adapters.default",
                                    "lora_B_adapters.default", "lora_A_adapters.big", "lora_B_adapters.big"}
     expected = torch.nn.functional.linear(x, m.weight, m.bias) + 2.0 * (x @ Aone.detach().t()) @ Bone.detach().t()
     assert_close("set_adapter", m(x), expected.double(), torch.float32)
@@ -245,7 +246,7 @@ def test_model_helpers_and_layout(fresh):
     k = model.model.layers[0].self_attn.k_proj
     assert q.adapter_names == ("x", "z") and q.active_adapter == "x"
     assert k.adapter_names == ("y",) and k.active_adapter is None  # wrapped by add_adapter
-    assert set(k.state_dict()) == {"weight", "bias", "lora_A_adapters.y", "lora_B_adapters.y"}
+    assert set(k.state_dict()) == {"weight", "bias", "lora_A_adapters.y", "lora_B_adapters.y", "_extra_state"}
     sd = lora_state_dict(model)
     assert "model.layers.0.self_attn.q_proj.lora_A" in sd and "model.layers.0.self_attn.q_proj.lora_A_adapters.z" in sd
     assert "model.layers.1.mlp.down_proj.lora_B_adapters.y" in sd
