@@ -257,9 +257,14 @@ ALLOWED_SYNCS = {
     ("fastpeft/ops/distill.py", "f\"got {labels[bad].flatten()[:4].tolist()}\"))"): "error message, CPU failure path",
     ("fastpeft/nn/fakequant.py", "self._initialized = bool(self.initialized)  # loading is not a training step: read it once"):
         "load_state_dict, not a step",
+    ("fastpeft/nn/lora.py", "self._merge_after_load = bool(state)"): "load_state_dict (the merged flag), not a step",
     ("fastpeft/nn/qat.py", "if not bool(torch.isfinite(w).all()):"): "QATLinear set-up (reset_weight_quantizer)",
     ("fastpeft/nn/qat.py", "if not bool((torch.isfinite(s) & (s > 0)).all()):"): "convert_qat, once",
     ("fastpeft/nn/qat.py", "f\"{s.flatten()[:8].tolist()}\")"): "convert_qat error message",
+    ("fastpeft/reference/multi_lora.py", "counts = torch.bincount(key, minlength=n + 1).tolist()"):
+        "torch backend on CPU tensors only (HOST_GROUPED): rows grouped by adapter; other devices gather per row",
+    ("fastpeft/reference/multi_lora.py", "rank_list = ranks.long().clamp(0, r_max).tolist()"):
+        "torch backend on CPU tensors only (HOST_GROUPED): rows grouped by adapter; other devices gather per row",
     ("fastpeft/reference/distill.py", "idx = valid.nonzero().squeeze(1)"):
         "the reference (the torch backend; CUDA tensors default to triton, which has no sync)",
     ("fastpeft/reference/int8.py", "cols = torch.nonzero(out.any(dim=0)).flatten()"):
@@ -273,6 +278,8 @@ PYTHON_BOOLS = {
     ("fastpeft/adapter_io.py", "use_rslora = bool(config.get(\"use_rslora\", False))"),
     ("fastpeft/ops/lora.py", "return M <= FUSE_SHRINK_MAX_M if fuse_shrink is None else bool(fuse_shrink)"),
     ("fastpeft/ops/multi_lora.py", "check = bool(check)"),
+    ("fastpeft/adapter_io.py", "return bool(params) and all(p.requires_grad for p in params)"),
+    ("fastpeft/lora.py", "return (fsdp is not None and bool(fsdp.fsdp_modules(model))) or \\"),
     ("fastpeft/nn/lora.py", "_checks.probability(\"lora_dropout\", lora_dropout), bool(use_rslora))"),
 }
 SYNC_PATTERN = re.compile(r"\.item\(\)|\.tolist\(\)|nonzero\(|\.cpu\(\)|synchronize\(|\bbool\(|\.numpy\(\)")
