@@ -7,9 +7,14 @@ Numerics: fastpeft/reference/multi_lora.py. Backends: ``triton`` (kernels/multi_
 reference). Registered ops (fastpeft/ops/_library.py), inference only (no autograd):
   fastpeft::multi_lora       the update alone, a new tensor
   fastpeft::multi_lora_add_  the update added into ``out`` in place (mutates ``out``)
-Nothing reads a tensor value on the host: the optional value check of the indices and ranks
-runs on the device (fastpeft._checks.check_values: on CUDA a device-side assertion), so the op
-can be captured in a CUDA graph and replayed with new indices, ranks and scalings.
+Nothing reads a tensor value on the host on a device: the optional value check of the indices
+and ranks runs on the device (fastpeft._checks.check_values: on CUDA a device-side assertion),
+so the op can be captured in a CUDA graph and replayed with new indices, ranks and scalings.
+The one exception is the torch backend on CPU tensors (device types in HOST_GROUPED), where
+host memory makes a read free: it groups the rows by adapter (reading the per-adapter row
+counts and the ranks) and runs one shrink and one expand per adapter present, as PEFT's
+mixed batch does (reference.multi_lora.add_grouped_), instead of the per-row gathers of
+reference.multi_lora.multi_lora_delta that it runs, sync-free, on any other device.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ INT_DTYPES = (torch.int32, torch.int64)
 DECODE_MAX_ROWS = 128
 DECODE_MAX_MIXED_ROWS = 1024
 ROWS_PER_ADAPTER = 4
+# Device types on which the torch backend groups rows by adapter on the host (a read of the
+# indices and ranks: free in host memory, a sync anywhere else). Elsewhere it gathers per row.
+HOST_GROUPED = ("cpu",)
 
 
 def regime(T: int, n: int) -> str:
@@ -137,6 +145,23 @@ def _add_into(out, x, lora_A, lora_B, ranks, scalings, indices, check, backend):
     if scalings.dtype != torch.float32:
         scalings = scalings.float()
     lead = x.shape[:-1]
+    if name == "torch" and x.device.type in HOST_GROUPED:
+        # rows grouped by adapter, one shrink + expand per adapter present (as PEFT): reads the
+        # indices and ranks on the host, which costs nothing for host memory
+        y2 = None
+        if out is None:
+            y2 = x.new_zeros(T, N)
+        else:
+            try:
+                y2 = out.view(T, N)
+            except RuntimeError:  # not viewable as rows: the update alone, then added
+                pass
+        if y2 is None:
+            delta = ref.add_grouped_(x.new_zeros(T, N), x.reshape(T, K), lora_A, lora_B, ranks, scalings, idx)
+            out.add_(delta.view(out.shape))
+            return out
+        ref.add_grouped_(y2, x.reshape(T, K), lora_A, lora_B, ranks, scalings, idx)
+        return y2.view(*lead, N) if out is None else out
     if T == 0 or N == 0 or K == 0 or name == "torch":
         delta = ref.multi_lora_delta(x.reshape(T, K), lora_A, lora_B, ranks, scalings, idx)
         if out is None:
@@ -203,10 +228,12 @@ def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, rank
     ``check=True`` validates the index and rank values on the device: a ValueError on CPU
     tensors, a device-side assertion on CUDA ones (no host sync: fine inside CUDA-graph
     capture). With ``check=False`` nothing is checked, and an out-of-range index counts as "no
-    adapter" (never an out-of-bounds read). Inference only: raises RuntimeError when autograd
-    would need a gradient. ``backend`` forces 'triton' | 'cuda' | 'torch' (see
-    fastpeft._backend). Runs as ``torch.ops.fastpeft.multi_lora`` (``multi_lora_add_`` with
-    ``out``).
+    adapter" (never an out-of-bounds read). The torch backend on CPU tensors reads the indices
+    and ranks on the host (to group the rows by adapter, as PEFT does; free in host memory);
+    on CUDA tensors, forced with ``backend='torch'``, it gathers per row and reads nothing.
+    Inference only: raises RuntimeError when autograd would need a gradient. ``backend``
+    forces 'triton' | 'cuda' | 'torch' (see fastpeft._backend). Runs as
+    ``torch.ops.fastpeft.multi_lora`` (``multi_lora_add_`` with ``out``).
     """
     _validate(x, lora_A, lora_B, ranks, scalings, indices, out)
     if backend is not None:

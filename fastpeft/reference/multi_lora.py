@@ -7,6 +7,12 @@ nothing. A [n, r_max, in] and B [n, out, r_max] stack the adapters; ranks [n] (1
 and scalings [n] describe them. Entries of A and B beyond an adapter's rank are never part of
 the result (they may hold anything, NaN included): they are selected away with ``where``,
 never multiplied by zero.
+
+Two formulations of the same update: ``multi_lora_delta`` gathers each row's adapter slices
+(one batched matmul over rows, no host read: the specification, and the torch backend on
+non-CPU tensors) and ``add_grouped_`` groups the rows by adapter and runs one pair of matmuls
+per adapter present, as PEFT's mixed-batch forward does (the torch backend on CPU tensors: it
+reads the indices and ranks on the host, free for host memory, a sync on a device).
 """
 from __future__ import annotations
 
@@ -50,6 +56,56 @@ def multi_lora_delta(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         # non-finite weight of adapter 0 would otherwise reach them as 0 * inf)
         out[sl] = torch.where(keep[sl, :1], torch.bmm(B_m[safe[sl]], u[:, :, None])[:, :, 0], zero)
     return out
+
+
+def add_grouped_(y2: torch.Tensor, x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 ranks: torch.Tensor, scalings: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """y2 [T, out] += the update of x2 [T, in], in place; returns y2. The rows are grouped by
+    adapter (a stable sort of the indices, one gather of x's rows) and each adapter present runs
+    one shrink and one expand on its segment, on A[a, :r_a] and B[a, :, :r_a] only (entries
+    beyond the rank are never read); one scatter-add then adds the segments into y2. Rows with
+    no adapter are left untouched; an adapter of rank <= 0 adds zeros. Same values as
+    ``multi_lora_delta`` (summation order aside).
+
+    Reads the indices' adapter counts and the ranks on the host (to size each adapter's
+    matmuls): meant for CPU tensors, where that costs no sync; on a device it would synchronize
+    (and could not be captured in a CUDA graph), which is why the torch backend uses
+    ``multi_lora_delta`` there.
+    """
+    T = x2.shape[0]
+    n, r_max, _ = lora_A.shape
+    idx = indices.long()
+    key = torch.where((idx >= 0) & (idx < n), idx, torch.full_like(idx, n))  # n: no adapter
+    counts = torch.bincount(key, minlength=n + 1).tolist()
+    rank_list = ranks.long().clamp(0, r_max).tolist()
+    scale = scalings.to(y2.dtype)
+    valid = T - counts[n]
+    if valid == 0:
+        return y2
+    if valid == T and max(counts[:n]) == T:  # one adapter for every row: no gather, no scatter
+        a = counts.index(T)
+        r = rank_list[a]
+        if r > 0:
+            u = torch.mm(x2, lora_A[a, :r].t()).mul_(scale[a])
+            y2.add_(torch.mm(u, lora_B[a, :, :r].t()))
+        return y2
+    rows = torch.argsort(key, stable=True)[:valid]  # the rows with an adapter, grouped by adapter
+    xs = x2.index_select(0, rows)
+    delta = y2.new_empty(valid, y2.shape[1])
+    start = 0
+    for a in range(n):
+        c = counts[a]
+        if c == 0:
+            continue
+        seg = slice(start, start + c)
+        start += c
+        r = rank_list[a]
+        if r == 0:
+            delta[seg].zero_()
+            continue
+        u = torch.mm(xs[seg], lora_A[a, :r].t()).mul_(scale[a])
+        torch.mm(u, lora_B[a, :, :r].t(), out=delta[seg])
+    return y2.index_add_(0, rows, delta)
 
 
 def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
