@@ -63,7 +63,11 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     if not names:
         linear = [n for n, m in model.named_modules() if isinstance(m, BASE_TYPES) and n]
         shown = ", ".join(linear[:12]) + (", ..." if len(linear) > 12 else "")
-        raise ValueError(f"target_modules={target_modules!r} matches no module; nn.Linear modules "
+        hint = ""
+        if isinstance(target_modules, str) and any(name_matches(n, [target_modules]) for n in linear):
+            hint = (f" (a string is a regex that must match the whole qualified name, as in PEFT; to select "
+                    f"the modules named {target_modules!r} in every block, pass a list: [{target_modules!r}])")
+        raise ValueError(f"target_modules={target_modules!r} matches no module{hint}; nn.Linear modules "
                          f"of this model: [{shown}]")
     return names
 

@@ -80,8 +80,10 @@ def test_list_entries_match_whole_name_parts():
 
 
 def test_regex_is_a_full_match(model):
-    with pytest.raises(ValueError, match="matches no module"):
-        inject_lora(model, "q_proj")  # a regex string must match the whole qualified name
+    with pytest.raises(ValueError, match=r"matches no module \(a string is a regex .* pass a list: \['q_proj'\]\)"):
+        inject_lora(model, "q_proj")  # a regex string must match the whole qualified name; the error says so
+    with pytest.raises(ValueError, match=r"matches no module; "):  # no hint when a list would not match either
+        inject_lora(model, "qq_proj")
 
 
 def test_inject_options_and_rslora(model):
