@@ -4,9 +4,12 @@ fastpeft._C (csrc/) links no libtorch: nvcc compiles the kernels, the host C++ c
 pybind11 bindings, and the module links the static CUDA runtime, so it builds on any machine
 with nvcc, GPU or not. The build writes a ninja file under build/ and runs ninja.
 
-  FASTPEFT_BUILD_CUDA=1    build fastpeft._C; fail without nvcc
+  FASTPEFT_BUILD_CUDA=1    build fastpeft._C; fail without nvcc (CI sets it where nvcc is: csrc/
+                           must compile)
   FASTPEFT_BUILD_CUDA=0    skip it (pure-Python install)
-  unset                    build it when nvcc is on PATH or in $CUDA_HOME/bin
+  unset                    build it where it can run: an NVIDIA GPU visible and nvcc on PATH or in
+                           $CUDA_HOME/bin (a machine with nvcc but no GPU skips several minutes of
+                           nvcc for an extension it could not load)
   FASTPEFT_CUDA_ARCHS      sm_XX targets, default "80;90" (>= 80: the kernels use TF32/bf16
                            tensor cores); PTX for the highest is embedded too
   CUDA_HOME / CUDA_PATH    the toolkit, when nvcc or libcudart_static.a are not found otherwise
@@ -63,6 +66,21 @@ def find_cudart_dir(nvcc: str) -> str:
             return os.path.normpath(d)
     raise RuntimeError("fastpeft._C: libcudart_static.a not found (looked in: " + ", ".join(dict.fromkeys(dirs))
                        + "); set CUDA_HOME to the CUDA toolkit, or FASTPEFT_BUILD_CUDA=0 to skip the extension")
+
+
+def gpu_visible() -> bool:
+    """Whether the NVIDIA driver lists a GPU on this machine (where fastpeft._C can run)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir() and any(gpus.iterdir()):
+        return True
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.lstrip().startswith("GPU")
 
 
 def cuda_archs() -> list[int]:
@@ -174,6 +192,10 @@ def _extensions() -> list[Extension]:
     if mode not in ("", "0", "1"):
         raise RuntimeError(f"FASTPEFT_BUILD_CUDA={mode!r}: expected 0, 1 or unset")
     if mode == "0":
+        return []
+    if mode == "" and not gpu_visible():
+        print("fastpeft: no NVIDIA GPU visible; installing without the CUDA C++ extension fastpeft._C "
+              "(FASTPEFT_BUILD_CUDA=1 builds it anyway)", file=sys.stderr)
         return []
     if find_nvcc() is None:
         if mode == "1":
