@@ -785,6 +785,19 @@ def _parse_keys(state: dict, where: str) -> tuple[dict, list[str]]:
     return found, other
 
 
+def _check_like(key: str, value: torch.Tensor, target: torch.Tensor, name: str, where: str) -> None:
+    """The file's tensor ``key`` can replace the model's tensor ``name``: a floating-point tensor for a
+    floating one (any float dtype: it is cast), the very dtype otherwise, and the same shape."""
+    if target.is_floating_point():
+        _weight_dtype(key, value, where)
+    elif value.dtype != target.dtype:
+        raise TypeError(f"load_adapter: {where}: {key!r} has dtype {value.dtype} but the model's {name} "
+                        f"has dtype {target.dtype}")
+    if tuple(target.shape) != tuple(value.shape):
+        raise ValueError(f"load_adapter: {where}: {key!r} has shape {tuple(value.shape)} but the model's "
+                         f"{name} has shape {tuple(target.shape)}")
+
+
 def _weight_dtype(key: str, tensor: torch.Tensor, where: str) -> None:
     """Only floating-point tensors are weights: an integer or bool tensor would be cast, a complex
     one lose its imaginary part."""
@@ -870,14 +883,7 @@ def _head_tensors(model: nn.Module, where: str, spec: list[str], state: dict) ->
         if target is None:
             unexpected.append(key)
             continue
-        if target.is_floating_point():
-            _weight_dtype(key, value, where)
-        elif value.dtype != target.dtype:
-            raise TypeError(f"load_adapter: {where}: {key!r} has dtype {value.dtype} but the model's {path} "
-                            f"has dtype {target.dtype}")
-        if tuple(target.shape) != tuple(value.shape):
-            raise ValueError(f"load_adapter: {where}: {key!r} has shape {tuple(value.shape)} but the model's "
-                             f"{path} has shape {tuple(target.shape)}")
+        _check_like(key, value, target, path, where)
         tied = seen.setdefault(id(target), (key, value))
         if tied[0] != key and not torch.equal(tied[1], value.to(tied[1].dtype)):
             raise ValueError(f"load_adapter: {where}: {tied[0]!r} and {key!r} are the same tensor of the model "
@@ -964,14 +970,7 @@ def _extra_tensors(model: nn.Module, config: dict, names: list[str], keys: list[
             continue
         owner, attr = index[name]
         target = getattr(owner, attr)
-        if target.is_floating_point():
-            _weight_dtype(key, value, where)
-        elif value.dtype != target.dtype:
-            raise TypeError(f"load_adapter: {where}: {key!r} has dtype {value.dtype} but the model's {name} "
-                            f"has dtype {target.dtype}")
-        if tuple(target.shape) != tuple(value.shape):
-            raise ValueError(f"load_adapter: {where}: {key!r} has shape {tuple(value.shape)} but the model's "
-                             f"{name} has shape {tuple(target.shape)}")
+        _check_like(key, value, target, name, where)
         if quirk is not None:
             continue
         tied = seen.setdefault(id(target), (key, value))
