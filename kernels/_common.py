@@ -80,15 +80,6 @@ def rint(v, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def round_bf16(y):
-    """fp32 y rounded to the nearest bf16 value (ties to even), still as fp32. The interpreter
-    truncates on an fp32 -> bf16 cast; rounding first makes its result the GPU's (cvt.rn)."""
-    b = y.to(tl.uint32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")

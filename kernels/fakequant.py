@@ -29,7 +29,6 @@ import triton.language as tl
 from . import _common
 from ._common import interpreted as _interpreted
 from ._common import rint as _rint
-from ._common import round_bf16 as _round_bf16
 
 
 @triton.jit
@@ -70,7 +69,7 @@ def _elem(x, inv, z, QMIN: tl.constexpr, QMAX: tl.constexpr, USE_LIBDEVICE: tl.c
 def _fwd_kernel(
     X, Y, BAD, SCALE, INV, ZINT, R, C, B, R_SPLIT,
     QMIN: tl.constexpr, QMAX: tl.constexpr, C_FAST: tl.constexpr, INT64: tl.constexpr,
-    ROUND_BF16: tl.constexpr, USE_LIBDEVICE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -84,8 +83,6 @@ def _fwd_kernel(
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         v, r, q, inside = _elem(x, inv, z, QMIN, QMAX, USE_LIBDEVICE)
         y = (q - z) * s
-        if ROUND_BF16:
-            y = _round_bf16(y)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
         finite = tl.abs(x) < float("inf")  # False for NaN and +-inf (masked lanes hold 0)
         bad = tl.maximum(bad, tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0))
@@ -189,7 +186,7 @@ def fake_quantize_fwd(x: torch.Tensor, scale: torch.Tensor, inv: torch.Tensor, z
     bad = _common.new_output((cfg["grid"][0] * cfg["grid"][1],), x, torch.int32)
     _fwd_kernel[cfg["grid"]](
         x, y, bad, scale, inv, zint, cfg["R"], cfg["C"], cfg["B"], cfg["r_split"],
-        ROUND_BF16=_interpreted() and x.dtype == torch.bfloat16, num_warps=cfg["warps"], **const)
+        num_warps=cfg["warps"], **const)
     return y, bad
 
 

@@ -48,7 +48,6 @@ import triton.language as tl
 from . import _common
 from ._common import interpreted as _interpreted
 from ._common import rint as _rint
-from ._common import round_bf16 as _round_bf16
 
 # slot modes of the elementwise kernels
 _TENSOR, _DIV, _MOD, _DIVMOD = 0, 1, 2, 3
@@ -314,7 +313,7 @@ def _dequant_kernel(
     D, SCALE, ZP, Y, N_UNITS, K, P, DIV, MOD,
     SLOT_MODE: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, SIGNED: tl.constexpr,
     FOUR_BIT: tl.constexpr, EVEN: tl.constexpr, PAIR_SAME: tl.constexpr, INT64: tl.constexpr,
-    ROUND_BF16: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr,
+    TOP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if INT64:
@@ -339,8 +338,6 @@ def _dequant_kernel(
                           PAIR_SAME)
     y = (q - zp) * sc
     y = tl.where(y > TOP, TOP, tl.where(y < -TOP, -TOP, y))  # saturate (NaN compares false: stays)
-    if ROUND_BF16:
-        y = _round_bf16(y)
     tl.store(Y + e, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -537,6 +534,6 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         data, scale, zero_point, y, units, K, P, div, mod,
         SLOT_MODE=mode, GROUP=group, HAS_ZP=not absmax, SIGNED=absmax, FOUR_BIT=bits == 4, EVEN=even,
         PAIR_SAME=bits == 4 and group % 2 == 0 and group > 0, INT64=N + 2 * block >= 2**31,
-        ROUND_BF16=_interpreted() and out_dtype == torch.bfloat16, TOP=torch.finfo(out_dtype).max, BLOCK=block,
+        TOP=torch.finfo(out_dtype).max, BLOCK=block,
         num_warps=warps)
     return y
