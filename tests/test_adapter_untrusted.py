@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import fastpeft
@@ -21,6 +21,7 @@ from fastpeft import add_prompt_tuning, inject_lora, load_adapter, save_adapter
 pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from _hf import base, fresh, torch_backend  # noqa: E402,F401  (fixtures; torch_backend: autouse)
+from _fuzz import fuzz_settings  # noqa: E402
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # Regexes on which Python's re backtracks for ever (measured on "model.layers.0.self_attn.q_proj": all
@@ -29,7 +30,6 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HOSTILE = [r"(.*)*(.*)*(.*)*(.*)*(.*)*X", r"(\w+\.?)+X", r"(?:.*.*)*X", r".*.*.*.*.*.*.*.*.*.*.*.*X",
            r"(?:(?:q|_|p|r|o|j|\.|\w)+)+X"]
 HOSTILE_SECONDS = 1.0
-FUZZ_EXAMPLES = int(os.environ.get("FASTPEFT_FUZZ_EXAMPLES", "25"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,8 +441,7 @@ LORA_FIELDS = ["r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules"
                "peft_type", "task_type", "inference_mode"]
 PROMPT_FIELDS = ["num_virtual_tokens", "token_dim", "task_type", "modules_to_save", "num_transformer_submodules",
                  "prompt_tuning_init", "peft_type", "num_layers", "inference_mode"]
-FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz_settings(25)  # derandomized in CI; FASTPEFT_FUZZ_EXAMPLES=N for N fresh examples
 
 
 @pytest.fixture(scope="module")
