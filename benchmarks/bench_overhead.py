@@ -81,12 +81,13 @@ def run(ctx) -> list[dict]:
         name, mode = b["params"]["name"], b["params"]["mode"]
         group, role = LAYERS[name][0], LAYERS[name][1]
         stats = b["stats"]
-        m = common.Measured(ms=stats["median"] * 1e3, timing="pytest-benchmark")
+        m = common.Measured(ms=stats["median"] * 1e3, ms_min=stats["min"] * 1e3, ms_max=stats["max"] * 1e3,
+                            timing="pytest-benchmark")
         target = {"min_speedup_vs_peer": 1.0} if role == "ours" and group in ("lora", "lora_dropout") else None
         records.append(common.timing_record(
             "overhead", group, mode, SHAPE, "float32", name, {"base": "base", "peer": "peer", "unfused": "unfused",
                                                               "ours": "auto"}[role], m, target=target,
-            min_us=stats["min"] * 1e6, max_us=stats["max"] * 1e6, rounds=stats["rounds"]))
+            rounds=stats["rounds"]))
     # the nn.Linear baseline goes into every group of its mode, so each ratio is against it
     bases = [r for r in records if r["role"] == "base"]
     for r in bases:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -49,6 +50,18 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
 from _utils import TOL, rel_err  # noqa: E402  (the tests' output checks: one copy)
+
+
+class _DropBnbHubWarning(logging.Filter):
+    """bitsandbytes warns, when its CPU backend loads on a machine that cannot fetch its optional
+    4-bit GEMM from the kernels hub (offline), that the hub kernel is unavailable: the benches use
+    none of its 4-bit ops, so the line is noise in a bench log. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBnbHubWarning())
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                torch.float64: "fp64"}
@@ -80,6 +93,18 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except Exception as exc:  # missing or broken: say which
         return f"not installed ({type(exc).__name__}: {exc})"
+
+
+PEERS = ("peft", "bitsandbytes")  # the peers the benches compare against
+
+
+def peers_line() -> str:
+    """Which peer libraries this run can compare against, with their versions."""
+    parts = []
+    for dist in PEERS:
+        v = _version(dist)
+        parts.append(f"{dist} {v}" if not v.startswith("not installed") else f"{dist} absent")
+    return "Peers: " + ", ".join(parts) + "."
 
 
 def environment() -> dict:
@@ -205,6 +230,8 @@ class Measured:
     warmup_s: float | None = None
     error: str | None = None
     eager_error: str | None = None  # the eager timing of a graph-timed call failed (ms stands)
+    ms_min: float | None = None     # the spread: fastest and slowest of the repeats (CPU: of the
+    ms_max: float | None = None     # CPU_ROUNDS rounds' medians)
 
 
 def _reset(grads: Sequence[torch.Tensor] | None) -> None:
@@ -225,10 +252,12 @@ def gpu_ms(fn: Callable[[], Any], ctx: Context, *, graph: bool = False,
                           return_mode="median"))
 
 
-def cpu_ms(fns: dict[str, Callable[[], Any]], ctx: Context, min_time_s: float | None = None) -> dict[str, float]:
-    """Median milliseconds of each callable on the CPU (``torch.utils.benchmark.Timer``, at the
-    current thread count), measured in alternation: ``ROUNDS`` blocked_autorange rounds each,
-    merged, so that load from other processes hits every callable alike."""
+def cpu_stats(fns: dict[str, Callable[[], Any]], ctx: Context,
+              min_time_s: float | None = None) -> dict[str, tuple[float, float, float]]:
+    """Milliseconds of each callable on the CPU (``torch.utils.benchmark.Timer``, at the current
+    thread count) as (median, min, max): ``CPU_ROUNDS`` blocked_autorange rounds each, taken in
+    alternation so that load from other processes hits every callable alike; the median of all
+    the rounds' blocks merged, and the spread of the rounds' medians."""
     from torch.utils.benchmark import Measurement, Timer
     min_time_s = (0.6 if ctx.quick else 2.0) if min_time_s is None else min_time_s
     timers = {name: Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=torch.get_num_threads())
@@ -237,7 +266,13 @@ def cpu_ms(fns: dict[str, Callable[[], Any]], ctx: Context, min_time_s: float | 
     for _ in range(CPU_ROUNDS):
         for name, timer in timers.items():
             runs[name].append(timer.blocked_autorange(min_run_time=min_time_s / CPU_ROUNDS / max(1, len(timers))))
-    return {name: Measurement.merge(ms)[0].median * 1e3 for name, ms in runs.items()}
+    return {name: (Measurement.merge(ms)[0].median * 1e3, min(m.median for m in ms) * 1e3,
+                   max(m.median for m in ms) * 1e3) for name, ms in runs.items()}
+
+
+def cpu_ms(fns: dict[str, Callable[[], Any]], ctx: Context, min_time_s: float | None = None) -> dict[str, float]:
+    """The medians of ``cpu_stats``."""
+    return {name: st[0] for name, st in cpu_stats(fns, ctx, min_time_s).items()}
 
 
 CPU_ROUNDS = 5  # alternation rounds of cpu_ms
@@ -318,8 +353,8 @@ def measure_together(fns: dict[str, tuple[Callable[[], Any], Sequence[torch.Tens
         except Exception as exc:
             m.error = _failed(ctx, exc)
     try:
-        for name, ms in cpu_ms(calls, ctx).items():
-            out[name].ms = ms
+        for name, (ms, lo, hi) in cpu_stats(calls, ctx).items():
+            out[name].ms, out[name].ms_min, out[name].ms_max = ms, lo, hi
     except Interrupted:
         raise
     except Exception as exc:
@@ -653,7 +688,8 @@ def timing_record(bench: str, op: str, mode: str, shape: dict, dtype: str, impl:
     m = m or Measured()
     rec = {"kind": "timing", "bench": bench, "op": op, "mode": mode, "shape": dict(shape),
            "shape_str": shape_str(shape), "dtype": dtype, "impl": impl, "role": role,
-           "ms": m.ms, "ms_eager": m.ms_eager, "timing": m.timing, "warmup_s": m.warmup_s,
+           "ms": m.ms, "ms_min": m.ms_min, "ms_max": m.ms_max, "ms_eager": m.ms_eager, "timing": m.timing,
+           "warmup_s": m.warmup_s,
            **({"eager_error": m.eager_error} if m.eager_error else {}),
            "flops": flops, "bytes": bytes_, "target": target, "error": error or m.error}
     rec.update(extra)
@@ -705,6 +741,16 @@ def _speedup(ref: dict | None, r: dict) -> tuple[float | None, str | None]:
     return ref_ms / r_ms, "eager (one side could not be timed in CUDA graphs)"
 
 
+def _speedup_range(ref: dict | None, r: dict) -> tuple[float, float] | None:
+    """The range of ms(ref) / ms(r) that the two spreads allow (slowest over fastest, both ways);
+    None without spreads, or when one side was timed in CUDA graphs and the other not."""
+    if not ref or ref is r or _graphed(r) != _graphed(ref):
+        return None
+    if not all(x.get(k) for x in (ref, r) for k in ("ms_min", "ms_max")):
+        return None
+    return ref["ms_min"] / r["ms_max"], ref["ms_max"] / r["ms_min"]
+
+
 def _comparable_ms(recs: list[dict]) -> dict:
     """id(record) -> the ms to rank ``recs`` by: their ms when all were timed alike, else the
     eager times."""
@@ -739,6 +785,10 @@ def finalize(records: list[dict], ceilings: dict) -> list[dict]:
             r["ratio_vs_base"] = 1 / vs_base if vs_base else None
             r["speedup_vs_unfused"], basis_u = _speedup(rec_of("unfused"), r)
             r["speedup_vs_peer"], basis_p = _speedup(rec_of("peer"), r)
+            rng = _speedup_range(base, r)
+            r["ratio_vs_base_range"] = (1 / rng[1], 1 / rng[0]) if rng else None
+            r["speedup_vs_unfused_range"] = _speedup_range(rec_of("unfused"), r)
+            r["speedup_vs_peer_range"] = _speedup_range(rec_of("peer"), r)
             for key, basis in (("ratio_vs_base_basis", basis_b), ("speedup_vs_unfused_basis", basis_u),
                                ("speedup_vs_peer_basis", basis_p)):
                 if basis:
@@ -796,6 +846,46 @@ def _ms(v) -> str:
     return "-" if v is None else (f"{v:.4f}" if v < 1 else f"{v:.3f}")
 
 
+def _ms_spread(r: dict) -> str:
+    """'median (min-max)' of a record's milliseconds; the median alone without a spread."""
+    if r.get("ms") is None:
+        return "-"
+    lo, hi = r.get("ms_min"), r.get("ms_max")
+    return _ms(r["ms"]) + (f" ({_ms(lo)}-{_ms(hi)})" if lo is not None and hi is not None else "")
+
+
+def _ratio(r: dict, key: str, spec: str) -> str:
+    """A ratio, with the range its two spreads allow when there is one: '1.22 (0.95-1.60)'."""
+    v, rng = r.get(key), r.get(key + "_range")
+    if v is None:
+        return "-"
+    return _f(v, spec) + (f" ({format(rng[0], spec)}-{format(rng[1], spec)})" if rng else "")
+
+
+def drop_empty_columns(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:
+    """The table without the columns that no row fills (every cell '-' or empty)."""
+    rows = [list(map(str, r)) for r in rows]
+    keep = [i for i in range(len(headers)) if any(r[i] not in ("-", "") for r in rows)] if rows else list(range(len(headers)))
+    return [headers[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
+
+def correctness(records: list[dict]) -> tuple[int, int, int]:
+    """(checked, wrong, unchecked) over the timed outputs that are not the base op's."""
+    timed = [r for r in records if r.get("kind") == "timing" and r.get("role") != "base" and r.get("ms")]
+    checked = [r for r in timed if r.get("ok") is not None]
+    return len(checked), sum(r["ok"] is False for r in checked), len(timed) - len(checked)
+
+
+def correctness_line(records: list[dict]) -> str:
+    checked, wrong, unchecked = correctness(records)
+    if not checked:
+        return "Correctness: no timed output was checked"
+    head = (f"Correctness: {checked - wrong}/{checked} timed outputs match their reference" if not wrong
+            else f"Correctness: {wrong} of {checked} timed outputs are WRONG (see WRONG OUTPUTS)")
+    return head + (" (float64 / fp32 computations, the tests' tolerances)"
+                   + (f"; {unchecked} timed without a check" if unchecked else ""))
+
+
 def text_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     rows = [list(map(str, r)) for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
@@ -838,10 +928,10 @@ def summary_rows(records: list[dict]) -> list[list[str]]:
     prim = [next((r for r in g if r["role"] == "auto"), None) for g in groups.values()]
     for p in sorted((p for p in prim if p is not None), key=_sort_key):
         base = next((r for r in groups[_group_key(p)] if r["role"] == "base"), {})
-        rows.append([p["op"], p["mode"], p["shape_str"], p["dtype"], _ms(base.get("ms")),
-                     _ms(p.get("ms")) if p.get("ms") else (p.get("error") or "-")[:40],
-                     _f(p.get("ratio_vs_base"), ".3f"), _f(p.get("speedup_vs_unfused"), ".2f"),
-                     _f(p.get("speedup_vs_peer"), ".2f"), p.get("picked") or "-",
+        rows.append([p["op"], p["mode"], p["shape_str"], p["dtype"], _ms_spread(base),
+                     _ms_spread(p) if p.get("ms") else (p.get("error") or "-")[:40],
+                     _ratio(p, "ratio_vs_base", ".3f"), _ratio(p, "speedup_vs_unfused", ".2f"),
+                     _ratio(p, "speedup_vs_peer", ".2f"), p.get("picked") or "-",
                      _short_impl(p.get("fastest")), p.get("target_str") or "-", _f(p.get("meets"))])
     return rows
 
@@ -854,11 +944,11 @@ def detail_rows(records: list[dict]) -> list[list[str]]:
     rows = []
     for r in sorted((r for r in records if r.get("kind") == "timing"), key=_sort_key):
         timing = r.get("timing") or "-"
-        rows.append([r["shape_str"], r["mode"], r["impl"], _ms(r.get("ms")),
+        rows.append([r["shape_str"], r["mode"], r["impl"], _ms_spread(r),
                      "graph" if timing == "cudagraph" else timing, _ms(r.get("ms_eager")),
                      _f(r.get("tflops"), ".3g"), _f(r.get("gbps"), ".3g"),
                      _f(None if r.get("sol") is None else 100 * r["sol"], ".0f"),
-                     _f(r.get("ratio_vs_base"), ".3f"), _f(r.get("speedup_vs_unfused"), ".2f"),
+                     _ratio(r, "ratio_vs_base", ".3f"), _ratio(r, "speedup_vs_unfused", ".2f"),
                      _f(r.get("rel_err"), ".1e"), r.get("target_str") or "", _f(r.get("meets"), none=""),
                      (r.get("error") or r.get("note") or "")[:120]])
     return rows
@@ -868,11 +958,22 @@ def error_rows(records: list[dict]) -> list[list[str]]:
     return [[r["bench"], r["op"], r["what"], r["error"]] for r in records if r.get("kind") == "error"]
 
 
+CPU_SCOPE = (
+    "What a CPU run measures: the torch path of each op (what fastpeft runs on a CPU) against the "
+    "unfused PyTorch way and the peers installed here (PEFT's layers, bitsandbytes), timed together "
+    "in one run, in alternation, at this machine's thread count; every timed output is checked "
+    "against a float64 / fp32 computation. What it cannot measure: the GPU kernels (compiled Triton, "
+    "CUDA C++ fastpeft._C) and so the GPU targets (`make bench` on a GPU), and the roofline "
+    "fractions. The Triton kernels' correctness on the CPU (in Triton's interpreter) is `make test`'s.")
+
+
 def markdown(meta: dict, records: list[dict]) -> str:
     env, ceil = meta.get("environment", {}), meta.get("ceilings", {})
     gpu = env.get("gpu", {}).get("name") if env.get("gpu") else None
-    lines = [f"# fastpeft benchmarks: {meta.get('stamp')}", "",
-             f"- device: {gpu or 'CPU (no CUDA GPU)'}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
+    lines = [f"# fastpeft benchmarks: {meta.get('stamp')}", "", f"**{correctness_line(records)}**", ""]
+    if not gpu:
+        lines += [CPU_SCOPE, ""]
+    lines += [f"- device: {gpu or 'CPU (no CUDA GPU)'}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
              f"triton {env.get('triton')}, peft {env.get('peft')}, python {env.get('python')}",
              f"- fastpeft {env.get('fastpeft')}; fastpeft._C: {env.get('fastpeft_C')}; "
              f"env: {env.get('env')}"]
@@ -891,10 +992,12 @@ def markdown(meta: dict, records: list[dict]) -> str:
     for n in meta.get("notes", []):
         lines.append(f"- {n}")
     lines += ["", "Ratios: `x base` = ms / ms(base op), lower is better; `vs unfused` / `vs peer` = "
-              "ms(unfused PyTorch way / PEFT's layer) / ms, higher is better. See benchmarks/README.md.", ""]
+              "ms(unfused PyTorch way / PEFT's layer) / ms, higher is better. See benchmarks/README.md."
+              + (" Times are medians, with the spread (min-max over the repeats) in parentheses; a ratio's "
+                 "parentheses give the range that the two spreads allow." if not gpu else ""), ""]
     summ = summary_rows(records)
     if summ:
-        lines += ["## Summary", "", md_table(SUMMARY_HEADERS, summ), ""]
+        lines += ["## Summary", "", md_table(*drop_empty_columns(SUMMARY_HEADERS, summ)), ""]
     wrong = [r for r in records if r.get("kind") == "timing" and r.get("ok") is False]
     if wrong:
         lines += ["## WRONG OUTPUTS", ""] + [f"- {r['impl']} {r['mode']} {r['shape_str']}: {r.get('note')}"
@@ -904,7 +1007,7 @@ def markdown(meta: dict, records: list[dict]) -> str:
         lines += ["## Did not run", "", md_table(("bench", "op", "what", "why"), errors), ""]
     det = detail_rows(records)
     if det:
-        lines += ["## Details", "", md_table(DETAIL_HEADERS, det), ""]
+        lines += ["## Details", "", md_table(*drop_empty_columns(DETAIL_HEADERS, det)), ""]
     extra = meta.get("bench_meta") or {}
     if extra:
         lines += ["## Bench notes", ""]
@@ -924,6 +1027,19 @@ def _jsonable(o):
     if isinstance(o, (str, int, float, bool)) or o is None:
         return o
     return str(o)
+
+
+RESULT_SUFFIXES = (".json", ".md", ".png")
+
+
+def unique_path_base(out_dir: str, stamp: str) -> str:
+    """``out_dir/stamp``, or ``stamp-2``, ``stamp-3``, ...: the first for which no results file
+    exists yet, so that a run never overwrites an earlier one."""
+    base, n = os.path.join(out_dir, stamp), 1
+    while any(os.path.exists(base + sfx) for sfx in RESULT_SUFFIXES):
+        n += 1
+        base = os.path.join(out_dir, f"{stamp}-{n}")
+    return base
 
 
 def write_results(path_base: str, meta: dict, records: list[dict]) -> tuple[str, str]:

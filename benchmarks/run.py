@@ -16,6 +16,7 @@ import importlib
 import os
 import signal
 import sys
+import textwrap
 import traceback
 
 import torch
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
     gpu_name = torch.cuda.get_device_name(0) if CUDA else None
     stamp = args.stamp or f"{common.today()}-{common.gpu_slug(gpu_name) if CUDA else 'cpu'}"
     out_dir = args.out_dir or os.path.join(HERE, "results" if CUDA else "out")
-    path_base = os.path.join(out_dir, stamp)
+    path_base = common.unique_path_base(out_dir, stamp)  # never overwrites an earlier run
+    stamp = os.path.basename(path_base)
     budget = args.budget if args.budget is not None else (DEFAULT_GPU_BUDGET_S if CUDA else 0)
     ctx = common.Context(cuda=CUDA, quick=args.quick, budget_s=budget or None)
     _CTX.append(ctx)
@@ -92,10 +94,10 @@ def main(argv=None) -> int:
         print(f"FASTPEFT_AUTOTUNE={os.environ.get('FASTPEFT_AUTOTUNE', '(unset: autotune)')}: the first "
               "call of each kernel per shape tunes/compiles it (warm-up, not timed)")
     else:
-        print("No CUDA GPU found. The GPU kernels (compiled Triton, CUDA C++ fastpeft._C) need CUDA and are")
-        print("not timed here. This run times the CPU paths (the torch path, against the unfused PyTorch")
-        print("way and the peers) on smaller shapes, checking each timed output; every backend's correctness")
-        print("is `make test`'s. Run `make bench` on a GPU for real numbers.")
+        print(f"No CUDA GPU found: a CPU run ({torch.get_num_threads()} threads). "
+              + common.peers_line())
+        print(textwrap.fill(common.CPU_SCOPE, 100))
+        print("Times are medians with their spread (min-max over the repeats); ratios come from one run.")
     print("=" * 100, flush=True)
 
     env = common.environment()
@@ -121,9 +123,11 @@ def main(argv=None) -> int:
         ctx.log("measuring ceilings (copy bandwidth, dense matmul, int8 matmul)")
         meta["ceilings"] = ctx.ceilings = common.measure_ceilings(ctx)
         c = ctx.ceilings
-        mm = ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in (c.get("matmul_tflops") or {}).items())
+        mm = ", ".join(f"{k} {v:.1f} TFLOP/s" if v >= 1 else f"{k} {v * 1e3:.0f} GFLOP/s"
+                       for k, v in (c.get("matmul_tflops") or {}).items())
         ctx.log(f"ceilings: copy {common._f(c.get('copy_gbps'), '.0f')} GB/s; matmul {mm or '-'}"
-                + (f"; int8 {c['int8_tops']:.1f} TOP/s" if c.get("int8_tops") else "")
+                + (f"; int8 {c['int8_tops']:.1f} TOP/s" if (c.get("int8_tops") or 0) >= 1
+                   else f"; int8 {c['int8_tops'] * 1e3:.0f} GOP/s" if c.get("int8_tops") else "")
                 + (f"; {c['error']}" if c.get("error") else "")
                 + (f"; {c['int8_error']}" if c.get("int8_error") else ""))
         for i, name in enumerate(args.names):
@@ -165,27 +169,32 @@ def main(argv=None) -> int:
             print(f"(plot skipped: {common.short_error(exc)})")
 
     wrong = [r for r in records if r.get("kind") == "timing" and r.get("ok") is False]
-    print()
+    print("\n" + "=" * 100)
+    print(f"Results ({'GPU: ' + gpu_name if CUDA else f'CPU, {torch.get_num_threads()} threads'})")
+    print(common.correctness_line(records))
     for r in records:
         if r.get("kind") == "error":
             print(f"  DID NOT RUN {r['bench']} {r['op']} {r['what']}: {r['error']}")
     for r in wrong:
         print(f"  WRONG OUTPUT {r['impl']} {r['mode']} {r['shape_str']}: {r.get('note')}")
     if not CUDA:
-        det = [row for row in common.detail_rows(records)]
+        det = common.detail_rows(records)
         if det:
-            print("\nCPU timings (torch path; ratios against the same run's baselines):")
-            cols = (0, 1, 2, 3, 6, 9, 10)
-            print(common.text_table([common.DETAIL_HEADERS[i] for i in cols], [[row[i] for i in cols] for row in det]))
-    print("\nwrote: " + ", ".join(_show(p) for p in written))
-    print(f"total {ctx.elapsed():.0f} s" + ("  (INTERRUPTED: partial results)" if meta["interrupted"] else ""))
+            print("\nCPU timings: medians (min-max over the repeats); ratios against the same run's baselines, "
+                  "with the range the spreads allow:")
+            cols = (0, 1, 2, 3, 9, 10, 11)
+            print(common.text_table(*common.drop_empty_columns([common.DETAIL_HEADERS[i] for i in cols],
+                                                               [[row[i] for i in cols] for row in det])))
     summ = common.summary_rows(records)
     if summ:
         print("\nSummary (x base = ms / base ms, lower is better; vs unfused/peer = their ms / ours, higher "
               "is better):")
-        print(common.text_table(common.SUMMARY_HEADERS, summ))
+        print(common.text_table(*common.drop_empty_columns(common.SUMMARY_HEADERS, summ)))
     if not CUDA:
-        print("\nNote: no CUDA GPU here; the GPU kernels need CUDA. CPU timings are of the torch path only.")
+        print("\nNo CUDA GPU here: these are the torch path's CPU timings; the GPU kernels and their targets "
+              "need `make bench` on a GPU.")
+    print("\nwrote: " + ", ".join(_show(p) for p in written))
+    print(f"total {ctx.elapsed():.0f} s" + ("  (INTERRUPTED: partial results)" if meta["interrupted"] else ""))
     if meta["interrupted"]:
         return 2
     return 1 if (wrong or failed_benches) else 0

@@ -163,3 +163,108 @@ def test_ratios_compare_like_with_like():
     assert graphed_variant["ratio_vs_base"] == pytest.approx(1.5) and "ratio_vs_base_basis" not in graphed_variant
     assert auto["speedup_vs_peer"] == pytest.approx(2.0) and "eager" in auto["speedup_vs_peer_basis"]
     assert auto["fastest"] == "v1" and auto["auto_vs_fastest"] == pytest.approx(3.5 / 3.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU report (`make bench` without a GPU)
+
+
+def _rec(op, mode, M, impl, role, ms, lo, hi, target=None, **shape):
+    return common.timing_record("b", op, mode, {"M": M, **shape}, "fp32", impl, role,
+                                common.Measured(ms=ms, ms_min=lo, ms_max=hi, timing="torch.utils.benchmark"),
+                                target=target)
+
+
+def test_ratio_ranges_follow_the_spreads():
+    base = _rec("op", "fwd", 4, "base", "base", 1.0, 0.9, 1.2)
+    ours = _rec("op", "fwd", 4, "ours", "auto", 2.0, 1.8, 2.5)
+    peer = _rec("op", "fwd", 4, "peer", "peer", 3.0, 2.0, 4.0)
+    common.finalize([base, ours, peer], {})
+    assert ours["ratio_vs_base"] == pytest.approx(2.0)
+    assert ours["ratio_vs_base_range"] == pytest.approx((1.8 / 1.2, 2.5 / 0.9))
+    assert ours["speedup_vs_peer_range"] == pytest.approx((2.0 / 2.5, 4.0 / 1.8))
+    row = common.summary_rows([base, ours, peer])[0]
+    assert "2.000 (1.800-2.500)" in row and "1.50 (0.80-2.22)" in row
+
+
+def test_cpu_summary_drops_the_columns_it_cannot_fill():
+    recs = common.finalize([_rec("op", "fwd", 4, "base", "base", 1.0, 0.9, 1.2),
+                            _rec("op", "fwd", 4, "ours", "auto", 2.0, 1.8, 2.5)], {})
+    headers, rows = common.drop_empty_columns(common.SUMMARY_HEADERS, common.summary_rows(recs))
+    assert "target" not in headers and "meets" not in headers and "vs peer" not in headers
+    assert "x base" in headers and len(rows[0]) == len(headers)
+    text = common.markdown({"stamp": "t", "environment": {}}, recs)
+    assert "no timed output was checked" in text.splitlines()[2]  # none was: it says so, first
+    assert "| target |" not in text
+
+
+def test_plot_draws_only_panels_with_data():
+    """CPU records (one M per shape: bars with their spread) and GPU-like records (several M:
+    lines, a target) in one file: one panel each, none empty, the target drawn; a group that
+    holds only its base op gets no panel."""
+    pytest.importorskip("matplotlib")
+    import plot
+
+    recs = []
+    for mode in ("eval", "fwd+bwd"):  # CPU-like: one M
+        recs += [_rec("lora", mode, 1, "nn.Linear", "base", 1.0, 0.9, 1.1, K=64),
+                 _rec("lora", mode, 1, "PEFT LoRA", "peer", 4.0, 3.5, 5.0, K=64),
+                 _rec("lora", mode, 1, "LoRALinear", "auto", 3.0, 2.5, 3.2, K=64)]
+    recs += [_rec("alone", "fwd", 1, "base", "base", 1.0, 1.0, 1.0)]  # nothing to compare: no panel
+    for M in (1, 16, 2048):  # GPU-like: several M, a target
+        recs += [_rec("lora_linear", "fwd", M, "base", "base", 1.0, 1.0, 1.0, K=4096),
+                 _rec("lora_linear", "fwd", M, "fastpeft[auto]", "auto", 1.1, 1.1, 1.1,
+                      target={"max_ratio_vs_base": 1.15}, K=4096)]
+    common.finalize(recs, {})
+    fig, n = plot.build_figure({"meta": {"stamp": "t", "device": "cpu"}, "records": recs})
+    try:
+        assert n == 3 and len(fig.axes) == 3
+        for ax in fig.axes:
+            drawn = [p for p in ax.patches if p.get_width() > 0] + [ln for ln in ax.lines if len(ln.get_xdata()) > 1]
+            assert drawn, ax.get_title()
+        lines = next(ax for ax in fig.axes if ax.get_title().startswith("lora_linear"))
+        assert any(list(ln.get_ydata()) == [1.15, 1.15] for ln in lines.lines)  # the target
+        assert "dash-dot: target" in fig._suptitle.get_text()
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    fig, n = plot.build_figure({"meta": {}, "records": recs[:3] + recs[6:7]})
+    try:
+        assert n == 1 and "target" not in fig._suptitle.get_text()
+    finally:
+        plt.close(fig)
+
+
+def test_cpu_run_reports_correctness_first_and_never_overwrites(tmp_path, monkeypatch, capsys):
+    """Two CPU runs into one folder: two reports, the first left as it was; the report leads with
+    the correctness of what it timed, and says what a CPU run cannot measure."""
+    import types
+
+    import run
+
+    fake = types.ModuleType("fake_bench")
+
+    def fake_run(ctx):
+        x, w = torch.randn(8, 16), torch.randn(4, 16)
+        impls = [common.Impl("base", "base", lambda _: x @ w.t(), check=False),
+                 common.Impl("ours", "auto", lambda _: x @ w.t())]
+        return common.time_impls(ctx, "fake", "op", "fwd", {"M": 8}, "fp32", impls, [None], want={"y": x @ w.t()})
+
+    fake.run = fake_run
+    monkeypatch.setitem(sys.modules, "fake_bench", fake)
+    monkeypatch.setattr(run, "BENCHES", {"fake": "fake_bench"})
+    monkeypatch.setattr(run, "CUDA", False)
+    monkeypatch.setattr(common, "measure_ceilings", lambda ctx: {})
+    monkeypatch.setattr(common, "CPU_ROUNDS", 2)
+    args = ["--quick", "--out-dir", str(tmp_path), "--stamp", "s", "--no-plot"]
+    assert run.main(args) == 0
+    first = (tmp_path / "s.md").read_text()
+    assert run.main(args) == 0
+    assert (tmp_path / "s.md").read_text() == first and (tmp_path / "s-2.md").exists()
+    assert (tmp_path / "s-2.json").exists()
+    out = capsys.readouterr().out
+    results = out[out.rindex("Results (CPU"):]
+    assert results.splitlines()[1].startswith("Correctness: 1/1 timed outputs match")
+    assert "What a CPU run measures" in first and "cannot measure" in first
+    assert first.splitlines()[2].startswith("**Correctness: 1/1")
+    assert " (" in results  # times with their spread
