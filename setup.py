@@ -159,52 +159,72 @@ class NinjaBuildExt(build_ext):
             "  command = $nvcc $nvcc_flags -MD -MF $out.d -c $in -o $out",
             "  depfile = $out.d",
             "  deps = gcc",
-            "  description = NVCC $out",
+            "  description = nvcc $name",
             "rule cxx",
             "  command = $cxx $cxx_flags -MMD -MF $out.d -c $in -o $out",
             "  depfile = $out.d",
             "  deps = gcc",
-            "  description = CXX $out",
+            "  description = c++ $name",
             "rule link",
             "  command = $cxx -shared $in -o $out $ldflags",
-            "  description = LINK $out",
+            "  description = link fastpeft._C",
         ]
         objects = []
         for src in ext.sources:
             obj = str(build_dir / (Path(src).name + ".o"))
             rule = "nvcc" if src.endswith(".cu") else "cxx"
             lines.append(f"build {_ninja_path(obj)}: {rule} {_ninja_path(str(ROOT / src))}")
+            lines.append(f"  name = {_ninja_path(src)}")
             objects.append(obj)
         lines.append(f"build {_ninja_path(str(target))}: link " + " ".join(map(_ninja_path, objects)))
         lines.append(f"default {_ninja_path(str(target))}")
         (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
 
         cmd = [find_ninja(), "-C", str(build_dir)]
-        if self.verbose:
+        if os.environ.get("FASTPEFT_BUILD_VERBOSE"):  # the whole commands (else a line per file)
             cmd.append("-v")
         print(f"building fastpeft._C for sm_{', sm_'.join(map(str, archs))} with {nvcc} "
               f"(cudart static from {cudart_dir})", flush=True)
         subprocess.run(cmd, check=True)
 
 
-def _extensions() -> list[Extension]:
+def build_decision() -> tuple[bool, str]:
+    """Whether this install builds fastpeft._C, and why (FASTPEFT_BUILD_CUDA, a GPU, nvcc)."""
     mode = os.environ.get("FASTPEFT_BUILD_CUDA", "").strip()
     if mode not in ("", "0", "1"):
         raise RuntimeError(f"FASTPEFT_BUILD_CUDA={mode!r}: expected 0, 1 or unset")
     if mode == "0":
-        return []
+        return False, "FASTPEFT_BUILD_CUDA=0"
     if mode == "" and not gpu_visible():
-        print("fastpeft: no NVIDIA GPU visible; installing without the CUDA C++ extension fastpeft._C "
-              "(FASTPEFT_BUILD_CUDA=1 builds it anyway)", file=sys.stderr)
-        return []
+        return False, "no NVIDIA GPU visible (FASTPEFT_BUILD_CUDA=1 builds it anyway)"
     if find_nvcc() is None:
         if mode == "1":
             raise RuntimeError("FASTPEFT_BUILD_CUDA=1 but nvcc was not found on PATH or in $CUDA_HOME/bin")
-        print("fastpeft: nvcc not found; installing without the CUDA C++ extension fastpeft._C",
-              file=sys.stderr)
+        return False, "nvcc not found"
+    why = "FASTPEFT_BUILD_CUDA=1" if mode == "1" else "a GPU is visible and nvcc found"
+    return True, f"{why}; FASTPEFT_BUILD_CUDA=0 skips it"
+
+
+def cuda_plan() -> str:
+    """One line for the installer to print before pip runs: what happens to fastpeft._C."""
+    build, why = build_decision()
+    if not build:
+        return f"fastpeft._C (the CUDA C++ extension): not built: {why}"
+    return (f"fastpeft._C (the CUDA C++ extension): building with nvcc for sm_{', sm_'.join(map(str, cuda_archs()))} "
+            f"({why}): several minutes of nvcc (about 5 on 2 cores); a line per compiled file follows")
+
+
+def _extensions() -> list[Extension]:
+    build, why = build_decision()
+    if not build:
+        print(f"fastpeft: installing without the CUDA C++ extension fastpeft._C: {why}", file=sys.stderr)
         return []
     return [NinjaCUDAExtension("fastpeft._C", sources=CUDA_SOURCES + CXX_SOURCES, depends=CUDA_HEADERS)]
 
+
+if __name__ == "__main__" and sys.argv[1:] == ["--cuda-plan"]:
+    print(cuda_plan())
+    sys.exit(0)
 
 setup(
     name="fastpeft",
