@@ -101,7 +101,15 @@ constexpr const char* DOC_int8_gemm =
     "col_flags != 0 zeroed (col_flags 0: none). cols (int32, n_cols entries) and count (int32 [1],\n"
     "read on the device, clamped to [0, min(n_cols, K)]) list the outlier columns of X (element\n"
     "(m, k) at x + m*s_xm + k*s_xk, dtype of Y); bias 0: none. int32 accumulation on int8 tensor\n"
-    "cores, fp32 epilogue. tile: 0 chooses, 1 128x128, 2 64x64, 3 16x32 (K split over warps).";
+    "cores, fp32 epilogue. tile: 0 chooses, 1 128x128 (64x64 where K or a stride of q, w is not a multiple\n"
+    "of 16: byte loads), 2 64x64, 3 16x32 (K split over warps).";
+constexpr const char* DOC_int8_dequant_matmul =
+    "dx[m, k] (at dx + m*s_xm + k, overwritten) = sum_n dy[m, n] * W_deq[n, k], W_deq[n, k] = w[n, k] * (w_scale[n] / 127)\n"
+    "(the fp32 product, as reference.int8.dequantize_weight): the gradient of the int8 layer w.r.t. its input.\n"
+    "dy [M, N] (element (m, n) at dy + m*s_dm + n*s_dn) and dx [M, K] of dtype; w int8 [N, K] (element (n, k) at\n"
+    "w + n*s_wn + k*s_wk); w_scale float32 [N]. Each int8 W tile is dequantized in registers (rounded to dtype for\n"
+    "fp16/bf16; 3xTF32 fragments for fp32) and multiplied on tensor cores with fp32 accumulation; no dequantized\n"
+    "weight is written. tile: 0 chooses, 1 large (16-bit: 128x128, fp32: 64x128), 2 64x64 (fp32: as 1), 3 16-row.";
 constexpr const char* DOC_quant_quantize =
     "Absmax / zero-point quantization of contiguous x (numel = outer*C*inner, last dim `last`), as\n"
     "fastpeft/reference/quant.py: mode 0 one slot, 1 slot (e / inner) % C (per channel), 2 slot e / group_size\n"
@@ -128,4 +136,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &fastpeft::cuda_device_count,
         "Number of CUDA devices this module's runtime sees (0 without a driver or GPU).");
   m.def("compiled_archs", &fastpeft::compiled_archs, "The sm_XX targets compiled into this module, as ints.");
+  m.def("cuda_runtime_version", &fastpeft::cuda_runtime_version,
+        "CUDART_VERSION of the static CUDA runtime this module was built with (1000 * major + 10 * minor).");
+  m.def("cuda_driver_version", &fastpeft::cuda_driver_version,
+        "The CUDA version the installed NVIDIA driver supports (cudaDriverGetVersion; 0 without a driver).");
+  // The import fails (fastpeft then runs its Triton kernels, with one warning saying why and how to fix it)
+  // when the driver is older than the runtime linked in, instead of every launch failing later. A C++
+  // exception leaving the module's init becomes ImportError(what()); a Python one would be replaced by
+  // ImportError("initialization failed").
+  py::object why = py::module_::import("fastpeft.ops._cext").attr("check_driver")(m);
+  if (!why.is_none()) throw std::runtime_error(why.cast<std::string>());
 }

@@ -101,6 +101,13 @@ constexpr bool is_required(T) {
   F(ptr, bias, 0) F(ptr, x, 0) F(i64, s_xm, 0) F(i64, s_xk, 0) F(ptr, col_flags, 0) F(ptr, cols, 0) \
   F(i64, n_cols, 0) F(ptr, count, 0) F(i32, tile, 0) F(i32, device, 0) F(stream, stream, 0)
 
+// dx = dy W_deq, W_deq[n, k] = w[n, k] * w_scale[n] / 127: the int8 layer's gradient w.r.t. its input.
+#define FASTPEFT_INT8_DEQUANT_MATMUL(F)                                                             \
+  F(ptr, dy, required) F(i64, s_dm, required) F(i64, s_dn, required) F(ptr, w, required)           \
+  F(i64, s_wn, required) F(i64, s_wk, required) F(ptr, w_scale, required) F(ptr, dx, required)     \
+  F(i64, s_xm, required) F(i64, M, required) F(i64, N, required) F(i64, K, required)               \
+  F(i32, dtype, required) F(i32, tile, 0) F(i32, device, 0) F(stream, stream, 0)
+
 // Absmax / zero-point quantization of a contiguous tensor (geometry: outer, C, inner, last).
 #define FASTPEFT_QUANT_QUANTIZE(F)                                                             \
   F(ptr, x, required) F(ptr, q, required) F(ptr, scale, required) F(ptr, zero_point, required) \
@@ -131,6 +138,7 @@ constexpr bool is_required(T) {
   E(multi_lora_expand, MultiLoraExpandParams, FASTPEFT_MULTI_LORA_EXPAND)                          \
   E(int8_quant_rows, Int8QuantRowsParams, FASTPEFT_INT8_QUANT_ROWS)                                \
   E(int8_gemm, Int8GemmParams, FASTPEFT_INT8_GEMM)                                                 \
+  E(int8_dequant_matmul, Int8DequantMatmulParams, FASTPEFT_INT8_DEQUANT_MATMUL)                    \
   E(quant_quantize, QuantQuantizeParams, FASTPEFT_QUANT_QUANTIZE)                                  \
   E(quant_dequantize, QuantDequantizeParams, FASTPEFT_QUANT_DEQUANTIZE)                            \
   E(bottleneck_adapter_forward, BottleneckAdapterForwardParams, FASTPEFT_BOTTLENECK_ADAPTER_FORWARD)
@@ -147,5 +155,7 @@ FASTPEFT_ENTRY_POINTS(FASTPEFT_DECLARE_ENTRY)
 
 int cuda_device_count();          // CUDA devices this module's runtime sees (0 without a driver or GPU)
 std::vector<int> compiled_archs();  // the sm_XX targets built into the module
+int cuda_runtime_version();         // CUDART_VERSION the module was built and linked with (1000 * major + 10 * minor)
+int cuda_driver_version();          // the CUDA version the installed driver supports (cudaDriverGetVersion; 0: none)
 
 }  // namespace fastpeft

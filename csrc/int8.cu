@@ -9,6 +9,8 @@
 //   gemm:        y[m, n] = (sum_k q'[m, k] w[n, k]) * row_scale[m] * w_scale[n] / 127^2
 //                        + sum_{c in cols[0:count)} x[m, c] w[n, c] * w_scale[n] / 127   + bias[n]
 //                with q' = q with the columns where col_flags != 0 zeroed.
+//   dequant_matmul (the layer's backward):  dx[m, k] = sum_n dy[m, n] W_deq[n, k],
+//                W_deq[n, k] = w[n, k] * (w_scale[n] / 127) (fp32), dequantized tile by tile in registers.
 //
 // quant_rows runs 256 threads per block and 16..256 threads per row: pass 1 reads the row and
 // reduces the absmax (NaN-propagating: the max of the |x| bit patterns, so any NaN wins over
@@ -17,12 +19,18 @@
 // gemm multiplies int8 tiles on tensor cores (nvcuda::wmma m16n16k16, signed char operands,
 // int32 accumulators; exact). Tiles move global -> registers -> shared memory, double-buffered
 // in shared memory (the next chunk is loaded while the current one is multiplied; one barrier
-// per chunk); the column mask of q is applied in registers. The epilogue stages the int32
-// accumulators in shared memory (summing the K-split warps of the small-M tile), converts them
-// to fp32 scaled by row_scale / 127, adds the outlier columns (the count is read on the
-// device; chunks of 32 columns of x and w are staged in shared memory and accumulated in fp32
-// on the CUDA cores: a few dozen columns cost little next to the int8 main loop), scales by
-// w_scale / 127, adds the bias and stores y with 16-byte stores where aligned.
+// per chunk); the column mask of q is applied in registers. The epilogue runs in rounds of
+// FMR fragment rows per warp, each finished before the next (so only the later rounds'
+// accumulators stay in registers: the 128 x 128 tile fits 128 registers, 2 blocks per SM,
+// without spilling): it stages the round's int32 accumulators in shared memory (summing the
+// K-split warps of the small-M tile) next to its row scales, converts them to fp32 scaled by
+// row_scale / 127, adds the outlier columns (the count is read on the device; chunks of 16..32
+// columns of x and w are staged in shared memory and accumulated in fp32 on the CUDA cores,
+// each thread adding into its own slots of the staged tile: a few dozen columns cost little
+// next to the int8 main loop), scales by w_scale / 127, adds the bias and stores y with 16-byte
+// stores where aligned. Byte loads of q and w (K or a stride not a multiple of 16) run on the
+// 64 x 64 tile, whose registers they fit.
+
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -159,17 +167,20 @@ template <int WM_, int WN_, int WK_, int FM_, int FN_, int KSW_, int FMR_> struc
   static constexpr int PLANE_A = BM * 16 + 32, PLANE_B = BN * 16 + 32;
   static constexpr int STAGE = KB * (PLANE_A + PLANE_B);
   static constexpr int A_LOADS = BM * KB / kThreads, B_LOADS = BN * KB / kThreads;
-  // epilogue: the accumulators go through shared memory FMR fragment rows per warp at a time
+  // epilogue: the accumulators go through shared memory FMR fragment rows per warp at a time (a round
+  // of BMR tile rows), next to the outlier columns of those rows staged OC at a time
   static constexpr int FMR = FMR_, ROUNDS = FM / FMR, BMR = WM * FMR * 16, LDC = BN + 4;
   static constexpr int EV = 8;  // contiguous outputs per thread
   static constexpr int GROUPS = BMR * BN / EV, PASSES = (GROUPS + kThreads - 1) / kThreads;
-  static constexpr int OC = 32;  // outlier columns per staged chunk
-  static constexpr int C_BYTES = WK * BMR * LDC * 4, O_BYTES = OC * (BM + BN) * 4;
-  static constexpr int SMEM = 2 * STAGE > C_BYTES ? (2 * STAGE > O_BYTES ? 2 * STAGE : O_BYTES)
-                                                  : (C_BYTES > O_BYTES ? C_BYTES : O_BYTES);
+  static constexpr int C_BYTES = WK * BMR * LDC * 4;
+  static constexpr int OC = C_BYTES + (32 * (BMR + BN) + BMR) * 4 <= 48 * 1024 ? 32 : 16;  // outlier columns per chunk
+  static constexpr int O_BYTES = OC * (BMR + BN) * 4, R_BYTES = BMR * 4;  // outlier columns, row scales
+  static constexpr int E_BYTES = C_BYTES + O_BYTES + R_BYTES;
+  static constexpr int SMEM = 2 * STAGE > E_BYTES ? 2 * STAGE : E_BYTES;
   static_assert(WM * WN * WK == kThreads / 32, "8 warps");
   static_assert(KB % 4 == 0 && BM * KB % kThreads == 0 && BN * KB % kThreads == 0, "even tile loads");
-  static_assert(FM % FMR == 0 && BN % EV == 0, "epilogue rounds");
+  static_assert(FM % FMR == 0 && BN % EV == 0 && kThreads % (BN / EV) == 0, "epilogue rounds");
+  static_assert(C_BYTES % 16 == 0, "aligned outlier staging");
   static_assert(SMEM <= 48 * 1024, "static shared memory");
 };
 
@@ -320,17 +331,74 @@ int8_gemm_kernel(const int8_t* __restrict__ q, int64_t s_qm, const float* __rest
     __syncthreads();
   }
 
-  // ---- epilogue. Thread slot g = tid + p * kThreads of a round covers row g / (BN / EV) of the
-  // round's BMR rows and columns (g % (BN / EV)) * EV + 0..EV-1; out = acc * row_scale / 127.
-  auto tile_row = [&](int round, int g) {  // row in the block tile of round-local slot g
-    const int rr = g / (BN / EV);
-    return rr / (FMR * 16) * (FM * 16) + round * FMR * 16 + rr % (FMR * 16);
+  // ---- epilogue, one round of BMR tile rows at a time, finished (outliers, scales, bias, stores) before
+  // the next: only the later rounds' accumulators stay in registers. In pass p a thread covers round row
+  // rr = tid / GPR + p * RPP and columns cc = (tid % GPR) * EV + 0..EV-1 (the same columns in every pass);
+  // out = acc * row_scale / 127, then + the outlier columns, all in fp32.
+  auto tile_row = [&](int round, unsigned rr) {  // row in the block tile of round row rr
+    return static_cast<int>(rr / (FMR * 16) * (FM * 16) + round * FMR * 16 + rr % (FMR * 16));
   };
-  int* cs = reinterpret_cast<int*>(smem);
-  float out[Tile::ROUNDS][Tile::PASSES][EV];
+  constexpr int GPR = BN / EV, RPP = kThreads / GPR;  // column groups per row, rows per pass
+  const unsigned rr0 = static_cast<unsigned>(tid) / GPR;  // this thread's round row in pass 0 (+ p * RPP)
+  int* cs = reinterpret_cast<int*>(smem);                        // [WK][BMR][LDC]
+  float* xo = reinterpret_cast<float*>(smem + Tile::C_BYTES);    // [OC][BMR]: x[rows, cols[c0 + c]]
+  float* wo = xo + OC * BMR;                                     // [OC][BN]:  w[cols of the tile, cols[c0 + c]]
+  float* rsc = wo + OC * BN;                                     // [BMR]: row_scale / 127 of the round's rows
+  int64_t cnt = 0;
+  if (cols != nullptr) {
+    cnt = *count;
+    cnt = cnt < 0 ? 0 : cnt;
+    cnt = cnt < n_cols ? cnt : n_cols;
+    cnt = cnt < K ? cnt : K;
+  }
+  auto stage_outliers = [&](int round, int64_t c0) {
+    for (int e = tid; e < OC * BMR; e += kThreads) {
+      const unsigned cc = static_cast<unsigned>(e) / BMR, rr = static_cast<unsigned>(e) % BMR;
+      const int64_t col = c0 + cc < cnt ? cols[c0 + cc] : -1, m = m0 + tile_row(round, rr);
+      const bool in = col >= 0 && col < K && m < M;
+      xo[e] = in ? to_float(x[m * s_xm + col * s_xk]) : 0.0f;
+    }
+    for (int e = tid; e < OC * BN; e += kThreads) {
+      const unsigned cc = static_cast<unsigned>(e) / BN, nn = static_cast<unsigned>(e) % BN;
+      const int64_t col = c0 + cc < cnt ? cols[c0 + cc] : -1;
+      const bool in = col >= 0 && col < K && n0 + nn < N;
+      wo[e] = in ? static_cast<float>(w[(n0 + nn) * s_wn + col]) : 0.0f;
+    }
+  };
+  const int cc = static_cast<unsigned>(tid) % GPR * EV;
+  const int64_t n = n0 + cc;
+  auto finish = [&](int round, unsigned rr, const float (&out)[EV]) {  // y = out * w_scale / 127 + bias
+    const int64_t m = m0 + tile_row(round, rr);
+    if (m >= M || n >= N) return;
+    float v[EV];
+#pragma unroll
+    for (int e = 0; e < EV; ++e) {
+      const bool in = n + e < N;
+      const float ws = in ? w_scale[n + e] * (1.0f / 127.0f) : 0.0f;
+      const float b = (in && bias != nullptr) ? to_float(bias[n + e]) : 0.0f;
+      v[e] = out[e] * ws + b;
+    }
+    T* yp = y + m * s_ym + n;
+    if (vec_y) {  // N, s_ym and y are multiples of EV elements: the EV outputs are all in
+      constexpr int V = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+      for (int h = 0; h < EV / V; ++h) {
+        uint4 pk = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) vec_put<T>(pk, e, v[h * V + e]);
+        *reinterpret_cast<uint4*>(yp + h * V) = pk;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < EV; ++e) {
+        if (n + e < N) yp[e] = from_float<T>(v[e]);
+      }
+    }
+  };
+
 #pragma unroll
   for (int round = 0; round < Tile::ROUNDS; ++round) {
-    if (round > 0) __syncthreads();  // the previous round has been read
+    if (round > 0) __syncthreads();  // the previous round's accumulators and outlier columns have been read
 #pragma unroll
     for (int i = 0; i < FMR; ++i)
 #pragma unroll
@@ -338,98 +406,305 @@ int8_gemm_kernel(const int8_t* __restrict__ q, int64_t s_qm, const float* __rest
         int* p = cs + (wk * BMR + (wm * FMR + i) * 16) * LDC + (wn * FN + j) * 16;
         wmma::store_matrix_sync(p, acc[round * FMR + i][j], LDC, wmma::mem_row_major);
       }
+    for (unsigned rr = tid; rr < BMR; rr += kThreads) {
+      const int64_t m = m0 + tile_row(round, rr);
+      rsc[rr] = m < M ? row_scale[m] * (1.0f / 127.0f) : 0.0f;
+    }
+    if (cnt > 0) stage_outliers(round, 0);
     __syncthreads();
+    // out = (sum of the K-split warps) * row_scale / 127; with outliers it goes back to this thread's
+    // own slots of plane 0 (as bits), where the outlier chunks add to it
 #pragma unroll
     for (int p = 0; p < Tile::PASSES; ++p) {
-      const int g = tid + p * kThreads;
-      if (Tile::GROUPS % kThreads != 0 && g >= Tile::GROUPS) continue;
-      const int rr = g / (BN / EV), cc = g % (BN / EV) * EV;
-      const int64_t m = m0 + tile_row(round, g);
-      const float rs = m < M ? row_scale[m] * (1.0f / 127.0f) : 0.0f;
+      const unsigned rr = rr0 + p * RPP;
+      if (Tile::GROUPS % kThreads != 0 && rr >= BMR) continue;
+      const float rs = rsc[rr];
+      float out[EV];
 #pragma unroll
       for (int e = 0; e < EV; ++e) {
         int sum = 0;
 #pragma unroll
         for (int kk = 0; kk < Tile::WK; ++kk) sum += cs[(kk * BMR + rr) * LDC + cc + e];
-        out[round][p][e] = static_cast<float>(sum) * rs;
+        out[e] = static_cast<float>(sum) * rs;
+      }
+      if (cnt == 0) {
+        finish(round, rr, out);
+      } else {
+#pragma unroll
+        for (int e = 0; e < EV; ++e) cs[rr * LDC + cc + e] = __float_as_int(out[e]);
       }
     }
-  }
-
-  // ---- outlier columns: out[m, n] += sum_c x[m, c] w[n, c], chunks of OC columns in shared memory
-  if (cols != nullptr) {
-    int64_t cnt = *count;
-    cnt = cnt < 0 ? 0 : cnt;
-    cnt = cnt < n_cols ? cnt : n_cols;
-    cnt = cnt < K ? cnt : K;
-    float* xo = reinterpret_cast<float*>(smem);  // [OC][BM]
-    float* wo = xo + OC * BM;                    // [OC][BN]
+    if (cnt == 0) continue;
+    // out[m, n] += sum_c x[m, c] w[n, c] over the outlier columns, OC at a time
     for (int64_t c0 = 0; c0 < cnt; c0 += OC) {
-      __syncthreads();  // the accumulators (or the previous chunk) have been read
-      for (int e = tid; e < OC * BM; e += kThreads) {
-        const int cc = e / BM, mm = e % BM;
-        const int64_t col = c0 + cc < cnt ? cols[c0 + cc] : -1;
-        const bool in = col >= 0 && col < K && m0 + mm < M;
-        xo[e] = in ? to_float(x[(m0 + mm) * s_xm + col * s_xk]) : 0.0f;
+      if (c0 > 0) {
+        __syncthreads();  // the previous chunk has been read
+        stage_outliers(round, c0);
+        __syncthreads();
       }
-      for (int e = tid; e < OC * BN; e += kThreads) {
-        const int cc = e / BN, nn = e % BN;
-        const int64_t col = c0 + cc < cnt ? cols[c0 + cc] : -1;
-        const bool in = col >= 0 && col < K && n0 + nn < N;
-        wo[e] = in ? static_cast<float>(w[(n0 + nn) * s_wn + col]) : 0.0f;
-      }
-      __syncthreads();
       const int nc = cnt - c0 < OC ? static_cast<int>(cnt - c0) : OC;
 #pragma unroll
-      for (int round = 0; round < Tile::ROUNDS; ++round)
+      for (int p = 0; p < Tile::PASSES; ++p) {
+        const unsigned rr = rr0 + p * RPP;
+        if (Tile::GROUPS % kThreads != 0 && rr >= BMR) continue;
+        float out[EV];
 #pragma unroll
-        for (int p = 0; p < Tile::PASSES; ++p) {
-          const int g = tid + p * kThreads;
-          if (Tile::GROUPS % kThreads != 0 && g >= Tile::GROUPS) continue;
-          const int row = tile_row(round, g), cc = g % (BN / EV) * EV;
-          for (int k = 0; k < nc; ++k) {
-            const float xv = xo[k * BM + row];
+        for (int e = 0; e < EV; ++e) out[e] = __int_as_float(cs[rr * LDC + cc + e]);
+        for (int k = 0; k < nc; ++k) {
+          const float xv = xo[k * BMR + rr];
 #pragma unroll
-            for (int e = 0; e < EV; ++e) out[round][p][e] += xv * wo[k * BN + cc + e];
-          }
+          for (int e = 0; e < EV; ++e) out[e] += xv * wo[k * BN + cc + e];
         }
+        if (c0 + OC < cnt) {
+#pragma unroll
+          for (int e = 0; e < EV; ++e) cs[rr * LDC + cc + e] = __float_as_int(out[e]);
+        } else {
+          finish(round, rr, out);
+        }
+      }
     }
   }
+}
 
-  // ---- y = out * w_scale / 127 + bias
+// ---------------------------------------------------------------------------------------------
+// dx = dy W_deq, the int8 layer's gradient w.r.t. its input, with W_deq[n, k] = w[n, k] * (w_scale[n] / 127)
+//
+// Block tile BM rows of dy (and dx) x BK columns of dx; the reduction runs over N in chunks of BR. The 8 warps
+// are WM (m) x WN (k); warp (wm, wn) owns FM x FN fragments of 16 x 16. Per chunk, dy [BM, BR] and the int8
+// rows w[n0 .. n0+BR, k0 .. k0+BK] with their scales come to registers (16-byte loads where aligned); the
+// weight is dequantized there (the fp32 product w * (w_scale / 127), as the reference's dequantize_weight,
+// rounded to dy's dtype for 16-bit dy, split into TF32 hi + lo parts in the fragments for fp32 dy) and stored
+// row-major next to dy, double-buffered in shared memory: no dequantized weight exists outside the tile. Tensor
+// cores (wmma m16n16k16 for 16-bit dy, 3xTF32 m16n16k8 for fp32 dy) accumulate in fp32; the epilogue stages
+// the accumulators in shared memory, FMR fragment rows per warp at a time, and stores dx rounded once.
+
+template <typename S> struct DqMma {  // 16-bit operands: exact products
+  static constexpr int KS = 16, PARTS = 1;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, S, nvcuda::wmma::row_major>;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, S, nvcuda::wmma::row_major>;
+  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  template <typename F> __device__ __forceinline__ static void load(F (&f)[PARTS], const S* p, unsigned ld) {
+    nvcuda::wmma::load_matrix_sync(f[0], p, ld);
+  }
+  __device__ __forceinline__ static void mma(Acc& acc, const FragA (&a)[PARTS], const FragB (&b)[PARTS]) {
+    nvcuda::wmma::mma_sync(acc, a[0], b[0], acc);
+  }
+};
+
+template <> struct DqMma<float> {  // fp32 operands: 3xTF32 (a_hi b_hi + a_hi b_lo + a_lo b_hi), about 2^-21
+  static constexpr int KS = 8, PARTS = 2;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                       nvcuda::wmma::row_major>;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                       nvcuda::wmma::row_major>;
+  using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+  template <typename F> __device__ __forceinline__ static void load(F (&f)[PARTS], const float* p, unsigned ld) {
+    nvcuda::wmma::load_matrix_sync(f[0], p, ld);
 #pragma unroll
-  for (int round = 0; round < Tile::ROUNDS; ++round)
+    for (int i = 0; i < f[0].num_elements; ++i) {
+      const float v = f[0].x[i];
+      f[0].x[i] = nvcuda::wmma::__float_to_tf32(v);
+      f[1].x[i] = nvcuda::wmma::__float_to_tf32(v - f[0].x[i]);
+    }
+  }
+  __device__ __forceinline__ static void mma(Acc& acc, const FragA (&a)[PARTS], const FragB (&b)[PARTS]) {
+    nvcuda::wmma::mma_sync(acc, a[1], b[0], acc);
+    nvcuda::wmma::mma_sync(acc, a[0], b[1], acc);
+    nvcuda::wmma::mma_sync(acc, a[0], b[0], acc);
+  }
+};
+
+template <int WM_, int WN_, int FM_, int FN_, int BR_, int FMR_, int ES_> struct DqTile {
+  static constexpr int WM = WM_, WN = WN_, FM = FM_, FN = FN_, BR = BR_, ES = ES_;  // ES: bytes per element
+  static constexpr int BM = WM * FM * 16, BK = WN * FN * 16;
+  static constexpr int VA = 16 / ES;                             // dy elements per 16-byte slot
+  static constexpr int LDA = BR + VA, LDB = BK + VA;             // + 16 bytes: conflict-free fragment loads
+  static constexpr int A_BYTES = BM * LDA * ES, STAGE = A_BYTES + BR * LDB * ES;
+  static constexpr int A_SLOTS = BM * BR / VA, B_SLOTS = BR * BK / 16;  // 16-byte slots of dy and of w
+  static constexpr int A_LOADS = (A_SLOTS + kThreads - 1) / kThreads, B_LOADS = (B_SLOTS + kThreads - 1) / kThreads;
+  static constexpr int FMR = FMR_, ROUNDS = FM / FMR, BMR = WM * FMR * 16, LDC = BK + 4, EV = 8;
+  static constexpr int GPR = BK / EV, RPP = kThreads / GPR, PASSES = (BMR + RPP - 1) / RPP;
+  static constexpr int C_BYTES = BMR * LDC * 4, SMEM = 2 * STAGE > C_BYTES ? 2 * STAGE : C_BYTES;
+  static_assert(WM * WN == kThreads / 32, "8 warps");
+  static_assert(BR % 16 == 0 && FM % FMR == 0 && kThreads % GPR == 0, "tile shape");
+  static_assert(A_BYTES % 32 == 0 && (16 * LDA * ES) % 32 == 0 && (16 * LDB * ES) % 32 == 0, "wmma alignment");
+  static_assert(SMEM <= 48 * 1024, "static shared memory");
+};
+
+using DqLarge = DqTile<2, 4, 4, 2, 32, 2, 2>;    // 16-bit dy: 128 x 128, N chunks of 32: many tiles
+using DqMid = DqTile<2, 4, 2, 1, 32, 2, 2>;      // 16-bit dy: 64 x 64, fewer tiles than SMs
+using DqSmall = DqTile<1, 8, 1, 1, 64, 1, 2>;    // 16-bit dy: 16 x 128, M <= 16
+using DqLarge32 = DqTile<2, 4, 2, 2, 16, 2, 4>;  // fp32 dy: 64 x 128 (3xTF32 keeps hi and lo fragments)
+using DqSmall32 = DqTile<1, 8, 1, 1, 32, 1, 4>;  // fp32 dy: 16 x 128, M <= 16
+
+template <typename T, typename Tile, bool VEC>
+__global__ void __launch_bounds__(kThreads, 2)
+int8_dequant_matmul_kernel(const T* __restrict__ dy, int64_t s_dm, int64_t s_dn, const int8_t* __restrict__ w,
+                           int64_t s_wn, int64_t s_wk, const float* __restrict__ w_scale, T* __restrict__ dx,
+                           int64_t s_xm, int64_t M, int64_t N, int64_t K, bool vec_x) {
+  using S = std::conditional_t<std::is_same_v<T, float>, float, T>;
+  using Mma = DqMma<S>;
+  static_assert(sizeof(S) == Tile::ES, "tile element size");
+  constexpr int BM = Tile::BM, BK = Tile::BK, BR = Tile::BR, FM = Tile::FM, FN = Tile::FN, VA = Tile::VA;
+  constexpr int LDA = Tile::LDA, LDB = Tile::LDB, LDC = Tile::LDC, BMR = Tile::BMR, FMR = Tile::FMR, EV = Tile::EV;
+  constexpr int GROUP_M = 8;
+  using namespace nvcuda;
+  __shared__ __align__(128) unsigned char smem[Tile::SMEM];
+
+  // grouped tile order, as int8_gemm_kernel (column tiles of dx are column tiles of w)
+  const int64_t tiles_m = (M + BM - 1) / BM, tiles_k = (K + BK - 1) / BK;
+  const int64_t pid = blockIdx.x, per_group = GROUP_M * tiles_k;
+  const int64_t first_m = pid / per_group * GROUP_M;
+  const int64_t group_m = tiles_m - first_m < GROUP_M ? tiles_m - first_m : GROUP_M;
+  const int64_t m0 = (first_m + pid % per_group % group_m) * BM;
+  const int64_t k0 = pid % per_group / group_m * BK;
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int wm = warp % Tile::WM, wn = warp / Tile::WM;
+
+  typename Mma::Acc acc[FM][FN];
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  // slot s of dy: row s / (BR / VA), elements (s % (BR / VA)) * VA ..; slot s of w: row s / (BK / 16), 16 bytes
+  // from column (s % (BK / 16)) * 16
+  uint4 ra[Tile::A_LOADS], rb[Tile::B_LOADS];
+  float sb[Tile::B_LOADS];
+  auto load_chunk = [&](int64_t n0) {
+#pragma unroll
+    for (int i = 0; i < Tile::A_LOADS; ++i) {
+      const unsigned s = tid + i * kThreads;
+      if (Tile::A_SLOTS % kThreads != 0 && s >= Tile::A_SLOTS) break;
+      const int64_t m = m0 + s / (BR / VA), n = n0 + s % (BR / VA) * VA;
+      if (VEC) {
+        ra[i] = m < M && n < N ? __ldg(reinterpret_cast<const uint4*>(dy + m * s_dm + n)) : make_uint4(0, 0, 0, 0);
+      } else {
+        ra[i] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int e = 0; e < VA; ++e) {
+          if (m < M && n + e < N) vec_put<T>(ra[i], e, to_float(dy[m * s_dm + (n + e) * s_dn]));
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < Tile::B_LOADS; ++i) {
+      const unsigned s = tid + i * kThreads;
+      if (Tile::B_SLOTS % kThreads != 0 && s >= Tile::B_SLOTS) break;
+      const int64_t n = n0 + s / (BK / 16), k = k0 + s % (BK / 16) * 16;
+      const bool in = n < N;
+      sb[i] = in ? __fdiv_rn(w_scale[n], 127.0f) : 0.0f;
+      if (VEC) {
+        rb[i] = in && k < K ? __ldg(reinterpret_cast<const uint4*>(w + n * s_wn + k)) : make_uint4(0, 0, 0, 0);
+      } else {
+        uint32_t b[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          if (in && k + j < K) b[j / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(w[n * s_wn + (k + j) * s_wk]))
+                                           << (8 * (j % 4));
+        }
+        rb[i] = make_uint4(b[0], b[1], b[2], b[3]);
+      }
+    }
+  };
+  auto store_chunk = [&](int buf) {
+    unsigned char* as = smem + buf * Tile::STAGE;
+    unsigned char* bs = as + Tile::A_BYTES;
+#pragma unroll
+    for (int i = 0; i < Tile::A_LOADS; ++i) {
+      const unsigned s = tid + i * kThreads;
+      if (Tile::A_SLOTS % kThreads != 0 && s >= Tile::A_SLOTS) break;
+      *reinterpret_cast<uint4*>(as + (s / (BR / VA) * LDA + s % (BR / VA) * VA) * Tile::ES) = ra[i];
+    }
+#pragma unroll
+    for (int i = 0; i < Tile::B_LOADS; ++i) {
+      const unsigned s = tid + i * kThreads;
+      if (Tile::B_SLOTS % kThreads != 0 && s >= Tile::B_SLOTS) break;
+      uint4* dst = reinterpret_cast<uint4*>(bs + (s / (BK / 16) * LDB + s % (BK / 16) * 16) * Tile::ES);
+#pragma unroll
+      for (int h = 0; h < 16 / VA; ++h) {  // VA dequantized values per 16-byte store
+        uint4 pk = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int e = 0; e < VA; ++e) {
+          const int j = h * VA + e;
+          const float code = static_cast<float>(static_cast<int8_t>((vec_word(rb[i], j / 4) >> (8 * (j % 4))) & 0xFFu));
+          vec_put<S>(pk, e, code * sb[i]);
+        }
+        dst[h] = pk;
+      }
+    }
+  };
+
+  const int64_t chunks = (N + BR - 1) / BR;
+  if (chunks > 0) {
+    load_chunk(0);
+    store_chunk(0);
+  }
+  __syncthreads();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int buf = static_cast<int>(c & 1);
+    if (c + 1 < chunks) load_chunk((c + 1) * BR);
+    const S* as = reinterpret_cast<const S*>(smem + buf * Tile::STAGE);
+    const S* bs = reinterpret_cast<const S*>(smem + buf * Tile::STAGE + Tile::A_BYTES);
+#pragma unroll
+    for (int ks = 0; ks < BR; ks += Mma::KS) {
+      typename Mma::FragB fb[FN][Mma::PARTS];
+#pragma unroll
+      for (int j = 0; j < FN; ++j) Mma::load(fb[j], bs + ks * LDB + (wn * FN + j) * 16, LDB);
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        typename Mma::FragA fa[Mma::PARTS];
+        Mma::load(fa, as + (wm * FM + i) * 16 * LDA + ks, LDA);
+#pragma unroll
+        for (int j = 0; j < FN; ++j) Mma::mma(acc[i][j], fa, fb[j]);
+      }
+    }
+    if (c + 1 < chunks) store_chunk(buf ^ 1);  // the other buffer: read in the previous chunk, before its barrier
+    __syncthreads();
+  }
+
+  // ---- epilogue: round rows rr = tid / GPR + p * RPP, columns cc .. cc + EV - 1 of the tile
+  float* cs = reinterpret_cast<float*>(smem);
+  const unsigned rr0 = static_cast<unsigned>(tid) / Tile::GPR;
+  const int cc = static_cast<unsigned>(tid) % Tile::GPR * EV;
+  const int64_t k = k0 + cc;
+#pragma unroll
+  for (int round = 0; round < Tile::ROUNDS; ++round) {
+    if (round > 0) __syncthreads();  // the previous round has been read
+#pragma unroll
+    for (int i = 0; i < FMR; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        wmma::store_matrix_sync(cs + (wm * FMR + i) * 16 * LDC + (wn * FN + j) * 16, acc[round * FMR + i][j], LDC,
+                                wmma::mem_row_major);
+      }
+    __syncthreads();
 #pragma unroll
     for (int p = 0; p < Tile::PASSES; ++p) {
-      const int g = tid + p * kThreads;
-      if (Tile::GROUPS % kThreads != 0 && g >= Tile::GROUPS) continue;
-      const int64_t m = m0 + tile_row(round, g), n = n0 + g % (BN / EV) * EV;
-      if (m >= M || n >= N) continue;
-      float v[EV];
-#pragma unroll
-      for (int e = 0; e < EV; ++e) {
-        const bool in = n + e < N;
-        const float ws = in ? w_scale[n + e] * (1.0f / 127.0f) : 0.0f;
-        const float b = (in && bias != nullptr) ? to_float(bias[n + e]) : 0.0f;
-        v[e] = out[round][p][e] * ws + b;
-      }
-      T* yp = y + m * s_ym + n;
-      if (vec_y) {  // N, s_ym and y are multiples of EV elements: the EV outputs are all in
+      const unsigned rr = rr0 + p * Tile::RPP;
+      if (BMR % Tile::RPP != 0 && rr >= BMR) continue;
+      const int64_t m = m0 + static_cast<int>(rr / (FMR * 16) * (FM * 16) + round * FMR * 16 + rr % (FMR * 16));
+      if (m >= M || k >= K) continue;
+      const float* src = cs + rr * LDC + cc;
+      T* dst = dx + m * s_xm + k;
+      if (vec_x) {  // K, s_xm and dx are multiples of EV elements: the EV outputs are all in
         constexpr int V = 16 / static_cast<int>(sizeof(T));
 #pragma unroll
         for (int h = 0; h < EV / V; ++h) {
           uint4 pk = make_uint4(0, 0, 0, 0);
 #pragma unroll
-          for (int e = 0; e < V; ++e) vec_put<T>(pk, e, v[h * V + e]);
-          *reinterpret_cast<uint4*>(yp + h * V) = pk;
+          for (int e = 0; e < V; ++e) vec_put<T>(pk, e, src[h * V + e]);
+          *reinterpret_cast<uint4*>(dst + h * V) = pk;
         }
       } else {
 #pragma unroll
         for (int e = 0; e < EV; ++e) {
-          if (n + e < N) yp[e] = from_float<T>(v[e]);
+          if (k + e < K) dst[e] = from_float<T>(src[e]);
         }
       }
     }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -451,10 +726,24 @@ void launch_gemm(bool vw16, int64_t tiles, cudaStream_t stream, const int8_t* q,
     int8_gemm_kernel<T, Tile, true><<<grid, kThreads, 0, stream>>>(q, s_qm, rs, w, s_wn, ws, bias, y, s_ym, M, N, K,
                                                                     x, s_xm, s_xk, flags, flags_vec, cols, n_cols,
                                                                     count, vec_y);
-  } else {
+  } else if constexpr (!std::is_same_v<Tile, TileLarge>) {  // byte loads: not on the 128 x 128 tile
     int8_gemm_kernel<T, Tile, false><<<grid, kThreads, 0, stream>>>(q, s_qm, rs, w, s_wn, ws, bias, y, s_ym, M, N,
                                                                      K, x, s_xm, s_xk, flags, flags_vec, cols,
                                                                      n_cols, count, vec_y);
+  }
+}
+
+template <typename T, typename Tile>
+void launch_dequant_matmul(bool vec, int64_t tiles, cudaStream_t stream, const T* dy, int64_t s_dm, int64_t s_dn,
+                           const int8_t* w, int64_t s_wn, int64_t s_wk, const float* ws, T* dx, int64_t s_xm,
+                           int64_t M, int64_t N, int64_t K, bool vec_x) {
+  const dim3 grid(static_cast<unsigned>(tiles));
+  if (vec) {
+    int8_dequant_matmul_kernel<T, Tile, true><<<grid, kThreads, 0, stream>>>(dy, s_dm, s_dn, w, s_wn, s_wk, ws, dx,
+                                                                              s_xm, M, N, K, vec_x);
+  } else if constexpr (!std::is_same_v<Tile, DqLarge>) {  // element loads: not on the 128 x 128 tile
+    int8_dequant_matmul_kernel<T, Tile, false><<<grid, kThreads, 0, stream>>>(dy, s_dm, s_dn, w, s_wn, s_wk, ws, dx,
+                                                                               s_xm, M, N, K, vec_x);
   }
 }
 
@@ -522,6 +811,7 @@ void int8_gemm(const Int8GemmParams& p) {
   }
   const bool vw16 = K % 16 == 0 && aligned16(q) && aligned16(w) && (M == 1 || s_qm % 16 == 0) &&
                     (N == 1 || s_wn % 16 == 0);
+  if (cfg == 1 && !vw16) cfg = 2;  // byte loads of q and w need the registers of the 64 x 64 tile
   const bool flags_vec = aligned16(col_flags);
   dispatch_dtype(dtype, func, [&](auto tag) {
     using T = decltype(tag);
@@ -542,6 +832,63 @@ void int8_gemm(const Int8GemmParams& p) {
     else go(TileDecode{});
     FP_CHECK_LAUNCH(func);
   });
+}
+
+void int8_dequant_matmul(const Int8DequantMatmulParams& p) {
+  FASTPEFT_INT8_DEQUANT_MATMUL(FASTPEFT_UNPACK)
+  const char* func = "int8_dequant_matmul";
+  require(M >= 0 && N >= 0 && K >= 0, func,
+          "sizes must be >= 0, got M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K));
+  check_dtype(func, dtype);
+  require(tile >= 0 && tile <= 3, func, "tile must be 0 (choose), 1 (large), 2 (64x64; fp32: large) or 3 (16-row)");
+  if (M == 0 || K == 0) return;
+  require(dx != 0 && (N == 0 || (dy != 0 && w != 0 && w_scale != 0)), func, "null device pointer");
+  DeviceGuard guard(device, func);
+
+  dispatch_dtype(dtype, func, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = vec_width<T>();
+    const bool vec = s_dn == 1 && N % V == 0 && (M == 1 || s_dm % V == 0) && aligned16(dy) && s_wk == 1 &&
+                     K % 16 == 0 && (N == 1 || s_wn % 16 == 0) && aligned16(w);
+    const bool vec_x = K % 8 == 0 && (M == 1 || s_xm % 8 == 0) && aligned16(dx);
+    auto go = [&](auto tile_tag) {
+      using Tile = decltype(tile_tag);
+      const int64_t tiles = ceil_div(M, Tile::BM) * ceil_div(K, Tile::BK);
+      require(tiles < (int64_t{1} << 31), func, "problem too large for the grid");
+      launch_dequant_matmul<T, Tile>(vec, tiles, stream, reinterpret_cast<const T*>(dy), s_dm, s_dn,
+                                     reinterpret_cast<const int8_t*>(w), s_wn, s_wk,
+                                     reinterpret_cast<const float*>(w_scale), reinterpret_cast<T*>(dx), s_xm, M, N, K,
+                                     vec_x);
+    };
+    int cfg = tile;
+    if (cfg == 0) {
+      if (M <= 16) cfg = 3;
+      else if (ceil_div(M, DqLarge::BM) * ceil_div(K, DqLarge::BK) >= sm_count(device, func)) cfg = 1;
+      else cfg = 2;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (cfg == 3) go(DqSmall32{});
+      else go(DqLarge32{});
+    } else {
+      if (cfg == 1 && vec) go(DqLarge{});
+      else if (cfg == 3) go(DqSmall{});
+      else go(DqMid{});  // also the 128 x 128 choice with element loads, whose registers it would exceed
+    }
+    FP_CHECK_LAUNCH(func);
+  });
+}
+
+// The runtime / driver version pair fastpeft._C checks at import (fastpeft/ops/_cext.py: check_driver): the
+// static CUDA runtime linked in needs a driver of at least its major version.
+int cuda_runtime_version() { return CUDART_VERSION; }
+
+int cuda_driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) {
+    cudaGetLastError();  // clear: no driver is not an error here
+    return 0;
+  }
+  return v;
 }
 
 }  // namespace fastpeft

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import _cuda_checks as checks  # the check_* helpers the GPU tests use
+import test_cuda_ext as ext_checks  # and those written next to the GPU tests
 from cuda_emu import emulator
 from fastpeft import _backend
 from fastpeft.ops import _cext
@@ -211,6 +212,46 @@ def test_int8_bad_cols_errors_and_empty(emu):
     checks.check_int8_errors_and_empty("cpu")
 
 
+# the int8 layer's backward, dx = dy W_deq (int8_dequant_matmul): every tile, 16-byte and element loads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,dy_layout,w_layout,tile", [
+    (1, 37, 130, "contiguous", "contiguous", 0),  # 16-row tile, element loads (N, K not multiples of the vectors)
+    (7, 64, 256, "contiguous", "contiguous", 3),  # 16-row tile, 16-byte loads, 2 column tiles
+    (130, 64, 144, "contiguous", "contiguous", 1),  # 128 x 128 (fp32: 64 x 128), 16-byte loads, 2 chunks, 2 rounds
+    (70, 100, 96, "strided", "misaligned", 2),  # 64 x 64 (fp32: 64 x 128), element loads, a partial last chunk
+    (33, 40, 64, "misaligned", "transposed", 0),  # chosen tile; w with column stride != 1
+    (20, 48, 40, "transposed", "padded", 1),  # the 128 x 128 choice with element loads runs on 64 x 64
+])
+def test_int8_dequant_matmul(emu, dtype, M, N, K, dy_layout, w_layout, tile):
+    ext_checks.check_int8_dequant_matmul("cpu", dtype, M, N, K, dy_layout, w_layout, tile)
+    assert emu.calls["int8_dequant_matmul"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,tile", [(9, 40, 70, 0), (70, 64, 130, 2), (130, 32, 144, 1)])
+def test_int8_dequant_matmul_writes_only_its_view(emu, dtype, M, N, K, tile):
+    ext_checks.check_int8_dequant_matmul_bounds("cpu", dtype, M, N, K, tile)
+
+
+def test_int8_dequant_matmul_errors_and_empty(emu):
+    ext_checks.check_int8_dequant_matmul_errors_and_empty("cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_linear_backward_cuda_backend(emu, dtype):
+    """fastpeft.int8_linear(backend="cuda") forward and backward through the emulated kernels."""
+    ext_checks.check_int8_linear_backward("cpu", dtype, (3, 5), 48, 40)
+
+
+@pytest.mark.parametrize("dtype,M,N,K,tile", [(BF16, 130, 64, 144, 1), (F32, 20, 64, 256, 3)],
+                         ids=["bf16-large", "f32-small"])
+def test_int8_dequant_matmul_no_data_races(emulate, dtype, M, N, K, tile):
+    emulate("tsan")
+    ext_checks.check_int8_dequant_matmul("cpu", dtype, M, N, K, tile=tile)
+
+
 # ---------------------------------------------------------------------------------------------
 # absmax / zero-point quantize and dequantize: codes, scales, zero points equal to reference.quant
 
@@ -323,8 +364,8 @@ def declared_fields(tmp_path_factory):
     return out
 
 
-ENTRY_POINTS = ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "quant_quantize", "quant_dequantize",
-                "bottleneck_adapter_forward", "multi_lora_shrink", "multi_lora_expand"]
+ENTRY_POINTS = ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "int8_dequant_matmul", "quant_quantize",
+                "quant_dequantize", "bottleneck_adapter_forward", "multi_lora_shrink", "multi_lora_expand"]
 
 
 def test_every_entry_point_is_emulated(declared_fields):

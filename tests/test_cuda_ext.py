@@ -5,17 +5,23 @@ Kernel checks need a GPU (marked ``gpu``); the ``check_*`` helpers take the devi
 same checks can also drive a host emulation of the kernels."""
 from __future__ import annotations
 
+import importlib
 import os
+import types
+import warnings
 
 import pytest
 import torch
 
 import fastpeft
+from fastpeft import _backend
 from fastpeft.ops import _cext
+from fastpeft.reference import int8 as ref_int8
 from fastpeft.reference.dropout import dropout_threshold
 
 HAS_GPU = torch.cuda.is_available()
 
+from _utils import TOL, rel_err
 from _cuda_checks import (BOTTLENECK_ACTS, BOTTLENECK_SHAPES, DTYPES, INT8_SPECIAL, MULTI_ORDERS, QUANT_CASES,
                           QUANT_SCHEMES, _expected_archs, _nvcc, adapter_inputs, check_adapter,
                           check_adapter_bounds, check_adapter_errors_and_empty, check_adapter_rounds_a,
@@ -42,6 +48,9 @@ def test_extension_built_when_nvcc_present():
         assert {80, 90} <= archs, archs
     n = C.cuda_device_count()
     assert isinstance(n, int) and n >= 0
+    # the import checked the driver against the runtime linked in (no driver: version 0, nothing to check)
+    runtime, driver = C.cuda_runtime_version(), C.cuda_driver_version()
+    assert runtime >= 11000 and driver >= 0 and _cext.driver_problem(runtime, driver) is None, (runtime, driver)
     if HAS_GPU:
         assert n == torch.cuda.device_count()
         major, minor = torch.cuda.get_device_capability()
@@ -389,3 +398,270 @@ def test_multi_lora_cpu_tensors_rejected():
         _cext.multi_lora_shrink(x, A, ranks, idx, torch.empty(3, 4))
     with pytest.raises(ValueError, match="need CUDA tensors.*cpu"):
         _cext.multi_lora_expand(torch.randn(3, 6), torch.randn(3, 4), torch.randn(2, 6, 4), ranks, torch.ones(2), idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver check at import (fastpeft._C links the static CUDA runtime of its nvcc): versions mocked
+
+
+def test_driver_problem_versions():
+    assert _cext.driver_problem(13000, 13000) is None
+    assert _cext.driver_problem(13000, 13020) is None  # a newer driver
+    assert _cext.driver_problem(12080, 12020) is None  # minor version compatibility
+    assert _cext.driver_problem(13000, 0) is None  # no driver: no CUDA tensors, nothing to check
+    why = _cext.driver_problem(13000, 12040)
+    assert why is not None
+    for part in ("CUDA 13.0", "CUDA 12.4", "580.65.06", "Triton", "update the NVIDIA driver", "CUDA_HOME",
+                 "FASTPEFT_BUILD_CUDA=1"):
+        assert part in why, (part, why)
+    assert "Linux driver >= 525.60.13" in _cext.driver_problem(12020, 11080)
+
+
+def _fake_extension(runtime: int, driver: int):
+    return types.SimpleNamespace(cuda_runtime_version=lambda: runtime, cuda_driver_version=lambda: driver)
+
+
+def test_check_driver_warns_once(monkeypatch):
+    """check_driver: None (the import goes on) or why the import fails, with one warning per process."""
+    monkeypatch.setattr(_cext, "_driver_warned", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _cext.check_driver(_fake_extension(13000, 13000)) is None
+        assert _cext.check_driver(_fake_extension(13000, 0)) is None
+    with pytest.warns(RuntimeWarning, match=r"built with CUDA 13\.0.*supports CUDA 12\.8 only") as record:
+        why = _cext.check_driver(_fake_extension(13000, 12080))
+    assert len(record) == 1 and why == str(record[0].message) and "update the NVIDIA driver" in why
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second import attempt fails again, without a second warning
+        assert _cext.check_driver(_fake_extension(13000, 12080)) == why
+
+
+def test_old_driver_falls_back_to_triton(monkeypatch):
+    """An import of fastpeft._C failing as its binding does when check_driver says why (ImportError with that
+    text): the cuda backend is unavailable (saying why where it is forced), and auto picks the next backend,
+    Triton, where cuda would have come first."""
+    monkeypatch.setattr(_cext, "_driver_warned", False)
+    real_import = importlib.import_module
+
+    def import_module(name, package=None):
+        if name == "fastpeft._C":
+            why = _cext.check_driver(_fake_extension(13000, 12040))
+            if why is not None:
+                raise ImportError(why)
+        return real_import(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    _backend._import_status.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="CUDA 12.4"):
+            ok, why = _backend.cuda_ext_status()
+        assert not ok and "CUDA 13.0" in why and "update the NVIDIA driver" in why
+        cuda = torch.device("cuda")
+        if _backend.triton_status()[0]:
+            assert _backend.choose("int8_linear", cuda, ("cuda", "triton", "torch")) == "triton"
+        assert _backend.choose("int8_linear", cuda, ("cuda", "torch")) == "torch"
+        with pytest.raises(_backend.BackendUnavailableError, match="backend 'cuda' was forced.*CUDA 12.4"):
+            _backend.choose("int8_linear", cuda, ("cuda", "triton", "torch"), "cuda")
+    finally:
+        _backend._import_status.cache_clear()
+
+
+_STUB_API = """// fastpeft's C++ API as stubs, the versions from the environment: csrc/bindings.cpp's import, without CUDA
+#include <cstdlib>
+#include "fastpeft.h"
+namespace fastpeft {
+#define STUB(name, Params, FIELDS) void name(const Params&) {}
+FASTPEFT_ENTRY_POINTS(STUB)
+int cuda_device_count() { return 0; }
+std::vector<int> compiled_archs() { return {}; }
+int cuda_runtime_version() { return std::atoi(std::getenv("STUB_RUNTIME")); }
+int cuda_driver_version() { return std::atoi(std::getenv("STUB_DRIVER")); }
+}  // namespace fastpeft
+"""
+
+_STUB_IMPORT = """import importlib.machinery, importlib.util, sys, torch
+stub = sys.argv[1]
+class Finder:  # fastpeft._C from the stub build
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastpeft._C":
+            loader = importlib.machinery.ExtensionFileLoader(name, stub)
+            return importlib.util.spec_from_file_location(name, stub, loader=loader)
+sys.meta_path.insert(0, Finder())
+from fastpeft import _backend
+ok, why = _backend.cuda_ext_status()
+print(ok)
+print(_backend.choose("int8_linear", torch.device("cuda"), ("cuda", "triton", "torch")))
+print(why)
+"""
+
+
+@pytest.fixture(scope="module")
+def stub_extension(tmp_path_factory):
+    """csrc/bindings.cpp built as fastpeft._C with stub kernels (g++ and pybind11's headers, no CUDA)."""
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+    cxx = shutil.which("g++") or shutil.which("c++")
+    try:
+        import pybind11
+        pybind_inc = pybind11.get_include()
+    except ImportError:  # torch ships pybind11's headers
+        pybind_inc = str(Path(torch.__file__).parent / "include")
+    if cxx is None or not (Path(pybind_inc) / "pybind11" / "pybind11.h").is_file():
+        pytest.skip("needs a C++ compiler and pybind11's headers")
+    tmp = tmp_path_factory.mktemp("stub_ext")
+    (tmp / "stub.cpp").write_text(_STUB_API)
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    out = tmp / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run([cxx, "-O0", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-shared", f"-I{pybind_inc}",
+                    f"-I{sysconfig.get_paths()['include']}", f"-I{csrc}", str(csrc / "bindings.cpp"),
+                    str(tmp / "stub.cpp"), "-o", str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("driver,imports", [(13000, True), (0, True), (12040, False)])
+def test_binding_import_checks_the_driver(stub_extension, driver, imports):
+    """The real binding's import with the versions mocked: a driver older than the runtime (13.0) fails the
+    import with one warning saying why; fastpeft then runs the Triton kernels where cuda came first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "STUB_RUNTIME": "13000", "STUB_DRIVER": str(driver), "PYTHONWARNINGS": "default"}
+    res = subprocess.run([sys.executable, "-c", _STUB_IMPORT, str(stub_extension)], capture_output=True, text=True,
+                         env=env, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert res.returncode == 0, res.stderr
+    ok, chosen, why = res.stdout.splitlines()[:3]
+    warned = [line for line in res.stderr.splitlines() if "RuntimeWarning: fastpeft._C" in line]
+    if imports:
+        assert (ok, chosen) == ("True", "cuda") and not warned, res.stdout + res.stderr
+    else:
+        assert (ok, chosen) == ("False", "triton" if _backend.triton_status()[0] else "torch"), res.stdout
+        assert "ImportError: fastpeft._C (the CUDA C++ kernels) was built with CUDA 13.0" in why
+        assert "CUDA 12.4 only" in why and "update the NVIDIA driver" in why
+        assert len(warned) == 1, res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the int8 layer's backward: dx = dy W_deq with the weight dequantized inside the GEMM
+
+
+def _w_layout(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """The int8 [N, K] weight in another layout: padded rows, rows one byte past 16-byte alignment, or a
+    transposed view (column stride != 1: element loads)."""
+    N, K = w.shape
+    if kind in ("padded", "misaligned"):
+        big = torch.zeros(N, K + 19, dtype=torch.int8, device=w.device)
+        off = 1 if kind == "misaligned" else 0
+        big[:, off:off + K] = w
+        return big[:, off:off + K]
+    if kind == "transposed":
+        return w.t().contiguous().t()
+    return w.contiguous()
+
+
+def int8_dequant_inputs(M, N, K, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed * 7919 + M * 131 + N * 17 + K)
+    w_int8, w_scale = ref_int8.quantize_weight(torch.randn(N, K, generator=g) * 0.05)
+    w_scale[N // 2] = 0.0  # an all-zero row of W_deq
+    dy = torch.randn(M, N, generator=g)
+    return dy.to(device, dtype), w_int8.to(device), w_scale.to(device)
+
+
+def int8_dequant_ref(dy, w_int8, w_scale):
+    """float64 dy @ W_deq, with W_deq the reference's fp32 dequantize_weight."""
+    return dy.cpu().double() @ ref_int8.dequantize_weight(w_int8.cpu(), w_scale.cpu()).double()
+
+
+def check_int8_dequant_matmul(device, dtype, M, N, K, dy_layout="contiguous", w_layout="contiguous", tile=0):
+    from _cuda_checks import layout
+    dy, w, ws = int8_dequant_inputs(M, N, K, dtype, device)
+    dx = _cext.int8_dequant_matmul(layout(dy, dy_layout), _w_layout(w, w_layout), ws, tile=tile)
+    assert dx.dtype == dtype and dx.shape == (M, K) and dx.is_contiguous()
+    err = rel_err(dx, int8_dequant_ref(dy, w, ws))
+    assert err <= TOL[dtype], f"relative error {err:.3e} > {TOL[dtype]:.0e}"
+
+
+def check_int8_dequant_matmul_bounds(device, dtype, M, N, K, tile=0):
+    """The binding directly: dx a view inside a NaN buffer (every element written, padding untouched)."""
+    C = _cext._extension()
+    dy, w, ws = int8_dequant_inputs(M, N, K, dtype, device, seed=1)
+    buf = torch.full((M + 2, K + 3), float("nan"), dtype=dtype, device=device)
+    dx = buf[1:-1, 2:-1]
+    C.int8_dequant_matmul(dy=dy.data_ptr(), s_dm=dy.stride(0), s_dn=dy.stride(1), w=w.data_ptr(), s_wn=w.stride(0),
+                          s_wk=w.stride(1), w_scale=ws.data_ptr(), dx=dx.data_ptr(), s_xm=dx.stride(0), M=M, N=N, K=K,
+                          dtype=_cext._DTYPE_CODES[dtype], tile=tile, device=dy.device.index or 0,
+                          stream=torch.cuda.current_stream().cuda_stream if dy.is_cuda else 0)
+    assert rel_err(dx, int8_dequant_ref(dy, w, ws)) <= TOL[dtype]
+    pad = buf.clone()
+    pad[1:-1, 2:-1] = float("nan")
+    assert torch.isnan(pad).all(), "int8_dequant_matmul wrote outside dx"
+
+
+def check_int8_dequant_matmul_errors_and_empty(device):
+    dy, w, ws = int8_dequant_inputs(4, 6, 8, torch.float32, device)
+    with pytest.raises(TypeError, match="w_int8 has dtype"):
+        _cext.int8_dequant_matmul(dy, w.float(), ws)
+    with pytest.raises(TypeError, match="dy has dtype"):
+        _cext.int8_dequant_matmul(dy.double(), w, ws)
+    with pytest.raises(ValueError, match="disagree on N"):
+        _cext.int8_dequant_matmul(dy[:, :5], w, ws)
+    with pytest.raises(ValueError, match="w_scale has shape"):
+        _cext.int8_dequant_matmul(dy, w, ws[:5])
+    with pytest.raises(ValueError, match="tile"):
+        _cext.int8_dequant_matmul(dy, w, ws, tile=4)
+    assert _cext.int8_dequant_matmul(dy[:0], w, ws).shape == (0, 8)
+    assert _cext.int8_dequant_matmul(dy, w[:, :0], ws).shape == (4, 0)
+    dx = _cext.int8_dequant_matmul(dy[:, :0], w[:0], ws[:0])  # N = 0: dx = 0
+    assert dx.shape == (4, 8) and torch.equal(dx, torch.zeros_like(dx))
+
+
+def check_int8_linear_backward(device, dtype, lead, K, N, threshold=6.0):
+    """fastpeft.int8_linear(backend="cuda"): dx (and the bias gradient) against the reference's fp32 W_deq."""
+    g = torch.Generator().manual_seed(K + N)
+    w_int8, w_scale = ref_int8.quantize_weight(torch.randn(N, K, generator=g) * 0.05)
+    w_int8, w_scale = w_int8.to(device), w_scale.to(device)
+    x = torch.randn(*lead, K, generator=g).to(device, dtype).requires_grad_()
+    bias = torch.randn(N, generator=g).to(device, dtype).requires_grad_()
+    dy = torch.randn(*lead, N, generator=g).to(device, dtype)
+    y = fastpeft.int8_linear(x, w_int8, w_scale, bias, threshold, backend="cuda")
+    y.backward(dy)
+    ref = int8_dequant_ref(dy.reshape(-1, N), w_int8, w_scale).reshape(*lead, K)
+    assert x.grad.dtype == dtype and rel_err(x.grad, ref) <= TOL[dtype]
+    assert rel_err(bias.grad, dy.double().reshape(-1, N).sum(0)) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 37, 130), (7, 64, 256), (130, 64, 144), (300, 1000, 1000), (33, 40, 64),
+                                   (2048, 4096, 1024)])
+@pytest.mark.parametrize("tile", [0, 1, 2, 3])
+def test_int8_dequant_matmul(dtype, M, N, K, tile):
+    check_int8_dequant_matmul("cuda", dtype, M, N, K, tile=tile)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dy_layout", ["transposed", "strided", "misaligned"])
+@pytest.mark.parametrize("w_layout", ["contiguous", "padded", "misaligned", "transposed"])
+def test_int8_dequant_matmul_layouts(dtype, dy_layout, w_layout):
+    check_int8_dequant_matmul("cuda", dtype, 70, 100, 96, dy_layout, w_layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,tile", [(9, 40, 70, 0), (70, 64, 130, 2), (130, 64, 144, 1), (5, 64, 256, 3)])
+def test_int8_dequant_matmul_writes_only_its_view(dtype, M, N, K, tile):
+    check_int8_dequant_matmul_bounds("cuda", dtype, M, N, K, tile)
+
+
+@pytest.mark.gpu
+def test_int8_dequant_matmul_errors_and_empty():
+    check_int8_dequant_matmul_errors_and_empty("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,N", [((3, 5), 48, 40), ((300,), 1000, 130), ((2, 1024), 4096, 4096)])
+def test_int8_linear_backward_cuda_backend(dtype, lead, K, N):
+    check_int8_linear_backward("cuda", dtype, lead, K, N)

@@ -4,10 +4,16 @@
 code and a stream, as keyword arguments named as the fields of the parameter structs in
 csrc/fastpeft.h. These wrappers check the tensors, pass their pointers and strides and
 torch's current stream, and fold the dropout rescale ``1 / (1 - p)`` into the scalars.
+
+``fastpeft._C`` links the static CUDA runtime of the nvcc that built it, which needs a driver of
+at least its major CUDA version; its import ends with ``check_driver`` below, which fails the
+import (one warning, saying the versions and the fix) where the driver is older, so fastpeft
+runs its Triton kernels there instead of failing at the first launch.
 """
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 
@@ -16,6 +22,53 @@ from .._backend import BackendUnavailableError, cuda_ext_status
 from ..reference.dropout import dropout_threshold
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver check at import
+
+# The oldest Linux driver of each CUDA major release; its minor releases run on it too (CUDA minor version
+# compatibility; NVIDIA's CUDA toolkit release notes, table 3).
+MIN_LINUX_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+_driver_warned = False
+
+
+def _cuda_version(v: int) -> str:
+    """'13.0' for CUDART_VERSION / cudaDriverGetVersion's 13000."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def driver_problem(runtime: int, driver: int) -> str | None:
+    """Why fastpeft._C, linked with the CUDA runtime ``runtime`` (CUDART_VERSION: 1000 * major + 10 * minor),
+    cannot run with a driver that supports CUDA ``driver`` (cudaDriverGetVersion; 0: no driver), or None.
+
+    A runtime runs on the drivers of its major version and newer (minor version compatibility). Without a
+    driver there is nothing to check: no CUDA tensors reach the kernels.
+    """
+    if driver <= 0 or runtime <= 0 or driver // 1000 >= runtime // 1000:
+        return None
+    major, have = runtime // 1000, _cuda_version(driver)
+    need = f"Linux driver >= {MIN_LINUX_DRIVER[major]}" if major in MIN_LINUX_DRIVER else f"a driver for CUDA {major}.x"
+    return (f"fastpeft._C (the CUDA C++ kernels) was built with CUDA {_cuda_version(runtime)}, whose runtime needs an "
+            f"NVIDIA driver for CUDA {major}.x ({need}), but this machine's driver supports CUDA {have} only. "
+            f"fastpeft disables its CUDA C++ kernels and runs the Triton kernels instead (backend 'cuda' is "
+            f"unavailable). To fix it, update the NVIDIA driver, or rebuild fastpeft._C with a CUDA "
+            f"{driver // 1000}.x toolkit (at most CUDA {have}): CUDA_HOME=/usr/local/cuda-{have} "
+            f"FASTPEFT_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e .")
+
+
+def check_driver(ext) -> str | None:
+    """The last step of ``import fastpeft._C`` (csrc/bindings.cpp calls it with the module): why the import
+    must fail, or None. It fails, after one RuntimeWarning per process saying the versions and the fix, when
+    the installed driver is older than the CUDA runtime linked into ``ext`` (``driver_problem``); the binding
+    raises ImportError with this text, so the backend choice sees the ``cuda`` backend as unavailable (saying
+    why where it is forced) and runs the Triton kernels instead."""
+    global _driver_warned
+    why = driver_problem(int(ext.cuda_runtime_version()), int(ext.cuda_driver_version()))
+    if why is not None and not _driver_warned:
+        _driver_warned = True
+        warnings.warn(why, RuntimeWarning, stacklevel=2)
+    return why
 
 
 def _extension():
@@ -211,7 +264,8 @@ def int8_gemm(q: torch.Tensor, row_scale: torch.Tensor, w_int8: torch.Tensor, w_
     sum over c in cols[:count] of x[m, c] * w_int8[n, c] * w_scale[n] / 127 in fp32, with x [M, K]
     of out_dtype (any strides), cols int32 1-D (the first ``count`` entries valid), count int32 [1]
     read on the device (no host sync), clamped to [0, min(len(cols), K)].
-    ``tile`` forces a tile shape (0 chooses; 1: 128x128, 2: 64x64, 3: 16x32) for tests.
+    ``tile`` forces a tile shape (0 chooses; 1: 128x128, 64x64 where K or a row stride of q or w_int8 is not
+    a multiple of 16; 2: 64x64, 3: 16x32) for tests.
     """
     _checks.tensor("q", q, ndim=2)
     _checks.tensor("w_int8", w_int8, ndim=2)
@@ -262,6 +316,42 @@ def int8_gemm(q: torch.Tensor, row_scale: torch.Tensor, w_int8: torch.Tensor, w_
                   col_flags=ptr(col_flags), cols=ptr(cols), n_cols=cols.numel() if cols is not None else 0,
                   count=ptr(count), tile=tile, device=device.index or 0, stream=_stream(device))
     return y
+
+
+def int8_dequant_matmul(dy: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, *,
+                        tile: int = 0) -> torch.Tensor:
+    """dx = dy @ W_deq, a new contiguous [M, K] tensor in dy's dtype: the int8 layer's gradient w.r.t. its input.
+
+    W_deq[n, k] = w_int8[n, k] * (w_scale[n] / 127) in fp32 (``reference.int8.dequantize_weight``), computed per
+    tile inside the GEMM (no dequantized weight is materialized): rounded to dy's dtype for fp16 / bf16 dy
+    (tensor cores, fp32 accumulation), split into TF32 hi + lo parts for fp32 dy (3xTF32, about fp32
+    accuracy). dy: [M, N] fp32, fp16 or bf16, any strides; w_int8: int8 [N, K], any strides (16-byte loads
+    where rows are contiguous and aligned); w_scale: float32 [N], contiguous. ``tile`` forces a tile shape
+    (0 chooses; 1: 128x128 (fp32: 64x128), 2: 64x64 (fp32: as 1), 3: 16-row) for tests.
+    """
+    _checks.tensor("dy", dy, ndim=2)
+    _checks.tensor("w_int8", w_int8, ndim=2)
+    _checks.tensor("w_scale", w_scale)
+    device = _cuda_device(dy=dy, w_int8=w_int8, w_scale=w_scale)
+    _checks.tensor("dy", dy, dtypes=_DTYPE_CODES)
+    _checks.tensor("w_int8", w_int8, dtypes=(torch.int8,))
+    M, N = dy.shape
+    K = w_int8.shape[1]
+    if w_int8.shape[0] != N:
+        raise ValueError(f"dy {tuple(dy.shape)} and w_int8 {tuple(w_int8.shape)} disagree on N (dy's columns, "
+                         f"w_int8's rows)")
+    _vector("w_scale", w_scale, N, (torch.float32,))
+    if isinstance(tile, bool) or tile not in (0, 1, 2, 3):
+        raise ValueError(f"tile must be 0, 1, 2 or 3, got {tile!r}")
+    ext = _extension()
+    dx = torch.empty((M, K), dtype=dy.dtype, device=device)
+    if M == 0 or K == 0:
+        return dx
+    ext.int8_dequant_matmul(dy=dy.data_ptr(), s_dm=dy.stride(0), s_dn=dy.stride(1), w=w_int8.data_ptr(),
+                            s_wn=w_int8.stride(0), s_wk=w_int8.stride(1), w_scale=w_scale.data_ptr(), dx=dx.data_ptr(),
+                            s_xm=dx.stride(0), M=M, N=N, K=K, dtype=_DTYPE_CODES[dy.dtype], tile=tile,
+                            device=device.index or 0, stream=_stream(device))
+    return dx
 
 
 # ---------------------------------------------------------------------------------------------

@@ -279,6 +279,14 @@ def _int8_gemm(p):
                 count=_Operand(p["count"], 1, 1, 1, 1, 4))
 
 
+def _int8_dequant_matmul(p):
+    e = _ELEMENT_BYTES.get(p["dtype"], 1)
+    M, N, K = p["M"], p["N"], p["K"]
+    return dict(dy=_Operand(p["dy"], M, N, p["s_dm"], p["s_dn"], e), w=_Operand(p["w"], N, K, p["s_wn"], p["s_wk"], 1),
+                w_scale=_Operand(p["w_scale"], N, 1, 1, 1, 4),
+                dx=_Operand(p["dx"], M, K, p["s_xm"], 1, e, output=True, overwritten=True))
+
+
 def _quant_sizes(p):
     """(numel, code bytes, slots) of a quant_* call (0s for bad geometry: the device rejects it)."""
     outer, C, inner, last = (max(0, p[k]) for k in ("outer", "C", "inner", "last"))
@@ -321,6 +329,7 @@ def _bottleneck_adapter_forward(p):
 
 OPERANDS = {"lora_shrink": _lora_shrink, "lora_expand": _lora_expand, "multi_lora_shrink": _multi_lora_shrink,
             "multi_lora_expand": _multi_lora_expand, "int8_quant_rows": _int8_quant_rows, "int8_gemm": _int8_gemm,
+            "int8_dequant_matmul": _int8_dequant_matmul,
             "quant_quantize": _quant_quantize, "quant_dequantize": _quant_dequantize,
             "bottleneck_adapter_forward": _bottleneck_adapter_forward}
 

@@ -49,6 +49,8 @@ inline dim3 blockDim, gridDim;
 template <typename T> inline T __ldg(const T* p) { return *p; }
 inline float __uint_as_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
+inline float __int_as_float(int b) { float f; std::memcpy(&f, &b, 4); return f; }
+inline int __float_as_int(float f) { int b; std::memcpy(&b, &f, 4); return b; }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline int atomicOr(int* p, int v) { return std::atomic_ref<int>(*p).fetch_or(v); }
 inline unsigned atomicMin(unsigned* p, unsigned v) {
@@ -88,6 +90,8 @@ inline const char* cudaGetErrorString(cudaError_t e) { return cudaGetErrorName(e
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 0; return cudaErrorNoDevice; }
+#define CUDART_VERSION 13000
+inline cudaError_t cudaDriverGetVersion(int* v) { *v = 0; return cudaSuccess; }  // no driver
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int device) {
   if (device != 0 || attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
   *v = emu::kSmCount;
