@@ -62,6 +62,7 @@ def cases(dtype):
     q4, qz8 = _qweight(4, "zeropoint", 32, K=64), _qweight(8, "absmax", None, K=64)
     xq = lambda: _rnd(3, 64, dtype=dtype, grad=True, seed=3)
     qargs = lambda q: (q.data, q.scale, q.zero_point, q.bits, q.scheme, q.axis, q.group_size)
+    qargs4 = lambda q: (q.data, q.scale, q.nested_scale, q.nested_offset, q.scheme, q.group_size)
     quant_linear = [
         (xq(), *qargs(q4), _rnd(12, dtype=dtype), None, None, None),
         (xq(), *qargs(q4), None, "dynamic", None, None),
@@ -76,6 +77,9 @@ def cases(dtype):
         (xs.clone().requires_grad_(), torch.tensor(0.05, device=DEVICE, requires_grad=True), None, 8, "absmax",
          None, None),
     ]
+    x4 = _rnd(3, 40, dtype=dtype, seed=30)
+    n4 = fastpeft.quantize(x4, 4, "nf4", block_size=32, double_quant=True, backend="torch")
+    f4 = fastpeft.quantize(x4, 4, "fp4", block_size=32, backend="torch")
     d, R = 24, 8
     ad = lambda: (_rnd(3, 7, d, dtype=dtype, grad=True, seed=6), _rnd(R, d, dtype=dtype, grad=True, seed=7, scale=0.2),
                   _rnd(R, dtype=dtype, grad=True, seed=8), _rnd(d, R, dtype=dtype, grad=True, seed=9, scale=0.2),
@@ -106,6 +110,9 @@ def cases(dtype):
         "quantize": [(_rnd(4, 64, dtype=dtype), 4, "zeropoint", None, 16, None),
                      (_rnd(4, 9, dtype=dtype), 8, "absmax", 1, None, None)],
         "dequantize": [(*qargs(q4), [12, 64], dtype, None), (*qargs(qz8), [12, 64], dtype, None)],
+        "quantize_4bit": [(x4, "nf4", 32, None), (x4, "fp4", 64, None)],
+        "double_quant": [(f4.scale, None)],
+        "dequantize_4bit": [(*qargs4(n4), [3, 40], dtype, None), (*qargs4(f4), [3, 40], dtype, None)],
         "quant_linear": quant_linear,
         "fake_quantize": fake_quantize,
         "fake_quantize_backward": [(xs, _rnd(6, 10, dtype=dtype, seed=22), scale(False), zp().detach(), 4,
@@ -245,6 +252,8 @@ def test_autocast_does_not_reach_inside_the_kernels():
 # device, or move it into an op's kernel behind fastpeft._checks.check_values) or add it here
 # with its reason. Keys: (file, the line stripped).
 ALLOWED_SYNCS = {
+    ("fastpeft/ops/nf4.py", 'extra = json.loads(bytes(value.tolist()).decode("utf-8"))'):
+        "QuantizedTensor.from_bnb: the packed JSON quant state of a bitsandbytes checkpoint, read once at conversion",
     ("fastpeft/_checks.py", "elif not bool(ok.all()):  # host memory: no device to wait for"):
         "check_values on CPU tensors only (CUDA: torch._assert_async)",
     ("fastpeft/ops/int8.py", "cols = torch.nonzero(flags).flatten()  # the index list is the API: its length syncs"):
@@ -357,7 +366,9 @@ def _public_calls(dtype=torch.float32):
             "fake_quantize": fake_quantize, "bottleneck_adapter": bottleneck_adapter, "multi_lora": multi_lora,
             "distillation_loss": distill, "fused_linear_distillation_loss": fused,
             "quantize + dequantize": lambda: fastpeft.dequantize(fastpeft.quantize(g(4, 64), 4, "zeropoint",
-                                                                                  group_size=16))}
+                                                                                  group_size=16)),
+            "nf4 quantize + dequantize": lambda: fastpeft.dequantize(fastpeft.quantize(g(4, 72), 4, "nf4",
+                                                                                      double_quant=True))}
 
 
 def _forbidden(*args, **kwargs):

@@ -1,5 +1,7 @@
-"""Absmax and zero-point quantization of tensors: ``quantize`` / ``dequantize`` and the
-``QuantizedTensor`` they exchange. Semantics: fastpeft/reference/quant.py.
+"""Absmax and zero-point quantization of tensors, and NF4 / FP4 (QLoRA's 4-bit types, with
+bitsandbytes' layout): ``quantize`` / ``dequantize`` and the ``QuantizedTensor`` they exchange.
+Semantics: fastpeft/reference/quant.py (absmax, zeropoint) and fastpeft/reference/nf4.py (nf4,
+fp4; its ops: fastpeft/ops/nf4.py).
 
 Registered ops (fastpeft/ops/_library.py), neither differentiable:
   fastpeft::quantize    (data, scale, zero_point) of x
@@ -7,12 +9,12 @@ Registered ops (fastpeft/ops/_library.py), neither differentiable:
 ``quantize`` checks that x is finite inside its kernel (fastpeft._checks.check_values: on CUDA
 a device-side assertion, no host sync).
 
-Untrusted inputs: ``check_fields`` is the one check of a quantized tensor's layout (bits, scheme,
-axis / group_size, shape, dtypes and shapes of data / scale / zero_point, one device) against
-what ``quantize`` makes. ``dequantize`` runs it before anything is allocated or launched (in the
-op's kernel and in its fake, so traced calls check too), ``QuantizedTensor.load`` runs it on a
-file's metadata and tensors (then also checks their values), ``QuantizedTensor.validate`` on
-demand. The kernels index data, scale and zero_point as dense arrays: strided, expanded or
+Untrusted inputs: ``check_fields`` (``nf4.check_fields`` for nf4 / fp4) is the one check of a
+quantized tensor's layout (bits, scheme, axis / group_size, shape, dtypes and shapes of data /
+scale / zero_point, one device) against what ``quantize`` makes. ``dequantize`` runs it before
+anything is allocated or launched (in the op's kernel and in its fake, so traced calls check
+too), ``QuantizedTensor.load`` runs it on a file's metadata and tensors (then also checks their
+values), ``QuantizedTensor.validate`` on demand. The kernels index data, scale and zero_point as dense arrays: strided, expanded or
 offset ones are copied once (``contiguous()``) before the launch.
 """
 from __future__ import annotations
@@ -24,11 +26,13 @@ import torch
 
 from .. import _backend, _checks
 from ..reference import quant as ref
+from . import nf4
 from ._common import on_device
 from ._library import call, define, eager
 
 KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
 BITS = (8, 4)
+SCHEMES = ref.SCHEMES + nf4.SCHEMES  # every scheme ``quantize`` takes
 _DTYPES = {str(d).replace("torch.", ""): d for d in _checks.FLOAT_DTYPES}
 FORMAT = "fastpeft.QuantizedTensor"  # the "format" entry of a saved file's metadata
 _TENSORS = ("data", "scale", "zero_point")  # the tensors of a saved file
@@ -149,71 +153,117 @@ def _check_values(data, scale, zero_point, bits, scheme, origin: str = "") -> No
 class QuantizedTensor:
     """Codes and quantization parameters of a tensor.
 
-    ``data``: int8 (absmax) or uint8 (zeropoint) codes in the tensor's layout; 4-bit codes
-    packed two per byte along the last dim ([..., ceil(last / 2)]). ``scale`` float32 and
-    ``zero_point`` int32 have one entry per slot (tensor, channel along ``axis``, or group
-    of ``group_size`` along the last dim). ``shape`` and ``dtype`` are the original's.
-    Every scale is finite and > 0 and every zero point a code. Construction checks nothing
-    (it is on the quantize path); ``dequantize`` checks the layout (``check_fields``),
-    ``load`` the layout and the values, ``validate`` either on demand.
+    absmax / zeropoint: ``data`` int8 (absmax) or uint8 (zeropoint) codes in the tensor's layout;
+    4-bit codes packed two per byte along the last dim ([..., ceil(last / 2)], element 2j in the
+    low nibble). ``scale`` float32 and ``zero_point`` int32 have one entry per slot (tensor,
+    channel along ``axis``, or group of ``group_size`` along the last dim). Every scale is finite
+    and > 0 and every zero point a code.
+
+    nf4 / fp4 (bits 4, bitsandbytes' layout): the tensor read flat in blocks of ``group_size``
+    (its ``block_size``; the last block may be shorter); ``data`` uint8 [ceil(n / 2)], element 2j
+    in the HIGH nibble; ``zero_point`` None; ``scale`` the float32 absmax of each block
+    [blocks], or with double quantization (``double_quant``) its uint8 codes into the 8-bit
+    dynamic map, read with ``nested_scale`` (float32 [ceil(blocks / 256)]) and ``nested_offset``
+    (float32 []): absmax = DYNAMIC[scale] * nested_scale[b // 256] + nested_offset.
+
+    ``shape`` and ``dtype`` are the original's. Construction checks nothing (it is on the
+    quantize path); ``dequantize`` checks the layout (``check_fields`` / ``nf4.check_fields``),
+    ``load`` the layout and the values, ``validate`` either on demand. ``from_bnb`` converts
+    bitsandbytes' Params4bit codes and QuantState.
     """
 
     data: torch.Tensor
     scale: torch.Tensor
-    zero_point: torch.Tensor
+    zero_point: torch.Tensor | None
     bits: int
     scheme: str
     axis: int | None
     group_size: int | None
     shape: torch.Size
     dtype: torch.dtype
+    nested_scale: torch.Tensor | None = None
+    nested_offset: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
         return self.data.device
 
     @property
+    def block_size(self) -> int | None:
+        """nf4 / fp4: the block size (``group_size``); None for the other schemes."""
+        return self.group_size if self.scheme in nf4.SCHEMES else None
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the block absmax is itself quantized (nf4 / fp4 only)."""
+        return self.nested_scale is not None
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors, by field name (the names of a saved file's tensors)."""
+        names = ("data", "scale", "zero_point", "nested_scale", "nested_offset")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero_point))
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """The same codes and parameters on ``device``."""
-        return dataclasses.replace(self, data=self.data.to(device), scale=self.scale.to(device),
-                                   zero_point=self.zero_point.to(device))
+        return dataclasses.replace(self, **{k: t.to(device) for k, t in self._tensors().items()})
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(self, dtype)
 
+    def _check_fields(self, origin: str = "") -> tuple:
+        if isinstance(self.scheme, str) and self.scheme in nf4.SCHEMES:
+            _check_4bit_config(self.bits, self.axis, self.zero_point, origin)
+            return nf4.check_fields(self.data, self.scale, self.nested_scale, self.nested_offset, self.scheme,
+                                    self.group_size, self.shape, self.dtype, origin), None
+        if self.nested_scale is not None or self.nested_offset is not None:
+            raise ValueError(f"{origin}nested_scale / nested_offset belong to the nf4 / fp4 schemes, not "
+                             f"{self.scheme!r}")
+        return check_fields(self.data, self.scale, self.zero_point, self.bits, self.scheme, self.axis,
+                            self.group_size, self.shape, self.dtype, origin)
+
     def validate(self, values: bool = False) -> "QuantizedTensor":
         """Raise TypeError / ValueError naming the first field that is not what ``quantize``
-        makes (``check_fields``); with ``values``, also a scale that is not finite and > 0, a
-        zero point or code outside the code range (a host read of those tensors). Returns self."""
-        check_fields(self.data, self.scale, self.zero_point, self.bits, self.scheme, self.axis, self.group_size,
-                     self.shape, self.dtype)
+        makes (``check_fields``); with ``values``, also a scale that is not finite and > 0 (nf4 /
+        fp4: a block absmax not finite and >= 0), a zero point or code outside the code range (a
+        host read of those tensors). Returns self."""
+        self._check_fields()
         if values:
-            _check_values(self.data, self.scale, self.zero_point, self.bits, self.scheme)
+            self._check_values()
         return self
 
+    def _check_values(self, origin: str = "") -> None:
+        if self.scheme in nf4.SCHEMES:
+            nf4.check_values(self.scale, self.nested_scale, self.nested_offset, origin)
+        else:
+            _check_values(self.data, self.scale, self.zero_point, self.bits, self.scheme, origin)
+
     def _metadata(self) -> dict[str, str]:
-        return {"format": FORMAT, "bits": str(self.bits), "scheme": self.scheme,
+        meta = {"format": FORMAT, "bits": str(self.bits), "scheme": self.scheme,
                 "axis": json.dumps(self.axis), "group_size": json.dumps(self.group_size),
                 "shape": json.dumps(list(self.shape)), "dtype": str(self.dtype).replace("torch.", "")}
+        if self.scheme in nf4.SCHEMES:
+            meta["double_quant"] = json.dumps(self.double_quant)
+        return meta
 
     def save(self, path: str) -> None:
-        """Write a safetensors file (tensors data/scale/zero_point, the rest as metadata), after
-        checking the layout (``validate``): no file that ``load`` would refuse."""
+        """Write a safetensors file (the tensors: data, scale, and zero_point or, for a
+        double-quantized nf4 / fp4 tensor, nested_scale and nested_offset; the rest as metadata),
+        after checking the layout (``validate``): no file that ``load`` would refuse."""
         from safetensors.torch import save_file
         self.validate()
-        save_file({"data": self.data.contiguous(), "scale": self.scale.contiguous(),
-                   "zero_point": self.zero_point.contiguous()}, path, metadata=self._metadata())
+        save_file({k: t.contiguous() for k, t in self._tensors().items()}, path, metadata=self._metadata())
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> "QuantizedTensor":
         """Read a file ``save`` wrote, trusting nothing in it: safetensors only (no pickle); the
         metadata parsed as JSON and checked before any tensor is read, then the tensors against
         it (``check_fields``) and their values (finite positive scales, zero points and codes in
-        range), all on the CPU; only then moved to ``device``. A bad file raises ValueError or
-        TypeError naming the file and the field."""
+        range; nf4 / fp4: finite absmax >= 0), all on the CPU; only then moved to ``device``. A
+        bad file raises ValueError or TypeError naming the file and the field."""
         from safetensors import SafetensorError, safe_open
         origin = f"{path}: "
         try:
@@ -222,17 +272,70 @@ class QuantizedTensor:
                 if meta.get("format") != FORMAT:
                     raise ValueError(f"{path} is not a {FORMAT} file (metadata {_preview(meta)})")
                 fields = _parse_metadata(meta, origin)
-                shape, axis = _check_config(*fields, origin=origin)
+                bits, scheme, axis, group_size, shape, dtype = fields
+                if isinstance(scheme, str) and scheme in nf4.SCHEMES:
+                    _check_4bit_config(bits, axis, None, origin)
+                    shape = nf4.check_config(scheme, group_size, shape, dtype, origin)
+                    double = _parse_flag(meta, "double_quant", origin)
+                    expected = ["data", "scale"] + (["nested_scale", "nested_offset"] if double else [])
+                else:
+                    shape, axis = _check_config(*fields, origin=origin)
+                    expected = list(_TENSORS)
                 names = sorted(f.keys())
-                if names != sorted(_TENSORS):
-                    raise ValueError(f"{origin}holds tensors {names}; expected {sorted(_TENSORS)}")
-                data, scale, zero_point = (f.get_tensor(k) for k in _TENSORS)
+                if names != sorted(expected):
+                    raise ValueError(f"{origin}holds tensors {names}; expected {sorted(expected)}")
+                tensors = {k: f.get_tensor(k) for k in expected}
         except SafetensorError as exc:
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
-        bits, scheme, _, group_size, _, dtype = fields
-        check_fields(data, scale, zero_point, bits, scheme, axis, group_size, shape, dtype, origin)
-        _check_values(data, scale, zero_point, bits, scheme, origin)
-        return cls(data, scale, zero_point, bits, scheme, axis, group_size, torch.Size(shape), dtype).to(device)
+        qx = cls(tensors["data"], tensors["scale"], tensors.get("zero_point"), bits, scheme, axis, group_size,
+                 torch.Size(shape), dtype, tensors.get("nested_scale"), tensors.get("nested_offset"))
+        qx._check_fields(origin)
+        qx._check_values(origin)
+        return qx.to(device)
+
+    @classmethod
+    def from_bnb(cls, weight, quant_state=None) -> "QuantizedTensor":
+        """A bitsandbytes 4-bit weight as a QuantizedTensor that dequantizes to the same values
+        as ``bitsandbytes.functional.dequantize_4bit(weight, quant_state)``.
+
+        ``weight``: a ``bnb.nn.Params4bit`` (its ``quant_state`` is used when ``quant_state`` is
+        None) or the packed codes (any ``quant_storage`` dtype, e.g. [(n + 1) // 2, 1] uint8).
+        ``quant_state``: a ``bitsandbytes.functional.QuantState``, or its serialized form as a
+        checkpoint holds it (``QuantState.as_dict()``, packed or not: "absmax", "quant_map",
+        "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4" ..., with or
+        without the "<module>.weight." prefix); bitsandbytes need not be installed for a dict.
+        Nothing is trusted: the quant type, block sizes, codebooks (they must be bitsandbytes'
+        standard NF4 / FP4 tables and 8-bit dynamic map), shapes and dtypes are checked against
+        the codes (ValueError / TypeError naming the field). No copy where the tensors are
+        already dense; float16 / bfloat16 absmax become float32 (exactly, as bitsandbytes does)."""
+        if quant_state is None:
+            quant_state = getattr(weight, "quant_state", None)
+            if quant_state is None:
+                raise ValueError("from_bnb: give the quant_state (the weight carries none: not a quantized "
+                                 "bnb.nn.Params4bit)")
+        fields = nf4.from_bnb(weight, quant_state)
+        qx = cls(fields["data"], fields["scale"], None, 4, fields["scheme"], None, fields["block_size"],
+                 torch.Size(fields["shape"]), fields["dtype"], fields["nested_scale"], fields["nested_offset"])
+        qx._check_fields("from_bnb: ")
+        return qx
+
+
+def _check_4bit_config(bits, axis, zero_point, origin: str = "") -> None:
+    """The fields an nf4 / fp4 tensor fixes: bits 4, no axis, no zero point."""
+    if not _is_int(bits) or bits != 4:
+        raise ValueError(f"{origin}bits must be 4 for the nf4 / fp4 schemes, got {_preview(bits)}")
+    if axis is not None:
+        raise ValueError(f"{origin}axis must be None for the nf4 / fp4 schemes (blocks of the flattened tensor), "
+                         f"got {_preview(axis)}")
+    if zero_point is not None:
+        raise ValueError(f"{origin}zero_point must be None for the nf4 / fp4 schemes (their codebooks hold 0.0)")
+
+
+def _parse_flag(meta: dict, key: str, origin: str) -> bool:
+    raw = meta.get(key)
+    if raw not in ("true", "false"):
+        raise ValueError(f"{origin}metadata {key} must be 'true' or 'false', got {_preview(raw)}")
+    return raw == "true"
 
 
 def _parse_metadata(meta: dict, origin: str) -> tuple:
@@ -259,7 +362,7 @@ def _validate(x, bits, scheme, axis, group_size):
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     if scheme not in ref.SCHEMES:
-        raise ValueError(f"scheme must be one of {ref.SCHEMES}, got {scheme!r}")
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if axis is not None and group_size is not None:
         raise ValueError("give axis (one scale per channel) or group_size (groups along the last dim), not both")
     if axis is not None:
@@ -340,10 +443,12 @@ dequantize_op = define(
     "SymInt[] shape, ScalarType dtype, str? backend) -> Tensor", _dequantize_kernel, _dequantize_fake)
 
 
-def quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: int | None = None,
-             group_size: int | None = None, *, backend: str | None = None) -> QuantizedTensor:
-    """Quantize ``x`` to ``bits`` (8 or 4) with one scale per tensor, per index along ``axis``,
-    or per group of ``group_size`` along the last dim.
+def quantize(x: torch.Tensor, bits: int | None = None, scheme: str = "absmax", axis: int | None = None,
+             group_size: int | None = None, *, block_size: int | None = None, double_quant: bool = False,
+             backend: str | None = None) -> QuantizedTensor:
+    """Quantize ``x`` to ``bits`` (8 or 4; None: 8, or 4 for nf4 / fp4) with one scale per tensor,
+    per index along ``axis``, or per group of ``group_size`` along the last dim; or, for nf4 /
+    fp4, per block of ``block_size`` (default 64) elements of the flattened tensor.
 
     absmax: symmetric codes in [-(2^(b-1)-1), 2^(b-1)-1], scale = absmax / qmax, zero_point 0.
     zeropoint: codes in [0, 2^b - 1]; the slot's min (or 0) maps to the lowest code and its max
@@ -353,10 +458,40 @@ def quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: int |
     fewer codes); a range wider than float32's (e.g. [-3e38, 3e38]) still gets a finite scale.
     |dequantize(quantize(x), float32) - x| <= scale * (1/2 + 2^-13) elementwise (scale / 2 plus
     float32 rounding: reference.quant.ERROR_BOUND); other dtypes round that float32 value once.
-    4-bit codes are packed two per byte. Any strides. Empty x (0 rows) gives empty codes.
-    x must be finite (checked in the op's kernel: on CUDA a device-side assertion, no host sync).
-    Not differentiable. Runs as ``torch.ops.fastpeft.quantize``.
+    4-bit codes are packed two per byte.
+
+    nf4 / fp4 (QLoRA's NormalFloat and bitsandbytes' FP4; Dettmers et al., 2023): bitsandbytes'
+    ``quantize_4bit(x, blocksize=block_size, compress_statistics=double_quant, quant_type=scheme)``
+    bit for bit (fastpeft/reference/nf4.py): each element becomes the code of the table entry
+    nearest to x / absmax of its block, packed two a byte in bitsandbytes' order; ``block_size``
+    one of 32, 64, ..., 4096 (``group_size`` is the same field: give either); ``double_quant``
+    stores the block absmax in 8 bits (blocks of 256, mean subtracted), QLoRA's double
+    quantization. ``axis`` must be None.
+
+    Any strides. Empty x (0 rows) gives empty codes. x must be finite (checked in the op's kernel:
+    on CUDA a device-side assertion, no host sync). Not differentiable. Runs as
+    ``torch.ops.fastpeft.quantize`` (nf4 / fp4: ``fastpeft::quantize_4bit`` and
+    ``fastpeft::double_quant``).
     """
+    if isinstance(scheme, str) and scheme in nf4.SCHEMES:
+        if bits is not None and (isinstance(bits, bool) or bits != 4):
+            raise ValueError(f"{scheme} is a 4-bit scheme: bits must be 4 (or None), got {bits!r}")
+        if axis is not None:
+            raise ValueError(f"{scheme} quantizes the flattened tensor in blocks (block_size): axis must be None, "
+                             f"got {axis!r}")
+        if block_size is not None and group_size is not None and block_size != group_size:
+            raise ValueError(f"block_size and group_size are one field for {scheme}: give one, got "
+                             f"block_size={block_size!r}, group_size={group_size!r}")
+        size = block_size if block_size is not None else group_size
+        size = nf4.DEFAULT_BLOCK_SIZE if size is None else size
+        data, scale, nested, offset = nf4.quantize_4bit(x, scheme, size, double_quant, backend=backend)
+        return QuantizedTensor(data, scale, None, 4, scheme, None, size, x.shape, x.dtype, nested, offset)
+    if block_size is not None:
+        raise ValueError(f"block_size is for the nf4 / fp4 schemes (blocks of the flattened tensor); {scheme!r} "
+                         f"takes axis or group_size")
+    if double_quant is not False:
+        raise ValueError(f"double_quant is for the nf4 / fp4 schemes, not {scheme!r}")
+    bits = 8 if bits is None else bits
     axis = _validate(x, bits, scheme, axis, group_size)
     if backend is not None:
         _backend.check_name(backend)
@@ -368,19 +503,23 @@ def dequantize(qx: QuantizedTensor, dtype: torch.dtype | None = None, *,
                backend: str | None = None) -> torch.Tensor:
     """(codes - zero_point) * scale, in ``dtype`` (default: the original tensor's dtype),
     computed in float32 and saturated to ``dtype``'s finite range before the cast (a NaN scale
-    gives NaN). ``qx``'s fields are checked against each other first (``check_fields``: a
-    hand-built or loaded QuantizedTensor whose codes, scales or zero points do not match its
+    gives NaN); nf4 / fp4: table[code] * absmax of the block in float32, cast once (bitsandbytes'
+    ``dequantize_4bit``). ``qx``'s fields are checked against each other first (``check_fields``:
+    a hand-built or loaded QuantizedTensor whose codes, scales or zero points do not match its
     shape, bits, scheme, axis or group_size raises TypeError / ValueError naming the field);
-    strided data, scale or zero_point are fine. Runs as ``torch.ops.fastpeft.dequantize``."""
+    strided tensors are fine. Runs as ``torch.ops.fastpeft.dequantize`` (nf4 / fp4:
+    ``fastpeft::dequantize_4bit``)."""
     if not isinstance(qx, QuantizedTensor):
         raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qx).__name__}")
-    shape, axis = check_fields(qx.data, qx.scale, qx.zero_point, qx.bits, qx.scheme, qx.axis, qx.group_size,
-                               qx.shape, qx.dtype)
+    shape, axis = qx._check_fields()
     dtype = qx.dtype if dtype is None else dtype
     if dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
     if backend is not None:
         _backend.check_name(backend)
+    if qx.scheme in nf4.SCHEMES:
+        return nf4.dequantize_checked(qx.data, qx.scale, qx.nested_scale, qx.nested_offset, qx.scheme,
+                                      qx.group_size, shape, dtype, backend)
     args = (qx.data, qx.scale, qx.zero_point, qx.bits, qx.scheme, axis, qx.group_size)
     if eager(qx.data.device.type, qx.data, qx.scale, qx.zero_point):  # no dispatcher round trip, no second check
         return _dequantize_checked(*args, shape, dtype, backend)

@@ -1,0 +1,427 @@
+"""NF4 / FP4 blockwise 4-bit quantization with bitsandbytes' semantics and layout, and QLoRA's
+double quantization of the block absmax (Dettmers et al., 2023). Semantics:
+fastpeft/reference/nf4.py; the QuantizedTensor that carries the result: fastpeft/ops/quant.py.
+
+Registered ops (fastpeft/ops/_library.py), none differentiable:
+  fastpeft::quantize_4bit    (packed codes uint8 [ceil(n / 2)], absmax float32 [blocks]) of x
+  fastpeft::double_quant     (codes8 uint8 [blocks], nested absmax float32 [ceil(blocks / 256)],
+                              offset float32 []) of an absmax vector
+  fastpeft::dequantize_4bit  table[code] * absmax, in the requested dtype
+``quantize_4bit`` checks that x is finite inside its kernel (fastpeft._checks.check_values: on
+CUDA a device-side assertion, no host sync).
+
+``check_fields`` is the one check of a 4-bit tensor's layout (scheme, block size, shape, the
+dtypes and shapes of codes, absmax and the double-quantization state, one device);
+``dequantize_4bit`` runs it before anything is allocated or launched, in its kernel and in its
+fake. The kernels index every operand as a dense array: strided, expanded or offset ones are
+copied once (``contiguous()``) before the launch.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from .. import _backend, _checks
+from ..reference import nf4 as ref
+from ._common import on_device
+from ._library import call, define, eager
+
+KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
+SCHEMES = ref.SCHEMES
+BLOCK_SIZES = ref.BLOCK_SIZES
+DEFAULT_BLOCK_SIZE = ref.DEFAULT_BLOCK_SIZE
+NESTED_BLOCK = ref.NESTED_BLOCK
+_TABLES: dict = {}  # device -> the constant tables the kernels read
+
+
+def _tables(device: torch.device) -> dict:
+    """The codebooks and the midpoints of their sorted values, the dynamic map and its midpoints,
+    on ``device`` (built once)."""
+    t = _TABLES.get(device)
+    if t is None:
+        t = {}
+        for scheme in SCHEMES:
+            order = torch.tensor(ref.sorted_codes(scheme), dtype=torch.int64)
+            table = ref.codebook(scheme)
+            t[scheme] = (table.to(device), ref.midpoints(table[order]).to(device))
+        dyn = ref.dynamic_map()
+        t["dynamic"] = dyn.to(device)
+        t["dynamic_mids"] = torch.cat([ref.midpoints(dyn), torch.full((1,), math.inf)]).to(device)
+        _TABLES[device] = t
+    return t
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def _preview(v: object, limit: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_config(scheme, block_size, shape, dtype, origin: str = "") -> tuple:
+    """The tensor-free fields: scheme "nf4" or "fp4", block_size one of bitsandbytes' block sizes,
+    shape non-negative ints (at least one dim), dtype a float dtype. Returns shape as a tuple."""
+    if not isinstance(scheme, str):
+        raise TypeError(f"{origin}scheme must be a str, got {type(scheme).__name__}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"{origin}scheme must be one of {SCHEMES}, got {scheme!r}")
+    if not _is_int(block_size):
+        raise TypeError(f"{origin}block size must be an int, got {type(block_size).__name__} {_preview(block_size)}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"{origin}block size must be one of {BLOCK_SIZES} (bitsandbytes' block sizes), "
+                         f"got {block_size}")
+    if not isinstance(dtype, torch.dtype) or dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"{origin}dtype must be one of float32, float16, bfloat16, got {dtype!r}")
+    if not isinstance(shape, (list, tuple, torch.Size)) or not all(_is_int(n) for n in shape):
+        raise TypeError(f"{origin}shape must be a sequence of ints, got {_preview(shape)}")
+    shape = tuple(shape)
+    if not shape or any(n < 0 for n in shape):
+        raise ValueError(f"{origin}shape must have at least one dim and no negative size, got {_preview(list(shape))}")
+    return shape
+
+
+def layout(shape, block_size: int) -> tuple[int, int, int]:
+    """(elements, packed bytes, blocks) of a tensor of ``shape``."""
+    n = math.prod(shape)
+    return n, (n + 1) // 2, (n + block_size - 1) // block_size
+
+
+def check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype,
+                 origin: str = "") -> tuple:
+    """Check that the tensors are what ``quantize_4bit(x, scheme, block_size, double_quant)`` makes
+    for an x of ``shape``; return shape as a tuple. Exactly: ``check_config``; data uint8 of shape
+    [ceil(n / 2)] (flat, two codes a byte, bitsandbytes' order); without double quantization
+    (nested_scale and nested_offset None) scale float32 [blocks]; with it scale uint8 [blocks]
+    (codes into the dynamic map), nested_scale float32 [ceil(blocks / 256)] and nested_offset
+    float32 []; all on one device. Reads no tensor value (no host sync). Raises TypeError (a type
+    or dtype) or ValueError (a value or shape) naming the field, after ``origin``."""
+    shape = check_config(scheme, block_size, shape, dtype, origin)
+    n, nbytes, nb = layout(shape, block_size)
+    if (nested_scale is None) != (nested_offset is None):
+        raise ValueError(f"{origin}a double-quantized tensor needs both nested_scale and nested_offset "
+                         f"(got {'nested_scale' if nested_offset is None else 'nested_offset'} alone)")
+    double = nested_scale is not None
+    tensors = [("data", data), ("scale", scale)] + ([("nested_scale", nested_scale),
+                                                      ("nested_offset", nested_offset)] if double else [])
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{origin}{name} must be a torch.Tensor, got {type(t).__name__}")
+    what = f"a {scheme} tensor of shape {_preview(list(shape))} ({n} elements)"
+    if data.dtype != torch.uint8:
+        raise TypeError(f"{origin}data has dtype {data.dtype}; {scheme} codes are packed two a byte in uint8")
+    if tuple(data.shape) != (nbytes,):
+        raise ValueError(f"{origin}data has shape {list(data.shape)}; {what} packs into {nbytes} bytes, stored flat "
+                         f"([{nbytes}]: element 2j in the high nibble of byte j, as bitsandbytes packs)")
+    want = torch.uint8 if double else torch.float32
+    if scale.dtype != want:
+        kind = "the 8-bit codes of a double-quantized absmax" if double else "the float32 absmax of each block"
+        raise TypeError(f"{origin}scale has dtype {scale.dtype}; expected {want} ({kind})")
+    if tuple(scale.shape) != (nb,):
+        raise ValueError(f"{origin}scale has shape {list(scale.shape)}; {what} in blocks of {block_size} has "
+                         f"{nb} blocks (a block size or quant state that does not match the codes?)")
+    if double:
+        n_nested = (nb + NESTED_BLOCK - 1) // NESTED_BLOCK
+        for name, t, shp in (("nested_scale", nested_scale, (n_nested,)), ("nested_offset", nested_offset, ())):
+            if t.dtype != torch.float32:
+                raise TypeError(f"{origin}{name} has dtype {t.dtype}; expected torch.float32")
+            if tuple(t.shape) != shp:
+                raise ValueError(f"{origin}{name} has shape {list(t.shape)}; {nb} blocks double-quantized in "
+                                 f"blocks of {NESTED_BLOCK} give {list(shp)}")
+    devices = {t.device for _, t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{origin}" + ", ".join(name for name, _ in tensors) + " must be on one device, got "
+                         + ", ".join(str(t.device) for _, t in tensors))
+    return shape
+
+
+def check_values(scale, nested_scale, nested_offset, origin: str = "") -> None:
+    """The values the format promises: every absmax (or nested absmax) finite and >= 0, the offset
+    finite (any code is a code). Reads the values (on CUDA an asynchronous device-side
+    assertion): for files and ``validate(values=True)``, not for the dequantize hot path."""
+    absmax = scale if nested_scale is None else nested_scale
+    name = "scale" if nested_scale is None else "nested_scale"
+    _checks.check_values(torch.isfinite(absmax) & (absmax >= 0),
+                         lambda: f"{origin}{name} (a block absmax) must be finite and >= 0 in every block")
+    if nested_offset is not None:
+        _checks.check_values(torch.isfinite(nested_offset), lambda: f"{origin}nested_offset must be finite")
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops
+
+def _quantize_kernel(x, scheme, block_size, backend):
+    if x.numel():
+        _checks.check_values(torch.isfinite(x), lambda: "x contains NaN or inf: its block's absmax would be "
+                                                        "meaningless")
+    name = _backend.choose("quantize_4bit", x.device, KERNELS, backend)
+    xc = x.contiguous()
+    if name == "torch" or x.numel() == 0:
+        return ref.quantize_4bit(xc, scheme, block_size)
+    from ..kernels import nf4 as k
+    mids = _tables(x.device)[scheme][1]
+    order = None if scheme == "nf4" else ref.sorted_codes(scheme)
+    with on_device(xc):
+        return k.quantize_4bit(xc.reshape(-1), block_size, mids, order)
+
+
+def _quantize_fake(x, scheme, block_size, backend):
+    n = x.numel()
+    return (x.new_empty(((n + 1) // 2,), dtype=torch.uint8),
+            x.new_empty(((n + block_size - 1) // block_size,), dtype=torch.float32))
+
+
+def _double_quant_kernel(absmax, backend):
+    name = _backend.choose("double_quant", absmax.device, KERNELS, backend)
+    if name == "torch" or absmax.numel() == 0:
+        return ref.double_quant(absmax)
+    from ..kernels import nf4 as k
+    a = absmax.contiguous()
+    offset = a.mean()  # as the reference (and bitsandbytes): torch's float32 mean on the device
+    with on_device(a):
+        q8, nested = k.double_quant(a, offset, _tables(a.device)["dynamic_mids"])
+    return q8, nested, offset
+
+
+def _double_quant_fake(absmax, backend):
+    nb = absmax.numel()
+    return (absmax.new_empty((nb,), dtype=torch.uint8),
+            absmax.new_empty(((nb + NESTED_BLOCK - 1) // NESTED_BLOCK,), dtype=torch.float32),
+            absmax.new_empty((), dtype=torch.float32))
+
+
+def torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype) -> torch.Tensor:
+    """The torch backend of dequantize_4bit: the reference."""
+    absmax = scale if nested_scale is None else ref.dequantize_absmax(scale, nested_scale, nested_offset)
+    return ref.dequantize_4bit(data, absmax, scheme, block_size, shape, dtype)
+
+
+def _dequantize_checked(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype, backend):
+    """dequantize_4bit once ``check_fields`` passed (shape a tuple)."""
+    name = _backend.choose("dequantize_4bit", data.device, KERNELS, backend)
+    if name == "torch" or data.numel() == 0:
+        return torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype)
+    from ..kernels import nf4 as k
+    tables = _tables(data.device)
+    dense = [None if t is None else t.contiguous() for t in (data, scale, nested_scale, nested_offset)]
+    with on_device(data):
+        return k.dequantize_4bit(*dense, tables[scheme][0], tables["dynamic"], block_size, shape, dtype)
+
+
+def _dequantize_kernel(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype, backend):
+    shape = check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype)
+    return _dequantize_checked(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype, backend)
+
+
+def _dequantize_fake(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype, backend):
+    shape = check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype)
+    return data.new_empty(shape, dtype=dtype)
+
+
+quantize_4bit_op = define(
+    "quantize_4bit(Tensor x, str scheme, int block_size, str? backend) -> (Tensor, Tensor)",
+    _quantize_kernel, _quantize_fake)
+double_quant_op = define(
+    "double_quant(Tensor absmax, str? backend) -> (Tensor, Tensor, Tensor)", _double_quant_kernel, _double_quant_fake)
+dequantize_4bit_op = define(
+    "dequantize_4bit(Tensor data, Tensor scale, Tensor? nested_scale, Tensor? nested_offset, str scheme, "
+    "int block_size, SymInt[] shape, ScalarType dtype, str? backend) -> Tensor", _dequantize_kernel, _dequantize_fake)
+
+
+# ---------------------------------------------------------------------------------------------
+# the functions fastpeft.quantize / fastpeft.dequantize call for scheme "nf4" / "fp4"
+
+def quantize_4bit(x: torch.Tensor, scheme: str = "nf4", block_size: int = DEFAULT_BLOCK_SIZE,
+                  double_quant: bool = False, *, backend: str | None = None):
+    """(data, scale, nested_scale, nested_offset) of x, bitsandbytes' ``quantize_4bit(x, blocksize,
+    compress_statistics=double_quant, quant_type=scheme)``: x read flat in blocks of
+    ``block_size``; data uint8 [ceil(n / 2)] (element 2j in the high nibble); scale the float32
+    block absmax [blocks], or with ``double_quant`` its 8-bit codes (uint8 [blocks]) with
+    nested_scale float32 [ceil(blocks / 256)] and nested_offset float32 [] (else both None).
+    x must be finite (checked in the op's kernel). Runs as ``torch.ops.fastpeft.quantize_4bit``
+    (and ``fastpeft::double_quant``)."""
+    _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    check_config(scheme, block_size, tuple(x.shape), x.dtype)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    if backend is not None:
+        _backend.check_name(backend)
+    direct = eager(x.device.type, x)
+    data, absmax = call(quantize_4bit_op, direct, x.detach(), scheme, block_size, backend)
+    if not double_quant:
+        return data, absmax, None, None
+    q8, nested, offset = call(double_quant_op, direct, absmax, backend)
+    return data, q8, nested, offset
+
+
+def dequantize_4bit(data, scale, nested_scale, nested_offset, scheme: str, block_size: int, shape,
+                    dtype: torch.dtype, *, backend: str | None = None) -> torch.Tensor:
+    """table[code] * absmax[block] in float32 (absmax = DYNAMIC[code8] * nested_scale[b // 256] +
+    nested_offset when double-quantized), cast once to ``dtype``, of ``shape``: bitsandbytes'
+    ``dequantize_4bit``. The fields are checked against each other first (``check_fields``).
+    Runs as ``torch.ops.fastpeft.dequantize_4bit``."""
+    shape = check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype)
+    if backend is not None:
+        _backend.check_name(backend)
+    return dequantize_checked(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype, backend)
+
+
+def dequantize_checked(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype, backend):
+    """``dequantize_4bit`` once ``check_fields`` passed: the kernel called directly when eager, else
+    the registered op (which checks again, for traced calls)."""
+    args = (data, scale, nested_scale, nested_offset, scheme, block_size)
+    if eager(data.device.type, data, scale, nested_scale, nested_offset):  # no dispatcher round trip
+        return _dequantize_checked(*args, shape, dtype, backend)
+    return dequantize_4bit_op(*args, list(shape), dtype, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes' Params4bit + QuantState (object or checkpoint entries) -> the fields
+
+_BNB_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_type", "blocksize", "dtype",
+             "shape", "nested_blocksize", "nested_dtype", "nested_offset")
+_BNB_PACKED = "bitsandbytes__"  # the packed entry: "quant_state.bitsandbytes__nf4" (JSON bytes)
+_BNB_JSON_MAX = 1 << 16  # bytes: a real packed quant state is about 200
+_DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in _checks.FLOAT_DTYPES}
+
+
+def _bnb_state_dict(quant_state) -> dict:
+    """A QuantState (read through its attributes) or its ``as_dict`` form (packed or not, keys
+    with or without a "<module>.weight." prefix) as one dict of ``_BNB_KEYS`` entries."""
+    origin = "from_bnb: "
+    if not isinstance(quant_state, dict):
+        if not all(hasattr(quant_state, a) for a in ("absmax", "code", "blocksize", "quant_type", "shape", "dtype")):
+            raise TypeError(f"{origin}quant_state must be a bitsandbytes QuantState or its as_dict() entries, got "
+                            f"{type(quant_state).__name__}")
+        qs = quant_state
+        out = {"absmax": qs.absmax, "quant_map": qs.code, "quant_type": qs.quant_type, "blocksize": qs.blocksize,
+               "dtype": qs.dtype, "shape": qs.shape}
+        state2 = getattr(qs, "state2", None)
+        if state2 is not None:
+            out.update(nested_absmax=state2.absmax, nested_quant_map=state2.code, nested_blocksize=state2.blocksize,
+                       nested_dtype=state2.dtype, nested_offset=getattr(qs, "offset", None))
+        return out
+    out, packed = {}, None
+    for key, value in quant_state.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{origin}quant_state keys must be str, got {type(key).__name__}")
+        tail = key.split(".")[-1]
+        if tail.startswith(_BNB_PACKED):
+            if packed is not None:
+                raise ValueError(f"{origin}quant_state holds two packed entries: {packed[0]!r} and {key!r}")
+            packed = (key, value)
+        elif tail in _BNB_KEYS:
+            if tail in out:
+                raise ValueError(f"{origin}quant_state holds {tail!r} twice (under two prefixes?)")
+            out[tail] = value
+        else:
+            raise ValueError(f"{origin}unexpected quant_state entry {key!r}; bitsandbytes' entries are "
+                             f"{', '.join(_BNB_KEYS)} and quant_state.{_BNB_PACKED}<quant_type>")
+    if packed is not None:
+        key, value = packed
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1 \
+                or value.numel() > _BNB_JSON_MAX:
+            raise ValueError(f"{origin}{key!r} must be a 1-D uint8 tensor of JSON (at most {_BNB_JSON_MAX} bytes)")
+        try:  # the packed JSON entry of a checkpoint: read on the host, once, at conversion
+            extra = json.loads(bytes(value.tolist()).decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"{origin}{key!r} is not JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise ValueError(f"{origin}{key!r} must hold a JSON object, got {_preview(extra)}")
+        for k, v in extra.items():
+            if k not in _BNB_KEYS or k in out:
+                raise ValueError(f"{origin}{key!r} holds an unexpected or repeated entry {k!r}")
+            out[k] = v
+        if out.get("quant_type") != key.split(".")[-1][len(_BNB_PACKED):]:
+            raise ValueError(f"{origin}{key!r} says quant_type {_preview(out.get('quant_type'))}")
+    return out
+
+
+def _bnb_dtype(value, name: str) -> torch.dtype:
+    if isinstance(value, str):
+        value = _DTYPE_NAMES.get(value, value)
+    if not isinstance(value, torch.dtype) or value not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"from_bnb: {name} must be float32, float16 or bfloat16, got {_preview(value)}")
+    return value
+
+
+def _bnb_table(value, table: torch.Tensor, name: str, what: str, device) -> None:
+    """``value`` must be the float32 table (compared on its device: no host sync on CUDA)."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or tuple(value.shape) != tuple(table.shape):
+        raise ValueError(f"from_bnb: {name} must be a float32 tensor of shape {list(table.shape)} ({what})")
+    if value.device != device:
+        raise ValueError(f"from_bnb: {name} is on {value.device}, the absmax on {device}")
+    _checks.check_values(value == table.to(value.device),
+                         lambda: f"from_bnb: {name} is not {what}: fastpeft dequantizes with the standard table")
+
+
+def from_bnb(weight, quant_state) -> dict:
+    """The QuantizedTensor fields (data, scale, nested_scale, nested_offset, scheme, block_size,
+    shape, dtype) of a bitsandbytes 4-bit weight: packed codes (any quant_storage dtype, stored
+    [(n + 1) // 2 / itemsize, 1] or flat) and its QuantState (object or ``as_dict`` entries).
+    Raises ValueError / TypeError naming the field that does not match."""
+    origin = "from_bnb: "
+    st = _bnb_state_dict(quant_state)
+    missing = [k for k in ("absmax", "quant_map", "quant_type", "blocksize", "dtype", "shape") if st.get(k) is None]
+    if missing:
+        raise ValueError(f"{origin}the quant state has no {', '.join(missing)}")
+    scheme, block_size = st["quant_type"], st["blocksize"]
+    dtype = _bnb_dtype(st["dtype"], "dtype")
+    shape = st["shape"]
+    if isinstance(shape, (list, tuple)):  # JSON gives a list, QuantState a torch.Size
+        shape = tuple(shape)
+    shape = check_config(scheme, block_size, shape, dtype, origin)
+    n, nbytes, nb = layout(shape, block_size)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{origin}weight must be a tensor (a bnb.nn.Params4bit or its packed codes), got "
+                        f"{type(weight).__name__}")
+    w = weight.detach()
+    if w.dim() not in (1, 2) or (w.dim() == 2 and w.shape[1] != 1):
+        raise ValueError(f"{origin}weight has shape {list(w.shape)}; bitsandbytes stores 4-bit codes flat, "
+                         f"[(n + 1) // 2, 1] bytes (here [{nbytes}, 1]): a [rows, cols / 2] tensor is another "
+                         f"packing (codes along each row)")
+    if w.is_floating_point() or w.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        data = w.contiguous().view(torch.uint8).reshape(-1) if w.numel() else w.reshape(-1).to(torch.uint8)
+    else:
+        raise TypeError(f"{origin}weight has dtype {w.dtype}; expected the packed codes (uint8, or another "
+                        f"quant_storage dtype holding them)")
+    if data.numel() != nbytes:
+        raise ValueError(f"{origin}weight holds {data.numel()} bytes of codes; shape {list(shape)} ({n} elements) "
+                         f"packs into {nbytes} (a quant state of another weight?)")
+    absmax = st["absmax"]
+    if not isinstance(absmax, torch.Tensor):
+        raise TypeError(f"{origin}absmax must be a tensor, got {type(absmax).__name__}")
+    _bnb_table(st["quant_map"], ref.codebook(scheme), "quant_map", f"bitsandbytes' {scheme} codebook", absmax.device)
+    nested = [k for k in ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset")
+              if st.get(k) is not None]
+    if nested and len(nested) != 5:
+        raise ValueError(f"{origin}a double-quantized state needs nested_absmax, nested_quant_map, "
+                         f"nested_blocksize, nested_dtype and nested_offset; got only {', '.join(nested)}")
+    nested_scale = nested_offset = None
+    if nested:
+        if st["nested_blocksize"] != NESTED_BLOCK or isinstance(st["nested_blocksize"], bool):
+            raise ValueError(f"{origin}nested_blocksize must be {NESTED_BLOCK} (bitsandbytes' quantize_4bit), got "
+                             f"{_preview(st['nested_blocksize'])}")
+        if _bnb_dtype(st["nested_dtype"], "nested_dtype") != torch.float32:
+            raise ValueError(f"{origin}nested_dtype must be float32, got {_preview(st['nested_dtype'])}")
+        _bnb_table(st["nested_quant_map"], ref.dynamic_map(), "nested_quant_map", "bitsandbytes' 8-bit dynamic map",
+                   absmax.device)
+        nested_scale = st["nested_absmax"]
+        off = st["nested_offset"]
+        if isinstance(off, torch.Tensor):
+            if off.numel() != 1 or not off.is_floating_point():
+                raise ValueError(f"{origin}nested_offset must be one float, got a {off.dtype} tensor of shape "
+                                 f"{list(off.shape)}")
+            nested_offset = off.detach().reshape(()).to(torch.float32)
+        elif isinstance(off, (int, float)) and not isinstance(off, bool):
+            nested_offset = torch.tensor(float(off), dtype=torch.float32, device=absmax.device)
+        else:
+            raise TypeError(f"{origin}nested_offset must be a number, got {type(off).__name__}")
+        scale = absmax
+    else:
+        scale = absmax.float() if absmax.dtype in (torch.float16, torch.bfloat16) else absmax
+    return {"data": data, "scale": scale, "nested_scale": nested_scale, "nested_offset": nested_offset,
+            "scheme": scheme, "block_size": block_size, "shape": shape, "dtype": dtype}
