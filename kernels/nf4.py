@@ -20,9 +20,14 @@ packed two a byte, element 2j in the high nibble; absmax float32 [ceil(n / BS)].
     (double quantization: DYN[code8] * nested[b // 256] + offset, two roundings: the launch turns
     off fp fusion so no FMA merges them), the two nibbles looked up in the 16-entry table (a cached
     global load), scaled, interleaved in registers (tl.join) so the stores stay contiguous.
+``_nf4_linear_kernel``    the 4-bit linear layer (QLoRA's frozen base): y = x @ W_deq^T + bias, one
+    fused dequantize-GEMM (the 4-bit tile dequantized in registers, never materialized; M <= 16
+    runs the same kernel with BLOCK_M 16); ``_nf4_linear_dx_kernel`` the transposed one, dx = dy @
+    W_deq. Layout and tiles: the section "the 4-bit linear layer" below.
 
-Offsets are int64 when an index could pass 2**31 (INT64). Kernels only: shapes, dtypes and values
-are validated by the caller (fastpeft/ops/nf4.py); operands must be contiguous.
+Offsets are int64 when an index could pass 2**31 (INT64; the linear kernels index rows in int64).
+Kernels only: shapes, dtypes and values are validated by the caller (fastpeft/ops/nf4.py); operands
+must be contiguous.
 """
 from __future__ import annotations
 
@@ -33,7 +38,11 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._common import dot as _dot
+from ._common import grouped_pid as _grouped_pid
 from ._common import interpreted as _interpreted
+from ._common import precision as _precision
+from ._common import upcast as _upcast
 
 TINY = tl.constexpr(1e-38)  # the absmax floor before the reciprocal (reference.nf4.TINY)
 NESTED_BLOCK = 256
@@ -189,3 +198,219 @@ def dequantize_4bit(data, scale, nested, offset, code, dyn, block_size: int, sha
         y, n, (n + 1) // 2, nb, BS=block_size, R=R, DOUBLE=double, INT64=_int64(n, 2 * R * block_size),
         NESTED_BS=NESTED_BLOCK, num_warps=4, enable_fp_fusion=False)
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# the 4-bit linear layer: y = x @ W_deq^T + bias and dx = dy @ W_deq, dequantized in registers
+#
+# W [N, K] is a flat nf4 / fp4 tensor (element (n, k) is element e = n * K + k: byte e // 2, high
+# nibble when e is even; block e // BS). ``_nf4_tile`` returns the float32 tile
+# W_deq[offs_n, k0:k0 + BLOCK_K] (0 outside [N, K]): the codes looked up in the 16-entry table (a
+# cached global gather, as ``_dequantize_4bit_kernel``), times the block absmax (double
+# quantization: DYN[code8] * nested[b // 256] + offset, restored per block, two roundings: the
+# launches turn off fp fusion). ALIGNED (K a multiple of BS, so rows are whole blocks and whole
+# bytes): the tile's codes are [BLOCK_N, BLOCK_K / 2] contiguous bytes per row, unpacked with
+# tl.join, and the absmax is one [BLOCK_N] load per tile (BS >= BLOCK_K) or [BLOCK_N, BLOCK_K /
+# BS] (BS < BLOCK_K). Otherwise each element computes its byte, nibble and block from e (blocks
+# straddle rows, odd K shifts the nibble parity from row to row).
+
+
+@triton.jit
+def _nf4_absmax(blk, mask, SCALE, NESTED, OFFSET, DYN, DOUBLE: tl.constexpr, NESTED_BS: tl.constexpr):
+    """float32 absmax of blocks ``blk`` (0 where not ``mask``)."""
+    if DOUBLE:
+        q8 = tl.load(SCALE + blk, mask=mask, other=0).to(tl.int32)
+        s = tl.load(DYN + q8) * tl.load(NESTED + blk // NESTED_BS, mask=mask, other=0.0)
+        return s + tl.load(OFFSET)
+    else:
+        return tl.load(SCALE + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _nf4_tile(DATA, SCALE, NESTED, OFFSET, CODE, DYN, offs_n, k0, N, K,
+              BS: tl.constexpr, DOUBLE: tl.constexpr, ALIGNED: tl.constexpr, NESTED_BS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 W_deq[offs_n, k0 + arange(BLOCK_K)], 0 outside [N, K] (see above)."""
+    mask_n = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    if ALIGNED:
+        half = tl.arange(0, BLOCK_K // 2)
+        pm = mask_n[:, None] & ((k0 + 2 * half) < K)[None, :]
+        p = tl.load(DATA + n64[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=pm, other=0).to(tl.int32)
+        hi = tl.load(CODE + (p >> 4))
+        lo = tl.load(CODE + (p & 15))
+        # element 2j high, 2j + 1 low. Elements outside [N, K] stay finite (their x / dy are 0, or
+        # they are not stored): their absmax is 0 (or the offset, double-quantized)
+        w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
+        KB = K // BS
+        if BS >= BLOCK_K:  # the tile lies in one block of each row
+            blk = n64 * KB + k0 // BS
+            s = _nf4_absmax(blk, mask_n & (k0 < K), SCALE, NESTED, OFFSET, DYN, DOUBLE, NESTED_BS)
+            w = w * s[:, None]
+        else:
+            NG: tl.constexpr = BLOCK_K // BS
+            gi = k0 // BS + tl.arange(0, NG)
+            blk = n64[:, None] * KB + gi[None, :]
+            s = _nf4_absmax(blk, mask_n[:, None] & (gi < KB)[None, :], SCALE, NESTED, OFFSET, DYN, DOUBLE,
+                            NESTED_BS)
+            w = tl.reshape(tl.reshape(w, (BLOCK_N, NG, BS)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        m = mask_n[:, None] & (offs_k < K)[None, :]
+        e = n64[:, None] * K + offs_k[None, :]
+        p = tl.load(DATA + (e >> 1), mask=m, other=0).to(tl.int32)
+        code = (p >> (4 - 4 * (e & 1)).to(tl.int32)) & 15
+        s = _nf4_absmax(e // BS, m, SCALE, NESTED, OFFSET, DYN, DOUBLE, NESTED_BS)
+        w = tl.where(m, tl.load(CODE + code) * s, 0.0)
+    return w
+
+
+@triton.jit
+def _nf4_linear_kernel(X, DATA, SCALE, NESTED, OFFSET, CODE, DYN, BIAS, Y,
+                       M, N, K, s_xm, s_xk, s_ym, s_yn,
+                       BS: tl.constexpr, DOUBLE: tl.constexpr, ALIGNED: tl.constexpr, NESTED_BS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                       SWAP_AB: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """y[BLOCK_M, BLOCK_N] = x @ W_deq^T + bias, fp32 accumulation, the weight tile dequantized in
+    registers and rounded to x's dtype for tl.dot. SWAP_AB (16-bit x): the tile is computed
+    transposed, y^T = W_deq @ x^T, so the dequantized weight is the dot's register operand."""
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dt = X.dtype.element_ty
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_ptrs = X + offs_k[:, None] * s_xk + offs_m[None, :].to(tl.int64) * s_xm
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_ptrs = X + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        w = _nf4_tile(DATA, SCALE, NESTED, OFFSET, CODE, DYN, offs_n, k0, N, K,
+                      BS, DOUBLE, ALIGNED, NESTED_BS, BLOCK_N, BLOCK_K).to(dt)
+        if SWAP_AB:
+            a = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+            acc = _dot(w, a, acc, UPCAST, PRECISION)
+        else:
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            acc = _dot(a, tl.trans(w), acc, UPCAST, PRECISION)
+        x_ptrs += BLOCK_K * s_xk
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn, acc.to(Y.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _nf4_linear_dx_kernel(DY, DATA, SCALE, NESTED, OFFSET, CODE, DYN, DX,
+                          M, N, K, s_dm, s_dn, s_xm, s_xk,
+                          BS: tl.constexpr, DOUBLE: tl.constexpr, ALIGNED: tl.constexpr, NESTED_BS: tl.constexpr,
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+    """dx[BLOCK_M, BLOCK_K] = dy @ W_deq: the transposed dequantize-GEMM, looping over N; the
+    weight tile [BLOCK_N, BLOCK_K] dequantized in registers as in the forward. Computed
+    transposed, dx^T = W_deq^T @ dy^T, so the dequantized tile is the register operand."""
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    dt = DY.dtype.element_ty
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    d_ptrs = DY + offs_n[:, None] * s_dn + offs_m[None, :].to(tl.int64) * s_dm  # dy^T [BLOCK_N, BLOCK_M]
+    for n0 in range(0, N, BLOCK_N):
+        w = _nf4_tile(DATA, SCALE, NESTED, OFFSET, CODE, DYN, n0 + offs_n, k0, N, K,
+                      BS, DOUBLE, ALIGNED, NESTED_BS, BLOCK_N, BLOCK_K).to(dt)
+        g = tl.load(d_ptrs, mask=((n0 + offs_n) < N)[:, None] & mask_m[None, :], other=0.0)
+        acc = _dot(tl.trans(w), g, acc, UPCAST, PRECISION)
+        d_ptrs += BLOCK_N * s_dn
+    acc = tl.trans(acc)
+    tl.store(DX + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk, acc.to(DX.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_k < K)[None, :])
+
+
+def _linear_config(M: int, dtype: torch.dtype, aligned: bool, dx: bool = False) -> dict:
+    """Tiles of the 4-bit linear kernels (``dx``: of the backward, whose BLOCK_K is the output's
+    width). Interpreter: small tiles (BLOCK_K 64: blocks of 32 give two absmax per row and tile).
+    GPU: as kernels/qlinear.py's fused dequantize-GEMM (BLOCK_M 16 for decode-sized M: the same
+    kernel as a GEMV); fp32 (3xTF32) takes shorter K tiles. The unaligned layout (K not a
+    multiple of the block) gathers byte, nibble and absmax per element: 64-wide tiles. Chosen so
+    that no sm_90 build spills (tests/_aot.py; registers and shared memory in the module's
+    report); not timed yet."""
+    if _interpreted():
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}
+    if M <= 16:
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+    elif not aligned:  # 4 warps spilled (the pipelined per-element gathers)
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    elif M <= 128:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    if dtype == torch.float32:
+        cfg.update(BLOCK_K=min(cfg["BLOCK_K"], 64 if M <= 16 else 32), num_stages=3)
+    if not aligned:
+        cfg.update(BLOCK_K=min(cfg["BLOCK_K"], 64))
+    if dx:  # the K tile is the output's width: at most 128; the N loop takes 64 (fp32: 32) rows
+        cfg.update(BLOCK_K=min(cfg["BLOCK_K"], 128), BLOCK_N=min(cfg["BLOCK_N"], 64))
+        if dtype == torch.float32 and M > 16:
+            cfg.update(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8)
+    return {**cfg, "GROUP_M": 8}
+
+
+def _weight_args(data, scale, nested, offset, code, dyn):
+    double = nested is not None
+    return (data, scale, nested if double else scale, offset if double else scale, code, dyn if double else code)
+
+
+def nf4_linear(x, data, scale, nested, offset, code, dyn, block_size: int, N: int, bias):
+    """y [M, N] in x's dtype: y = x @ W_deq^T + bias, W [N, K] the flat 4-bit tensor (data uint8
+    [ceil(N * K / 2)], scale float32 absmax [blocks] or with ``nested`` / ``offset`` its uint8
+    double-quantized codes, ``code`` the 16 table values, ``dyn`` the dynamic map). x [M, K]
+    with unit stride along K; every weight operand contiguous."""
+    M, K = x.shape
+    y = _common.new_output((M, N), x, x.dtype)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        y.zero_()
+        return y if bias is None else y.add_(bias)
+    aligned = K % block_size == 0
+    cfg = _linear_config(M, x.dtype, aligned)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _nf4_linear_kernel[grid](
+        x, *_weight_args(data, scale, nested, offset, code, dyn), bias if bias is not None else scale, y,
+        M, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        BS=block_size, DOUBLE=nested is not None, ALIGNED=aligned, NESTED_BS=NESTED_BLOCK,
+        HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+        SWAP_AB=x.dtype != torch.float32,
+        enable_fp_fusion=False, **cfg)
+    return y
+
+
+def nf4_linear_dx(dy, data, scale, nested, offset, code, dyn, block_size: int, K: int):
+    """dx [M, K] in dy's dtype: dx = dy @ W_deq (dy [M, N], unit stride along N; the weight as for
+    ``nf4_linear``)."""
+    M, N = dy.shape
+    dx = _common.new_output((M, K), dy, dy.dtype)
+    if M == 0 or K == 0:
+        return dx
+    if N == 0:
+        return dx.zero_()
+    aligned = K % block_size == 0
+    cfg = _linear_config(M, dy.dtype, aligned, dx=True)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    _nf4_linear_dx_kernel[grid](
+        dy, *_weight_args(data, scale, nested, offset, code, dyn), dx,
+        M, N, K, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+        BS=block_size, DOUBLE=nested is not None, ALIGNED=aligned, NESTED_BS=NESTED_BLOCK,
+        UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype), enable_fp_fusion=False, **cfg)
+    return dx

@@ -80,6 +80,9 @@ def cases(dtype):
     x4 = _rnd(3, 40, dtype=dtype, seed=30)
     n4 = fastpeft.quantize(x4, 4, "nf4", block_size=32, double_quant=True, backend="torch")
     f4 = fastpeft.quantize(x4, 4, "fp4", block_size=32, backend="torch")
+    n4l = fastpeft.quantize(_rnd(12, 40, seed=31, scale=0.2), 4, "nf4", block_size=32, double_quant=True,
+                            backend="torch")
+    f4l = fastpeft.quantize(_rnd(12, 40, seed=32, scale=0.2), 4, "fp4", block_size=64, backend="torch")
     d, R = 24, 8
     ad = lambda: (_rnd(3, 7, d, dtype=dtype, grad=True, seed=6), _rnd(R, d, dtype=dtype, grad=True, seed=7, scale=0.2),
                   _rnd(R, dtype=dtype, grad=True, seed=8), _rnd(d, R, dtype=dtype, grad=True, seed=9, scale=0.2),
@@ -113,6 +116,10 @@ def cases(dtype):
         "quantize_4bit": [(x4, "nf4", 32, None), (x4, "fp4", 64, None)],
         "double_quant": [(f4.scale, None)],
         "dequantize_4bit": [(*qargs4(n4), [3, 40], dtype, None), (*qargs4(f4), [3, 40], dtype, None)],
+        "nf4_linear": [(_rnd(2, 3, 40, dtype=dtype, grad=True, seed=33), *qargs4(n4l), 12,
+                        _rnd(12, dtype=dtype, grad=True, seed=34), None),
+                       (_rnd(3, 40, dtype=dtype, grad=True, seed=35), *qargs4(f4l), 12, None, None)],
+        "nf4_linear_grad_input": [(_rnd(3, 12, dtype=dtype, seed=36), *qargs4(n4l), 40, None)],
         "quant_linear": quant_linear,
         "fake_quantize": fake_quantize,
         "fake_quantize_backward": [(xs, _rnd(6, 10, dtype=dtype, seed=22), scale(False), zp().detach(), 4,
@@ -203,6 +210,7 @@ def _linear_layers():
         "Int8Linear+LoRA": fastpeft.LoRALinear.from_linear(fastpeft.Int8Linear.from_linear(base), r=4),
         "QuantLinear": fastpeft.QuantLinear.from_linear(base, bits=4, group_size=32),
         "QuantLinear W4A8": fastpeft.QuantLinear.from_linear(base, bits=4, group_size=32, activations="dynamic"),
+        "QuantLinear nf4": fastpeft.QuantLinear.from_linear(base, bits=4, scheme="nf4", group_size=64, double_quant=True),
         "BottleneckAdapter": fastpeft.BottleneckAdapter(64, bottleneck=8),
     }
 

@@ -1,4 +1,5 @@
-"""QuantLinear: weight-only quantized linear layer (W8A16 / W4A16) on fastpeft.quant_linear."""
+"""QuantLinear: weight-only quantized linear layer (W8A16 / W4A16) on fastpeft.quant_linear, and
+QLoRA's 4-bit NF4 / FP4 base layer (Dettmers et al., 2023) on fastpeft.ops.nf4.nf4_linear."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,16 +9,31 @@ from torch import nn
 
 from .. import _checks
 from ._common import Float32Buffers, fresh_linear, new_module
+from ..ops import nf4 as nf4_ops
 from ..ops.qlinear import ACTIVATIONS, quant_linear
 from ..ops.quant import BITS, QuantizedTensor, dequantize, quantize
 from ..reference.quant import SCHEMES
 
 
-def _check_config(bits, group_size, scheme, activations=None, input_scale=None):
+def _check_config(bits, group_size, scheme, activations=None, input_scale=None, double_quant=False):
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    if isinstance(scheme, str) and scheme in nf4_ops.SCHEMES:  # QLoRA's 4-bit base
+        if bits != 4:
+            raise ValueError(f"scheme {scheme!r} is a 4-bit type: bits must be 4, got {bits!r}")
+        if group_size not in nf4_ops.BLOCK_SIZES or isinstance(group_size, bool):
+            raise ValueError(f"{scheme}: group_size is the block size of the flattened weight, one of "
+                             f"{nf4_ops.BLOCK_SIZES} (bitsandbytes' block sizes), got {group_size!r}")
+        if activations is not None or input_scale is not None:
+            raise ValueError(f"{scheme} weights take 16-bit activations only (activations=None), got "
+                             f"activations={activations!r}")
+        return
+    if double_quant:
+        raise ValueError(f"double_quant is for the nf4 / fp4 schemes, not {scheme!r}")
+    if scheme not in SCHEMES + nf4_ops.SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES + nf4_ops.SCHEMES}, got {scheme!r}")
     if group_size is not None:
         _checks.positive_int("group_size", group_size)
     if activations not in ACTIVATIONS:
@@ -31,11 +47,19 @@ def _check_config(bits, group_size, scheme, activations=None, input_scale=None):
         _checks.step_tensor("input_scale", input_scale)  # its value, before any weight is quantized
 
 
-def _quantize_weight(w: torch.Tensor, bits, group_size, scheme, dtype) -> QuantizedTensor:
+def _is_4bit_float(scheme) -> bool:
+    return isinstance(scheme, str) and scheme in nf4_ops.SCHEMES
+
+
+def _quantize_weight(w: torch.Tensor, bits, group_size, scheme, dtype, double_quant=False) -> QuantizedTensor:
     """``w`` [out, in] quantized per group of ``group_size`` input features (None: per output row),
-    recorded as a ``dtype`` weight."""
+    or for nf4 / fp4 in flat blocks of ``group_size`` elements (double_quant: the block absmax in
+    8 bits), recorded as a ``dtype`` weight."""
     with torch.no_grad():
-        q = quantize(w.detach(), bits, scheme, axis=0 if group_size is None else None, group_size=group_size)
+        if _is_4bit_float(scheme):
+            q = quantize(w.detach(), 4, scheme, block_size=group_size, double_quant=double_quant)
+        else:
+            q = quantize(w.detach(), bits, scheme, axis=0 if group_size is None else None, group_size=group_size)
     return dataclasses.replace(q, dtype=dtype)
 
 
@@ -57,20 +81,28 @@ class QuantLinear(Float32Buffers):
     run time) or "static" (int8 with the fixed per-tensor step ``input_scale``, a float32 0-d
     buffer, e.g. calibrated by fastpeft.quantize_model or learned by QAT): W4A8 / W8A8 on the
     int8 tensor cores (see fastpeft.quant_linear).
+
+    scheme "nf4" / "fp4" (QLoRA's 4-bit base, Dettmers et al., 2023; bitsandbytes' Linear4bit
+    layout): the weight read flat in blocks of ``group_size`` elements (one of bitsandbytes'
+    block sizes; blocks may straddle rows), ``weight_data`` uint8 [ceil(out * in / 2)] (element
+    2j in the high nibble), ``weight_scale`` the float32 block absmax [blocks], or with
+    ``double_quant`` its 8-bit codes (uint8) read with ``weight_nested_scale`` (float32
+    [ceil(blocks / 256)]) and ``weight_nested_offset`` (float32 []); no zero point. Forward:
+    fastpeft.ops.nf4.nf4_linear (one fused dequantize-GEMM kernel; dx by the transposed one).
     """
 
-    _float32_buffers = ("weight_scale", "input_scale")
+    _float32_buffers = ("weight_scale", "input_scale", "weight_nested_scale", "weight_nested_offset")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  group_size: int | None = 128, scheme: str = "zeropoint", device=None, dtype=None,
-                 activations: str | None = None, input_scale=None) -> None:
+                 activations: str | None = None, input_scale=None, double_quant: bool = False) -> None:
         super().__init__()
         _checks.positive_int("in_features", in_features)
         _checks.positive_int("out_features", out_features)
-        _check_config(bits, group_size, scheme, activations, input_scale)
+        _check_config(bits, group_size, scheme, activations, input_scale, double_quant)
         w, b = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
-        self._build(_quantize_weight(w, bits, group_size, scheme, dtype or torch.get_default_dtype()), b,
-                    activations, input_scale)
+        self._build(_quantize_weight(w, bits, group_size, scheme, dtype or torch.get_default_dtype(), double_quant),
+                    b, activations, input_scale)
 
     def _build(self, qweight: QuantizedTensor, bias: nn.Parameter | None, activations, input_scale) -> None:
         """The one constructor path: the layer over ``qweight``'s codes, scales and zero points (as
@@ -83,21 +115,34 @@ class QuantLinear(Float32Buffers):
             input_scale = _checks.step_tensor("input_scale", input_scale).to(qweight.data.device)
         self.register_buffer("input_scale", input_scale)
         self.register_buffer("weight_data", qweight.data)
-        self.register_buffer("weight_scale", qweight.scale.float())
-        self.register_buffer("weight_zero_point", qweight.zero_point.to(torch.int32))
+        if _is_4bit_float(qweight.scheme):
+            double = qweight.nested_scale is not None
+            if double:  # weight_scale holds the uint8 codes of the absmax: not a float32 buffer
+                self._float32_buffers = ("input_scale", "weight_nested_scale", "weight_nested_offset")
+            self.register_buffer("weight_scale", qweight.scale if double else qweight.scale.float())
+            self.register_buffer("weight_zero_point", None)
+            self.register_buffer("weight_nested_scale", qweight.nested_scale)
+            self.register_buffer("weight_nested_offset", qweight.nested_offset)
+        else:
+            self.register_buffer("weight_scale", qweight.scale.float())
+            self.register_buffer("weight_zero_point", qweight.zero_point.to(torch.int32))
+            self.register_buffer("weight_nested_scale", None)
+            self.register_buffer("weight_nested_offset", None)
         self.bias = bias
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128,
                     scheme: str = "zeropoint", activations: str | None = None,
-                    input_scale=None) -> "QuantLinear":
+                    input_scale=None, double_quant: bool = False) -> "QuantLinear":
         """Quantize ``linear``'s weight (group_size must divide in_features; None: per output
-        row); its bias is copied in its dtype. activations / input_scale as in the constructor."""
+        row); its bias is copied in its dtype. activations / input_scale as in the constructor.
+        scheme "nf4" / "fp4": bitsandbytes' 4-bit layout in flat blocks of ``group_size``
+        (QLoRA: ``group_size=64, double_quant=True``; any in_features)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
-        _check_config(bits, group_size, scheme, activations, input_scale)
+        _check_config(bits, group_size, scheme, activations, input_scale, double_quant)
         self = new_module(cls)
-        self._build(_quantize_weight(linear.weight, bits, group_size, scheme, linear.weight.dtype),
+        self._build(_quantize_weight(linear.weight, bits, group_size, scheme, linear.weight.dtype, double_quant),
                     _frozen_copy(linear.bias), activations, input_scale)
         return self
 
@@ -115,31 +160,44 @@ class QuantLinear(Float32Buffers):
             raise ValueError(f"from_quantized needs per-output-row (axis=0) or per-group scales, got "
                              f"axis={qweight.axis}")
         _check_config(qweight.bits, qweight.group_size, qweight.scheme, activations, input_scale)
+        if _is_4bit_float(qweight.scheme):
+            nf4_ops.check_fields(qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset,
+                                 qweight.scheme, qweight.group_size, qweight.shape, qweight.dtype, origin="qweight.")
         if bias is not None:
             _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
             if bias.shape[0] != qweight.shape[0]:
                 raise ValueError(f"bias shape {tuple(bias.shape)} does not match {qweight.shape[0]} outputs")
         self = new_module(cls)
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
         copied = dataclasses.replace(qweight, data=qweight.data.clone(), scale=qweight.scale.clone(),
-                                     zero_point=qweight.zero_point.clone())
+                                     zero_point=clone(qweight.zero_point), nested_scale=clone(qweight.nested_scale),
+                                     nested_offset=clone(qweight.nested_offset))
         self._build(copied, _frozen_copy(bias), activations, input_scale)
         return self
 
     @property
     def qweight(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor over this module's buffers."""
+        if _is_4bit_float(self.scheme):
+            return QuantizedTensor(self.weight_data, self.weight_scale, None, 4, self.scheme, None, self.group_size,
+                                   torch.Size((self.out_features, self.in_features)), self.weight_dtype,
+                                   self.weight_nested_scale, self.weight_nested_offset)
         return QuantizedTensor(self.weight_data, self.weight_scale, self.weight_zero_point, self.bits,
                                self.scheme, 0 if self.group_size is None else None, self.group_size,
                                torch.Size((self.out_features, self.in_features)), self.weight_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[out, in] (codes - zero_point) * scale in ``dtype`` (float32 by default)."""
+        """[out, in] (codes - zero_point) * scale (nf4 / fp4: table[code] * absmax) in ``dtype``
+        (float32 by default)."""
         return dequantize(self.qweight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_4bit_float(self.scheme):
+            return nf4_ops.nf4_linear(x, self.qweight, self.bias)
         return quant_linear(x, self.qweight, self.bias, activations=self.activations, input_scale=self.input_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
-                f"scheme={self.scheme}" + ("" if self.activations is None else f", activations={self.activations}"))
+                f"scheme={self.scheme}" + (", double_quant=True" if self.weight_nested_scale is not None else "")
+                + ("" if self.activations is None else f", activations={self.activations}"))

@@ -7,6 +7,8 @@ Registered ops (fastpeft/ops/_library.py), none differentiable:
   fastpeft::double_quant     (codes8 uint8 [blocks], nested absmax float32 [ceil(blocks / 256)],
                               offset float32 []) of an absmax vector
   fastpeft::dequantize_4bit  table[code] * absmax, in the requested dtype
+  fastpeft::nf4_linear       y = x @ W_deq^T + bias, one fused dequantize-GEMM kernel (autograd:
+                             dx by fastpeft::nf4_linear_grad_input, the transposed one; db)
 ``quantize_4bit`` checks that x is finite inside its kernel (fastpeft._checks.check_values: on
 CUDA a device-side assertion, no host sync).
 
@@ -25,8 +27,8 @@ import torch
 
 from .. import _backend, _checks
 from ..reference import nf4 as ref
-from ._common import on_device
-from ._library import call, define, eager
+from ._common import building_graph, dense, on_device, rows
+from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
 SCHEMES = ref.SCHEMES
@@ -425,3 +427,156 @@ def from_bnb(weight, quant_state) -> dict:
         scale = absmax.float() if absmax.dtype in (torch.float16, torch.bfloat16) else absmax
     return {"data": data, "scale": scale, "nested_scale": nested_scale, "nested_offset": nested_offset,
             "scheme": scheme, "block_size": block_size, "shape": shape, "dtype": dtype}
+
+
+# ---------------------------------------------------------------------------------------------
+# the 4-bit linear layer (QLoRA's frozen base, Dettmers et al., 2023): y = x @ W_deq^T + bias
+
+def _absmax(scale, nested_scale, nested_offset):
+    return scale if nested_scale is None else ref.dequantize_absmax(scale, nested_scale, nested_offset)
+
+
+def _weight_dense(data, scale, nested_scale, nested_offset):
+    return [None if t is None else t.contiguous() for t in (data, scale, nested_scale, nested_offset)]
+
+
+def _linear_kernel(x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias, backend):
+    K = x.shape[-1]
+    check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (out_features, K), x.dtype)
+    name = _backend.choose("nf4_linear", x.device, KERNELS, backend)
+    x2 = rows(x)
+    if name == "torch" or x2.shape[0] == 0 or K == 0 or out_features == 0:
+        y = ref.linear_4bit(x2, data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
+                            out_features, bias)
+    else:
+        from ..kernels import nf4 as k
+        tables = _tables(x.device)
+        with on_device(x2):
+            y = k.nf4_linear(x2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
+                             tables["dynamic"], block_size, out_features, dense(bias))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _linear_fake(x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias, backend):
+    check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (out_features, x.shape[-1]), x.dtype)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _grad_input_kernel(dy, data, scale, nested_scale, nested_offset, scheme, block_size, in_features, backend):
+    N = dy.shape[-1]
+    check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (N, in_features), dy.dtype)
+    name = _backend.choose("nf4_linear", dy.device, KERNELS, backend)
+    dy2 = rows(dy)
+    if name == "torch" or dy2.shape[0] == 0 or N == 0 or in_features == 0:
+        dx = ref.linear_4bit_grad_input(dy2, data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
+                                        in_features)
+    else:
+        from ..kernels import nf4 as k
+        tables = _tables(dy.device)
+        with on_device(dy2):
+            dx = k.nf4_linear_dx(dy2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
+                                 tables["dynamic"], block_size, in_features)
+    return dx.reshape(*dy.shape[:-1], in_features)
+
+
+def _grad_input_fake(dy, data, scale, nested_scale, nested_offset, scheme, block_size, in_features, backend):
+    check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (dy.shape[-1], in_features), dy.dtype)
+    return dy.new_empty((*dy.shape[:-1], in_features))
+
+
+nf4_linear_op = define(
+    "nf4_linear(Tensor x, Tensor data, Tensor scale, Tensor? nested_scale, Tensor? nested_offset, str scheme, "
+    "int block_size, SymInt out_features, Tensor? bias, str? backend) -> Tensor",
+    _linear_kernel, _linear_fake, autocast=(0, 8))  # x and bias; the codes and absmax stay
+nf4_linear_grad_input_op = define(
+    "nf4_linear_grad_input(Tensor dy, Tensor data, Tensor scale, Tensor? nested_scale, Tensor? nested_offset, "
+    "str scheme, int block_size, SymInt in_features, str? backend) -> Tensor",
+    _grad_input_kernel, _grad_input_fake)
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """Autograd of fastpeft::nf4_linear: dx = dy @ W_deq by fastpeft::nf4_linear_grad_input (the
+    transposed dequantize-GEMM: no weight materialized), db = sum(dy); the codes are frozen.
+    Under create_graph the backward is the torch composition (dequantize, matmul), recorded."""
+
+    @staticmethod
+    def forward(ctx, x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias, backend,
+                direct=False):
+        with below_autograd():
+            y = call(nf4_linear_op, direct, x, data, scale, nested_scale, nested_offset, scheme, block_size,
+                     out_features, bias, backend)
+        ctx.save_for_backward(data, scale, nested_scale, nested_offset)
+        ctx.cfg = (scheme, block_size, x.shape[-1], backend, bias is not None, direct)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        data, scale, nested_scale, nested_offset = ctx.saved_tensors
+        scheme, block_size, K, backend, has_bias, direct = ctx.cfg
+        dx = db = None
+        N = dy.shape[-1]
+        if ctx.needs_input_grad[0]:
+            if building_graph():  # recorded by autograd: differentiable in dy
+                w = torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, (N, K), dy.dtype)
+                dx = dy @ w
+            else:
+                with below_autograd():
+                    dx = call(nf4_linear_grad_input_op, direct and still_eager(), dy, data, scale, nested_scale,
+                              nested_offset, scheme, block_size, K, backend)
+        if ctx.needs_input_grad[8] and has_bias:
+            db = dy.reshape(-1, N).sum(0) if dy.numel() else dy.new_zeros(N)
+        return dx, None, None, None, None, None, None, None, db, None, None
+
+
+register_autograd(nf4_linear_op, NF4LinearFunction)
+
+
+def nf4_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
+               backend: str | None = None) -> torch.Tensor:
+    """The 4-bit linear layer of QLoRA (Dettmers et al., 2023) and bitsandbytes' Linear4bit:
+    y = x @ dequantize(qweight)^T + bias, in x's dtype.
+
+    x: [..., in] fp32/fp16/bf16 (any leading dims and strides). qweight: the [out, in] weight
+    quantized by ``fastpeft.quantize(w, 4, "nf4" | "fp4", block_size=, double_quant=)`` (or read
+    from bitsandbytes, ``QuantizedTensor.from_bnb``): flat blocks of any supported size, in may
+    be any size (blocks may straddle rows). bias: [out] in x's dtype, or None. The triton backend
+    is one fused kernel (kernels/nf4.py): the 4-bit tile is dequantized in registers (table
+    lookup, block absmax, double-quantized absmax restored per block) and fed to tl.dot in x's
+    dtype with fp32 accumulation; the weight is never materialized. The torch backend
+    dequantizes to x's dtype and runs F.linear (the reference, fastpeft/reference/nf4.py).
+    Gradients for x (dx = dy @ W_deq, the transposed dequantize-GEMM) and bias; the weight is
+    frozen. Under ``torch.autocast`` x and bias are cast to the autocast dtype first.
+
+    Runs as the registered op ``torch.ops.fastpeft.nf4_linear`` (backward:
+    ``fastpeft::nf4_linear_grad_input``); no host sync.
+    """
+    from .quant import QuantizedTensor
+    _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
+    if not isinstance(qweight, QuantizedTensor):
+        raise TypeError(f"qweight must be a fastpeft.QuantizedTensor (fastpeft.quantize(weight, 4, 'nf4')), "
+                        f"got {type(qweight).__name__}")
+    if qweight.scheme not in SCHEMES:
+        raise ValueError(f"nf4_linear needs an nf4 / fp4 weight, got scheme {qweight.scheme!r} "
+                         f"(fastpeft.quant_linear takes absmax / zeropoint weights)")
+    shape = check_fields(qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, qweight.scheme,
+                         qweight.group_size, qweight.shape, qweight.dtype, origin="qweight.")
+    if len(shape) != 2:
+        raise ValueError(f"qweight must be a quantized 2-D [out, in] weight, got shape {list(shape)}")
+    N, K = shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but qweight {list(shape)} "
+                         f"expects {K}")
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1, dtypes=_checks.FLOAT_DTYPES)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias shape {tuple(bias.shape)} does not match {N} output features")
+    device = _checks.same_device(x=x, qweight_data=qweight.data, bias=bias)
+    if bias is not None and not torch.is_autocast_enabled(device.type):
+        _checks.same_dtype(x=x, bias=bias)
+    if backend is not None:
+        _backend.check_name(backend)
+    args = (x, qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, qweight.scheme,
+            qweight.group_size, N, bias, backend)
+    if eager(device.type, x, qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, bias):
+        return NF4LinearFunction.apply(*args, True) if needs_grad(x, bias) else _linear_kernel(*args)
+    return nf4_linear_op(*args)

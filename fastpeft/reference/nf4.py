@@ -198,3 +198,24 @@ def dequantize_4bit(data: torch.Tensor, absmax: torch.Tensor, scheme: str, block
     table = codebook(scheme, data.device)
     scale = absmax.reshape(-1).repeat_interleave(block_size)[:n]
     return (table[codes] * scale).to(dtype).reshape(tuple(shape))
+
+
+def linear_4bit(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, scheme: str, block_size: int,
+                out_features: int, bias: torch.Tensor | None = None,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The 4-bit linear layer of QLoRA (Dettmers et al., 2023) and bitsandbytes' Linear4bit:
+    y = x @ W^T + bias, W [out_features, in_features = x.shape[-1]] the flat nf4 / fp4 tensor
+    (``dequantize_4bit``: table[code] * absmax in float32) rounded once to ``compute_dtype``
+    (default x's dtype), the product in that dtype (float64 for a float64 x: the test oracle).
+    ``absmax`` float32 [blocks] (``dequantize_absmax``'s output when double-quantized)."""
+    dtype = x.dtype if compute_dtype is None else compute_dtype
+    w = dequantize_4bit(data, absmax, scheme, block_size, (out_features, x.shape[-1]), torch.float32).to(dtype)
+    return torch.nn.functional.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+
+
+def linear_4bit_grad_input(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, scheme: str,
+                           block_size: int, in_features: int) -> torch.Tensor:
+    """dx = dy @ W (W as in ``linear_4bit``, rounded to dy's dtype): the input gradient of the
+    4-bit linear layer; the weight is frozen."""
+    w = dequantize_4bit(data, absmax, scheme, block_size, (dy.shape[-1], in_features), torch.float32)
+    return dy @ w.to(dy.dtype)
