@@ -400,3 +400,13 @@ def test_ops_are_registered_with_fakes():
                                                        32, [3, 40], torch.bfloat16, backend))
         torch.library.opcheck(ops.dequantize_4bit_op, (plain.data, plain.scale, None, None, "fp4", 32, [3, 40],
                                                        torch.float32, backend))
+
+
+def test_double_quantization_stores_about_4_13_bits_a_weight():
+    """QLoRA's figure (Dettmers et al. 2023, sec. 3): 4-bit codes, an 8-bit absmax per 64 weights, a
+    32-bit nested absmax per 256 blocks: 4 + 8/64 + 32/(64*256) = 4.127 bits a weight (4.5 without)."""
+    w = torch.randn(256, 1024)
+    bits = lambda q: 8 * sum(t.numel() * t.element_size() for t in (q.data, q.scale, q.nested_scale, q.nested_offset)
+                             if t is not None) / w.numel()
+    assert bits(fastpeft.quantize(w, 4, "nf4", block_size=64, double_quant=True)) == pytest.approx(4.127, abs=1e-3)
+    assert bits(fastpeft.quantize(w, 4, "nf4", block_size=64)) == pytest.approx(4.5)
