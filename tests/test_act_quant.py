@@ -17,6 +17,7 @@ from fastpeft.ops.int8 import quantize_weight
 from fastpeft.reference import int8 as ref8
 from fastpeft.reference import quant as refq
 
+from _dtypes import case_id, dtype_cases
 from _utils import DEVICE, assert_close
 from _quant_cases import OUT, _gen, make_qweight, make_x, w_deq64
 
@@ -71,11 +72,15 @@ def test_codes_with_scale_equal_reference(poison_outputs, dtype):
 # quant_linear with int8 activations
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,group_size,axis", GRANS)
-@pytest.mark.parametrize("scheme", ["zeropoint", "absmax"])
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("activations", ["dynamic", "static"])
+A8_CASES = [(act, bits, scheme, *gran) for act in ("dynamic", "static") for bits in (4, 8)
+            for scheme in ("zeropoint", "absmax") for gran in GRANS]
+# bf16 on the CPU: each activation mode, bits and scheme; a group per tile, a group over tiles, per row, per tensor
+A8_BF16 = [("dynamic", 4, "zeropoint", 64, 32, None), ("static", 8, "absmax", 256, 128, None),
+           ("dynamic", 8, "zeropoint", 70, None, 0), ("static", 4, "absmax", 64, None, None)]
+
+
+@pytest.mark.parametrize("dtype,activations,bits,scheme,K,group_size,axis",  # (the GPU: test_a8_kernel_bf16_gpu)
+                         dtype_cases(A8_CASES, A8_BF16, dtypes=DTYPES + [torch.bfloat16], gpu_full=False), ids=case_id)
 def test_a8_kernel_matches_reference(poison_outputs, activations, bits, scheme, K, group_size, axis, dtype):
     qw = make_qweight(OUT, K, bits, scheme, group_size, axis)
     bias = torch.randn(OUT, generator=_gen(5)).to(DEVICE, dtype)
@@ -95,7 +100,7 @@ def test_a8_kernel_matches_reference(poison_outputs, activations, bits, scheme, 
 @pytest.mark.parametrize("activations", ["dynamic", "static"])
 @pytest.mark.parametrize("M", [1, 5, 33, 300])
 def test_a8_kernel_bf16_gpu(poison_outputs, activations, M):
-    """bf16 inputs (the interpreter cannot run them) and the GPU tile configs (M ranges)."""
+    """bf16 inputs at the GPU tile configs (M ranges) and larger K (the CPU runs a few bf16 cases above)."""
     for K, g, axis in GRANS + [(1024, 128, None), (1000, None, 0)]:
         for bits, scheme in ((4, "zeropoint"), (4, "absmax"), (8, "zeropoint"), (8, "absmax")):
             qw = make_qweight(OUT, K, bits, scheme, g, axis)
@@ -172,8 +177,8 @@ def test_a8_group_fallback_and_errors():
 # int8_linear with a static activation step
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,K,N", [(1, 64, 40), (5, 96, 33), (33, 200, 70)])
+@pytest.mark.parametrize("dtype,M,K,N", dtype_cases([(1, 64, 40), (5, 96, 33), (33, 200, 70)], [(5, 96, 33)],
+                                                  dtypes=DTYPES + [torch.bfloat16], gpu_full=False), ids=case_id)
 def test_int8_linear_static_matches_reference(poison_outputs, M, K, N, dtype):
     x = make_x(M, K, dtype)
     w, sw = quantize_weight(torch.randn(N, K, generator=_gen(M + K)).to(DEVICE) / K ** 0.5)

@@ -16,6 +16,7 @@ import fastpeft
 from fastpeft.kernels import distill as k
 from fastpeft.reference import distill as rd
 
+from _dtypes import dtype_cases
 from _utils import DEVICE, assert_close, rel_err
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
@@ -74,10 +75,11 @@ def check(backend, z, u, labels, dtype, factor=1.0, reductions=("mean", "sum", "
 CASES = [(2.0, 0.5), (1.0, 0.3), (0.7, 0.0), (3.0, 1.0)]  # (temperature, alpha)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-a{c[1]}")
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,divergence,case",  # bf16 on the CPU: each divergence once, at three (T, alpha)
+                         dtype_cases([(d, c) for d in DIVERGENCES for c in CASES], list(zip(DIVERGENCES, CASES[1:])),
+                                     dtypes=[torch.float32, torch.float16, torch.bfloat16]),
+                         ids=lambda v: f"T{v[0]}-a{v[1]}" if isinstance(v, tuple) else str(v))
 def test_matches_reference(backend, dtype, divergence, case):
     """Value and gradient, [2, 5, V] logits with two ignored rows; every reduction in fp32."""
     T, alpha = case
@@ -428,7 +430,7 @@ def fused_reference(hs, ws, ht, wt, bs, bt, labels, grad_out, **kw):
     return (out.detach(), *torch.autograd.grad(out, leaves, grad_out.cpu().double()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_linear_matches_unfused(backend, dtype):
     """Loss and the gradients of hidden, weight and bias; 13 rows in chunks of 5."""

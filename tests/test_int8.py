@@ -10,11 +10,11 @@ import fastpeft
 from fastpeft import _backend
 from fastpeft.reference import int8 as ref
 
+from _dtypes import case_id, dtype_cases
 from _utils import DEVICE, assert_close, rel_err
 
 KERNEL_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and _backend.cuda_ext_status()[0] else [])
 BACKENDS = KERNEL_BACKENDS + ["torch"]
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def activations(M, K, dtype, n_outlier_cols=0, seed=0, device=DEVICE):
@@ -38,10 +38,14 @@ def int8_weight(N, K, seed=1, device=DEVICE):
 # --------------------------------------------------------------------------------- quantization
 
 
+QUANT_CASES = [(shape, n_out, threshold) for shape, n_out in [((1, 37), 1), ((5, 70), 0), ((33, 130), 3), ((64, 64), 2)]
+               for threshold in (0.0, 6.0)]
+# bf16 on the CPU: each shape once, both thresholds
+QUANT_BF16 = [((1, 37), 1, 6.0), ((5, 70), 0, 0.0), ((33, 130), 3, 6.0), ((64, 64), 2, 0.0)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,n_out", [((1, 37), 1), ((5, 70), 0), ((33, 130), 3), ((64, 64), 2)])
-@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("dtype,shape,n_out,threshold", dtype_cases(QUANT_CASES, QUANT_BF16), ids=case_id)
 def test_quant_matches_reference(backend, dtype, shape, n_out, threshold):
     x = activations(*shape, dtype, n_outlier_cols=n_out)
     q, s, cols = fastpeft.int8_vectorwise_quant(x, threshold, backend=backend)
@@ -100,10 +104,14 @@ def float64_linear(x, w, sw, bias):
     return y if bias is None else y + bias.double()
 
 
+LINEAR_CASES = [(shape, threshold, n_out) for shape in [(1, 37, 45), (7, 64, 48), (33, 130, 70)]
+                for threshold, n_out in [(0.0, 0), (6.0, 3)]]
+# bf16 on the CPU: each shape once, both thresholds
+LINEAR_BF16 = [((1, 37, 45), 6.0, 3), ((7, 64, 48), 0.0, 0), ((33, 130, 70), 6.0, 3)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 37, 45), (7, 64, 48), (33, 130, 70)], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("threshold,n_out", [(0.0, 0), (6.0, 3)])
+@pytest.mark.parametrize("dtype,shape,threshold,n_out", dtype_cases(LINEAR_CASES, LINEAR_BF16), ids=case_id)
 def test_int8_linear_matches_reference_and_grads(backend, dtype, shape, threshold, n_out):
     M, K, N = shape
     x = activations(M, K, dtype, n_outlier_cols=n_out, seed=M).requires_grad_()
