@@ -15,7 +15,14 @@ of BLOCK_K (one scale / zero point per row and K tile, a [BLOCK_N] load) or BLOC
 multiple of G (a [BLOCK_N, BLOCK_K / G] load, applied through a [BLOCK_N, BLOCK_K / G, G]
 view of the tile). Per-row and per-tensor scales (``PER_ROW``) are applied once in the
 epilogue: the tile then holds the integers ``codes - zero_point`` (|v| <= 255, exact in
-fp16, bf16 and tf32) and the dot runs on them.
+fp16, bf16 and tf32) and the dot runs on them. 16-bit x (``SWAP_AB``) computes the tile
+transposed, ``y^T = W_deq @ x^T``: the dequantized weight is the wgmma's register operand (A)
+and x comes from the cp.async buffers, so no 16-bit tile is stored to shared memory in the
+loop and the wgmmas stay asynchronous. Whether they do is decided by ptxas, not by the
+PTX's wait depth: some tiles (128x128x64) get serialized (ptxas C7515) in the 4-bit variants;
+the configs below keep wgmmas in flight in the SASS of every variant (benchmarks/NOTES.md,
+"Hopper pipelining"). fp32 x (3xTF32) keeps the plain orientation: there it only costs
+registers.
 
 Decode. At M <= GEMV_MAX_M (2) the layer is bound by the read of the packed weight (plus, at 4
 bits, the instructions that decode it: at HBM speed an SM must turn about 36 nibbles a cycle
@@ -29,9 +36,11 @@ int -> float conversion (those run at a fraction of the FMA rate). The weight st
 is not rounded to x's dtype as in ``_qlinear_kernel``) and multiplies the x row(s) in fp32;
 each thread sums 16-value chunks in its registers, times the chunk's group scale (per-row /
 per-tensor scales: once, in the epilogue), into a [BLOCK_N, chunks] fp32 accumulator reduced
-across threads once after the loop; the next K tile's codes and scales are loaded (register
-prefetch) while the current one is computed, since Triton does not pipeline loads that do not
-feed a dot. SPLIT_K is the smallest power of two that gives >= 2 programs per SM (4096 ->
+across threads once after the loop. The K loop is ``tl.range(..., num_stages=GEMV_STAGES)``:
+Triton 3.6 software-pipelines these loads too (cp.async into shared memory), so GEMV_STAGES - 1
+tiles of codes and scales are in flight per program, a memory-bound loop's need (Little's law);
+codes read as bytes (too narrow for cp.async) keep a register prefetch of the next tile
+instead. SPLIT_K is the smallest power of two that gives >= 2 programs per SM (4096 ->
 11008, W4 g128: [64, 128] tiles, 172 N tiles, SPLIT_K 2; per row: [16, 512] tiles, 688 N
 tiles, SPLIT_K 1); with SPLIT_K > 1 each split writes an fp32 partial into a [SPLIT_K, M, N]
 workspace and ``_qlinear_splitk_sum_kernel`` adds them in split order (deterministic: no
@@ -52,8 +61,14 @@ zero point per output row and tile) the weight operand is int8: 4-bit codes unpa
 their zero point (|q - z| <= 15), 8-bit absmax codes as loaded, 8-bit zero-point codes as
 q ^ 0x80 = q - 128 with the exact correction (z - 128) * sum_k x_q; the int8 x int8 -> int32
 dot is exact, converted to fp32 and scaled by the group scale into the fp32 accumulator; the
-activation step multiplies once in the epilogue. This is integer-only inference (Jacob et al., 2018, "Quantization and
-Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"): no 16-bit operand, the tensor cores' int8 rate (twice bf16's on the H100 / H200).
+activation step multiplies once in the epilogue. Per-row / per-tensor weight scales
+(``CHAIN``) keep one int32 accumulator over all of K instead (exact, one [BLOCK_M, BLOCK_N]
+tile live; the launcher checks |sum| < 2**31). Above A8_SWAP_MIN_M rows the tile is computed
+transposed (y^T = W @ xq^T, ``SWAP_AB``) so that the weight operand built in registers stays
+there. Triton 3.6 waits for each int8 wgmma (sm_90) before the next K step, so the large-M
+configs fit two blocks per SM. This is integer-only inference (Jacob et al., 2018,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference"): no 16-bit operand, the tensor cores' int8 rate (twice bf16's on the H100 / H200).
 
 The backward (dx = dy @ W_deq) is not a kernel: fastpeft/ops/qlinear.py dequantizes the
 weight (fastpeft.dequantize) and runs a dense matmul.
@@ -98,8 +113,11 @@ def _qlinear_kernel(
     s_xm, s_xk, s_dn, s_dk, s_sn, s_sg, s_ym, s_yn,
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # SWAP_AB: the tile is computed transposed, y^T [BLOCK_N, BLOCK_M] = W_deq @ x^T, so that the
+    # dequantized weight is the dot's first (register) operand (see the module doc)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,14 +128,21 @@ def _qlinear_kernel(
     PK: tl.constexpr = BLOCK_K * BITS // 8  # bytes of codes per row and K tile
     offs_p = tl.arange(0, PK)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_ptrs = X + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_ptrs = X + offs_k[:, None] * s_xk + offs_m[None, :].to(tl.int64) * s_xm
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_ptrs = X + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
     d_ptrs = DATA + offs_n[:, None].to(tl.int64) * s_dn + offs_p[None, :] * s_dk
     s_rows = SCALE + offs_n.to(tl.int64) * s_sn
     z_rows = ZP + offs_n.to(tl.int64) * s_sn
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if SWAP_AB:
+            a = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        else:
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         mask_p = (k0 * BITS // 8 + offs_p) < KP
         p = tl.load(d_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0)
         q = _unpack(p, BITS, SIGNED, BLOCK_N, BLOCK_K)
@@ -141,10 +166,15 @@ def _qlinear_kernel(
             if HAS_ZP:
                 q3 = q3 - tl.load(z_rows[:, None] + goff, mask=gmask, other=0)[:, :, None]
             w = tl.reshape(q3.to(tl.float32) * s[:, :, None], (BLOCK_N, BLOCK_K))
-        acc = _dot(a, tl.trans(w.to(dt)), acc, UPCAST, PRECISION)
+        if SWAP_AB:
+            acc = _dot(w.to(dt), a, acc, UPCAST, PRECISION)
+        else:
+            acc = _dot(a, tl.trans(w.to(dt)), acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * s_xk
         d_ptrs += PK * s_dk
 
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if PER_ROW:
         acc = acc * tl.load(s_rows, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
@@ -159,10 +189,13 @@ def _qlinear_a8_kernel(
     M, N, K, KP, X_MUL,
     s_xm, s_xk, s_xs, s_dn, s_dk, s_sn, s_sg, s_ym, s_yn,
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
-    G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    G: tl.constexpr, HAS_BIAS: tl.constexpr, CHAIN: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """int8 activations x int4 / int8 weight codes on the int8 tensor cores (see the module doc)."""
+    """int8 activations x int4 / int8 weight codes on the int8 tensor cores (see the module doc).
+    SWAP_AB: the tile is computed transposed, y^T [BLOCK_N, BLOCK_M] = W @ xq^T, so that the
+    weight operand built in registers stays there (wgmma's register operand). CHAIN (per-row
+    scales): one int32 accumulator over all of K."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -173,8 +206,14 @@ def _qlinear_a8_kernel(
     offs_p = tl.arange(0, PK)
     SHIFT: tl.constexpr = 128 if (BITS == 8 and HAS_ZP) else 0  # uint8 codes -> int8 (q - 128)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_ptrs = XQ + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    ACC_DT: tl.constexpr = tl.int32 if CHAIN else tl.float32
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC_DT)
+        x_ptrs = XQ + offs_k[:, None] * s_xk + offs_m[None, :].to(tl.int64) * s_xm
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
+        x_ptrs = XQ + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)  # CHAIN: sum_k xq (8-bit zero points' correction)
     d_ptrs = DATA + offs_n[:, None].to(tl.int64) * s_dn + offs_p[None, :] * s_dk
     s_rows = SCALE + offs_n.to(tl.int64) * s_sn
     z_rows = ZP + offs_n.to(tl.int64) * s_sn
@@ -182,7 +221,10 @@ def _qlinear_a8_kernel(
         z = tl.load(z_rows, mask=mask_n, other=0)
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
+        if SWAP_AB:
+            a = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0)  # xq^T [BLOCK_K, BLOCK_M]
+        else:
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
         mask_p = (k0 * BITS // 8 + offs_p) < KP
         p = tl.load(d_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0)
         if not PER_ROW:  # BLOCK_K divides G: the K tile lies in one group
@@ -199,16 +241,45 @@ def _qlinear_a8_kernel(
             if HAS_ZP:
                 q = q - z[:, None]  # |q - z| <= 15
             w = q.to(tl.int8)
-        d = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-        if HAS_ZP and BITS == 8:  # sum_k a (q - z) = sum_k a (q - 128) - (z - 128) sum_k a
-            d -= tl.sum(a.to(tl.int32), axis=1)[:, None] * (z - SHIFT)[None, :]
-        if PER_ROW:
-            acc += d.to(tl.float32)
+        # sum_k (q - z) a = sum_k (q - 128) a - (z - 128) sum_k a for 8-bit zero points
+        if SWAP_AB:
+            if CHAIN:  # exact: the launcher checks that |sum| < 2**31 over all of K
+                acc = tl.dot(w, a, acc, out_dtype=tl.int32)
+                if HAS_ZP and BITS == 8:
+                    xsum += tl.sum(a.to(tl.int32), axis=0)
+            else:
+                d = tl.dot(w, a, out_dtype=tl.int32)
+                if HAS_ZP and BITS == 8:
+                    d -= (z - SHIFT)[:, None] * tl.sum(a.to(tl.int32), axis=0)[None, :]
+                if PER_ROW:
+                    acc += d.to(tl.float32)
+                else:
+                    acc += d.to(tl.float32) * tl.load(s_rows + g * s_sg, mask=mask_n, other=0.0)[:, None]
         else:
-            acc += d.to(tl.float32) * tl.load(s_rows + g * s_sg, mask=mask_n, other=0.0)[None, :]
+            if CHAIN:
+                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+                if HAS_ZP and BITS == 8:
+                    xsum += tl.sum(a.to(tl.int32), axis=1)
+            else:
+                d = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+                if HAS_ZP and BITS == 8:
+                    d -= tl.sum(a.to(tl.int32), axis=1)[:, None] * (z - SHIFT)[None, :]
+                if PER_ROW:
+                    acc += d.to(tl.float32)
+                else:
+                    acc += d.to(tl.float32) * tl.load(s_rows + g * s_sg, mask=mask_n, other=0.0)[None, :]
         x_ptrs += BLOCK_K * s_xk
         d_ptrs += PK * s_dk
 
+    if CHAIN:
+        if HAS_ZP and BITS == 8:
+            if SWAP_AB:
+                acc -= (z - SHIFT)[:, None] * xsum[None, :]
+            else:
+                acc -= xsum[:, None] * (z - SHIFT)[None, :]
+        acc = acc.to(tl.float32)
+    if SWAP_AB:
+        acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     if PER_ROW:
         acc = acc * tl.load(s_rows, mask=mask_n, other=0.0)[None, :]
     xs = tl.load(XS + offs_m * s_xs, mask=mask_m, other=0.0)
@@ -223,6 +294,7 @@ def _qlinear_a8_kernel(
 # decode: the GEMV / split-K path (M <= GEMV_MAX_M)
 
 GEMV_MAX_M = 2  # quant_linear takes the GEMV path up to this many rows (see the module doc)
+GEMV_STAGES = 4  # software-pipeline stages of the decode loop over whole words (2-3 tiles in flight)
 
 
 @triton.jit
@@ -277,6 +349,55 @@ def _gemv_tile_loads(k0, k_hi, d_ptrs, s_rows, z_rows, mask_n, offs_c, KPU, NUM_
 
 
 @triton.jit
+def _gemv_tile(acc, p, s, z, z_row, k0, X, M, K, s_xm, s_xk, offs_m, offs_x, MAGIC0, MAGIC1, MAGIC2, MAGIC3, MAGIC4,
+               BITS: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr, G: tl.constexpr, OFF: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NC: tl.constexpr,
+               CH: tl.constexpr, CW: tl.constexpr):
+    """_qlinear_gemv_kernel's math on one K tile (codes p, scales s, zero points z as loaded by
+    _gemv_tile_loads): acc [BLOCK_N, NC, BLOCK_M] += the tile's per-chunk partial sums."""
+    zf = 0.0  # the zero point in fp32 (absmax: none)
+    if PER_ROW:
+        if HAS_ZP:
+            zf = z_row
+    elif G >= BLOCK_K:  # the whole K tile lies in one group: [BLOCK_N] scales
+        s = s[:, None]
+        if HAS_ZP:
+            zf = z.to(tl.float32)[:, None, None]
+    elif HAS_ZP:  # [BLOCK_N, NC]: each chunk's group
+        zf = z.to(tl.float32)[:, :, None]
+    # w [BLOCK_N, NC, CH]: q - zp, exact in fp32, in k order. Fields that would reach bit 23
+    # (the exponent) are shifted down first, to bit 8 or more (a mask of the low bits of a
+    # shifted word becomes a bit-field extract, which ptxas does not fuse with the XOR)
+    p = tl.reshape(p, (BLOCK_N, NC, CW))
+    if BITS == 4:  # 8 nibbles a word, k = 8 u + j for nibble j
+        t = p >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
+        ev = tl.join(tl.join(_gemv_field(p, 0, 4, MAGIC0, 8388608.0 + OFF, zf),
+                             _gemv_field(p, 16, 4, MAGIC4, 128.0 + OFF, zf)),
+                     tl.join(_gemv_field(p, 8, 4, MAGIC2, 32768.0 + OFF, zf),
+                             _gemv_field(t, 12, 4, MAGIC3, 2048.0 + OFF, zf)))
+        od = tl.join(tl.join(_gemv_field(p, 4, 4, MAGIC1, 524288.0 + OFF, zf),
+                             _gemv_field(t, 8, 4, MAGIC2, 32768.0 + OFF, zf)),
+                     tl.join(_gemv_field(p, 12, 4, MAGIC3, 2048.0 + OFF, zf),
+                             _gemv_field(t, 16, 4, MAGIC4, 128.0 + OFF, zf)))
+        w = tl.reshape(tl.join(ev, od), (BLOCK_N, NC, CH))  # [.., u, j2, j1, j0]: j = 4 j2 + 2 j1 + j0
+    else:  # 4 bytes a word, k = 4 u + j for byte j
+        w = tl.join(tl.join(_gemv_field(p, 0, 8, MAGIC0, 8388608.0 + OFF, zf),
+                            _gemv_field(p >> 8, 8, 8, MAGIC1, 32768.0 + OFF, zf)),
+                    tl.join(_gemv_field(p, 8, 8, MAGIC1, 32768.0 + OFF, zf),
+                            _gemv_field(p >> 16, 8, 8, MAGIC1, 32768.0 + OFF, zf)))
+        w = tl.reshape(w, (BLOCK_N, NC, CH))
+    for i in tl.static_range(BLOCK_M):  # the weight tile is decoded once for all rows
+        offs_k = k0 + offs_x
+        xi = tl.load(X + i * s_xm + offs_k * s_xk, mask=(offs_k < K) & (i < M), other=0.0)
+        part = tl.sum(w * xi.to(tl.float32)[None, :, :], axis=2)  # [BLOCK_N, NC]
+        if not PER_ROW:
+            part = part * s
+        acc = tl.where(offs_m[None, None, :] == i, acc + part[:, :, None], acc)
+
+    return acc
+
+
+@triton.jit
 def _qlinear_gemv_kernel(
     X, DATA, SCALE, ZP, BIAS, Y, WS,
     M, N, K, KPU, NUM_GROUPS, K_SPLIT, MAGIC0, MAGIC1, MAGIC2, MAGIC3, MAGIC4,
@@ -284,11 +405,13 @@ def _qlinear_gemv_kernel(
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, TO_WS: tl.constexpr, WORDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CH: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """y[:M, n tile] over K range pid_k (K_SPLIT wide), without tl.dot (see the module doc): into
     y with the bias (TO_WS False) or as the fp32 partial WS[pid_k, :M, n tile]. DATA: the codes
     as int32 words (WORDS: rows of whole aligned words) or uint8 bytes, KPU of them per row;
-    MAGICj: _gemv_field's MAGIC for the field at bit j * BITS."""
+    MAGICj: _gemv_field's MAGIC for the field at bit j * BITS. NUM_STAGES > 1 (words only):
+    the K loop is software-pipelined by Triton (cp.async into shared memory)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -311,53 +434,26 @@ def _qlinear_gemv_kernel(
     z_rows = ZP + offs_n.to(tl.int64) * s_sn
     offs_c = tl.arange(0, NC) * CH
     offs_x = offs_c[:, None] + tl.arange(0, CH)[None, :]  # [NC, CH]: the tile's k, chunk by chunk
+    z_row = 0.0
     if PER_ROW and HAS_ZP:  # one zero point per row; the scale in the epilogue
         z_row = tl.load(z_rows, mask=mask_n, other=0).to(tl.float32)[:, None, None]
-    p_n, s_n, z_n = _gemv_tile_loads(k_lo, k_hi, d_ptrs, s_rows, z_rows, mask_n, offs_c, KPU, NUM_GROUPS, s_dk,
-                                     s_sg, BITS, WORDS, HAS_ZP, PER_ROW, G, BLOCK_K)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        p, s, z = p_n, s_n, z_n
-        # register prefetch: the next tile's loads are in flight during this tile's math
-        p_n, s_n, z_n = _gemv_tile_loads(k0 + BLOCK_K, k_hi, d_ptrs, s_rows, z_rows, mask_n, offs_c, KPU,
-                                         NUM_GROUPS, s_dk, s_sg, BITS, WORDS, HAS_ZP, PER_ROW, G, BLOCK_K)
-        zf = 0.0  # the zero point in fp32 (absmax: none)
-        if PER_ROW:
-            if HAS_ZP:
-                zf = z_row
-        elif G >= BLOCK_K:  # the whole K tile lies in one group: [BLOCK_N] scales
-            s = s[:, None]
-            if HAS_ZP:
-                zf = z.to(tl.float32)[:, None, None]
-        elif HAS_ZP:  # [BLOCK_N, NC]: each chunk's group
-            zf = z.to(tl.float32)[:, :, None]
-        # w [BLOCK_N, NC, CH]: q - zp, exact in fp32, in k order. Fields that would reach bit 23
-        # (the exponent) are shifted down first, to bit 8 or more (a mask of the low bits of a
-        # shifted word becomes a bit-field extract, which ptxas does not fuse with the XOR)
-        p = tl.reshape(p, (BLOCK_N, NC, CW))
-        if BITS == 4:  # 8 nibbles a word, k = 8 u + j for nibble j
-            t = p >> 12  # nibbles 5, 6, 7 at bits 8, 12, 16
-            ev = tl.join(tl.join(_gemv_field(p, 0, 4, MAGIC0, 8388608.0 + OFF, zf),
-                                 _gemv_field(p, 16, 4, MAGIC4, 128.0 + OFF, zf)),
-                         tl.join(_gemv_field(p, 8, 4, MAGIC2, 32768.0 + OFF, zf),
-                                 _gemv_field(t, 12, 4, MAGIC3, 2048.0 + OFF, zf)))
-            od = tl.join(tl.join(_gemv_field(p, 4, 4, MAGIC1, 524288.0 + OFF, zf),
-                                 _gemv_field(t, 8, 4, MAGIC2, 32768.0 + OFF, zf)),
-                         tl.join(_gemv_field(p, 12, 4, MAGIC3, 2048.0 + OFF, zf),
-                                 _gemv_field(t, 16, 4, MAGIC4, 128.0 + OFF, zf)))
-            w = tl.reshape(tl.join(ev, od), (BLOCK_N, NC, CH))  # [.., u, j2, j1, j0]: j = 4 j2 + 2 j1 + j0
-        else:  # 4 bytes a word, k = 4 u + j for byte j
-            w = tl.join(tl.join(_gemv_field(p, 0, 8, MAGIC0, 8388608.0 + OFF, zf),
-                                _gemv_field(p >> 8, 8, 8, MAGIC1, 32768.0 + OFF, zf)),
-                        tl.join(_gemv_field(p, 8, 8, MAGIC1, 32768.0 + OFF, zf),
-                                _gemv_field(p >> 16, 8, 8, MAGIC1, 32768.0 + OFF, zf)))
-            w = tl.reshape(w, (BLOCK_N, NC, CH))
-        for i in tl.static_range(BLOCK_M):  # the weight tile is decoded once for all rows
-            offs_k = k0 + offs_x
-            xi = tl.load(X + i * s_xm + offs_k * s_xk, mask=(offs_k < K) & (i < M), other=0.0)
-            part = tl.sum(w * xi.to(tl.float32)[None, :, :], axis=2)  # [BLOCK_N, NC]
-            if not PER_ROW:
-                part = part * s
-            acc = tl.where(offs_m[None, None, :] == i, acc + part[:, :, None], acc)
+    if NUM_STAGES > 1:  # whole words: cp.async copies of the next NUM_STAGES - 1 tiles stay in flight
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+            p, s, z = _gemv_tile_loads(k0, k_hi, d_ptrs, s_rows, z_rows, mask_n, offs_c, KPU, NUM_GROUPS, s_dk, s_sg,
+                                       BITS, WORDS, HAS_ZP, PER_ROW, G, BLOCK_K)
+            acc = _gemv_tile(acc, p, s, z, z_row, k0, X, M, K, s_xm, s_xk, offs_m, offs_x,
+                             MAGIC0, MAGIC1, MAGIC2, MAGIC3, MAGIC4, BITS, HAS_ZP, PER_ROW, G, OFF,
+                             BLOCK_M, BLOCK_N, BLOCK_K, NC, CH, CW)
+    else:  # bytes (too narrow for cp.async): register prefetch, the next tile's loads in flight
+        p_n, s_n, z_n = _gemv_tile_loads(k_lo, k_hi, d_ptrs, s_rows, z_rows, mask_n, offs_c, KPU, NUM_GROUPS, s_dk,
+                                         s_sg, BITS, WORDS, HAS_ZP, PER_ROW, G, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            p, s, z = p_n, s_n, z_n
+            p_n, s_n, z_n = _gemv_tile_loads(k0 + BLOCK_K, k_hi, d_ptrs, s_rows, z_rows, mask_n, offs_c, KPU,
+                                             NUM_GROUPS, s_dk, s_sg, BITS, WORDS, HAS_ZP, PER_ROW, G, BLOCK_K)
+            acc = _gemv_tile(acc, p, s, z, z_row, k0, X, M, K, s_xm, s_xk, offs_m, offs_x,
+                             MAGIC0, MAGIC1, MAGIC2, MAGIC3, MAGIC4, BITS, HAS_ZP, PER_ROW, G, OFF,
+                             BLOCK_M, BLOCK_N, BLOCK_K, NC, CH, CW)
 
     acc = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]: y^T
     if PER_ROW:
@@ -401,14 +497,14 @@ def _fixed_config(M: int, dtype: torch.dtype) -> dict:
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
         if dtype == torch.float32:
             cfg.update(BLOCK_K=128, num_stages=3)
-    elif M <= 128:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+    elif M <= 128:  # 16-bit: 32-row tiles (the wgmma's N): 7 wgmmas in flight, 3-4 blocks per SM
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
         if dtype == torch.float32:
-            cfg.update(BLOCK_K=64)
-    else:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+            cfg.update(BLOCK_M=64, BLOCK_K=64)
+    else:  # 16-bit: K tiles of 32 keep a wgmma in flight in every variant's SASS at two blocks per SM
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 4}
         if dtype == torch.float32:
-            cfg.update(BLOCK_N=64, BLOCK_K=32)
+            cfg.update(BLOCK_N=64, BLOCK_K=32, num_stages=3)
     return {**cfg, "GROUP_M": 8}
 
 
@@ -461,7 +557,7 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_
             x.stride(0), x.stride(1), data.stride(0), data.stride(1), s_sn, s_sg, y.stride(0), y.stride(1))
     flags = dict(BITS=bits, SIGNED=scheme == "absmax", HAS_ZP=scheme == "zeropoint", PER_ROW=per_row,
                  G=g, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype),
-                 PRECISION=_precision(x.dtype, exact_tf32=per_row))
+                 PRECISION=_precision(x.dtype, exact_tf32=per_row), SWAP_AB=x.dtype != torch.float32)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _qlinear_kernel[grid](*args, **flags, **cfg)
     return y
@@ -529,6 +625,7 @@ def _quant_linear_gemv(x, data, scale, zero_point, bits, scheme, per_row, g, s_s
     k_split = cfg.pop("K_SPLIT")
     ws = _common.new_output((split, M, N), x, torch.float32) if split > 1 else y  # y: WS is not written
     units, words = _code_units(data)
+    cfg["NUM_STAGES"] = GEMV_STAGES if words else 1
     b = bias if bias is not None else scale
     _qlinear_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), split)](
         x, units, scale, zero_point, b, y, ws,
@@ -559,6 +656,22 @@ def _a8_config(M: int, group_size: int | None) -> dict:
     if group_size is not None:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
     return {**cfg, "GROUP_M": 8}
+
+
+A8_CHAIN_LIMIT = 2**31  # |int32 sums| of the per-row kernel's single accumulator stay below this
+# Above this many rows (the tiles of 64 and 128 rows, wgmma-sized on sm_90) the W*A8 kernel takes
+# the transposed tile; the 16-row tiles run mma.sync either way, where the transposed form only
+# costs registers (it spilled the sm_80 build for byte-unaligned codes)
+A8_SWAP_MIN_M = 16
+
+
+def _a8_chain_exact(K: int, bits: int, scheme: str) -> bool:
+    """Whether one int32 accumulator over all of K cannot overflow: |xq| <= 127 times the largest
+    |weight operand| (4 bits: |q - z| <= 15; 8-bit absmax 127; 8-bit zero point: |q - z| <= 255
+    after the correction, |q - 128| <= 128 before it). Else (K beyond 66311 at 8 bits) each K
+    tile's int32 dot is converted to fp32 and summed there."""
+    wmax = 15 if bits == 4 else (255 if scheme == "zeropoint" else 127)
+    return K * 127 * wmax < A8_CHAIN_LIMIT
 
 
 def supports_a8(group_size: int | None) -> bool:
@@ -602,7 +715,8 @@ def quant_linear_a8(xq: torch.Tensor, x_scale: torch.Tensor, x_mul: float, data:
             xq.stride(0), xq.stride(1), x_scale.stride(0) if x_scale.dim() == 1 and x_scale.numel() > 1 else 0,
             data.stride(0), data.stride(1), s_sn, s_sg, y.stride(0), y.stride(1))
     flags = dict(BITS=bits, SIGNED=scheme == "absmax", HAS_ZP=scheme == "zeropoint", PER_ROW=per_row,
-                 G=g, HAS_BIAS=bias is not None)
+                 G=g, HAS_BIAS=bias is not None, CHAIN=per_row and _a8_chain_exact(K, bits, scheme),
+                 SWAP_AB=M > A8_SWAP_MIN_M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _qlinear_a8_kernel[grid](*args, **flags, **cfg)
     return y

@@ -236,7 +236,7 @@ def test_int8_gemm_matches_reference(dtype, M, KN, threshold, poison_outputs):
     assert_close("y", y, reference_linear(x, w, ws, bias, threshold), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_int8_gemm_reference_codes_and_int64_cols(dtype, poison_outputs):
     """The reference's own q (outlier columns already zero) and int64 column list, no bias."""
     M, K, N = 20, 100, 45
@@ -345,6 +345,52 @@ def test_dequant_matmul_empty():
     w, ws = make_w(8, 16)
     dx = k.dequant_matmul(torch.zeros(0, 8, device=DEVICE), w, ws)
     assert dx.shape == (0, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# outlier columns zeroed before the GEMM (no mask in its K loop)
+
+
+@pytest.mark.parametrize("M", [1, 5, 32, 33, 70, 130])
+def test_outlier_columns_zeroes_the_codes(M, poison_outputs):
+    """outlier_columns(flags, q) sets q's flagged columns to 0 and nothing else: in the compaction
+    program itself (M <= ZERO_FUSED_MAX_M) or by _zero_columns_kernel (ZERO_ROWS rows a
+    program), in a row-strided view, without touching the columns around it."""
+    assert k.ZERO_FUSED_MAX_M == 32 and k.ZERO_ROWS == 64  # the cases above straddle both
+    K = 70
+    g = _gen(M + 3)
+    big = torch.randint(-127, 128, (M, 2 * K), generator=g, dtype=torch.int8)
+    flags = (torch.rand(K, generator=g) < 0.15).int()
+    flags[0] = flags[K - 1] = 1
+    want = big.clone()
+    want[:, K:][:, flags.bool()] = 0
+    qb = big.to(DEVICE)
+    cols, count = k.outlier_columns(flags.to(DEVICE), qb[:, K:])
+    assert torch.equal(qb.cpu(), want)
+    n = int(count.item())
+    assert torch.equal(cols[:n].cpu().long(), torch.nonzero(flags).flatten())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [5, 33])
+def test_int8_gemm_on_zeroed_codes_equals_masked_gemm(dtype, M, poison_outputs):
+    """The layer's path (quant_rows, outlier_columns zeroing q, the GEMM without col_flags) gives
+    the GEMM's masked result bit for bit; the zeroed codes are int8_vectorwise_quant's, and
+    int8_gemm's col_flags path leaves the caller's q as it was."""
+    K, N = 130, 37
+    x = make_x(M, K, dtype)
+    w, ws = make_w(N, K)
+    bias = (torch.randn(N, generator=_gen(N), dtype=torch.float64) * 0.1).to(DEVICE, dtype)
+    q, scale, flags = k.quant_rows(x, THRESHOLD)
+    q_before = q.clone()
+    cols, count = k.outlier_columns(flags)
+    y_masked = k.int8_gemm(q, scale, w, ws, bias, dtype, x=x, col_flags=flags, cols=cols, count=count)
+    assert torch.equal(q, q_before)
+    cols_z, count_z = k.outlier_columns(flags, q)
+    assert torch.equal(q.cpu(), ref.int8_vectorwise_quant(x.cpu(), THRESHOLD)[0])
+    y = k.int8_gemm(q, scale, w, ws, bias, dtype, x=x, cols=cols_z, count=count_z)
+    assert torch.equal(y, y_masked)
+    assert_close("y", y, reference_linear(x, w, ws, bias, THRESHOLD), dtype)
 
 
 # --------------------------------------------------------------------------------- GPU only

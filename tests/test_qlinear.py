@@ -2,7 +2,7 @@
 
 The reference is x @ W_deq^T + bias in float64, W_deq from fastpeft/reference/quant.py's
 dequantize of the same codes. The triton kernel runs under TRITON_INTERPRET=1 on the CPU
-(fp32 and fp16; bf16 on the GPU only), with its output buffers poisoned with NaN.
+(fp32 and fp16; bf16 on a subset of the cases), with its output buffers poisoned with NaN.
 """
 import pytest
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 import fastpeft
 from fastpeft.kernels import qlinear as k
 
+from _dtypes import case_id, dtype_cases
 from _quant_cases import OUT, _gen, expected, make_qweight, make_x, w_deq64
 from _utils import DEVICE, assert_close
 
@@ -25,10 +26,16 @@ GRANS = [(64, 32, None), (96, 32, None), (256, 64, None), (256, 128, None), (70,
 # forward
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,group_size,axis", GRANS)
-@pytest.mark.parametrize("scheme", ["zeropoint", "absmax"])
-@pytest.mark.parametrize("bits", [4, 8])
+FORWARD_CASES = [(bits, scheme, *gran) for bits in (4, 8) for scheme in ("zeropoint", "absmax") for gran in GRANS]
+# bf16 on the CPU: each bits and scheme; two groups per tile (partial last tile), a group over tiles, per row,
+# per tensor
+FORWARD_BF16 = [(4, "zeropoint", 96, 32, None), (8, "absmax", 256, 128, None), (4, "absmax", 70, None, 0),
+                (8, "zeropoint", 64, None, None)]
+
+
+@pytest.mark.parametrize("dtype,bits,scheme,K,group_size,axis",  # (the GPU: test_kernel_bf16_gpu too)
+                         dtype_cases(FORWARD_CASES, FORWARD_BF16, dtypes=DTYPES + [torch.bfloat16], gpu_full=False),
+                         ids=case_id)
 def test_kernel_forward(poison_outputs, bits, scheme, K, group_size, axis, dtype):
     qw = make_qweight(OUT, K, bits, scheme, group_size, axis)
     bias = torch.randn(OUT, generator=_gen(5)).to(DEVICE, dtype)
@@ -89,11 +96,12 @@ def test_kernel_bf16_gpu(poison_outputs, bits, M):
 # backward
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+GRAD_CASES = [(4, "zeropoint", 96, 32, None), (8, "absmax", 64, 64, None), (4, "absmax", 70, None, 0)]
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("bits,scheme,K,group_size,axis", [(4, "zeropoint", 96, 32, None),
-                                                           (8, "absmax", 64, 64, None),
-                                                           (4, "absmax", 70, None, 0)])
+@pytest.mark.parametrize("dtype,bits,scheme,K,group_size,axis",
+                         dtype_cases(GRAD_CASES, GRAD_CASES[:2], dtypes=DTYPES + [torch.bfloat16]), ids=case_id)
 def test_grads(backend, bits, scheme, K, group_size, axis, dtype):
     qw = make_qweight(OUT, K, bits, scheme, group_size, axis)
     M = 5
@@ -374,3 +382,61 @@ def test_gemv_gpu_config(monkeypatch):
         programs = -(-N // bn) * cfg["SPLIT_K"]
         assert programs >= 2 * 132 or cfg["K_SPLIT"] < 4 * bk, (N, K, g, programs)
     assert k._gemv_config(3, 4096, 4096, 4, None, torch.device("cpu"))["BLOCK_M"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper variants: the pipelined decode loop, the int8-activation kernel's int32 accumulator
+
+
+class _KwargSpy:
+    """Stands in for a JIT kernel: records the chosen constexprs of each launch, then launches."""
+
+    def __init__(self, kernel, names):
+        self.kernel, self.names, self.seen = kernel, names, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(tuple(kwargs[n] for n in self.names))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_gemv_pipelines_whole_words_and_prefetches_bytes(poison_outputs, monkeypatch):
+    """Codes in whole int32 words (K = 72 at 8 bits) take the software-pipelined loop (NUM_STAGES
+    = GEMV_STAGES), bytes (K = 70) the register-prefetch loop (NUM_STAGES 1); both give the
+    reference's result."""
+    spy = _KwargSpy(k._qlinear_gemv_kernel, ("WORDS", "NUM_STAGES"))
+    monkeypatch.setattr(k, "_qlinear_gemv_kernel", spy)
+    for K in (72, 70):
+        qw = make_qweight(OUT, K, 8, "absmax", None, 0)
+        x = make_x(2, K, torch.float16)
+        assert_close(f"gemv K={K}", fastpeft.quant_linear(x, qw, backend="triton"), expected(x, qw, None),
+                     torch.float16)
+    assert spy.seen == [(True, k.GEMV_STAGES), (False, 1)]
+
+
+def test_a8_int32_chain_bound():
+    """One int32 accumulator over K while K * 127 * max|weight operand| < 2**31."""
+    for bits, scheme, k_max in ((4, "zeropoint", 1127288), (8, "absmax", 133144), (8, "zeropoint", 66311)):
+        assert k._a8_chain_exact(k_max, bits, scheme) and not k._a8_chain_exact(k_max + 1, bits, scheme)
+
+
+@pytest.mark.parametrize("bits,scheme", [(4, "zeropoint"), (8, "absmax"), (8, "zeropoint")])
+def test_a8_per_row_tile_sums_without_chain(poison_outputs, monkeypatch, bits, scheme):
+    """Per-row scales where one int32 accumulator could overflow (forced here by a zero limit):
+    each K tile's int32 dot is summed in fp32, as with groups. Both ways match the reference."""
+    from fastpeft.reference import int8 as ref8
+    spy = _KwargSpy(k._qlinear_a8_kernel, ("CHAIN",))
+    monkeypatch.setattr(k, "_qlinear_a8_kernel", spy)
+    K = 70
+    qw = make_qweight(OUT, K, bits, scheme, None, 0)
+    x = make_x(33, K, torch.float32)
+    bias = torch.randn(OUT, generator=_gen(5)).to(DEVICE)
+    q, rs, _ = ref8.int8_vectorwise_quant(x.cpu(), 0.0)
+    want = (q.double() * (rs.double() / 127.0)[:, None]) @ w_deq64(qw).t() + bias.cpu().double()
+    for limit in (k.A8_CHAIN_LIMIT, 0):
+        monkeypatch.setattr(k, "A8_CHAIN_LIMIT", limit)
+        y = fastpeft.quant_linear(x, qw, bias, activations="dynamic", backend="triton")
+        assert_close(f"limit {limit}", y, want, torch.float32)
+    assert spy.seen == [(True,), (False,)]
+

@@ -144,6 +144,10 @@ def _forward_kernels(backend, x2, w, sw, bias, threshold):
     q, row_scale, flags = quant(x2, threshold)
     if flags is None:
         return gemm(q, row_scale, w, sw, bias, x2.dtype)
+    if backend == "triton":  # the compaction zeroes q's outlier columns: the GEMM loop masks nothing
+        from ..kernels import int8 as k
+        cols, count = k.outlier_columns(flags, q)
+        return gemm(q, row_scale, w, sw, bias, x2.dtype, x=x2, cols=cols, count=count)
     cols, count = outlier_columns(flags)
     return gemm(q, row_scale, w, sw, bias, x2.dtype, x=x2, col_flags=flags, cols=cols, count=count)
 
@@ -208,11 +212,15 @@ def _grad_input_kernel(dy, weight_int8, weight_scale, backend):
     dy2 = rows(dy)
     K = weight_int8.shape[1]
     name = _backend.choose(OP, dy.device, KERNELS, backend)
-    if name != "triton" or dy2.shape[0] == 0 or K == 0:
+    if name == "torch" or dy2.shape[0] == 0 or K == 0:
         return _grad_input_torch(dy, weight_int8, weight_scale)
-    from ..kernels import int8 as k
     with on_device(dy2):
-        dx = k.dequant_matmul(dy2, weight_int8, dense(weight_scale))
+        if name == "triton":
+            from ..kernels import int8 as k
+            dx = k.dequant_matmul(dy2, weight_int8, dense(weight_scale))
+        else:  # cuda: the int8 weight tile dequantized inside the GEMM (csrc/int8.cu), as the triton kernel does
+            from . import _cext
+            dx = _cext.int8_dequant_matmul(dy2, weight_int8, dense(weight_scale))
     return dx.reshape(*dy.shape[:-1], K)
 
 
