@@ -122,8 +122,9 @@ __device__ __forceinline__ void for_each_adapter(const int32_t* ad, unsigned cha
 
 // ---------------------------------------------------------------------------------------------
 // shrink: block tile BM rows x BR ranks, K staged in BK chunks (register prefetch of the next
-// chunk overlaps the tensor-core work on the current one); grid.z splits K (atomics into a
-// zeroed U) and, for multi-adapter batches, holds the slices. The 8 warps are WM (rows) x WR (rank
+// chunk overlaps the tensor-core work on the current one); grid.z splits K in two at most (atomic
+// adds into a zeroed U, deterministic: see kMaxSplitK) and, for multi-adapter batches, holds the
+// slices. The 8 warps are WM (rows) x WR (rank
 // fragments) x WK (k): 8 x 1 x 1 for 128-row tiles (each warp a 16-row slab, all of each 32-wide
 // chunk); 1 x WR x 8 / WR for 16-row tiles (decode): the warps split each chunk into 16-wide k
 // slices (WR = 2 for 4 rank fragments, halving the chunk, so that the prefetched A elements fit in
@@ -491,8 +492,17 @@ void zero_u(float* u, int64_t s_um, int64_t s_ur, int64_t M, int64_t R, cudaStre
   FP_CHECK_LAUNCH(func);
 }
 
+// The K split of the shrinks is at most two, which makes it deterministic without a workspace:
+// each element of U is zeroed, then receives exactly two atomic adds, and 0 + a is exact, so it
+// ends as fl(a + b) = fl(b + a) whichever split adds first (IEEE addition is commutative; with
+// subnormals flushed, ftz(ftz(a) + ftz(b)) is symmetric too). Three or more partial sums in an
+// arbitrary order would round differently from run to run. A larger split would need an fp32
+// [split, M, R] workspace (a pointer these entry points do not take) reduced in a fixed order.
+constexpr int64_t kMaxSplitK = 2;
+
 // K per split (a multiple of bk) for `blocks` blocks per K range: split_k > 0 asks for that many
-// splits; 0 chooses enough to give every SM two blocks, with at least 256 K per split.
+// splits; 0 chooses enough to give every SM two blocks, with at least 256 K per split; either is
+// capped at kMaxSplitK and max_split.
 int64_t k_per_split_for(int64_t split_k, int64_t blocks, int64_t K, int bk, int64_t max_split, int device,
                         const char* func) {
   int64_t split = split_k;
@@ -500,7 +510,8 @@ int64_t k_per_split_for(int64_t split_k, int64_t blocks, int64_t K, int bk, int6
     const int64_t want = 2 * static_cast<int64_t>(sm_count(device, func));
     split = blocks >= want ? 1 : std::min(ceil_div(want, blocks), std::max<int64_t>(1, K / 256));
   }
-  return ceil_div(ceil_div(K, std::min<int64_t>(split, max_split)), bk) * bk;
+  split = std::min<int64_t>({split, max_split, kMaxSplitK});
+  return ceil_div(ceil_div(K, split), bk) * bk;
 }
 
 template <typename T, int NR, bool VEC_X, int WM, bool MULTI>
@@ -525,6 +536,8 @@ void launch_expand(dim3 grid, cudaStream_t stream, T* y, int64_t s_ym, int64_t s
 // tiles; 0 chooses by the row count. slices 0 chooses: 1 for large tiles of sorted rows, else up to
 // 8 (large) or 16 (decode) blocks per tile, no more than adapters or rows.
 constexpr int64_t kLargeTileRows = 512;
+// single adapter: rows up to which the shrink takes the 16-row decode tiles
+constexpr int64_t kSmallShrinkRows = 16;
 constexpr int64_t kMaxSlices = 256;
 
 void check_multi_args(const char* func, int64_t n, int index_bits, int tile, int64_t slices) {
@@ -576,8 +589,12 @@ void lora_shrink(const LoraShrinkParams& p) {
 
   dispatch_dtype(dtype, func, [&](auto tag) {
     using T = decltype(tag);
-    const int nr = R <= 16 ? 1 : R <= 32 ? 2 : 4;
-    constexpr int BM = 128, BK = 32;
+    // decode rows (M <= 16): 16-row tiles whose 8 warps split K, one rank fragment per block (more
+    // blocks along R, since K splits in two at most); else 128-row tiles, up to 4 rank fragments
+    const bool small = M <= kSmallShrinkRows;
+    const int nr = small || R <= 16 ? 1 : R <= 32 ? 2 : 4;
+    const int BM = small ? 16 : 128;
+    const int BK = small ? ShrinkTile<T, 1, false, 1>::BK : ShrinkTile<T, 1, false, 8>::BK;
     const int64_t gx = ceil_div(M, BM), gy = ceil_div(R, 16 * nr);
     require(gx < (int64_t{1} << 31) && gy <= 65535, func, "problem too large for the grid");
     const int64_t k_per_split = k_per_split_for(split_k, gx * gy, K, BK, 65535, device, func);
@@ -588,14 +605,18 @@ void lora_shrink(const LoraShrinkParams& p) {
     constexpr int V = vec_width<T>();
     const bool vec = s_xk == 1 && K % V == 0 && (M == 1 || s_xm % V == 0) && aligned16(x);
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(split));
-    dispatch_nr(nr, [&](auto nr_tag) {
-      dispatch_flag(vec, [&](auto vec_tag) {
-        launch_shrink<T, decltype(nr_tag)::value, decltype(vec_tag)::value, 8, false>(
-            grid, stream, reinterpret_cast<const T*>(x), s_xm, s_xk, reinterpret_cast<const T*>(a), s_ar, s_ak,
-            reinterpret_cast<float*>(u), s_um, s_ur, M, K, R, k_per_split, out_scale, dropout,
-            reinterpret_cast<const int64_t*>(seed), thr31, atomic,
-            AdapterMap{});
-      });
+    auto run = [&](auto nr_tag, auto vec_tag, auto wm_tag) {
+      launch_shrink<T, decltype(nr_tag)::value, decltype(vec_tag)::value, decltype(wm_tag)::value, false>(
+          grid, stream, reinterpret_cast<const T*>(x), s_xm, s_xk, reinterpret_cast<const T*>(a), s_ar, s_ak,
+          reinterpret_cast<float*>(u), s_um, s_ur, M, K, R, k_per_split, out_scale, dropout,
+          reinterpret_cast<const int64_t*>(seed), thr31, atomic, AdapterMap{});
+    };
+    dispatch_flag(vec, [&](auto vec_tag) {
+      if (small) {
+        run(One{}, vec_tag, One{});
+      } else {
+        dispatch_nr(nr, [&](auto nr_tag) { run(nr_tag, vec_tag, std::integral_constant<int, 8>{}); });
+      }
     });
     FP_CHECK_LAUNCH(func);
   });

@@ -139,6 +139,16 @@ def why_cannot_run(backend: str, device: torch.device, kernels: Sequence[str]) -
     return f"unknown backend {backend!r}"
 
 
+def torch_chosen(device: torch.device, explicit: str | None = None) -> bool:
+    """Whether ``choose`` gives the torch backend on ``device`` for an op that has one, without
+    ``choose``'s checks (the ops' per-call fast paths ask this). False where ``choose`` would
+    raise or could pick a kernel: the caller then takes its general path, which calls ``choose``."""
+    forced = forced_backend(explicit)
+    if forced is not None:
+        return forced == "torch"
+    return device.type != "cuda" and not interpreter_active()
+
+
 def choose(op: str, device: torch.device, kernels: Sequence[str], explicit: str | None = None) -> str:
     """The backend that runs ``op`` on ``device`` now. ``kernels``: the op's backends, in the
     order preferred on CUDA tensors ("torch" among them). Raises BackendUnavailableError when a

@@ -114,7 +114,8 @@ def _down_proj(X, WD, BD, lm, mask_m, D, R, s_xm, s_xk, s_wdr, s_wdk, s_bd,
 # kernels
 
 
-@triton.jit
+# M is not specialized (a new row count reuses the compiled kernel; M_BUCKET keys the autotuner)
+@triton.jit(do_not_specialize=["M"])
 def _bottleneck_fwd_kernel(
     X, WD, BD, WU, BU, Y,
     M, D, R, M_BUCKET,
@@ -157,6 +158,7 @@ def _bottleneck_fwd_kernel(
                  eviction_policy="evict_first")
 
 
+# (M stays specialized here: without it the 16 x 64 x 128, BLOCK_R 256 config spills 16 bytes)
 @triton.jit
 def _bottleneck_bwd_rows_kernel(
     X, DY, WD, BD, WU, DX, A_OUT, DH_OUT,
@@ -360,8 +362,14 @@ def block_r(R: int) -> int:
 
 
 
+# Autotune keys: a row count M is tuned as the first bucket >= M (the last for anything larger).
+# The buckets up to 128 are where the candidate row tiles change (BLOCK_M <= bucket); above, a
+# few wider buckets, so M = 1..8192 and beyond cost at most six tuning runs per (D, BLOCK_R).
+M_BUCKETS = (16, 32, 64, 128, 2048, 8192)
+
+
 def _m_bucket(M: int) -> int:
-    return max(16, triton.next_power_of_2(M))
+    return next((b for b in M_BUCKETS if M <= b), M_BUCKETS[-1])
 
 
 def _launch_rows(kernel, launcher, M: int, br: int, x: torch.Tensor, args, flags) -> None:

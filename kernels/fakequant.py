@@ -37,16 +37,18 @@ def _tile(pid_c, r0, R, C, B, C_FAST: tl.constexpr, INT64: tl.constexpr,
     """(element offsets, mask, slot indices broadcast to the tile, slot mask) of one tile."""
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rs = r0 + tl.arange(0, BLOCK_R)
-    if INT64:
+    cb = cs * B
+    if INT64:  # every product that can reach the element count, in 64 bits
         rs = rs.to(tl.int64)
+        cb = cs.to(tl.int64) * B
     a = rs // B
     b = rs - a * B
     if C_FAST:  # [BLOCK_R, BLOCK_C]
-        offs = (a * C * B + b)[:, None] + (cs * B)[None, :]
+        offs = (a * C * B + b)[:, None] + cb[None, :]
         mask = (rs < R)[:, None] & (cs < C)[None, :]
         c2 = cs[None, :]
     else:       # [BLOCK_C, BLOCK_R]
-        offs = (cs * B)[:, None] + (a * C * B + b)[None, :]
+        offs = cb[:, None] + (a * C * B + b)[None, :]
         mask = (cs < C)[:, None] & (rs < R)[None, :]
         c2 = cs[:, None]
     return offs, mask, c2, cs < C
@@ -73,7 +75,10 @@ def _fwd_kernel(
 ):
     pid_c = tl.program_id(0)
     pid_j = tl.program_id(1)
-    start = pid_j * R_SPLIT
+    if INT64:  # pid_j * R_SPLIT reaches R, which may pass 2**31: widen before the product
+        start = pid_j.to(tl.int64) * R_SPLIT
+    else:
+        start = pid_j * R_SPLIT
     bad = tl.zeros((1,), tl.int32)
     for k0 in range(0, R_SPLIT, BLOCK_R):
         offs, mask, c2, cmask = _tile(pid_c, start + k0, R, C, B, C_FAST, INT64, BLOCK_R, BLOCK_C)
@@ -97,7 +102,10 @@ def _bwd_kernel(
 ):
     pid_c = tl.program_id(0)
     pid_j = tl.program_id(1)
-    start = pid_j * R_SPLIT
+    if INT64:  # pid_j * R_SPLIT reaches R, which may pass 2**31: widen before the product
+        start = pid_j.to(tl.int64) * R_SPLIT
+    else:
+        start = pid_j * R_SPLIT
     if C_FAST:
         acc_s = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         acc_z = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)

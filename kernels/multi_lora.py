@@ -73,7 +73,9 @@ def _keys_kernel(IDX, KEYS, T, n, BLOCK: tl.constexpr):
     tl.store(KEYS + offs, tl.where(ok, a, n).to(KEYS.dtype.element_ty), mask=m)
 
 
-@triton.jit
+# T (the batch size) and the decode expand's split count are not specialized: a new batch size
+# reuses the compiled kernels (decode_config gives at most two tiles per kernel over all batches).
+@triton.jit(do_not_specialize=["T"])
 def _bgmv_shrink_kernel(
     X, A, RANKS, IDX, U, T, K, n, R, K_SPLIT,
     s_xm, s_xk, s_al, s_ar, s_ak, s_us, s_um, s_ur,
@@ -103,11 +105,11 @@ def _bgmv_shrink_kernel(
         tl.store(u_row + rr * s_ur, tl.sum(acc, axis=1), mask=mr)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "SPLIT_K"])
 def _bgmv_expand_kernel(
-    Y, U, B, RANKS, SCALINGS, IDX, T, N, n, R,
+    Y, U, B, RANKS, SCALINGS, IDX, T, N, n, R, SPLIT_K,
     s_us, s_um, s_ur, s_bl, s_bn, s_br, s_ym, s_yn,
-    ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -139,7 +141,7 @@ def _bgmv_expand_kernel(
     tl.store(y_ptrs, out.to(Y.dtype.element_ty), mask=m_y)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _sgmv_shrink_kernel(
     X, A, RANKS, KEYS, PERM, U, T, K, n, R, K_SPLIT,
     s_xm, s_xk, s_al, s_ar, s_ak, s_us, s_um, s_ur,
@@ -178,7 +180,9 @@ def _sgmv_shrink_kernel(
         a = tl.min(tl.where(keys > a, keys, n), axis=0)
 
 
-@triton.jit
+# SPLIT_K stays a constexpr here: a runtime count (a loop the compiler cannot unroll) spills on
+# sm_80 (8 to 24 B); prefill's split takes few values (powers of two from the row tiles).
+@triton.jit(do_not_specialize=["T"])
 def _sgmv_expand_kernel(
     Y, U, B, RANKS, SCALINGS, KEYS, PERM, T, N, n, R,
     s_us, s_um, s_ur, s_bl, s_bn, s_br, s_ym, s_yn,
@@ -210,7 +214,7 @@ def _sgmv_expand_kernel(
             rr = r0 + offs_r
             mr = rr < rank
             u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for sp in range(SPLIT_K):
+            for sp in range(SPLIT_K):  # the splits' partials, in split order
                 u += tl.load(u_rows + sp * s_us + rr[None, :] * s_ur, mask=sel[:, None] & mr[None, :], other=0.0)
             b = tl.load(b_base + rr[:, None] * s_br, mask=mr[:, None] & mn[None, :], other=0.0)
             # only this adapter's rows take the product: a non-finite weight of one adapter
@@ -248,6 +252,13 @@ def _split(K: int, block_k: int, programs: int, want: int, min_tiles: int) -> tu
 
 
 
+def _partials(split: int, T: int, R: int, like: torch.Tensor) -> torch.Tensor:
+    """u: fp32 [split, T, R], row-major inside a split, splits 16 elements apart at least (the split
+    stride then always specializes as a multiple of 16, whatever T)."""
+    ld = triton.cdiv(T * R, 16) * 16
+    return _common.new_output((split * ld,), like, torch.float32).as_strided((split, T, R), (ld, R, 1))
+
+
 def _aligned(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Tensor) -> tuple[bool, bool]:
     """Whether the shrink's (x, A) and the expand's (B, y) rows allow vector access: unit inner
     strides and row strides that are multiples of 16 elements (Triton's divisibility hint).
@@ -260,20 +271,21 @@ def _aligned(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Tensor)
 
 def decode_config(T: int, K: int, N: int, r_max: int, device: torch.device,
                   shrink_aligned: bool = True, expand_aligned: bool = True) -> dict:
-    """Per-row programs: the shrink's K tile (split over K so that T * SPLIT_K programs fill the
-    GPU) and the expand's N tile, both as wide as registers allow and narrowed while the grid is
-    smaller than two programs per SM."""
+    """Per-row programs, two tiles per kernel whatever the batch size (so at most two compiled
+    variants of each over T = 1..1024; the split count is a runtime argument): the shrink's K tile
+    and the expand's N tile are as wide as registers allow ([BLOCK_R, BLOCK_K] and
+    [BLOCK_N, BLOCK_R] fp32 products of 4096 elements, 32 a thread), or narrow (64 and 32) while T
+    rows of the wide tile would give fewer than two programs per SM. The shrink then splits K so
+    that T * SPLIT_K programs fill the GPU."""
     block_r = _block_r(r_max)
     want = 2 * _common.sm_count(device)
     if _interpreted():
         block_k, block_n = 32, 32
-    else:  # [BLOCK_R, BLOCK_K] and [BLOCK_N, BLOCK_R] fp32 products: 4096 elements (32 a thread)
-        block_k = (4096 if shrink_aligned else 2048) // block_r
-        while block_k > 64 and T * triton.cdiv(K, block_k) < want:
-            block_k //= 2
-        block_n = (4096 if expand_aligned else 2048) // block_r
-        while block_n > 32 and T * triton.cdiv(N, block_n) < want:
-            block_n //= 2
+    else:
+        wide_k = (4096 if shrink_aligned else 2048) // block_r
+        wide_n = (4096 if expand_aligned else 2048) // block_r
+        block_k = wide_k if T * triton.cdiv(K, wide_k) >= want else min(wide_k, 64)
+        block_n = wide_n if T * triton.cdiv(N, wide_n) >= want else min(wide_n, 32)
     split, k_split = _split(K, block_k, T, want, 1)
     return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split, K_SPLIT=k_split)
 
@@ -333,7 +345,7 @@ def multi_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ranks: torch.T
     aligned = _aligned(x, A, B, y)
     if regime == "decode":
         cfg = decode_config(T, K, N, R, x.device, *aligned)
-        u = _common.new_output((cfg["SPLIT_K"], T, R), x, torch.float32)
+        u = _partials(cfg["SPLIT_K"], T, R, x)
         _bgmv_shrink_kernel[(T, cfg["SPLIT_K"])](
             x, A, ranks, indices, u, T, K, n, R, cfg["K_SPLIT"],
             x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
@@ -341,17 +353,17 @@ def multi_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ranks: torch.T
             BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=4 if cfg["BLOCK_K"] * cfg["BLOCK_R"] >= 4096 else 2, num_stages=2)
         _bgmv_expand_kernel[(T, triton.cdiv(N, cfg["BLOCK_N"]))](
-            y, u, B, ranks, scalings, indices, T, N, n, R,
+            y, u, B, ranks, scalings, indices, T, N, n, R, cfg["SPLIT_K"],
             u.stride(0), u.stride(1), u.stride(2), B.stride(0), B.stride(1), B.stride(2),
             y.stride(0), y.stride(1),
-            ACCUMULATE=accumulate, SPLIT_K=cfg["SPLIT_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+            ACCUMULATE=accumulate, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
             num_warps=4 if cfg["BLOCK_N"] * cfg["BLOCK_R"] >= 4096 else 2, num_stages=1)
         return y
     if regime != "prefill":
         raise ValueError(f"unknown regime {regime!r}")
     cfg = prefill_config(T, K, N, R, x.dtype, x.device, *aligned)
     keys, perm = plan(indices, n)
-    u = _common.new_output((cfg["SPLIT_K"], T, R), x, torch.float32)
+    u = _partials(cfg["SPLIT_K"], T, R, x)
     flags = dict(UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), BLOCK_R=cfg["BLOCK_R"])
     _sgmv_shrink_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), cfg["SPLIT_K"])](
         x, A, ranks, keys, perm, u, T, K, n, R, cfg["K_SPLIT"],

@@ -6,10 +6,10 @@ import fastpeft
 from fastpeft import _backend
 from fastpeft.reference import lora as ref
 
+from _dtypes import DTYPES  # noqa: F401 (the tests' dtypes: bf16 on the CPU too)
 from _utils import DEVICE, assert_close
 
 KERNEL_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and _backend.cuda_ext_status()[0] else [])
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def make(M, K, N, r, dtype, bias=True, lead=(), adapter_dtype=None, device=DEVICE):

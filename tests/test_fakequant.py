@@ -353,3 +353,28 @@ def test_per_channel_on_one_dim_input(backend):
     assert torch.equal(dx, wdx) and ds.shape == (12,) and torch.allclose(ds.double(), wds, rtol=1e-5, atol=1e-8)
     fq = fastpeft.FakeQuantize(8, "absmax", axis=0, num_channels=12, learnable=False).train()
     assert fq(x.detach()).shape == (12,) and fq.scale.shape == (12,)
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not __import__("fastpeft")._backend.interpreter_active(),
+                    reason="needs the triton backend (a GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("case", [((700,), None), ((9, 21), 1), ((3, 5, 40), 1), ((67, 3), 0)],
+                         ids=lambda c: f"{'x'.join(map(str, c[0]))}-a{c[1]}")
+def test_int64_offsets_give_the_same_bits(case, monkeypatch):
+    """The 64-bit offset variant (taken above 2**31 elements: every product that can reach the element
+    count, pid * R_SPLIT included, widened first) computes exactly what the 32-bit one does; forced
+    here on small tensors, several programs along the split dim."""
+    from fastpeft.kernels import fakequant as kfq
+    shape, axis = case
+    x, scale, zero_point, dy = make_case(shape, axis, 8, "zeropoint")
+    want = run("triton", x, scale, zero_point, dy, 8, "zeropoint", axis)
+    setup = kfq._launch_setup
+
+    def int64_setup(*a, **kw):
+        cfg, const = setup(*a, **kw)
+        assert not const["INT64"]
+        return cfg, {**const, "INT64": True}
+
+    monkeypatch.setattr(kfq, "_launch_setup", int64_setup)
+    got = run("triton", x, scale, zero_point, dy, 8, "zeropoint", axis)
+    for name, g, w in zip(("y", "dx", "ds", "dz"), got, want):
+        assert torch.equal(g, w), f"{name}: the INT64 variant differs"

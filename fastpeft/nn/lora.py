@@ -181,6 +181,14 @@ class LoRALinear(nn.Module):
         return self.base_layer(x) if self.base_layer is not None else F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is None and self.base_layer is None and not self.merged and self.active_adapter is not None:
+            # the common case, its Parameters read from the module's dict (nn.Module.__getattr__ is a
+            # Python call per attribute: a good part of a small layer's per-call cost on the CPU)
+            params = self._parameters
+            w, A, B = params.get("weight"), params.get("lora_A"), params.get("lora_B")
+            if w is not None and A is not None and B is not None:
+                b = params["bias"] if "bias" in params else self.bias
+                return lora_linear(x, w, b, A, B, self.scaling, dropout_p=self.lora_dropout, training=self.training)
         if self.routing is not None:
             return self._mixed_forward(x)
         if self.active_adapter is None:

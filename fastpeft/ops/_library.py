@@ -37,6 +37,7 @@ ops = torch.ops.fastpeft
 DEVICE_KEYS = ("CPU", "CUDA")
 _KERNEL: dict = {}  # op -> its Python kernel (the one function registered for CPU and CUDA)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_NUMBERS = (float, int)  # the exact types of a plain Python number argument (bool excluded)
 
 
 def define(schema: str, kernel: Callable, fake: Callable, autocast: Sequence[int] = ()) -> torch._ops.OpOverload:

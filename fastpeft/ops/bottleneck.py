@@ -14,13 +14,15 @@ autocast rule) and ``fastpeft::bottleneck_adapter_backward``. No host sync.
 """
 from __future__ import annotations
 
+import math
 
 import torch
+import torch.nn.functional as F
 
 from .. import _backend, _checks
 from ..reference import bottleneck as ref
 from ._common import building_graph, on_device, rows, vjp_with_graph
-from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
+from ._library import _NUMBERS, _PLAIN, below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "bottleneck_adapter"
 ACTIVATIONS = ref.ACTIVATIONS
@@ -182,6 +184,88 @@ def _validate(x, down_weight, down_bias, up_weight, up_bias, activation):
     return device
 
 
+class TorchBottleneckFunction(torch.autograd.Function):
+    """The torch backend of an eager fp32 call that needs gradients: the reference's forward, and
+    its backward by the formulas of fastpeft/reference/bottleneck.py with a = act(h) (and h, for
+    activations other than relu) kept from the forward instead of recomputed: the [M, bottleneck]
+    activations torch's autograd keeps for the reference too. Against autograd through the
+    reference it saves the passes over [M, d] that autograd adds: s * dy for db_u, and the sum of
+    x's two gradient terms (dx = dy + dh W_d is one GEMM here, dy its C operand)."""
+
+    @staticmethod
+    def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, activation, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = F.linear(x2, down_weight, down_bias)  # fp32 throughout: the reference's steps 1-4
+        a = ref.activation(h, activation)
+        y = ref.residual_expand(x2, a, up_weight, up_bias, scaling)
+        ctx.save_for_backward(x, x2, down_weight, down_bias, up_weight, up_bias, a,
+                              None if activation == "relu" else h)  # relu' is (a > 0)
+        ctx.cfg = (activation, scaling)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x2, wd, bd, wu, bu, a, h = ctx.saved_tensors
+        activation, s = ctx.cfg
+        need_x, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:5]
+        if building_graph():  # create_graph: the reference's gradients, recorded
+            grads = vjp_with_graph(lambda *t: ref.bottleneck_adapter(*t, activation, s), (x, wd, bd, wu, bu),
+                                   ctx.needs_input_grad[:5], dy)
+            return (*grads, None, None)
+        dy2 = dy.reshape(x2.shape)
+        dx = dwd = dbd = dwu = dbu = dh = None
+        if need_x or need_wd or need_bd:  # dh = s (dy W_u) act'(h), in the reference's order
+            dh = torch.mm(dy2, wu).mul_(s).mul_(a > 0 if h is None else ref.activation_grad(h, activation))
+        if need_x:
+            dx = torch.addmm(dy2, dh, wd).view(x.shape)
+        if need_wd:
+            dwd = torch.mm(dh.t(), x2)
+        if need_bd and bd is not None:
+            dbd = dh.sum(0)
+        if need_wu:
+            dwu = torch.mm(dy2.t(), a).mul_(s)
+        if need_bu and bu is not None:
+            dbu = dy2.sum(0).mul_(s)
+        return dx, dwd, dbd, dwu, dbu, None, None
+
+
+def _fast_path(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, backend) -> bool:
+    """Whether ``bottleneck_adapter`` can take its per-call fast path: plain tensors (no subclass),
+    every check of ``_validate`` passing with one dtype throughout (no autocast), ``scaling`` a
+    finite number, the call eager (``fastpeft.ops._library.eager``) on the torch backend. The
+    general path's checks in one expression; an input that fails one takes the general path,
+    which refuses it with its message."""
+    if not (type(x) in _PLAIN and type(down_weight) in _PLAIN and type(up_weight) in _PLAIN
+            and (down_bias is None or type(down_bias) in _PLAIN) and (up_bias is None or type(up_bias) in _PLAIN)
+            and type(scaling) in _NUMBERS and type(activation) is str and activation in ACTIVATIONS
+            and (backend is None or backend == "torch") and down_weight.dim() == 2 and x.dim() >= 1):
+        return False
+    R, d = down_weight.shape
+    dt, device = x.dtype, x.device
+    return (R > 0 and d > 0 and x.shape[-1] == d and up_weight.shape == (d, R) and dt in _checks.FLOAT_DTYPES
+            and down_weight.dtype == dt and up_weight.dtype == dt and down_weight.device == device
+            and up_weight.device == device
+            and (down_bias is None or (down_bias.shape == (R,) and down_bias.dtype == dt
+                                       and down_bias.device == device))
+            and (up_bias is None or (up_bias.shape == (d,) and up_bias.dtype == dt and up_bias.device == device))
+            and math.isfinite(scaling) and eager(device.type) and _backend.torch_chosen(device, backend))
+
+
+# TorchBottleneckFunction from this many elements of x on: below it the Function's own per-call
+# cost (apply, ctx, a Python backward) outweighs the passes it saves (measured on the CPU)
+FUNCTION_MIN_NUMEL = 1 << 16
+
+
+def _torch_eager(x, down_weight, down_bias, up_weight, up_bias, activation, scaling):
+    """The torch backend of an eager call: TorchBottleneckFunction for large enough fp32 inputs that
+    need gradients, else the reference, differentiated by torch's autograd where it must be (its
+    16-bit numerics convert to fp32 and back; autograd follows the conversions)."""
+    if (x.dtype == torch.float32 and x.numel() >= FUNCTION_MIN_NUMEL
+            and needs_grad(x, down_weight, down_bias, up_weight, up_bias)):
+        return TorchBottleneckFunction.apply(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
+    return ref.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
+
+
 def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
             up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str = "relu",
             scaling: float = 1.0, *, backend: str | None = None) -> torch.Tensor:
@@ -199,6 +283,8 @@ def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: to
 
     Runs as the registered op ``torch.ops.fastpeft.bottleneck_adapter``; no host sync.
     """
+    if _fast_path(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, backend):
+        return _torch_eager(x, down_weight, down_bias, up_weight, up_bias, activation, float(scaling))
     device = _validate(x, down_weight, down_bias, up_weight, up_bias, activation)
     scaling = _checks.finite_float("scaling", scaling)
     if backend is not None:
@@ -206,9 +292,7 @@ def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: to
     args = (x, down_weight, down_bias, up_weight, up_bias, activation, scaling, backend)
     if eager(device.type, x, down_weight, down_bias, up_weight, up_bias):  # no dispatcher round trips
         if _choose(device, down_weight.shape[0], backend) == "torch":
-            # the reference, differentiated by torch's autograd (C++): cheaper per call than the
-            # registered op's explicit backward
-            return ref.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
+            return _torch_eager(x, down_weight, down_bias, up_weight, up_bias, activation, scaling)
         if needs_grad(x, down_weight, down_bias, up_weight, up_bias):
             return BottleneckAdapterFunction.apply(*args, True)
         return _forward_kernel(*args)

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from .. import _backend, _checks
 from ..reference import lora as ref
-from ..reference.dropout import dropout_2d
+from ..reference.dropout import dropout_threshold, mix32
 from ._common import building_graph, dense, on_device, rows, vjp_with_graph
-from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
+from ._library import _NUMBERS, _PLAIN, below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 OP = "lora_linear"
 KERNELS = ("triton", "cuda", "torch")  # in the order preferred on CUDA tensors
@@ -55,13 +55,92 @@ def _fuse_shrink(M: int, R: int, fuse_shrink: bool | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# the torch backend's dropout mask: fastpeft.reference.dropout's, bit for bit, in fewer tensor ops
+#
+# keep(i, j) = (h >> 1) >= thr with h = mix32(mix32(seed ^ mix32(i)) ^ j) (the reference). Per call
+# only the seed changes: mix32(i) and the columns are tables, kept per shape for CPU tensors. The
+# xor-shift x ^ (x >> 16) (xs16 below) is linear over xor and its own inverse on 32-bit values, so
+# xs16(k ^ j) = xs16(k) ^ xs16(j): the row key's last xs16 and the outer hash's first cancel (the
+# table holds xs16(j)); and (h >> 1) >= thr is h >= 2 thr. 19 small ops instead of ~40: what a
+# LoRA layer with dropout pays per training step on the CPU, where each op's fixed cost dominates.
+
+_M32, _C1, _C2 = 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B
+# 0-d int64 operands: cheaper per op than Python ints (no scalar wrapping); CPU tensors only
+_CPU_CONST = tuple(torch.tensor(v, dtype=torch.int64) for v in (_M32, _C1, _C2, 15, 16))
+_CPU_ZERO = torch.zeros(())
+_MASK_TABLES: dict = {}  # (rows, cols) -> (mix32(arange(rows)), xs16(arange(cols))), plain CPU tensors
+_MASK_TABLES_MAX = 64
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    """``t`` is a plain CPU tensor in an eager call (no tracing, no mode): the tables may be cached
+    and the 0-d constants used."""
+    return (t.device.type == "cpu" and type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._len_torch_dispatch_stack())
+
+
+def _mask_tables(rows: int, cols: int, device: torch.device, cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache:
+        t = _MASK_TABLES.get((rows, cols))
+        if t is not None:
+            return t
+    j = torch.arange(cols, dtype=torch.int64, device=device)
+    t = (mix32(torch.arange(rows, dtype=torch.int64, device=device)), j ^ (j >> 16))
+    if cache and not t[0].is_inference():
+        if len(_MASK_TABLES) >= _MASK_TABLES_MAX:
+            _MASK_TABLES.clear()
+        _MASK_TABLES[(rows, cols)] = t
+    return t
+
+
+def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: torch.device,
+              seed_is_31_bit: bool = False) -> torch.Tensor:
+    """fastpeft.reference.dropout.dropout_keep_mask(seed, rows, cols, p) on ``device``, bit for bit:
+    bool [rows, cols]. ``seed``: a one-element int64 tensor (its first element is the seed);
+    ``seed_is_31_bit``: it is one ``new_seed`` drew, in [0, 2**31) (skips masking it)."""
+    thr2 = 2 * dropout_threshold(p)
+    plain = _plain_cpu(seed)
+    mi, xj = _mask_tables(rows, cols, device, plain)
+    M, C1, C2, S15, S16 = _CPU_CONST if plain else (_M32, _C1, _C2, 15, 16)
+    with below_autograd():  # integer tensors: nothing to record (skips autograd's dispatch per op)
+        if not seed_is_31_bit:
+            seed = seed.reshape(-1)[:1].to(device=device, dtype=torch.int64) & M
+        v = seed ^ mi  # the row key: mix32(seed ^ mix32(i)) without its last xs16
+        v ^= v >> S16
+        v *= C1
+        v &= M
+        v ^= v >> S15
+        v *= C2
+        v &= M
+        h = v.unsqueeze(1) ^ xj  # mix32(row key ^ j), its first xs16 folded in
+        h *= C1
+        h &= M
+        h ^= h >> S15
+        h *= C2
+        h &= M
+        h ^= h >> S16
+        return h >= thr2
+
+
+def dropout_rows(x2: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """fastpeft.reference.dropout.dropout_2d (x * keep / (1 - p) on 2-D x), same values; ``seed``
+    an int or a one-element int64 tensor."""
+    if p == 0.0:
+        return x2
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor([seed], dtype=torch.int64)
+    keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device)
+    return torch.where(keep, x2 * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2.dtype, device=x2.device))
+
+
+# ---------------------------------------------------------------------------------------------
 # each backend on 2-D tensors: forward -> (y, u); backward -> (dx, v); dA
 
 
 def _torch_lora(x, w, b, A, B, s, p, seed):
     """(y, U) of x [..., K] in x's dtype: the torch backend's arithmetic, differentiable by autograd
     (dropout's mask is over the 2-D view [M, K] of x)."""
-    xd = x if p == 0.0 else dropout_2d(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), p, seed).view(x.shape)
+    xd = x if p == 0.0 else dropout_rows(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), p, seed).view(x.shape)
     u = F.linear(xd, A)
     return F.linear(x, w, b).add_(F.linear(u, B), alpha=s), u
 
@@ -74,12 +153,12 @@ def _torch_forward(x, w, b, A, B, s, p, seed):
 def _torch_backward_dx(dy, w, A, B, s, p, seed):
     v = dy @ B
     dx = dy @ w
-    dx.add_(dropout_2d(v @ A, p, seed), alpha=s)
+    dx.add_(dropout_rows(v @ A, p, seed), alpha=s)
     return dx, v.float()
 
 
 def _torch_grad_a(v, x, s, p, seed):
-    return (v.to(x.dtype).t() @ dropout_2d(x, p, seed)).float().mul_(s)
+    return (v.to(x.dtype).t() @ dropout_rows(x, p, seed)).float().mul_(s)
 
 
 def _triton_forward(x, w, b, A, B, s, p, seed, fuse):
@@ -276,7 +355,7 @@ def _valid(x, weight, bias, A, B) -> bool:
             and (bias is None or isinstance(bias, T))):
         return False
     N, K = (weight.shape[0], weight.shape[1]) if weight.dim() == 2 else (-1, -1)
-    device, r = x.device, A.shape[0]
+    device, r = x.device, A.shape[0] if A.dim() == 2 else 0
     return (x.dim() >= 1 and x.shape[-1] == K and A.dim() == 2 and B.dim() == 2 and r > 0 and A.shape[1] == K
             and B.shape[0] == N and B.shape[1] == r and x.dtype in F_ and weight.dtype in F_ and A.dtype in F_
             and B.dtype == A.dtype and weight.device == device and A.device == device and B.device == device
@@ -314,6 +393,95 @@ def _validate(x, weight, bias, lora_A, lora_B):
     return device
 
 
+def _fast_path(x, weight, bias, A, B, scaling, dropout_p, backend) -> bool:
+    """Whether ``lora_linear`` can take its per-call fast path: plain tensors (no subclass), every
+    check of ``_validate`` passing with one dtype throughout (no cast to make, no autocast),
+    ``scaling`` and ``dropout_p`` numbers in range, the weight frozen, the call eager
+    (``fastpeft.ops._library.eager``) on the torch backend. The same checks as the general path,
+    in one expression (a layer is called hundreds of times a step, and on the CPU its Python is a
+    good part of the call); an input that fails one takes the general path, which refuses it with
+    its message."""
+    if not (type(x) in _PLAIN and type(weight) in _PLAIN and type(A) in _PLAIN and type(B) in _PLAIN
+            and (bias is None or type(bias) in _PLAIN) and type(scaling) in _NUMBERS and type(dropout_p) in _NUMBERS
+            and (backend is None or backend == "torch") and weight.dim() == 2 and A.dim() == 2 and x.dim() >= 1):
+        return False
+    N, K = weight.shape
+    r = A.shape[0]
+    dt, device = x.dtype, x.device
+    return (r > 0 and x.shape[-1] == K and A.shape[1] == K and B.shape == (N, r) and dt in _checks.FLOAT_DTYPES
+            and weight.dtype == dt and A.dtype == dt and B.dtype == dt and weight.device == device
+            and A.device == device and B.device == device and not weight.requires_grad
+            and (bias is None or (bias.shape == (N,) and bias.dtype == dt and bias.device == device))
+            and math.isfinite(scaling) and 0.0 <= dropout_p < 1.0 and eager(device.type)
+            and _backend.torch_chosen(device, backend))
+
+
+class TorchLoRAFunction(torch.autograd.Function):
+    """The torch backend of a large eager call without dropout that needs gradients:
+    y = x W^T + b + s (x A^T) B^T with the expand accumulated into y (addmm_), and the backward
+    dx = dy W + (s dy B) A as one GEMM into another, dA = (s dy B)^T x, dB = s dy^T U: against
+    torch's autograd through the same arithmetic, no [M, out] temporary in the forward, no
+    s * dy pass and no sum of x's two gradient terms in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        u = torch.mm(x2, lora_A.t())
+        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+        y.addmm_(u, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, x2, weight, bias, lora_A, lora_B, u)
+        ctx.scaling = scaling
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x2, weight, bias, A, B, u = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        if building_graph():  # create_graph: the torch path's gradients, recorded
+            grads = vjp_with_graph(lambda *t: _torch_lora(*t, s, 0.0, None)[0], (x, weight, bias, A, B),
+                                   (need_x, False, need_b, need_A, need_B), dy)
+            return (*grads, None)
+        dy2 = dy.reshape(-1, weight.shape[0])
+        dx = db = dA = dB = None
+        if need_x or need_A:
+            v = torch.mm(dy2, B).mul_(s)  # s dy B, [M, r]
+            if need_x:
+                dx = torch.mm(dy2, weight).addmm_(v, A).view(x.shape)
+            if need_A:
+                dA = torch.mm(v.t(), x2)
+        if need_B:
+            dB = torch.mm(dy2.t(), u).mul_(s)
+        if need_b:
+            db = dy2.sum(0)
+        return dx, None, db, dA, dB, None
+
+
+# TorchLoRAFunction from this many elements of y on: below it the Function's own per-call cost
+# (apply, ctx, a Python backward) outweighs the passes it saves (measured on the CPU)
+FUNCTION_MIN_OUT = 1 << 18
+
+
+def _torch_eager(x, w, b, A, B, s: float, p: float, seed: torch.Tensor | None) -> torch.Tensor:
+    """y of the torch backend for an eager call: torch's autograd (C++) differentiates it, which per
+    call is cheaper than the registered op's explicit backward (TorchLoRAFunction, leaner still,
+    for large calls without dropout); dropout's mask is computed once. The dropout scale
+    1 / (1 - p) rides in the expand's alpha (dropout(x) = keep * x / (1 - p)): one elementwise op
+    on x, one in its backward. ``seed``: from ``_dropout_seed`` (31 bits)."""
+    if p == 0.0:
+        if x.numel() // max(x.shape[-1], 1) * w.shape[0] >= FUNCTION_MIN_OUT:
+            if needs_grad(x, b, A, B):
+                return TorchLoRAFunction.apply(x, w, b, A, B, s)
+            y = F.linear(x, w, b)  # no autograd: the expand accumulates into y, no [M, out] temporary
+            y.view(-1, w.shape[0]).addmm_(F.linear(x, A).view(-1, A.shape[0]), B.t(), alpha=s)
+            return y
+        return F.linear(x, w, b).add_(F.linear(F.linear(x, A), B), alpha=s)
+    keep = keep_mask(seed, math.prod(x.shape[:-1]), x.shape[-1], p, x.device, seed_is_31_bit=True)
+    zero = _CPU_ZERO if _plain_cpu(x) else 0.0  # a 0-d float32 takes x's dtype in where
+    u = F.linear(torch.where(keep.view(x.shape), x, zero), A)
+    return F.linear(x, w, b).add_(F.linear(u, B), alpha=s / (1.0 - p))
+
+
 def _dropout_seed(device, p: float, seed) -> torch.Tensor | None:
     if p == 0.0:
         return None
@@ -345,6 +513,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Runs as the registered op ``torch.ops.fastpeft.lora_linear`` (one graph node under
     torch.compile / torch.export). No host sync.
     """
+    if _fast_path(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend):
+        p = float(dropout_p) if training else 0.0
+        return _torch_eager(x, weight, bias, lora_A, lora_B, float(scaling), p, _dropout_seed(x.device, p, seed))
     device = _validate(x, weight, bias, lora_A, lora_B)
     scaling = _checks.finite_float("scaling", scaling)
     p = _checks.probability("dropout_p", dropout_p)  # checked when not training too: wrong either way
@@ -358,9 +529,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             _dropout_seed(device, p, seed), backend, fuse_shrink)
     if eager(device.type, x, weight, bias, A, B):  # the kernels, without the dispatcher's round trips
         if _backend.choose(OP, device, KERNELS, backend) == "torch":
-            # torch's autograd (C++) differentiates the torch backend's arithmetic: per call, cheaper
-            # than the explicit backward of the registered op, and dropout's mask is computed once
-            return _torch_lora(*args[:8])[0]
+            return _torch_eager(*args[:8])
         if needs_grad(x, bias, A, B):
             return LoRALinearFunction.apply(*args, True)
         return _lora_linear_kernel(*args)

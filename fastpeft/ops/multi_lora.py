@@ -12,8 +12,9 @@ and ranks runs on the device (fastpeft._checks.check_values: on CUDA a device-si
 so the op can be captured in a CUDA graph and replayed with new indices, ranks and scalings.
 The one exception is the torch backend on CPU tensors (device types in HOST_GROUPED), where
 host memory makes a read free: it groups the rows by adapter (reading the per-adapter row
-counts and the ranks) and runs one shrink and one expand per adapter present, as PEFT's
-mixed batch does (reference.multi_lora.add_grouped_), instead of the per-row gathers of
+counts and the ranks) and runs one shrink and one expand per adapter present (per window of
+its rows, so that no temporary is whole-batch sized), as PEFT's mixed batch does
+(reference.multi_lora.add_grouped_), instead of the per-row gathers of
 reference.multi_lora.multi_lora_delta that it runs, sync-free, on any other device.
 """
 from __future__ import annotations

@@ -82,11 +82,32 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(dtype)``, skipping the call where it would be a no-op (None stays None)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _hidden(x2, down_weight, down_bias, name):
     """(h in the accumulation dtype, a = act(h) rounded to x's dtype)."""
     acc = _acc_dtype(x2.dtype)
-    h = F.linear(x2.to(acc), down_weight.to(acc), None if down_bias is None else down_bias.to(acc))
-    return h, activation(h, name).to(x2.dtype)
+    h = F.linear(_as(x2, acc), _as(down_weight, acc), _as(down_bias, acc))
+    return h, _as(activation(h, name), x2.dtype)
+
+
+def residual_expand(xa: torch.Tensor, a: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor | None,
+                    scaling: float) -> torch.Tensor:
+    """Steps 3-4 on 2-D operands already in the accumulation dtype: y = x + s (a W_u^T + b_u).
+
+    Fewest passes over [M, d] (as fast as, or faster than, nn.Linear -> act -> nn.Linear -> * s
+    -> + x, forward and backward): the bias and the residual ride in the GEMM's C operand
+    (y = (x + s b_u) + s a W_u^T). scaling == 0 takes the explicit product, so that a
+    non-finite z still gives NaN (a GEMM with alpha = 0 may skip its product)."""
+    if scaling == 0.0:
+        return xa + scaling * F.linear(a, up_weight, up_bias)
+    if up_bias is None:
+        return torch.addmm(xa, a, up_weight.t(), alpha=scaling)
+    # into x + s b_u in place: a fresh tensor whose backward does not need it
+    return torch.add(xa, up_bias, alpha=scaling).addmm_(a, up_weight.t(), alpha=scaling)
 
 
 def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
@@ -96,23 +117,12 @@ def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: to
 
     Differentiable (torch autograd): the ``torch`` backend of ``fastpeft.bottleneck_adapter``.
     """
-    d = x.shape[-1]
-    x2 = x.reshape(-1, d)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     acc = _acc_dtype(x.dtype)
     _, a = _hidden(x2, down_weight, down_bias, activation)
-    # fewest passes over [M, d] (as fast as, or faster than, nn.Linear -> act -> nn.Linear -> * s
-    # -> + x, forward and backward): the bias and the residual ride in the GEMM's C operand
-    # (y = (x + s b_u) + s a W_u^T). scaling == 0 takes the explicit product, so that a
-    # non-finite z still gives NaN (a GEMM with alpha = 0 may skip its product).
-    xa, a, wu = x2.to(acc), a.to(acc), up_weight.to(acc)
-    if scaling == 0.0:
-        z = F.linear(a, wu, None if up_bias is None else up_bias.to(acc))
-        y = xa + scaling * z
-    elif up_bias is None:
-        y = torch.addmm(xa, a, wu.t(), alpha=scaling)
-    else:  # into x + s b_u in place: a fresh tensor whose backward does not need it
-        y = torch.add(xa, up_bias.to(acc), alpha=scaling).addmm_(a, wu.t(), alpha=scaling)
-    return y.to(x.dtype).reshape(x.shape)
+    y = residual_expand(_as(x2, acc), _as(a, acc), _as(up_weight, acc), _as(up_bias, acc), scaling)
+    y = _as(y, x.dtype)
+    return y if x.dim() == 2 else y.reshape(x.shape)
 
 
 def bottleneck_adapter_backward(x: torch.Tensor, dy: torch.Tensor, down_weight: torch.Tensor,

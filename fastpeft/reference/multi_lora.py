@@ -21,6 +21,8 @@ import torch
 # The per-row gather materializes A and B slices of each row: rows go in chunks of at most
 # this many gathered elements, so memory stays bounded on long inputs.
 _GATHER_ELEMENTS = 1 << 26
+# add_grouped_ gathers rows in windows of at most this many bytes (see there)
+_WINDOW_BYTES = 1 << 19
 
 
 def row_keep(ranks: torch.Tensor, indices: torch.Tensor, n: int, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,15 +63,18 @@ def multi_lora_delta(x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
 def add_grouped_(y2: torch.Tensor, x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                  ranks: torch.Tensor, scalings: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """y2 [T, out] += the update of x2 [T, in], in place; returns y2. The rows are grouped by
-    adapter (a stable sort of the indices, one gather of x's rows) and each adapter present runs
-    one shrink and one expand on its segment, on A[a, :r_a] and B[a, :, :r_a] only (entries
-    beyond the rank are never read); one scatter-add then adds the segments into y2. Rows with
-    no adapter are left untouched; an adapter of rank <= 0 adds zeros. Same values as
+    adapter (a stable sort of the indices) and each adapter present runs one shrink and one expand
+    per window of its rows, on A[a, :r_a] and B[a, :, :r_a] only (entries beyond the rank are
+    never read); each window's rows are gathered from x2 and its results scatter-added into y2.
+    Rows with no adapter are left untouched; an adapter of rank <= 0 adds zeros. Same values as
     ``multi_lora_delta`` (summation order aside).
 
-    Reads the indices' adapter counts and the ranks on the host (to size each adapter's
-    matmuls): meant for CPU tensors, where that costs no sync; on a device it would synchronize
-    (and could not be captured in a CUDA graph), which is why the torch backend uses
+    Windows hold at most _WINDOW_BYTES of gathered rows (as PEFT's per-adapter gathers of one
+    prompt's tokens do): whole-batch temporaries of several MiB would go back to the OS at each
+    free and fault their pages in again at the next call, which on the CPU costs more than the
+    low-rank matmuls. Reads the indices' adapter counts and the ranks on the host (to size each
+    adapter's matmuls): meant for CPU tensors, where that costs no sync; on a device it would
+    synchronize (and could not be captured in a CUDA graph), which is why the torch backend uses
     ``multi_lora_delta`` there.
     """
     T = x2.shape[0]
@@ -87,25 +92,32 @@ def add_grouped_(y2: torch.Tensor, x2: torch.Tensor, lora_A: torch.Tensor, lora_
         r = rank_list[a]
         if r > 0:
             u = torch.mm(x2, lora_A[a, :r].t()).mul_(scale[a])
-            y2.add_(torch.mm(u, lora_B[a, :, :r].t()))
+            y2.addmm_(u, lora_B[a, :, :r].t())
         return y2
-    rows = torch.argsort(key, stable=True)[:valid]  # the rows with an adapter, grouped by adapter
-    xs = x2.index_select(0, rows)
-    delta = y2.new_empty(valid, y2.shape[1])
-    start = 0
-    for a in range(n):
-        c = counts[a]
-        if c == 0:
-            continue
-        seg = slice(start, start + c)
-        start += c
-        r = rank_list[a]
-        if r == 0:
-            delta[seg].zero_()
-            continue
-        u = torch.mm(xs[seg], lora_A[a, :r].t()).mul_(scale[a])
-        torch.mm(u, lora_B[a, :, :r].t(), out=delta[seg])
-    return y2.index_add_(0, rows, delta)
+    order = torch.argsort(key, stable=True)  # the rows grouped by adapter, those without one last
+    step = max(1, _WINDOW_BYTES // (max(x2.shape[1], y2.shape[1], 1) * x2.element_size()))
+    a, seg_end = 0, counts[0]  # the adapter of the window's first row, where its rows end
+    for w0 in range(0, valid, step):
+        w1 = min(valid, w0 + step)
+        rows = order[w0:w1]
+        xs = x2.index_select(0, rows)
+        delta = y2.new_empty(w1 - w0, y2.shape[1])
+        lo = w0
+        while lo < w1:
+            while seg_end <= lo:  # the adapter that holds row lo (adapters with no rows skipped)
+                a += 1
+                seg_end += counts[a]
+            hi = min(seg_end, w1)
+            part = slice(lo - w0, hi - w0)
+            r = rank_list[a]
+            if r == 0:
+                delta[part].zero_()
+            else:
+                u = torch.mm(xs[part], lora_A[a, :r].t()).mul_(scale[a])
+                torch.mm(u, lora_B[a, :, :r].t(), out=delta[part])
+            lo = hi
+        y2.index_add_(0, rows, delta)
+    return y2
 
 
 def multi_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
