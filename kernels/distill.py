@@ -56,6 +56,9 @@ INTERP_BLOCK_V = 128  # a few tiles per row at the interpreter tests' vocab size
 _LN2 = tl.constexpr(0.6931471805599453)
 _LN3 = tl.constexpr(1.0986122886681098)
 _CENTER_MARGIN = tl.constexpr(60.0)  # x <= 60: w e^x summed over any vocabulary stays finite in fp32
+# the logits of the lanes past V in sweeps 2 and 3 (never stored, masked out of jsd's sums): finite,
+# so that no inf - inf is computed there (the interpreter's numpy warned), and exp(-1e30 / T) = 0
+_PAD = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -195,23 +198,26 @@ def _distill_kernel(
             mom2 = mom2 * r_w
             wl = tl.where(live, w, 0.0)
             sw = tl.sum(wl, 0)
-            diff = tl.where(live, o - v, NEG_INF)
+            # o - v on the live entries (both finite there), 0 elsewhere: no -inf - -inf computed
+            # (masked out anyway; it made the interpreter warn)
+            d_live = tl.where(live, o, 0.0) - tl.where(live, v, 0.0)
+            diff = tl.where(live, d_live, NEG_INF)
             diff_max = tl.maximum(diff_max, tl.max(diff, 0))
             ref = tl.where(cc == NEG_INF, 0.0, cc)
-            swd = tl.sum(tl.where(live, w * (diff - ref), 0.0), 0)
+            swd = tl.sum(tl.where(live, w * (d_live - ref), 0.0), 0)
             tot = s_live + sw
             target = ref + (mom1 / inv_temp + swd) / tl.where(tot > 0, tot, 1.0)
             cc_new = tl.maximum(target, diff_max - _CENTER_MARGIN / inv_temp)
             cc_new = tl.where(diff_max == NEG_INF, NEG_INF, cc_new)  # no entry finite in both yet
             # the moments moved to the new centre, exactly; nothing to move before the first
             # finite entry
-            dc = tl.where(cc == NEG_INF, 0.0, (cc_new - cc) * inv_temp)
+            dc = tl.where(cc == NEG_INF, 0.0, (tl.where(cc == NEG_INF, 0.0, cc_new) - ref) * inv_temp)
             mom2 = mom2 * tl.exp(-dc) + mom1 * _expm1(-dc) + s_live * _expm1_minus_x(-dc)
             mom1 = mom1 - s_live * dc
             cc = cc_new
             # (o - v rounds to eps |o - v|, a logit offset between the models; D takes it at second
             # order. The sweeps below, where delta's error is first order, split it exactly)
-            x = tl.where(live, ((o - v) - cc) * inv_temp, 0.0)
+            x = tl.where(live, (d_live - cc) * inv_temp, 0.0)
             mom1 += tl.sum(tl.where(live, w * x, 0.0), 0)
             mom2 += tl.sum(tl.where(live, w * _expm1_minus_x(x), 0.0), 0)
             s_live += sw
@@ -256,10 +262,17 @@ def _distill_kernel(
         l1p_s, h_s = _log1p_h(tl.where(fine, s, 0.0), False)
         l1p_a, h_a = _log1p_h(-tl.where(a0 < 1.0, a0, 0.0), False)
         l1p_b, h_b = _log1p_h(-tl.where(b0 < 0.5, b0, 0.0), False)
-        l1p_b = tl.where(b0 < 0.5, l1p_b, tl.log(o_live / s_o))  # log(1 - b0)
+        has_o = o_live > 0  # else log(1 - b0) = log 0 = -inf, without taking it (interpreter warnings)
+        l1p_b = tl.where(b0 < 0.5, l1p_b, tl.where(has_o, tl.log(tl.where(has_o, o_live, s_o) / s_o), NEG_INF))
         # not fine: the centre sits at max - 60 (x spans more than 60) and 1 + s has lost its
         # digits: lam from the log-sum-exps
         lam = tl.where(fine, l1p_s + l1p_a - l1p_b, lam_lse)
+        if DIV == 2:
+            # jsd uses lam at every entry: with no entry finite in both where w > 0 (s_live == 0,
+            # e.g. disjoint supports) or no other-side mass there (o_live == 0), the moments give
+            # lam = +inf (log(1 - b0) = log 0), delta = inf - inf = NaN and terms were lost (D half
+            # of log 2 for disjoint supports); lam from the log-sum-exps then
+            lam = tl.where((s_live > 0) & has_o, lam, lam_lse)
         if DIV != 2:
             d = tl.where(fine & (s <= 0.5), f2 - h_s - l1p_b, lam - m1)
             d = tl.where(a_mass > 0, float("inf"), tl.maximum(d, 0.0))
@@ -268,21 +281,21 @@ def _distill_kernel(
             for v0 in range(0, V, BLOCK_J):
                 idx = v0 + offs_j
                 mask = idx < V
-                z = tl.load(z_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
-                u = tl.load(u_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
+                z = tl.load(z_row + idx, mask=mask, other=_PAD).to(tl.float32)
+                u = tl.load(u_row + idx, mask=mask, other=_PAD).to(tl.float32)
                 q = tl.exp((z - m_z) * inv_temp - log_sq)
                 p = tl.exp((u - m_u) * inv_temp - log_sp)
                 delta = _diff_minus(u, z, cc) * inv_temp - lam  # +-inf where one side is -inf
                 e1 = _expm1(tl.minimum(delta, 80.0))
                 y_q = 0.5 * e1  # m / q - 1
-                y_p = -y_q / (1.0 + e1)  # m / p - 1
+                y_p = -y_q / tl.where(e1 > -1.0, 1.0 + e1, 1.0)  # m / p - 1 (unused where e1 = -1: delta < -log 3)
                 l1p_q, h_q = _log1p_h(y_q, True)
                 l1p_p, h_p = _log1p_h(y_p, True)
                 a = tl.abs(delta)
                 e = tl.exp(-a)
                 # past |delta| = log 3, with the larger weight: -> 1/2 as the smaller one -> 0
                 big_val = 0.5 * (1.0 - e) - tl.where(e > 0, e * (a - _LN2 + tl.log(1.0 + e)), 0.0)
-                any_mass = (p > 0) | (q > 0)
+                any_mass = ((p > 0) | (q > 0)) & mask  # (p, q > 0 past V for T > 1e28)
                 tp = tl.where(delta < -_LN3, q * big_val, p * h_p)
                 tq = tl.where(delta > _LN3, p * big_val, q * h_q)
                 kl_pm += tl.sum(tl.where(any_mass, tp, 0.0), 0)
@@ -301,18 +314,21 @@ def _distill_kernel(
     # ---- sweep 3: d loss / dz
     if COMPUTE_GRAD:
         scale = tl.load(SCALE)
+        # forward_kl with lam = +-inf (D = inf): NaN, so that delta is NaN and the gradient q - p
+        # everywhere, without computing inf - inf (a quiet NaN raises no floating-point flag)
+        lam_g = tl.where(tl.abs(lam) < float("inf"), lam, float("nan"))
         for v0 in range(0, V, BLOCK_J):
             idx = v0 + offs_j
             mask = idx < V
-            z = tl.load(z_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
+            z = tl.load(z_row + idx, mask=mask, other=_PAD).to(tl.float32)
             lq = (z - m_z) * inv_temp - log_sq
             q = tl.exp(lq)
             g = tl.zeros([BLOCK_J], tl.float32)
             if HAS_KD:
-                u = tl.load(u_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
+                u = tl.load(u_row + idx, mask=mask, other=_PAD).to(tl.float32)
                 if DIV == 0:
                     p = tl.exp((u - m_u) * inv_temp - log_sp)
-                    delta = lam - _diff_minus(z, u, cc) * inv_temp
+                    delta = lam_g - _diff_minus(z, u, cc) * inv_temp
                     small = tl.abs(delta) < 1.0
                     g += kd_grad_w * tl.where(small, -q * _expm1(tl.where(small, delta, 0.0)), q - p)
                 elif DIV == 1:

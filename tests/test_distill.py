@@ -191,6 +191,30 @@ def test_neg_inf_infinite_divergence_is_inf_not_nan(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_jsd_disjoint_supports_is_log_2(backend):
+    """Student and teacher with disjoint supports (each -inf where the other is finite, and a row
+    where they overlap in one entry): JSD is log 2 per row where disjoint (every entry counted),
+    equal to the reference with its gradient, finite."""
+    V = 40
+    z = torch.randn(3, V, dtype=torch.float64).float()
+    u = torch.randn(3, V, dtype=torch.float64).float()
+    z[:, V // 2:] = float("-inf")
+    u[:, :V // 2] = float("-inf")
+    u[2, V // 2 - 1] = 0.5  # row 2: one shared entry
+    zz = z.clone().requires_grad_()
+    loss = fastpeft.distillation_loss(zz, u, None, temperature=1.0, alpha=1.0, divergence="jsd",
+                                      reduction="none", backend=backend)
+    zr = z.clone().requires_grad_()
+    ref = rd.distillation_loss(zr, u, None, temperature=1.0, alpha=1.0, divergence="jsd", reduction="none")
+    torch.testing.assert_close(loss[:2], torch.full((2,), math.log(2.0)), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    loss.sum().backward()
+    ref.sum().backward()
+    assert torch.isfinite(zz.grad).all()
+    torch.testing.assert_close(zz.grad, zr.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_ignored(backend):
     z, u, labels = make((2, 3), dtype=torch.float16)
     labels = torch.full_like(labels, -7)
