@@ -113,9 +113,10 @@ def _variants(device: torch.device) -> list[tuple[str, str, str | None, object]]
 
 
 def auto_choice(device: torch.device) -> str:
+    """What bottleneck_adapter picks by itself at the benchmark's bottleneck width."""
     try:
         from fastpeft.ops import bottleneck as aops
-        return aops._select(device, BOTTLENECK, None)
+        return aops._choose(device, BOTTLENECK, None)
     except Exception as exc:
         return f"unknown ({common.short_error(exc, 80)})"
 
