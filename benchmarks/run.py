@@ -40,6 +40,7 @@ BENCHES = {
     "bottleneck": "bench_bottleneck",
     "multi_lora": "bench_multi_lora",
     "distill": "bench_distill",
+    "qlora": "bench_qlora",
     "overhead": "bench_overhead",
 }
 DEFAULT_GPU_BUDGET_S = 180.0

@@ -748,7 +748,8 @@ def _planned_names(model: nn.Module, config: dict, where: str) -> list[str]:
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         if any(type(m).__name__ == "Conv1D" for m in model.modules()):
             raise NotImplementedError(f"load_adapter: {where}: target_modules='all-linear' on a model with "
-                                      f"transformers Conv1D layers: fastpeft adapts nn.Linear and Int8Linear only")
+                                      f"transformers Conv1D layers: fastpeft adapts nn.Linear, Int8Linear and "
+                                      f"QuantLinear only")
         head = output_layer_name(model)
         names = [n for n in adaptable_names(model)
                  if n != head and not _excluded(config, n) and _layer_index_ok(config, n)]
@@ -760,7 +761,8 @@ def _planned_names(model: nn.Module, config: dict, where: str) -> list[str]:
             module = model.get_submodule(n)
             if not isinstance(module, BASE_TYPES + (LoRALinear,)):
                 raise NotImplementedError(f"load_adapter: {where}: target_modules={targets!r} selects {n!r} of type "
-                                          f"{type(module).__name__}: fastpeft adapts nn.Linear and Int8Linear only")
+                                          f"{type(module).__name__}: fastpeft adapts nn.Linear, Int8Linear and "
+                                          f"QuantLinear only")
     if not names:
         raise ValueError(f"load_adapter: {where}: adapter config target_modules={targets!r} selects no module of "
                          f"this model")
@@ -898,7 +900,7 @@ def _head_tensors(model: nn.Module, where: str, spec: list[str], state: dict) ->
 def _bias_targets(model: nn.Module, index: dict, names: list[str], heads: list[str], bias: str) -> dict[str, str]:
     """File key -> tensor name of the biases a LoRA adapter with PEFT's ``bias`` may hold: for
     "lora_only" and "all" the base bias of each adapted module P ("base_model.model.P.base_layer.bias",
-    PEFT's name, whatever the module is now: nn.Linear, Int8Linear or LoRALinear); for "all" also
+    PEFT's name, whatever the module is now: nn.Linear, Int8Linear, QuantLinear or LoRALinear); for "all" also
     every other parameter named *bias* outside LoRA layers and the modules_to_save."""
     if bias == "none":
         return {}
@@ -1001,7 +1003,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     this adapter (active, trainable). In a model that has LoRA, an adapter name no layer holds
     is added next to the others (inactive, frozen) in the modules its config selects, with its
     own r / lora_alpha / target modules: LoRALinear modules get it via add_adapter, nn.Linear /
-    Int8Linear ones become LoRALinear holding only it; a name layers already hold is loaded
+    Int8Linear / QuantLinear ones become LoRALinear holding only it; a name layers already hold is loaded
     into those layers, which must match the adapter's modules and scalings (and not be merged
     with it).
 

@@ -36,8 +36,7 @@ from torch import nn
 
 from .adapter_io import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from .lora import lora_modules
-from .nn.int8 import Int8Linear
-from .nn.lora import EXTRA_STATE
+from .nn.lora import EXTRA_STATE, QUANTIZED_BASES
 from .prompt_tuning import PROMPT_ATTR, get_prompt_tuning
 
 logger = logging.getLogger(__name__)
@@ -149,17 +148,19 @@ def base_state_dict(model: nn.Module) -> dict:
 
     Dropped: under each LoRALinear its ``lora_*`` tensors (every named adapter) and its merge
     flag; the soft prompt. A merged layer contributes its weight from before the merge (its
-    ``state_dict`` holds that one), so the base never carries an update twice. An ``Int8Linear``
-    base is refused (``TypeError`` naming the module): its codes are no weight ``from_pretrained``
-    can load into the float model; save the float model before quantizing.
+    ``state_dict`` holds that one), so the base never carries an update twice. A quantized base
+    (``Int8Linear``, ``QuantLinear``: QLoRA's 4-bit one) is refused (``TypeError`` naming the
+    module): its codes are no weight ``from_pretrained`` can load into the float model; save the
+    float model before quantizing.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"base_state_dict expects an nn.Module, got {type(model).__name__}")
     dropped = []
     for name, m in lora_modules(model).items():
-        if isinstance(m.base_layer, Int8Linear):
-            raise TypeError(f"base_state_dict: module {name!r} has an Int8Linear base (int8 codes), which "
-                            f"from_pretrained cannot load into the float model; save it before quantize_int8")
+        if isinstance(m.base_layer, QUANTIZED_BASES):
+            raise TypeError(f"base_state_dict: module {name!r} has an {type(m.base_layer).__name__} base "
+                            f"(quantized codes), which from_pretrained cannot load into the float model; save "
+                            f"it before quantizing (quantize_int8 / quantize_model)")
         prefix = name + "." if name else ""
         dropped.append((prefix, lambda local: local.startswith("lora_") or local == EXTRA_STATE))
     if get_prompt_tuning(model) is not None:

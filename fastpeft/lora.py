@@ -26,12 +26,12 @@ from torch import nn
 
 from .modules import (ALL_LINEAR, TargetModules, canonical_name, check_target_modules, fastpeft_internal_names,
                       find_blocks, name_matches, output_layer_name, replace_module, unwrap_model)
-from .nn.int8 import Int8Linear
-from .nn.lora import LoRALinear, check_adapter_name
+from .nn.lora import QUANTIZED_BASES, LoRALinear, check_adapter_name
 
 BIAS_MODES = ("none", "all", "lora_only")
-# Module types inject_lora can wrap (LoRALinear.from_linear accepts them).
-BASE_TYPES = (nn.Linear, Int8Linear)
+# Module types inject_lora can wrap (LoRALinear.from_linear accepts them): nn.Linear and the
+# quantized layers (Int8Linear; QuantLinear, e.g. QLoRA's 4-bit NF4 base from quantize_model).
+BASE_TYPES = (nn.Linear,) + QUANTIZED_BASES
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -59,7 +59,8 @@ def find_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
             raise ValueError(f"module {name!r} already is a LoRALinear; inject_lora would nest LoRA")
         if not isinstance(module, BASE_TYPES):
             raise TypeError(f"target_modules={target_modules!r} matches {name!r} of type "
-                            f"{type(module).__name__}; LoRA is injected into nn.Linear and Int8Linear only")
+                            f"{type(module).__name__}; LoRA is injected into nn.Linear, Int8Linear and "
+                            f"QuantLinear only")
     if not names:
         linear = [n for n, m in model.named_modules() if isinstance(m, BASE_TYPES) and n]
         shown = ", ".join(linear[:12]) + (", ..." if len(linear) > 12 else "")
@@ -364,8 +365,8 @@ def _known_adapter(model: nn.Module, adapter_name: object) -> str:
 
 
 def adaptable_names(model: nn.Module) -> list[str]:
-    """Qualified names of the modules a LoRA adapter can target: nn.Linear, Int8Linear and
-    LoRALinear, not inside a LoRALinear or a fastpeft BottleneckAdapter."""
+    """Qualified names of the modules a LoRA adapter can target: nn.Linear, Int8Linear,
+    QuantLinear and LoRALinear, not inside a LoRALinear or a fastpeft BottleneckAdapter."""
     lora = [n + "." for n, m in model.named_modules() if isinstance(m, LoRALinear) and n]
     inner = fastpeft_internal_names(model)
     return [n for n, m in model.named_modules()
@@ -380,7 +381,7 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
 
     ``target_modules=None``: every LoRALinear of the model gets it. Otherwise the modules it
     selects (as in ``inject_lora``; "all-linear" skips the output layer): a LoRALinear gets
-    the adapter next to its others, an nn.Linear / Int8Linear becomes a LoRALinear holding
+    the adapter next to its others, an nn.Linear / Int8Linear / QuantLinear becomes a LoRALinear holding
     only this adapter (no adapter active there until ``set_adapter``). Nothing is changed when
     a check fails (a name a selected layer already holds, no module selected).
     """
@@ -414,7 +415,7 @@ def add_adapter(model: nn.Module, adapter_name: str, r: int = 8, lora_alpha: flo
 def add_adapter_to(model: nn.Module, ranks: Mapping[str, tuple[int, float]], adapter_name: str,
                    lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
     """Put the inactive adapter ``adapter_name`` with its (r, lora_alpha) on each named module
-    (a LoRALinear, or an nn.Linear / Int8Linear that becomes one). All checks come first."""
+    (a LoRALinear, or an nn.Linear / Int8Linear / QuantLinear that becomes one). All checks come first."""
     new = {}
     for name, (r, alpha) in ranks.items():
         module = model.get_submodule(name)

@@ -1,8 +1,11 @@
 """Model-level post-training quantization (PTQ; Nagel et al., 2021, "A White Paper on Neural Network
 Quantization") and quantization-aware training (QAT; Jacob et al., 2018) on fastpeft's layers.
 
-Weights: int8 or int4 zero-point codes (groups of ``group_size`` input features) or, with int8
-activations and int8 weights, LLM.int8()'s per-row absmax codes.
+Weights: int8 or int4 zero-point codes (groups of ``group_size`` input features), with int8
+activations and int8 weights LLM.int8()'s per-row absmax codes, or QLoRA's 4-bit NF4 / FP4 base
+(Dettmers et al., 2023: flat blocks of 64 weights, optionally double-quantized absmax), on which
+``fastpeft.inject_lora`` then trains LoRA (QLoRA). ``from_bnb_4bit`` converts a model quantized by
+bitsandbytes (Linear4bit) to fastpeft's layers, keeping bitsandbytes' codes.
 
 Activations (the static-vs-dynamic trade-off):
 - None: they stay 16-bit (weight-only W8A16 / W4A16, ``QuantLinear``).
@@ -33,9 +36,13 @@ from .modules import plain_linear_names, replace_module
 from .nn.int8 import Int8Linear
 from .nn.qat import QATLinear, check_config as check_qat_config
 from .nn.qlinear import QuantLinear
+from .reference.nf4 import BLOCK_SIZES as NF4_BLOCK_SIZES
 from .reference.quant import qrange
 
-WEIGHTS = ("int8", "int4")
+WEIGHTS = ("int8", "int4", "nf4", "fp4")
+FLOAT4 = ("nf4", "fp4")  # QLoRA's 4-bit data types (fastpeft.ops.nf4)
+NF4_BLOCK_SIZE = 64  # QLoRA's and bitsandbytes' default block of the 4-bit types
+INT_GROUP_SIZE = 128  # the default group of the int8 / int4 zero-point codes
 ACTIVATIONS = (None, "dynamic", "static")
 OBSERVERS = ("minmax", "percentile")
 _QMAX = qrange(8, "absmax")[1]
@@ -179,18 +186,25 @@ def calibrate(model: nn.Module, names: Sequence[str], calibration_data: Iterable
 
 
 def quantize_model(model: nn.Module, weights: str = "int8", activations: str | None = None,
-                   group_size: int | None = 128, calibration_data=None,
+                   group_size: int | None | str = "auto", calibration_data=None,
                    skip: Sequence[str] = ("lm_head",), observer: str = "minmax",
-                   percentile: float = 99.99) -> nn.Module:
+                   percentile: float = 99.99, double_quant: bool = False,
+                   compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every nn.Linear of ``model`` (but those matching ``skip``: equal to an entry or
     ending with "." + entry) by a quantized layer, in place; returns ``model``.
 
     weights="int8"/"int4" with activations=None: weight-only ``QuantLinear`` (zero-point codes,
-    groups of ``group_size`` input features; None: one scale per output row); a layer whose
-    in_features is not a multiple of group_size gets one scale per output row.
+    groups of ``group_size`` input features, "auto": 128; None: one scale per output row); a
+    layer whose in_features is not a multiple of group_size gets one scale per output row.
     weights="int8" with int8 activations: ``Int8Linear`` (per-row absmax int8 weights, threshold
     0, the int8 GEMM). weights="int4" with int8 activations: ``QuantLinear(bits=4,
     activations=...)`` (zero-point groups as above; the W4A8 kernel).
+    weights="nf4"/"fp4" (QLoRA's frozen base, Dettmers et al., 2023): ``QuantLinear(scheme=
+    weights)`` in bitsandbytes' layout, blocks of ``group_size`` weights ("auto": 64, QLoRA's;
+    one of bitsandbytes' block sizes, any in_features), ``double_quant`` quantizing the block
+    absmax to 8 bits; 16-bit activations only. Then ``fastpeft.inject_lora`` trains LoRA on it.
+    ``compute_dtype`` (weight-only layers): the dtype the layers compute in (their input and bias
+    cast to it, the output back), as bitsandbytes' Linear4bit(compute_dtype=); None: the input's.
     activations="dynamic": a scale per token at run time. activations="static": one step per
     layer from a calibration pass of the float model over ``calibration_data`` (an iterable of
     batches: tensors, tuples or dicts of model inputs), with the ``observer`` "minmax" or
@@ -204,8 +218,29 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     if observer not in OBSERVERS:
         raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
-    if group_size is not None:  # an int > 0 (2.5 or True would silently mean one scale per row)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"compute_dtype must be None or one of {_checks.FLOAT_DTYPES}, got {compute_dtype!r}")
+    float4 = weights in FLOAT4
+    if group_size == "auto":
+        group_size = NF4_BLOCK_SIZE if float4 else INT_GROUP_SIZE
+    elif float4:
+        if group_size not in NF4_BLOCK_SIZES or isinstance(group_size, bool):
+            raise ValueError(f"weights={weights!r}: group_size is the block size of the flattened weight, one of "
+                             f"{NF4_BLOCK_SIZES} (bitsandbytes' block sizes) or 'auto' ({NF4_BLOCK_SIZE}), got "
+                             f"{group_size!r}")
+    elif group_size is not None:  # an int > 0 (2.5 or True would silently mean one scale per row)
+        if isinstance(group_size, str):
+            raise TypeError(f"group_size must be an int, None or 'auto', got {group_size!r}")
         _checks.positive_int("group_size", group_size)
+    if float4 and activations is not None:
+        raise ValueError(f"weights={weights!r} takes 16-bit activations only (activations=None), got "
+                         f"activations={activations!r}")
+    if double_quant and not float4:
+        raise ValueError(f"double_quant is for weights='nf4' / 'fp4' (QLoRA's), not {weights!r}")
+    if compute_dtype is not None and activations is not None:
+        raise ValueError(f"compute_dtype is for weight-only layers (activations=None), got activations={activations!r}")
     if activations == "static":
         if calibration_data is None:
             raise ValueError("activations='static' needs calibration_data (an iterable of model inputs) "
@@ -219,12 +254,39 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
     for name in names:
         linear = model.get_submodule(name)
         step = steps.get(name)
-        if weights == "int8" and activations is not None:
+        if float4:
+            new[name] = QuantLinear.from_linear(linear, bits=4, group_size=group_size, scheme=weights,
+                                                double_quant=double_quant, compute_dtype=compute_dtype)
+        elif weights == "int8" and activations is not None:
             new[name] = Int8Linear.from_linear(linear, threshold=0.0, input_scale=step)
         else:
             g = group_size if group_size is not None and linear.in_features % group_size == 0 else None
             new[name] = QuantLinear.from_linear(linear, bits=8 if weights == "int8" else 4, group_size=g,
-                                                activations=activations, input_scale=step)
+                                                activations=activations, input_scale=step,
+                                                compute_dtype=compute_dtype)
+    for name, module in new.items():
+        replace_module(model, name, module)
+    return model
+
+
+BNB_4BIT_TYPES = ("Linear4bit", "LinearNF4", "LinearFP4")  # bitsandbytes' 4-bit layers, by class name
+
+
+def from_bnb_4bit(model: nn.Module) -> nn.Module:
+    """Replace every bitsandbytes 4-bit layer (``bnb.nn.Linear4bit`` / LinearNF4 / LinearFP4, by
+    class name: bitsandbytes itself is not imported) of ``model`` in place by
+    ``QuantLinear.from_bnb(layer)``: the same nf4 / fp4 codes, block size and (double-quantized)
+    absmax, read as they are, the bias copied, the layer's compute_dtype kept. A model quantized
+    by transformers' ``BitsAndBytesConfig(load_in_4bit=True)`` or wrapped by PEFT afterwards
+    (QLoRA) thus runs on fastpeft's kernels; ``fastpeft.load_adapter`` then loads a PEFT adapter
+    onto it. Returns ``model``; raises ValueError when it holds no such layer."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"from_bnb_4bit expects an nn.Module, got {type(model).__name__}")
+    names = [n for n, m in model.named_modules() if n and type(m).__name__ in BNB_4BIT_TYPES]
+    if not names:
+        raise ValueError(f"from_bnb_4bit: {type(model).__name__} has no bitsandbytes 4-bit layer "
+                         f"({', '.join(BNB_4BIT_TYPES)})")
+    new = {n: QuantLinear.from_bnb(model.get_submodule(n)) for n in names}  # all built before any is replaced
     for name, module in new.items():
         replace_module(model, name, module)
     return model

@@ -20,6 +20,7 @@ import bench_distill  # noqa: E402
 import bench_int8  # noqa: E402
 import bench_lora  # noqa: E402
 import bench_multi_lora  # noqa: E402
+import bench_qlora  # noqa: E402
 import bench_quant  # noqa: E402
 import common  # noqa: E402
 
@@ -119,6 +120,21 @@ def test_distill_gpu_path(gpu_ctx, monkeypatch):
         monkeypatch.setattr(bench_distill, name, value)
     timings = _check_records(bench_distill.run_gpu(gpu_ctx), gpu_ctx)
     assert {r["op"] for r in timings if r.get("ok")} == {"distillation_loss", "fused_linear_distillation"}
+
+
+def test_qlora_gpu_path(gpu_ctx, monkeypatch):
+    """Every implementation over the same 4-bit codes (bitsandbytes' where installed), checked
+    against one fp32 computation: PEFT + bitsandbytes included when both are installed."""
+    monkeypatch.setattr(bench_qlora, "QUICK", dict(M=(3,), KN=((72, 24),)))
+    monkeypatch.setattr(bench_qlora, "R", 4)
+    timings = _check_records(bench_qlora.run_gpu(gpu_ctx), gpu_ctx)
+    ok = {(r["impl"], r["mode"]) for r in timings if r.get("ok")}
+    names = ["unfused", "fastpeft[auto]"] + (["peft"] if bench_qlora.bnb_status()[0] and common.peft_status()[0]
+                                             else [])
+    for name in names:
+        assert {(name, "fwd"), (name, "fwdbwd")} <= ok, name
+    grads = [r for r in timings if r["mode"] == "fwdbwd" and r.get("rel_errs")]
+    assert grads and all(set(r["rel_errs"]) == {"dx", "dA", "dB"} for r in grads)
 
 
 def test_time_impls_reports_a_wrong_output():

@@ -345,6 +345,11 @@ def _public_calls(dtype=torch.float32):
         step = torch.tensor(0.03, device=DEVICE) if activations == "static" else None
         backward(fastpeft.quant_linear(g(3, 64, grad=True), qw, g(12), activations=activations, input_scale=step))
 
+    def qlora():  # LoRALinear on QLoRA's 4-bit base (nf4, double quantization), training with dropout
+        lin = torch.nn.Linear(72, 24, device=DEVICE, dtype=dtype)
+        base = fastpeft.QuantLinear.from_linear(lin, bits=4, scheme="nf4", group_size=64, double_quant=True)
+        backward(fastpeft.LoRALinear.from_linear(base, r=4, lora_dropout=0.1)(g(2, 3, 72, grad=True)))
+
     def fake_quantize():
         s = torch.full((6,), 0.05, device=DEVICE, requires_grad=True)
         backward(fastpeft.fake_quantize(g(6, 10, grad=True), s, torch.full((6,), 3.0, device=DEVICE), 4, "zeropoint", 0))
@@ -371,6 +376,7 @@ def _public_calls(dtype=torch.float32):
     return {"lora_linear": lora, "int8_linear t0": lambda: int8(0.0), "int8_linear t2": lambda: int8(2.0),
             "int8_linear static": lambda: int8(0.0, True), "quant_linear": lambda: quant(None),
             "quant_linear dynamic": lambda: quant("dynamic"), "quant_linear static": lambda: quant("static"),
+            "qlora LoRALinear(QuantLinear nf4)": qlora,
             "fake_quantize": fake_quantize, "bottleneck_adapter": bottleneck_adapter, "multi_lora": multi_lora,
             "distillation_loss": distill, "fused_linear_distillation_loss": fused,
             "quantize + dequantize": lambda: fastpeft.dequantize(fastpeft.quantize(g(4, 64), 4, "zeropoint",

@@ -410,3 +410,19 @@ def test_double_quantization_stores_about_4_13_bits_a_weight():
                              if t is not None) / w.numel()
     assert bits(fastpeft.quantize(w, 4, "nf4", block_size=64, double_quant=True)) == pytest.approx(4.127, abs=1e-3)
     assert bits(fastpeft.quantize(w, 4, "nf4", block_size=64)) == pytest.approx(4.5)
+
+
+def test_torch_backend_dequantize_is_the_reference_bit_for_bit():
+    """The torch backend's byte-table dequantization (ops.nf4.torch_dequantize_4bit) against the
+    reference's unpack-and-gather, on odd sizes (a pad nibble), partial last blocks, every dtype."""
+    from fastpeft.ops import nf4 as ops4
+    g = torch.Generator().manual_seed(3)
+    for shape, bs, dq, scheme in [((64, 96), 64, True, "nf4"), ((7, 37), 64, False, "fp4"), ((3, 33), 32, True, "nf4"),
+                                  ((1,), 64, False, "nf4"), ((5, 100), 4096, True, "fp4"), ((2, 3, 50), 128, False, "nf4")]:
+        q = fastpeft.quantize(torch.randn(*shape, generator=g), 4, scheme, block_size=bs, double_quant=dq,
+                              backend="torch")
+        absmax = ops4._absmax(q.scale, q.nested_scale, q.nested_offset)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            want = ref.dequantize_4bit(q.data, absmax, scheme, bs, shape, dtype)
+            got = ops4.torch_dequantize_4bit(q.data, absmax, scheme, bs, shape, dtype)
+            assert got.dtype == dtype and got.shape == want.shape and torch.equal(got, want), (shape, bs, dtype)

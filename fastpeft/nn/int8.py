@@ -1,25 +1,25 @@
 """Int8Linear: LLM.int8() linear layer with int8 weights and 16-bit outlier columns."""
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from .. import _checks
-from ._common import Float32Buffers, fresh_linear, new_module
+from ._common import MergeableQuantized, fresh_linear, new_module
 from ..ops.int8 import check_threshold, int8_linear, quantize_weight
 from ..reference.int8 import dequantize_weight
 
 
-class Int8Linear(Float32Buffers):
+class Int8Linear(MergeableQuantized):
     """y = int8_linear(x, weight_int8, weight_scale, bias, threshold) (see fastpeft.int8_linear).
 
     Buffers ``weight_int8`` [out, in] int8 and ``weight_scale`` [out] float32 (row absmax):
     half the bytes of an fp16 weight. ``bias`` [out] (in ``dtype``) is a frozen Parameter.
     The weight is frozen; the layer passes gradients to its input, so LoRA trains on top
-    of it (``LoRALinear.from_linear(int8_layer)``). Loading a state_dict that holds a
-    16-bit ``weight`` (an nn.Linear's) quantizes it.
+    of it (``LoRALinear.from_linear(int8_layer)``); ``merge_`` / ``unmerge_`` / ``merged_copy``
+    (fastpeft.nn._common.MergeableQuantized) re-quantize a merged update row-wise and restore
+    the codes and scales exactly. Loading a state_dict that holds a 16-bit ``weight`` (an
+    nn.Linear's) quantizes it.
 
     Activations: dynamic by default (one absmax scale per token, computed at run time). With
     ``input_scale`` (a step > 0, e.g. from fastpeft.quantize_model's calibration) they are
@@ -27,12 +27,8 @@ class Int8Linear(Float32Buffers):
     0-d); needs threshold 0.
     """
 
-    _float32_buffers = ("weight_scale", "input_scale", "_original_scale")
-
-    def _no_merge_backup(self) -> None:
-        """The codes and scales from before ``merge_`` (non-persistent buffers: they follow .to())."""
-        self.register_buffer("_original_int8", None, persistent=False)
-        self.register_buffer("_original_scale", None, persistent=False)
+    _float32_buffers = ("weight_scale", "input_scale")
+    _merge_buffers = ("weight_int8", "weight_scale")  # what merge_ re-quantizes (and unmerge_ restores)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
                  device=None, dtype=None, input_scale=None) -> None:
@@ -74,59 +70,18 @@ class Int8Linear(Float32Buffers):
         self._build(linear.weight, bias, threshold, input_scale)
         return self
 
-    @property
-    def device(self) -> torch.device:
-        return self.weight_int8.device
-
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out, in]: weight_int8 * weight_scale / 127."""
         return dequantize_weight(self.weight_int8, self.weight_scale)
 
-    @torch.no_grad()
-    def merge_(self, delta: torch.Tensor) -> None:
-        """Re-quantize (dequantized weight + ``delta``, float [out, in]) into the codes and scales in
-        place (how a LoRA update is merged into an int8 base); ``unmerge_`` restores the current
-        codes and scales exactly."""
-        if self._original_int8 is not None:
-            raise RuntimeError("Int8Linear.merge_: already merged; unmerge_() first")
-        if tuple(delta.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"delta shape {tuple(delta.shape)} must be the weight's "
-                             f"{(self.out_features, self.in_features)}")
-        self._original_int8, self._original_scale = self.weight_int8.clone(), self.weight_scale.clone()
-        q, scale = quantize_weight(self.dequantized_weight() + delta.float())
-        self.weight_int8.copy_(q)
-        self.weight_scale.copy_(scale)
-
-    @torch.no_grad()
-    def unmerge_(self) -> None:
-        """Restore the codes and scales from before ``merge_``, bit for bit."""
-        if self._original_int8 is None:
-            raise RuntimeError("Int8Linear.unmerge_: not merged")
-        self.weight_int8.copy_(self._original_int8)
-        self.weight_scale.copy_(self._original_scale)
-        self._original_int8 = self._original_scale = None
-
-    def merged_copy(self, delta: torch.Tensor | None = None) -> "Int8Linear":
-        """A new Int8Linear holding this one's codes, or (dequantized weight + ``delta``) re-quantized
-        when ``delta`` is given; no merge state is carried over, this layer is unchanged."""
-        out = copy.deepcopy(self)
-        out._original_int8 = out._original_scale = None
-        if delta is not None:
-            out.merge_(delta)
-            out._original_int8 = out._original_scale = None
-        return out
+    def _requantized(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``weight`` [out, in] quantized row-wise, as the layer's buffers (for merge_)."""
+        q, s = quantize_weight(weight)
+        return {"weight_int8": q, "weight_scale": s}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight_int8, self.weight_scale, self.bias, self.threshold,
                            input_scale=self.input_scale)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """While merged (``merge_``), the codes and scales from before the merge: the layer's own
-        state; the merged ones are derived from it (LoRALinear records the merge and redoes it)."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._original_int8 is not None:
-            destination[prefix + "weight_int8"] = self._original_int8
-            destination[prefix + "weight_scale"] = self._original_scale
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -13,12 +13,17 @@ from .. import _checks
 from ..ops.lora import lora_linear, lora_update
 from ..ops.multi_lora import multi_lora
 from ..reference.lora import lora_delta_weight
-from ._common import new_module
+from ._common import MergeableQuantized, new_module
 from .int8 import Int8Linear
+from .qlinear import QuantLinear
 
 DEFAULT_ADAPTER = "default"
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in fastpeft.adapter_batch
 
+
+# Quantized layers LoRA trains on top of (the frozen ``base_layer``): LLM.int8()'s Int8Linear and
+# QuantLinear (QLoRA's NF4 / FP4 base, Dettmers et al., 2023, and int4 / int8 weight-only codes).
+QUANTIZED_BASES = (Int8Linear, QuantLinear)
 
 EXTRA_STATE = "_extra_state"  # nn.Module's key of get_extra_state() in a state dict
 
@@ -66,10 +71,12 @@ class LoRALinear(nn.Module):
     (lora_alpha / sqrt(r) with ``use_rslora``). ``merge()`` folds the update into
     ``weight`` and keeps the original, so ``unmerge()`` restores it bit for bit.
 
-    On an int8 base (``from_linear(Int8Linear)``) the frozen layer is ``base_layer`` and
-    y = base_layer(x) + scaling * (dropout(x) A^T) B^T; the adapters are float32; merge
-    re-quantizes the base (``Int8Linear.merge_``) and unmerge restores its int8 codes and scales
-    exactly.
+    On a quantized base (``from_linear(Int8Linear | QuantLinear)``: LoRA on LLM.int8() weights,
+    or QLoRA on a 4-bit NF4 / FP4 / int4 base, Dettmers et al., 2023) the frozen layer is
+    ``base_layer`` and y = base_layer(x) + scaling * (dropout(x) A^T) B^T (the low-rank term by
+    ``fastpeft.ops.lora.lora_update``; dx flows through the quantized weight by the base layer's
+    own backward); the adapters are float32; merge re-quantizes the base with its own quantizer
+    (``base_layer.merge_``) and unmerge restores its codes and scales exactly.
 
     Several named adapters (``add_adapter`` / ``set_adapter`` / ``delete_adapter``): the first
     one is "default". ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``lora_dropout``,
@@ -104,11 +111,11 @@ class LoRALinear(nn.Module):
             nn.init.uniform_(b, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
         self._build(weight, b, None, spec)
 
-    def _build(self, weight: nn.Parameter | None, bias: nn.Parameter | None, base_layer: Int8Linear | None,
-               spec: AdapterSpec) -> None:
+    def _build(self, weight: nn.Parameter | None, bias: nn.Parameter | None,
+               base_layer: MergeableQuantized | None, spec: AdapterSpec) -> None:
         """The one constructor path: a frozen ``weight`` [out, in] and ``bias`` (shared, not copied),
-        or a frozen ``base_layer``; then the "default" adapter of ``spec`` (float32 on an int8
-        base, else in the weight's dtype)."""
+        or a frozen quantized ``base_layer``; then the "default" adapter of ``spec`` (float32 on a
+        quantized base, else in the weight's dtype)."""
         self.r, self.lora_alpha, self.lora_dropout = spec.r, spec.lora_alpha, spec.lora_dropout
         self.use_rslora, self.scaling = spec.use_rslora, spec.scaling
         self.merged = False
@@ -147,17 +154,23 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear | Int8Linear, r: int = 8, lora_alpha: float = 8,
+    def from_linear(cls, linear: nn.Linear | Int8Linear | QuantLinear, r: int = 8, lora_alpha: float = 8,
                     lora_dropout: float = 0.0, use_rslora: bool = False) -> "LoRALinear":
         """Wrap ``linear``: its weight and bias are shared (not copied) and frozen.
 
-        An ``Int8Linear`` becomes ``base_layer`` (LoRA on an int8 base, float32 adapters).
+        An ``Int8Linear`` or ``QuantLinear`` (any bits / scheme: QLoRA's nf4 / fp4, int4 / int8
+        zeropoint / absmax) becomes ``base_layer``, frozen, shared (LoRA on a quantized base,
+        float32 adapters).
         """
-        if not isinstance(linear, (nn.Linear, Int8Linear)):
-            raise TypeError(f"from_linear expects an nn.Linear or Int8Linear, got {type(linear).__name__}")
+        if not isinstance(linear, (nn.Linear,) + QUANTIZED_BASES):
+            raise TypeError(f"from_linear expects an nn.Linear, Int8Linear or QuantLinear, got "
+                            f"{type(linear).__name__}")
         spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
+        if isinstance(linear, QUANTIZED_BASES) and linear.base_merged:
+            raise ValueError(f"from_linear: the {type(linear).__name__} holds a merged update (merge_); "
+                             f"unmerge_() it first")
         self = new_module(cls)
-        if isinstance(linear, Int8Linear):
+        if isinstance(linear, QUANTIZED_BASES):
             self._build(None, None, linear, spec)
         else:
             self._build(linear.weight, linear.bias, None, spec)
@@ -165,7 +178,7 @@ class LoRALinear(nn.Module):
 
     @property
     def base_bias_name(self) -> str:
-        """Name of the frozen bias within this module ("bias", or "base_layer.bias" on int8)."""
+        """Name of the frozen bias within this module ("bias", or "base_layer.bias" on a quantized base)."""
         return "bias" if self.base_layer is None else "base_layer.bias"
 
     @property
@@ -209,8 +222,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight (rounded once from fp32, or re-quantized for an
-        int8 base); keep the original for unmerge."""
+        """Fold the update into the base weight (rounded once from fp32, or re-quantized for a
+        quantized base); keep the original for unmerge."""
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing done", stacklevel=2)
             return
@@ -224,7 +237,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the original base weight bit for bit (int8 codes and scales for an int8 base)."""
+        """Restore the original base weight bit for bit (the codes and scales of a quantized base)."""
         if not self.merged:
             warnings.warn("LoRALinear.unmerge(): not merged; nothing done", stacklevel=2)
             return
@@ -249,7 +262,7 @@ class LoRALinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged and self.base_layer is None:  # (an int8 base saves its own original codes)
+        if self.merged and self.base_layer is None:  # (a quantized base saves its own original codes)
             destination[prefix + "weight"] = self._unmerged_weight
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -264,15 +277,15 @@ class LoRALinear(nn.Module):
 
     @staticmethod
     def _merge_loaded(module: "LoRALinear", incompatible_keys) -> None:
-        """load_state_dict post-hook (after the children: an int8 base's codes are in place)."""
+        """load_state_dict post-hook (after the children: a quantized base's codes are in place)."""
         if getattr(module, "_merge_after_load", False):
             module._merge_after_load = False
             module.merge()
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear | Int8Linear:
+    def to_linear(self) -> nn.Linear | Int8Linear | QuantLinear:
         """A new layer holding the merged weight (this layer is left as it is): an nn.Linear,
-        or for an int8 base an Int8Linear with the re-quantized merged weight."""
+        or for a quantized base a layer of its type with the re-quantized merged weight."""
         if self.base_layer is not None:
             fold = not self.merged and self.active_adapter is not None
             return self.base_layer.merged_copy(self.delta_weight() if fold else None)

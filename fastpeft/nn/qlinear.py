@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from ._common import Float32Buffers, fresh_linear, new_module
+from ._common import MergeableQuantized, fresh_linear, new_module
 from ..ops import nf4 as nf4_ops
 from ..ops.qlinear import ACTIVATIONS, quant_linear
 from ..ops.quant import BITS, QuantizedTensor, dequantize, quantize
@@ -47,6 +47,11 @@ def _check_config(bits, group_size, scheme, activations=None, input_scale=None, 
         _checks.step_tensor("input_scale", input_scale)  # its value, before any weight is quantized
 
 
+def _check_compute_dtype(compute_dtype) -> None:
+    if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"compute_dtype must be None or one of {_checks.FLOAT_DTYPES}, got {compute_dtype!r}")
+
+
 def _is_4bit_float(scheme) -> bool:
     return isinstance(scheme, str) and scheme in nf4_ops.SCHEMES
 
@@ -67,7 +72,7 @@ def _frozen_copy(bias: torch.Tensor | None) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
 
-class QuantLinear(Float32Buffers):
+class QuantLinear(MergeableQuantized):
     """y = quant_linear(x, qweight, bias) (see fastpeft.quant_linear): weight-only quantization.
 
     The [out, in] weight is stored as buffers ``weight_data`` (codes: uint8 [out, ceil(in / 2)]
@@ -89,24 +94,42 @@ class QuantLinear(Float32Buffers):
     ``double_quant`` its 8-bit codes (uint8) read with ``weight_nested_scale`` (float32
     [ceil(blocks / 256)]) and ``weight_nested_offset`` (float32 []); no zero point. Forward:
     fastpeft.ops.nf4.nf4_linear (one fused dequantize-GEMM kernel; dx by the transposed one).
+
+    compute_dtype (None: the input's): the dtype the layer computes in, as bitsandbytes'
+    Linear4bit(compute_dtype=): x (and the bias) are cast to it and y back to x's dtype.
+
+    QLoRA / LoRA on this base: ``LoRALinear.from_linear(quant_layer)``. ``merge_(delta)``
+    re-quantizes (dequantized weight + delta) with the same scheme, bits, group / block size and
+    double quantization, keeping the buffers it replaces; ``unmerge_()`` restores the codes, scales,
+    zero points and nested absmax bit for bit; ``merged_copy(delta)`` (see
+    fastpeft.nn._common.MergeableQuantized).
     """
 
     _float32_buffers = ("weight_scale", "input_scale", "weight_nested_scale", "weight_nested_offset")
+    # what merge_ re-quantizes and unmerge_ restores (the codes first: never None)
+    _merge_buffers = ("weight_data", "weight_scale", "weight_zero_point", "weight_nested_scale",
+                      "weight_nested_offset")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  group_size: int | None = 128, scheme: str = "zeropoint", device=None, dtype=None,
-                 activations: str | None = None, input_scale=None, double_quant: bool = False) -> None:
+                 activations: str | None = None, input_scale=None, double_quant: bool = False,
+                 compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _checks.positive_int("in_features", in_features)
         _checks.positive_int("out_features", out_features)
         _check_config(bits, group_size, scheme, activations, input_scale, double_quant)
+        _check_compute_dtype(compute_dtype)
         w, b = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
         self._build(_quantize_weight(w, bits, group_size, scheme, dtype or torch.get_default_dtype(), double_quant),
-                    b, activations, input_scale)
+                    b, activations, input_scale, compute_dtype)
 
-    def _build(self, qweight: QuantizedTensor, bias: nn.Parameter | None, activations, input_scale) -> None:
+    def _build(self, qweight: QuantizedTensor, bias: nn.Parameter | None, activations, input_scale,
+               compute_dtype: torch.dtype | None = None) -> None:
         """The one constructor path: the layer over ``qweight``'s codes, scales and zero points (as
-        they are), ``bias`` (a frozen Parameter or None) kept."""
+        they are), ``bias`` (a frozen Parameter or None) kept (cast to ``compute_dtype`` if given)."""
+        self.compute_dtype = compute_dtype
+        if compute_dtype is not None and bias is not None and bias.dtype != compute_dtype:
+            bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=bias.requires_grad)
         self.out_features, self.in_features = (int(v) for v in qweight.shape)
         self.bits, self.group_size, self.scheme = qweight.bits, qweight.group_size, qweight.scheme
         self.weight_dtype = qweight.dtype
@@ -128,27 +151,59 @@ class QuantLinear(Float32Buffers):
             self.register_buffer("weight_zero_point", qweight.zero_point.to(torch.int32))
             self.register_buffer("weight_nested_scale", None)
             self.register_buffer("weight_nested_offset", None)
+        self._no_merge_backup()
         self.bias = bias
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128,
                     scheme: str = "zeropoint", activations: str | None = None,
-                    input_scale=None, double_quant: bool = False) -> "QuantLinear":
+                    input_scale=None, double_quant: bool = False,
+                    compute_dtype: torch.dtype | None = None) -> "QuantLinear":
         """Quantize ``linear``'s weight (group_size must divide in_features; None: per output
-        row); its bias is copied in its dtype. activations / input_scale as in the constructor.
-        scheme "nf4" / "fp4": bitsandbytes' 4-bit layout in flat blocks of ``group_size``
-        (QLoRA: ``group_size=64, double_quant=True``; any in_features)."""
+        row); its bias is copied in its dtype (in ``compute_dtype`` when given). activations /
+        input_scale / compute_dtype as in the constructor. scheme "nf4" / "fp4": bitsandbytes'
+        4-bit layout in flat blocks of ``group_size`` (QLoRA: ``group_size=64, double_quant=True``;
+        any in_features)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         _check_config(bits, group_size, scheme, activations, input_scale, double_quant)
+        _check_compute_dtype(compute_dtype)
         self = new_module(cls)
         self._build(_quantize_weight(linear.weight, bits, group_size, scheme, linear.weight.dtype, double_quant),
-                    _frozen_copy(linear.bias), activations, input_scale)
+                    _frozen_copy(linear.bias), activations, input_scale, compute_dtype)
         return self
 
     @classmethod
+    def from_bnb(cls, layer: nn.Module) -> "QuantLinear":
+        """A 4-bit layer over a bitsandbytes ``Linear4bit``'s (LinearNF4 / LinearFP4) own codes and
+        quant state (nf4 / fp4, its block size, double quantization as it has it: the same weight,
+        no re-quantization); its bias is copied, and its ``compute_dtype`` kept when set. A layer
+        whose codes bitsandbytes repacked for its CPU kernel is restored to its standard layout first
+        (by its own state_dict)."""
+        weight = getattr(layer, "weight", None)
+        quant_state = getattr(weight, "quant_state", None)
+        if not isinstance(layer, nn.Module) or quant_state is None:
+            raise TypeError(f"QuantLinear.from_bnb expects a bitsandbytes Linear4bit with a quantized weight "
+                            f"(weight.quant_state; move it to a device first), got {type(layer).__name__}")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            # repacked for bitsandbytes' CPU kernel (by an eval-mode forward); Linear4bit's own
+            # state_dict restores its standard packing in place, as it does whenever it saves
+            layer.state_dict()
+            weight = layer.weight
+            quant_state = getattr(weight, "quant_state", None)
+            if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
+                raise ValueError("QuantLinear.from_bnb: the layer's codes are packed for bitsandbytes' CPU kernel "
+                                 "and could not be restored to its standard layout")
+        compute_dtype = getattr(layer, "compute_dtype", None)
+        bias = getattr(layer, "bias", None)
+        return cls.from_quantized(QuantizedTensor.from_bnb(weight, quant_state),
+                                  None if bias is None else bias.detach(),
+                                  compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else None)
+
+    @classmethod
     def from_quantized(cls, qweight: QuantizedTensor, bias: torch.Tensor | None = None,
-                       activations: str | None = None, input_scale=None) -> "QuantLinear":
+                       activations: str | None = None, input_scale=None,
+                       compute_dtype: torch.dtype | None = None) -> "QuantLinear":
         """A layer over an already quantized [out, in] weight (its codes, scales and zero points
         as they are: e.g. learned by QAT), per output row (axis=0) or per group along in.
         bias [out] or None is copied (in its dtype); the weight's ``dtype`` is the layer's."""
@@ -160,6 +215,7 @@ class QuantLinear(Float32Buffers):
             raise ValueError(f"from_quantized needs per-output-row (axis=0) or per-group scales, got "
                              f"axis={qweight.axis}")
         _check_config(qweight.bits, qweight.group_size, qweight.scheme, activations, input_scale)
+        _check_compute_dtype(compute_dtype)
         if _is_4bit_float(qweight.scheme):
             nf4_ops.check_fields(qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset,
                                  qweight.scheme, qweight.group_size, qweight.shape, qweight.dtype, origin="qweight.")
@@ -172,7 +228,7 @@ class QuantLinear(Float32Buffers):
         copied = dataclasses.replace(qweight, data=qweight.data.clone(), scale=qweight.scale.clone(),
                                      zero_point=clone(qweight.zero_point), nested_scale=clone(qweight.nested_scale),
                                      nested_offset=clone(qweight.nested_offset))
-        self._build(copied, _frozen_copy(bias), activations, input_scale)
+        self._build(copied, _frozen_copy(bias), activations, input_scale, compute_dtype)
         return self
 
     @property
@@ -191,13 +247,36 @@ class QuantLinear(Float32Buffers):
         (float32 by default)."""
         return dequantize(self.qweight, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _requantized(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``weight`` [out, in] quantized as this layer's is (bits, scheme, group / block size,
+        double quantization), as the layer's buffers (for merge_)."""
+        double = self.weight_nested_scale is not None
+        q = _quantize_weight(weight, self.bits, self.group_size, self.scheme, self.weight_dtype, double)
+        new = {"weight_data": q.data, "weight_scale": q.scale}
         if _is_4bit_float(self.scheme):
-            return nf4_ops.nf4_linear(x, self.qweight, self.bias)
-        return quant_linear(x, self.qweight, self.bias, activations=self.activations, input_scale=self.input_scale)
+            if double:
+                new.update(weight_nested_scale=q.nested_scale, weight_nested_offset=q.nested_offset)
+        else:
+            new["weight_zero_point"] = q.zero_point
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.compute_dtype
+        if cd is not None and isinstance(x, torch.Tensor) and x.dtype != cd:
+            return self._linear(x.to(cd)).to(x.dtype)
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if self.compute_dtype is not None and bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)  # a model cast after the layer was built (.to(dtype) casts the bias)
+        if _is_4bit_float(self.scheme):
+            return nf4_ops.nf4_linear(x, self.qweight, bias)
+        return quant_linear(x, self.qweight, bias, activations=self.activations, input_scale=self.input_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
                 f"scheme={self.scheme}" + (", double_quant=True" if self.weight_nested_scale is not None else "")
-                + ("" if self.activations is None else f", activations={self.activations}"))
+                + ("" if self.activations is None else f", activations={self.activations}")
+                + ("" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}"))
