@@ -34,8 +34,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
-# On the GPU machine (no network): system python, build csrc for sm_90, run every test
-# and every benchmark, write benchmarks/results/, print the summary last.
+# On the GPU machine (no network): system python; in stages that each write their results to
+# benchmarks/results/ (and $OUT): 1. one test per kernel family x dtype (bf16 first) while
+# csrc builds for sm_90, within 3 minutes; 2. the whole suite; 3. every benchmark; the summary
+# last (scripts/gpu_check.sh). A carried build/aot-pack (tests/_aot.py --pack) saves compiles.
 gpu-check:
 	bash scripts/gpu_check.sh
 

@@ -343,18 +343,20 @@ def _linear_config(M: int, dtype: torch.dtype, aligned: bool, dx: bool = False) 
     GPU: as kernels/qlinear.py's fused dequantize-GEMM (BLOCK_M 16 for decode-sized M: the same
     kernel as a GEMV); fp32 (3xTF32) takes shorter K tiles. The unaligned layout (K not a
     multiple of the block) gathers byte, nibble and absmax per element: 64-wide tiles. Chosen so
-    that no sm_90 build spills (tests/_aot.py; registers and shared memory in the module's
-    report); not timed yet."""
+    that no sm_90 or sm_80 build spills (tests/_aot.py =nf4; benchmarks/resources.md): decode
+    takes 8 warps (4 spilled on sm_80 with blocks of 32 and double quantization), large M a
+    128 x 64 tile (128 x 128 spilled on sm_80); warps and the M / N tiles leave each output's
+    K order, so the results, as they are. Not timed yet."""
     if _interpreted():
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}
     if M <= 16:
-        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 4}
     elif not aligned:  # 4 warps spilled (the pipelined per-element gathers)
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
     elif M <= 128:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
     else:
-        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
     if dtype == torch.float32:
         cfg.update(BLOCK_K=min(cfg["BLOCK_K"], 64 if M <= 16 else 32), num_stages=3)
     if not aligned:
