@@ -35,7 +35,7 @@ from . import _checks
 from .modules import plain_linear_names, replace_module
 from .nn.int8 import Int8Linear
 from .nn.qat import QATLinear, check_config as check_qat_config
-from .nn.qlinear import QuantLinear
+from .nn.qlinear import QUANT_STORAGE, QuantLinear
 from .reference.nf4 import BLOCK_SIZES as NF4_BLOCK_SIZES
 from .reference.quant import qrange
 
@@ -189,7 +189,8 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
                    group_size: int | None | str = "auto", calibration_data=None,
                    skip: Sequence[str] = ("lm_head",), observer: str = "minmax",
                    percentile: float = 99.99, double_quant: bool = False,
-                   compute_dtype: torch.dtype | None = None) -> nn.Module:
+                   compute_dtype: torch.dtype | None = None,
+                   quant_storage: torch.dtype | None = None) -> nn.Module:
     """Replace every nn.Linear of ``model`` (but those matching ``skip``: equal to an entry or
     ending with "." + entry) by a quantized layer, in place; returns ``model``.
 
@@ -203,6 +204,9 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
     weights)`` in bitsandbytes' layout, blocks of ``group_size`` weights ("auto": 64, QLoRA's;
     one of bitsandbytes' block sizes, any in_features), ``double_quant`` quantizing the block
     absmax to 8 bits; 16-bit activations only. Then ``fastpeft.inject_lora`` trains LoRA on it.
+    ``quant_storage`` (nf4 / fp4 only; None: a uint8 buffer): the 4-bit codes a frozen
+    Parameter of this dtype (torch.uint8 for FSDP2), so that FSDP2's ``fully_shard`` shards the
+    base (see ``QuantLinear``).
     ``compute_dtype`` (weight-only layers): the dtype the layers compute in (their input and bias
     cast to it, the output back), as bitsandbytes' Linear4bit(compute_dtype=); None: the input's.
     activations="dynamic": a scale per token at run time. activations="static": one step per
@@ -223,6 +227,11 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
     if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"compute_dtype must be None or one of {_checks.FLOAT_DTYPES}, got {compute_dtype!r}")
     float4 = weights in FLOAT4
+    if quant_storage is not None:
+        if not isinstance(quant_storage, torch.dtype) or quant_storage not in QUANT_STORAGE:
+            raise TypeError(f"quant_storage must be None or one of {QUANT_STORAGE}, got {quant_storage!r}")
+        if not float4:
+            raise ValueError(f"quant_storage is for weights='nf4' / 'fp4' (QLoRA's), not {weights!r}")
     if group_size == "auto":
         group_size = NF4_BLOCK_SIZE if float4 else INT_GROUP_SIZE
     elif float4:
@@ -256,7 +265,8 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
         step = steps.get(name)
         if float4:
             new[name] = QuantLinear.from_linear(linear, bits=4, group_size=group_size, scheme=weights,
-                                                double_quant=double_quant, compute_dtype=compute_dtype)
+                                                double_quant=double_quant, compute_dtype=compute_dtype,
+                                                quant_storage=quant_storage)
         elif weights == "int8" and activations is not None:
             new[name] = Int8Linear.from_linear(linear, threshold=0.0, input_scale=step)
         else:

@@ -6,7 +6,12 @@ seconds; the scenarios take tenths); rank 0 writes what it saw to a results file
 checks one part of it against a one-process run made here. Global batch GLOBAL_X, rank k trains
 on its rows [k * B, (k + 1) * B): the mean of the two local losses is the global mean loss, so
 the averaged gradients are the one-process gradients.
+
+The base under LoRA is float, int8 (Int8Linear) or QLoRA's nf4 (QuantLinear, double quantization):
+its codes a replicated uint8 buffer ("nf4"), or a frozen uint8 Parameter that FSDP2 shards
+("nf4_sharded": quant_storage=torch.uint8, as FSDP-QLoRA's bnb_4bit_quant_storage).
 """
+import copy
 import datetime
 import json
 import os
@@ -19,6 +24,7 @@ from torch import nn
 
 import fastpeft
 from fastpeft.modules import canonical_name
+from fastpeft.nn.qlinear import QuantLinear
 from _hf import tiny_llama, torch_backend, torch_path  # noqa: F401  (torch_backend: autouse)
 from _utils import rel_err
 
@@ -34,7 +40,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK, ALPHA = 4, 8  # even sizes: FSDP2 pads no dim-0 shard, so it reduces exactly the trainable values
 ODD_RANK = 3
 TIMEOUT = datetime.timedelta(seconds=120)  # a collective a rank never joins fails instead of hanging
-TRAINED = [("ddp", False), ("ddp", True), ("fsdp2", False), ("fsdp2", True), ("fsdp1", False)]
+# (wrapper, base): None a float base, else a key of BASES
+TRAINED = [("ddp", None), ("ddp", "int8"), ("ddp", "nf4"), ("fsdp2", None), ("fsdp2", "int8"), ("fsdp2", "nf4"),
+           ("fsdp2", "nf4_sharded"), ("fsdp1", None)]
 WRAPPERS = ["ddp", "fsdp1_plain", "fsdp1", "fsdp2"]  # fsdp1: wrap_fsdp1; fsdp1_plain: FSDP1 itself
 
 if not (dist.is_available() and dist.is_gloo_available()):
@@ -42,12 +50,36 @@ if not (dist.is_available() and dist.is_gloo_available()):
                 allow_module_level=True)
 
 
-def lora_model(int8: bool = False, r: int = RANK) -> nn.Module:
-    """tiny_llama with LoRA on q/k/v/o (the same weights in every process), on an int8 base if asked."""
+BASES = {  # how each quantized base is made from tiny_llama, in place
+    "int8": fastpeft.quantize_int8,
+    "nf4": lambda model: fastpeft.quantize_model(model, weights="nf4", double_quant=True),
+    "nf4_sharded": lambda model: fastpeft.quantize_model(model, weights="nf4", double_quant=True,
+                                                         quant_storage=torch.uint8),
+}
+REFERENCE = {None: None, "int8": "int8", "nf4": "nf4", "nf4_sharded": "nf4"}  # the same codes: one reference
+PROBE = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))  # an input of the hidden size
+
+
+def base_model(base: str | None = None) -> nn.Module:
+    """tiny_llama (the same weights in every process) on the ``base`` (None: float) of BASES."""
     model = tiny_llama()
-    if int8:
-        fastpeft.quantize_int8(model)
-    return fastpeft.inject_lora(model, TARGETS, r=r, lora_alpha=ALPHA)
+    if base is not None:
+        BASES[base](model)
+    return model
+
+
+def lora_model(base: str | None = None, r: int = RANK) -> nn.Module:
+    """``base_model(base)`` with LoRA on q/k/v/o."""
+    return fastpeft.inject_lora(base_model(base), TARGETS, r=r, lora_alpha=ALPHA)
+
+
+def run_name(kind: str, base: str | None) -> str:
+    return kind if base is None else f"{kind}_{base}"
+
+
+def quant_codes(model: nn.Module) -> list:
+    """The 4-bit codes (QuantLinear.weight_data) of every quantized layer, in order."""
+    return [m.weight_data for m in model.modules() if isinstance(m, QuantLinear)]
 
 
 def head_model() -> nn.Module:
@@ -176,11 +208,13 @@ def _trained_runs(rank: int, out: str) -> dict:
     rows = GLOBAL_X.shape[0] // WORLD
     x = GLOBAL_X[rank * rows:(rank + 1) * rows]
     results = {}
-    for kind, int8 in TRAINED:
-        name = f"{kind}{'_int8' if int8 else ''}"
-        model = lora_model(int8)
+    for kind, base in TRAINED:
+        name = run_name(kind, base)
+        model = lora_model(base)
         counter = ReduceCounter()
         wrapped = wrap(kind, model, counter)
+        if base == "nf4_sharded":
+            _unsharded_layer(model, results)
         if kind == "ddp":
             results[name] = train(wrapped, model, x, counter)
         else:
@@ -195,6 +229,24 @@ def _trained_runs(rank: int, out: str) -> dict:
     results["fsdp1_plain_reduced"] = counter.values
     results["fsdp1_plain_lora"] = before
     return results
+
+
+def _unsharded_layer(model: nn.Module, results: dict) -> None:
+    """The sharded 4-bit base (fully_shard applied): each codes tensor's local and whole sizes, the
+    codes left in buffers, and a default QuantLinear loaded from the first layer's whole state
+    (its shards gathered) run on PROBE."""
+    from torch.distributed.tensor import DTensor
+
+    codes = quant_codes(model)
+    results["nf4_sharded_codes"] = [(c.to_local().numel() if isinstance(c, DTensor) else c.numel(), c.numel())
+                                    for c in codes]
+    results["nf4_sharded_buffers"] = [n for n, _ in model.named_buffers() if n.endswith("weight_data")]
+    layer = model.model.layers[0].self_attn.q_proj.base_layer
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in layer.state_dict().items()}
+    plain = QuantLinear(64, 64, scheme="nf4", group_size=64, double_quant=True)
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        results["nf4_sharded_unsharded"] = plain(PROBE)
 
 
 def _save_runs(rank: int, out: str) -> None:
@@ -236,10 +288,10 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process():
-    """The reference: one process, the whole global batch (plain and int8 base)."""
+    """The reference: one process, the whole global batch (each base of REFERENCE)."""
     with torch_path():
-        return {int8: train(model, model, GLOBAL_X) for int8 in (False, True)
-                for model in [lora_model(int8)]}
+        return {base: train(model, model, GLOBAL_X) for base in set(REFERENCE.values())
+                for model in [lora_model(base)]}
 
 
 def read_adapter(directory):
@@ -260,9 +312,9 @@ def same_adapter(a, b):
 # training
 
 
-@pytest.mark.parametrize("kind, int8", TRAINED)
-def test_training_equals_one_process(runs, one_process, kind, int8):
-    got, ref = runs[0][f"{kind}{'_int8' if int8 else ''}"], one_process[int8]
+@pytest.mark.parametrize("kind, base", TRAINED)
+def test_training_equals_one_process(runs, one_process, kind, base):
+    got, ref = runs[0][run_name(kind, base)], one_process[REFERENCE[base]]
     for step, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
         assert g.keys() == r.keys()
         for n in r:
@@ -275,11 +327,65 @@ def test_training_equals_one_process(runs, one_process, kind, int8):
     assert rel_err(got["logits"], ref["logits"]) <= 1e-5
 
 
-@pytest.mark.parametrize("kind, int8", TRAINED)
-def test_only_trainable_values_are_reduced(runs, kind, int8):
-    got = runs[0][f"{kind}{'_int8' if int8 else ''}"]
+@pytest.mark.parametrize("kind, base", TRAINED)
+def test_only_trainable_values_are_reduced(runs, kind, base):
+    got = runs[0][run_name(kind, base)]
     assert got["trainable"] == 3584  # r 4 on q/k/v/o of tiny_llama
     assert got["reduced"] == [got["trainable"]] * STEPS
+
+
+def test_fsdp2_shards_the_4bit_base(runs):
+    """quant_storage=torch.uint8: FSDP2 shards the codes (each rank holds half of every one), none is
+    left in a buffer, and their shards gathered make a layer equal to the one-process one."""
+    sizes = runs[0]["nf4_sharded_codes"]
+    assert len(sizes) == 14  # q/k/v/o, gate/up/down of both layers (lm_head is not quantized)
+    assert all(local * WORLD == whole for local, whole in sizes)
+    assert runs[0]["nf4_sharded_buffers"] == []
+    replicated = base_model("nf4")
+    assert [c.numel() for c in quant_codes(replicated)] == [whole for _, whole in sizes]
+    with torch.no_grad():
+        want = replicated.model.layers[0].self_attn.q_proj(PROBE)
+    assert torch.equal(runs[0]["nf4_sharded_unsharded"], want)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_quant_storage_layer(storage):
+    """One process: codes stored as a frozen ``storage`` Parameter (K * N / 2 = 83 bytes: padded for a
+    float storage) compute what the default buffer does, keep their bytes through merge_ / unmerge_
+    and .to(dtype), and their state dict and a default layer's load into each other."""
+    linear = nn.Linear(33, 5)
+    make = lambda s=None: QuantLinear.from_linear(linear, scheme="nf4", group_size=64, double_quant=True,  # noqa: E731
+                                                  quant_storage=s)
+    default, layer = make(), make(storage)
+    assert isinstance(layer.weight_data, nn.Parameter) and not layer.weight_data.requires_grad
+    assert layer.weight_data.dtype == storage and "weight_data" not in dict(layer.named_buffers())
+    with torch.no_grad():
+        want = default(PROBE[:, :33])
+        assert torch.equal(layer(PROBE[:, :33]), want)
+        stored = layer.weight_data.view(torch.uint8).clone()
+        layer.merge_(torch.full((5, 33), 0.1))
+        assert layer.state_dict()["weight_data"].dtype == torch.uint8  # the codes from before the merge
+        layer.unmerge_()
+        cast = copy.deepcopy(layer).half().float()  # the bias is cast, the codes keep their bytes
+        for t in (layer.weight_data, cast.weight_data):
+            assert t.dtype == storage and torch.equal(t.view(torch.uint8), stored)
+        state = layer.state_dict()
+        assert state["weight_data"].dtype == torch.uint8 and state["weight_data"].shape == (83,)
+        assert torch.equal(state["weight_data"], default.state_dict()["weight_data"])
+        other, again = make(), make(storage)
+        other.load_state_dict(state)
+        again.load_state_dict(default.state_dict())
+        assert torch.equal(other(PROBE[:, :33]), want) and torch.equal(again(PROBE[:, :33]), want)
+        if storage != torch.uint8:  # cast by value (as a mixed-precision policy of another dtype would)
+            layer.weight_data.data = layer.weight_data.data.to(torch.float16)
+            with pytest.raises(RuntimeError, match="were cast to torch.float16"):
+                layer(PROBE[:, :33])
+    with pytest.raises(TypeError, match="quant_storage must be None or one of"):
+        make(torch.int8)
+    with pytest.raises(ValueError, match="quant_storage is for the nf4 / fp4 schemes"):
+        QuantLinear.from_linear(linear, scheme="zeropoint", group_size=None, quant_storage=torch.uint8)
+    with pytest.raises(ValueError, match="quant_storage is for weights='nf4' / 'fp4'"):
+        fastpeft.quantize_model(tiny_llama(), weights="int4", quant_storage=torch.uint8)
 
 
 def test_plain_fsdp1_reduces_frozen_values_too(runs):
@@ -291,18 +397,16 @@ def test_plain_fsdp1_reduces_frozen_values_too(runs):
     assert got.keys() == bare.keys() and all(torch.equal(got[k], bare[k]) for k in bare)
 
 
-@pytest.mark.parametrize("kind, int8", TRAINED)
-def test_adapter_from_wrapped_model_loads(runs, kind, int8):
-    name = f"{kind}{'_int8' if int8 else ''}"
+@pytest.mark.parametrize("kind, base", TRAINED)
+def test_adapter_from_wrapped_model_loads(runs, kind, base):
+    name = run_name(kind, base)
     trained = runs[0][name]["logits"]
-    fresh = tiny_llama()
-    if int8:
-        fastpeft.quantize_int8(fresh)
+    fresh = base_model(base)
     fastpeft.load_adapter(fresh, runs[1] / name)
     with torch.no_grad():
         assert rel_err(fresh(EVAL_X).logits, trained) <= 1e-6
-    if int8:
-        return  # PEFT has no int8 base of fastpeft's: its LoRA on the float base computes another model
+    if base is not None:
+        return  # PEFT has no base of fastpeft's quantized ones: its LoRA on the float base computes another model
     peft = pytest.importorskip("peft")
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), runs[1] / name).eval()
     with torch.no_grad():

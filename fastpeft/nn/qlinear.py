@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from ._common import MergeableQuantized, fresh_linear, new_module
+from ._common import ORIGINAL, MergeableQuantized, fresh_linear, new_module
 from ..ops import nf4 as nf4_ops
 from ..ops.qlinear import ACTIVATIONS, quant_linear
 from ..ops.quant import BITS, QuantizedTensor, dequantize, quantize
@@ -50,6 +50,18 @@ def _check_config(bits, group_size, scheme, activations=None, input_scale=None, 
 def _check_compute_dtype(compute_dtype) -> None:
     if compute_dtype is not None and compute_dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"compute_dtype must be None or one of {_checks.FLOAT_DTYPES}, got {compute_dtype!r}")
+
+
+QUANT_STORAGE = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_quant_storage(quant_storage, scheme) -> None:
+    if quant_storage is None:
+        return
+    if not isinstance(quant_storage, torch.dtype) or quant_storage not in QUANT_STORAGE:
+        raise TypeError(f"quant_storage must be None or one of {QUANT_STORAGE}, got {quant_storage!r}")
+    if not _is_4bit_float(scheme):
+        raise ValueError(f"quant_storage is for the nf4 / fp4 schemes (QLoRA's base), not {scheme!r}")
 
 
 def _is_4bit_float(scheme) -> bool:
@@ -98,6 +110,19 @@ class QuantLinear(MergeableQuantized):
     compute_dtype (None: the input's): the dtype the layer computes in, as bitsandbytes'
     Linear4bit(compute_dtype=): x (and the bias) are cast to it and y back to x's dtype.
 
+    quant_storage (nf4 / fp4 only; None: ``weight_data`` is the uint8 buffer above): the codes
+    become a frozen nn.Parameter ``weight_data`` holding the same bytes viewed as this dtype
+    (zero-padded to a whole number of its elements), so that FSDP2's ``fully_shard`` shards them
+    (buffers are replicated on every rank), as bitsandbytes' ``bnb_4bit_quant_storage`` does for
+    FSDP-QLoRA. torch.uint8 is the choice for FSDP2: its mixed precision casts no integer
+    parameter. A float dtype (e.g. torch.bfloat16) must equal a MixedPrecisionPolicy's param_dtype
+    (FSDP would cast the codes by value; forward raises if it finds them cast); ``module.to(dtype)``
+    keeps their bytes. Forward reads the (all-gathered) parameter back as uint8 by a view, no copy.
+    The quant state (absmax codes, nested scale and offset, about 1/32 of the codes' bytes with
+    double_quant) stays in replicated buffers. ``state_dict()`` holds the codes as uint8
+    [ceil(out * in / 2)] (a DTensor shard as stored), so a default layer loads it, and this one
+    loads a default layer's.
+
     QLoRA / LoRA on this base: ``LoRALinear.from_linear(quant_layer)``. ``merge_(delta)``
     re-quantizes (dequantized weight + delta) with the same scheme, bits, group / block size and
     double quantization, keeping the buffers it replaces; ``unmerge_()`` restores the codes, scales,
@@ -106,6 +131,7 @@ class QuantLinear(MergeableQuantized):
     """
 
     _float32_buffers = ("weight_scale", "input_scale", "weight_nested_scale", "weight_nested_offset")
+    quant_storage: torch.dtype | None = None  # the codes' storage (a Parameter's dtype), None: a uint8 buffer
     # what merge_ re-quantizes and unmerge_ restores (the codes first: never None)
     _merge_buffers = ("weight_data", "weight_scale", "weight_zero_point", "weight_nested_scale",
                       "weight_nested_offset")
@@ -113,21 +139,24 @@ class QuantLinear(MergeableQuantized):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  group_size: int | None = 128, scheme: str = "zeropoint", device=None, dtype=None,
                  activations: str | None = None, input_scale=None, double_quant: bool = False,
-                 compute_dtype: torch.dtype | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype | None = None) -> None:
         super().__init__()
         _checks.positive_int("in_features", in_features)
         _checks.positive_int("out_features", out_features)
         _check_config(bits, group_size, scheme, activations, input_scale, double_quant)
         _check_compute_dtype(compute_dtype)
+        _check_quant_storage(quant_storage, scheme)
         w, b = fresh_linear(in_features, out_features, bias, device, dtype)  # quantized below
         self._build(_quantize_weight(w, bits, group_size, scheme, dtype or torch.get_default_dtype(), double_quant),
-                    b, activations, input_scale, compute_dtype)
+                    b, activations, input_scale, compute_dtype, quant_storage)
 
     def _build(self, qweight: QuantizedTensor, bias: nn.Parameter | None, activations, input_scale,
-               compute_dtype: torch.dtype | None = None) -> None:
+               compute_dtype: torch.dtype | None = None, quant_storage: torch.dtype | None = None) -> None:
         """The one constructor path: the layer over ``qweight``'s codes, scales and zero points (as
-        they are), ``bias`` (a frozen Parameter or None) kept (cast to ``compute_dtype`` if given)."""
+        they are), ``bias`` (a frozen Parameter or None) kept (cast to ``compute_dtype`` if given);
+        the codes a frozen Parameter of ``quant_storage`` when given."""
         self.compute_dtype = compute_dtype
+        self.quant_storage = quant_storage
         if compute_dtype is not None and bias is not None and bias.dtype != compute_dtype:
             bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=bias.requires_grad)
         self.out_features, self.in_features = (int(v) for v in qweight.shape)
@@ -137,7 +166,10 @@ class QuantLinear(MergeableQuantized):
         if input_scale is not None:
             input_scale = _checks.step_tensor("input_scale", input_scale).to(qweight.data.device)
         self.register_buffer("input_scale", input_scale)
-        self.register_buffer("weight_data", qweight.data)
+        if quant_storage is None:
+            self.register_buffer("weight_data", qweight.data)
+        else:
+            self.weight_data = nn.Parameter(self._stored_codes(qweight.data), requires_grad=False)
         if _is_4bit_float(qweight.scheme):
             double = qweight.nested_scale is not None
             if double:  # weight_scale holds the uint8 codes of the absmax: not a float32 buffer
@@ -158,28 +190,31 @@ class QuantLinear(MergeableQuantized):
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128,
                     scheme: str = "zeropoint", activations: str | None = None,
                     input_scale=None, double_quant: bool = False,
-                    compute_dtype: torch.dtype | None = None) -> "QuantLinear":
+                    compute_dtype: torch.dtype | None = None,
+                    quant_storage: torch.dtype | None = None) -> "QuantLinear":
         """Quantize ``linear``'s weight (group_size must divide in_features; None: per output
         row); its bias is copied in its dtype (in ``compute_dtype`` when given). activations /
-        input_scale / compute_dtype as in the constructor. scheme "nf4" / "fp4": bitsandbytes'
-        4-bit layout in flat blocks of ``group_size`` (QLoRA: ``group_size=64, double_quant=True``;
-        any in_features)."""
+        input_scale / compute_dtype / quant_storage as in the constructor. scheme "nf4" / "fp4":
+        bitsandbytes' 4-bit layout in flat blocks of ``group_size`` (QLoRA: ``group_size=64,
+        double_quant=True``; any in_features)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         _check_config(bits, group_size, scheme, activations, input_scale, double_quant)
         _check_compute_dtype(compute_dtype)
+        _check_quant_storage(quant_storage, scheme)
         self = new_module(cls)
         self._build(_quantize_weight(linear.weight, bits, group_size, scheme, linear.weight.dtype, double_quant),
-                    _frozen_copy(linear.bias), activations, input_scale, compute_dtype)
+                    _frozen_copy(linear.bias), activations, input_scale, compute_dtype, quant_storage)
         return self
 
     @classmethod
-    def from_bnb(cls, layer: nn.Module) -> "QuantLinear":
+    def from_bnb(cls, layer: nn.Module, quant_storage: torch.dtype | None = None) -> "QuantLinear":
         """A 4-bit layer over a bitsandbytes ``Linear4bit``'s (LinearNF4 / LinearFP4) own codes and
         quant state (nf4 / fp4, its block size, double quantization as it has it: the same weight,
         no re-quantization); its bias is copied, and its ``compute_dtype`` kept when set. A layer
         whose codes bitsandbytes repacked for its CPU kernel is restored to its standard layout first
-        (by its own state_dict)."""
+        (by its own state_dict). quant_storage as in the constructor."""
+        _check_quant_storage(quant_storage, "nf4")
         weight = getattr(layer, "weight", None)
         quant_state = getattr(weight, "quant_state", None)
         if not isinstance(layer, nn.Module) or quant_state is None:
@@ -198,15 +233,18 @@ class QuantLinear(MergeableQuantized):
         bias = getattr(layer, "bias", None)
         return cls.from_quantized(QuantizedTensor.from_bnb(weight, quant_state),
                                   None if bias is None else bias.detach(),
-                                  compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else None)
+                                  compute_dtype=compute_dtype if isinstance(compute_dtype, torch.dtype) else None,
+                                  quant_storage=quant_storage)
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedTensor, bias: torch.Tensor | None = None,
                        activations: str | None = None, input_scale=None,
-                       compute_dtype: torch.dtype | None = None) -> "QuantLinear":
+                       compute_dtype: torch.dtype | None = None,
+                       quant_storage: torch.dtype | None = None) -> "QuantLinear":
         """A layer over an already quantized [out, in] weight (its codes, scales and zero points
         as they are: e.g. learned by QAT), per output row (axis=0) or per group along in.
-        bias [out] or None is copied (in its dtype); the weight's ``dtype`` is the layer's."""
+        bias [out] or None is copied (in its dtype); the weight's ``dtype`` is the layer's.
+        quant_storage (nf4 / fp4) as in the constructor."""
         if not isinstance(qweight, QuantizedTensor):
             raise TypeError(f"from_quantized expects a fastpeft.QuantizedTensor, got {type(qweight).__name__}")
         if len(qweight.shape) != 2:
@@ -216,6 +254,7 @@ class QuantLinear(MergeableQuantized):
                              f"axis={qweight.axis}")
         _check_config(qweight.bits, qweight.group_size, qweight.scheme, activations, input_scale)
         _check_compute_dtype(compute_dtype)
+        _check_quant_storage(quant_storage, qweight.scheme)
         if _is_4bit_float(qweight.scheme):
             nf4_ops.check_fields(qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset,
                                  qweight.scheme, qweight.group_size, qweight.shape, qweight.dtype, origin="qweight.")
@@ -228,14 +267,85 @@ class QuantLinear(MergeableQuantized):
         copied = dataclasses.replace(qweight, data=qweight.data.clone(), scale=qweight.scale.clone(),
                                      zero_point=clone(qweight.zero_point), nested_scale=clone(qweight.nested_scale),
                                      nested_offset=clone(qweight.nested_offset))
-        self._build(copied, _frozen_copy(bias), activations, input_scale, compute_dtype)
+        self._build(copied, _frozen_copy(bias), activations, input_scale, compute_dtype, quant_storage)
         return self
+
+    # --- the codes as stored (quant_storage) and as read (uint8)
+
+    def _code_bytes(self) -> int:
+        """The number of bytes of the 4-bit codes: ceil(out * in / 2)."""
+        return (self.out_features * self.in_features + 1) // 2
+
+    def _stored_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """uint8 codes [ceil(out * in / 2)] as ``weight_data`` stores them: viewed as quant_storage,
+        zero-padded to a whole number of its elements (the codes themselves without it)."""
+        storage = self.quant_storage
+        if storage is None or storage == torch.uint8:
+            return codes
+        size = storage.itemsize
+        pad = -codes.numel() % size
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad)])
+        return codes.contiguous().view(storage)
+
+    def _read_codes(self, data: torch.Tensor) -> torch.Tensor:
+        """``weight_data`` (as stored) read back as the uint8 codes [ceil(out * in / 2)]: a view."""
+        storage = self.quant_storage
+        if storage is None or data.dtype == torch.uint8 and storage == torch.uint8:
+            return data
+        if data.dtype != storage:
+            raise RuntimeError(
+                f"QuantLinear: its 4-bit codes, stored as {storage}, were cast to {data.dtype} (e.g. by FSDP's "
+                f"MixedPrecisionPolicy(param_dtype={data.dtype})): their bytes are lost; use quant_storage="
+                f"torch.uint8 (no mixed precision casts integers) or the param_dtype as quant_storage")
+        return data.view(torch.uint8)[:self._code_bytes()]
+
+    def _apply(self, fn, *args, **kwargs):
+        """module.to(dtype) casts floating parameters by value: codes stored as a float dtype (and their
+        copy from before a merge_) keep their bytes, following device moves only."""
+        names = ("weight_data", ORIGINAL + "weight_data")
+        saved = {} if self.quant_storage is None else \
+            {n: t.data for n in names if (t := getattr(self, n, None)) is not None}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if new is not None and new.dtype != old.dtype:
+                kept = old.to(device=new.device)
+                if isinstance(new, nn.Parameter):
+                    new.data = kept
+                else:
+                    setattr(self, name, kept)
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The codes as a default layer holds them (uint8 [ceil(out * in / 2)]) whatever quant_storage;
+        a sharded (DTensor) parameter is left as stored (distributed checkpoints load it back as is)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight_data"
+        t = destination.get(key)
+        if self.quant_storage is not None and type(t) in (torch.Tensor, nn.Parameter):
+            destination[key] = self._read_codes(t.detach())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Codes saved by any layer (uint8, or a quant_storage layer's stored form) load into this one's."""
+        key = prefix + "weight_data"
+        t = state_dict.get(key)
+        if _is_4bit_float(self.scheme) and type(t) in (torch.Tensor, nn.Parameter) and t.dim() == 1:
+            if t.dtype != torch.uint8:  # a quant_storage layer's parameter, as stored: its bytes
+                t = t.contiguous().view(torch.uint8)[:self._code_bytes()]
+            if t.numel() == self._code_bytes() and self.quant_storage is not None:
+                t = self._stored_codes(t)
+            state_dict = dict(state_dict)
+            state_dict[key] = t
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def qweight(self) -> QuantizedTensor:
-        """The weight as a QuantizedTensor over this module's buffers."""
+        """The weight as a QuantizedTensor over this module's buffers (the codes as uint8)."""
         if _is_4bit_float(self.scheme):
-            return QuantizedTensor(self.weight_data, self.weight_scale, None, 4, self.scheme, None, self.group_size,
+            return QuantizedTensor(self._read_codes(self.weight_data), self.weight_scale, None, 4, self.scheme, None, self.group_size,
                                    torch.Size((self.out_features, self.in_features)), self.weight_dtype,
                                    self.weight_nested_scale, self.weight_nested_offset)
         return QuantizedTensor(self.weight_data, self.weight_scale, self.weight_zero_point, self.bits,
@@ -254,6 +364,7 @@ class QuantLinear(MergeableQuantized):
         q = _quantize_weight(weight, self.bits, self.group_size, self.scheme, self.weight_dtype, double)
         new = {"weight_data": q.data, "weight_scale": q.scale}
         if _is_4bit_float(self.scheme):
+            new["weight_data"] = self._stored_codes(q.data)
             if double:
                 new.update(weight_nested_scale=q.nested_scale, weight_nested_offset=q.nested_offset)
         else:
@@ -279,4 +390,5 @@ class QuantLinear(MergeableQuantized):
                 f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
                 f"scheme={self.scheme}" + (", double_quant=True" if self.weight_nested_scale is not None else "")
                 + ("" if self.activations is None else f", activations={self.activations}")
-                + ("" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}"))
+                + ("" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}")
+                + ("" if self.quant_storage is None else f", quant_storage={self.quant_storage}"))
