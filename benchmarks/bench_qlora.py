@@ -253,6 +253,12 @@ def _describe(p: dict) -> str:
 
 
 def run_cpu(ctx: common.Context) -> list[dict]:
+    import fastpeft
+    with fastpeft.use_backend("torch"):  # the CPU path (under TRITON_INTERPRET "auto" would take the interpreter)
+        return _run_cpu(ctx)
+
+
+def _run_cpu(ctx: common.Context) -> list[dict]:
     bnb_ok, bnb_why = bnb_status()
     peft_ok, peft_why = common.peft_status()
     _meta(ctx, bnb_why, peft_why)

@@ -1,8 +1,9 @@
 """Distil a 4-layer Llama teacher into a 2-layer student with fastpeft.distill, on the CPU in about
-half a minute, and measure how close the student gets to the teacher.
+half a minute (teacher, distillation and the labels-only baseline; 1 thread), and measure how
+close the student gets to the teacher.
 
     .venv/bin/python -P examples/distill_llama.py
-    .venv/bin/python -P examples/distill_llama.py --teacher-steps 150 --steps 150 --divergence jsd
+    .venv/bin/python -P examples/distill_llama.py --teacher-steps 150 --steps 150 --divergence jsd --no-baseline
 
 Both models are Hugging Face LlamaForCausalLM built from a config (no download). The text is
 generated here: sentences of a small grammar (subject-verb agreement, verb-dependent objects,
@@ -12,17 +13,24 @@ worth distilling), then frozen; the student starts from random weights and learn
 teacher's softened distributions (temperature 2) plus the next-token labels (alpha 0.5).
 
 Reported: KL(teacher || student) per token at T = 1 on held-out text, before and after, and
-(--baseline) a student trained on the labels alone for the same steps, for comparison.
+(unless --no-baseline) that of the same student trained on the labels alone for the same steps,
+for comparison. Printed: the data, then for each of the three trainings (teacher, distillation,
+baseline) its progress (a tqdm bar on stderr when tqdm is installed, as it is with transformers,
+else a line every few seconds) and a line with its result and time, and the total wall time.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the examples' shared helper
+from _progress import Progress  # noqa: E402
 
 SINGULAR = ["the cat", "a dog", "the bird", "my friend", "the teacher", "a child"]
 PLURAL = ["the cats", "two dogs", "the birds", "my friends", "the teachers", "some children"]
@@ -83,19 +91,26 @@ def batches(data: torch.Tensor, batch_size: int, seed: int):
         yield {"input_ids": data[idx]}
 
 
-def train_lm(model, data: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int) -> list[float]:
+
+def train_lm(model, data: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int,
+             progress: bool = False, desc: str = "train") -> list[float]:
     """Plain next-token training (the teacher's, and the labels-only baseline's)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     stream = batches(data, batch_size, seed)
     losses = []
-    for _ in range(steps):
-        ids = next(stream)["input_ids"]
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    bar = Progress(steps, desc, enabled=progress)
+    try:
+        for step in range(1, steps + 1):
+            ids = next(stream)["input_ids"]
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.update(step, losses[-1])
+    finally:
+        bar.close()
     model.eval()
     return losses
 
@@ -129,14 +144,15 @@ def run(teacher_steps: int = 300, steps: int = 300, batch_size: int = 32, seq_le
 
     t0 = time.perf_counter()
     teacher = llama(len(vocab), layers=4, seed=0)
-    train_lm(teacher, train, teacher_steps, lr, batch_size, seed=3)
+    train_lm(teacher, train, teacher_steps, lr, batch_size, seed=3, progress=progress, desc="teacher")
     for p in teacher.parameters():
         p.requires_grad_(False)
     res = {"vocab": len(vocab), "teacher_steps": teacher_steps, "steps": steps,
            "teacher_params": sum(p.numel() for p in teacher.parameters()),
            "teacher_test_loss": next_token_loss(teacher, test)}
+    res["teacher_s"] = time.perf_counter() - t0
     log(f"teacher: 4 layers, {res['teacher_params']} parameters, {teacher_steps} steps, held-out next-token "
-        f"loss {res['teacher_test_loss']:.3f} ({time.perf_counter() - t0:.1f} s)")
+        f"loss {res['teacher_test_loss']:.3f} ({res['teacher_s']:.1f} s)")
 
     student = llama(len(vocab), layers=2, seed=5)
     res["student_params"] = sum(p.numel() for p in student.parameters())
@@ -156,12 +172,14 @@ def run(teacher_steps: int = 300, steps: int = 300, batch_size: int = 32, seq_le
         f"({res['kl_before'] / max(res['kl_after'], 1e-12):.1f}x lower); student next-token loss "
         f"{res['student_test_loss']:.3f} (teacher {res['teacher_test_loss']:.3f})")
     if baseline:
+        t0 = time.perf_counter()
         plain = llama(len(vocab), layers=2, seed=5)
-        train_lm(plain, train, steps, lr, batch_size, seed=4)
+        train_lm(plain, train, steps, lr, batch_size, seed=4, progress=progress, desc="baseline")
+        res["baseline_s"] = time.perf_counter() - t0
         res["kl_labels_only"] = mean_kl(teacher, plain, test)
         res["labels_only_test_loss"] = next_token_loss(plain, test)
-        log(f"baseline, the same student trained on the labels alone for {steps} steps: KL "
-            f"{res['kl_labels_only']:.3f}, next-token loss {res['labels_only_test_loss']:.3f}")
+        log(f"baseline, the same student trained on the labels alone for {steps} steps ({res['baseline_s']:.1f} s): "
+            f"KL {res['kl_labels_only']:.3f}, next-token loss {res['labels_only_test_loss']:.3f}")
     return res
 
 
@@ -172,14 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--divergence", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
-    ap.add_argument("--baseline", action="store_true", help="also train the student on the labels alone")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train the same student on the labels alone, for comparison (default: yes)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar / lines while training")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: the models are tiny, extra threads mostly wait)")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     run(args.teacher_steps, args.steps, temperature=args.temperature, alpha=args.alpha,
         divergence=args.divergence, baseline=args.baseline, progress=not args.no_progress)
+    print(f"total {time.perf_counter() - t_start:.0f} s (wall, {args.threads} thread(s))")
     return 0
 
 

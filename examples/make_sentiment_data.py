@@ -45,7 +45,8 @@ def main() -> None:
     with open(out, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(rows)} rows to {out}")
+    print(f"wrote {len(rows)} rows ({sum(r['split'] == 'train' for r in rows)} train, "
+          f"{sum(r['split'] == 'test' for r in rows)} test) to {os.path.relpath(out)}")
 
 
 if __name__ == "__main__":

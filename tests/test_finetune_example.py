@@ -57,3 +57,16 @@ def test_every_method_runs_and_trains_what_it_should(example):
             assert all(p.grad is None for p in model.encoder.parameters() if not p.requires_grad)
     # the base encoder was copied, never modified
     assert all(p.requires_grad for p in encoder.parameters())
+
+
+def test_method_selection(example):
+    """The default run is the four cheaper methods (their lines are the full table's); --full or
+    --methods all: every method; --methods: parts of names, in the table's order."""
+    methods = example._methods()
+    assert list(example.select(methods, None)) == ["frozen backbone + head", "BitFit", "LoRA r=8 (query, value)",
+                                                   "adapters (Pfeiffer, 32)"]
+    assert list(example.select(methods, None, full=True)) == list(methods)
+    assert list(example.select(methods, "all")) == list(methods)
+    assert list(example.select(methods, "lora, BitFit")) == ["BitFit", "LoRA r=8 (query, value)"]
+    assert list(example.select(methods, "adapters")) == ["adapters (Houlsby, 32)", "adapters (Pfeiffer, 32)"]
+    assert example.select(methods, "nothing-like-this") == {}
