@@ -22,8 +22,9 @@ packed two a byte, element 2j in the high nibble; absmax float32 [ceil(n / BS)].
     global load), scaled, interleaved in registers (tl.join) so the stores stay contiguous.
 ``_nf4_linear_kernel``    the 4-bit linear layer (QLoRA's frozen base): y = x @ W_deq^T + bias, one
     fused dequantize-GEMM (the 4-bit tile dequantized in registers, never materialized; M <= 16
-    runs the same kernel with BLOCK_M 16); ``_nf4_linear_dx_kernel`` the transposed one, dx = dy @
-    W_deq. Layout and tiles: the section "the 4-bit linear layer" below.
+    runs the same kernel with BLOCK_M 16); HAS_LORA adds QLoRA's update s * U B^T (U = dropout(x)
+    A^T from kernels/lora.py's shrink) into the same accumulator. ``_nf4_linear_dx_kernel`` the
+    transposed one, dx = dy @ W_deq. Layout and tiles: the section "the 4-bit linear layer" below.
 
 Offsets are int64 when an index could pass 2**31 (INT64; the linear kernels index rows in int64).
 Kernels only: shapes, dtypes and values are validated by the caller (fastpeft/ops/nf4.py); operands
@@ -266,15 +267,19 @@ def _nf4_tile(DATA, SCALE, NESTED, OFFSET, CODE, DYN, offs_n, k0, N, K,
 
 
 @triton.jit
-def _nf4_linear_kernel(X, DATA, SCALE, NESTED, OFFSET, CODE, DYN, BIAS, Y,
-                       M, N, K, s_xm, s_xk, s_ym, s_yn,
+def _nf4_linear_kernel(X, DATA, SCALE, NESTED, OFFSET, CODE, DYN, BIAS, Y, U, BL,
+                       M, N, K, R, s_xm, s_xk, s_ym, s_yn, s_um, s_ur, s_bn, s_br, scaling,
                        BS: tl.constexpr, DOUBLE: tl.constexpr, ALIGNED: tl.constexpr, NESTED_BS: tl.constexpr,
                        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                       SWAP_AB: tl.constexpr,
+                       SWAP_AB: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """y[BLOCK_M, BLOCK_N] = x @ W_deq^T + bias, fp32 accumulation, the weight tile dequantized in
     registers and rounded to x's dtype for tl.dot. SWAP_AB (16-bit x): the tile is computed
-    transposed, y^T = W_deq @ x^T, so the dequantized weight is the dot's register operand."""
+    transposed, y^T = W_deq @ x^T, so the dequantized weight is the dot's register operand.
+    HAS_LORA (QLoRA's fused forward): + scaling * U @ B^T, U float32 [M, R] (dropout(x) A^T, from
+    kernels/lora.py's shrink), B [N, R] in x's dtype; as kernels/lora.py's ``_lora_gemm_kernel``
+    with U given, (U * scaling) rounded to x's dtype, dotted with the B tile, starts the
+    accumulator (no second [BLOCK_M, BLOCK_N] tile live next to it); R in BLOCK_R chunks."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -288,6 +293,23 @@ def _nf4_linear_kernel(X, DATA, SCALE, NESTED, OFFSET, CODE, DYN, BIAS, Y,
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_ptrs = X + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + offs_r
+            mask_r = rr < R
+            if SWAP_AB:  # acc^T += B [BLOCK_N, BLOCK_R] @ (s U)^T [BLOCK_R, BLOCK_M]
+                u = tl.load(U + offs_m[None, :].to(tl.int64) * s_um + rr[:, None] * s_ur,
+                            mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+                b = tl.load(BL + offs_n[:, None].to(tl.int64) * s_bn + rr[None, :] * s_br,
+                            mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+                acc = _dot(b, (u * scaling).to(dt), acc, UPCAST, PRECISION)
+            else:  # acc += (s U) [BLOCK_M, BLOCK_R] @ B^T [BLOCK_R, BLOCK_N]
+                u = tl.load(U + offs_m[:, None].to(tl.int64) * s_um + rr[None, :] * s_ur,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                b = tl.load(BL + offs_n[None, :].to(tl.int64) * s_bn + rr[:, None] * s_br,
+                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                acc = _dot((u * scaling).to(dt), b, acc, UPCAST, PRECISION)
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         w = _nf4_tile(DATA, SCALE, NESTED, OFFSET, CODE, DYN, offs_n, k0, N, K,
@@ -373,27 +395,42 @@ def _weight_args(data, scale, nested, offset, code, dyn):
     return (data, scale, nested if double else scale, offset if double else scale, code, dyn if double else code)
 
 
-def nf4_linear(x, data, scale, nested, offset, code, dyn, block_size: int, N: int, bias):
+def _block_r(r: int, dtype: torch.dtype) -> int:
+    """The LoRA update's rank chunk: a power of two in [16, 64] (tl.dot's smallest K is 16); fp32
+    (3xTF32) takes chunks of 16 (64 spilled on sm_80 next to the 64 x 64 and 128 x 64 tiles)."""
+    return min(max(16, triton.next_power_of_2(r)), 16 if dtype == torch.float32 else 64)
+
+
+def nf4_linear(x, data, scale, nested, offset, code, dyn, block_size: int, N: int, bias, lora=None):
     """y [M, N] in x's dtype: y = x @ W_deq^T + bias, W [N, K] the flat 4-bit tensor (data uint8
     [ceil(N * K / 2)], scale float32 absmax [blocks] or with ``nested`` / ``offset`` its uint8
     double-quantized codes, ``code`` the 16 table values, ``dyn`` the dynamic map). x [M, K]
-    with unit stride along K; every weight operand contiguous."""
+    with unit stride along K; every weight operand contiguous. ``lora`` = (U float32 [M, R],
+    B [N, R] in x's dtype, scaling): + scaling * U @ B^T in the same kernel (QLoRA's forward)."""
     M, K = x.shape
     y = _common.new_output((M, N), x, x.dtype)
     if M == 0 or N == 0:
         return y
-    if K == 0:
+    if K == 0 and lora is None:
         y.zero_()
         return y if bias is None else y.add_(bias)
     aligned = K % block_size == 0
     cfg = _linear_config(M, x.dtype, aligned)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    if lora is None:
+        u, b, s, R = scale, scale, 0.0, 0
+        lora_strides = (0, 0, 0, 0)
+    else:
+        u, b, s = lora
+        R = u.shape[1]
+        lora_strides = (u.stride(0), u.stride(1), b.stride(0), b.stride(1))
     _nf4_linear_kernel[grid](
-        x, *_weight_args(data, scale, nested, offset, code, dyn), bias if bias is not None else scale, y,
-        M, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        x, *_weight_args(data, scale, nested, offset, code, dyn), bias if bias is not None else scale, y, u, b,
+        M, N, K, R, x.stride(0), x.stride(1), y.stride(0), y.stride(1), *lora_strides, float(s),
         BS=block_size, DOUBLE=nested is not None, ALIGNED=aligned, NESTED_BS=NESTED_BLOCK,
         HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
-        SWAP_AB=x.dtype != torch.float32,
+        SWAP_AB=x.dtype != torch.float32, HAS_LORA=lora is not None,
+        BLOCK_R=16 if lora is None else _block_r(R, x.dtype),
         enable_fp_fusion=False, **cfg)
     return y
 

@@ -701,6 +701,10 @@ NF4_LINEAR_SHAPES = ((1, 4096, 4096), (1, 4096, 11008), (1, 11008, 4096), (2, 40
 # the unaligned layout at the layer's size)
 NF4_LINEAR_VARIANTS = ((64, True, False), (64, False, True), (32, True, True), (256, False, False),
                        (4096, True, False))
+# QLoRA's fused forward (fastpeft.ops.nf4.nf4_lora_linear: the 4-bit GEMM with s * U B^T, HAS_LORA):
+# QLoRA's variant and the unaligned one, at the smallest and the largest rank tile (BLOCK_R 16, 64)
+NF4_LORA_VARIANTS = ((64, True, False), (4096, True, False))
+NF4_LORA_RANKS = (16, 64)
 # the GPU tests' shapes (tests/test_nf4.py: (shape, block size)) and linear cases
 # (tests/test_nf4_linear.py: (M, K, N, block size, double)), for --warm
 NF4_TEST_SHAPES = (((3, 37), 64), ((5, 130), 32), ((2, 3, 71), 128), ((1,), 64), ((9, 300), 32))
@@ -727,8 +731,12 @@ def nf4_launches(dtypes=(torch.bfloat16,), shapes=NF4_SHAPES, block_sizes=(64,),
     public ops (triton backend): quantize (nf4 and fp4: the ORDER constant), double quant on and
     off, dequantize to x's dtype, for each shape and block size; and nf4_linear's forward and
     dx (backward) kernels for each (M, K, N) and (block size, double quantization, bias), plus
-    ``linear_cases`` ((M, K, N, block size, double), with a bias)."""
+    ``linear_cases`` ((M, K, N, block size, double), with a bias); and QLoRA's fused forward
+    (nf4_lora_linear, forward only: its backward is nf4_linear's dx and the lora family's kernels)
+    for the variants among NF4_LORA_VARIANTS, at each of NF4_LORA_RANKS (the LoRA shrink, a
+    kernels/lora.py kernel captured with the lora family, stands in as zeros)."""
     import fastpeft
+    from fastpeft.kernels import lora as klora
     from fastpeft.kernels import nf4 as knf4
     from fastpeft.ops import nf4 as onf4
 
@@ -749,7 +757,20 @@ def nf4_launches(dtypes=(torch.bfloat16,), shapes=NF4_SHAPES, block_sizes=(64,),
                 b = torch.zeros(N, dtype=dtype) if bias else None
                 y = onf4.nf4_linear(x, q, b, backend="triton")
                 y.backward(torch.zeros_like(y))
-    launches = capture(knf4, run)
+                if (bs, dq, bias) in NF4_LORA_VARIANTS:
+                    for r in NF4_LORA_RANKS:
+                        A, B = torch.zeros(r, K, dtype=dtype), torch.zeros(N, r, dtype=dtype)
+                        with torch.no_grad():
+                            onf4.nf4_lora_linear(x, q, b, A, B, 2.0, backend="triton")
+
+    def run_without_shrink():
+        shrink = klora.shrink
+        klora.shrink = lambda x, a, a_strides, R, **kw: torch.zeros(x.shape[0], R)
+        try:
+            run()
+        finally:
+            klora.shrink = shrink
+    launches = capture(knf4, run_without_shrink)
     unique = {}
     for launch in launches:
         unique.setdefault(launch.key(), launch)

@@ -83,6 +83,13 @@ def cases(dtype):
     n4l = fastpeft.quantize(_rnd(12, 40, seed=31, scale=0.2), 4, "nf4", block_size=32, double_quant=True,
                             backend="torch")
     f4l = fastpeft.quantize(_rnd(12, 40, seed=32, scale=0.2), 4, "fp4", block_size=64, backend="torch")
+    nf4_lora = [  # QLoRA's fused layer: x, the 4-bit weight, bias, lora_A, lora_B, scaling, dropout, seed
+        (_rnd(2, 3, 40, dtype=dtype, grad=True, seed=37), *qargs4(n4l), 12, _rnd(12, dtype=dtype, grad=True, seed=38),
+         _rnd(4, 40, dtype=dtype, grad=True, seed=39, scale=0.2), _rnd(12, 4, dtype=dtype, grad=True, seed=40,
+                                                                       scale=0.2), 0.5, 0.2, _seed(), None),
+        (_rnd(3, 40, dtype=dtype, grad=True, seed=41), *qargs4(f4l), 12, None,
+         _rnd(2, 40, dtype=dtype, grad=True, seed=42, scale=0.2), _rnd(12, 2, dtype=dtype, grad=True, seed=43,
+                                                                       scale=0.2), 2.0, 0.0, None, None)]
     d, R = 24, 8
     ad = lambda: (_rnd(3, 7, d, dtype=dtype, grad=True, seed=6), _rnd(R, d, dtype=dtype, grad=True, seed=7, scale=0.2),
                   _rnd(R, dtype=dtype, grad=True, seed=8), _rnd(d, R, dtype=dtype, grad=True, seed=9, scale=0.2),
@@ -120,6 +127,8 @@ def cases(dtype):
                         _rnd(12, dtype=dtype, grad=True, seed=34), None),
                        (_rnd(3, 40, dtype=dtype, grad=True, seed=35), *qargs4(f4l), 12, None, None)],
         "nf4_linear_grad_input": [(_rnd(3, 12, dtype=dtype, seed=36), *qargs4(n4l), 40, None)],
+        "nf4_lora_linear": nf4_lora,
+        "nf4_lora_linear_fwd": [tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in c) for c in nf4_lora],
         "quant_linear": quant_linear,
         "fake_quantize": fake_quantize,
         "fake_quantize_backward": [(xs, _rnd(6, 10, dtype=dtype, seed=22), scale(False), zp().detach(), 4,

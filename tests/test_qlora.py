@@ -126,6 +126,101 @@ def test_forward_and_gradients_match_reference(fixed_seed, poison_outputs, dtype
         assert (layer(x) - y.detach()).abs().max() > 0
 
 
+
+# QLoRA's fused forward (fastpeft.ops.nf4.nf4_lora_linear: the LoRA shrink, then the 4-bit GEMM with
+# s * U B^T in its epilogue), which LoRALinear takes on an nf4 / fp4 base with the triton backend:
+# (base config, leading dims of x, K, N, bias, dropout, r)
+FUSED_CASES = [
+    ((4, "nf4", 64, True), (1,), 72, 7, True, 0.0, 4),       # M = 1, K not a multiple of the block, odd N
+    ((4, "fp4", 32, False), (3, 2), 33, 9, False, 0.25, 3),  # odd K, 3-D x, no bias, dropout, r = 3
+    ((4, "nf4", 32, True), (17,), 64, 20, True, 0.0, 20),    # M past one row tile, r = 20 (a masked rank tile)
+]
+
+
+def _fused_calls(monkeypatch):
+    """The 4-bit GEMM launches, each recorded as whether it carried the LoRA update."""
+    from fastpeft.kernels import nf4 as knf4
+    calls = []
+    launch = knf4.nf4_linear
+    monkeypatch.setattr(knf4, "nf4_linear",
+                        lambda *a, **k: (calls.append(k.get("lora") is not None), launch(*a, **k))[1])
+    return calls
+
+
+def _run_layer(layer, x, dy, fused, monkeypatch):
+    """(y, dx, dA, dB) of the layer, on the fused path or forced onto the unfused one."""
+    layer.zero_grad()
+    xg = x.detach().clone().requires_grad_()
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(fastpeft.LoRALinear, "_fuses_4bit", lambda self, x: False)
+        y = layer(xg)
+        y.backward(dy)
+    return y.detach(), xg.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+@pytest.mark.parametrize("dtype,case", dtype_cases(range(len(FUSED_CASES)), [1],
+                                                   dtypes=[torch.float32, torch.bfloat16]), ids=case_id)
+def test_fused_forward_matches_unfused_and_reference(fixed_seed, poison_outputs, monkeypatch, dtype, case):
+    """y and every gradient of the fused path against the unfused one (the base layer plus
+    lora_update) and the float64 reference. fp32: equal within fp32 rounding (relative error
+    <= 1e-6, not bit for bit: the fused kernel sums x W^T and s U B^T in one fp32 accumulator, U
+    comes from the fp32 shrink, while the unfused path rounds the base GEMM and the update apart
+    and adds them; dB reads that U). bf16: within bf16's tolerance (the unfused path rounds y
+    twice, the fused once)."""
+    cfg, lead, K, N, bias, p, r = FUSED_CASES[case]
+    layer = qlora(cfg, K, N, bias, p, r=r, dtype=dtype, seed=40 + case).train(True)
+    x = rnd(*lead, K, dtype=dtype, seed=50 + case)
+    dy = rnd(*lead, N, dtype=dtype, seed=60 + case)
+    calls = _fused_calls(monkeypatch)
+    fused = _run_layer(layer, x, dy, True, monkeypatch)
+    assert calls == [True]  # one 4-bit GEMM, the update in its epilogue
+    unfused = _run_layer(layer, x, dy, False, monkeypatch)
+    assert calls == [True, False]
+    want = reference(layer, x, dy, True)
+    factor = 0.1 if dtype == torch.float32 else 1.0
+    for name, got, other, ref in zip(("y", "dx", "dA", "dB"), fused, unfused, want):
+        assert got.dtype == other.dtype and got.shape == other.shape
+        assert_close(name + " (fused vs unfused)", got, other.double(), dtype, factor)
+        assert_close(name, got, ref, dtype)
+        assert_close(name + " (unfused)", other, ref, dtype)
+
+
+def test_fused_forward_is_taken_only_where_it_applies(monkeypatch):
+    """The fused op on an nf4 / fp4 base (triton backend); the base layer plus lora_update with a
+    compute_dtype cast, a forward hook on the base, under the torch backend, when merged, and on
+    an int base."""
+    from fastpeft.kernels import lora as klora
+    calls = _fused_calls(monkeypatch)
+    shrinks = []
+    shrink = klora.shrink
+    monkeypatch.setattr(klora, "shrink", lambda *a, **k: (shrinks.append(1), shrink(*a, **k))[1])
+    layer = qlora((4, "nf4", 32, False), 40, 6, r=2)
+    x = rnd(3, 40, seed=70)
+    with torch.no_grad():
+        want = layer(x)
+        assert calls == [True] and shrinks == [1]
+        with fastpeft.use_backend("torch"):
+            assert_close("y (torch backend)", layer(x), want.double(), torch.float32)
+        assert calls == [True]
+        layer.merge()
+        layer(x)
+        layer.unmerge()
+        assert calls == [True, False]
+        layer.base_layer.compute_dtype = torch.bfloat16
+        layer(x)
+        assert calls == [True, False, False]
+        layer.base_layer.compute_dtype = None
+        hook = layer.base_layer.register_forward_pre_hook(lambda module, args: None)  # as FSDP2's gather
+        layer(x)
+        hook.remove()
+        assert calls == [True, False, False, False]
+        assert_close("y", layer(x), want.double(), torch.float32, 0.0)  # deterministic: the same bits
+        assert calls[-1] is True
+        calls.clear()
+        qlora((4, "zeropoint", 16, False), 48, 5)(rnd(2, 48, seed=71))
+        assert calls == []
+
 @pytest.mark.parametrize("cfg", [(4, "nf4", 64, True), (4, "fp4", 32, False), (4, "zeropoint", 16, False),
                                  (8, "absmax", None, False)], ids=str)
 def test_merge_unmerge_is_exact(cfg):

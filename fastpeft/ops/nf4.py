@@ -9,6 +9,9 @@ Registered ops (fastpeft/ops/_library.py), none differentiable:
   fastpeft::dequantize_4bit  table[code] * absmax, in the requested dtype
   fastpeft::nf4_linear       y = x @ W_deq^T + bias, one fused dequantize-GEMM kernel (autograd:
                              dx by fastpeft::nf4_linear_grad_input, the transposed one; db)
+  fastpeft::nf4_lora_linear  QLoRA's layer, y = x @ W_deq^T + bias + s * (dropout(x) A^T) B^T: the
+                             LoRA shrink, then the 4-bit GEMM with s * U B^T in its epilogue
+                             (fastpeft::nf4_lora_linear_fwd also returns U, kept for dB)
 ``quantize_4bit`` checks that x is finite inside its kernel (fastpeft._checks.check_values: on
 CUDA a device-side assertion, no host sync).
 
@@ -27,7 +30,7 @@ import torch
 
 from .. import _backend, _checks
 from ..reference import nf4 as ref
-from ._common import building_graph, dense, on_device, rows
+from ._common import building_graph, dense, on_device, rows, vjp_with_graph
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
@@ -585,6 +588,18 @@ def nf4_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
     Runs as the registered op ``torch.ops.fastpeft.nf4_linear`` (backward:
     ``fastpeft::nf4_linear_grad_input``); no host sync.
     """
+    N, device = _check_linear(x, qweight, bias)
+    if backend is not None:
+        _backend.check_name(backend)
+    args = (x, qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, qweight.scheme,
+            qweight.group_size, N, bias, backend)
+    if eager(device.type, x, qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, bias):
+        return NF4LinearFunction.apply(*args, True) if needs_grad(x, bias) else _linear_kernel(*args)
+    return nf4_linear_op(*args)
+
+
+def _check_linear(x, qweight, bias) -> tuple:
+    """The checks of ``nf4_linear``'s arguments; returns (out features, device)."""
     from .quant import QuantizedTensor
     _checks.tensor("x", x, min_ndim=1, dtypes=_checks.FLOAT_DTYPES)
     if not isinstance(qweight, QuantizedTensor):
@@ -608,10 +623,167 @@ def nf4_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None = None, *,
     device = _checks.same_device(x=x, qweight_data=qweight.data, bias=bias)
     if bias is not None and not torch.is_autocast_enabled(device.type):
         _checks.same_dtype(x=x, bias=bias)
+    return N, device
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA's layer, forward fused: y = x @ W_deq^T + bias + scaling * (dropout(x) A^T) B^T
+#
+# U = dropout(x) A^T (float32 [M, r]) by the LoRA shrink (kernels/lora.py ``shrink``, as
+# fastpeft::lora_linear's split path), then one 4-bit GEMM whose epilogue adds scaling * U B^T
+# (kernels/nf4.py ``_nf4_linear_kernel``, HAS_LORA): two launches instead of the 4-bit GEMM, the
+# shrink, the expand and an add over y. The backward is the unfused layer's: dx by
+# fastpeft::nf4_linear_grad_input plus scaling * dropout'((dy B) A), dA by fastpeft::lora_linear_da,
+# dB = scaling * dy^T U, db = sum(dy).
+
+def _lora_forward(x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias,
+                  lora_A, lora_B, scaling, dropout_p, seed, backend):
+    """(y [..., out] in x's dtype, U = dropout(x) A^T float32 [M, r])."""
+    from . import lora as lora_ops
+    K = x.shape[-1]
+    check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (out_features, K), x.dtype)
+    name = _backend.choose("nf4_linear", x.device, KERNELS, backend)
+    x2 = rows(x)
+    if name == "torch" or x2.shape[0] == 0 or K == 0 or out_features == 0:
+        w = torch_dequantize_4bit(data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
+                                  (out_features, K), torch.float32).to(x2.dtype)
+        u = torch.nn.functional.linear(lora_ops.dropout_rows(x2, dropout_p, seed), lora_A)
+        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        y = y.add_(torch.nn.functional.linear(u, lora_B), alpha=scaling)
+        u = u.float()
+    else:
+        from ..kernels import lora as klora
+        from ..kernels import nf4 as k
+        tables = _tables(x.device)
+        with on_device(x2):
+            u = klora.shrink(x2, lora_A, (lora_A.stride(0), lora_A.stride(1)), lora_A.shape[0],
+                             dropout_p=dropout_p, seed=seed)
+            y = k.nf4_linear(x2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
+                             tables["dynamic"], block_size, out_features, dense(bias),
+                             lora=(u, lora_B, float(scaling)))
+    return y.reshape(*x.shape[:-1], out_features), u
+
+
+def _lora_kernel(*args):
+    return _lora_forward(*args)[0]
+
+
+def _lora_fake(x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias,
+               lora_A, lora_B, scaling, dropout_p, seed, backend):
+    check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (out_features, x.shape[-1]), x.dtype)
+    return (x.new_empty((*x.shape[:-1], out_features)),
+            x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]), dtype=torch.float32))
+
+
+_LORA_ARGS = ("Tensor x, Tensor data, Tensor scale, Tensor? nested_scale, Tensor? nested_offset, str scheme, "
+              "int block_size, SymInt out_features, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+              "float dropout_p, Tensor? seed, str? backend")
+nf4_lora_linear_op = define(f"nf4_lora_linear({_LORA_ARGS}) -> Tensor", _lora_kernel,
+                            lambda *a: _lora_fake(*a)[0], autocast=(0, 8, 9, 10))
+nf4_lora_linear_fwd_op = define(f"nf4_lora_linear_fwd({_LORA_ARGS}) -> (Tensor, Tensor)", _lora_forward, _lora_fake)
+
+
+def _torch_lora_linear(x, bias, lora_A, lora_B, data, scale, nested_scale, nested_offset, scheme, block_size,
+                       scaling, dropout_p, seed):
+    """y by differentiable torch arithmetic (the unfused layer's): for a recorded backward."""
+    from . import lora as lora_ops
+    N, K = lora_B.shape[0], x.shape[-1]
+    w = torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, (N, K), x.dtype)
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)
+    u = torch.nn.functional.linear(lora_ops.dropout_rows(x2, dropout_p, seed), lora_A)
+    y = torch.nn.functional.linear(x2, w, bias) + scaling * torch.nn.functional.linear(u, lora_B)
+    return y.reshape(*x.shape[:-1], N)
+
+
+class NF4LoRALinearFunction(torch.autograd.Function):
+    """Autograd of fastpeft::nf4_lora_linear: the forward fused, the backward the unfused layer's
+    (dx = dy W_deq by fastpeft::nf4_linear_grad_input + scaling * dropout'((dy B) A), dA by
+    fastpeft::lora_linear_da, dB = scaling * dy^T U, db = sum(dy)); the codes are frozen. Under
+    create_graph the backward is the torch composition, recorded."""
+
+    @staticmethod
+    def forward(ctx, x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias,
+                lora_A, lora_B, scaling, dropout_p, seed, backend, direct=False):
+        with below_autograd():
+            y, u = call(nf4_lora_linear_fwd_op, direct, x, data, scale, nested_scale, nested_offset, scheme,
+                        block_size, out_features, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x, data, scale, nested_scale, nested_offset, bias, lora_A, lora_B,
+                              u if ctx.needs_input_grad[10] else None, seed)
+        ctx.cfg = (scheme, block_size, scaling, dropout_p, backend, direct)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from . import lora as lora_ops
+        x, data, scale, nested_scale, nested_offset, bias, A, B, u, seed = ctx.saved_tensors
+        scheme, block_size, s, p, backend, direct = ctx.cfg
+        direct = direct and still_eager()
+        need_x, need_b, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 8, 9, 10))
+        nones = (None,) * 7
+        if building_graph():
+            grads = vjp_with_graph(
+                lambda x_, b_, A_, B_: _torch_lora_linear(x_, b_, A_, B_, data, scale, nested_scale, nested_offset,
+                                                          scheme, block_size, s, p, seed),
+                (x, bias, A, B), (need_x, need_b, need_A, need_B), dy)
+            return (grads[0], *nones, grads[1], grads[2], grads[3], None, None, None, None, None)
+        N, K = dy.shape[-1], x.shape[-1]
+        dy2 = dy.reshape(math.prod(dy.shape[:-1]), N)
+        dx = db = dA = dB = None
+        with below_autograd():
+            v = dy2 @ B if need_x or need_A else None  # [M, r]
+            if need_x:
+                dx = call(nf4_linear_grad_input_op, direct, dy, data, scale, nested_scale, nested_offset, scheme,
+                          block_size, K, backend)
+                dx.view(dy2.shape[0], K).add_(lora_ops.dropout_rows(v @ A, p, seed), alpha=s)
+            if need_A:
+                dA = call(lora_ops.lora_linear_da_op, direct, v.float(), x, s, p, seed, backend).to(A.dtype)
+            if need_B:
+                dB = (s * (dy2.t() @ u.to(dy.dtype))).to(B.dtype)
+            if need_b:
+                db = dy2.sum(0)
+        return (dx, *nones, db, dA, dB, None, None, None, None, None)
+
+
+register_autograd(nf4_lora_linear_op, NF4LoRALinearFunction)
+
+
+def nf4_lora_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, training: bool = False, *,
+                    seed: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """QLoRA's layer (Dettmers et al., 2023) with its forward fused:
+    y = x @ dequantize(qweight)^T + bias + scaling * (dropout(x) A^T) B^T, in x's dtype.
+
+    x, qweight, bias as ``nf4_linear``; lora_A [r, in], lora_B [out, r] (another float dtype than
+    x's: the update computes in x's dtype, the gradients come back in theirs). Dropout
+    (``dropout_p`` when ``training``): fastpeft.lora_linear's counter-based mask and seed. The
+    triton backend is two launches: U = dropout(x) A^T in float32 by the LoRA shrink kernel, then
+    the 4-bit GEMM (``nf4_linear``'s kernel) with scaling * U B^T added in its epilogue; y is
+    rounded once from the float32 accumulator. The torch backend computes the unfused layer.
+    Gradients for x, bias, lora_A and lora_B, as the unfused layer's (see
+    ``NF4LoRALinearFunction``). Runs as the registered op ``torch.ops.fastpeft.nf4_lora_linear``;
+    no host sync.
+    """
+    from . import lora as lora_ops
+    N, device = _check_linear(x, qweight, bias)
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        _checks.tensor(name, t, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    r = lora_A.shape[0]
+    if r == 0 or lora_A.shape[1] != x.shape[-1] or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} must be [r, "
+                         f"{x.shape[-1]}] and [{N}, r] with r > 0")
+    _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B)
+    scaling = _checks.finite_float("scaling", scaling)
+    p = _checks.probability("dropout_p", dropout_p)
+    p = p if training else 0.0
     if backend is not None:
         _backend.check_name(backend)
+    A, B = lora_A, lora_B
+    if A.dtype != x.dtype and not torch.is_autocast_enabled(device.type):
+        A, B = A.to(x.dtype), B.to(x.dtype)
+    elif B.dtype != A.dtype:
+        B = B.to(A.dtype)
     args = (x, qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, qweight.scheme,
-            qweight.group_size, N, bias, backend)
-    if eager(device.type, x, qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, bias):
-        return NF4LinearFunction.apply(*args, True) if needs_grad(x, bias) else _linear_kernel(*args)
-    return nf4_linear_op(*args)
+            qweight.group_size, N, bias, A, B, scaling, p, lora_ops._dropout_seed(device, p, seed), backend)
+    if eager(device.type, x, qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, bias, A, B):
+        return NF4LoRALinearFunction.apply(*args, True) if needs_grad(x, bias, A, B) else _lora_kernel(*args)
+    return nf4_lora_linear_op(*args)
