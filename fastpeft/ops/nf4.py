@@ -474,16 +474,21 @@ def _weight_dense(data, scale, nested_scale, nested_offset):
     return [None if t is None else t.contiguous() for t in (data, scale, nested_scale, nested_offset)]
 
 
+def _torch_linear(x2, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias):
+    """The torch backend of the 4-bit linear layer on 2-D x (ref.linear_4bit): the weight in
+    float32, rounded once to x's dtype, one GEMM in it."""
+    w = torch_dequantize_4bit(data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
+                              (out_features, x2.shape[-1]), torch.float32).to(x2.dtype)
+    return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+
+
 def _linear_kernel(x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias, backend):
     K = x.shape[-1]
     check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (out_features, K), x.dtype)
     name = _backend.choose("nf4_linear", x.device, KERNELS, backend)
     x2 = rows(x)
     if name == "torch" or x2.shape[0] == 0 or K == 0 or out_features == 0:
-        # ref.linear_4bit: the weight in float32, rounded once to x's dtype, one GEMM in it
-        w = torch_dequantize_4bit(data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
-                                  (out_features, K), torch.float32).to(x2.dtype)
-        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        y = _torch_linear(x2, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias)
     else:
         from ..kernels import nf4 as k
         tables = _tables(x.device)
@@ -645,10 +650,8 @@ def _lora_forward(x, data, scale, nested_scale, nested_offset, scheme, block_siz
     name = _backend.choose("nf4_linear", x.device, KERNELS, backend)
     x2 = rows(x)
     if name == "torch" or x2.shape[0] == 0 or K == 0 or out_features == 0:
-        w = torch_dequantize_4bit(data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
-                                  (out_features, K), torch.float32).to(x2.dtype)
         u = torch.nn.functional.linear(lora_ops.dropout_rows(x2, dropout_p, seed), lora_A)
-        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        y = _torch_linear(x2, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias)
         y = y.add_(torch.nn.functional.linear(u, lora_B), alpha=scaling)
         u = u.float()
     else:
