@@ -100,3 +100,18 @@ def grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
     return pid_m, pid_n
+
+
+@triton.jit
+def x_tile_start(X, offs_m, offs_k, s_xm, s_xk, SWAP_AB: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(fp32 accumulator, pointers to x's first K tile) of a GEMM y = x @ W^T whose weight tile is
+    made in registers: with SWAP_AB the tile is computed transposed (y^T = W @ x^T, the weight the
+    dot's register operand), so the accumulator is [BLOCK_N, BLOCK_M] and x is read as x^T [K, M]."""
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_ptrs = X + offs_k[:, None] * s_xk + offs_m[None, :].to(tl.int64) * s_xm
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_ptrs = X + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    return acc, x_ptrs

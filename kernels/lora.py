@@ -244,6 +244,17 @@ def _grad_a_kernel(
              mask=mask_r[:, None] & mask_k[None, :])
 
 
+@triton.jit
+def _sum_partials(P, offs, mask, S, s_ps, BLOCK: tl.constexpr):
+    """sum_s P[s * s_ps + offs] for s = 0, 1, ..., S - 1, in that order, in fp32."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    p_ptrs = P + offs
+    for _ in range(0, S):
+        acc += tl.load(p_ptrs, mask=mask, other=0.0)
+        p_ptrs += s_ps
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "S"])
 def _sum_splits_kernel(
     P, BIAS, Y, PU, U, M, N, R, S,
@@ -258,11 +269,7 @@ def _sum_splits_kernel(
     if HAS_Y:
         n_elem = M.to(tl.int64) * N
         mask = offs < n_elem
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        p_ptrs = P + offs
-        for _ in range(0, S):
-            acc += tl.load(p_ptrs, mask=mask, other=0.0)
-            p_ptrs += s_ps
+        acc = _sum_partials(P, offs, mask, S, s_ps, BLOCK)
         m = offs // N
         n = offs - m * N
         if HAS_BIAS:
@@ -271,11 +278,7 @@ def _sum_splits_kernel(
     if HAS_U:
         n_u = M.to(tl.int64) * R
         mask_u = offs < n_u
-        acc_u = tl.zeros((BLOCK,), dtype=tl.float32)
-        q_ptrs = PU + offs
-        for _ in range(0, S):
-            acc_u += tl.load(q_ptrs, mask=mask_u, other=0.0)
-            q_ptrs += s_qs
+        acc_u = _sum_partials(PU, offs, mask_u, S, s_qs, BLOCK)
         m = offs // R
         r = offs - m * R
         tl.store(U + m * s_um + r * s_ur, acc_u, mask=mask_u)

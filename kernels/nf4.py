@@ -44,6 +44,7 @@ from ._common import grouped_pid as _grouped_pid
 from ._common import interpreted as _interpreted
 from ._common import precision as _precision
 from ._common import upcast as _upcast
+from ._common import x_tile_start as _x_tile_start
 
 TINY = tl.constexpr(1e-38)  # the absmax floor before the reciprocal (reference.nf4.TINY)
 NESTED_BLOCK = 256
@@ -287,12 +288,7 @@ def _nf4_linear_kernel(X, DATA, SCALE, NESTED, OFFSET, CODE, DYN, BIAS, Y, U, BL
     mask_m = offs_m < M
     mask_n = offs_n < N
     dt = X.dtype.element_ty
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        x_ptrs = X + offs_k[:, None] * s_xk + offs_m[None, :].to(tl.int64) * s_xm
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        x_ptrs = X + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    acc, x_ptrs = _x_tile_start(X, offs_m, offs_k, s_xm, s_xk, SWAP_AB, BLOCK_M, BLOCK_N)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
         for r0 in range(0, R, BLOCK_R):

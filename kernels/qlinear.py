@@ -87,6 +87,7 @@ from ._common import grouped_pid as _grouped_pid
 from ._common import interpreted as _interpreted
 from ._common import precision as _precision
 from ._common import upcast as _upcast
+from ._common import x_tile_start as _x_tile_start
 
 
 @triton.jit
@@ -128,12 +129,7 @@ def _qlinear_kernel(
     PK: tl.constexpr = BLOCK_K * BITS // 8  # bytes of codes per row and K tile
     offs_p = tl.arange(0, PK)
 
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        x_ptrs = X + offs_k[:, None] * s_xk + offs_m[None, :].to(tl.int64) * s_xm
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        x_ptrs = X + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk
+    acc, x_ptrs = _x_tile_start(X, offs_m, offs_k, s_xm, s_xk, SWAP_AB, BLOCK_M, BLOCK_N)
     d_ptrs = DATA + offs_n[:, None].to(tl.int64) * s_dn + offs_p[None, :] * s_dk
     s_rows = SCALE + offs_n.to(tl.int64) * s_sn
     z_rows = ZP + offs_n.to(tl.int64) * s_sn
