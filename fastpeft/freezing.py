@@ -90,11 +90,20 @@ def freeze(model: nn.Module, unfreeze_last: int = 0, blocks: str | None = None) 
 def trainable_parameters(model: nn.Module, verbose: bool = True) -> tuple[int, int, float]:
     """(trainable, total, trainable / total) counted in scalar parameters, a tied (shared)
     parameter once; with ``verbose`` also print them on one line, as PEFT's
-    print_trainable_parameters does. An empty model gives (0, 0, 0.0)."""
+    print_trainable_parameters does. An empty model gives (0, 0, 0.0).
+
+    A quantized linear layer (Int8Linear, QuantLinear: int8, int4, NF4 / FP4) counts the
+    in x out weights it stands for, as PEFT counts a bitsandbytes 4-bit weight, not its codes
+    (buffers, or a frozen Parameter of packed bytes with ``quant_storage``) nor its scales: a
+    model has the same total before and after ``quantize_model``."""
+    from .nn._common import MergeableQuantized
     if not isinstance(model, nn.Module):
         raise TypeError(f"trainable_parameters expects an nn.Module, got {type(model).__name__}")
-    params = [p for _, p in _unique_parameters(model)]
-    total = sum(p.numel() for p in params)
+    quantized = [m for m in model.modules() if isinstance(m, MergeableQuantized)]
+    codes = {id(t) for m in quantized for t in (getattr(m, n, None) for n in m._merge_buffers)
+             if isinstance(t, nn.Parameter)}
+    params = [p for _, p in _unique_parameters(model) if id(p) not in codes]
+    total = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in quantized)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     fraction = trainable / total if total else 0.0
     if verbose:

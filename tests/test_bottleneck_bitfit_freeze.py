@@ -294,6 +294,25 @@ def test_trainable_parameters(capsys):
     assert trainable_parameters(nn.ReLU(), verbose=False) == (0, 0, 0.0)
 
 
+def test_trainable_parameters_count_quantized_weights_as_weights():
+    """A quantized linear counts its in x out weights (as PEFT counts a bitsandbytes 4-bit weight),
+    not its codes or scales: the same total before and after quantize_model, whether the codes
+    are buffers (int8, int4, nf4) or a frozen Parameter of packed bytes (quant_storage)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16))
+    total = trainable_parameters(base, verbose=False)[1]
+    variants = [lambda m: fastpeft.quantize_int8(m), lambda m: fastpeft.quantize_model(m, weights="int4", group_size=32),
+                lambda m: fastpeft.quantize_model(m, weights="nf4", double_quant=True),
+                lambda m: fastpeft.quantize_model(m, weights="nf4", quant_storage=torch.uint8)]
+    for quantize in variants:
+        model = quantize(copy.deepcopy(base))
+        assert not any(isinstance(m, nn.Linear) for m in model.modules())
+        assert trainable_parameters(model, verbose=False)[1] == total
+        fastpeft.inject_lora(model, ["0", "2"], r=2)
+        lora = 2 * (64 + 32) + 2 * (32 + 16)  # A [r, in] and B [out, r] of both layers
+        assert trainable_parameters(model, verbose=False)[:2] == (lora, total + lora)
+
+
 def test_exports():
     for name in ("add_bottleneck_adapters", "bitfit", "freeze", "trainable_parameters"):
         assert name in fastpeft.__all__ and callable(getattr(fastpeft, name))
