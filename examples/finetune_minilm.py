@@ -1,12 +1,20 @@
 """Fine-tune the all-MiniLM-L6-v2 encoder on a small sentiment task with every fine-tuning method
 fastpeft has, on the CPU, and compare them as the PEFT papers do (Houlsby et al., 2019; Hu et al., 2021; Ben Zaken
-et al., 2022; Lester et al., 2021): trainable parameters, time and accuracy. By default the four
-cheaper methods (frozen backbone, BitFit, LoRA, Pfeiffer adapters); --full adds full fine-tuning,
-the last block, Houlsby adapters and prompt tuning (each method's results are the same either way).
+et al., 2022; Lester et al., 2021; Dettmers et al., 2023): trainable parameters, time and accuracy.
+By default the five cheaper methods (frozen backbone, BitFit, LoRA, QLoRA, Pfeiffer adapters);
+--full adds full fine-tuning, the last block, Houlsby adapters and prompt tuning (each method's
+results are the same either way). QLoRA is the LoRA row on a frozen 4-bit base: every linear
+layer of the encoder quantized to NF4 (blocks of 64, double quantization, computing in float32)
+by fastpeft.quantize_model, then the same LoRA; on the CPU it is slower than LoRA, the 4-bit
+weights being dequantized at every forward and backward.
 
-    .venv/bin/python -P examples/finetune_minilm.py          # 4 methods, 60 steps each (about 1 min on 2 cores)
-    .venv/bin/python -P examples/finetune_minilm.py --full   # all 8: the README's table (about 2 min on 2 cores)
+    .venv/bin/python -P examples/finetune_minilm.py          # 5 methods, 60 steps each (about 1.5 min on 1 core)
+    .venv/bin/python -P examples/finetune_minilm.py --full   # all 9: the README's table (about 2 min on 2 cores)
     .venv/bin/python -P examples/finetune_minilm.py --steps 20 --methods bitfit,lora
+    .venv/bin/python -P examples/finetune_minilm.py --methods lora,qlora --threads 1   # QLoRA against LoRA
+
+--methods takes parts of method names, each matching from the start of a word: "lora" is the
+LoRA row, "qlora" the QLoRA one, "adapters" both adapter rows.
 
 Printed: a line when the encoder is loaded, the progress of each method's training (a tqdm bar on
 stderr when tqdm is installed, as it is with transformers, else a line every few seconds), one
@@ -25,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 import time
 
@@ -68,6 +77,15 @@ class Classifier(nn.Module):
         return self.head((h * m).sum(1) / m.sum(1))
 
 
+def _qlora(enc: nn.Module) -> nn.Module:
+    """QLoRA: every nn.Linear of the encoder (the pooler's too, unused here; the head is outside
+    it) becomes a frozen NF4 ``QuantLinear``, blocks of 64 with double-quantized absmax, computing
+    in float32 as the rest of this CPU example; then LoRA r=8 on query and value, as the LoRA row."""
+    import fastpeft
+    fastpeft.quantize_model(enc, weights="nf4", double_quant=True, compute_dtype=torch.float32)
+    return fastpeft.inject_lora(enc, ["query", "value"], r=8, lora_alpha=16)
+
+
 def _methods():
     import fastpeft
     return {  # name -> (prepare the encoder in place, learning rate)
@@ -77,22 +95,26 @@ def _methods():
         "BitFit": (lambda enc: fastpeft.bitfit(enc), 2e-3),
         "LoRA r=8 (query, value)": (lambda enc: fastpeft.inject_lora(enc, ["query", "value"], r=8, lora_alpha=16),
                                     2e-3),
+        # the same LoRA on a frozen 4-bit base (QLoRA, Dettmers et al., 2023), at LoRA's learning rate
+        "QLoRA r=8 (NF4 base, query, value)": (_qlora, 2e-3),
         "adapters (Houlsby, 32)": (lambda enc: fastpeft.add_bottleneck_adapters(enc, "houlsby", bottleneck=32), 2e-3),
         "adapters (Pfeiffer, 32)": (lambda enc: fastpeft.add_bottleneck_adapters(enc, "pfeiffer", bottleneck=32), 2e-3),
         "prompt tuning (20 tokens)": (lambda enc: fastpeft.add_prompt_tuning(enc, 20, init="vocab"), 3e-2),
     }
 
 
-DEFAULT_METHODS = ("frozen", "bitfit", "lora", "pfeiffer")  # the cheaper half; --full: all of them
+DEFAULT_METHODS = ("frozen", "bitfit", "lora", "qlora", "pfeiffer")  # the cheaper ones; --full: all of them
 
 
 def select(methods: dict, spec: str | None, full: bool = False) -> dict:
-    """The methods named in ``spec`` (comma-separated parts of names, case-insensitive; "all"),
-    or the default ones (all with ``full``), in the table's order."""
+    """The methods named in ``spec`` (comma-separated parts of names, case-insensitive, each
+    matching from the start of a word: "lora" is the LoRA row, not QLoRA's; "all"), or the
+    default ones (all with ``full``), in the table's order."""
     if full or (spec or "").strip().lower() == "all":
         return dict(methods)
     wanted = [w.strip().lower() for w in (spec or "").split(",") if w.strip()] or list(DEFAULT_METHODS)
-    return {k: v for k, v in methods.items() if any(w in k.lower() for w in wanted)}
+    pattern = re.compile("|".join(r"(?<![a-z0-9])" + re.escape(w) for w in wanted))
+    return {k: v for k, v in methods.items() if pattern.search(k.lower())}
 
 
 def short(name: str) -> str:
@@ -123,7 +145,7 @@ def run_method(name, prepare, lr, encoder, tok, train, test, steps, batch_size=3
     enc = copy.deepcopy(encoder)
     prepare(enc)
     model = Classifier(enc)
-    trainable, total, fraction = fastpeft.trainable_parameters(enc, verbose=False)
+    trainable, total, fraction = fastpeft.trainable_parameters(enc, verbose=False)  # 4-bit weights: in x out
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     loss_fn = nn.CrossEntropyLoss()
@@ -160,7 +182,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--methods", default=None,
                     help=f"comma-separated parts of method names, or all (default: {','.join(DEFAULT_METHODS)})")
-    ap.add_argument("--full", action="store_true", help="all 8 methods (the README's table), as --methods all")
+    ap.add_argument("--full", action="store_true", help="all 9 methods (the README's table), as --methods all")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar / lines while training")
     args = ap.parse_args(argv)
@@ -178,12 +200,13 @@ def main(argv=None) -> list[dict]:
           f"parameters); training {len(methods)} method(s), {args.steps} AdamW steps of {args.batch_size} each, "
           f"{torch.get_num_threads()} threads", flush=True)
     results = []
+    width = max(len(name) for name in methods)
     with fastpeft.use_backend("torch"):  # the CPU path; on a GPU drop this line for the kernels
         for name, (prepare, lr) in methods.items():
             r = run_method(name, prepare, lr, encoder, tok, train, test, args.steps, args.batch_size,
                            progress=not args.no_progress)
             results.append(r)
-            print(f"{name:28s} trainable {r['trainable']:>10,d} ({100 * r['fraction']:.3f}%) "
+            print(f"{name:{width}s} trainable {r['trainable']:>10,d} ({100 * r['fraction']:.3f}%) "
                   f"+ head {r['head']}  {r['train_s']:6.1f} s  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}  "
                   f"test acc {100 * r['test_acc']:.1f}%", flush=True)
     print(f"\n{len(train)} train / {len(test)} test sentences, {args.steps} steps of {args.batch_size}, "
