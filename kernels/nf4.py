@@ -21,10 +21,15 @@ packed two a byte, element 2j in the high nibble; absmax float32 [ceil(n / BS)].
     off fp fusion so no FMA merges them), the two nibbles looked up in the 16-entry table (a cached
     global load), scaled, interleaved in registers (tl.join) so the stores stay contiguous.
 ``_nf4_linear_kernel``    the 4-bit linear layer (QLoRA's frozen base): y = x @ W_deq^T + bias, one
-    fused dequantize-GEMM (the 4-bit tile dequantized in registers, never materialized; M <= 16
-    runs the same kernel with BLOCK_M 16); HAS_LORA adds QLoRA's update s * U B^T (U = dropout(x)
+    fused dequantize-GEMM (the 4-bit tile dequantized in registers, never materialized; M 3 to 16
+    run the same kernel with BLOCK_M 16); HAS_LORA adds QLoRA's update s * U B^T (U = dropout(x)
     A^T from kernels/lora.py's shrink) into the same accumulator. ``_nf4_linear_dx_kernel`` the
-    transposed one, dx = dy @ W_deq. Layout and tiles: the section "the 4-bit linear layer" below.
+    transposed one, dx = dy @ W_deq; HAS_LORA (QLoRA's backward) starts its accumulator with
+    s * dropout'(V A) (V = dy B from the shrink). Layout and tiles: the section "the 4-bit linear
+    layer" below.
+``_nf4_gemv_kernel``      decode (M <= GEMV_MAX_M, K whole blocks): the same layer without tl.dot,
+    the codes read as int32 words and decoded a byte at a time from a 256-entry table of nibble
+    pairs, split-K with fp32 partials summed in order (the section "decode" below).
 
 Offsets are int64 when an index could pass 2**31 (INT64; the linear kernels index rows in int64).
 Kernels only: shapes, dtypes and values are validated by the caller (fastpeft/ops/nf4.py); operands
@@ -45,6 +50,12 @@ from ._common import interpreted as _interpreted
 from ._common import precision as _precision
 from ._common import upcast as _upcast
 from ._common import x_tile_start as _x_tile_start
+from .lora import _drop_args
+from .lora import _block_r as _rank_tile
+from .lora import _keep_mask
+from .qlinear import _gemv_split_k
+from .qlinear import _gemv_store
+from .qlinear import _qlinear_splitk_sum_kernel
 
 TINY = tl.constexpr(1e-38)  # the absmax floor before the reciprocal (reference.nf4.TINY)
 NESTED_BLOCK = 256
@@ -325,24 +336,44 @@ def _nf4_linear_kernel(X, DATA, SCALE, NESTED, OFFSET, CODE, DYN, BIAS, Y, U, BL
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _nf4_linear_dx_kernel(DY, DATA, SCALE, NESTED, OFFSET, CODE, DYN, DX,
-                          M, N, K, s_dm, s_dn, s_xm, s_xk,
+@triton.jit(do_not_specialize=["thr31"])
+def _nf4_linear_dx_kernel(DY, DATA, SCALE, NESTED, OFFSET, CODE, DYN, DX, V, AL,
+                          M, N, K, R, s_dm, s_dn, s_xm, s_xk, s_vm, s_vr, s_ar, s_ak, scaling, drop_scale,
+                          SEED, thr31,
                           BS: tl.constexpr, DOUBLE: tl.constexpr, ALIGNED: tl.constexpr, NESTED_BS: tl.constexpr,
                           UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):
     """dx[BLOCK_M, BLOCK_K] = dy @ W_deq: the transposed dequantize-GEMM, looping over N; the
     weight tile [BLOCK_N, BLOCK_K] dequantized in registers as in the forward. Computed
-    transposed, dx^T = W_deq^T @ dy^T, so the dequantized tile is the register operand."""
+    transposed, dx^T = W_deq^T @ dy^T, so the dequantized tile is the register operand.
+    HAS_LORA (QLoRA's fused backward): + scaling * keep / (1 - p) * (V @ A), V float32 [M, R]
+    (dy B, from kernels/lora.py's shrink), A [R, K] in dy's dtype, keep the forward's dropout mask
+    at (row, col) of x (DROPOUT): the update, (V * scaling) rounded to dy's dtype and dotted with
+    the A tile, masked, starts the accumulator (as kernels/lora.py's backward dx)."""
     pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
+    mask_k = offs_k < K
     dt = DY.dtype.element_ty
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    if HAS_LORA:  # acc^T = A^T [BLOCK_K, BLOCK_R] @ (s V)^T [BLOCK_R, BLOCK_M], masked
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + offs_r
+            mask_r = rr < R
+            v = tl.load(V + offs_m[None, :].to(tl.int64) * s_vm + rr[:, None] * s_vr,
+                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+            a = tl.load(AL + offs_k[:, None] * s_ak + rr[None, :].to(tl.int64) * s_ar,
+                        mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            acc = _dot(a, (v * scaling).to(dt), acc, UPCAST, PRECISION)
+        if DROPOUT:
+            keep = tl.trans(_keep_mask(tl.load(SEED), offs_m, offs_k, thr31))
+            acc = tl.where(keep, acc * drop_scale, 0.0)
     d_ptrs = DY + offs_n[:, None] * s_dn + offs_m[None, :].to(tl.int64) * s_dm  # dy^T [BLOCK_N, BLOCK_M]
     for n0 in range(0, N, BLOCK_N):
         w = _nf4_tile(DATA, SCALE, NESTED, OFFSET, CODE, DYN, n0 + offs_n, k0, N, K,
@@ -352,7 +383,174 @@ def _nf4_linear_dx_kernel(DY, DATA, SCALE, NESTED, OFFSET, CODE, DYN, DX,
         d_ptrs += BLOCK_N * s_dn
     acc = tl.trans(acc)
     tl.store(DX + offs_m[:, None].to(tl.int64) * s_xm + offs_k[None, :] * s_xk, acc.to(DX.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_k < K)[None, :])
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: the GEMV (M <= GEMV_MAX_M, K a multiple of the block, the codes read as int32 words)
+#
+# At decode sizes the layer is bound by the read of the packed weight and by the instructions
+# that decode it, not by the multiply: ``_nf4_gemv_kernel`` runs it without tl.dot, as
+# kernels/qlinear.py's ``_qlinear_gemv_kernel`` (whose module doc has the reasoning): a program
+# owns BLOCK_N output features and one K range (split-K, SPLIT_K programs along K, fp32 partials
+# summed in split order by kernels/qlinear.py's ``_qlinear_splitk_sum_kernel``: deterministic),
+# reads its codes as [BLOCK_N, BLOCK_K / 8] int32 words with the next tile's loads in flight (a
+# register prefetch: a software-pipelined tl.range also staged the dependent table gathers in
+# shared memory, 126 KB a block at [16, 512]), and decodes them a byte at a time: one 8-byte
+# gather from the 256-entry table of both nibbles' values (fastpeft/ops/nf4.py ``_byte_table``,
+# read as int64: the low word is the high nibble's value) gives two weights, half a cached
+# gather a weight where the GEMM path takes one. The weight stays fp32 and unscaled: each thread
+# sums a word's 8 products table value x x in fp32 and multiplies the sum by the word's block
+# absmax (blocks hold 32 or more codes: a word lies in one block; double quantization restored
+# per word as in ``_nf4_absmax``), into a [BLOCK_N, words, BLOCK_M] accumulator reduced across
+# threads once after the loop. The result is the reference's within fp32 rounding (products
+# summed in another order, the absmax applied to a word's sum, the weight not rounded to x's
+# dtype). QLoRA's update (HAS_LORA) is added by split 0 in the epilogue, in fp32.
+#
+# GEMV_MAX_M: each further row costs a multiply-add a weight on the CUDA cores (the tensor cores
+# take them for free in the GEMM), so the GEMV's cut is kernels/qlinear.py's (2; counted there in
+# the SASS, not timed); M = 3 to 16 run the GEMM with BLOCK_M 16. sm_90 builds (benchmarks/
+# resources.md): [8, 512] tiles, 4 warps, about 94 registers, 4 KB of shared memory (layout
+# conversions), no spills; not timed on a GPU yet.
+
+GEMV_MAX_M = 2  # rows of x up to which the 4-bit linear runs as a GEMV (kernels/qlinear.py's cut)
+
+
+@triton.jit
+def _gemv_loads(k0, k_hi, w_rows, blk_rows, mask_n, offs_w, K, SCALE, NESTED, DOUBLE: tl.constexpr,
+                NESTED_BS: tl.constexpr, BS: tl.constexpr):
+    """The global loads of the GEMV's K tile at k0 (none at or past k_hi): the codes as
+    [BLOCK_N, PW] int32 words, and each word's block absmax ([BLOCK_N, PW]: float32, or its uint8
+    code and nested absmax with double quantization, restored in the loop)."""
+    kw = k0 + 8 * offs_w  # each word's first k
+    m = mask_n[:, None] & (kw < k_hi)[None, :]
+    p = tl.load(w_rows + k0 // 8, mask=m, other=0)
+    blk = blk_rows[:, None] + (kw // BS)[None, :]
+    if DOUBLE:
+        return p, tl.load(SCALE + blk, mask=m, other=0), tl.load(NESTED + blk // NESTED_BS, mask=m, other=0.0)
+    else:
+        return p, tl.load(SCALE + blk, mask=m, other=0.0), p
+
+
+@triton.jit
+def _gemv_pair(PAIRS, byte):
+    """The float32 values of a byte's high and low nibble: one 8-byte gather from PAIRS (int64
+    [256], the high nibble's value in the low word)."""
+    pair = tl.load(PAIRS + byte)
+    return pair.to(tl.int32).to(tl.float32, bitcast=True), (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nf4_gemv_kernel(X, WORDS, PAIRS, SCALE, NESTED, OFFSET, DYN, BIAS, Y, WS, U, BL,
+                     M, N, K, R, K_SPLIT, s_xm, s_xk, s_ym, s_yn, s_um, s_ur, s_bn, s_br, scaling,
+                     BS: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, TO_WS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[:M, n tile] (TO_WS: the fp32 partial WS[pid_k, :M, n tile]) over K range pid_k, without
+    tl.dot (see above). WORDS: the codes as int32 [N * K / 8] (K a multiple of BS: rows are whole
+    words); PAIRS: int64 [256], the two nibbles' float32 values of each byte."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    PW: tl.constexpr = BLOCK_K // 8  # words per row and tile
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    # per-word partial sums [BLOCK_N, PW] for each x row (the last axis): a word's 8 values are
+    # one thread's registers (the joins below add in-thread axes to the words' layout: no layout
+    # conversion), so its sum needs no shuffles; the words are summed across threads after the loop
+    acc = tl.zeros((BLOCK_N, PW, BLOCK_M), dtype=tl.float32)
+    offs_w = tl.arange(0, PW)
+    w_rows = WORDS + n64[:, None] * (K // 8) + offs_w[None, :]
+    blk_rows = n64 * (K // BS)
+    offs_x = 8 * offs_w[:, None] + tl.arange(0, 8)[None, :]  # [PW, 8]: the tile's k, word by word
+    offset = 0.0
+    if DOUBLE:
+        offset = tl.load(OFFSET)
+    # a register prefetch: the next tile's words and absmax are in flight while this one is
+    # decoded (a software-pipelined tl.range would also stage the dependent table gathers in
+    # shared memory: 126 KB a block at [16, 512])
+    p_n, s_n, t_n = _gemv_loads(k_lo, k_hi, w_rows, blk_rows, mask_n, offs_w, K, SCALE, NESTED, DOUBLE,
+                                NESTED_BS, BS)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        p, s, t = p_n, s_n, t_n
+        p_n, s_n, t_n = _gemv_loads(k0 + BLOCK_K, k_hi, w_rows, blk_rows, mask_n, offs_w, K, SCALE, NESTED, DOUBLE,
+                                    NESTED_BS, BS)
+        if DOUBLE:  # the block absmax restored (two roundings: no FMA, the launch turns fusion off)
+            s = tl.load(DYN + s.to(tl.int32)) * t + offset
+        h0, l0 = _gemv_pair(PAIRS, p & 255)  # byte j of each little-endian word: elements 2 j, 2 j + 1
+        h1, l1 = _gemv_pair(PAIRS, (p >> 8) & 255)
+        h2, l2 = _gemv_pair(PAIRS, (p >> 16) & 255)
+        h3, l3 = _gemv_pair(PAIRS, (p >> 24) & 255)
+        # [BLOCK_N, PW, j1, j0, t]: element 2 j + t = 4 j1 + 2 j0 + t of the word (each join makes
+        # the last axis, so the first joins pick j1 and the last one t)
+        w = tl.join(tl.join(tl.join(h0, h2), tl.join(h1, h3)), tl.join(tl.join(l0, l2), tl.join(l1, l3)))
+        w = tl.reshape(w, (BLOCK_N, PW, 8))  # table values, in k order
+        for i in tl.static_range(BLOCK_M):  # the tile is decoded once for all rows
+            offs_k = k0 + offs_x
+            xi = tl.load(X + i * s_xm + offs_k * s_xk, mask=(offs_k < k_hi) & (i < M), other=0.0)
+            part = tl.sum(w * xi.to(tl.float32)[None, :, :], axis=2) * s  # [BLOCK_N, PW]
+            acc = tl.where(offs_m[None, None, :] == i, acc + part[:, :, None], acc)
+    acc = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]: y^T
+    if HAS_LORA:  # + scaling * U B^T, by split 0 only
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, tl.where(pid_k == 0, R, 0), BLOCK_R):
+            rr = r0 + offs_r
+            mask_r = rr < R
+            b_t = tl.load(BL + n64[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & mask_r[None, :],
+                          other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
+            for i in tl.static_range(BLOCK_M):
+                ui = tl.load(U + i * s_um + rr * s_ur, mask=mask_r & (i < M), other=0.0)
+                part = tl.sum(b_t * (ui * scaling)[None, :], axis=1)
+                acc = tl.where(offs_m[None, :] == i, acc + part[:, None], acc)
+    _gemv_store(acc, WS, BIAS, Y, pid_k, M, N, offs_m, offs_n, mask_n, s_ym, s_yn, HAS_BIAS, TO_WS)
+
+
+def _gemv_config(M: int, N: int, K: int, device: torch.device) -> dict:
+    """Tiles and split of the GEMV: BLOCK_M M rounded up to a power of two (a static loop over the
+    rows); GPU: 4 warps, [8, 512] tiles (256 bytes of codes per row and tile, 32 table values a
+    thread: [16, 512] took 156 registers, [8, 512] 94); the interpreter: [8, 64]. SPLIT_K:
+    kernels/qlinear.py's rule (>= 2 programs per SM, >= 2 K tiles a split), in whole K tiles."""
+    block_m = triton.next_power_of_2(M)
+    if _interpreted():
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_K": 64}
+    else:
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1}
+    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    split = max(1, min(_gemv_split_k(triton.cdiv(N, cfg["BLOCK_N"]), k_tiles, device), k_tiles))
+    k_split = triton.cdiv(k_tiles, split) * cfg["BLOCK_K"]
+    return {**cfg, "K_SPLIT": k_split, "SPLIT_K": triton.cdiv(K, k_split)}
+
+
+def gemv_applies(M: int, K: int, block_size: int, data: torch.Tensor) -> bool:
+    """Whether ``nf4_linear`` takes the GEMV: decode-sized M, rows of whole blocks (so of whole
+    int32 words: blocks hold 32 or more codes) and codes that can be read as words."""
+    return (0 < M <= GEMV_MAX_M and K > 0 and K % block_size == 0 and block_size % 8 == 0
+            and data.numel() % 4 == 0 and data.data_ptr() % 4 == 0)
+
+
+def _nf4_gemv(x, data, scale, nested, offset, pairs, dyn, block_size: int, N: int, bias, lora, y):
+    M, K = x.shape
+    cfg = _gemv_config(M, N, K, x.device)
+    split, k_split = cfg.pop("SPLIT_K"), cfg.pop("K_SPLIT")
+    ws = _common.new_output((split, M, N), x, torch.float32) if split > 1 else y
+    u, b, s, R, lora_strides = _update_args(lora, scale)
+    double = nested is not None
+    _nf4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), split)](
+        x, data.view(torch.int32), pairs, scale, nested if double else scale, offset if double else scale,
+        dyn if double else scale, bias if bias is not None else scale, y, ws, u, b,
+        M, N, K, R, k_split, x.stride(0), x.stride(1), y.stride(0), y.stride(1), *lora_strides, float(s),
+        BS=block_size, DOUBLE=double, NESTED_BS=NESTED_BLOCK, HAS_BIAS=bias is not None, TO_WS=split > 1,
+        HAS_LORA=lora is not None, BLOCK_R=_rank_tile(max(R, 1)),
+        enable_fp_fusion=False, **cfg)
+    if split > 1:
+        block = 256
+        _qlinear_splitk_sum_kernel[(triton.cdiv(N, block), M)](
+            ws, bias if bias is not None else ws, y, M, N, split, y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, BLOCK=block)
+    return y
 
 
 def _linear_config(M: int, dtype: torch.dtype, aligned: bool, dx: bool = False) -> dict:
@@ -391,18 +589,29 @@ def _weight_args(data, scale, nested, offset, code, dyn):
     return (data, scale, nested if double else scale, offset if double else scale, code, dyn if double else code)
 
 
+def _update_args(lora, stand_in):
+    """(U, B, scaling, R, (s_um, s_ur, s_bn, s_br)) of the forward's LoRA update ``lora`` = (U
+    [M, R], B [N, R], scaling), or stand-ins (never read) without one."""
+    if lora is None:
+        return stand_in, stand_in, 0.0, 0, (0, 0, 0, 0)
+    u, b, s = lora
+    return u, b, s, u.shape[1], (u.stride(0), u.stride(1), b.stride(0), b.stride(1))
+
+
 def _block_r(r: int, dtype: torch.dtype) -> int:
     """The LoRA update's rank chunk: a power of two in [16, 64] (tl.dot's smallest K is 16); fp32
     (3xTF32) takes chunks of 16 (64 spilled on sm_80 next to the 64 x 64 and 128 x 64 tiles)."""
     return min(max(16, triton.next_power_of_2(r)), 16 if dtype == torch.float32 else 64)
 
 
-def nf4_linear(x, data, scale, nested, offset, code, dyn, block_size: int, N: int, bias, lora=None):
+def nf4_linear(x, data, scale, nested, offset, code, dyn, block_size: int, N: int, bias, lora=None, pairs=None):
     """y [M, N] in x's dtype: y = x @ W_deq^T + bias, W [N, K] the flat 4-bit tensor (data uint8
     [ceil(N * K / 2)], scale float32 absmax [blocks] or with ``nested`` / ``offset`` its uint8
     double-quantized codes, ``code`` the 16 table values, ``dyn`` the dynamic map). x [M, K]
     with unit stride along K; every weight operand contiguous. ``lora`` = (U float32 [M, R],
-    B [N, R] in x's dtype, scaling): + scaling * U @ B^T in the same kernel (QLoRA's forward)."""
+    B [N, R] in x's dtype, scaling): + scaling * U @ B^T in the same kernel (QLoRA's forward).
+    ``pairs`` (int64 [256], the byte table of both nibbles' values): decode-sized M takes the GEMV
+    where ``gemv_applies``; without it, always the GEMM."""
     M, K = x.shape
     y = _common.new_output((M, N), x, x.dtype)
     if M == 0 or N == 0:
@@ -410,16 +619,12 @@ def nf4_linear(x, data, scale, nested, offset, code, dyn, block_size: int, N: in
     if K == 0 and lora is None:
         y.zero_()
         return y if bias is None else y.add_(bias)
+    if pairs is not None and gemv_applies(M, K, block_size, data):
+        return _nf4_gemv(x, data, scale, nested, offset, pairs, dyn, block_size, N, bias, lora, y)
     aligned = K % block_size == 0
     cfg = _linear_config(M, x.dtype, aligned)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    if lora is None:
-        u, b, s, R = scale, scale, 0.0, 0
-        lora_strides = (0, 0, 0, 0)
-    else:
-        u, b, s = lora
-        R = u.shape[1]
-        lora_strides = (u.stride(0), u.stride(1), b.stride(0), b.stride(1))
+    u, b, s, R, lora_strides = _update_args(lora, scale)
     _nf4_linear_kernel[grid](
         x, *_weight_args(data, scale, nested, offset, code, dyn), bias if bias is not None else scale, y, u, b,
         M, N, K, R, x.stride(0), x.stride(1), y.stride(0), y.stride(1), *lora_strides, float(s),
@@ -431,21 +636,29 @@ def nf4_linear(x, data, scale, nested, offset, code, dyn, block_size: int, N: in
     return y
 
 
-def nf4_linear_dx(dy, data, scale, nested, offset, code, dyn, block_size: int, K: int):
+def nf4_linear_dx(dy, data, scale, nested, offset, code, dyn, block_size: int, K: int, lora=None):
     """dx [M, K] in dy's dtype: dx = dy @ W_deq (dy [M, N], unit stride along N; the weight as for
-    ``nf4_linear``)."""
+    ``nf4_linear``). ``lora`` = (V float32 [M, R] = dy B, A [R, K] in dy's dtype, scaling,
+    dropout_p, seed tensor or None): + scaling * dropout'(V @ A) in the same kernel (QLoRA's
+    backward; the mask is the forward's, kernels/lora.py's counter-based one)."""
     M, N = dy.shape
     dx = _common.new_output((M, K), dy, dy.dtype)
     if M == 0 or K == 0:
         return dx
-    if N == 0:
+    if N == 0 and lora is None:
         return dx.zero_()
     aligned = K % block_size == 0
     cfg = _linear_config(M, dy.dtype, aligned, dx=True)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    p, seed = (0.0, None) if lora is None else lora[3:]
+    v, a, s, R, lora_strides = _update_args(None if lora is None else lora[:3], scale)
+    drop_scale, seed_arg, thr31 = _drop_args(p, seed, dy)
     _nf4_linear_dx_kernel[grid](
-        dy, *_weight_args(data, scale, nested, offset, code, dyn), dx,
-        M, N, K, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+        dy, *_weight_args(data, scale, nested, offset, code, dyn), dx, v, a,
+        M, N, K, R, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), *lora_strides, float(s), drop_scale,
+        seed_arg, thr31,
         BS=block_size, DOUBLE=nested is not None, ALIGNED=aligned, NESTED_BS=NESTED_BLOCK,
-        UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype), enable_fp_fusion=False, **cfg)
+        UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
+        HAS_LORA=lora is not None, DROPOUT=p > 0, BLOCK_R=16 if lora is None else _block_r(R, dy.dtype),
+        enable_fp_fusion=False, **cfg)
     return dx

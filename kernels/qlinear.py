@@ -454,8 +454,16 @@ def _qlinear_gemv_kernel(
     acc = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]: y^T
     if PER_ROW:
         acc = acc * tl.load(s_rows, mask=mask_n, other=0.0)[:, None]
+    _gemv_store(acc, WS, BIAS, Y, pid_k, M, N, offs_m, offs_n, mask_n, s_ym, s_yn, HAS_BIAS, TO_WS)
+
+
+@triton.jit
+def _gemv_store(acc, WS, BIAS, Y, pid_k, M, N, offs_m, offs_n, mask_n, s_ym, s_yn, HAS_BIAS: tl.constexpr,
+                TO_WS: tl.constexpr):
+    """A decode GEMV's epilogue, acc [BLOCK_N, BLOCK_M] = y^T of split pid_k: into y with the bias,
+    or (TO_WS) as the fp32 partial WS[pid_k, m, n] that _qlinear_splitk_sum_kernel sums."""
     mask = mask_n[:, None] & (offs_m < M)[None, :]
-    if TO_WS:  # the fp32 partial of split pid_k: WS[pid_k, m, n], summed by _qlinear_splitk_sum_kernel
+    if TO_WS:
         tl.store(WS + (pid_k * M + offs_m)[None, :].to(tl.int64) * N + offs_n[:, None], acc, mask=mask)
     else:
         if HAS_BIAS:

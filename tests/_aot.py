@@ -701,7 +701,8 @@ NF4_LINEAR_SHAPES = ((1, 4096, 4096), (1, 4096, 11008), (1, 11008, 4096), (2, 40
 # the unaligned layout at the layer's size)
 NF4_LINEAR_VARIANTS = ((64, True, False), (64, False, True), (32, True, True), (256, False, False),
                        (4096, True, False))
-# QLoRA's fused forward (fastpeft.ops.nf4.nf4_lora_linear: the 4-bit GEMM with s * U B^T, HAS_LORA):
+# QLoRA's fused forward and dx (fastpeft.ops.nf4.nf4_lora_linear: the 4-bit GEMMs with s * U B^T and
+# s * dropout'(V A), HAS_LORA):
 # QLoRA's variant and the unaligned one, at the smallest and the largest rank tile (BLOCK_R 16, 64)
 NF4_LORA_VARIANTS = ((64, True, False), (4096, True, False))
 NF4_LORA_RANKS = (16, 64)
@@ -731,10 +732,11 @@ def nf4_launches(dtypes=(torch.bfloat16,), shapes=NF4_SHAPES, block_sizes=(64,),
     public ops (triton backend): quantize (nf4 and fp4: the ORDER constant), double quant on and
     off, dequantize to x's dtype, for each shape and block size; and nf4_linear's forward and
     dx (backward) kernels for each (M, K, N) and (block size, double quantization, bias), plus
-    ``linear_cases`` ((M, K, N, block size, double), with a bias); and QLoRA's fused forward
-    (nf4_lora_linear, forward only: its backward is nf4_linear's dx and the lora family's kernels)
-    for the variants among NF4_LORA_VARIANTS, at each of NF4_LORA_RANKS (the LoRA shrink, a
-    kernels/lora.py kernel captured with the lora family, stands in as zeros)."""
+    ``linear_cases`` ((M, K, N, block size, double), with a bias); and QLoRA's fused forward and
+    dx (nf4_lora_linear: the 4-bit GEMMs with the update, with and without the backward's dropout
+    mask; dA and dB are the lora family's kernels) for the variants among NF4_LORA_VARIANTS, at
+    each of NF4_LORA_RANKS (the LoRA shrink, a kernels/lora.py kernel captured with the lora
+    family, stands in as zeros)."""
     import fastpeft
     from fastpeft.kernels import lora as klora
     from fastpeft.kernels import nf4 as knf4
@@ -759,9 +761,10 @@ def nf4_launches(dtypes=(torch.bfloat16,), shapes=NF4_SHAPES, block_sizes=(64,),
                 y.backward(torch.zeros_like(y))
                 if (bs, dq, bias) in NF4_LORA_VARIANTS:
                     for r in NF4_LORA_RANKS:
-                        A, B = torch.zeros(r, K, dtype=dtype), torch.zeros(N, r, dtype=dtype)
-                        with torch.no_grad():
-                            onf4.nf4_lora_linear(x, q, b, A, B, 2.0, backend="triton")
+                        for p in (0.0, 0.1):  # the backward's dropout mask (the forward's is the shrink's)
+                            A, B = torch.zeros(r, K, dtype=dtype), torch.zeros(N, r, dtype=dtype)
+                            y = onf4.nf4_lora_linear(x, q, b, A, B, 2.0, p, True, backend="triton")
+                            y.backward(torch.zeros_like(y))  # dx only: A and B do not require grad
 
     def run_without_shrink():
         shrink = klora.shrink

@@ -129,6 +129,11 @@ def cases(dtype):
         "nf4_linear_grad_input": [(_rnd(3, 12, dtype=dtype, seed=36), *qargs4(n4l), 40, None)],
         "nf4_lora_linear": nf4_lora,
         "nf4_lora_linear_fwd": [tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in c) for c in nf4_lora],
+        "nf4_lora_linear_grad_input": [  # dy, the 4-bit weight, in_features, lora_A, lora_B, scaling, dropout, seed
+            (_rnd(2, 3, 12, dtype=dtype, seed=44), *qargs4(n4l), 40, *[t.detach() for t in nf4_lora[0][9:11]], 0.5,
+             0.2, _seed(), None),
+            (_rnd(3, 12, dtype=dtype, seed=45), *qargs4(f4l), 40, *[t.detach() for t in nf4_lora[1][9:11]], 2.0,
+             0.0, None, None)],
         "quant_linear": quant_linear,
         "fake_quantize": fake_quantize,
         "fake_quantize_backward": [(xs, _rnd(6, 10, dtype=dtype, seed=22), scale(False), zp().detach(), 4,

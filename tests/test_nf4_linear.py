@@ -72,6 +72,63 @@ def test_matches_reference(poison_outputs, case, dtype):
         assert rel(bg.grad, dy.double().cpu().reshape(-1, N).sum(0)) <= TOL[dtype]
 
 
+# the decode GEMV (kernels/nf4.py ``_nf4_gemv_kernel``: M <= GEMV_MAX_M, K whole blocks, the codes
+# read as int32 words): (leading dims of x, K, N, block size, double quantization, scheme, bias).
+# The interpreter splits K in two where there are 2 K tiles or more (64 wide): fp32 partials summed
+# by the split-K sum kernel, the bias added there
+GEMV_CASES = [
+    ((1,), 256, 9, 64, True, "nf4", True),     # M = 1, split-K (2 x 2 tiles), N odd, bias in the sum
+    ((2,), 192, 33, 32, False, "fp4", False),  # M = 2, an uneven split (2 tiles + 1), 3 N tiles
+    ((1, 1), 64, 16, 64, True, "nf4", True),   # one K tile: no split, the bias in the GEMV itself
+    ((2,), 256, 5, 256, False, "nf4", True),   # blocks of 256: a block spans K tiles
+]
+
+
+def _gemv_calls(monkeypatch):
+    from fastpeft.kernels import nf4 as knf4
+    calls = []
+    gemv = knf4._nf4_gemv
+    monkeypatch.setattr(knf4, "_nf4_gemv", lambda *a: (calls.append(a[0].shape[0]), gemv(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(GEMV_CASES)))
+def test_decode_gemv_matches_reference(poison_outputs, monkeypatch, case, dtype):
+    lead, K, N, bs, dq, scheme, bias = GEMV_CASES[case]
+    q = fastpeft.quantize(rnd(N, K, seed=case, scale=0.05), 4, scheme, block_size=bs, double_quant=dq)
+    x = rnd(*lead, K, dtype=dtype, seed=40 + case)
+    b = rnd(N, dtype=dtype, seed=50 + case) if bias else None
+    want = x.double().cpu() @ ref_weight(q).T + (0 if b is None else b.double().cpu())
+    calls = _gemv_calls(monkeypatch)
+    with fastpeft.use_backend("triton"):
+        y = ops.nf4_linear(x, q, b)
+    assert calls == [x.numel() // K]  # the GEMV ran
+    assert y.dtype == dtype and y.shape == (*lead, N)
+    assert rel(y, want) <= TOL[dtype], rel(y, want)
+
+
+def test_decode_gemv_only_where_it_applies(monkeypatch):
+    """M past GEMV_MAX_M, K not whole blocks, and codes that cannot be read as int32 words (a view
+    at an odd byte offset) take the GEMM, with the same result."""
+    from fastpeft.kernels import nf4 as knf4
+    calls = _gemv_calls(monkeypatch)
+    q = fastpeft.quantize(rnd(8, 128, scale=0.05), 4, "nf4", block_size=64, double_quant=True)
+    w = ref_weight(q)
+    with fastpeft.use_backend("triton"):
+        x = rnd(knf4.GEMV_MAX_M + 1, 128, seed=1)
+        assert rel(ops.nf4_linear(x, q), x.double() @ w.T) <= 1e-5 and calls == []
+        q2 = fastpeft.quantize(rnd(8, 96, scale=0.05), 4, "nf4", block_size=64)
+        x2 = rnd(1, 96, seed=2)
+        assert rel(ops.nf4_linear(x2, q2), x2.double() @ ref_weight(q2).T) <= 1e-5 and calls == []
+        shifted = torch.empty(q.data.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:]
+        shifted.copy_(q.data)
+        q3 = dataclasses.replace(q, data=shifted)
+        x3 = rnd(1, 128, seed=3)
+        assert rel(ops.nf4_linear(x3, q3), x3.double() @ w.T) <= 1e-5 and calls == []
+        assert rel(ops.nf4_linear(x3, q), x3.double() @ w.T) <= 1e-5 and calls == [1]
+
+
 def test_no_grad_and_empty(poison_outputs):
     q = fastpeft.quantize(rnd(6, 40, scale=0.05), 4, "nf4", block_size=32, double_quant=True)
     x = rnd(2, 40)

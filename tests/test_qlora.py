@@ -134,15 +134,17 @@ FUSED_CASES = [
     ((4, "nf4", 64, True), (1,), 72, 7, True, 0.0, 4),       # M = 1, K not a multiple of the block, odd N
     ((4, "fp4", 32, False), (3, 2), 33, 9, False, 0.25, 3),  # odd K, 3-D x, no bias, dropout, r = 3
     ((4, "nf4", 32, True), (17,), 64, 20, True, 0.0, 20),    # M past one row tile, r = 20 (a masked rank tile)
+    ((4, "nf4", 64, True), (2,), 256, 10, True, 0.25, 5),    # decode: the GEMV (split K), its update by split 0
 ]
 
 
-def _fused_calls(monkeypatch):
-    """The 4-bit GEMM launches, each recorded as whether it carried the LoRA update."""
+def _fused_calls(monkeypatch, kernel="nf4_linear"):
+    """The launches of a 4-bit GEMM (``nf4_linear``, the forward; ``nf4_linear_dx``, dx), each
+    recorded as whether it carried the LoRA update."""
     from fastpeft.kernels import nf4 as knf4
     calls = []
-    launch = knf4.nf4_linear
-    monkeypatch.setattr(knf4, "nf4_linear",
+    launch = getattr(knf4, kernel)
+    monkeypatch.setattr(knf4, kernel,
                         lambda *a, **k: (calls.append(k.get("lora") is not None), launch(*a, **k))[1])
     return calls
 
@@ -162,21 +164,24 @@ def _run_layer(layer, x, dy, fused, monkeypatch):
 @pytest.mark.parametrize("dtype,case", dtype_cases(range(len(FUSED_CASES)), [1],
                                                    dtypes=[torch.float32, torch.bfloat16]), ids=case_id)
 def test_fused_forward_matches_unfused_and_reference(fixed_seed, poison_outputs, monkeypatch, dtype, case):
-    """y and every gradient of the fused path against the unfused one (the base layer plus
-    lora_update) and the float64 reference. fp32: equal within fp32 rounding (relative error
-    <= 1e-6, not bit for bit: the fused kernel sums x W^T and s U B^T in one fp32 accumulator, U
-    comes from the fp32 shrink, while the unfused path rounds the base GEMM and the update apart
-    and adds them; dB reads that U). bf16: within bf16's tolerance (the unfused path rounds y
-    twice, the fused once)."""
+    """y and every gradient of the fused path (forward and dx) against the unfused one (the base
+    layer plus lora_update) and the float64 reference. fp32: equal within fp32 rounding (relative
+    error <= 1e-6, not bit for bit: the fused kernels sum x W^T and s U B^T (dy W and
+    s dropout'(V A)) in one fp32 accumulator, U and V come from the fp32 shrink, while the
+    unfused path rounds the base GEMM and the update apart and adds them; dB reads that U, dA
+    that V). bf16: within bf16's tolerance (the unfused path rounds y and dx twice, the fused
+    once)."""
     cfg, lead, K, N, bias, p, r = FUSED_CASES[case]
     layer = qlora(cfg, K, N, bias, p, r=r, dtype=dtype, seed=40 + case).train(True)
     x = rnd(*lead, K, dtype=dtype, seed=50 + case)
     dy = rnd(*lead, N, dtype=dtype, seed=60 + case)
     calls = _fused_calls(monkeypatch)
+    dx_calls = _fused_calls(monkeypatch, "nf4_linear_dx")
     fused = _run_layer(layer, x, dy, True, monkeypatch)
     assert calls == [True]  # one 4-bit GEMM, the update in its epilogue
+    assert dx_calls == [True]  # dx: one transposed 4-bit GEMM, the masked update in its accumulator
     unfused = _run_layer(layer, x, dy, False, monkeypatch)
-    assert calls == [True, False]
+    assert calls == [True, False] and dx_calls == [True, False]
     want = reference(layer, x, dy, True)
     factor = 0.1 if dtype == torch.float32 else 1.0
     for name, got, other, ref in zip(("y", "dx", "dA", "dB"), fused, unfused, want):

@@ -11,7 +11,10 @@ Registered ops (fastpeft/ops/_library.py), none differentiable:
                              dx by fastpeft::nf4_linear_grad_input, the transposed one; db)
   fastpeft::nf4_lora_linear  QLoRA's layer, y = x @ W_deq^T + bias + s * (dropout(x) A^T) B^T: the
                              LoRA shrink, then the 4-bit GEMM with s * U B^T in its epilogue
-                             (fastpeft::nf4_lora_linear_fwd also returns U, kept for dB)
+                             (fastpeft::nf4_lora_linear_fwd also returns U, kept for dB); its
+                             backward through x, fastpeft::nf4_lora_linear_grad_input: V = dy B by
+                             the shrink, then the transposed 4-bit GEMM starting from
+                             s * dropout'(V A) (returns dx and V, kept for dA)
 ``quantize_4bit`` checks that x is finite inside its kernel (fastpeft._checks.check_values: on
 CUDA a device-side assertion, no host sync).
 
@@ -215,6 +218,11 @@ def _byte_table(scheme: str, device: torch.device) -> torch.Tensor:
         if device.type != "meta" and not t.is_inference():  # (an inference tensor stays out of the cache)
             _BYTE_TABLES[key] = t
     return t
+
+
+def _pairs(scheme: str, device: torch.device) -> torch.Tensor:
+    """The byte table read as int64 [256] (low word: the high nibble's value): the GEMV's."""
+    return _byte_table(scheme, device).view(torch.int64).view(256)
 
 
 def torch_dequantize_4bit(data, absmax, scheme, block_size, shape, dtype) -> torch.Tensor:
@@ -494,7 +502,7 @@ def _linear_kernel(x, data, scale, nested_scale, nested_offset, scheme, block_si
         tables = _tables(x.device)
         with on_device(x2):
             y = k.nf4_linear(x2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
-                             tables["dynamic"], block_size, out_features, dense(bias))
+                             tables["dynamic"], block_size, out_features, dense(bias), pairs=_pairs(scheme, x.device))
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -632,14 +640,16 @@ def _check_linear(x, qweight, bias) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
-# QLoRA's layer, forward fused: y = x @ W_deq^T + bias + scaling * (dropout(x) A^T) B^T
+# QLoRA's layer, fused: y = x @ W_deq^T + bias + scaling * (dropout(x) A^T) B^T
 #
 # U = dropout(x) A^T (float32 [M, r]) by the LoRA shrink (kernels/lora.py ``shrink``, as
 # fastpeft::lora_linear's split path), then one 4-bit GEMM whose epilogue adds scaling * U B^T
 # (kernels/nf4.py ``_nf4_linear_kernel``, HAS_LORA): two launches instead of the 4-bit GEMM, the
-# shrink, the expand and an add over y. The backward is the unfused layer's: dx by
-# fastpeft::nf4_linear_grad_input plus scaling * dropout'((dy B) A), dA by fastpeft::lora_linear_da,
-# dB = scaling * dy^T U, db = sum(dy).
+# shrink, the expand and an add over y. The backward through x mirrors it: V = dy B (float32
+# [M, r]) by the shrink, then the transposed 4-bit GEMM (``_nf4_linear_dx_kernel``, HAS_LORA) whose
+# accumulator starts with scaling * dropout'(V A), the forward's mask (fastpeft::
+# nf4_lora_linear_grad_input: two launches instead of the 4-bit GEMM, the shrink, the expand and an
+# add over dx). dA by fastpeft::lora_linear_da from the same V, dB = scaling * dy^T U, db = sum(dy).
 
 def _lora_forward(x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias,
                   lora_A, lora_B, scaling, dropout_p, seed, backend):
@@ -663,7 +673,7 @@ def _lora_forward(x, data, scale, nested_scale, nested_offset, scheme, block_siz
                              dropout_p=dropout_p, seed=seed)
             y = k.nf4_linear(x2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
                              tables["dynamic"], block_size, out_features, dense(bias),
-                             lora=(u, lora_B, float(scaling)))
+                             lora=(u, lora_B, float(scaling)), pairs=_pairs(scheme, x.device))
     return y.reshape(*x.shape[:-1], out_features), u
 
 
@@ -698,11 +708,55 @@ def _torch_lora_linear(x, bias, lora_A, lora_B, data, scale, nested_scale, neste
     return y.reshape(*x.shape[:-1], N)
 
 
+def _lora_grad_input(dy, data, scale, nested_scale, nested_offset, scheme, block_size, in_features, lora_A, lora_B,
+                     scaling, dropout_p, seed, backend):
+    """(dx = dy W_deq + scaling * dropout'((dy B) A) [..., in] in dy's dtype, V = dy B float32
+    [M, r]): QLoRA's backward through x. Triton: V by the LoRA shrink, then one transposed 4-bit
+    GEMM whose accumulator starts with the masked update (kernels/nf4.py ``nf4_linear_dx``)."""
+    from . import lora as lora_ops
+    N = dy.shape[-1]
+    check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (N, in_features), dy.dtype)
+    name = _backend.choose("nf4_linear", dy.device, KERNELS, backend)
+    dy2 = rows(dy)
+    A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
+    if name == "torch" or dy2.shape[0] == 0 or N == 0 or in_features == 0:
+        # the unfused layer's arithmetic: dy @ W (W rounded once to dy's dtype), V and V A in dy's dtype
+        w = torch_dequantize_4bit(data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
+                                  (N, in_features), torch.float32).to(dy2.dtype)
+        v = dy2 @ B
+        dx = (dy2 @ w).add_(lora_ops.dropout_rows(v @ A, dropout_p, seed), alpha=scaling)
+        v = v.float()
+    else:
+        from ..kernels import lora as klora
+        from ..kernels import nf4 as k
+        tables = _tables(dy.device)
+        with on_device(dy2):
+            v = klora.shrink(dy2, B, (B.stride(1), B.stride(0)), B.shape[1])  # the operand is B^T [r, N]
+            dx = k.nf4_linear_dx(dy2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
+                                 tables["dynamic"], block_size, in_features,
+                                 lora=(v, A, float(scaling), dropout_p, seed))
+    return dx.reshape(*dy.shape[:-1], in_features), v
+
+
+def _lora_grad_input_fake(dy, data, scale, nested_scale, nested_offset, scheme, block_size, in_features, lora_A,
+                          lora_B, scaling, dropout_p, seed, backend):
+    check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (dy.shape[-1], in_features), dy.dtype)
+    return (dy.new_empty((*dy.shape[:-1], in_features)),
+            dy.new_empty((math.prod(dy.shape[:-1]), lora_A.shape[0]), dtype=torch.float32))
+
+
+nf4_lora_linear_grad_input_op = define(
+    "nf4_lora_linear_grad_input(Tensor dy, Tensor data, Tensor scale, Tensor? nested_scale, Tensor? nested_offset, "
+    "str scheme, int block_size, SymInt in_features, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
+    "Tensor? seed, str? backend) -> (Tensor, Tensor)",
+    _lora_grad_input, _lora_grad_input_fake)
+
+
 class NF4LoRALinearFunction(torch.autograd.Function):
-    """Autograd of fastpeft::nf4_lora_linear: the forward fused, the backward the unfused layer's
-    (dx = dy W_deq by fastpeft::nf4_linear_grad_input + scaling * dropout'((dy B) A), dA by
-    fastpeft::lora_linear_da, dB = scaling * dy^T U, db = sum(dy)); the codes are frozen. Under
-    create_graph the backward is the torch composition, recorded."""
+    """Autograd of fastpeft::nf4_lora_linear, the unfused layer's gradients: dx = dy W_deq +
+    scaling * dropout'((dy B) A) and V = dy B by fastpeft::nf4_lora_linear_grad_input (fused), dA
+    by fastpeft::lora_linear_da from V, dB = scaling * dy^T U, db = sum(dy); the codes are frozen.
+    Under create_graph the backward is the torch composition, recorded."""
 
     @staticmethod
     def forward(ctx, x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias,
@@ -733,13 +787,13 @@ class NF4LoRALinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(math.prod(dy.shape[:-1]), N)
         dx = db = dA = dB = None
         with below_autograd():
-            v = dy2 @ B if need_x or need_A else None  # [M, r]
-            if need_x:
-                dx = call(nf4_linear_grad_input_op, direct, dy, data, scale, nested_scale, nested_offset, scheme,
-                          block_size, K, backend)
-                dx.view(dy2.shape[0], K).add_(lora_ops.dropout_rows(v @ A, p, seed), alpha=s)
+            if need_x:  # dx and V = dy B (kept for dA) by one op: the update fused into the 4-bit GEMM
+                dx, v = call(nf4_lora_linear_grad_input_op, direct, dy, data, scale, nested_scale, nested_offset,
+                             scheme, block_size, K, A, B, s, p, seed, backend)
+            elif need_A:
+                v = (dy2 @ B).float()  # [M, r]
             if need_A:
-                dA = call(lora_ops.lora_linear_da_op, direct, v.float(), x, s, p, seed, backend).to(A.dtype)
+                dA = call(lora_ops.lora_linear_da_op, direct, v, x, s, p, seed, backend).to(A.dtype)
             if need_B:
                 dB = (s * (dy2.t() @ u.to(dy.dtype))).to(B.dtype)
             if need_b:
@@ -762,8 +816,9 @@ def nf4_lora_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None, lora_A:
     triton backend is two launches: U = dropout(x) A^T in float32 by the LoRA shrink kernel, then
     the 4-bit GEMM (``nf4_linear``'s kernel) with scaling * U B^T added in its epilogue; y is
     rounded once from the float32 accumulator. The torch backend computes the unfused layer.
-    Gradients for x, bias, lora_A and lora_B, as the unfused layer's (see
-    ``NF4LoRALinearFunction``). Runs as the registered op ``torch.ops.fastpeft.nf4_lora_linear``;
+    Gradients for x, bias, lora_A and lora_B, as the unfused layer's; dx is fused the same way
+    (V = dy B by the shrink, then the transposed 4-bit GEMM starting from scaling *
+    dropout'(V A); see ``NF4LoRALinearFunction``). Runs as the registered op ``torch.ops.fastpeft.nf4_lora_linear``;
     no host sync.
     """
     from . import lora as lora_ops
