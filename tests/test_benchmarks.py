@@ -127,14 +127,24 @@ def test_qlora_gpu_path(gpu_ctx, monkeypatch):
     against one fp32 computation: PEFT + bitsandbytes included when both are installed."""
     monkeypatch.setattr(bench_qlora, "QUICK", dict(M=(3,), KN=((72, 24),)))
     monkeypatch.setattr(bench_qlora, "R", 4)
+    # the end-to-end training step on a tiny Llama (its K = 64 and 96: whole NF4 blocks)
+    monkeypatch.setattr(bench_qlora, "TRAIN_QUICK", dict(hidden=64, intermediate=96, layers=1, heads=4, kv_heads=2,
+                                                         vocab=64, batch=2, seq=8))
     timings = _check_records(bench_qlora.run_gpu(gpu_ctx), gpu_ctx)
     ok = {(r["impl"], r["mode"]) for r in timings if r.get("ok")}
-    names = ["unfused", "fastpeft[auto]"] + (["peft"] if bench_qlora.bnb_status()[0] and common.peft_status()[0]
-                                             else [])
+    peer = bench_qlora.bnb_status()[0] and common.peft_status()[0]
+    names = ["unfused", "fastpeft[auto]"] + (["peft"] if peer else [])
     for name in names:
         assert {(name, "fwd"), (name, "fwdbwd")} <= ok, name
     grads = [r for r in timings if r["mode"] == "fwdbwd" and r.get("rel_errs")]
     assert grads and all(set(r["rel_errs"]) == {"dx", "dA", "dB"} for r in grads)
+    steps = {r["impl"]: r for r in timings if r["op"] == bench_qlora.TRAIN_OP and not r["error"]}
+    assert set(steps) == {"bf16 LoRA", "fastpeft[auto]"} | ({"peft"} if peer else set())
+    assert all(r["tokens_per_s"] > 0 and r["first_loss"] > 0 for r in steps.values())
+    # every variant trains the same adapters (r = 4 on the 7 projections of the layer)
+    assert len({r["trainable"] for r in steps.values()}) == 1
+    if peer:  # the two 4-bit models start from the same codes: the same first loss
+        assert abs(steps["peft"]["first_loss"] - steps["fastpeft[auto]"]["first_loss"]) < 1e-2
 
 
 def test_time_impls_reports_a_wrong_output():
