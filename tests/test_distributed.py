@@ -9,8 +9,8 @@ the averaged gradients are the one-process gradients.
 
 The base under LoRA is float, int8 (Int8Linear) or QLoRA's nf4 (QuantLinear, double quantization):
 its codes a replicated uint8 buffer ("nf4"), or a frozen uint8 Parameter that FSDP2 shards
-("nf4_sharded": quant_storage=torch.uint8, as FSDP-QLoRA's bnb_4bit_quant_storage).
-"""
+("nf4_sharded": quant_storage=torch.uint8, as FSDP-QLoRA's bnb_4bit_quant_storage), or a frozen
+float32 Parameter that FSDP1 flattens with the unit's other float32 parameters ("nf4_flat")."""
 import copy
 import datetime
 import json
@@ -42,7 +42,7 @@ ODD_RANK = 3
 TIMEOUT = datetime.timedelta(seconds=120)  # a collective a rank never joins fails instead of hanging
 # (wrapper, base): None a float base, else a key of BASES
 TRAINED = [("ddp", None), ("ddp", "int8"), ("ddp", "nf4"), ("fsdp2", None), ("fsdp2", "int8"), ("fsdp2", "nf4"),
-           ("fsdp2", "nf4_sharded"), ("fsdp1", None)]
+           ("fsdp2", "nf4_sharded"), ("fsdp1", None), ("fsdp1", "nf4_flat")]
 WRAPPERS = ["ddp", "fsdp1_plain", "fsdp1", "fsdp2"]  # fsdp1: wrap_fsdp1; fsdp1_plain: FSDP1 itself
 
 if not (dist.is_available() and dist.is_gloo_available()):
@@ -55,8 +55,12 @@ BASES = {  # how each quantized base is made from tiny_llama, in place
     "nf4": lambda model: fastpeft.quantize_model(model, weights="nf4", double_quant=True),
     "nf4_sharded": lambda model: fastpeft.quantize_model(model, weights="nf4", double_quant=True,
                                                          quant_storage=torch.uint8),
+    # FSDP1 flattens a unit's parameters into one flat parameter of one dtype: the codes stored in
+    # the model's (as FSDP-QLoRA stores bitsandbytes' codes in bf16 for FSDP1)
+    "nf4_flat": lambda model: fastpeft.quantize_model(model, weights="nf4", double_quant=True,
+                                                      quant_storage=torch.float32),
 }
-REFERENCE = {None: None, "int8": "int8", "nf4": "nf4", "nf4_sharded": "nf4"}  # the same codes: one reference
+REFERENCE = {None: None, "int8": "int8", "nf4": "nf4", "nf4_sharded": "nf4", "nf4_flat": "nf4"}  # same codes
 PROBE = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))  # an input of the hidden size
 
 
@@ -220,6 +224,9 @@ def _trained_runs(rank: int, out: str) -> dict:
         else:
             with counter:
                 results[name] = train(wrapped, model, x, counter)
+        if base == "nf4_flat":  # the codes' elements this rank holds (FSDP1's sharded views), and all of them
+            results["nf4_flat_codes"] = (sum(c.numel() for c in quant_codes(model)),
+                                         sum(c.numel() for c in quant_codes(lora_model(base))))
         fastpeft.save_adapter(wrapped, os.path.join(out, name))
     model = lora_model()
     wrapped, counter = wrap("fsdp1_plain", model), ReduceCounter()
@@ -332,6 +339,14 @@ def test_only_trainable_values_are_reduced(runs, kind, base):
     got = runs[0][run_name(kind, base)]
     assert got["trainable"] == 3584  # r 4 on q/k/v/o of tiny_llama
     assert got["reduced"] == [got["trainable"]] * STEPS
+
+
+def test_fsdp1_shards_the_4bit_base(runs):
+    """quant_storage=torch.float32: the codes are float32 Parameters that FSDP1 flattens with the
+    unit's other weights and shards: after training, a rank holds about half of their elements
+    (a flat parameter's shard boundary need not fall between two layers)."""
+    local, whole = runs[0]["nf4_flat_codes"]
+    assert 0 < local < whole and abs(local * WORLD - whole) <= 0.1 * whole, (local, whole)
 
 
 def test_fsdp2_shards_the_4bit_base(runs):
