@@ -204,9 +204,10 @@ def quantize_model(model: nn.Module, weights: str = "int8", activations: str | N
     weights)`` in bitsandbytes' layout, blocks of ``group_size`` weights ("auto": 64, QLoRA's;
     one of bitsandbytes' block sizes, any in_features), ``double_quant`` quantizing the block
     absmax to 8 bits; 16-bit activations only. Then ``fastpeft.inject_lora`` trains LoRA on it.
-    ``quant_storage`` (nf4 / fp4 only; None: a uint8 buffer): the 4-bit codes a frozen
-    Parameter of this dtype (torch.uint8 for FSDP2), so that FSDP2's ``fully_shard`` shards the
-    base (see ``QuantLinear``).
+    ``quant_storage`` (nf4 / fp4 only; None: uint8 / float32 buffers): the 4-bit codes and their
+    quant state frozen Parameters of this dtype holding their bytes (torch.uint8 for FSDP2; the
+    model's dtype for FSDP1, which flattens one dtype a unit), so that FSDP shards the base (see
+    ``QuantLinear``).
     ``compute_dtype`` (weight-only layers): the dtype the layers compute in (their input and bias
     cast to it, the output back), as bitsandbytes' Linear4bit(compute_dtype=); None: the input's.
     activations="dynamic": a scale per token at run time. activations="static": one step per

@@ -247,7 +247,11 @@ def _unsharded_layer(model: nn.Module, results: dict) -> None:
     codes = quant_codes(model)
     results["nf4_sharded_codes"] = [(c.to_local().numel() if isinstance(c, DTensor) else c.numel(), c.numel())
                                     for c in codes]
-    results["nf4_sharded_buffers"] = [n for n, _ in model.named_buffers() if n.endswith("weight_data")]
+    results["nf4_sharded_buffers"] = [n for n, _ in model.named_buffers()
+                                      if n.endswith(("weight_data", "weight_scale", "weight_nested_scale"))]
+    results["nf4_sharded_state"] = [(t.to_local().numel() if isinstance(t, DTensor) else t.numel(), t.numel())
+                                    for m in model.modules() if isinstance(m, QuantLinear)
+                                    for t in (m.weight_scale, m.weight_nested_scale)]
     layer = model.model.layers[0].self_attn.q_proj.base_layer
     state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in layer.state_dict().items()}
     plain = QuantLinear(64, 64, scheme="nf4", group_size=64, double_quant=True)
@@ -350,12 +354,16 @@ def test_fsdp1_shards_the_4bit_base(runs):
 
 
 def test_fsdp2_shards_the_4bit_base(runs):
-    """quant_storage=torch.uint8: FSDP2 shards the codes (each rank holds half of every one), none is
-    left in a buffer, and their shards gathered make a layer equal to the one-process one."""
+    """quant_storage=torch.uint8: FSDP2 shards the codes (each rank holds half of every one) and the
+    quant state (the absmax codes and the nested absmax's bytes: each rank holds its part, FSDP2
+    padding the last), none is left in a buffer, and their shards gathered make a layer equal to
+    the one-process one."""
     sizes = runs[0]["nf4_sharded_codes"]
     assert len(sizes) == 14  # q/k/v/o, gate/up/down of both layers (lm_head is not quantized)
     assert all(local * WORLD == whole for local, whole in sizes)
     assert runs[0]["nf4_sharded_buffers"] == []
+    state = runs[0]["nf4_sharded_state"]
+    assert len(state) == 28 and all(0 < local < whole and local >= whole // WORLD for local, whole in state), state
     replicated = base_model("nf4")
     assert [c.numel() for c in quant_codes(replicated)] == [whole for _, whole in sizes]
     with torch.no_grad():
@@ -365,36 +373,56 @@ def test_fsdp2_shards_the_4bit_base(runs):
 
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
 def test_quant_storage_layer(storage):
-    """One process: codes stored as a frozen ``storage`` Parameter (K * N / 2 = 83 bytes: padded for a
-    float storage) compute what the default buffer does, keep their bytes through merge_ / unmerge_
-    and .to(dtype), and their state dict and a default layer's load into each other."""
+    """One process: codes and quant state stored as frozen ``storage`` Parameters (K * N / 2 = 83
+    bytes of codes, 3 absmax codes, one nested absmax: padded for a float storage) compute what
+    the default buffers do, keep their bytes through merge_ / unmerge_ and .to(dtype), and their
+    state dict and a default layer's load into each other, with and without double quantization."""
     linear = nn.Linear(33, 5)
-    make = lambda s=None: QuantLinear.from_linear(linear, scheme="nf4", group_size=64, double_quant=True,  # noqa: E731
-                                                  quant_storage=s)
-    default, layer = make(), make(storage)
-    assert isinstance(layer.weight_data, nn.Parameter) and not layer.weight_data.requires_grad
-    assert layer.weight_data.dtype == storage and "weight_data" not in dict(layer.named_buffers())
-    with torch.no_grad():
-        want = default(PROBE[:, :33])
-        assert torch.equal(layer(PROBE[:, :33]), want)
-        stored = layer.weight_data.view(torch.uint8).clone()
-        layer.merge_(torch.full((5, 33), 0.1))
-        assert layer.state_dict()["weight_data"].dtype == torch.uint8  # the codes from before the merge
-        layer.unmerge_()
-        cast = copy.deepcopy(layer).half().float()  # the bias is cast, the codes keep their bytes
-        for t in (layer.weight_data, cast.weight_data):
-            assert t.dtype == storage and torch.equal(t.view(torch.uint8), stored)
-        state = layer.state_dict()
-        assert state["weight_data"].dtype == torch.uint8 and state["weight_data"].shape == (83,)
-        assert torch.equal(state["weight_data"], default.state_dict()["weight_data"])
-        other, again = make(), make(storage)
-        other.load_state_dict(state)
-        again.load_state_dict(default.state_dict())
-        assert torch.equal(other(PROBE[:, :33]), want) and torch.equal(again(PROBE[:, :33]), want)
-        if storage != torch.uint8:  # cast by value (as a mixed-precision policy of another dtype would)
-            layer.weight_data.data = layer.weight_data.data.to(torch.float16)
-            with pytest.raises(RuntimeError, match="were cast to torch.float16"):
-                layer(PROBE[:, :33])
+    for double in (True, False):
+        make = lambda s=None: QuantLinear.from_linear(linear, scheme="nf4", group_size=64,  # noqa: E731
+                                                      double_quant=double, quant_storage=s)
+        default, layer = make(), make(storage)
+        names = ("weight_data", "weight_scale") + (("weight_nested_scale",) if double else ())
+        for name in names:
+            t = getattr(layer, name)
+            assert isinstance(t, nn.Parameter) and not t.requires_grad and t.dtype == storage, name
+            assert name not in dict(layer.named_buffers())
+        assert trainable_numel(layer) == 0 and fastpeft.trainable_parameters(layer, verbose=False)[1] == 5 * 33 + 5
+        with torch.no_grad():
+            want = default(PROBE[:, :33])
+            assert torch.equal(layer(PROBE[:, :33]), want)
+            stored = {n: getattr(layer, n).view(torch.uint8).clone() for n in names}
+            layer.merge_(torch.full((5, 33), 0.1))
+            assert not torch.equal(layer(PROBE[:, :33]), want)
+            assert layer.state_dict()["weight_data"].dtype == torch.uint8  # the codes from before the merge
+            layer.unmerge_()
+            cast = copy.deepcopy(layer).half().float()  # the bias is cast, the stored bytes are kept
+            for n in names:
+                for t in (getattr(layer, n), getattr(cast, n)):
+                    assert t.dtype == storage and torch.equal(t.view(torch.uint8), stored[n]), n
+            state, default_state = layer.state_dict(), default.state_dict()
+            assert state["weight_data"].dtype == torch.uint8 and state["weight_data"].shape == (83,)
+            for key, value in default_state.items():
+                assert key in state and state[key].dtype == value.dtype and torch.equal(state[key], value), key
+            other, again = make(), make(storage)
+            other.load_state_dict(state)
+            again.load_state_dict(default_state)
+            assert torch.equal(other(PROBE[:, :33]), want) and torch.equal(again(PROBE[:, :33]), want)
+            # the stored (padded) bytes as a quant_storage layer's parameters hold them load too
+            stored_state = {k: v for k, v in layer.state_dict(keep_vars=True).items()}
+            stored_state.update({n: getattr(layer, n).detach() for n in names})
+            third = make()
+            third.load_state_dict(stored_state)
+            assert torch.equal(third(PROBE[:, :33]), want)
+            if double:  # a float64 nested absmax (a value, not stored bytes) is converted, not reinterpreted
+                values = dict(default_state, weight_nested_scale=default_state["weight_nested_scale"].double())
+                fourth = make(storage)
+                fourth.load_state_dict(values)
+                assert torch.equal(fourth(PROBE[:, :33]), want)
+            if storage != torch.uint8:  # cast by value (as a mixed-precision policy of another dtype would)
+                layer.weight_scale.data = layer.weight_scale.data.to(torch.float16)
+                with pytest.raises(RuntimeError, match="weight_scale, stored as .* was cast to torch.float16"):
+                    layer(PROBE[:, :33])
     with pytest.raises(TypeError, match="quant_storage must be None or one of"):
         make(torch.int8)
     with pytest.raises(ValueError, match="quant_storage is for the nf4 / fp4 schemes"):

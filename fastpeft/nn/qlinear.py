@@ -118,10 +118,13 @@ class QuantLinear(MergeableQuantized):
     parameter. A float dtype (e.g. torch.bfloat16) must equal a MixedPrecisionPolicy's param_dtype
     (FSDP would cast the codes by value; forward raises if it finds them cast); ``module.to(dtype)``
     keeps their bytes. Forward reads the (all-gathered) parameter back as uint8 by a view, no copy.
-    The quant state (absmax codes, nested scale and offset, about 1/32 of the codes' bytes with
-    double_quant) stays in replicated buffers. ``state_dict()`` holds the codes as uint8
-    [ceil(out * in / 2)] (a DTensor shard as stored), so a default layer loads it, and this one
-    loads a default layer's.
+    The quant state is stored the same way, so FSDP shards it too: ``weight_scale`` (the absmax,
+    or its uint8 codes with double_quant) and ``weight_nested_scale`` become frozen Parameters of
+    quant_storage holding their bytes (read back as float32 / uint8 by a view; a copy where the
+    gathered bytes are not 4-byte aligned); the nested offset (one float) stays a buffer.
+    ``state_dict()`` holds the codes as uint8 [ceil(out * in / 2)] and the quant state in a default
+    layer's dtypes (a DTensor shard as stored), so a default layer loads it, and this one loads a
+    default layer's (or the stored bytes).
 
     QLoRA / LoRA on this base: ``LoRALinear.from_linear(quant_layer)``. ``merge_(delta)``
     re-quantizes (dequantized weight + delta) with the same scheme, bits, group / block size and
@@ -166,19 +169,27 @@ class QuantLinear(MergeableQuantized):
         if input_scale is not None:
             input_scale = _checks.step_tensor("input_scale", input_scale).to(qweight.data.device)
         self.register_buffer("input_scale", input_scale)
-        if quant_storage is None:
-            self.register_buffer("weight_data", qweight.data)
-        else:
-            self.weight_data = nn.Parameter(self._stored_codes(qweight.data), requires_grad=False)
         if _is_4bit_float(qweight.scheme):
             double = qweight.nested_scale is not None
-            if double:  # weight_scale holds the uint8 codes of the absmax: not a float32 buffer
-                self._float32_buffers = ("input_scale", "weight_nested_scale", "weight_nested_offset")
-            self.register_buffer("weight_scale", qweight.scale if double else qweight.scale.float())
-            self.register_buffer("weight_zero_point", None)
-            self.register_buffer("weight_nested_scale", qweight.nested_scale)
+            logical = {"weight_data": qweight.data, "weight_scale": qweight.scale if double else qweight.scale.float(),
+                       "weight_nested_scale": qweight.nested_scale}
+            # the logical (dtype, numel) of each tensor quant_storage stores as bytes
+            self._stored_layout = {n: (t.dtype, t.numel()) for n, t in logical.items() if t is not None}
+            for name, t in logical.items():
+                if name == "weight_nested_scale":
+                    self.register_buffer("weight_zero_point", None)  # the state_dict's order as before
+                if quant_storage is None or t is None:
+                    self.register_buffer(name, t)
+                else:
+                    setattr(self, name, nn.Parameter(self._stored(t), requires_grad=False))
+            # float32 buffers that .to(dtype) keeps float32: the absmax (not its uint8 codes), the
+            # nested scale and offset, unless stored as quant_storage bytes
+            self._float32_buffers = tuple(n for n in ("input_scale", "weight_nested_scale", "weight_nested_offset")
+                                          + (() if double else ("weight_scale",))
+                                          if n not in self._stored_names())
             self.register_buffer("weight_nested_offset", qweight.nested_offset)
         else:
+            self.register_buffer("weight_data", qweight.data)
             self.register_buffer("weight_scale", qweight.scale.float())
             self.register_buffer("weight_zero_point", qweight.zero_point.to(torch.int32))
             self.register_buffer("weight_nested_scale", None)
@@ -270,42 +281,65 @@ class QuantLinear(MergeableQuantized):
         self._build(copied, _frozen_copy(bias), activations, input_scale, compute_dtype, quant_storage)
         return self
 
-    # --- the codes as stored (quant_storage) and as read (uint8)
+    # --- the codes and quant state as stored (quant_storage) and as read
+
+    _stored_layout: dict = {}
+
+    def _stored_names(self) -> tuple[str, ...]:
+        """The tensors held as frozen Parameters of quant_storage: the 4-bit codes, the block
+        absmax (or its 8-bit codes) and the nested absmax; () without quant_storage. The nested
+        offset (one float) stays a buffer: FSDP shards no 0-d tensor."""
+        if self.quant_storage is None:
+            return ()
+        return tuple(n for n in ("weight_data", "weight_scale", "weight_nested_scale") if n in self._stored_layout)
 
     def _code_bytes(self) -> int:
         """The number of bytes of the 4-bit codes: ceil(out * in / 2)."""
         return (self.out_features * self.in_features + 1) // 2
 
-    def _stored_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """uint8 codes [ceil(out * in / 2)] as ``weight_data`` stores them: viewed as quant_storage,
-        zero-padded to a whole number of its elements (the codes themselves without it)."""
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        """A 1-D tensor (the uint8 codes, a uint8 or float32 absmax) as quant_storage stores it: its
+        bytes viewed as quant_storage, zero-padded to a whole number of its elements."""
         storage = self.quant_storage
-        if storage is None or storage == torch.uint8:
-            return codes
-        size = storage.itemsize
-        pad = -codes.numel() % size
+        if storage is None or storage == t.dtype:
+            return t
+        raw = t.contiguous().view(torch.uint8)
+        pad = -raw.numel() % storage.itemsize
         if pad:
-            codes = torch.cat([codes, codes.new_zeros(pad)])
-        return codes.contiguous().view(storage)
+            raw = torch.cat([raw, raw.new_zeros(pad)])
+        return raw.view(storage)
+
+    def _read(self, name: str, data: torch.Tensor) -> torch.Tensor:
+        """A stored tensor (``name``: one of ``_stored_names``; the all-gathered parameter under
+        FSDP) read back as its logical dtype and size: a view, or a copy where its bytes do not
+        start on the dtype's alignment."""
+        storage = self.quant_storage
+        if storage is None or name not in self._stored_layout:
+            return data
+        dtype, numel = self._stored_layout[name]
+        if data.dtype != storage:
+            raise RuntimeError(
+                f"QuantLinear: its {name}, stored as {storage}, was cast to {data.dtype} (e.g. by FSDP's "
+                f"MixedPrecisionPolicy(param_dtype={data.dtype})): its bytes are lost; use quant_storage="
+                f"torch.uint8 (no mixed precision casts integers) or the param_dtype as quant_storage")
+        if storage == dtype:  # stored as it is
+            return data
+        raw = data.view(torch.uint8)[:numel * dtype.itemsize]
+        if dtype == torch.uint8:
+            return raw
+        if raw.data_ptr() % dtype.itemsize:
+            raw = raw.clone()
+        return raw.view(dtype)
 
     def _read_codes(self, data: torch.Tensor) -> torch.Tensor:
         """``weight_data`` (as stored) read back as the uint8 codes [ceil(out * in / 2)]: a view."""
-        storage = self.quant_storage
-        if storage is None or data.dtype == torch.uint8 and storage == torch.uint8:
-            return data
-        if data.dtype != storage:
-            raise RuntimeError(
-                f"QuantLinear: its 4-bit codes, stored as {storage}, were cast to {data.dtype} (e.g. by FSDP's "
-                f"MixedPrecisionPolicy(param_dtype={data.dtype})): their bytes are lost; use quant_storage="
-                f"torch.uint8 (no mixed precision casts integers) or the param_dtype as quant_storage")
-        return data.view(torch.uint8)[:self._code_bytes()]
+        return self._read("weight_data", data)
 
     def _apply(self, fn, *args, **kwargs):
         """module.to(dtype) casts floating parameters by value: codes stored as a float dtype (and their
         copy from before a merge_) keep their bytes, following device moves only."""
-        names = ("weight_data", ORIGINAL + "weight_data")
-        saved = {} if self.quant_storage is None else \
-            {n: t.data for n in names if (t := getattr(self, n, None)) is not None}
+        names = self._stored_names() + tuple(ORIGINAL + n for n in self._stored_names())
+        saved = {n: t.data for n in names if (t := getattr(self, n, None)) is not None}
         out = super()._apply(fn, *args, **kwargs)
         for name, old in saved.items():
             new = getattr(self, name)
@@ -318,26 +352,38 @@ class QuantLinear(MergeableQuantized):
         return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """The codes as a default layer holds them (uint8 [ceil(out * in / 2)]) whatever quant_storage;
-        a sharded (DTensor) parameter is left as stored (distributed checkpoints load it back as is)."""
+        """The codes and quant state as a default layer holds them (uint8 codes [ceil(out * in / 2)],
+        the absmax or its uint8 codes, the float32 nested absmax) whatever quant_storage; a sharded
+        (DTensor) parameter is left as stored (distributed checkpoints load it back as is)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        key = prefix + "weight_data"
-        t = destination.get(key)
-        if self.quant_storage is not None and type(t) in (torch.Tensor, nn.Parameter):
-            destination[key] = self._read_codes(t.detach())
+        for name in self._stored_names():
+            t = destination.get(prefix + name)
+            if type(t) in (torch.Tensor, nn.Parameter):
+                destination[prefix + name] = self._read(name, t.detach())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """Codes saved by any layer (uint8, or a quant_storage layer's stored form) load into this one's."""
-        key = prefix + "weight_data"
-        t = state_dict.get(key)
-        if _is_4bit_float(self.scheme) and type(t) in (torch.Tensor, nn.Parameter) and t.dim() == 1:
-            if t.dtype != torch.uint8:  # a quant_storage layer's parameter, as stored: its bytes
-                t = t.contiguous().view(torch.uint8)[:self._code_bytes()]
-            if t.numel() == self._code_bytes() and self.quant_storage is not None:
-                t = self._stored_codes(t)
-            state_dict = dict(state_dict)
-            state_dict[key] = t
+        """The codes and quant state saved by any layer (a default layer's dtypes, or a quant_storage
+        layer's stored bytes: a QUANT_STORAGE dtype holding exactly their padded bytes; values of
+        another float dtype, converted) load into this one's; anything else is left to nn.Module's
+        own checks."""
+        if not _is_4bit_float(self.scheme):
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        state_dict = dict(state_dict)
+        for name, (dtype, numel) in self._stored_layout.items():
+            t = state_dict.get(prefix + name)
+            if type(t) not in (torch.Tensor, nn.Parameter) or t.dim() != 1:
+                continue
+            nbytes = numel * dtype.itemsize
+            if t.dtype != dtype and t.dtype in QUANT_STORAGE and t.numel() == -(-nbytes // t.element_size()):
+                # a quant_storage layer's stored bytes (padded to whole elements of its dtype)
+                t = t.contiguous().view(torch.uint8)[:nbytes].clone().view(dtype)
+            elif t.dtype != dtype and t.numel() == numel and t.is_floating_point() == dtype.is_floating_point:
+                t = t.to(dtype)  # values in another dtype (e.g. a float64 absmax), as a default layer converts them
+            if t.dtype == dtype and t.numel() == numel and name in self._stored_names():
+                t = self._stored(t)
+            state_dict[prefix + name] = t
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -345,9 +391,11 @@ class QuantLinear(MergeableQuantized):
     def qweight(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor over this module's buffers (the codes as uint8)."""
         if _is_4bit_float(self.scheme):
-            return QuantizedTensor(self._read_codes(self.weight_data), self.weight_scale, None, 4, self.scheme, None, self.group_size,
+            return QuantizedTensor(self._read_codes(self.weight_data), self._read("weight_scale", self.weight_scale),
+                                   None, 4, self.scheme, None, self.group_size,
                                    torch.Size((self.out_features, self.in_features)), self.weight_dtype,
-                                   self.weight_nested_scale, self.weight_nested_offset)
+                                   self._read("weight_nested_scale", self.weight_nested_scale),
+                                   self.weight_nested_offset)
         return QuantizedTensor(self.weight_data, self.weight_scale, self.weight_zero_point, self.bits,
                                self.scheme, 0 if self.group_size is None else None, self.group_size,
                                torch.Size((self.out_features, self.in_features)), self.weight_dtype)
@@ -364,9 +412,10 @@ class QuantLinear(MergeableQuantized):
         q = _quantize_weight(weight, self.bits, self.group_size, self.scheme, self.weight_dtype, double)
         new = {"weight_data": q.data, "weight_scale": q.scale}
         if _is_4bit_float(self.scheme):
-            new["weight_data"] = self._stored_codes(q.data)
             if double:
                 new.update(weight_nested_scale=q.nested_scale, weight_nested_offset=q.nested_offset)
+            for name in self._stored_names():
+                new[name] = self._stored(new[name])
         else:
             new["weight_zero_point"] = q.zero_point
         return new
