@@ -30,7 +30,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-CUDA_SOURCES = ["csrc/lora.cu", "csrc/int8.cu", "csrc/quant.cu", "csrc/bottleneck.cu"]
+CUDA_SOURCES = ["csrc/lora.cu", "csrc/int8.cu", "csrc/quant.cu", "csrc/nf4.cu", "csrc/bottleneck.cu"]
 CXX_SOURCES = ["csrc/bindings.cpp"]
 CUDA_HEADERS = ["csrc/common.cuh", "csrc/fastpeft.h"]
 

@@ -119,6 +119,12 @@ constexpr const char* DOC_quant_quantize =
 constexpr const char* DOC_quant_dequantize =
     "y (dtype, contiguous) = (code - zero_point[slot]) * scale[slot] in fp32 from quant_quantize's q, with\n"
     "the same geometry arguments (scheme 0: signed codes / nibbles, 1: unsigned).";
+constexpr const char* DOC_nf4_dequantize =
+    "NF4 / FP4 dequantization with bitsandbytes' layout (fastpeft/reference/nf4.py): y[e] (dtype, n elements,\n"
+    "contiguous) = code[nibble] * absmax[e / block_size] in fp32, rounded once; nibble e of data is the high\n"
+    "nibble of byte e / 2 when e is even. code: the 16 float32 table values. nested given: double quantization,\n"
+    "absmax holds the uint8 codes of the block absmax, restored as dyn[code] * nested[b / 256] + offset[0]\n"
+    "(two roundings; dyn the 256-entry dynamic map).";
 constexpr const char* DOC_bottleneck_adapter_forward =
     "Fused bottleneck adapter (Houlsby): y = x + scaling * (act(x W_d^T + b_d) W_u^T + b_u), y overwritten.\n"
     "X [M, D] (element (m, k) at x + m*s_xm + k) and Y [M, D] (at y + m*s_ym + n) have unit column\n"

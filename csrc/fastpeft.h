@@ -130,6 +130,14 @@ constexpr bool is_required(T) {
   F(i32, activation, required) F(f32, scaling, 1.0f) F(i64, n_split, 0) F(i32, device, 0) \
   F(stream, stream, 0)
 
+// NF4 / FP4 dequantize, bitsandbytes' layout: y[e] = code[nibble e of data] * absmax[e / block_size]
+// (nested given: double quantization, absmax holds uint8 codes, restored as
+// dyn[absmax[b]] * nested[b / 256] + offset[0]); y contiguous, n elements of dtype.
+#define FASTPEFT_NF4_DEQUANTIZE(F)                                                             \
+  F(ptr, data, required) F(ptr, absmax, required) F(ptr, nested, 0) F(ptr, offset, 0)          \
+  F(ptr, code, required) F(ptr, dyn, 0) F(ptr, y, required) F(i64, n, required)                 \
+  F(i64, block_size, required) F(i32, dtype, required) F(i32, device, 0) F(stream, stream, 0)
+
 // Every entry point: E(name, Params, FIELDS).
 #define FASTPEFT_ENTRY_POINTS(E)                                                                   \
   E(lora_shrink, LoraShrinkParams, FASTPEFT_LORA_SHRINK)                                           \
@@ -141,6 +149,7 @@ constexpr bool is_required(T) {
   E(int8_dequant_matmul, Int8DequantMatmulParams, FASTPEFT_INT8_DEQUANT_MATMUL)                    \
   E(quant_quantize, QuantQuantizeParams, FASTPEFT_QUANT_QUANTIZE)                                  \
   E(quant_dequantize, QuantDequantizeParams, FASTPEFT_QUANT_DEQUANTIZE)                            \
+  E(nf4_dequantize, Nf4DequantizeParams, FASTPEFT_NF4_DEQUANTIZE)                                  \
   E(bottleneck_adapter_forward, BottleneckAdapterForwardParams, FASTPEFT_BOTTLENECK_ADAPTER_FORWARD)
 
 namespace fastpeft {

@@ -532,6 +532,59 @@ def check_dequant(device, out_dtype, shape, bits, scheme, axis=None, group_size=
     assert_same(y, dequant_ref(data, scale, zp, bits, scheme, axis, group_size, shape, out_dtype), "y")
 
 
+def check_nf4_dequant(device, out_dtype, n, block_size, double, scheme="nf4", misaligned=False, api=False, seed=3):
+    """NF4 / FP4 dequantize (csrc/nf4.cu) of random codes (every byte value) and absmax against
+    fastpeft/reference/nf4.py, bit for bit; ``misaligned``: the codes 1 byte past an aligned start
+    (the scalar path); ``api``: through fastpeft.dequantize(backend="cuda") on a QuantizedTensor."""
+    import fastpeft
+    from fastpeft.ops import nf4 as ops_nf4
+    from fastpeft.ops.quant import QuantizedTensor
+    from fastpeft.reference import nf4 as ref_nf4
+    g = torch.Generator().manual_seed(seed + n + block_size)
+    nbytes, blocks = (n + 1) // 2, -(-n // block_size)
+    raw = torch.randint(0, 256, (nbytes + 1,), generator=g, dtype=torch.int32).to(torch.uint8)
+    data = raw[1:] if misaligned else raw[:-1]
+    if double:
+        absmax = torch.randint(0, 256, (blocks,), generator=g, dtype=torch.int32).to(torch.uint8)
+        nested = torch.exp(torch.randn(-(-blocks // 256), generator=g)).float()
+        offset = torch.randn((), generator=g).float()
+        want_absmax = ref_nf4.dequantize_absmax(absmax, nested, offset)
+    else:
+        absmax = torch.exp(torch.randn(blocks, generator=g)).float()
+        nested = offset = None
+        want_absmax = absmax
+    want = ref_nf4.dequantize_4bit(data, want_absmax, scheme, block_size, (n,), out_dtype)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    if api:
+        q = QuantizedTensor(to(data), to(absmax), None, 4, scheme, None, block_size, torch.Size((n,)), out_dtype,
+                            to(nested), to(offset))
+        y = fastpeft.dequantize(q, out_dtype, backend="cuda")
+    else:
+        tables = ops_nf4._tables(torch.device(device))
+        y = _cext.nf4_dequantize(to(data), to(absmax), to(nested), to(offset), tables[scheme][0],
+                                 tables["dynamic"] if double else None, block_size, n, out_dtype)
+    assert_same(y, want, "y")
+
+
+def check_nf4_dequant_errors(device):
+    """Wrong sizes and dtypes are refused before any launch; n = 0 gives an empty tensor."""
+    from fastpeft.ops import nf4 as ops_nf4
+    t = ops_nf4._tables(torch.device(device))
+    data = torch.zeros(32, dtype=torch.uint8, device=device)
+    absmax = torch.ones(1, device=device)
+    assert _cext.nf4_dequantize(data[:0], absmax[:0], None, None, t["nf4"][0], None, 64, 0, torch.float32).numel() == 0
+    with pytest.raises(ValueError, match="data must be torch.uint8 with 32 elements"):
+        _cext.nf4_dequantize(data[:31], absmax, None, None, t["nf4"][0], None, 64, 64, torch.float32)
+    with pytest.raises(ValueError, match="absmax must be torch.uint8"):  # double quantization: uint8 codes
+        _cext.nf4_dequantize(data, absmax, absmax, absmax[0], t["nf4"][0], t["dynamic"], 64, 64, torch.float32)
+    with pytest.raises(ValueError, match="double quantization needs"):
+        _cext.nf4_dequantize(data, absmax, absmax, None, t["nf4"][0], None, 64, 64, torch.float32)
+    with pytest.raises(ValueError, match="bad n"):
+        _cext.nf4_dequantize(data, absmax, None, None, t["nf4"][0], None, 63, 64, torch.float32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        _cext.nf4_dequantize(data, absmax, None, None, t["nf4"][0], None, 64, 64, torch.int32)
+
+
 def _quant_args(shape, bits, scheme, axis, group_size):
     b, code, axis, group_size, mode, outer, C, inner, last, sshape = _cext._quant_geometry(
         tuple(shape), bits, scheme, axis, group_size)

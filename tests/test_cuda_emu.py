@@ -1,6 +1,6 @@
 """The CUDA C++ kernels of csrc/ on the CPU, through an EMULATOR. Not a GPU test.
 
-tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu, csrc/quant.cu and csrc/bottleneck.cu unchanged with g++ against
+tests/cuda_emu compiles csrc/lora.cu, csrc/int8.cu, csrc/quant.cu, csrc/nf4.cu and csrc/bottleneck.cu unchanged with g++ against
 stand-in CUDA headers (one OS thread per CUDA thread, a checked __syncthreads barrier, tensor-core operand rounding)
 under AddressSanitizer + UBSan, and a subset under ThreadSanitizer. Patched in for fastpeft._C, it runs
 the checks of _cuda_checks.py (the GPU tests of test_cuda_ext.py run them too) on CPU tensors, so CI (no GPU) checks the kernels' indexing,
@@ -302,6 +302,25 @@ def test_quant_api_cuda_backend(emu, dtype, bits, scheme, shape, axis, group_siz
     assert emu.calls["quant_quantize"] and emu.calls["quant_dequantize"]
 
 
+# NF4 / FP4 dequantize (csrc/nf4.cu): bit for bit against reference.nf4
+@pytest.mark.parametrize("out_dtype,n,block_size,double,scheme,misaligned", [
+    (F32, 1024, 64, True, "nf4", False),   # vector path (8 a step), 16-byte stores of fp32 (two)
+    (BF16, 1000, 64, False, "fp4", False),  # vector path, 16-bit
+    (F16, 771, 32, True, "nf4", False),    # odd n: the scalar path, a pad nibble
+    (F32, 1024, 64, False, "nf4", True),   # codes 1 byte past aligned: the scalar path
+    (BF16, 600, 2, True, "nf4", False),    # blocks of 2 (not a multiple of 8): scalar, >256 blocks (2 nested)
+])
+def test_nf4_dequantize(emu, out_dtype, n, block_size, double, scheme, misaligned):
+    checks.check_nf4_dequant("cpu", out_dtype, n, block_size, double, scheme, misaligned)
+    assert emu.calls["nf4_dequantize"]
+
+
+def test_nf4_dequantize_api_cuda_backend_and_errors(emu):
+    checks.check_nf4_dequant("cpu", F16, 4096, 64, True, api=True)
+    assert emu.calls["nf4_dequantize"]
+    checks.check_nf4_dequant_errors("cpu")
+
+
 def test_quant_special_tensors_errors_and_empty(emu):
     checks.check_quant_special_tensors("cpu", BF16)
     checks.check_quant_errors("cpu")
@@ -365,7 +384,8 @@ def declared_fields(tmp_path_factory):
 
 
 ENTRY_POINTS = ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "int8_dequant_matmul", "quant_quantize",
-                "quant_dequantize", "bottleneck_adapter_forward", "multi_lora_shrink", "multi_lora_expand"]
+                "quant_dequantize", "nf4_dequantize", "bottleneck_adapter_forward", "multi_lora_shrink",
+                "multi_lora_expand"]
 
 
 def test_every_entry_point_is_emulated(declared_fields):

@@ -30,7 +30,7 @@ from _cuda_checks import (BOTTLENECK_ACTS, BOTTLENECK_SHAPES, DTYPES, INT8_SPECI
                           check_int8_gemm_bounds, check_int8_linear_flow, check_int8_quant,
                           check_int8_quant_bounds, check_lora_linear, check_multi_expand,
                           check_multi_lora_cuda_graph, check_multi_lora_errors_and_empty, check_multi_lora_flow,
-                          check_multi_shrink, check_quant, check_quant_api, check_quant_bounds, check_quant_errors,
+                          check_multi_shrink, check_nf4_dequant, check_nf4_dequant_errors, check_quant, check_quant_api, check_quant_bounds, check_quant_errors,
                           check_quant_special_tensors, check_shrink, check_shrink_split_k, check_wrapper_errors)
 
 
@@ -225,6 +225,22 @@ def test_quant(dtype, bits, scheme, shape, axis, group_size):
                                                    ((511, 768), None, 256)])
 def test_quant_large(dtype, bits, scheme, shape, axis, group_size):
     check_quant("cuda", dtype, shape, bits, scheme, axis, group_size, special=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("n,block_size,double,scheme,misaligned", [
+    (4096 * 1024, 64, True, "nf4", False), (1000, 64, False, "fp4", False), (771, 32, True, "nf4", False),
+    (1024, 64, False, "nf4", True), (600, 2, True, "nf4", False)])
+def test_nf4_dequantize(out_dtype, n, block_size, double, scheme, misaligned):
+    """csrc/nf4.cu against reference.nf4, bit for bit: the vector and scalar paths, double quantization."""
+    check_nf4_dequant("cuda", out_dtype, n, block_size, double, scheme, misaligned)
+
+
+@pytest.mark.gpu
+def test_nf4_dequantize_api_and_errors():
+    check_nf4_dequant("cuda", torch.bfloat16, 4096, 64, True, api=True)
+    check_nf4_dequant_errors("cuda")
 
 
 @pytest.mark.gpu

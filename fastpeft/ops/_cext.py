@@ -481,6 +481,52 @@ ADAPTER_ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 BOTTLENECK_MAX_RANK = 256  # csrc/bottleneck.cu keeps a row tile's bottleneck activations on chip
 
 
+def nf4_dequantize(data: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None, offset: torch.Tensor | None,
+                   code: torch.Tensor, dyn: torch.Tensor | None, block_size: int, n: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """NF4 / FP4 dequantize (bitsandbytes' layout, fastpeft/reference/nf4.py): a new flat tensor of ``n``
+    elements of ``out_dtype``, y[e] = code[nibble e] * absmax[e // block_size] in fp32, rounded once.
+
+    data uint8 [ceil(n / 2)]; absmax float32 [ceil(n / block_size)], or with double quantization
+    (``nested`` float32 [ceil(blocks / 256)], ``offset`` float32 [] or [1], ``dyn`` float32 [256]) its
+    uint8 codes; code float32 [16]. Sizes and dtypes are checked here (fastpeft.ops.nf4.check_fields
+    checks the rest); operands are read as contiguous copies where they are not."""
+    double = nested is not None
+    tensors = {"data": data, "absmax": absmax, "code": code}
+    if double:
+        if offset is None or dyn is None:
+            raise ValueError("double quantization needs nested, offset and dyn")
+        tensors.update(nested=nested, offset=offset, dyn=dyn)
+    for name, t in tensors.items():
+        _checks.tensor(name, t)
+    device = _cuda_device(**tensors)
+    if out_dtype not in _DTYPE_CODES:
+        raise TypeError(f"out_dtype {out_dtype} is not supported; supported: float32, float16, bfloat16")
+    n, block_size = operator.index(n), operator.index(block_size)
+    if n < 0 or block_size < 2 or block_size % 2 or block_size > 4096:
+        raise ValueError(f"bad n {n} or block_size {block_size} (even, in [2, 4096])")
+    blocks = -(-n // block_size)
+    want = {"data": ((n + 1) // 2, torch.uint8), "absmax": (blocks, torch.uint8 if double else torch.float32),
+            "code": (16, torch.float32)}
+    if double:
+        want.update(nested=(-(-blocks // 256), torch.float32), offset=(1, torch.float32), dyn=(256, torch.float32))
+    for name, (size, dtype) in want.items():
+        t = tensors[name]
+        if t.dtype != dtype or t.numel() != size:
+            raise ValueError(f"{name} must be {dtype} with {size} elements for n={n}, block_size={block_size}; "
+                             f"got {t.dtype} with {t.numel()}")
+    ext = _extension()
+    y = torch.empty(n, dtype=out_dtype, device=device)
+    if n == 0:
+        return y
+    dense = {name: t.contiguous() for name, t in tensors.items()}
+    ptr = lambda name: dense[name].data_ptr() if name in dense else 0  # noqa: E731
+    ext.nf4_dequantize(data=ptr("data"), absmax=ptr("absmax"), nested=ptr("nested"), offset=ptr("offset"),
+                       code=ptr("code"), dyn=ptr("dyn"), y=y.data_ptr(), n=n, block_size=block_size,
+                       dtype=_DTYPE_CODES[out_dtype], device=device.index or 0, stream=_stream(device))
+    return y
+
+
 def bottleneck_adapter_forward(x2: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
                     up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str, scaling: float,
                     *, n_split: int = 0) -> torch.Tensor:

@@ -6,7 +6,8 @@ Registered ops (fastpeft/ops/_library.py), none differentiable:
   fastpeft::quantize_4bit    (packed codes uint8 [ceil(n / 2)], absmax float32 [blocks]) of x
   fastpeft::double_quant     (codes8 uint8 [blocks], nested absmax float32 [ceil(blocks / 256)],
                               offset float32 []) of an absmax vector
-  fastpeft::dequantize_4bit  table[code] * absmax, in the requested dtype
+  fastpeft::dequantize_4bit  table[code] * absmax, in the requested dtype (triton, or the CUDA C++
+                             kernel of csrc/nf4.cu with backend="cuda", or torch)
   fastpeft::nf4_linear       y = x @ W_deq^T + bias, one fused dequantize-GEMM kernel (autograd:
                              dx by fastpeft::nf4_linear_grad_input, the transposed one; db)
   fastpeft::nf4_lora_linear  QLoRA's layer, y = x @ W_deq^T + bias + s * (dropout(x) A^T) B^T: the
@@ -37,6 +38,7 @@ from ._common import building_graph, dense, on_device, rows, vjp_with_graph
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
+DEQUANTIZE_KERNELS = ("triton", "cuda", "torch")  # dequantize_4bit also has a CUDA C++ kernel (csrc/nf4.cu)
 SCHEMES = ref.SCHEMES
 BLOCK_SIZES = ref.BLOCK_SIZES
 DEFAULT_BLOCK_SIZE = ref.DEFAULT_BLOCK_SIZE
@@ -248,11 +250,17 @@ def torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_siz
 
 def _dequantize_checked(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype, backend):
     """dequantize_4bit once ``check_fields`` passed (shape a tuple)."""
-    name = _backend.choose("dequantize_4bit", data.device, KERNELS, backend)
+    name = _backend.choose("dequantize_4bit", data.device, DEQUANTIZE_KERNELS, backend)
     if name == "torch" or data.numel() == 0:
         return torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, shape, dtype)
-    from ..kernels import nf4 as k
     tables = _tables(data.device)
+    if name == "cuda":  # csrc/nf4.cu
+        from . import _cext
+        with on_device(data):
+            return _cext.nf4_dequantize(data, scale, nested_scale, nested_offset, tables[scheme][0],
+                                        tables["dynamic"] if nested_scale is not None else None, block_size,
+                                        math.prod(shape), dtype).reshape(shape)
+    from ..kernels import nf4 as k
     dense = [None if t is None else t.contiguous() for t in (data, scale, nested_scale, nested_offset)]
     with on_device(data):
         return k.dequantize_4bit(*dense, tables[scheme][0], tables["dynamic"], block_size, shape, dtype)

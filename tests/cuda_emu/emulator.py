@@ -43,7 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent.parent / "csrc"
 # the translation units of csrc/ with kernels (they include common.cuh)
-KERNELS = ("lora.cu", "int8.cu", "quant.cu", "bottleneck.cu")
+KERNELS = ("lora.cu", "int8.cu", "quant.cu", "nf4.cu", "bottleneck.cu")
 
 _COMMON = ["-std=c++20", "-pthread", "-fno-strict-aliasing", f"-I{HERE / 'include'}"]
 VARIANTS = {
@@ -318,6 +318,17 @@ def _quant_dequantize(p):
                 y=_Operand(p["y"], numel, 1, 1, 1, _ELEMENT_BYTES.get(p["dtype"], 1), output=True, overwritten=True))
 
 
+def _nf4_dequantize(p):
+    n, bs = max(0, p["n"]), p["block_size"]
+    blocks = -(-n // bs) if bs > 0 else 0
+    double = p["nested"] != 0
+    return dict(data=_Operand(p["data"], (n + 1) // 2, 1, 1, 1, 1),
+                absmax=_Operand(p["absmax"], blocks, 1, 1, 1, 1 if double else 4),
+                nested=_Operand(p["nested"], -(-blocks // 256), 1, 1, 1, 4), offset=_Operand(p["offset"], 1, 1, 1, 1, 4),
+                code=_Operand(p["code"], 16, 1, 1, 1, 4), dyn=_Operand(p["dyn"], 256, 1, 1, 1, 4),
+                y=_Operand(p["y"], n, 1, 1, 1, _ELEMENT_BYTES.get(p["dtype"], 1), output=True, overwritten=True))
+
+
 def _bottleneck_adapter_forward(p):
     e = _ELEMENT_BYTES.get(p["dtype"], 1)
     M, D, R = p["M"], p["D"], p["R"]
@@ -331,7 +342,7 @@ OPERANDS = {"lora_shrink": _lora_shrink, "lora_expand": _lora_expand, "multi_lor
             "multi_lora_expand": _multi_lora_expand, "int8_quant_rows": _int8_quant_rows, "int8_gemm": _int8_gemm,
             "int8_dequant_matmul": _int8_dequant_matmul,
             "quant_quantize": _quant_quantize, "quant_dequantize": _quant_dequantize,
-            "bottleneck_adapter_forward": _bottleneck_adapter_forward}
+            "nf4_dequantize": _nf4_dequantize, "bottleneck_adapter_forward": _bottleneck_adapter_forward}
 
 
 class EmulatedExtension:

@@ -68,6 +68,8 @@ inline unsigned atomicMax(unsigned* p, unsigned v) {
 // IEEE round-to-nearest division and reciprocal (host fp32 arithmetic is IEEE, like these intrinsics)
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fmul_rn(float a, float b) { return a * b; }  // one IEEE rounding (the emulator is built without FMA)
+inline float __fadd_rn(float a, float b) { return a + b; }
 
 // ---- runtime API: one device (device 0) with the H200's 132 SMs (the split-K heuristic reads it)
 
