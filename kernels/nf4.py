@@ -53,7 +53,7 @@ from ._common import x_tile_start as _x_tile_start
 from .lora import _drop_args
 from .lora import _block_r as _rank_tile
 from .lora import _keep_mask
-from .qlinear import _gemv_split_k
+from .qlinear import _gemv_split
 from .qlinear import _gemv_store
 from .qlinear import _qlinear_splitk_sum_kernel
 
@@ -518,10 +518,7 @@ def _gemv_config(M: int, N: int, K: int, device: torch.device) -> dict:
         cfg = {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_K": 64}
     else:
         cfg = {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1}
-    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
-    split = max(1, min(_gemv_split_k(triton.cdiv(N, cfg["BLOCK_N"]), k_tiles, device), k_tiles))
-    k_split = triton.cdiv(k_tiles, split) * cfg["BLOCK_K"]
-    return {**cfg, "K_SPLIT": k_split, "SPLIT_K": triton.cdiv(K, k_split)}
+    return _gemv_split(cfg, N, K, device)
 
 
 def gemv_applies(M: int, K: int, block_size: int, data: torch.Tensor) -> bool:
@@ -599,9 +596,10 @@ def _update_args(lora, stand_in):
 
 
 def _block_r(r: int, dtype: torch.dtype) -> int:
-    """The LoRA update's rank chunk: a power of two in [16, 64] (tl.dot's smallest K is 16); fp32
-    (3xTF32) takes chunks of 16 (64 spilled on sm_80 next to the 64 x 64 and 128 x 64 tiles)."""
-    return min(max(16, triton.next_power_of_2(r)), 16 if dtype == torch.float32 else 64)
+    """The LoRA update's rank chunk (kernels/lora.py's: a power of two in [16, 64], tl.dot's smallest
+    K being 16); fp32 (3xTF32) takes chunks of 16 (64 spilled on sm_80 next to the 64 x 64 and
+    128 x 64 tiles)."""
+    return _rank_tile(r, 16 if dtype == torch.float32 else 64)
 
 
 def nf4_linear(x, data, scale, nested, offset, code, dyn, block_size: int, N: int, bias, lora=None, pairs=None):

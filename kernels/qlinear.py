@@ -585,6 +585,12 @@ def _gemv_config(M: int, N: int, K: int, bits: int, group_size: int | None, devi
         block_n = (8192 if bits == 4 or block_k == 512 else 4096) // block_k
         cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "CH": 16,
                "num_warps": 4, "num_stages": 1}
+    return _gemv_split(cfg, N, K, device)
+
+
+def _gemv_split(cfg: dict, N: int, K: int, device: torch.device) -> dict:
+    """A decode GEMV's tiles ``cfg`` with its K split (SPLIT_K splits of K_SPLIT, whole K tiles),
+    by _gemv_split_k: the rule of this module's GEMV and kernels/nf4.py's."""
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     split = max(1, min(_gemv_split_k(triton.cdiv(N, cfg["BLOCK_N"]), k_tiles, device), k_tiles))
     k_split = triton.cdiv(k_tiles, split) * cfg["BLOCK_K"]

@@ -293,10 +293,6 @@ class QuantLinear(MergeableQuantized):
             return ()
         return tuple(n for n in ("weight_data", "weight_scale", "weight_nested_scale") if n in self._stored_layout)
 
-    def _code_bytes(self) -> int:
-        """The number of bytes of the 4-bit codes: ceil(out * in / 2)."""
-        return (self.out_features * self.in_features + 1) // 2
-
     def _stored(self, t: torch.Tensor) -> torch.Tensor:
         """A 1-D tensor (the uint8 codes, a uint8 or float32 absmax) as quant_storage stores it: its
         bytes viewed as quant_storage, zero-padded to a whole number of its elements."""
@@ -330,10 +326,6 @@ class QuantLinear(MergeableQuantized):
         if raw.data_ptr() % dtype.itemsize:
             raw = raw.clone()
         return raw.view(dtype)
-
-    def _read_codes(self, data: torch.Tensor) -> torch.Tensor:
-        """``weight_data`` (as stored) read back as the uint8 codes [ceil(out * in / 2)]: a view."""
-        return self._read("weight_data", data)
 
     def _apply(self, fn, *args, **kwargs):
         """module.to(dtype) casts floating parameters by value: codes stored as a float dtype (and their
@@ -391,7 +383,7 @@ class QuantLinear(MergeableQuantized):
     def qweight(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor over this module's buffers (the codes as uint8)."""
         if _is_4bit_float(self.scheme):
-            return QuantizedTensor(self._read_codes(self.weight_data), self._read("weight_scale", self.weight_scale),
+            return QuantizedTensor(self._read("weight_data", self.weight_data), self._read("weight_scale", self.weight_scale),
                                    None, 4, self.scheme, None, self.group_size,
                                    torch.Size((self.out_features, self.in_features)), self.weight_dtype,
                                    self._read("weight_nested_scale", self.weight_nested_scale),

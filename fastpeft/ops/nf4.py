@@ -496,8 +496,8 @@ def _weight_dense(data, scale, nested_scale, nested_offset):
 def _torch_linear(x2, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias):
     """The torch backend of the 4-bit linear layer on 2-D x (ref.linear_4bit): the weight in
     float32, rounded once to x's dtype, one GEMM in it."""
-    w = torch_dequantize_4bit(data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
-                              (out_features, x2.shape[-1]), torch.float32).to(x2.dtype)
+    w = torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, (out_features, x2.shape[-1]),
+                         x2.dtype)
     return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
 
 
@@ -529,8 +529,7 @@ def _grad_input_kernel(dy, data, scale, nested_scale, nested_offset, scheme, blo
     dy2 = rows(dy)
     if name == "torch" or dy2.shape[0] == 0 or N == 0 or in_features == 0:
         # ref.linear_4bit_grad_input: dy @ W, W rounded once to dy's dtype
-        w = torch_dequantize_4bit(data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
-                                  (N, in_features), torch.float32).to(dy2.dtype)
+        w = torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, (N, in_features), dy2.dtype)
         dx = dy2 @ w
     else:
         from ..kernels import nf4 as k
@@ -732,8 +731,7 @@ def _lora_grad_input(dy, data, scale, nested_scale, nested_offset, scheme, block
     A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
     if name == "torch" or dy2.shape[0] == 0 or N == 0 or in_features == 0:
         # the unfused layer's arithmetic: dy @ W (W rounded once to dy's dtype), V and V A in dy's dtype
-        w = torch_dequantize_4bit(data, _absmax(scale, nested_scale, nested_offset), scheme, block_size,
-                                  (N, in_features), torch.float32).to(dy2.dtype)
+        w = torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, (N, in_features), dy2.dtype)
         v = dy2 @ B
         dx = (dy2 @ w).add_(lora_ops.dropout_rows(v @ A, dropout_p, seed), alpha=scaling)
         v = v.float()
