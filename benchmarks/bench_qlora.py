@@ -21,7 +21,8 @@ on the adapters) of a Llama-shaped model built from a config (TRAIN: 8 layers of
 4 x 512 tokens; quick: 2 layers), every linear layer but the LM head 4-bit, LoRA r = 16 on all
 of them: fastpeft (quantize_model nf4 + inject_lora) against PEFT on bitsandbytes' Linear4bit,
 and the bf16 model with fastpeft's LoRA as the base. Recorded: ms a step, tokens/s, peak memory
-(torch.cuda.max_memory_allocated over one step, the model included) and the first step's loss
+(torch.cuda.max_memory_allocated over one step, the model included, the float model the variants
+are copied from not) and the first step's loss
 (the three start from the same weights: the two 4-bit models' losses agree).
 
 CPU: fp32 activations on smaller layers, the torch path against the same baselines; bitsandbytes'
@@ -275,7 +276,7 @@ def _bnb_model(model: torch.nn.Module) -> torch.nn.Module:
     """PEFT's QLoRA: every nn.Linear but the LM head replaced by bitsandbytes' Linear4bit (nf4,
     double quantization, bf16 compute) over the same weight, then PEFT's LoRA on TRAIN_TARGETS."""
     from peft import LoraConfig, get_peft_model
-    for name, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
                 setattr(mod, child_name, bnb_layer(child.weight, torch.bfloat16))
@@ -307,7 +308,8 @@ def train_step(ctx: common.Context, cfg: dict, peer_ok: bool, peer_why: str) -> 
     ctx.log(f"qlora: training step, Llama {cfg['layers']} x {cfg['hidden']} / {cfg['intermediate']}, "
             f"{shape['tokens']} tokens")
     records = []
-    float_model = _llama(cfg, ctx.device)
+    float_model = _llama(cfg, ctx.device)  # each variant starts from a copy of it
+    source_bytes = sum(t.numel() * t.element_size() for t in (*float_model.parameters(), *float_model.buffers()))
     for impl, role, prepare, error in _train_variants(peer_ok, peer_why):
         if error is not None:
             records.append(timing_record(BENCH, TRAIN_OP, "step", shape, "bf16", impl, role, error=error))
@@ -332,7 +334,7 @@ def train_step(ctx: common.Context, cfg: dict, peer_ok: bool, peer_why: str) -> 
                 torch.cuda.reset_peak_memory_stats()
                 step()
                 ctx.sync()
-                peak = torch.cuda.max_memory_allocated() / 2**30
+                peak = (torch.cuda.max_memory_allocated() - source_bytes) / 2**30  # the source model not counted
             tps = shape["tokens"] / (m.ms / 1e3) if m.ms else None
             records.append(timing_record(BENCH, TRAIN_OP, "step", shape, "bf16", impl, role, m,
                                          tokens_per_s=tps, peak_mem_gib=peak, first_loss=first_loss,
@@ -345,7 +347,7 @@ def train_step(ctx: common.Context, cfg: dict, peer_ok: bool, peer_why: str) -> 
             records.append(timing_record(BENCH, TRAIN_OP, "step", shape, "bf16", impl, role,
                                          error=f"failed: {common.short_error(exc)}"))
         finally:
-            model = opt = None
+            model = opt = step = None  # step's defaults hold the model: the next variant's peak must not count it
             ctx.empty_cache()
     return records
 
