@@ -125,6 +125,16 @@ constexpr const char* DOC_nf4_dequantize =
     "nibble of byte e / 2 when e is even. code: the 16 float32 table values. nested given: double quantization,\n"
     "absmax holds the uint8 codes of the block absmax, restored as dyn[code] * nested[b / 256] + offset[0]\n"
     "(two roundings; dyn the 256-entry dynamic map).";
+constexpr const char* DOC_nf4_quantize =
+    "NF4 / FP4 quantization with bitsandbytes' layout (fastpeft/reference/nf4.py): x (dtype, n elements,\n"
+    "contiguous) read in blocks of block_size; absmax[b] = max |x| (float32); the code of x is the count of\n"
+    "the 15 sorted-table midpoints `mids` strictly below clamp(x * (1 / max(absmax, 1e-38)), -1, 1) (0 in an\n"
+    "all-zero block), mapped through `order` (nibble p: the code of sorted position p; 0: identity, NF4);\n"
+    "q[j] packs element 2j in the high nibble, 2j + 1 in the low one (an odd n pads with the code of 0.0).";
+constexpr const char* DOC_nf4_double_quant =
+    "Double quantization (QLoRA) of n float32 absmax values: d = absmax - offset[0] (the mean, computed by the\n"
+    "caller), per block of 256 nested[c] = max |d|, q8 = the count of the dynamic map's 255 midpoints `mids`\n"
+    "strictly below clamp(d * (1 / max(nested, 1e-38)), -1, 1) (0 in an all-zero block).";
 constexpr const char* DOC_bottleneck_adapter_forward =
     "Fused bottleneck adapter (Houlsby): y = x + scaling * (act(x W_d^T + b_d) W_u^T + b_u), y overwritten.\n"
     "X [M, D] (element (m, k) at x + m*s_xm + k) and Y [M, D] (at y + m*s_ym + n) have unit column\n"

@@ -138,6 +138,22 @@ constexpr bool is_required(T) {
   F(ptr, code, required) F(ptr, dyn, 0) F(ptr, y, required) F(i64, n, required)                 \
   F(i64, block_size, required) F(i32, dtype, required) F(i32, device, 0) F(stream, stream, 0)
 
+// NF4 / FP4 quantize, bitsandbytes' layout: x (n elements of dtype, contiguous) -> q (uint8
+// [ceil(n / 2)], element 2j in the high nibble of byte j) and absmax (float32 [ceil(n / block_size)]);
+// mids: the 15 float32 midpoints of the sorted table; order: nibble p = the code of sorted
+// position p, 0 for the identity (NF4).
+#define FASTPEFT_NF4_QUANTIZE(F)                                                                \
+  F(ptr, x, required) F(ptr, q, required) F(ptr, absmax, required) F(ptr, mids, required)        \
+  F(i64, order, 0) F(i64, n, required) F(i64, block_size, required) F(i32, dtype, required)      \
+  F(i32, device, 0) F(stream, stream, 0)
+
+// Double quantization of n float32 absmax values around offset[0] (their mean, from the caller)
+// in blocks of 256: q8 (uint8 [n]) and nested (float32 [ceil(n / 256)]); mids: the 255 float32
+// midpoints of the dynamic map (and a 256th entry, read, unused).
+#define FASTPEFT_NF4_DOUBLE_QUANT(F)                                                            \
+  F(ptr, absmax, required) F(ptr, offset, required) F(ptr, q8, required) F(ptr, nested, required) \
+  F(ptr, mids, required) F(i64, n, required) F(i32, device, 0) F(stream, stream, 0)
+
 // Every entry point: E(name, Params, FIELDS).
 #define FASTPEFT_ENTRY_POINTS(E)                                                                   \
   E(lora_shrink, LoraShrinkParams, FASTPEFT_LORA_SHRINK)                                           \
@@ -150,6 +166,8 @@ constexpr bool is_required(T) {
   E(quant_quantize, QuantQuantizeParams, FASTPEFT_QUANT_QUANTIZE)                                  \
   E(quant_dequantize, QuantDequantizeParams, FASTPEFT_QUANT_DEQUANTIZE)                            \
   E(nf4_dequantize, Nf4DequantizeParams, FASTPEFT_NF4_DEQUANTIZE)                                  \
+  E(nf4_quantize, Nf4QuantizeParams, FASTPEFT_NF4_QUANTIZE)                                        \
+  E(nf4_double_quant, Nf4DoubleQuantParams, FASTPEFT_NF4_DOUBLE_QUANT)                             \
   E(bottleneck_adapter_forward, BottleneckAdapterForwardParams, FASTPEFT_BOTTLENECK_ADAPTER_FORWARD)
 
 namespace fastpeft {

@@ -585,6 +585,134 @@ def check_nf4_dequant_errors(device):
         _cext.nf4_dequantize(data, absmax, None, None, t["nf4"][0], None, 64, 64, torch.int32)
 
 
+def _nf4_quant_x(n, block_size, dtype, misaligned, special, g):
+    """x [n] of dtype (normal values times log-normal magnitudes; the absmax of blocks 0, 2, 4, ... in
+    their last element). ``special``: the first blocks hold 1.0 (absmax 1,
+    so v = x exactly) and, in their other slots, the sorted table's float32 midpoints (ties: the strict <
+    rule), their neighbours one ulp up and down, 0.0 and -0.0 (FP4's +0 / -0 midpoint); the next block
+    is all zero. ``misaligned``: x starts one element past an aligned start (the scalar path)."""
+    from fastpeft.ops import nf4 as ops_nf4
+    vals = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))
+    blocks = vals[:n // block_size * block_size].view(-1, block_size)[::2]
+    blocks[:, -1] = 3 * blocks.abs().amax(1)  # every other block's absmax in its last element (its last thread)
+    x = vals.to(dtype)
+    if misaligned:
+        x = torch.cat([x[:1], x])[1:]
+    if special:
+        mids = torch.cat([ops_nf4._tables(torch.device("cpu"))[s][1] for s in ("nf4", "fp4")])
+        ties = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                          torch.tensor([0.0, -0.0, 1.0, -1.0])]).to(dtype)
+        k = e = 0
+        while k < ties.numel() and e < n:
+            x[e] = 1.0 if e % block_size == 0 else ties[k]
+            k += e % block_size != 0
+            e += 1
+        zb = -(-e // block_size) * block_size  # the next block: all zero
+        x[zb:zb + block_size] = 0.0
+    return x
+
+
+def check_nf4_quant(device, dtype, n, block_size, scheme, misaligned=False, special=True, seed=5):
+    """NF4 / FP4 quantize (csrc/nf4.cu) against reference.nf4.quantize_4bit, bit for bit: codes and absmax."""
+    from fastpeft.ops import nf4 as ops_nf4
+    from fastpeft.reference import nf4 as ref_nf4
+    g = torch.Generator().manual_seed(seed + n + block_size)
+    x = _nf4_quant_x(n, block_size, dtype, misaligned, special, g)
+    want_q, want_absmax = ref_nf4.quantize_4bit(x, scheme, block_size)
+    order = None if scheme == "nf4" else ref_nf4.sorted_codes(scheme)
+    xd = x.to(device)
+    if misaligned:  # keep the offset on the device: one element past a fresh allocation
+        xd = torch.cat([xd[:1], xd])[1:]
+    q, absmax = _cext.nf4_quantize(xd, ops_nf4._tables(torch.device(device))[scheme][1], order, block_size)
+    assert_same(q, want_q, "q")
+    assert_same(absmax, want_absmax, "absmax")
+
+
+def _ref_double_quant(a, offset):
+    """reference.nf4.double_quant around a given offset (the mean on the device, or a chosen one)."""
+    from fastpeft.reference import nf4 as ref_nf4
+    nested, v = ref_nf4.blockwise_scaled(a - offset, ref_nf4.NESTED_BLOCK)
+    return ref_nf4.nearest(v, ref_nf4.dynamic_map()).to(torch.uint8), nested
+
+
+def check_nf4_double_quant(device, nb, special=False, seed=7):
+    """Double quantization (csrc/nf4.cu) against reference.nf4, bit for bit. The offset is the mean taken on
+    the device (as fastpeft.ops.nf4 takes it; on the CPU: reference.nf4.double_quant itself); ``special``:
+    offset 0, an all-zero nested block, then absmax values on the dynamic map's midpoints (ties), one ulp
+    either side, and +-1 (nested absmax 1: v = absmax exactly)."""
+    from fastpeft.ops import nf4 as ops_nf4
+    from fastpeft.reference import nf4 as ref_nf4
+    g = torch.Generator().manual_seed(seed + nb)
+    a = torch.exp(torch.randn(nb, generator=g)).float()
+    if special:
+        mids = ref_nf4.midpoints(ref_nf4.dynamic_map())
+        ties = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))])
+        assert nb >= 257 + ties.numel() + 1
+        a[:256] = 0.0  # an all-zero nested block
+        a[256] = 1.0
+        a[257:257 + ties.numel()] = ties  # nested blocks 1..3
+        a[512], a[768] = -1.0, 1.0
+        offset = torch.zeros((), device=device)
+        want_q8, want_nested = _ref_double_quant(a, offset.cpu())
+    else:
+        offset = a.to(device).mean()
+        want_q8, want_nested = _ref_double_quant(a, offset.cpu())
+        if device == "cpu":  # the reference itself
+            ref_q8, ref_nested, ref_offset = ref_nf4.double_quant(a)
+            assert torch.equal(ref_offset, offset) and torch.equal(ref_q8, want_q8)
+            assert torch.equal(ref_nested, want_nested)
+    q8, nested = _cext.nf4_double_quant(a.to(device), offset, ops_nf4._tables(torch.device(device))["dynamic_mids"])
+    assert_same(q8, want_q8, "q8")
+    assert_same(nested, want_nested, "nested")
+
+
+def check_nf4_quant_api(device, dtype, shape, scheme, block_size, double):
+    """fastpeft.quantize(backend="cuda") on a 4-bit scheme: the QuantizedTensor's fields equal the reference's
+    (the torch backend; with double quantization on a GPU, around the offset the device's mean gave)."""
+    from fastpeft.reference import nf4 as ref_nf4
+    g = torch.Generator().manual_seed(11 + block_size)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    got = fastpeft.quantize(x.to(device), 4, scheme, block_size=block_size, double_quant=double, backend="cuda")
+    data, absmax = ref_nf4.quantize_4bit(x, scheme, block_size)
+    assert_same(got.data, data, "data")
+    if not double:
+        assert got.nested_scale is None and got.nested_offset is None
+        assert_same(got.scale, absmax, "scale")
+        return
+    if device == "cpu":
+        assert torch.equal(got.nested_offset, ref_nf4.double_quant(absmax)[2])
+    want_q8, want_nested = _ref_double_quant(absmax, got.nested_offset.cpu())
+    assert_same(got.scale, want_q8, "scale")
+    assert_same(got.nested_scale, want_nested, "nested_scale")
+
+
+def check_nf4_quant_errors(device):
+    """Wrong dtypes, sizes and block sizes are refused before any launch; empty inputs give empty outputs."""
+    from fastpeft.ops import nf4 as ops_nf4
+    t = ops_nf4._tables(torch.device(device))
+    x = torch.ones(64, device=device)
+    q, absmax = _cext.nf4_quantize(x[:0], t["nf4"][1], None, 64)
+    assert q.shape == (0,) and q.dtype == torch.uint8 and absmax.shape == (0,) and absmax.dtype == torch.float32
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        _cext.nf4_quantize(x.int(), t["nf4"][1], None, 64)
+    with pytest.raises(ValueError, match="mids must be torch.float32 with 15 elements"):
+        _cext.nf4_quantize(x, t["nf4"][0], None, 64)
+    with pytest.raises(ValueError, match="bad block_size"):
+        _cext.nf4_quantize(x, t["nf4"][1], None, 63)
+    with pytest.raises(ValueError, match="bad block_size"):
+        _cext.nf4_quantize(x, t["nf4"][1], None, 8192)
+    with pytest.raises(ValueError, match="order must be a permutation"):
+        _cext.nf4_quantize(x, t["fp4"][1], [0] * 16, 64)
+    q8, nested = _cext.nf4_double_quant(x[:0], x[0], t["dynamic_mids"])
+    assert q8.shape == (0,) and nested.shape == (0,)
+    with pytest.raises(ValueError, match="absmax must be torch.float32"):
+        _cext.nf4_double_quant(x.half(), x[0], t["dynamic_mids"])
+    with pytest.raises(ValueError, match="offset must be torch.float32 with 1 elements"):
+        _cext.nf4_double_quant(x, x[:2], t["dynamic_mids"])
+    with pytest.raises(ValueError, match="mids must be torch.float32 with 256 elements"):
+        _cext.nf4_double_quant(x, x[0], t["dynamic_mids"][:255])
+
+
 def _quant_args(shape, bits, scheme, axis, group_size):
     b, code, axis, group_size, mode, outer, C, inner, last, sshape = _cext._quant_geometry(
         tuple(shape), bits, scheme, axis, group_size)

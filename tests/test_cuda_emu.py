@@ -321,6 +321,39 @@ def test_nf4_dequantize_api_cuda_backend_and_errors(emu):
     checks.check_nf4_dequant_errors("cpu")
 
 
+# NF4 / FP4 quantize and double quantization (csrc/nf4.cu): bit for bit against reference.nf4
+@pytest.mark.parametrize("dtype,n,block_size,scheme,misaligned", [
+    (F32, 1024, 64, "nf4", False),   # vector path (8 a step, two 16-byte loads), ties, an all-zero block
+    (BF16, 1000, 64, "fp4", False),  # vector path, a partial last block and a partial last step
+    (F16, 771, 32, "nf4", False),    # odd n: the vector path's byte-by-byte tail, the pad nibble
+    (F32, 1027, 64, "fp4", True),    # x one element past aligned: the scalar path, odd n
+    (BF16, 601, 2, "nf4", False),    # blocks of 2 (scalar, a thread per block), odd n
+    (F16, 300, 2, "fp4", True),      # blocks of 2, fp4's order, scalar
+    (F32, 13288, 4096, "fp4", False),  # blocks of 4096: 256-thread teams, 2 steps each, partial last block
+    (BF16, 13289, 4096, "nf4", True),  # the same on the scalar path (8 bytes a thread), odd n
+    (F32, 1, 64, "nf4", False),       # n = 1: one code and the pad nibble
+    (F16, 1, 2, "fp4", False),
+])
+def test_nf4_quantize(emu, dtype, n, block_size, scheme, misaligned):
+    checks.check_nf4_quant("cpu", dtype, n, block_size, scheme, misaligned)
+    assert emu.calls["nf4_quantize"]
+
+
+@pytest.mark.parametrize("nb,special", [(1, False), (700, False), (1100, True)])
+def test_nf4_double_quant(emu, nb, special):
+    """One value; 3 nested blocks, the last partial (700 = 2 * 256 + 188); ties and an all-zero block."""
+    checks.check_nf4_double_quant("cpu", nb, special)
+    assert emu.calls["nf4_double_quant"]
+
+
+@pytest.mark.parametrize("dtype,shape,scheme,block_size,double", [
+    (BF16, (40, 70), "nf4", 64, True), (F32, (3, 333), "fp4", 32, False), (F16, (5, 4097), "fp4", 4096, True)])
+def test_nf4_quantize_api_cuda_backend_and_errors(emu, dtype, shape, scheme, block_size, double):
+    checks.check_nf4_quant_api("cpu", dtype, shape, scheme, block_size, double)
+    assert emu.calls["nf4_quantize"] and emu.calls["nf4_double_quant"] == int(double)
+    checks.check_nf4_quant_errors("cpu")
+
+
 def test_quant_special_tensors_errors_and_empty(emu):
     checks.check_quant_special_tensors("cpu", BF16)
     checks.check_quant_errors("cpu")
@@ -341,8 +374,12 @@ def test_quant_special_tensors_errors_and_empty(emu):
     (checks.check_int8_gemm, (F32, 7, 40, 512, 6.0, False, 3)),  # K-split warps summed in the epilogue
     (checks.check_quant, (F32, (7, 33), 8, "zeropoint", 0)),  # channel min/max tree + atomics, finish
     (checks.check_quant, (F16, (9, 256), 4, "absmax", None, 128)),  # group teams: shared-memory tree
+    (checks.check_nf4_quant, (F16, 1000, 64, "fp4")),  # nf4 block teams (8 threads): shared-memory tree, table
+    (checks.check_nf4_quant, (F32, 13289, 4096, "nf4", True)),  # 256-thread teams, scalar path
+    (checks.check_nf4_double_quant, (700,)),  # one 256-thread tree per nested block
 ], ids=["shrink-f32", "shrink-f16-dropout", "shrink-bf16-split", "expand-f32-dropout", "expand-bf16",
-        "int8-quant-f16", "int8-gemm-bf16-large", "int8-gemm-f32-decode", "quant-channel", "quant-group"])
+        "int8-quant-f16", "int8-gemm-bf16-large", "int8-gemm-f32-decode", "quant-channel", "quant-group",
+        "nf4-quant-f16", "nf4-quant-4096", "nf4-double-quant"])
 def test_no_data_races(emulate, check, args):
     emulate("tsan")
     check("cpu", *args)
@@ -384,8 +421,8 @@ def declared_fields(tmp_path_factory):
 
 
 ENTRY_POINTS = ["lora_shrink", "lora_expand", "int8_quant_rows", "int8_gemm", "int8_dequant_matmul", "quant_quantize",
-                "quant_dequantize", "nf4_dequantize", "bottleneck_adapter_forward", "multi_lora_shrink",
-                "multi_lora_expand"]
+                "quant_dequantize", "nf4_dequantize", "nf4_quantize", "nf4_double_quant", "bottleneck_adapter_forward",
+                "multi_lora_shrink", "multi_lora_expand"]
 
 
 def test_every_entry_point_is_emulated(declared_fields):

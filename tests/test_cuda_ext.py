@@ -30,7 +30,8 @@ from _cuda_checks import (BOTTLENECK_ACTS, BOTTLENECK_SHAPES, DTYPES, INT8_SPECI
                           check_int8_gemm_bounds, check_int8_linear_flow, check_int8_quant,
                           check_int8_quant_bounds, check_lora_linear, check_multi_expand,
                           check_multi_lora_cuda_graph, check_multi_lora_errors_and_empty, check_multi_lora_flow,
-                          check_multi_shrink, check_nf4_dequant, check_nf4_dequant_errors, check_quant, check_quant_api, check_quant_bounds, check_quant_errors,
+                          check_multi_shrink, check_nf4_dequant, check_nf4_dequant_errors, check_nf4_double_quant,
+                          check_nf4_quant, check_nf4_quant_api, check_nf4_quant_errors, check_quant, check_quant_api, check_quant_bounds, check_quant_errors,
                           check_quant_special_tensors, check_shrink, check_shrink_split_k, check_wrapper_errors)
 
 
@@ -73,6 +74,13 @@ def test_forced_cuda_backend_on_cpu_says_why():
     A, B = torch.randn(2, 8), torch.randn(5, 2)
     with pytest.raises(ValueError, match="CUDA"):
         fastpeft.lora_linear(x, w, None, A, B, 1.0, backend="cuda")
+    for double in (False, True):  # nf4 quantize / double quantization have CUDA C++ kernels: CPU tensors say so
+        with pytest.raises(ValueError, match=r"quantize_4bit: backend 'cuda'.*need CUDA tensors \(got cpu\)"):
+            fastpeft.quantize(w, 4, "nf4", block_size=32, double_quant=double, backend="cuda")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        _cext.nf4_quantize(w, torch.zeros(15), None, 64)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        _cext.nf4_double_quant(w[0], w[0, 0], torch.zeros(256))
 
 
 @pytest.mark.gpu
@@ -241,6 +249,32 @@ def test_nf4_dequantize(out_dtype, n, block_size, double, scheme, misaligned):
 def test_nf4_dequantize_api_and_errors():
     check_nf4_dequant("cuda", torch.bfloat16, 4096, 64, True, api=True)
     check_nf4_dequant_errors("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,block_size,scheme,misaligned", [
+    (4096 * 1024, 64, "nf4", False), (1000, 64, "fp4", False), (771, 32, "nf4", False), (1027, 64, "fp4", True),
+    (601, 2, "nf4", False), (300, 2, "fp4", True), (13288, 4096, "fp4", False), (13289, 4096, "nf4", True),
+    (1, 64, "nf4", False), (1, 2, "fp4", False)])
+def test_nf4_quantize(dtype, n, block_size, scheme, misaligned):
+    """csrc/nf4.cu's quantize against reference.nf4, bit for bit: the vector and scalar paths, ties."""
+    check_nf4_quant("cuda", dtype, n, block_size, scheme, misaligned)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nb,special", [(1, False), (700, False), (1100, True), (65536, False)])
+def test_nf4_double_quant(nb, special):
+    check_nf4_double_quant("cuda", nb, special)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,shape,scheme,block_size,double", [
+    (torch.bfloat16, (40, 70), "nf4", 64, True), (torch.float32, (3, 333), "fp4", 32, False),
+    (torch.float16, (5, 4097), "fp4", 4096, True), (torch.bfloat16, (4096, 4096), "nf4", 64, True)])
+def test_nf4_quantize_api_and_errors(dtype, shape, scheme, block_size, double):
+    check_nf4_quant_api("cuda", dtype, shape, scheme, block_size, double)
+    check_nf4_quant_errors("cuda")
 
 
 @pytest.mark.gpu

@@ -527,6 +527,81 @@ def nf4_dequantize(data: torch.Tensor, absmax: torch.Tensor, nested: torch.Tenso
     return y
 
 
+def _nf4_block_size(block_size) -> int:
+    block_size = operator.index(block_size)
+    if block_size < 2 or block_size % 2 or block_size > 4096:
+        raise ValueError(f"bad block_size {block_size} (even, in [2, 4096])")
+    return block_size
+
+
+def _nf4_table(name: str, t: torch.Tensor, size: int) -> None:
+    if t.dtype != torch.float32 or t.numel() != size:
+        raise ValueError(f"{name} must be torch.float32 with {size} elements; got {t.dtype} with {t.numel()}")
+
+
+def _nf4_order(order) -> int:
+    """The code of each sorted position (16 ints, a permutation of 0..15; None: the identity) packed
+    as the kernel's int64 field: nibble p = the code of position p, 0 for the identity."""
+    if order is None:
+        return 0
+    codes = [operator.index(c) for c in order]
+    if sorted(codes) != list(range(16)):
+        raise ValueError(f"order must be a permutation of 0..15 (the code of each sorted position), got {order!r}")
+    packed = sum(c << (4 * p) for p, c in enumerate(codes))
+    return packed - (1 << 64) if packed >= 1 << 63 else packed  # the same 64 bits as a signed int64
+
+
+def nf4_quantize(x: torch.Tensor, mids: torch.Tensor, order, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 / FP4 quantize (bitsandbytes' layout, fastpeft/reference/nf4.py ``quantize_4bit``): x (fp32, fp16
+    or bf16, any shape, read flat in row-major order; a contiguous copy where it is not) ->
+    (packed codes uint8 [ceil(n / 2)], element 2j in the high nibble; absmax float32 [ceil(n / block_size)]).
+
+    mids: float32 [15], the midpoints of the sorted table (fastpeft.ops.nf4._tables); order: the code of
+    each sorted position (16 ints; None: the identity, NF4). block_size even, in [2, 4096]. x is not checked
+    for NaN / inf (fastpeft.ops.nf4 does that); no host synchronisation."""
+    _checks.tensor("x", x)
+    _checks.tensor("mids", mids)
+    device = _cuda_device(x=x, mids=mids)
+    _checks.tensor("x", x, dtypes=_DTYPE_CODES)
+    _nf4_table("mids", mids, 15)
+    block_size, packed = _nf4_block_size(block_size), _nf4_order(order)
+    n = x.numel()
+    ext = _extension()
+    q = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=device)
+    if n == 0:
+        return q, absmax
+    xc, mc = x.contiguous(), mids.contiguous()
+    ext.nf4_quantize(x=xc.data_ptr(), q=q.data_ptr(), absmax=absmax.data_ptr(), mids=mc.data_ptr(), order=packed,
+                     n=n, block_size=block_size, dtype=_DTYPE_CODES[x.dtype], device=device.index or 0,
+                     stream=_stream(device))
+    return q, absmax
+
+
+def nf4_double_quant(absmax: torch.Tensor, offset: torch.Tensor, mids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """QLoRA's double quantization (fastpeft/reference/nf4.py ``double_quant``) of the float32 block absmax
+    (any shape, read flat) around ``offset`` (float32, one element: its mean, computed by the caller) ->
+    (codes8 uint8 [nb], nested absmax float32 [ceil(nb / 256)]). mids: float32 [256], the dynamic map's 255
+    midpoints and a pad (fastpeft.ops.nf4._tables(device)["dynamic_mids"])."""
+    tensors = {"absmax": absmax, "offset": offset, "mids": mids}
+    for name, t in tensors.items():
+        _checks.tensor(name, t)
+    device = _cuda_device(**tensors)
+    _nf4_table("absmax", absmax, absmax.numel())
+    _nf4_table("offset", offset, 1)
+    _nf4_table("mids", mids, 256)
+    nb = absmax.numel()
+    ext = _extension()
+    q8 = torch.empty(nb, dtype=torch.uint8, device=device)
+    nested = torch.empty(-(-nb // 256), dtype=torch.float32, device=device)
+    if nb == 0:
+        return q8, nested
+    ac, oc, mc = absmax.contiguous(), offset.contiguous(), mids.contiguous()
+    ext.nf4_double_quant(absmax=ac.data_ptr(), offset=oc.data_ptr(), q8=q8.data_ptr(), nested=nested.data_ptr(),
+                         mids=mc.data_ptr(), n=nb, device=device.index or 0, stream=_stream(device))
+    return q8, nested
+
+
 def bottleneck_adapter_forward(x2: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
                     up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str, scaling: float,
                     *, n_split: int = 0) -> torch.Tensor:

@@ -5,7 +5,8 @@ fastpeft/reference/nf4.py; the QuantizedTensor that carries the result: fastpeft
 Registered ops (fastpeft/ops/_library.py), none differentiable:
   fastpeft::quantize_4bit    (packed codes uint8 [ceil(n / 2)], absmax float32 [blocks]) of x
   fastpeft::double_quant     (codes8 uint8 [blocks], nested absmax float32 [ceil(blocks / 256)],
-                              offset float32 []) of an absmax vector
+                              offset float32 []) of an absmax vector (both: triton, or the CUDA C++
+                             kernels of csrc/nf4.cu with backend="cuda", or torch)
   fastpeft::dequantize_4bit  table[code] * absmax, in the requested dtype (triton, or the CUDA C++
                              kernel of csrc/nf4.cu with backend="cuda", or torch)
   fastpeft::nf4_linear       y = x @ W_deq^T + bias, one fused dequantize-GEMM kernel (autograd:
@@ -39,6 +40,7 @@ from ._library import below_autograd, call, define, eager, needs_grad, register_
 
 KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
 DEQUANTIZE_KERNELS = ("triton", "cuda", "torch")  # dequantize_4bit also has a CUDA C++ kernel (csrc/nf4.cu)
+QUANTIZE_KERNELS = ("triton", "cuda", "torch")  # so do quantize_4bit and double_quant
 SCHEMES = ref.SCHEMES
 BLOCK_SIZES = ref.BLOCK_SIZES
 DEFAULT_BLOCK_SIZE = ref.DEFAULT_BLOCK_SIZE
@@ -167,13 +169,17 @@ def _quantize_kernel(x, scheme, block_size, backend):
     if x.numel():
         _checks.check_values(torch.isfinite(x), lambda: "x contains NaN or inf: its block's absmax would be "
                                                         "meaningless")
-    name = _backend.choose("quantize_4bit", x.device, KERNELS, backend)
+    name = _backend.choose("quantize_4bit", x.device, QUANTIZE_KERNELS, backend)
     xc = x.contiguous()
     if name == "torch" or x.numel() == 0:
         return ref.quantize_4bit(xc, scheme, block_size)
-    from ..kernels import nf4 as k
     mids = _tables(x.device)[scheme][1]
     order = None if scheme == "nf4" else ref.sorted_codes(scheme)
+    if name == "cuda":  # csrc/nf4.cu
+        from . import _cext
+        with on_device(xc):
+            return _cext.nf4_quantize(xc.reshape(-1), mids, order, block_size)
+    from ..kernels import nf4 as k
     with on_device(xc):
         return k.quantize_4bit(xc.reshape(-1), block_size, mids, order)
 
@@ -185,12 +191,17 @@ def _quantize_fake(x, scheme, block_size, backend):
 
 
 def _double_quant_kernel(absmax, backend):
-    name = _backend.choose("double_quant", absmax.device, KERNELS, backend)
+    name = _backend.choose("double_quant", absmax.device, QUANTIZE_KERNELS, backend)
     if name == "torch" or absmax.numel() == 0:
         return ref.double_quant(absmax)
-    from ..kernels import nf4 as k
     a = absmax.contiguous()
     offset = a.mean()  # as the reference (and bitsandbytes): torch's float32 mean on the device
+    if name == "cuda":  # csrc/nf4.cu
+        from . import _cext
+        with on_device(a):
+            q8, nested = _cext.nf4_double_quant(a, offset, _tables(a.device)["dynamic_mids"])
+        return q8, nested, offset
+    from ..kernels import nf4 as k
     with on_device(a):
         q8, nested = k.double_quant(a, offset, _tables(a.device)["dynamic_mids"])
     return q8, nested, offset

@@ -329,6 +329,22 @@ def _nf4_dequantize(p):
                 y=_Operand(p["y"], n, 1, 1, 1, _ELEMENT_BYTES.get(p["dtype"], 1), output=True, overwritten=True))
 
 
+def _nf4_quantize(p):
+    n, bs = max(0, p["n"]), p["block_size"]
+    blocks = -(-n // bs) if bs > 0 else 0
+    return dict(x=_Operand(p["x"], n, 1, 1, 1, _ELEMENT_BYTES.get(p["dtype"], 1)), mids=_Operand(p["mids"], 15, 1, 1, 1, 4),
+                q=_Operand(p["q"], (n + 1) // 2, 1, 1, 1, 1, output=True, overwritten=True),
+                absmax=_Operand(p["absmax"], blocks, 1, 1, 1, 4, output=True, overwritten=True))
+
+
+def _nf4_double_quant(p):
+    n = max(0, p["n"])
+    return dict(absmax=_Operand(p["absmax"], n, 1, 1, 1, 4), offset=_Operand(p["offset"], 1, 1, 1, 1, 4),
+                mids=_Operand(p["mids"], 256, 1, 1, 1, 4),
+                q8=_Operand(p["q8"], n, 1, 1, 1, 1, output=True, overwritten=True),
+                nested=_Operand(p["nested"], -(-n // 256), 1, 1, 1, 4, output=True, overwritten=True))
+
+
 def _bottleneck_adapter_forward(p):
     e = _ELEMENT_BYTES.get(p["dtype"], 1)
     M, D, R = p["M"], p["D"], p["R"]
@@ -342,7 +358,8 @@ OPERANDS = {"lora_shrink": _lora_shrink, "lora_expand": _lora_expand, "multi_lor
             "multi_lora_expand": _multi_lora_expand, "int8_quant_rows": _int8_quant_rows, "int8_gemm": _int8_gemm,
             "int8_dequant_matmul": _int8_dequant_matmul,
             "quant_quantize": _quant_quantize, "quant_dequantize": _quant_dequantize,
-            "nf4_dequantize": _nf4_dequantize, "bottleneck_adapter_forward": _bottleneck_adapter_forward}
+            "nf4_dequantize": _nf4_dequantize, "nf4_quantize": _nf4_quantize,
+            "nf4_double_quant": _nf4_double_quant, "bottleneck_adapter_forward": _bottleneck_adapter_forward}
 
 
 class EmulatedExtension:

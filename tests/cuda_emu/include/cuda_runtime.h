@@ -70,6 +70,7 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float __fmul_rn(float a, float b) { return a * b; }  // one IEEE rounding (the emulator is built without FMA)
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 
 // ---- runtime API: one device (device 0) with the H200's 132 SMs (the split-K heuristic reads it)
 
