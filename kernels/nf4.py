@@ -21,15 +21,16 @@ packed two a byte, element 2j in the high nibble; absmax float32 [ceil(n / BS)].
     off fp fusion so no FMA merges them), the two nibbles looked up in the 16-entry table (a cached
     global load), scaled, interleaved in registers (tl.join) so the stores stay contiguous.
 ``_nf4_linear_kernel``    the 4-bit linear layer (QLoRA's frozen base): y = x @ W_deq^T + bias, one
-    fused dequantize-GEMM (the 4-bit tile dequantized in registers, never materialized; M 3 to 16
-    run the same kernel with BLOCK_M 16); HAS_LORA adds QLoRA's update s * U B^T (U = dropout(x)
+    fused dequantize-GEMM (the 4-bit tile dequantized in registers, never materialized; decode-sized
+    M where the decode kernel does not apply run it with BLOCK_M 16); HAS_LORA adds QLoRA's update s * U B^T (U = dropout(x)
     A^T from kernels/lora.py's shrink) into the same accumulator. ``_nf4_linear_dx_kernel`` the
     transposed one, dx = dy @ W_deq; HAS_LORA (QLoRA's backward) starts its accumulator with
     s * dropout'(V A) (V = dy B from the shrink). Layout and tiles: the section "the 4-bit linear
     layer" below.
-``_nf4_gemv_kernel``      decode (M <= GEMV_MAX_M, K whole blocks): the same layer without tl.dot,
+``_nf4_gemv_kernel``      decode (M <= DECODE_MAX_M, K whole blocks): the same layer split along K,
     the codes read as int32 words and decoded a byte at a time from a 256-entry table of nibble
-    pairs, split-K with fp32 partials summed in order (the section "decode" below).
+    pairs, fp32 partials summed in order; M <= GEMV_MAX_M without tl.dot (a GEMV), larger M (MMA)
+    with it (the section "decode" below).
 
 Offsets are int64 when an index could pass 2**31 (INT64; the linear kernels index rows in int64).
 Kernels only: shapes, dtypes and values are validated by the caller (fastpeft/ops/nf4.py); operands
@@ -387,7 +388,8 @@ def _nf4_linear_dx_kernel(DY, DATA, SCALE, NESTED, OFFSET, CODE, DYN, DX, V, AL,
 
 
 # ---------------------------------------------------------------------------------------------
-# decode: the GEMV (M <= GEMV_MAX_M, K a multiple of the block, the codes read as int32 words)
+# decode (M <= DECODE_MAX_M, K a multiple of the block, the codes read as int32 words): the GEMV, and
+# past GEMV_MAX_M rows the same loop feeding tl.dot
 #
 # At decode sizes the layer is bound by the read of the packed weight and by the instructions
 # that decode it, not by the multiply: ``_nf4_gemv_kernel`` runs it without tl.dot, as
@@ -408,12 +410,21 @@ def _nf4_linear_dx_kernel(DY, DATA, SCALE, NESTED, OFFSET, CODE, DYN, DX, V, AL,
 # dtype). QLoRA's update (HAS_LORA) is added by split 0 in the epilogue, in fp32.
 #
 # GEMV_MAX_M: each further row costs a multiply-add a weight on the CUDA cores (the tensor cores
-# take them for free in the GEMM), so the GEMV's cut is kernels/qlinear.py's (2; counted there in
-# the SASS, not timed); M = 3 to 16 run the GEMM with BLOCK_M 16. sm_90 builds (benchmarks/
-# resources.md): [8, 512] tiles, 4 warps, about 94 registers, 4 KB of shared memory (layout
-# conversions), no spills; not timed on a GPU yet.
+# take them for free), so the GEMV's cut is kernels/qlinear.py's (2; counted there in the SASS, not
+# timed). M = 3 to DECODE_MAX_M (16) run the same kernel with MMA: the decoded [BLOCK_N, BLOCK_K]
+# tile times its word's absmax, rounded to x's dtype (the GEMM's weight, value for value), is the
+# first operand of tl.dot with x^T [BLOCK_K, 16] (rows past M masked to 0); the update is the
+# GEMM's, (s U)^T rounded to x's dtype dotted with B's tile. The results are the GEMM's within
+# fp32 summation order. Against the 16-row GEMM it replaces (one program a [16, 32] output tile
+# over all of K, its 16-entry table gathers pipelined through 128-142 KB of shared memory: 1 block
+# an SM, 128 programs at N = 4096) it splits K for >= 2 programs an SM and keeps no stage in shared
+# memory. sm_90 builds (benchmarks/resources.md): the GEMV [8, 512] tiles, 4 warps, about 94
+# registers, 4 KB of shared memory (layout conversions), no spills; MMA [64, 64] tiles, 4 warps,
+# 80-94 registers, 10 KB (the dot's operands), wgmma, 5 blocks an SM (32 and 64 x 128 tiles:
+# mma.sync or 2 blocks an SM). Not timed on a GPU yet.
 
 GEMV_MAX_M = 2  # rows of x up to which the 4-bit linear runs as a GEMV (kernels/qlinear.py's cut)
+DECODE_MAX_M = 16  # rows up to which it runs the decode kernel (tl.dot past GEMV_MAX_M)
 
 
 @triton.jit
@@ -445,10 +456,12 @@ def _nf4_gemv_kernel(X, WORDS, PAIRS, SCALE, NESTED, OFFSET, DYN, BIAS, Y, WS, U
                      M, N, K, R, K_SPLIT, s_xm, s_xk, s_ym, s_yn, s_um, s_ur, s_bn, s_br, scaling,
                      BS: tl.constexpr, DOUBLE: tl.constexpr, NESTED_BS: tl.constexpr,
                      HAS_BIAS: tl.constexpr, TO_WS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+                     MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[:M, n tile] (TO_WS: the fp32 partial WS[pid_k, :M, n tile]) over K range pid_k, without
-    tl.dot (see above). WORDS: the codes as int32 [N * K / 8] (K a multiple of BS: rows are whole
-    words); PAIRS: int64 [256], the two nibbles' float32 values of each byte."""
+    """y[:M, n tile] (TO_WS: the fp32 partial WS[pid_k, :M, n tile]) over K range pid_k (see
+    above): without tl.dot, or (MMA, M up to 16) the decoded tile scaled, rounded to x's dtype and
+    multiplied by x^T on the tensor cores. WORDS: the codes as int32 [N * K / 8] (K a multiple of
+    BS: rows are whole words); PAIRS: int64 [256], the two nibbles' float32 values of each byte."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -461,7 +474,10 @@ def _nf4_gemv_kernel(X, WORDS, PAIRS, SCALE, NESTED, OFFSET, DYN, BIAS, Y, WS, U
     # per-word partial sums [BLOCK_N, PW] for each x row (the last axis): a word's 8 values are
     # one thread's registers (the joins below add in-thread axes to the words' layout: no layout
     # conversion), so its sum needs no shuffles; the words are summed across threads after the loop
-    acc = tl.zeros((BLOCK_N, PW, BLOCK_M), dtype=tl.float32)
+    if MMA:  # y^T [BLOCK_N, BLOCK_M] = W_deq @ x^T, the weight the dot's register operand
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, PW, BLOCK_M), dtype=tl.float32)
     offs_w = tl.arange(0, PW)
     w_rows = WORDS + n64[:, None] * (K // 8) + offs_w[None, :]
     blk_rows = n64 * (K // BS)
@@ -488,43 +504,63 @@ def _nf4_gemv_kernel(X, WORDS, PAIRS, SCALE, NESTED, OFFSET, DYN, BIAS, Y, WS, U
         # the last axis, so the first joins pick j1 and the last one t)
         w = tl.join(tl.join(tl.join(h0, h2), tl.join(h1, h3)), tl.join(tl.join(l0, l2), tl.join(l1, l3)))
         w = tl.reshape(w, (BLOCK_N, PW, 8))  # table values, in k order
-        for i in tl.static_range(BLOCK_M):  # the tile is decoded once for all rows
-            offs_k = k0 + offs_x
-            xi = tl.load(X + i * s_xm + offs_k * s_xk, mask=(offs_k < k_hi) & (i < M), other=0.0)
-            part = tl.sum(w * xi.to(tl.float32)[None, :, :], axis=2) * s  # [BLOCK_N, PW]
-            acc = tl.where(offs_m[None, None, :] == i, acc + part[:, :, None], acc)
-    acc = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]: y^T
+        if MMA:  # W_deq's tile as the GEMM makes it: table value x absmax in fp32, rounded once
+            wq = tl.reshape(w * s[:, :, None], (BLOCK_N, BLOCK_K)).to(X.dtype.element_ty)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(X + offs_m[None, :].to(tl.int64) * s_xm + offs_k[:, None] * s_xk,
+                         mask=(offs_k < k_hi)[:, None] & (offs_m < M)[None, :], other=0.0)
+            acc = _dot(wq, xt, acc, UPCAST, PRECISION)
+        else:
+            for i in tl.static_range(BLOCK_M):  # the tile is decoded once for all rows
+                offs_k = k0 + offs_x
+                xi = tl.load(X + i * s_xm + offs_k * s_xk, mask=(offs_k < k_hi) & (i < M), other=0.0)
+                part = tl.sum(w * xi.to(tl.float32)[None, :, :], axis=2) * s  # [BLOCK_N, PW]
+                acc = tl.where(offs_m[None, None, :] == i, acc + part[:, :, None], acc)
+    if not MMA:
+        acc = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]: y^T
     if HAS_LORA:  # + scaling * U B^T, by split 0 only
         offs_r = tl.arange(0, BLOCK_R)
         for r0 in range(0, tl.where(pid_k == 0, R, 0), BLOCK_R):
             rr = r0 + offs_r
             mask_r = rr < R
             b_t = tl.load(BL + n64[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & mask_r[None, :],
-                          other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
-            for i in tl.static_range(BLOCK_M):
-                ui = tl.load(U + i * s_um + rr * s_ur, mask=mask_r & (i < M), other=0.0)
-                part = tl.sum(b_t * (ui * scaling)[None, :], axis=1)
-                acc = tl.where(offs_m[None, :] == i, acc + part[:, None], acc)
+                          other=0.0)  # [BLOCK_N, BLOCK_R]
+            if MMA:  # as the GEMM: (s U)^T rounded to x's dtype, B's tile the register operand
+                u_t = tl.load(U + offs_m[None, :].to(tl.int64) * s_um + rr[:, None] * s_ur,
+                              mask=mask_r[:, None] & (offs_m < M)[None, :], other=0.0)
+                acc = _dot(b_t, (u_t * scaling).to(X.dtype.element_ty), acc, UPCAST, PRECISION)
+            else:
+                b_t = b_t.to(tl.float32)
+                for i in tl.static_range(BLOCK_M):
+                    ui = tl.load(U + i * s_um + rr * s_ur, mask=mask_r & (i < M), other=0.0)
+                    part = tl.sum(b_t * (ui * scaling)[None, :], axis=1)
+                    acc = tl.where(offs_m[None, :] == i, acc + part[:, None], acc)
     _gemv_store(acc, WS, BIAS, Y, pid_k, M, N, offs_m, offs_n, mask_n, s_ym, s_yn, HAS_BIAS, TO_WS)
 
 
 def _gemv_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """Tiles and split of the GEMV: BLOCK_M M rounded up to a power of two (a static loop over the
-    rows); GPU: 4 warps, [8, 512] tiles (256 bytes of codes per row and tile, 32 table values a
-    thread: [16, 512] took 156 registers, [8, 512] 94); the interpreter: [8, 64]. SPLIT_K:
+    """Tiles and split of the decode path. M <= GEMV_MAX_M (no tl.dot): BLOCK_M M rounded up to a
+    power of two (a static loop over the rows); GPU: 4 warps, [8, 512] tiles (256 bytes of codes
+    per row and tile, 32 table values a thread: [16, 512] took 156 registers, [8, 512] 94).
+    MMA (M up to DECODE_MAX_M): BLOCK_M 16 (tl.dot's smallest), GPU: 4 warps, [64, 64] tiles (32
+    table values a thread, as the GEMV). The interpreter: [8, 64] and [16, 64]. SPLIT_K:
     kernels/qlinear.py's rule (>= 2 programs per SM, >= 2 K tiles a split), in whole K tiles."""
-    block_m = triton.next_power_of_2(M)
+    mma = M > GEMV_MAX_M
+    block_m = 16 if mma else triton.next_power_of_2(M)
     if _interpreted():
-        cfg = {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_K": 64}
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": 16 if mma else 8, "BLOCK_K": 64}
+    elif mma:
+        cfg = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
     else:
         cfg = {"BLOCK_M": block_m, "BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1}
-    return _gemv_split(cfg, N, K, device)
+    return {**_gemv_split(cfg, N, K, device), "MMA": mma}
 
 
 def gemv_applies(M: int, K: int, block_size: int, data: torch.Tensor) -> bool:
-    """Whether ``nf4_linear`` takes the GEMV: decode-sized M, rows of whole blocks (so of whole
-    int32 words: blocks hold 32 or more codes) and codes that can be read as words."""
-    return (0 < M <= GEMV_MAX_M and K > 0 and K % block_size == 0 and block_size % 8 == 0
+    """Whether ``nf4_linear`` takes the decode path: decode-sized M (up to DECODE_MAX_M), rows of
+    whole blocks (so of whole int32 words: blocks hold 32 or more codes) and codes that can be
+    read as words."""
+    return (0 < M <= DECODE_MAX_M and K > 0 and K % block_size == 0 and block_size % 8 == 0
             and data.numel() % 4 == 0 and data.data_ptr() % 4 == 0)
 
 
@@ -540,8 +576,8 @@ def _nf4_gemv(x, data, scale, nested, offset, pairs, dyn, block_size: int, N: in
         dyn if double else scale, bias if bias is not None else scale, y, ws, u, b,
         M, N, K, R, k_split, x.stride(0), x.stride(1), y.stride(0), y.stride(1), *lora_strides, float(s),
         BS=block_size, DOUBLE=double, NESTED_BS=NESTED_BLOCK, HAS_BIAS=bias is not None, TO_WS=split > 1,
-        HAS_LORA=lora is not None, BLOCK_R=_rank_tile(max(R, 1)),
-        enable_fp_fusion=False, **cfg)
+        HAS_LORA=lora is not None, BLOCK_R=_block_r(max(R, 1), x.dtype) if cfg["MMA"] else _rank_tile(max(R, 1)),
+        UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), enable_fp_fusion=False, **cfg)
     if split > 1:
         block = 256
         _qlinear_splitk_sum_kernel[(triton.cdiv(N, block), M)](

@@ -690,11 +690,12 @@ def fixed_distill_launches(dtypes, every_variant: bool = False) -> list[Launch]:
 # an odd element count (a pad nibble), a single block (the block counts equal to 1)
 NF4_SHAPES = ((4096, 4096), (300, 99), (8, 16, 72), (33, 99), (5,))
 NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' (each its own tile R x BS)
-# (M, K, N) of the linear layer, forward and dx: decode (M = 1, and M = 2: no constant M), mid and
+# (M, K, N) of the linear layer, forward and dx: decode (M = 1, and M = 2: no constant M; M = 16: the
+# decode kernel's tl.dot variant, or the 16-row GEMM where K is not whole blocks), mid and
 # large (the BLOCK_M 16 / 64 / 128 configs) at the benchmark's layers (up and down projections);
 # rows and K not 16-aligned (every block size unaligned: the per-element gather path)
-NF4_LINEAR_SHAPES = ((1, 4096, 4096), (1, 4096, 11008), (1, 11008, 4096), (2, 4096, 11008), (64, 4096, 4096),
-                     (64, 11008, 4096), (2048, 4096, 4096), (2048, 11008, 4096), (300, 100, 72))
+NF4_LINEAR_SHAPES = ((1, 4096, 4096), (1, 4096, 11008), (1, 11008, 4096), (2, 4096, 11008), (16, 4096, 11008),
+                     (64, 4096, 4096), (64, 11008, 4096), (2048, 4096, 4096), (2048, 11008, 4096), (300, 100, 72))
 # (block size, double quantization, bias): QLoRA's (blocks of 64, double-quantized absmax, no bias);
 # plain absmax with a bias; blocks of 32 (BS < BLOCK_K: BLOCK_K / 32 absmax a row and tile); blocks
 # of 256 (one absmax a row and tile at every BLOCK_K); blocks of 4096 (K = 11008 not whole blocks:

@@ -72,8 +72,8 @@ def test_matches_reference(poison_outputs, case, dtype):
         assert rel(bg.grad, dy.double().cpu().reshape(-1, N).sum(0)) <= TOL[dtype]
 
 
-# the decode GEMV (kernels/nf4.py ``_nf4_gemv_kernel``: M <= GEMV_MAX_M, K whole blocks, the codes
-# read as int32 words): (leading dims of x, K, N, block size, double quantization, scheme, bias).
+# the decode path (kernels/nf4.py ``_nf4_gemv_kernel``: M <= DECODE_MAX_M, K whole blocks, the codes
+# read as int32 words; past GEMV_MAX_M with tl.dot): (leading dims of x, K, N, block size, double quantization, scheme, bias).
 # The interpreter splits K in two where there are 2 K tiles or more (64 wide): fp32 partials summed
 # by the split-K sum kernel, the bias added there
 GEMV_CASES = [
@@ -81,6 +81,10 @@ GEMV_CASES = [
     ((2,), 192, 33, 32, False, "fp4", False),  # M = 2, an uneven split (2 tiles + 1), 3 N tiles
     ((1, 1), 64, 16, 64, True, "nf4", True),   # one K tile: no split, the bias in the GEMV itself
     ((2,), 256, 5, 256, False, "nf4", True),   # blocks of 256: a block spans K tiles
+    # M = 3 to DECODE_MAX_M: the same kernel with tl.dot (MMA; BLOCK_M 16, masked rows)
+    ((3,), 192, 21, 64, True, "nf4", True),    # M = 3, an uneven split, N odd, 2 N tiles
+    ((2, 8), 128, 16, 32, False, "fp4", False),  # M = 16 (3-D x), blocks of 32: 2 absmax a K tile
+    ((5,), 64, 33, 64, False, "nf4", True),    # one K tile: no split, the bias in the kernel
 ]
 
 
@@ -109,14 +113,14 @@ def test_decode_gemv_matches_reference(poison_outputs, monkeypatch, case, dtype)
 
 
 def test_decode_gemv_only_where_it_applies(monkeypatch):
-    """M past GEMV_MAX_M, K not whole blocks, and codes that cannot be read as int32 words (a view
-    at an odd byte offset) take the GEMM, with the same result."""
+    """M past DECODE_MAX_M, K not whole blocks, and codes that cannot be read as int32 words (a
+    view at an odd byte offset) take the GEMM, with the same result."""
     from fastpeft.kernels import nf4 as knf4
     calls = _gemv_calls(monkeypatch)
     q = fastpeft.quantize(rnd(8, 128, scale=0.05), 4, "nf4", block_size=64, double_quant=True)
     w = ref_weight(q)
     with fastpeft.use_backend("triton"):
-        x = rnd(knf4.GEMV_MAX_M + 1, 128, seed=1)
+        x = rnd(knf4.DECODE_MAX_M + 1, 128, seed=1)
         assert rel(ops.nf4_linear(x, q), x.double() @ w.T) <= 1e-5 and calls == []
         q2 = fastpeft.quantize(rnd(8, 96, scale=0.05), 4, "nf4", block_size=64)
         x2 = rnd(1, 96, seed=2)

@@ -135,6 +135,7 @@ FUSED_CASES = [
     ((4, "fp4", 32, False), (3, 2), 33, 9, False, 0.25, 3),  # odd K, 3-D x, no bias, dropout, r = 3
     ((4, "nf4", 32, True), (17,), 64, 20, True, 0.0, 20),    # M past one row tile, r = 20 (a masked rank tile)
     ((4, "nf4", 64, True), (2,), 256, 10, True, 0.25, 5),    # decode: the GEMV (split K), its update by split 0
+    ((4, "nf4", 32, False), (3, 3), 192, 20, False, 0.0, 20),  # M = 9: the decode path's tl.dot (MMA) variant
 ]
 
 
@@ -161,7 +162,7 @@ def _run_layer(layer, x, dy, fused, monkeypatch):
     return y.detach(), xg.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
 
 
-@pytest.mark.parametrize("dtype,case", dtype_cases(range(len(FUSED_CASES)), [1],
+@pytest.mark.parametrize("dtype,case", dtype_cases(range(len(FUSED_CASES)), [1, 4],
                                                    dtypes=[torch.float32, torch.bfloat16]), ids=case_id)
 def test_fused_forward_matches_unfused_and_reference(fixed_seed, poison_outputs, monkeypatch, dtype, case):
     """y and every gradient of the fused path (forward and dx) against the unfused one (the base
