@@ -70,8 +70,10 @@ configs fit two blocks per SM. This is integer-only inference (Jacob et al., 201
 "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
 Inference"): no 16-bit operand, the tensor cores' int8 rate (twice bf16's on the H100 / H200).
 
-The backward (dx = dy @ W_deq) is not a kernel: fastpeft/ops/qlinear.py dequantizes the
-weight (fastpeft.dequantize) and runs a dense matmul.
+The backward through x (dx = dy @ W_deq) is ``_qlinear_dx_kernel``: the transposed fused
+dequantize-GEMM (a program owns a K range of dx and loops over N; each weight tile unpacked,
+minus its zero point, times its scale, per-row scales included, rounded to dy's dtype; the
+16-bit weight never materialized), as kernels/nf4.py's ``_nf4_linear_dx_kernel``.
 
 Kernels only: no policy here (fastpeft/ops/qlinear.py decides and wraps).
 """
@@ -105,6 +107,39 @@ def _unpack(p, BITS: tl.constexpr, SIGNED: tl.constexpr, ROWS: tl.constexpr, COL
         return tl.reshape(tl.join(lo, hi), (ROWS, COLS))  # element 2j low, 2j+1 high
     else:
         return p
+
+
+@triton.jit
+def _scaled_tile(q, k0, s_rows, z_rows, mask_n, NUM_GROUPS, s_sg, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
+                 ROW_SCALE: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 (q - zero point) * scale of the int32 codes q [BLOCK_N, BLOCK_K] at K offset k0 (rows
+    ``s_rows`` / ``z_rows`` of the scales and zero points, ``mask_n`` the rows inside N). PER_ROW
+    (per-row or per-tensor scales): times the row scale only with ROW_SCALE (the forward applies
+    it in its epilogue instead). Groups: G >= BLOCK_K, the tile lies in one group; else NG = BLOCK_K
+    / G whole groups per tile."""
+    if PER_ROW:
+        if HAS_ZP:
+            q = q - tl.load(z_rows, mask=mask_n, other=0)[:, None]
+        w = q.to(tl.float32)
+        if ROW_SCALE:
+            w = w * tl.load(s_rows, mask=mask_n, other=0.0)[:, None]
+    elif G >= BLOCK_K:  # the whole K tile lies in one group
+        g = k0 // G
+        s = tl.load(s_rows + g * s_sg, mask=mask_n, other=0.0)
+        if HAS_ZP:
+            q = q - tl.load(z_rows + g * s_sg, mask=mask_n, other=0)[:, None]
+        w = q.to(tl.float32) * s[:, None]
+    else:  # NG whole groups per K tile
+        NG: tl.constexpr = BLOCK_K // G
+        gi = k0 // G + tl.arange(0, NG)
+        gmask = mask_n[:, None] & (gi < NUM_GROUPS)[None, :]
+        goff = gi[None, :] * s_sg
+        s = tl.load(s_rows[:, None] + goff, mask=gmask, other=0.0)
+        q3 = tl.reshape(q, (BLOCK_N, NG, G))
+        if HAS_ZP:
+            q3 = q3 - tl.load(z_rows[:, None] + goff, mask=gmask, other=0)[:, :, None]
+        w = tl.reshape(q3.to(tl.float32) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    return w
 
 
 @triton.jit
@@ -142,26 +177,8 @@ def _qlinear_kernel(
         mask_p = (k0 * BITS // 8 + offs_p) < KP
         p = tl.load(d_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0)
         q = _unpack(p, BITS, SIGNED, BLOCK_N, BLOCK_K)
-        if PER_ROW:  # integer tile; the scale is applied in the epilogue
-            if HAS_ZP:
-                q = q - tl.load(z_rows, mask=mask_n, other=0)[:, None]
-            w = q.to(tl.float32)
-        elif G >= BLOCK_K:  # the whole K tile lies in one group
-            g = k0 // G
-            s = tl.load(s_rows + g * s_sg, mask=mask_n, other=0.0)
-            if HAS_ZP:
-                q = q - tl.load(z_rows + g * s_sg, mask=mask_n, other=0)[:, None]
-            w = q.to(tl.float32) * s[:, None]
-        else:  # NG whole groups per K tile
-            NG: tl.constexpr = BLOCK_K // G
-            gi = k0 // G + tl.arange(0, NG)
-            gmask = mask_n[:, None] & (gi < NUM_GROUPS)[None, :]
-            goff = gi[None, :] * s_sg
-            s = tl.load(s_rows[:, None] + goff, mask=gmask, other=0.0)
-            q3 = tl.reshape(q, (BLOCK_N, NG, G))
-            if HAS_ZP:
-                q3 = q3 - tl.load(z_rows[:, None] + goff, mask=gmask, other=0)[:, :, None]
-            w = tl.reshape(q3.to(tl.float32) * s[:, :, None], (BLOCK_N, BLOCK_K))
+        # per row: an integer tile, the scale applied in the epilogue
+        w = _scaled_tile(q, k0, s_rows, z_rows, mask_n, NUM_GROUPS, s_sg, HAS_ZP, PER_ROW, False, G, BLOCK_N, BLOCK_K)
         if SWAP_AB:
             acc = _dot(w.to(dt), a, acc, UPCAST, PRECISION)
         else:
@@ -177,6 +194,49 @@ def _qlinear_kernel(
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn, acc.to(Y.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _qlinear_dx_kernel(
+    DY, DATA, SCALE, ZP, DX,
+    M, N, K, KP, NUM_GROUPS,
+    s_dm, s_dn, s_dxm, s_dxk, s_wn, s_wk, s_sn, s_sg,
+    BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
+    G: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dx[BLOCK_M, BLOCK_K] = dy @ W_deq, the transposed dequantize-GEMM: a program owns a K range
+    of dx and loops over N, each [BLOCK_N, BLOCK_K] weight tile unpacked and scaled in registers
+    (per-row scales too: the sum runs over the rows), rounded to dy's dtype, as the forward's.
+    Computed transposed, dx^T = W_deq^T @ dy^T, so the weight tile is the dot's first operand."""
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    dt = DY.dtype.element_ty
+    PK: tl.constexpr = BLOCK_K * BITS // 8  # bytes of codes per row and K tile
+    offs_p = k0 * BITS // 8 + tl.arange(0, PK)
+    mask_p = offs_p < KP
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    g_ptrs = DY + offs_n[:, None] * s_dn + offs_m[None, :].to(tl.int64) * s_dm  # dy^T [BLOCK_N, BLOCK_M]
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + offs_n
+        mask_n = rows < N
+        r64 = rows.to(tl.int64)
+        p = tl.load(DATA + r64[:, None] * s_wn + offs_p[None, :] * s_wk, mask=mask_n[:, None] & mask_p[None, :],
+                    other=0)
+        q = _unpack(p, BITS, SIGNED, BLOCK_N, BLOCK_K)
+        w = _scaled_tile(q, k0, SCALE + r64 * s_sn, ZP + r64 * s_sn, mask_n, NUM_GROUPS, s_sg, HAS_ZP, PER_ROW,
+                         True, G, BLOCK_N, BLOCK_K)
+        g = tl.load(g_ptrs, mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+        acc = _dot(tl.trans(w.to(dt)), g, acc, UPCAST, PRECISION)
+        g_ptrs += BLOCK_N * s_dn
+    acc = tl.trans(acc)
+    tl.store(DX + offs_m[:, None].to(tl.int64) * s_dxm + offs_k[None, :] * s_dxk, acc.to(DX.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.jit
@@ -522,6 +582,16 @@ def supports(group_size: int | None) -> bool:
     return group_size is None or (_is_pow2(group_size) and 16 <= group_size <= 1024)
 
 
+def _scale_layout(scale: torch.Tensor, group_size: int | None, what: str) -> tuple:
+    """(PER_ROW, s_sn, s_sg, NUM_GROUPS, G) of the weight's scales for the GEMM kernels: per row
+    [N] or per tensor [] (s_sn 0; G a placeholder 16), or groups [N, K / G]."""
+    if not supports(group_size):
+        raise ValueError(f"{what} kernel: group_size must be a power of two in [16, 1024], got {group_size}")
+    if group_size is None:
+        return True, scale.stride(0) if scale.dim() == 1 else 0, 0, 1, 16
+    return False, scale.stride(0), scale.stride(1), scale.shape[1], group_size
+
+
 # ---------------------------------------------------------------------------------------------
 # launcher (x 2-D with unit stride in the last dim; shapes and devices are checked by fastpeft.ops)
 
@@ -543,14 +613,7 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_
     if K == 0:
         y.zero_()
         return y if bias is None else y.add_(bias)
-    if not supports(group_size):
-        raise ValueError(f"quant_linear kernel: group_size must be a power of two in [16, 1024], got {group_size}")
-    per_row = group_size is None
-    if per_row:
-        s_sn = scale.stride(0) if scale.dim() == 1 else 0
-        s_sg, num_groups, g = 0, 1, 16
-    else:
-        s_sn, s_sg, num_groups, g = scale.stride(0), scale.stride(1), scale.shape[1], group_size
+    per_row, s_sn, s_sg, num_groups, g = _scale_layout(scale, group_size, "quant_linear")
     if M <= GEMV_MAX_M:
         return _quant_linear_gemv(x, data, scale, zero_point, bits, scheme, per_row, g, s_sn, s_sg, num_groups,
                                   bias, y)
@@ -566,6 +629,45 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_
     _qlinear_kernel[grid](*args, **flags, **cfg)
     return y
 
+
+
+def _dx_config(M: int, dtype: torch.dtype) -> dict:
+    """Tiles of the backward (``_qlinear_dx_kernel``; BLOCK_K is the output's width, BLOCK_N the
+    reduction's): the interpreter's small tiles (BLOCK_K 64: groups of 32 give two a tile), or the
+    GPU's per M range, as kernels/nf4.py's dx (fp32, 3xTF32: shorter tiles)."""
+    if _interpreted():
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}
+    if M <= 16:
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    elif M <= 128:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
+    if dtype == torch.float32:
+        cfg.update(BLOCK_N=32, BLOCK_K=64, num_stages=3)
+    return {**cfg, "GROUP_M": 8}
+
+
+def quant_linear_dx(dy: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    bits: int, scheme: str, group_size: int | None, K: int) -> torch.Tensor:
+    """dx [M, K] in dy's dtype: dy [M, N] (unit stride along N) @ W_deq, W the packed weight as for
+    ``quant_linear`` (codes [N, ceil(K * bits / 8)], unit stride along K; scale and zero point
+    dense), never materialized: the transposed fused dequantize-GEMM."""
+    M, N = dy.shape
+    dx = _common.new_output((M, K), dy, dy.dtype)
+    if M == 0 or K == 0:
+        return dx
+    if N == 0:
+        return dx.zero_()
+    per_row, s_sn, s_sg, num_groups, g = _scale_layout(scale, group_size, "quant_linear_dx")
+    cfg = _dx_config(M, dy.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    _qlinear_dx_kernel[grid](
+        dy, data, scale, zero_point, dx, M, N, K, data.shape[1], num_groups,
+        dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), data.stride(0), data.stride(1), s_sn, s_sg,
+        BITS=bits, SIGNED=scheme == "absmax", HAS_ZP=scheme == "zeropoint", PER_ROW=per_row, G=g,
+        UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype), **cfg)  # scaled tiles: not exact in tf32
+    return dx
 
 
 def _gemv_config(M: int, N: int, K: int, bits: int, group_size: int | None, device: torch.device) -> dict:

@@ -451,10 +451,11 @@ QLINEAR_DECODE_VARIANTS = ((4, "zeropoint", 128), (8, "absmax", None), (8, "zero
 
 
 def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=QLINEAR_VARIANTS,
-                     a8: bool = True) -> list[Launch]:
+                     a8: bool = True, dx: bool = True) -> list[Launch]:
     """Every launch fastpeft.kernels.qlinear's fused dequantize-GEMM makes (fixed configs: it
     does not autotune) for each dtype, (M, K, N) and (bits, scheme, group size); with ``a8``
-    also the int8-activation kernel's (dynamic and static activation scales)."""
+    also the int8-activation kernel's (dynamic and static activation scales); with ``dx`` the
+    backward's (``_qlinear_dx_kernel``, dy [M, N])."""
     from fastpeft.kernels import qlinear as kq
 
     def run():
@@ -469,6 +470,9 @@ def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=Q
                     slots = (N,) if g is None else (N, K // g)
                     kq.quant_linear(x, data, torch.ones(slots), torch.zeros(slots, dtype=torch.int32),
                                     bits, scheme, g, b)
+                    if dx:
+                        kq.quant_linear_dx(torch.zeros(M, N, dtype=dtype), data, torch.ones(slots),
+                                           torch.zeros(slots, dtype=torch.int32), bits, scheme, g, K)
                     if a8 and dtype != torch.float32 and kq.supports_a8(g):  # int8 activations
                         xq = torch.zeros(M, K, dtype=torch.int8)
                         for xs, mul in ((torch.ones(M), 1 / 127), (torch.ones(1), 1.0)):  # dynamic, static
@@ -483,7 +487,8 @@ def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=Q
 
 def fixed_qlinear_launches(dtypes) -> list[Launch]:
     """bf16: every shape and variant; fp16 (the same code as bf16) the decode shape, one
-    variant; fp32 (3xTF32, its own tiles) every shape, the grouped variants. Plus the decode
+    variant; fp32 (3xTF32, its own tiles) every shape, the grouped variants; each also the
+    backward's dx kernel. Plus the decode
     path (_qlinear_gemv_kernel, split-K sum) at the benchmark's layer sizes in the 16-bit
     dtypes: its tiles depend on the group size and its split on N and K."""
     launches = qlinear_launches(dtypes=dtypes[:1])
@@ -493,11 +498,13 @@ def fixed_qlinear_launches(dtypes) -> list[Launch]:
         else:
             launches += qlinear_launches(dtypes=(dtype,), shapes=QLINEAR_SHAPES[:1], variants=QLINEAR_VARIANTS[:1])
     half = tuple(d for d in dtypes if d != torch.float32)
-    launches += qlinear_launches(dtypes=half, shapes=QLINEAR_DECODE_SHAPES, variants=QLINEAR_DECODE_VARIANTS)
-    launches += qlinear_launches(dtypes=half[:1], shapes=((2, 4096, 11008),), variants=QLINEAR_DECODE_VARIANTS[:2])
+    launches += qlinear_launches(dtypes=half, shapes=QLINEAR_DECODE_SHAPES, variants=QLINEAR_DECODE_VARIANTS,
+                                 dx=False)
+    launches += qlinear_launches(dtypes=half[:1], shapes=((2, 4096, 11008),), variants=QLINEAR_DECODE_VARIANTS[:2],
+                                 dx=False)
     # rows of codes that are not whole int32 words (odd K / 2 or K): the byte-reading variant
     launches += qlinear_launches(dtypes=half[:1], shapes=((1, 4094, 4096),),
-                                 variants=QLINEAR_DECODE_VARIANTS[1:4:2])
+                                 variants=QLINEAR_DECODE_VARIANTS[1:4:2], dx=False)
     unique = {}
     for launch in launches:
         unique.setdefault(launch.key(), launch)

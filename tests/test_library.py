@@ -135,6 +135,8 @@ def cases(dtype):
             (_rnd(3, 12, dtype=dtype, seed=45), *qargs4(f4l), 40, *[t.detach() for t in nf4_lora[1][9:11]], 2.0,
              0.0, None, None)],
         "quant_linear": quant_linear,
+        "quant_linear_grad_input": [(_rnd(2, 3, 12, dtype=dtype, seed=46), *qargs(q4), 64, None),
+                                    (_rnd(3, 12, dtype=dtype, seed=47), *qargs(qz8), 64, None)],
         "fake_quantize": fake_quantize,
         "fake_quantize_backward": [(xs, _rnd(6, 10, dtype=dtype, seed=22), scale(False), zp().detach(), 4,
                                     "zeropoint", 0, None)],

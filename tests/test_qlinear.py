@@ -114,6 +114,47 @@ def test_grads(backend, bits, scheme, K, group_size, axis, dtype):
     assert_close("dbias", bias.grad, dy64.sum(0), dtype)
 
 
+# the backward's kernel (kernels/qlinear.py ``_qlinear_dx_kernel``: dx = dy @ W_deq, the weight never
+# materialized): every bits, scheme and granularity (K = 96: groups of 32 past the last K tile;
+# 256 with groups of 128: a group over two tiles; per row at odd K; per tensor), N = 40 (two N
+# tiles, the second partial), M = 1 and 33 (three M tiles)
+@pytest.mark.parametrize("dtype,bits,scheme,K,group_size,axis",
+                         dtype_cases(FORWARD_CASES, FORWARD_BF16, dtypes=DTYPES + [torch.bfloat16], gpu_full=False),
+                         ids=case_id)
+def test_kernel_grad_input(poison_outputs, monkeypatch, bits, scheme, K, group_size, axis, dtype):
+    qw = make_qweight(OUT, K, bits, scheme, group_size, axis)
+    calls = []
+    launch = k.quant_linear_dx
+    monkeypatch.setattr(k, "quant_linear_dx", lambda *a: (calls.append(a[0].shape), launch(*a))[1])
+    for M in (1, 33):
+        x = make_x(M, K, dtype).requires_grad_(True)
+        dy = torch.randn(OUT, M, generator=_gen(9 + M)).to(DEVICE, dtype).t()  # a transposed view: strided rows
+        fastpeft.quant_linear(x, qw, backend="triton").backward(dy)
+        assert x.grad.dtype == dtype and calls[-1] == (M, OUT)
+        assert_close(f"dx M={M}", x.grad, dy.cpu().double() @ w_deq64(qw), dtype)
+    assert len(calls) == 2
+
+
+def test_grad_input_double_backward_and_torch_fallback(monkeypatch):
+    """Under create_graph dx is recorded (dequantize and a matmul: differentiable in dy), not the
+    kernel; a group size the kernel does not take (48) falls back to dequantize and a matmul."""
+    calls = []
+    launch = k.quant_linear_dx
+    monkeypatch.setattr(k, "quant_linear_dx", lambda *a: (calls.append(1), launch(*a))[1])
+    qw = make_qweight(OUT, 64, 4, "zeropoint", 32, None)
+    x = make_x(3, 64, torch.float32).requires_grad_(True)
+    dy = torch.randn(3, OUT, generator=_gen(3)).to(DEVICE).requires_grad_(True)
+    (dx,) = torch.autograd.grad(fastpeft.quant_linear(x, qw, backend="triton"), x, dy, create_graph=True)
+    assert calls == [] and dx.requires_grad
+    (ddy,) = torch.autograd.grad(dx.sum(), dy)
+    assert_close("d(dx)/d(dy)", ddy, w_deq64(qw).sum(1).expand(3, OUT), torch.float32)
+    q48 = make_qweight(OUT, 96, 4, "zeropoint", 48, None)
+    x48 = make_x(3, 96, torch.float32).requires_grad_(True)
+    fastpeft.quant_linear(x48, q48).backward(dy.detach())  # auto: triton where the interpreter runs
+    assert calls == [] and x48.grad is not None
+    assert_close("dx g=48", x48.grad, dy.detach().double() @ w_deq64(q48), torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # the module
 

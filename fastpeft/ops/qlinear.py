@@ -5,9 +5,10 @@
 
 Backends: ``triton`` (kernels/qlinear.py: a fused dequantize-GEMM, the 16-bit weight is never
 materialized) and ``torch`` (the reference composition: dequantize, then F.linear). The weight
-is frozen; gradients flow to x and bias. Backward: dx = dy @ W_deq with W_deq materialized
-in dy's dtype by fastpeft.dequantize (the backend's dequantize kernel under triton) and a
-dense matmul; no fused backward kernel yet.
+is frozen; gradients flow to x and bias. Backward: dx = dy @ W_deq by
+``fastpeft::quant_linear_grad_input``: under triton the transposed fused dequantize-GEMM
+(kernels/qlinear.py ``quant_linear_dx``, the weight never materialized); elsewhere W_deq in
+dy's dtype by fastpeft.dequantize and a dense matmul.
 
 Activations (``activations=``): None keeps x 16-bit (W4A16 / W8A16). "dynamic" quantizes each
 row of x (token) to int8 with its absmax at run time (fastpeft.int8_vectorwise_quant's
@@ -17,9 +18,9 @@ as fastpeft.quantize's 8-bit absmax codes. The kernel (kernels/qlinear.py, ``qua
 then runs the int8 x int4/int8 product on the int8 tensor cores. The backward is the
 straight-through estimator: dx = dy @ W_deq, as if x had not been quantized.
 
-Registered op (fastpeft/ops/_library.py): ``fastpeft::quant_linear`` with autograd (its
-backward is ``fastpeft::dequantize`` and a matmul) and an autocast rule (x and bias). No host
-sync.
+Registered ops (fastpeft/ops/_library.py): ``fastpeft::quant_linear`` with autograd (its
+backward ``fastpeft::quant_linear_grad_input``, or under create_graph ``fastpeft::dequantize``
+and a matmul) and an autocast rule (x and bias). No host sync.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from .. import _backend, _checks
 from ..reference import int8 as ref_int8
 from ..reference import quant as ref_quant
-from ._common import dense, on_device, rows
+from ._common import building_graph, dense, on_device, rows
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
-from .quant import QuantizedTensor, check_fields, dequantize_op, torch_dequantize
+from .quant import QuantizedTensor, _dequantize_checked, check_fields, dequantize_op, torch_dequantize
 
 OP = "quant_linear"
 ACTIVATIONS = (None, "dynamic", "static")
@@ -129,9 +130,36 @@ quant_linear_op = define(
     autocast=(0, 8))  # x and bias; codes, scales and the static step stay
 
 
+def _grad_input_kernel(dy, data, scale, zero_point, bits, scheme, axis, group_size, in_features, backend):
+    """dx = dy @ W_deq [..., in] in dy's dtype. Triton (where its kernel takes the group size):
+    kernels/qlinear.py ``quant_linear_dx``, the weight never materialized; else W_deq in dy's
+    dtype by fastpeft::dequantize's kernel for the backend, and a matmul."""
+    N = data.shape[0]
+    dy2 = rows(dy)
+    name = _choose(dy.device, group_size, None, backend)
+    if name == "torch" or dy2.shape[0] == 0 or N == 0 or in_features == 0:
+        w = _dequantize_checked(data, scale, zero_point, bits, scheme, axis, group_size, (N, in_features), dy.dtype,
+                                backend)
+        dx = dy2 @ w
+    else:
+        from ..kernels import qlinear as k
+        data = data if data.stride(-1) == 1 else data.contiguous()
+        with on_device(dy2):
+            dx = k.quant_linear_dx(dy2, dense(data), dense(scale), dense(zero_point), bits, scheme, group_size,
+                                   in_features)
+    return dx.reshape(*dy.shape[:-1], in_features)
+
+
+quant_linear_grad_input_op = define(
+    "quant_linear_grad_input(Tensor dy, Tensor data, Tensor scale, Tensor zero_point, int bits, str scheme, "
+    "int? axis, int? group_size, SymInt in_features, str? backend) -> Tensor",
+    _grad_input_kernel, lambda dy, data, *rest: dy.new_empty((*dy.shape[:-1], rest[-2])))
+
+
 class QuantLinearFunction(torch.autograd.Function):
-    """Autograd of fastpeft::quant_linear: dx = dy @ W_deq (W_deq materialized in dy's dtype by
-    fastpeft::dequantize, for the backward only), db = sum(dy); the codes are frozen."""
+    """Autograd of fastpeft::quant_linear: dx = dy @ W_deq by fastpeft::quant_linear_grad_input
+    (the transposed fused kernel under triton), db = sum(dy); the codes are frozen. Under
+    create_graph dx is W_deq (fastpeft::dequantize) times dy, recorded."""
 
     @staticmethod
     def forward(ctx, x, data, scale, zero_point, bits, scheme, axis, group_size, bias, activations, input_scale,
@@ -151,11 +179,15 @@ class QuantLinearFunction(torch.autograd.Function):
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[8]
         dx = db = None
         N = data.shape[0]
-        if need_x:
+        if need_x and building_graph():  # recorded by autograd: differentiable in dy
             with below_autograd():
                 w = call(dequantize_op, direct and still_eager(), data, scale, zero_point, bits, scheme, axis,
                          group_size, [N, K], dy.dtype, backend)
             dx = dy @ w
+        elif need_x:
+            with below_autograd():
+                dx = call(quant_linear_grad_input_op, direct and still_eager(), dy, data, scale, zero_point, bits,
+                          scheme, axis, group_size, K, backend)
         if need_b and has_bias:
             db = dy.reshape(-1, N).sum(0) if dy.numel() else dy.new_zeros(N)
         return dx, None, None, None, None, None, None, None, db, None, None, None, None
