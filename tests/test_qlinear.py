@@ -117,10 +117,10 @@ def test_grads(backend, bits, scheme, K, group_size, axis, dtype):
 # the backward's kernel (kernels/qlinear.py ``_qlinear_dx_kernel``: dx = dy @ W_deq, the weight never
 # materialized): every bits, scheme and granularity (K = 96: groups of 32 past the last K tile;
 # 256 with groups of 128: a group over two tiles; per row at odd K; per tensor), N = 40 (two N
-# tiles, the second partial), M = 1 and 33 (three M tiles)
+# tiles, the second partial), M = 1 and 33 (three M tiles); fp32 every case, fp16 and bf16 four
 @pytest.mark.parametrize("dtype,bits,scheme,K,group_size,axis",
-                         dtype_cases(FORWARD_CASES, FORWARD_BF16, dtypes=DTYPES + [torch.bfloat16], gpu_full=False),
-                         ids=case_id)
+                         [(torch.float32, *c) for c in FORWARD_CASES]
+                         + [(d, *c) for d in (torch.float16, torch.bfloat16) for c in FORWARD_BF16], ids=case_id)
 def test_kernel_grad_input(poison_outputs, monkeypatch, bits, scheme, K, group_size, axis, dtype):
     qw = make_qweight(OUT, K, bits, scheme, group_size, axis)
     calls = []
