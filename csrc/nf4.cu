@@ -246,16 +246,22 @@ nf4_double_quant_kernel(const float* __restrict__ a, const float* __restrict__ o
   if (in) q8[e] = static_cast<uint8_t>(count_below<8>(mids, scaled(d, reciprocal(amax), amax > 0.0f)));
 }
 
-}  // namespace
-
-void nf4_dequantize(const Nf4DequantizeParams& p) {
-  FASTPEFT_NF4_DEQUANTIZE(FASTPEFT_UNPACK)
-  const char* func = "nf4_dequantize";
+// The arguments nf4_quantize and nf4_dequantize share: a float dtype code, n >= 0, an even
+// block_size in [2, 4096].
+void check_layout(const char* func, int64_t dtype, int64_t n, int64_t block_size) {
   require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, func,
           "unsupported dtype code " + std::to_string(dtype) + " (0 float32, 1 float16, 2 bfloat16)");
   require(n >= 0, func, "n must be >= 0, got " + std::to_string(n));
   require(block_size >= 2 && block_size % 2 == 0 && block_size <= 4096, func,
           "block_size must be even, in [2, 4096], got " + std::to_string(block_size));
+}
+
+}  // namespace
+
+void nf4_dequantize(const Nf4DequantizeParams& p) {
+  FASTPEFT_NF4_DEQUANTIZE(FASTPEFT_UNPACK)
+  const char* func = "nf4_dequantize";
+  check_layout(func, dtype, n, block_size);
   if (n == 0) return;
   const bool double_quant = nested != 0;
   require(data != 0 && absmax != 0 && code != 0 && y != 0, func, "null device pointer");
@@ -289,11 +295,7 @@ void nf4_dequantize(const Nf4DequantizeParams& p) {
 void nf4_quantize(const Nf4QuantizeParams& p) {
   FASTPEFT_NF4_QUANTIZE(FASTPEFT_UNPACK)
   const char* func = "nf4_quantize";
-  require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, func,
-          "unsupported dtype code " + std::to_string(dtype) + " (0 float32, 1 float16, 2 bfloat16)");
-  require(n >= 0, func, "n must be >= 0, got " + std::to_string(n));
-  require(block_size >= 2 && block_size % 2 == 0 && block_size <= 4096, func,
-          "block_size must be even, in [2, 4096], got " + std::to_string(block_size));
+  check_layout(func, dtype, n, block_size);
   if (n == 0) return;
   require(x != 0 && q != 0 && absmax != 0 && mids != 0, func, "null device pointer");
   DeviceGuard guard(device, func);
