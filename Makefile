@@ -28,8 +28,12 @@ $(STAMP): setup.py pyproject.toml
 
 install: $(STAMP)
 
+# One pytest worker a core (at most 4), whole files to a worker: the interpreted kernels are
+# single-threaded Python, so 2 cores run the suite in about half the time (conftest.py gives each
+# worker one torch thread). PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= auto
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -rs tests
+	$(VENV)/bin/pytest -q -rs -n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

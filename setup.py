@@ -235,7 +235,7 @@ setup(
     package_dir={"fastpeft.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "peft", "transformers",
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "safetensors", "peft", "transformers",
                  "bitsandbytes"],
         "bench": ["matplotlib", "safetensors", "peft"],
     },

@@ -12,6 +12,11 @@ import torch
 from _utils import import_installed_package
 
 HAS_CUDA = torch.cuda.is_available()
+# Under pytest-xdist (make test runs a worker a core), each worker takes its share of the cores
+# for torch's CPU ops instead of all of them, so that workers do not oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import_installed_package()  # after TRITON_INTERPRET: it imports fastpeft, and so triton
