@@ -63,6 +63,88 @@ def _keep_mask(seed, rows, cols, thr31):
     return (h >> 1).to(tl.int32) >= thr31
 
 
+# The LoRA update of the GEMMs on a quantized base (kernels/nf4.py, kernels/qlinear.py: QLoRA,
+# Dettmers et al. 2023), U = dropout(x) A^T (float32 [M, R], from ``_shrink_kernel``) given: the
+# forward's s * U B^T goes into the base GEMM's fp32 accumulator (before or after its K loop), the
+# backward's s * dropout'(V A) (V = dy B) starts it (masked while it holds the update alone): no
+# second output tile live next to it. (U * s) rounded to x's dtype for tl.dot, R in BLOCK_R
+# chunks; the decode GEMVs add it by split 0 in their epilogue.
+
+
+@triton.jit
+def update_start(acc, X, U, BL, offs_m, offs_n, mask_m, mask_n, R, s_um, s_ur, s_bn, s_br, scaling,
+                 SWAP_AB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] (SWAP_AB: acc^T [BLOCK_N, BLOCK_M]) += scaling * U @ B^T, U float32
+    [M, R], B [N, R] in X's dtype (X: the GEMM's input pointer, for its dtype). The rank loop is
+    not software-pipelined (usually one chunk: staging it took up to 180 KB of shared memory)."""
+    dt = X.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: no shared-memory stages for it
+        rr = r0 + offs_r
+        mask_r = rr < R
+        if SWAP_AB:  # acc^T += B [BLOCK_N, BLOCK_R] @ (s U)^T [BLOCK_R, BLOCK_M]
+            u = tl.load(U + offs_m[None, :].to(tl.int64) * s_um + rr[:, None] * s_ur,
+                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+            b = tl.load(BL + offs_n[:, None].to(tl.int64) * s_bn + rr[None, :] * s_br,
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            acc = _dot(b, (u * scaling).to(dt), acc, UPCAST, PRECISION)
+        else:  # acc += (s U) [BLOCK_M, BLOCK_R] @ B^T [BLOCK_R, BLOCK_N]
+            u = tl.load(U + offs_m[:, None].to(tl.int64) * s_um + rr[None, :] * s_ur,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            b = tl.load(BL + offs_n[None, :].to(tl.int64) * s_bn + rr[:, None] * s_br,
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot((u * scaling).to(dt), b, acc, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
+def update_dx_start(acc, DY, V, AL, offs_m, offs_k, mask_m, mask_k, R, s_vm, s_vr, s_ar, s_ak, scaling, drop_scale,
+                    SEED, thr31, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    """acc^T [BLOCK_K, BLOCK_M] += the backward's scaling * keep / (1 - p) * (V @ A)^T, V float32
+    [M, R] (dy B), A [R, K] in DY's dtype, keep the forward's dropout mask at (row, col) of x
+    (DROPOUT): acc^T = A^T [BLOCK_K, BLOCK_R] @ (s V)^T [BLOCK_R, BLOCK_M], masked (acc zero on entry)."""
+    dt = DY.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):  # pipelined: unstaged, kernels/nf4.py's unaligned dx spilled on sm_90
+        rr = r0 + offs_r
+        mask_r = rr < R
+        v = tl.load(V + offs_m[None, :].to(tl.int64) * s_vm + rr[:, None] * s_vr,
+                    mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        a = tl.load(AL + offs_k[:, None] * s_ak + rr[None, :].to(tl.int64) * s_ar,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = _dot(a, (v * scaling).to(dt), acc, UPCAST, PRECISION)
+    if DROPOUT:
+        keep = tl.trans(_keep_mask(tl.load(SEED), offs_m, offs_k, thr31))
+        acc = tl.where(keep, acc * drop_scale, 0.0)
+    return acc
+
+
+@triton.jit
+def update_gemv(acc, X, U, BL, pid_k, offs_m, n64, mask_n, M, R, s_um, s_ur, s_bn, s_br, scaling,
+                MMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A decode GEMV's y^T [BLOCK_N, BLOCK_M] += scaling * (U B^T)^T by split 0 only: in fp32 on
+    the CUDA cores, or (MMA) as the GEMM, (s U)^T rounded to X's dtype, B's tile the register operand."""
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, tl.where(pid_k == 0, R, 0), BLOCK_R):
+        rr = r0 + offs_r
+        mask_r = rr < R
+        b_t = tl.load(BL + n64[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & mask_r[None, :],
+                      other=0.0)  # [BLOCK_N, BLOCK_R]
+        if MMA:
+            u_t = tl.load(U + offs_m[None, :].to(tl.int64) * s_um + rr[:, None] * s_ur,
+                          mask=mask_r[:, None] & (offs_m < M)[None, :], other=0.0)
+            acc = _dot(b_t, (u_t * scaling).to(X.dtype.element_ty), acc, UPCAST, PRECISION)
+        else:
+            b_t = b_t.to(tl.float32)
+            for i in tl.static_range(BLOCK_M):
+                ui = tl.load(U + i * s_um + rr * s_ur, mask=mask_r & (i < M), other=0.0)
+                part = tl.sum(b_t * (ui * scaling)[None, :], axis=1)
+                acc = tl.where(offs_m[None, :] == i, acc + part[:, None], acc)
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 
@@ -451,6 +533,32 @@ def decode_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype,
 
 def _block_r(r: int, cap: int = 64) -> int:
     return min(max(16, triton.next_power_of_2(r)), cap)
+
+
+def update_block_r(r: int, dtype: torch.dtype, dx: bool = False) -> int:
+    """The rank chunk of the quantized-base GEMMs' update: a power of two, tl.dot's smallest K
+    being 16; fp32 (3xTF32) takes chunks of 16 (64 spilled on sm_80 next to the 64 x 64 and
+    128 x 64 tiles). 16-bit: the forward's (``update_start``) at most 32 (64 took 160-200
+    registers at kernels/qlinear.py's 128 x 128 tile, 1 block an SM; 32 leaves the base's
+    count); the backward's (``update_dx_start``) 16 or 64 (32 took 212 registers on sm_90 and
+    spilled on sm_80 in kernels/nf4.py's dx at its 64 x 64 and 128 x 64 tiles; 64, a chunk half
+    masked at r = 32: 126-171, its rank loop's stages 90-131 KB of shared memory).
+    benchmarks/NOTES.md has the counts."""
+    if dtype == torch.float32:
+        return _block_r(r, 16)
+    if dx:
+        return 16 if r <= 16 else 64
+    return _block_r(r, 32)
+
+
+def update_args(lora, stand_in):
+    """(U, B, scaling, R, (s_um, s_ur, s_bn, s_br)) of a quantized-base GEMM's LoRA update ``lora``
+    = (U [M, R], B [N, R], scaling) (the backward's: (V [M, R], A [R, K], scaling)), or stand-ins
+    (never read) without one."""
+    if lora is None:
+        return stand_in, stand_in, 0.0, 0, (0, 0, 0, 0)
+    u, b, s = lora
+    return u, b, s, u.shape[1], (u.stride(0), u.stride(1), b.stride(0), b.stride(1))
 
 
 def _drop_args(dropout_p: float, seed: torch.Tensor | None, like: torch.Tensor):

@@ -53,7 +53,11 @@ from ._common import upcast as _upcast
 from ._common import x_tile_start as _x_tile_start
 from .lora import _drop_args
 from .lora import _block_r as _rank_tile
-from .lora import _keep_mask
+from .lora import update_args as _update_args
+from .lora import update_block_r as _block_r
+from .lora import update_dx_start as _update_dx_start
+from .lora import update_gemv as _update_gemv
+from .lora import update_start as _update_start
 from .qlinear import _gemv_split
 from .qlinear import _gemv_store
 from .qlinear import _qlinear_splitk_sum_kernel
@@ -302,22 +306,8 @@ def _nf4_linear_kernel(X, DATA, SCALE, NESTED, OFFSET, CODE, DYN, BIAS, Y, U, BL
     dt = X.dtype.element_ty
     acc, x_ptrs = _x_tile_start(X, offs_m, offs_k, s_xm, s_xk, SWAP_AB, BLOCK_M, BLOCK_N)
     if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + offs_r
-            mask_r = rr < R
-            if SWAP_AB:  # acc^T += B [BLOCK_N, BLOCK_R] @ (s U)^T [BLOCK_R, BLOCK_M]
-                u = tl.load(U + offs_m[None, :].to(tl.int64) * s_um + rr[:, None] * s_ur,
-                            mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-                b = tl.load(BL + offs_n[:, None].to(tl.int64) * s_bn + rr[None, :] * s_br,
-                            mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-                acc = _dot(b, (u * scaling).to(dt), acc, UPCAST, PRECISION)
-            else:  # acc += (s U) [BLOCK_M, BLOCK_R] @ B^T [BLOCK_R, BLOCK_N]
-                u = tl.load(U + offs_m[:, None].to(tl.int64) * s_um + rr[None, :] * s_ur,
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                b = tl.load(BL + offs_n[None, :].to(tl.int64) * s_bn + rr[:, None] * s_br,
-                            mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                acc = _dot((u * scaling).to(dt), b, acc, UPCAST, PRECISION)
+        acc = _update_start(acc, X, U, BL, offs_m, offs_n, mask_m, mask_n, R, s_um, s_ur, s_bn, s_br, scaling,
+                            SWAP_AB, UPCAST, PRECISION, BLOCK_R)
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         w = _nf4_tile(DATA, SCALE, NESTED, OFFSET, CODE, DYN, offs_n, k0, N, K,
@@ -362,19 +352,9 @@ def _nf4_linear_dx_kernel(DY, DATA, SCALE, NESTED, OFFSET, CODE, DYN, DX, V, AL,
     mask_k = offs_k < K
     dt = DY.dtype.element_ty
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-    if HAS_LORA:  # acc^T = A^T [BLOCK_K, BLOCK_R] @ (s V)^T [BLOCK_R, BLOCK_M], masked
-        offs_r = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + offs_r
-            mask_r = rr < R
-            v = tl.load(V + offs_m[None, :].to(tl.int64) * s_vm + rr[:, None] * s_vr,
-                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-            a = tl.load(AL + offs_k[:, None] * s_ak + rr[None, :].to(tl.int64) * s_ar,
-                        mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            acc = _dot(a, (v * scaling).to(dt), acc, UPCAST, PRECISION)
-        if DROPOUT:
-            keep = tl.trans(_keep_mask(tl.load(SEED), offs_m, offs_k, thr31))
-            acc = tl.where(keep, acc * drop_scale, 0.0)
+    if HAS_LORA:
+        acc = _update_dx_start(acc, DY, V, AL, offs_m, offs_k, mask_m, mask_k, R, s_vm, s_vr, s_ar, s_ak, scaling,
+                               drop_scale, SEED, thr31, DROPOUT, UPCAST, PRECISION, BLOCK_R)
     d_ptrs = DY + offs_n[:, None] * s_dn + offs_m[None, :].to(tl.int64) * s_dm  # dy^T [BLOCK_N, BLOCK_M]
     for n0 in range(0, N, BLOCK_N):
         w = _nf4_tile(DATA, SCALE, NESTED, OFFSET, CODE, DYN, n0 + offs_n, k0, N, K,
@@ -518,23 +498,9 @@ def _nf4_gemv_kernel(X, WORDS, PAIRS, SCALE, NESTED, OFFSET, DYN, BIAS, Y, WS, U
                 acc = tl.where(offs_m[None, None, :] == i, acc + part[:, :, None], acc)
     if not MMA:
         acc = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]: y^T
-    if HAS_LORA:  # + scaling * U B^T, by split 0 only
-        offs_r = tl.arange(0, BLOCK_R)
-        for r0 in range(0, tl.where(pid_k == 0, R, 0), BLOCK_R):
-            rr = r0 + offs_r
-            mask_r = rr < R
-            b_t = tl.load(BL + n64[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & mask_r[None, :],
-                          other=0.0)  # [BLOCK_N, BLOCK_R]
-            if MMA:  # as the GEMM: (s U)^T rounded to x's dtype, B's tile the register operand
-                u_t = tl.load(U + offs_m[None, :].to(tl.int64) * s_um + rr[:, None] * s_ur,
-                              mask=mask_r[:, None] & (offs_m < M)[None, :], other=0.0)
-                acc = _dot(b_t, (u_t * scaling).to(X.dtype.element_ty), acc, UPCAST, PRECISION)
-            else:
-                b_t = b_t.to(tl.float32)
-                for i in tl.static_range(BLOCK_M):
-                    ui = tl.load(U + i * s_um + rr * s_ur, mask=mask_r & (i < M), other=0.0)
-                    part = tl.sum(b_t * (ui * scaling)[None, :], axis=1)
-                    acc = tl.where(offs_m[None, :] == i, acc + part[:, None], acc)
+    if HAS_LORA:
+        acc = _update_gemv(acc, X, U, BL, pid_k, offs_m, n64, mask_n, M, R, s_um, s_ur, s_bn, s_br, scaling,
+                           MMA, UPCAST, PRECISION, BLOCK_M, BLOCK_R)
     _gemv_store(acc, WS, BIAS, Y, pid_k, M, N, offs_m, offs_n, mask_n, s_ym, s_yn, HAS_BIAS, TO_WS)
 
 
@@ -622,22 +588,6 @@ def _weight_args(data, scale, nested, offset, code, dyn):
     return (data, scale, nested if double else scale, offset if double else scale, code, dyn if double else code)
 
 
-def _update_args(lora, stand_in):
-    """(U, B, scaling, R, (s_um, s_ur, s_bn, s_br)) of the forward's LoRA update ``lora`` = (U
-    [M, R], B [N, R], scaling), or stand-ins (never read) without one."""
-    if lora is None:
-        return stand_in, stand_in, 0.0, 0, (0, 0, 0, 0)
-    u, b, s = lora
-    return u, b, s, u.shape[1], (u.stride(0), u.stride(1), b.stride(0), b.stride(1))
-
-
-def _block_r(r: int, dtype: torch.dtype) -> int:
-    """The LoRA update's rank chunk (kernels/lora.py's: a power of two in [16, 64], tl.dot's smallest
-    K being 16); fp32 (3xTF32) takes chunks of 16 (64 spilled on sm_80 next to the 64 x 64 and
-    128 x 64 tiles)."""
-    return _rank_tile(r, 16 if dtype == torch.float32 else 64)
-
-
 def nf4_linear(x, data, scale, nested, offset, code, dyn, block_size: int, N: int, bias, lora=None, pairs=None):
     """y [M, N] in x's dtype: y = x @ W_deq^T + bias, W [N, K] the flat 4-bit tensor (data uint8
     [ceil(N * K / 2)], scale float32 absmax [blocks] or with ``nested`` / ``offset`` its uint8
@@ -693,6 +643,6 @@ def nf4_linear_dx(dy, data, scale, nested, offset, code, dyn, block_size: int, K
         seed_arg, thr31,
         BS=block_size, DOUBLE=nested is not None, ALIGNED=aligned, NESTED_BS=NESTED_BLOCK,
         UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
-        HAS_LORA=lora is not None, DROPOUT=p > 0, BLOCK_R=16 if lora is None else _block_r(R, dy.dtype),
+        HAS_LORA=lora is not None, DROPOUT=p > 0, BLOCK_R=16 if lora is None else _block_r(R, dy.dtype, dx=True),
         enable_fp_fusion=False, **cfg)
     return dx

@@ -75,6 +75,13 @@ dequantize-GEMM (a program owns a K range of dx and loops over N; each weight ti
 minus its zero point, times its scale, per-row scales included, rounded to dy's dtype; the
 16-bit weight never materialized), as kernels/nf4.py's ``_nf4_linear_dx_kernel``.
 
+LoRA on the base (HAS_LORA; fastpeft/ops/qlinear.py ``quant_lora_linear``), as kernels/nf4.py's
+QLoRA: U = dropout(x) A^T comes from kernels/lora.py's shrink, and scaling * U B^T is added to
+``_qlinear_kernel``'s accumulator after its K loop (``update_start``; per-row scales then go into
+the tile, not the epilogue, which would scale the update too) or by split 0 in the GEMV's
+epilogue (``update_gemv``); dx's accumulator starts with scaling * dropout'(V A), V = dy B
+(``update_dx_start``, the forward's dropout mask).
+
 Kernels only: no policy here (fastpeft/ops/qlinear.py decides and wraps).
 """
 from __future__ import annotations
@@ -90,6 +97,13 @@ from ._common import interpreted as _interpreted
 from ._common import precision as _precision
 from ._common import upcast as _upcast
 from ._common import x_tile_start as _x_tile_start
+from .lora import _block_r as _rank_tile
+from .lora import _drop_args
+from .lora import update_args as _update_args
+from .lora import update_block_r as _block_r
+from .lora import update_dx_start as _update_dx_start
+from .lora import update_gemv as _update_gemv
+from .lora import update_start as _update_start
 
 
 @triton.jit
@@ -144,16 +158,20 @@ def _scaled_tile(q, k0, s_rows, z_rows, mask_n, NUM_GROUPS, s_sg, HAS_ZP: tl.con
 
 @triton.jit
 def _qlinear_kernel(
-    X, DATA, SCALE, ZP, BIAS, Y,
-    M, N, K, KP, NUM_GROUPS,
-    s_xm, s_xk, s_dn, s_dk, s_sn, s_sg, s_ym, s_yn,
+    X, DATA, SCALE, ZP, BIAS, Y, U, BL,
+    M, N, K, KP, NUM_GROUPS, R,
+    s_xm, s_xk, s_dn, s_dk, s_sn, s_sg, s_ym, s_yn, s_um, s_ur, s_bn, s_br, scaling,
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # SWAP_AB: the tile is computed transposed, y^T [BLOCK_N, BLOCK_M] = W_deq @ x^T, so that the
-    # dequantized weight is the dot's first (register) operand (see the module doc)
+    # dequantized weight is the dot's first (register) operand (see the module doc). HAS_LORA
+    # (LoRA on the quantized base): scaling * U B^T (kernels/lora.py ``update_start``) is added to
+    # the accumulator after the K loop (before it, the update's tiles stayed live across the loop:
+    # about 30 more registers); per-row scales then go into the tile (an epilogue scale would
+    # scale the update too)
     pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,8 +195,9 @@ def _qlinear_kernel(
         mask_p = (k0 * BITS // 8 + offs_p) < KP
         p = tl.load(d_ptrs, mask=mask_n[:, None] & mask_p[None, :], other=0)
         q = _unpack(p, BITS, SIGNED, BLOCK_N, BLOCK_K)
-        # per row: an integer tile, the scale applied in the epilogue
-        w = _scaled_tile(q, k0, s_rows, z_rows, mask_n, NUM_GROUPS, s_sg, HAS_ZP, PER_ROW, False, G, BLOCK_N, BLOCK_K)
+        # per row: an integer tile, the scale applied in the epilogue (with HAS_LORA: in the tile)
+        w = _scaled_tile(q, k0, s_rows, z_rows, mask_n, NUM_GROUPS, s_sg, HAS_ZP, PER_ROW, HAS_LORA, G, BLOCK_N,
+                         BLOCK_K)
         if SWAP_AB:
             acc = _dot(w.to(dt), a, acc, UPCAST, PRECISION)
         else:
@@ -186,9 +205,12 @@ def _qlinear_kernel(
         x_ptrs += BLOCK_K * s_xk
         d_ptrs += PK * s_dk
 
+    if HAS_LORA:
+        acc = _update_start(acc, X, U, BL, offs_m, offs_n, mask_m, mask_n, R, s_um, s_ur, s_bn, s_br, scaling,
+                            SWAP_AB, UPCAST, PRECISION, BLOCK_R)
     if SWAP_AB:
         acc = tl.trans(acc)
-    if PER_ROW:
+    if PER_ROW and not HAS_LORA:
         acc = acc * tl.load(s_rows, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -196,19 +218,22 @@ def _qlinear_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["thr31"])
 def _qlinear_dx_kernel(
-    DY, DATA, SCALE, ZP, DX,
-    M, N, K, KP, NUM_GROUPS,
-    s_dm, s_dn, s_dxm, s_dxk, s_wn, s_wk, s_sn, s_sg,
+    DY, DATA, SCALE, ZP, DX, V, AL,
+    M, N, K, KP, NUM_GROUPS, R,
+    s_dm, s_dn, s_dxm, s_dxk, s_wn, s_wk, s_sn, s_sg, s_vm, s_vr, s_ar, s_ak, scaling, drop_scale, SEED, thr31,
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
     G: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LORA: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dx[BLOCK_M, BLOCK_K] = dy @ W_deq, the transposed dequantize-GEMM: a program owns a K range
     of dx and loops over N, each [BLOCK_N, BLOCK_K] weight tile unpacked and scaled in registers
     (per-row scales too: the sum runs over the rows), rounded to dy's dtype, as the forward's.
-    Computed transposed, dx^T = W_deq^T @ dy^T, so the weight tile is the dot's first operand."""
+    Computed transposed, dx^T = W_deq^T @ dy^T, so the weight tile is the dot's first operand.
+    HAS_LORA (LoRA's backward through x): scaling * dropout'(V A) (kernels/lora.py
+    ``update_dx_start``, V = dy B) starts the accumulator."""
     pid_m, pid_k = _grouped_pid(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
@@ -221,6 +246,9 @@ def _qlinear_dx_kernel(
     offs_p = k0 * BITS // 8 + tl.arange(0, PK)
     mask_p = offs_p < KP
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    if HAS_LORA:
+        acc = _update_dx_start(acc, DY, V, AL, offs_m, offs_k, mask_m, mask_k, R, s_vm, s_vr, s_ar, s_ak, scaling,
+                               drop_scale, SEED, thr31, DROPOUT, UPCAST, PRECISION, BLOCK_R)
     g_ptrs = DY + offs_n[:, None] * s_dn + offs_m[None, :].to(tl.int64) * s_dm  # dy^T [BLOCK_N, BLOCK_M]
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + offs_n
@@ -455,11 +483,12 @@ def _gemv_tile(acc, p, s, z, z_row, k0, X, M, K, s_xm, s_xk, offs_m, offs_x, MAG
 
 @triton.jit
 def _qlinear_gemv_kernel(
-    X, DATA, SCALE, ZP, BIAS, Y, WS,
-    M, N, K, KPU, NUM_GROUPS, K_SPLIT, MAGIC0, MAGIC1, MAGIC2, MAGIC3, MAGIC4,
-    s_xm, s_xk, s_dn, s_dk, s_sn, s_sg, s_ym, s_yn,
+    X, DATA, SCALE, ZP, BIAS, Y, WS, U, BL,
+    M, N, K, KPU, NUM_GROUPS, K_SPLIT, R, MAGIC0, MAGIC1, MAGIC2, MAGIC3, MAGIC4,
+    s_xm, s_xk, s_dn, s_dk, s_sn, s_sg, s_ym, s_yn, s_um, s_ur, s_bn, s_br, scaling,
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, PER_ROW: tl.constexpr,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, TO_WS: tl.constexpr, WORDS: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CH: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -467,14 +496,15 @@ def _qlinear_gemv_kernel(
     y with the bias (TO_WS False) or as the fp32 partial WS[pid_k, :M, n tile]. DATA: the codes
     as int32 words (WORDS: rows of whole aligned words) or uint8 bytes, KPU of them per row;
     MAGICj: _gemv_field's MAGIC for the field at bit j * BITS. NUM_STAGES > 1 (words only):
-    the K loop is software-pipelined by Triton (cp.async into shared memory)."""
+    the K loop is software-pipelined by Triton (cp.async into shared memory). HAS_LORA: + scaling
+    * U B^T, added in fp32 by split 0 (kernels/lora.py ``update_gemv``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
-    U: tl.constexpr = 32 if WORDS else 8  # bits per loaded unit
-    PU: tl.constexpr = BLOCK_K * BITS // U  # units of codes per row and K tile
+    UNIT: tl.constexpr = 32 if WORDS else 8  # bits per loaded unit
+    PU: tl.constexpr = BLOCK_K * BITS // UNIT  # units of codes per row and K tile
     NC: tl.constexpr = BLOCK_K // CH  # K chunks per tile (CH divides G: one group per chunk)
     CW: tl.constexpr = CH * BITS // 32  # words of codes per row and chunk
     OFF: tl.constexpr = (1 << (BITS - 1)) if SIGNED else 0  # absmax: code = (field ^ OFF) - OFF
@@ -514,6 +544,9 @@ def _qlinear_gemv_kernel(
     acc = tl.sum(acc, axis=1)  # [BLOCK_N, BLOCK_M]: y^T
     if PER_ROW:
         acc = acc * tl.load(s_rows, mask=mask_n, other=0.0)[:, None]
+    if HAS_LORA:
+        acc = _update_gemv(acc, X, U, BL, pid_k, offs_m, offs_n.to(tl.int64), mask_n, M, R, s_um, s_ur, s_bn, s_br,
+                           scaling, False, False, "ieee", BLOCK_M, BLOCK_R)
     _gemv_store(acc, WS, BIAS, Y, pid_k, M, N, offs_m, offs_n, mask_n, s_ym, s_yn, HAS_BIAS, TO_WS)
 
 
@@ -597,34 +630,40 @@ def _scale_layout(scale: torch.Tensor, group_size: int | None, what: str) -> tup
 
 
 def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                 bits: int, scheme: str, group_size: int | None, bias: torch.Tensor | None) -> torch.Tensor:
+                 bits: int, scheme: str, group_size: int | None, bias: torch.Tensor | None,
+                 lora=None) -> torch.Tensor:
     """y [M, N] in x's dtype: y = x @ ((codes - zero_point) * scale)^T + bias.
 
     x [M, K] fp16/bf16/fp32; data [N, ceil(K / 2)] uint8 (4-bit, packed along K) or [N, K]
     int8/uint8 (8-bit), contiguous rows; scale float32 and zero_point int32 of shape
     [N, K / group_size] (groups along K), [N] (per row) or [] (per tensor); bias [N] or None.
-    group_size must satisfy ``supports``.
+    group_size must satisfy ``supports``. ``lora`` = (U float32 [M, R], B [N, R] in x's dtype,
+    scaling): + scaling * U @ B^T in the same kernel (LoRA on the quantized base).
     """
     M, K = x.shape
     N = data.shape[0]
     y = _common.new_output((M, N), x, x.dtype)
     if M == 0 or N == 0:
         return y
-    if K == 0:
+    if K == 0 and lora is None:
         y.zero_()
         return y if bias is None else y.add_(bias)
     per_row, s_sn, s_sg, num_groups, g = _scale_layout(scale, group_size, "quant_linear")
+    u, b, s, R, lora_strides = _update_args(lora, scale)
     if M <= GEMV_MAX_M:
         return _quant_linear_gemv(x, data, scale, zero_point, bits, scheme, per_row, g, s_sn, s_sg, num_groups,
-                                  bias, y)
+                                  bias, y, lora)
     cfg = _fixed_config(M, x.dtype)
     kp = data.shape[1]
-    args = (x, data, scale, zero_point, bias if bias is not None else scale, y,
-            M, N, K, kp, num_groups,
-            x.stride(0), x.stride(1), data.stride(0), data.stride(1), s_sn, s_sg, y.stride(0), y.stride(1))
+    args = (x, data, scale, zero_point, bias if bias is not None else scale, y, u, b,
+            M, N, K, kp, num_groups, R,
+            x.stride(0), x.stride(1), data.stride(0), data.stride(1), s_sn, s_sg, y.stride(0), y.stride(1),
+            *lora_strides, float(s))
+    # per-row scales leave an integer tile (exact in tf32) unless the update puts them in it
     flags = dict(BITS=bits, SIGNED=scheme == "absmax", HAS_ZP=scheme == "zeropoint", PER_ROW=per_row,
                  G=g, HAS_BIAS=bias is not None, UPCAST=_upcast(x.dtype),
-                 PRECISION=_precision(x.dtype, exact_tf32=per_row), SWAP_AB=x.dtype != torch.float32)
+                 PRECISION=_precision(x.dtype, exact_tf32=per_row and lora is None), SWAP_AB=x.dtype != torch.float32,
+                 HAS_LORA=lora is not None, BLOCK_R=16 if lora is None else _block_r(R, x.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _qlinear_kernel[grid](*args, **flags, **cfg)
     return y
@@ -649,24 +688,32 @@ def _dx_config(M: int, dtype: torch.dtype) -> dict:
 
 
 def quant_linear_dx(dy: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                    bits: int, scheme: str, group_size: int | None, K: int) -> torch.Tensor:
+                    bits: int, scheme: str, group_size: int | None, K: int, lora=None) -> torch.Tensor:
     """dx [M, K] in dy's dtype: dy [M, N] (unit stride along N) @ W_deq, W the packed weight as for
     ``quant_linear`` (codes [N, ceil(K * bits / 8)], unit stride along K; scale and zero point
-    dense), never materialized: the transposed fused dequantize-GEMM."""
+    dense), never materialized: the transposed fused dequantize-GEMM. ``lora`` = (V float32 [M, R]
+    = dy B, A [R, K] in dy's dtype, scaling, dropout_p, seed tensor or None): + scaling *
+    dropout'(V @ A) in the same kernel (the mask the forward's, kernels/lora.py's counter-based one)."""
     M, N = dy.shape
     dx = _common.new_output((M, K), dy, dy.dtype)
     if M == 0 or K == 0:
         return dx
-    if N == 0:
+    if N == 0 and lora is None:
         return dx.zero_()
     per_row, s_sn, s_sg, num_groups, g = _scale_layout(scale, group_size, "quant_linear_dx")
     cfg = _dx_config(M, dy.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    p, seed = (0.0, None) if lora is None else lora[3:]
+    v, a, s, R, lora_strides = _update_args(None if lora is None else lora[:3], scale)
+    drop_scale, seed_arg, thr31 = _drop_args(p, seed, dy)
     _qlinear_dx_kernel[grid](
-        dy, data, scale, zero_point, dx, M, N, K, data.shape[1], num_groups,
+        dy, data, scale, zero_point, dx, v, a, M, N, K, data.shape[1], num_groups, R,
         dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), data.stride(0), data.stride(1), s_sn, s_sg,
+        *lora_strides, float(s), drop_scale, seed_arg, thr31,
         BITS=bits, SIGNED=scheme == "absmax", HAS_ZP=scheme == "zeropoint", PER_ROW=per_row, G=g,
-        UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype), **cfg)  # scaled tiles: not exact in tf32
+        UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),  # scaled tiles: not exact in tf32
+        HAS_LORA=lora is not None, DROPOUT=p > 0, BLOCK_R=16 if lora is None else _block_r(R, dy.dtype, dx=True),
+        **cfg)
     return dx
 
 
@@ -728,8 +775,8 @@ def _code_units(data: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def _quant_linear_gemv(x, data, scale, zero_point, bits, scheme, per_row, g, s_sn, s_sg, num_groups,
-                       bias, y) -> torch.Tensor:
-    """The decode path of ``quant_linear`` (M <= GEMV_MAX_M), into y."""
+                       bias, y, lora=None) -> torch.Tensor:
+    """The decode path of ``quant_linear`` (M <= GEMV_MAX_M), into y (``lora``: as quant_linear's)."""
     M, K = x.shape
     N = data.shape[0]
     cfg = _gemv_config(M, N, K, bits, None if per_row else g, x.device)
@@ -739,12 +786,15 @@ def _quant_linear_gemv(x, data, scale, zero_point, bits, scheme, per_row, g, s_s
     units, words = _code_units(data)
     cfg["NUM_STAGES"] = GEMV_STAGES if words else 1
     b = bias if bias is not None else scale
+    u, bl, s, R, lora_strides = _update_args(lora, scale)
     _qlinear_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), split)](
-        x, units, scale, zero_point, b, y, ws,
-        M, N, K, units.shape[1], num_groups, k_split, *_gemv_magics(bits, scheme),
+        x, units, scale, zero_point, b, y, ws, u, bl,
+        M, N, K, units.shape[1], num_groups, k_split, R, *_gemv_magics(bits, scheme),
         x.stride(0), x.stride(1), units.stride(0), units.stride(1), s_sn, s_sg, y.stride(0), y.stride(1),
+        *lora_strides, float(s),
         BITS=bits, SIGNED=scheme == "absmax", HAS_ZP=scheme == "zeropoint", PER_ROW=per_row, G=g,
-        HAS_BIAS=bias is not None, TO_WS=split > 1, WORDS=words, **cfg)
+        HAS_BIAS=bias is not None, TO_WS=split > 1, WORDS=words, HAS_LORA=lora is not None,
+        BLOCK_R=_rank_tile(max(R, 1)), **cfg)
     if split > 1:
         block = min(1024, triton.next_power_of_2(N))
         _qlinear_splitk_sum_kernel[(triton.cdiv(N, block), M)](

@@ -451,11 +451,13 @@ QLINEAR_DECODE_VARIANTS = ((4, "zeropoint", 128), (8, "absmax", None), (8, "zero
 
 
 def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=QLINEAR_VARIANTS,
-                     a8: bool = True, dx: bool = True) -> list[Launch]:
+                     a8: bool = True, dx: bool = True, lora_ranks=()) -> list[Launch]:
     """Every launch fastpeft.kernels.qlinear's fused dequantize-GEMM makes (fixed configs: it
     does not autotune) for each dtype, (M, K, N) and (bits, scheme, group size); with ``a8``
     also the int8-activation kernel's (dynamic and static activation scales); with ``dx`` the
-    backward's (``_qlinear_dx_kernel``, dy [M, N])."""
+    backward's (``_qlinear_dx_kernel``, dy [M, N]). With ``lora_ranks`` only the launches that
+    carry a LoRA update of each rank (fastpeft.ops.qlinear.quant_lora_linear: HAS_LORA; dx with and
+    without the backward's dropout mask)."""
     from fastpeft.kernels import qlinear as kq
 
     def run():
@@ -468,11 +470,17 @@ def qlinear_launches(dtypes=(torch.bfloat16,), shapes=QLINEAR_SHAPES, variants=Q
                     data = torch.zeros(N, packed, dtype=torch.int8 if bits == 8 and scheme == "absmax"
                                        else torch.uint8)
                     slots = (N,) if g is None else (N, K // g)
-                    kq.quant_linear(x, data, torch.ones(slots), torch.zeros(slots, dtype=torch.int32),
-                                    bits, scheme, g, b)
+                    w = (data, torch.ones(slots), torch.zeros(slots, dtype=torch.int32), bits, scheme, g)
+                    for r in lora_ranks:
+                        kq.quant_linear(x, *w, b, lora=(torch.zeros(M, r), torch.zeros(N, r, dtype=dtype), 2.0))
+                        for p, seed in ((0.0, None), (0.1, torch.ones(1, dtype=torch.int64))) if dx else ():
+                            kq.quant_linear_dx(torch.zeros(M, N, dtype=dtype), *w, K,
+                                               lora=(torch.zeros(M, r), torch.zeros(r, K, dtype=dtype), 2.0, p, seed))
+                    if lora_ranks:
+                        continue
+                    kq.quant_linear(x, *w, b)
                     if dx:
-                        kq.quant_linear_dx(torch.zeros(M, N, dtype=dtype), data, torch.ones(slots),
-                                           torch.zeros(slots, dtype=torch.int32), bits, scheme, g, K)
+                        kq.quant_linear_dx(torch.zeros(M, N, dtype=dtype), *w, K)
                     if a8 and dtype != torch.float32 and kq.supports_a8(g):  # int8 activations
                         xq = torch.zeros(M, K, dtype=torch.int8)
                         for xs, mul in ((torch.ones(M), 1 / 127), (torch.ones(1), 1.0)):  # dynamic, static
@@ -505,6 +513,16 @@ def fixed_qlinear_launches(dtypes) -> list[Launch]:
     # rows of codes that are not whole int32 words (odd K / 2 or K): the byte-reading variant
     launches += qlinear_launches(dtypes=half[:1], shapes=((1, 4094, 4096),),
                                  variants=QLINEAR_DECODE_VARIANTS[1:4:2], dx=False)
+    # LoRA on the base (HAS_LORA): the group and per-row variants (per-row scales go into the tile), the
+    # rank tiles (16, 32; dx: 64 too), at the mid and large configs (bf16; fp32 one shape, rank tiles of 16)
+    # and the decode GEMV (its update added by split 0)
+    launches += qlinear_launches(dtypes=half[:1], shapes=QLINEAR_SHAPES[1:], variants=QLINEAR_VARIANTS[:2],
+                                 a8=False, lora_ranks=(16, 32, 64))
+    if torch.float32 in dtypes:
+        launches += qlinear_launches(dtypes=(torch.float32,), shapes=QLINEAR_SHAPES[2:],
+                                     variants=QLINEAR_VARIANTS[:2], a8=False, lora_ranks=(16,))
+    launches += qlinear_launches(dtypes=half[:1], shapes=QLINEAR_DECODE_SHAPES[:1], variants=QLINEAR_DECODE_VARIANTS[:2],
+                                 a8=False, dx=False, lora_ranks=(16, 32, 64))
     unique = {}
     for launch in launches:
         unique.setdefault(launch.key(), launch)
@@ -711,9 +729,9 @@ NF4_LINEAR_VARIANTS = ((64, True, False), (64, False, True), (32, True, True), (
                        (4096, True, False))
 # QLoRA's fused forward and dx (fastpeft.ops.nf4.nf4_lora_linear: the 4-bit GEMMs with s * U B^T and
 # s * dropout'(V A), HAS_LORA):
-# QLoRA's variant and the unaligned one, at the smallest and the largest rank tile (BLOCK_R 16, 64)
+# QLoRA's variant and the unaligned one, at each rank tile (BLOCK_R 16, 32; dx's 16, 32, 64)
 NF4_LORA_VARIANTS = ((64, True, False), (4096, True, False))
-NF4_LORA_RANKS = (16, 64)
+NF4_LORA_RANKS = (16, 32, 64)
 # the GPU tests' shapes (tests/test_nf4.py: (shape, block size)) and linear cases
 # (tests/test_nf4_linear.py: (M, K, N, block size, double)), for --warm
 NF4_TEST_SHAPES = (((3, 37), 64), ((5, 130), 32), ((2, 3, 71), 128), ((1,), 64), ((9, 300), 32))

@@ -60,6 +60,9 @@ def build(setup: str) -> nn.Module:
     elif setup == "qlora_nf4":  # QLoRA: an NF4 base with double quantization, LoRA with dropout on top
         fastpeft.quantize_model(m, weights="nf4", double_quant=True, skip=("lm_head",))
         fastpeft.inject_lora(m, ["q_proj", "v_proj"], r=4, lora_alpha=8, lora_dropout=0.1)
+    elif setup == "qlora_int4":  # LoRA on an int4 zero-point base (groups of 32)
+        fastpeft.quantize_model(m, weights="int4", group_size=32, skip=("lm_head",))
+        fastpeft.inject_lora(m, ["q_proj", "v_proj"], r=4, lora_alpha=8, lora_dropout=0.1)
     elif setup == "w4_g32":
         fastpeft.quantize_model(m, weights="int4", group_size=32, skip=("lm_head",))
     elif setup == "w4a8_dynamic":
@@ -216,21 +219,26 @@ def test_triton_backend_compiles_too():
         assert compiled_matches_eager(m, lm_loss(m), ids()) == (1, 0)
 
 
-def test_triton_backend_compiles_qlora_too(monkeypatch):
-    """QLoRA's fused ops (fastpeft::nf4_lora_linear_fwd, fastpeft::nf4_lora_linear_grad_input, the
-    LoRA shrink and dA) under the triton backend: one graph, the eager loss and gradients."""
+@pytest.mark.parametrize("setup", ["qlora_nf4", "qlora_int4"])
+def test_triton_backend_compiles_qlora_too(monkeypatch, setup):
+    """LoRA's fused ops on a quantized base (fastpeft::nf4_lora_linear_fwd / _grad_input on NF4,
+    fastpeft::quant_lora_linear_fwd / _grad_input on int4; the LoRA shrink and dA) under the triton
+    backend: one graph, the eager loss and gradients."""
     if not fastpeft._backend.interpreter_active():
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) on the CPU")
     from fastpeft.kernels import nf4 as knf4
+    from fastpeft.kernels import qlinear as kq
+    module, names = (knf4, ("nf4_linear", "nf4_linear_dx")) if setup == "qlora_nf4" else \
+        (kq, ("quant_linear", "quant_linear_dx"))
     fused = []
-    for name in ("nf4_linear", "nf4_linear_dx"):  # record the 4-bit GEMMs that carry the LoRA update
-        launch = getattr(knf4, name)
-        monkeypatch.setattr(knf4, name, lambda *a, _l=launch, _n=name, **k: (
+    for name in names:  # record the GEMMs on the quantized base that carry the LoRA update
+        launch = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _l=launch, _n=name, **k: (
             fused.append(_n) if k.get("lora") is not None else None, _l(*a, **k))[1])
-    m = build("qlora_nf4")
+    m = build(setup)
     with fastpeft.use_backend("triton"):
         assert compiled_matches_eager(m, lm_loss(m), ids()) == (1, 0)
-    assert {"nf4_linear", "nf4_linear_dx"} <= set(fused)  # the fused forward and dx ran
+    assert set(names) <= set(fused)  # the fused forward and dx ran
 
 
 def test_dropout_masks_change_between_calls_in_a_compiled_graph():

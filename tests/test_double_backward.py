@@ -112,6 +112,28 @@ def test_quant_linear(bits, scheme, group_size):
             inp, ["x", "bias"])
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "zeropoint"])
+def test_lora_on_a_quantized_base(scheme):
+    """fastpeft.ops.nf4.nf4_lora_linear and fastpeft.ops.qlinear.quant_lora_linear (one autograd,
+    fastpeft/ops/_qlora.py): under create_graph their backward is the torch composition, recorded."""
+    from fastpeft.ops.nf4 import nf4_lora_linear
+    from fastpeft.ops.qlinear import quant_lora_linear
+    g = torch.Generator().manual_seed(5)
+    inp = leaves(x=torch.randn(5, 64, generator=g), bias=torch.randn(12, generator=g),
+                 lora_A=torch.randn(4, 64, generator=g) / 4, lora_B=torch.randn(12, 4, generator=g) / 4)
+    if scheme == "nf4":
+        qw, fn = fastpeft.quantize(torch.randn(12, 64, generator=g).to(DEVICE), 4, "nf4", block_size=32), nf4_lora_linear
+    else:
+        qw, fn = fastpeft.quantize(torch.randn(12, 64, generator=g).to(DEVICE), 4, scheme, group_size=16), \
+            quant_lora_linear
+    w_deq = fastpeft.dequantize(qw, torch.float32)
+    seed = torch.tensor([99], device=DEVICE)
+    compare(lambda backend, x, bias, lora_A, lora_B: fn(x, qw, bias, lora_A, lora_B, 0.5, 0.25, True, seed=99,
+                                                        backend=backend),
+            lambda x, bias, lora_A, lora_B: ref_lora.lora_linear(x, w_deq, bias, lora_A, lora_B, 0.5, 0.25, seed),
+            inp, ["x", "bias", "lora_A", "lora_B"])
+
+
 @pytest.mark.parametrize("scheme,axis", [("zeropoint", None), ("absmax", 0)])
 def test_fake_quantize(scheme, axis):
     """Against the reference autograd.Function, whose backward is differentiable torch arithmetic."""

@@ -90,6 +90,13 @@ def cases(dtype):
         (_rnd(3, 40, dtype=dtype, grad=True, seed=41), *qargs4(f4l), 12, None,
          _rnd(2, 40, dtype=dtype, grad=True, seed=42, scale=0.2), _rnd(12, 2, dtype=dtype, grad=True, seed=43,
                                                                        scale=0.2), 2.0, 0.0, None, None)]
+    q_lora = [  # LoRA on an int4 / int8 base: x, the weight, bias, lora_A, lora_B, scaling, dropout, seed
+        (_rnd(2, 3, 64, dtype=dtype, grad=True, seed=48), *qargs(q4), _rnd(12, dtype=dtype, grad=True, seed=49),
+         _rnd(4, 64, dtype=dtype, grad=True, seed=50, scale=0.2), _rnd(12, 4, dtype=dtype, grad=True, seed=51,
+                                                                       scale=0.2), 0.5, 0.2, _seed(), None),
+        (_rnd(2, 64, dtype=dtype, grad=True, seed=52), *qargs(qz8), None,
+         _rnd(3, 64, dtype=dtype, grad=True, seed=53, scale=0.2), _rnd(12, 3, dtype=dtype, grad=True, seed=54,
+                                                                       scale=0.2), 2.0, 0.0, None, None)]
     d, R = 24, 8
     ad = lambda: (_rnd(3, 7, d, dtype=dtype, grad=True, seed=6), _rnd(R, d, dtype=dtype, grad=True, seed=7, scale=0.2),
                   _rnd(R, dtype=dtype, grad=True, seed=8), _rnd(d, R, dtype=dtype, grad=True, seed=9, scale=0.2),
@@ -137,6 +144,13 @@ def cases(dtype):
         "quant_linear": quant_linear,
         "quant_linear_grad_input": [(_rnd(2, 3, 12, dtype=dtype, seed=46), *qargs(q4), 64, None),
                                     (_rnd(3, 12, dtype=dtype, seed=47), *qargs(qz8), 64, None)],
+        "quant_lora_linear": q_lora,
+        "quant_lora_linear_fwd": [tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in c) for c in q_lora],
+        "quant_lora_linear_grad_input": [  # dy, the weight, in_features, lora_A, lora_B, scaling, dropout, seed
+            (_rnd(2, 3, 12, dtype=dtype, seed=55), *qargs(q4), 64, *[t.detach() for t in q_lora[0][9:11]], 0.5,
+             0.2, _seed(), None),
+            (_rnd(2, 12, dtype=dtype, seed=56), *qargs(qz8), 64, *[t.detach() for t in q_lora[1][9:11]], 2.0,
+             0.0, None, None)],
         "fake_quantize": fake_quantize,
         "fake_quantize_backward": [(xs, _rnd(6, 10, dtype=dtype, seed=22), scale(False), zp().detach(), 4,
                                     "zeropoint", 0, None)],
@@ -366,6 +380,11 @@ def _public_calls(dtype=torch.float32):
         base = fastpeft.QuantLinear.from_linear(lin, bits=4, scheme="nf4", group_size=64, double_quant=True)
         backward(fastpeft.LoRALinear.from_linear(base, r=4, lora_dropout=0.1)(g(2, 3, 72, grad=True)))
 
+    def lora_int4():  # LoRALinear on an int4 zero-point base (groups of 32), training with dropout
+        lin = torch.nn.Linear(64, 24, device=DEVICE, dtype=dtype)
+        base = fastpeft.QuantLinear.from_linear(lin, bits=4, scheme="zeropoint", group_size=32)
+        backward(fastpeft.LoRALinear.from_linear(base, r=4, lora_dropout=0.1)(g(2, 3, 64, grad=True)))
+
     def fake_quantize():
         s = torch.full((6,), 0.05, device=DEVICE, requires_grad=True)
         backward(fastpeft.fake_quantize(g(6, 10, grad=True), s, torch.full((6,), 3.0, device=DEVICE), 4, "zeropoint", 0))
@@ -392,7 +411,7 @@ def _public_calls(dtype=torch.float32):
     return {"lora_linear": lora, "int8_linear t0": lambda: int8(0.0), "int8_linear t2": lambda: int8(2.0),
             "int8_linear static": lambda: int8(0.0, True), "quant_linear": lambda: quant(None),
             "quant_linear dynamic": lambda: quant("dynamic"), "quant_linear static": lambda: quant("static"),
-            "qlora LoRALinear(QuantLinear nf4)": qlora,
+            "qlora LoRALinear(QuantLinear nf4)": qlora, "LoRALinear(QuantLinear int4)": lora_int4,
             "fake_quantize": fake_quantize, "bottleneck_adapter": bottleneck_adapter, "multi_lora": multi_lora,
             "distillation_loss": distill, "fused_linear_distillation_loss": fused,
             "quantize + dequantize": lambda: fastpeft.dequantize(fastpeft.quantize(g(4, 64), 4, "zeropoint",

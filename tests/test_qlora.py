@@ -127,25 +127,35 @@ def test_forward_and_gradients_match_reference(fixed_seed, poison_outputs, dtype
 
 
 
-# QLoRA's fused forward (fastpeft.ops.nf4.nf4_lora_linear: the LoRA shrink, then the 4-bit GEMM with
-# s * U B^T in its epilogue), which LoRALinear takes on an nf4 / fp4 base with the triton backend:
-# (base config, leading dims of x, K, N, bias, dropout, r)
+# The fused forward on a quantized base (the LoRA shrink, then the base's dequantize-GEMM with s * U B^T
+# in its accumulator), which LoRALinear takes with the triton backend: QLoRA's on an nf4 / fp4 base
+# (fastpeft.ops.nf4.nf4_lora_linear), and on an int4 / int8 weight-only one whose group size the kernel
+# takes (fastpeft.ops.qlinear.quant_lora_linear). (base config, leading dims of x, K, N, bias, dropout, r)
 FUSED_CASES = [
     ((4, "nf4", 64, True), (1,), 72, 7, True, 0.0, 4),       # M = 1, K not a multiple of the block, odd N
     ((4, "fp4", 32, False), (3, 2), 33, 9, False, 0.25, 3),  # odd K, 3-D x, no bias, dropout, r = 3
     ((4, "nf4", 32, True), (17,), 64, 20, True, 0.0, 20),    # M past one row tile, r = 20 (a masked rank tile)
     ((4, "nf4", 64, True), (2,), 256, 10, True, 0.25, 5),    # decode: the GEMV (split K), its update by split 0
     ((4, "nf4", 32, False), (3, 3), 192, 20, False, 0.0, 20),  # M = 9: the decode path's tl.dot (MMA) variant
+    ((4, "zeropoint", 16, False), (3,), 48, 11, True, 0.25, 3),  # int4 zero-point groups (4 a K tile), dropout
+    ((4, "absmax", None, False), (3,), 37, 5, False, 0.0, 4),  # int4 per row (scaled in the tile), odd K
+    ((8, "zeropoint", 32, False), (2, 9), 64, 10, True, 0.3, 20),  # int8 zero point, M = 18, r = 20
+    ((8, "absmax", None, False), (1,), 256, 7, True, 0.0, 5),  # int8 per row, M = 1: the GEMV (words, split K)
+    ((4, "zeropoint", 32, False), (2,), 96, 9, False, 0.25, 2),  # int4 groups, M = 2: the GEMV (words), dropout
 ]
+FUSED_BF16 = [1, 4, 5, 7]
 
 
-def _fused_calls(monkeypatch, kernel="nf4_linear"):
-    """The launches of a 4-bit GEMM (``nf4_linear``, the forward; ``nf4_linear_dx``, dx), each
-    recorded as whether it carried the LoRA update."""
+def _fused_calls(monkeypatch, cfg=(4, "nf4"), dx=False):
+    """The launches of the base's GEMM (the forward; ``dx``: the transposed one), each recorded as
+    whether it carried the LoRA update: kernels/nf4.py's for nf4 / fp4, kernels/qlinear.py's else."""
     from fastpeft.kernels import nf4 as knf4
+    from fastpeft.kernels import qlinear as kq
+    module, kernel = (knf4, "nf4_linear") if cfg[1] in ref_nf4.SCHEMES else (kq, "quant_linear")
+    kernel += "_dx" if dx else ""
     calls = []
-    launch = getattr(knf4, kernel)
-    monkeypatch.setattr(knf4, kernel,
+    launch = getattr(module, kernel)
+    monkeypatch.setattr(module, kernel,
                         lambda *a, **k: (calls.append(k.get("lora") is not None), launch(*a, **k))[1])
     return calls
 
@@ -156,13 +166,13 @@ def _run_layer(layer, x, dy, fused, monkeypatch):
     xg = x.detach().clone().requires_grad_()
     with monkeypatch.context() as m:
         if not fused:
-            m.setattr(fastpeft.LoRALinear, "_fuses_4bit", lambda self, x: False)
+            m.setattr(fastpeft.LoRALinear, "_fused_op", lambda self, x: None)
         y = layer(xg)
         y.backward(dy)
     return y.detach(), xg.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
 
 
-@pytest.mark.parametrize("dtype,case", dtype_cases(range(len(FUSED_CASES)), [1, 4],
+@pytest.mark.parametrize("dtype,case", dtype_cases(range(len(FUSED_CASES)), FUSED_BF16,
                                                    dtypes=[torch.float32, torch.bfloat16]), ids=case_id)
 def test_fused_forward_matches_unfused_and_reference(fixed_seed, poison_outputs, monkeypatch, dtype, case):
     """y and every gradient of the fused path (forward and dx) against the unfused one (the base
@@ -176,11 +186,11 @@ def test_fused_forward_matches_unfused_and_reference(fixed_seed, poison_outputs,
     layer = qlora(cfg, K, N, bias, p, r=r, dtype=dtype, seed=40 + case).train(True)
     x = rnd(*lead, K, dtype=dtype, seed=50 + case)
     dy = rnd(*lead, N, dtype=dtype, seed=60 + case)
-    calls = _fused_calls(monkeypatch)
-    dx_calls = _fused_calls(monkeypatch, "nf4_linear_dx")
+    calls = _fused_calls(monkeypatch, cfg)
+    dx_calls = _fused_calls(monkeypatch, cfg, dx=True)
     fused = _run_layer(layer, x, dy, True, monkeypatch)
-    assert calls == [True]  # one 4-bit GEMM, the update in its epilogue
-    assert dx_calls == [True]  # dx: one transposed 4-bit GEMM, the masked update in its accumulator
+    assert calls == [True]  # one dequantize-GEMM, the update in its accumulator
+    assert dx_calls == [True]  # dx: one transposed dequantize-GEMM, the masked update in its accumulator
     unfused = _run_layer(layer, x, dy, False, monkeypatch)
     assert calls == [True, False] and dx_calls == [True, False]
     want = reference(layer, x, dy, True)
@@ -194,8 +204,9 @@ def test_fused_forward_matches_unfused_and_reference(fixed_seed, poison_outputs,
 
 def test_fused_forward_is_taken_only_where_it_applies(monkeypatch):
     """The fused op on an nf4 / fp4 base (triton backend); the base layer plus lora_update with a
-    compute_dtype cast, a forward hook on the base, under the torch backend, when merged, and on
-    an int base."""
+    compute_dtype cast, a forward hook on the base, under the torch backend, when merged; on an int
+    base, the int kernels' fused op unless the activations are int8 or the group size is one the
+    kernel does not take."""
     from fastpeft.kernels import lora as klora
     calls = _fused_calls(monkeypatch)
     shrinks = []
@@ -224,8 +235,15 @@ def test_fused_forward_is_taken_only_where_it_applies(monkeypatch):
         assert_close("y", layer(x), want.double(), torch.float32, 0.0)  # deterministic: the same bits
         assert calls[-1] is True
         calls.clear()
-        qlora((4, "zeropoint", 16, False), 48, 5)(rnd(2, 48, seed=71))
-        assert calls == []
+        int_calls = _fused_calls(monkeypatch, (4, "zeropoint"))
+        qlora((4, "zeropoint", 16, False), 48, 5)(rnd(3, 48, seed=71))
+        assert calls == [] and int_calls == [True]
+        qlora((8, "zeropoint", 24, False), 48, 5)(rnd(3, 48, seed=71))  # groups of 24: the torch composition
+        assert int_calls == [True]
+        a8 = qlora((4, "zeropoint", 16, False), 48, 5)
+        a8.base_layer.activations = "dynamic"  # W4A8: its own kernel, then lora_update
+        a8(rnd(3, 48, seed=71))
+        assert calls == [] and int_calls == [True]
 
 @pytest.mark.parametrize("cfg", [(4, "nf4", 64, True), (4, "fp4", 32, False), (4, "zeropoint", 16, False),
                                  (8, "absmax", None, False)], ids=str)
@@ -431,3 +449,42 @@ def test_bad_input_fails_clearly():
     with pytest.raises(ValueError, match="no bitsandbytes 4-bit layer"):
         fastpeft.quantization.from_bnb_4bit(model)
     assert type(model[0]) is torch.nn.Linear  # nothing replaced by a failed call
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "zeropoint"])
+def test_fused_functions_reject_bad_adapters_and_weights(scheme):
+    """fastpeft.ops.nf4.nf4_lora_linear and fastpeft.ops.qlinear.quant_lora_linear (and their
+    registered ops, which check the weight's fields again: they are public too) fail clearly."""
+    from fastpeft.ops import nf4 as onf4
+    from fastpeft.ops import qlinear as oq
+    K, N, r = 64, 6, 4
+    q = quant_base((4, scheme, 32, False), K, N).qweight
+    fn = onf4.nf4_lora_linear if scheme == "nf4" else oq.quant_lora_linear
+    x, A, B = rnd(3, K, seed=1), rnd(r, K, seed=2), rnd(N, r, seed=3)
+    with pytest.raises(ValueError, match=r"must be \[r, 64\] and \[6, r\]"):
+        fn(x, q, None, A, B[:, :2], 1.0)
+    with pytest.raises(ValueError, match=r"must be \[r, 64\] and \[6, r\]"):
+        fn(x, q, None, A[:0], B[:, :0], 1.0)
+    with pytest.raises(TypeError, match="lora_A"):
+        fn(x, q, None, A.to(torch.int32), B, 1.0)
+    with pytest.raises(ValueError, match="scaling"):
+        fn(x, q, None, A, B, float("nan"))
+    with pytest.raises(ValueError, match="dropout_p"):
+        fn(x, q, None, A, B, 1.0, 1.5, True)
+    with pytest.raises(ValueError, match="features"):
+        fn(rnd(3, K + 1, seed=1), q, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="bias shape"):
+        fn(x, q, rnd(N + 1, seed=4), A, B, 1.0)
+    if scheme == "zeropoint":
+        op = torch.ops.fastpeft.quant_lora_linear
+        w = (q.data, q.scale, q.zero_point, q.bits, q.scheme, q.axis, q.group_size)
+        with pytest.raises(ValueError, match="zero_point has shape"):  # a quant state that does not match
+            op(x, q.data, q.scale, q.zero_point[:, :1], 4, "zeropoint", None, 32, None, A, B, 1.0, 0.0, None, None)
+        with pytest.raises(ValueError, match="group_size 24 must be > 0 and divide"):
+            op(x, *w[:6], 24, None, A, B, 1.0, 0.0, None, None)
+        with pytest.raises(ValueError, match="data has shape"):  # in_features that the codes do not hold
+            torch.ops.fastpeft.quant_lora_linear_grad_input(rnd(3, N, seed=5), *w, 2 * K, A, B, 1.0, 0.0, None, None)
+        per_in = fastpeft.quantize(rnd(N, K, seed=6), 4, "zeropoint", axis=1)
+        with pytest.raises(ValueError, match="axis=1"):  # one scale per input feature: not a kernel layout
+            op(x, per_in.data, per_in.scale, per_in.zero_point, 4, "zeropoint", 1, None, None, A, B, 1.0, 0.0,
+               None, None)

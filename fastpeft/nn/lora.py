@@ -11,8 +11,10 @@ from torch import nn
 
 from .. import _backend, _checks
 from ..ops import nf4 as nf4_ops
+from ..ops import qlinear as qlinear_ops
 from ..ops.lora import lora_linear, lora_update
 from ..ops.nf4 import nf4_lora_linear
+from ..ops.qlinear import quant_lora_linear
 from ..ops.multi_lora import multi_lora
 from ..reference.lora import lora_delta_weight
 from ._common import MergeableQuantized, new_module
@@ -195,28 +197,36 @@ class LoRALinear(nn.Module):
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) if self.base_layer is not None else F.linear(x, self.weight, self.bias)
 
-    def _fuses_4bit(self, x) -> bool:
-        """Whether the forward takes QLoRA's fused op (fastpeft.ops.nf4.nf4_lora_linear: the LoRA
-        shrink, then the 4-bit GEMM with the expand in its epilogue): an nf4 / fp4 QuantLinear
-        base without forward hooks, computing in x's dtype (no compute_dtype cast, the bias in
-        x's dtype), no autocast, and the triton backend chosen for x's device (under
-        torch.compile: the op, whose kernel chooses when it runs). Otherwise the base layer plus
-        lora_update."""
+    def _fused_op(self, x):
+        """The fused op the forward takes on a quantized base, or None (then the base layer plus
+        lora_update): fastpeft.ops.nf4.nf4_lora_linear on an nf4 / fp4 QuantLinear (QLoRA),
+        fastpeft.ops.qlinear.quant_lora_linear on an int4 / int8 weight-only one whose group size
+        the triton kernel takes (the LoRA shrink, then the base's dequantize-GEMM with the
+        expand in its accumulator). Either needs the QuantLinear itself without forward hooks,
+        computing in x's dtype (no compute_dtype cast, the bias in x's dtype), no autocast, and
+        the triton backend chosen for x's device (under torch.compile: the op, whose kernel
+        chooses when it runs)."""
         base = self.base_layer
         # a QuantLinear itself, its forward unhooked: the fused op reads its codes without calling it, so
         # a wrapper (FSDP2's fully_shard gathers the codes in a forward pre-hook) keeps the unfused path
         if not (type(base) is QuantLinear and not base._forward_pre_hooks and not base._forward_hooks
-                and base.scheme in nf4_ops.SCHEMES and isinstance(x, torch.Tensor)
+                and isinstance(x, torch.Tensor)
                 and x.dtype in _checks.FLOAT_DTYPES and base.compute_dtype in (None, x.dtype)
                 and (base.bias is None or base.bias.dtype == x.dtype)
                 and not torch.is_autocast_enabled(x.device.type)):
-            return False
+            return None
+        if base.scheme in nf4_ops.SCHEMES:
+            op, name, kernels = nf4_lora_linear, "nf4_linear", nf4_ops.KERNELS
+        elif base.activations is None and qlinear_ops._triton_takes(base.group_size, None):
+            op, name, kernels = quant_lora_linear, qlinear_ops.OP, qlinear_ops.KERNELS
+        else:  # int8 activations, or a group size the kernel does not take
+            return None
         if torch.compiler.is_compiling():  # traced: one graph node, whose kernel picks the backend when it runs
-            return True
+            return op
         try:
-            return _backend.choose("nf4_linear", x.device, nf4_ops.KERNELS) == "triton"
+            return op if _backend.choose(name, x.device, kernels) == "triton" else None
         except _backend.BackendUnavailableError:  # the unfused path says why
-            return False
+            return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.routing is None and self.base_layer is None and not self.merged and self.active_adapter is not None:
@@ -235,9 +245,10 @@ class LoRALinear(nn.Module):
                                  f"expects {self.in_features}")
             return self._base_forward(x)
         if self.base_layer is not None:
-            if not self.merged and self._fuses_4bit(x):
-                return nf4_lora_linear(x, self.base_layer.qweight, self.base_layer.bias, self.lora_A, self.lora_B,
-                                       self.scaling, dropout_p=self.lora_dropout, training=self.training)
+            fused = None if self.merged else self._fused_op(x)
+            if fused is not None:
+                return fused(x, self.base_layer.qweight, self.base_layer.bias, self.lora_A, self.lora_B,
+                             self.scaling, dropout_p=self.lora_dropout, training=self.training)
             y = self.base_layer(x)
             if self.merged:
                 return y

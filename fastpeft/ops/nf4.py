@@ -35,7 +35,8 @@ import torch
 
 from .. import _backend, _checks
 from ..reference import nf4 as ref
-from ._common import building_graph, dense, on_device, rows, vjp_with_graph
+from . import _qlora
+from ._common import building_graph, dense, on_device, rows
 from ._library import below_autograd, call, define, eager, needs_grad, register_autograd, still_eager
 
 KERNELS = ("triton", "torch")  # in the order preferred on CUDA tensors
@@ -663,39 +664,27 @@ def _check_linear(x, qweight, bias) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # QLoRA's layer, fused: y = x @ W_deq^T + bias + scaling * (dropout(x) A^T) B^T
 #
-# U = dropout(x) A^T (float32 [M, r]) by the LoRA shrink (kernels/lora.py ``shrink``, as
-# fastpeft::lora_linear's split path), then one 4-bit GEMM whose epilogue adds scaling * U B^T
-# (kernels/nf4.py ``_nf4_linear_kernel``, HAS_LORA): two launches instead of the 4-bit GEMM, the
-# shrink, the expand and an add over y. The backward through x mirrors it: V = dy B (float32
-# [M, r]) by the shrink, then the transposed 4-bit GEMM (``_nf4_linear_dx_kernel``, HAS_LORA) whose
-# accumulator starts with scaling * dropout'(V A), the forward's mask (fastpeft::
-# nf4_lora_linear_grad_input: two launches instead of the 4-bit GEMM, the shrink, the expand and an
-# add over dx). dA by fastpeft::lora_linear_da from the same V, dB = scaling * dy^T U, db = sum(dy).
+# fastpeft/ops/_qlora.py holds what every quantized base shares (U = dropout(x) A^T by the LoRA
+# shrink, then the base's GEMM with scaling * U B^T in its accumulator; the backward's mirror; the
+# autograd). Here: the 4-bit GEMMs (kernels/nf4.py ``_nf4_linear_kernel`` / the decode kernel /
+# ``_nf4_linear_dx_kernel``, HAS_LORA) and the NF4 / FP4 weight's torch composition.
 
 def _lora_forward(x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias,
                   lora_A, lora_B, scaling, dropout_p, seed, backend):
-    """(y [..., out] in x's dtype, U = dropout(x) A^T float32 [M, r])."""
-    from . import lora as lora_ops
+    """(y [..., out] in x's dtype, U = dropout(x) A^T float32 [M, r]) (fastpeft/ops/_qlora.py ``forward``)."""
     K = x.shape[-1]
     check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (out_features, K), x.dtype)
-    name = _backend.choose("nf4_linear", x.device, KERNELS, backend)
-    x2 = rows(x)
-    if name == "torch" or x2.shape[0] == 0 or K == 0 or out_features == 0:
-        u = torch.nn.functional.linear(lora_ops.dropout_rows(x2, dropout_p, seed), lora_A)
-        y = _torch_linear(x2, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias)
-        y = y.add_(torch.nn.functional.linear(u, lora_B), alpha=scaling)
-        u = u.float()
-    else:
-        from ..kernels import lora as klora
+    use_kernel = _backend.choose("nf4_linear", x.device, KERNELS, backend) != "torch"
+
+    def fused(x2, lora):
         from ..kernels import nf4 as k
         tables = _tables(x.device)
-        with on_device(x2):
-            u = klora.shrink(x2, lora_A, (lora_A.stride(0), lora_A.stride(1)), lora_A.shape[0],
-                             dropout_p=dropout_p, seed=seed)
-            y = k.nf4_linear(x2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
-                             tables["dynamic"], block_size, out_features, dense(bias),
-                             lora=(u, lora_B, float(scaling)), pairs=_pairs(scheme, x.device))
-    return y.reshape(*x.shape[:-1], out_features), u
+        return k.nf4_linear(x2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
+                            tables["dynamic"], block_size, out_features, dense(bias), lora=lora,
+                            pairs=_pairs(scheme, x.device))
+    return _qlora.forward(x, lora_A, lora_B, scaling, dropout_p, seed, out_features, lambda x2: _torch_linear(
+        x2, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias),
+        fused if use_kernel else None)
 
 
 def _lora_kernel(*args):
@@ -705,8 +694,7 @@ def _lora_kernel(*args):
 def _lora_fake(x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias,
                lora_A, lora_B, scaling, dropout_p, seed, backend):
     check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (out_features, x.shape[-1]), x.dtype)
-    return (x.new_empty((*x.shape[:-1], out_features)),
-            x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]), dtype=torch.float32))
+    return _qlora.forward_fake(x, lora_A, out_features)
 
 
 _LORA_ARGS = ("Tensor x, Tensor data, Tensor scale, Tensor? nested_scale, Tensor? nested_offset, str scheme, "
@@ -717,52 +705,28 @@ nf4_lora_linear_op = define(f"nf4_lora_linear({_LORA_ARGS}) -> Tensor", _lora_ke
 nf4_lora_linear_fwd_op = define(f"nf4_lora_linear_fwd({_LORA_ARGS}) -> (Tensor, Tensor)", _lora_forward, _lora_fake)
 
 
-def _torch_lora_linear(x, bias, lora_A, lora_B, data, scale, nested_scale, nested_offset, scheme, block_size,
-                       scaling, dropout_p, seed):
-    """y by differentiable torch arithmetic (the unfused layer's): for a recorded backward."""
-    from . import lora as lora_ops
-    N, K = lora_B.shape[0], x.shape[-1]
-    w = torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, (N, K), x.dtype)
-    x2 = x.reshape(math.prod(x.shape[:-1]), K)
-    u = torch.nn.functional.linear(lora_ops.dropout_rows(x2, dropout_p, seed), lora_A)
-    y = torch.nn.functional.linear(x2, w, bias) + scaling * torch.nn.functional.linear(u, lora_B)
-    return y.reshape(*x.shape[:-1], N)
-
-
 def _lora_grad_input(dy, data, scale, nested_scale, nested_offset, scheme, block_size, in_features, lora_A, lora_B,
                      scaling, dropout_p, seed, backend):
     """(dx = dy W_deq + scaling * dropout'((dy B) A) [..., in] in dy's dtype, V = dy B float32
-    [M, r]): QLoRA's backward through x. Triton: V by the LoRA shrink, then one transposed 4-bit
-    GEMM whose accumulator starts with the masked update (kernels/nf4.py ``nf4_linear_dx``)."""
-    from . import lora as lora_ops
+    [M, r]) (fastpeft/ops/_qlora.py ``grad_input``; triton: kernels/nf4.py ``nf4_linear_dx``)."""
     N = dy.shape[-1]
     check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (N, in_features), dy.dtype)
-    name = _backend.choose("nf4_linear", dy.device, KERNELS, backend)
-    dy2 = rows(dy)
-    A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
-    if name == "torch" or dy2.shape[0] == 0 or N == 0 or in_features == 0:
-        # the unfused layer's arithmetic: dy @ W (W rounded once to dy's dtype), V and V A in dy's dtype
-        w = torch_dequantize(data, scale, nested_scale, nested_offset, scheme, block_size, (N, in_features), dy2.dtype)
-        v = dy2 @ B
-        dx = (dy2 @ w).add_(lora_ops.dropout_rows(v @ A, dropout_p, seed), alpha=scaling)
-        v = v.float()
-    else:
-        from ..kernels import lora as klora
+    use_kernel = _backend.choose("nf4_linear", dy.device, KERNELS, backend) != "torch"
+
+    def fused(dy2, lora):
         from ..kernels import nf4 as k
         tables = _tables(dy.device)
-        with on_device(dy2):
-            v = klora.shrink(dy2, B, (B.stride(1), B.stride(0)), B.shape[1])  # the operand is B^T [r, N]
-            dx = k.nf4_linear_dx(dy2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
-                                 tables["dynamic"], block_size, in_features,
-                                 lora=(v, A, float(scaling), dropout_p, seed))
-    return dx.reshape(*dy.shape[:-1], in_features), v
+        return k.nf4_linear_dx(dy2, *_weight_dense(data, scale, nested_scale, nested_offset), tables[scheme][0],
+                               tables["dynamic"], block_size, in_features, lora=lora)
+    return _qlora.grad_input(dy, lora_A, lora_B, scaling, dropout_p, seed, in_features, lambda dtype: torch_dequantize(
+        data, scale, nested_scale, nested_offset, scheme, block_size, (N, in_features), dtype),
+        fused if use_kernel else None)
 
 
 def _lora_grad_input_fake(dy, data, scale, nested_scale, nested_offset, scheme, block_size, in_features, lora_A,
                           lora_B, scaling, dropout_p, seed, backend):
     check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (dy.shape[-1], in_features), dy.dtype)
-    return (dy.new_empty((*dy.shape[:-1], in_features)),
-            dy.new_empty((math.prod(dy.shape[:-1]), lora_A.shape[0]), dtype=torch.float32))
+    return _qlora.grad_input_fake(dy, lora_A, in_features)
 
 
 nf4_lora_linear_grad_input_op = define(
@@ -772,55 +736,12 @@ nf4_lora_linear_grad_input_op = define(
     _lora_grad_input, _lora_grad_input_fake)
 
 
-class NF4LoRALinearFunction(torch.autograd.Function):
-    """Autograd of fastpeft::nf4_lora_linear, the unfused layer's gradients: dx = dy W_deq +
-    scaling * dropout'((dy B) A) and V = dy B by fastpeft::nf4_lora_linear_grad_input (fused), dA
-    by fastpeft::lora_linear_da from V, dB = scaling * dy^T U, db = sum(dy); the codes are frozen.
-    Under create_graph the backward is the torch composition, recorded."""
-
-    @staticmethod
-    def forward(ctx, x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias,
-                lora_A, lora_B, scaling, dropout_p, seed, backend, direct=False):
-        with below_autograd():
-            y, u = call(nf4_lora_linear_fwd_op, direct, x, data, scale, nested_scale, nested_offset, scheme,
-                        block_size, out_features, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x, data, scale, nested_scale, nested_offset, bias, lora_A, lora_B,
-                              u if ctx.needs_input_grad[10] else None, seed)
-        ctx.cfg = (scheme, block_size, scaling, dropout_p, backend, direct)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        from . import lora as lora_ops
-        x, data, scale, nested_scale, nested_offset, bias, A, B, u, seed = ctx.saved_tensors
-        scheme, block_size, s, p, backend, direct = ctx.cfg
-        direct = direct and still_eager()
-        need_x, need_b, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 8, 9, 10))
-        nones = (None,) * 7
-        if building_graph():
-            grads = vjp_with_graph(
-                lambda x_, b_, A_, B_: _torch_lora_linear(x_, b_, A_, B_, data, scale, nested_scale, nested_offset,
-                                                          scheme, block_size, s, p, seed),
-                (x, bias, A, B), (need_x, need_b, need_A, need_B), dy)
-            return (grads[0], *nones, grads[1], grads[2], grads[3], None, None, None, None, None)
-        N, K = dy.shape[-1], x.shape[-1]
-        dy2 = dy.reshape(math.prod(dy.shape[:-1]), N)
-        dx = db = dA = dB = None
-        with below_autograd():
-            if need_x:  # dx and V = dy B (kept for dA) by one op: the update fused into the 4-bit GEMM
-                dx, v = call(nf4_lora_linear_grad_input_op, direct, dy, data, scale, nested_scale, nested_offset,
-                             scheme, block_size, K, A, B, s, p, seed, backend)
-            elif need_A:
-                v = (dy2 @ B).float()  # [M, r]
-            if need_A:
-                dA = call(lora_ops.lora_linear_da_op, direct, v, x, s, p, seed, backend).to(A.dtype)
-            if need_B:
-                dB = (s * (dy2.t() @ u.to(dy.dtype))).to(B.dtype)
-            if need_b:
-                db = dy2.sum(0)
-        return (dx, *nones, db, dA, dB, None, None, None, None, None)
-
-
+# Autograd of fastpeft::nf4_lora_linear (fastpeft/ops/_qlora.py): dx and V = dy B by
+# fastpeft::nf4_lora_linear_grad_input (fused), dA from V, dB = scaling * dy^T U, db = sum(dy).
+NF4LoRALinearFunction = _qlora.lora_function(
+    "NF4LoRALinearFunction", nf4_lora_linear_fwd_op, nf4_lora_linear_grad_input_op, 4, 3,
+    lambda w, K: (*w[:6], K),  # data, scale, nested_scale, nested_offset, scheme, block_size; in_features
+    lambda w, K, dtype: torch_dequantize(*w[:6], (w[6], K), dtype))
 register_autograd(nf4_lora_linear_op, NF4LoRALinearFunction)
 
 
@@ -843,23 +764,9 @@ def nf4_lora_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None, lora_A:
     """
     from . import lora as lora_ops
     N, device = _check_linear(x, qweight, bias)
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        _checks.tensor(name, t, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    r = lora_A.shape[0]
-    if r == 0 or lora_A.shape[1] != x.shape[-1] or tuple(lora_B.shape) != (N, r):
-        raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} must be [r, "
-                         f"{x.shape[-1]}] and [{N}, r] with r > 0")
-    _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B)
-    scaling = _checks.finite_float("scaling", scaling)
-    p = _checks.probability("dropout_p", dropout_p)
-    p = p if training else 0.0
+    A, B, scaling, p = _qlora.check_adapter(x, lora_A, lora_B, N, scaling, dropout_p, training, device)
     if backend is not None:
         _backend.check_name(backend)
-    A, B = lora_A, lora_B
-    if A.dtype != x.dtype and not torch.is_autocast_enabled(device.type):
-        A, B = A.to(x.dtype), B.to(x.dtype)
-    elif B.dtype != A.dtype:
-        B = B.to(A.dtype)
     args = (x, qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, qweight.scheme,
             qweight.group_size, N, bias, A, B, scaling, p, lora_ops._dropout_seed(device, p, seed), backend)
     if eager(device.type, x, qweight.data, qweight.scale, qweight.nested_scale, qweight.nested_offset, bias, A, B):

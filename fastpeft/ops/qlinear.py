@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, _checks
+from . import _qlora
 from ..reference import int8 as ref_int8
 from ..reference import quant as ref_quant
 from ._common import building_graph, dense, on_device, rows
@@ -62,10 +63,10 @@ def _torch_linear_a8(x2, data, scale, zp, bits, scheme, axis, group_size, bias, 
     return F.linear(xd, w, None if bias is None else bias.float()).to(x2.dtype)
 
 
-def _kernel_linear(x2, data, scale, zp, bits, scheme, group_size, bias):
+def _kernel_linear(x2, data, scale, zp, bits, scheme, group_size, bias, lora=None):
     from ..kernels import qlinear as k
     data = data if data.stride(-1) == 1 else data.contiguous()
-    return k.quant_linear(x2, data, scale, zp, bits, scheme, group_size, bias)
+    return k.quant_linear(x2, data, scale, zp, bits, scheme, group_size, bias, lora=lora)
 
 
 def _kernel_linear_a8(x2, data, scale, zp, bits, scheme, group_size, bias, activations, input_scale):
@@ -196,6 +197,91 @@ class QuantLinearFunction(torch.autograd.Function):
 register_autograd(quant_linear_op, QuantLinearFunction)
 
 
+# ---------------------------------------------------------------------------------------------
+# LoRA on the W4A16 / W8A16 base, fused: y = x @ W_deq^T + bias + scaling * (dropout(x) A^T) B^T
+#
+# fastpeft/ops/_qlora.py holds what every quantized base shares (the LoRA shrink, then the base's
+# GEMM with the update in its accumulator; the backward's mirror; the autograd); here the int4 /
+# int8 GEMMs (kernels/qlinear.py ``_qlinear_kernel``, the decode GEMV and ``_qlinear_dx_kernel``,
+# HAS_LORA) where the triton kernel takes the group size, else the torch composition.
+
+def _check_op_weight(data, scale, zero_point, bits, scheme, axis, group_size, K, dtype) -> None:
+    """The fields of an op's [out, K] weight, as fastpeft.quantize makes them (the ops are public
+    too: torch.ops.fastpeft.*), with per-row, per-group or per-tensor scales; reads no value."""
+    _, axis = check_fields(data, scale, zero_point, bits, scheme, axis, group_size,
+                           (data.shape[0] if data.dim() else 0, K), dtype)
+    if axis not in (None, 0):
+        raise ValueError(f"quant_lora_linear supports per-output-row (axis=0), per-group or per-tensor scales; "
+                         f"got axis={axis}")
+
+
+def _lora_forward(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, lora_A, lora_B, scaling,
+                  dropout_p, seed, backend):
+    """(y [..., out] in x's dtype, U = dropout(x) A^T float32 [M, r])."""
+    w_args = (data, scale, zero_point, bits, scheme, axis, group_size)
+    _check_op_weight(*w_args, x.shape[-1], x.dtype)
+    use_kernel = _choose(x.device, group_size, None, backend) != "torch"
+
+    def fused(x2, lora):
+        return _kernel_linear(x2, dense(data), dense(scale), dense(zero_point), bits, scheme, group_size, dense(bias),
+                              lora)
+    return _qlora.forward(x, lora_A, lora_B, scaling, dropout_p, seed, data.shape[0],
+                          lambda x2: _torch_linear(x2, *w_args, bias), fused if use_kernel else None)
+
+
+def _lora_kernel(*args):
+    return _lora_forward(*args)[0]
+
+
+def _lora_fake(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, lora_A, *rest):
+    _check_op_weight(data, scale, zero_point, bits, scheme, axis, group_size, x.shape[-1], x.dtype)
+    return _qlora.forward_fake(x, lora_A, data.shape[0])
+
+
+def _lora_grad_input_fake(dy, data, scale, zero_point, bits, scheme, axis, group_size, in_features, lora_A, *rest):
+    _check_op_weight(data, scale, zero_point, bits, scheme, axis, group_size, in_features, dy.dtype)
+    return _qlora.grad_input_fake(dy, lora_A, in_features)
+
+
+_LORA_ARGS = ("Tensor x, Tensor data, Tensor scale, Tensor zero_point, int bits, str scheme, int? axis, "
+              "int? group_size, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, "
+              "Tensor? seed, str? backend")
+quant_lora_linear_op = define(f"quant_lora_linear({_LORA_ARGS}) -> Tensor", _lora_kernel,
+                              lambda *a: _lora_fake(*a)[0], autocast=(0, 8, 9, 10))
+quant_lora_linear_fwd_op = define(f"quant_lora_linear_fwd({_LORA_ARGS}) -> (Tensor, Tensor)", _lora_forward,
+                                  _lora_fake)
+
+
+def _lora_grad_input(dy, data, scale, zero_point, bits, scheme, axis, group_size, in_features, lora_A, lora_B,
+                     scaling, dropout_p, seed, backend):
+    """(dx = dy W_deq + scaling * dropout'((dy B) A) [..., in] in dy's dtype, V = dy B float32 [M, r])."""
+    _check_op_weight(data, scale, zero_point, bits, scheme, axis, group_size, in_features, dy.dtype)
+    use_kernel = _choose(dy.device, group_size, None, backend) != "torch"
+
+    def fused(dy2, lora):
+        from ..kernels import qlinear as k
+        d = data if data.stride(-1) == 1 else data.contiguous()
+        return k.quant_linear_dx(dy2, dense(d), dense(scale), dense(zero_point), bits, scheme, group_size,
+                                 in_features, lora=lora)
+    return _qlora.grad_input(dy, lora_A, lora_B, scaling, dropout_p, seed, in_features, lambda dtype: _weight(
+        data, scale, zero_point, bits, scheme, axis, group_size, in_features, dtype), fused if use_kernel else None)
+
+
+quant_lora_linear_grad_input_op = define(
+    "quant_lora_linear_grad_input(Tensor dy, Tensor data, Tensor scale, Tensor zero_point, int bits, str scheme, "
+    "int? axis, int? group_size, SymInt in_features, Tensor lora_A, Tensor lora_B, float scaling, "
+    "float dropout_p, Tensor? seed, str? backend) -> (Tensor, Tensor)",
+    _lora_grad_input, _lora_grad_input_fake)
+
+# Autograd of fastpeft::quant_lora_linear (fastpeft/ops/_qlora.py): dx and V = dy B by
+# fastpeft::quant_lora_linear_grad_input (fused), dA from V, dB = scaling * dy^T U, db = sum(dy).
+QuantLoRALinearFunction = _qlora.lora_function(
+    "QuantLoRALinearFunction", quant_lora_linear_fwd_op, quant_lora_linear_grad_input_op, 3, 4,
+    lambda w, K: (*w, K),  # data, scale, zero_point, bits, scheme, axis, group_size; in_features
+    lambda w, K, dtype: _weight(*w, K, dtype))
+register_autograd(quant_lora_linear_op, QuantLoRALinearFunction)
+
+
 def _validate(x, qweight, bias) -> tuple[torch.device, int | None]:
     """(device, qweight's axis in [0, 2) or None) after checking every field of ``qweight`` against
     the others (fastpeft.ops.quant.check_fields: code dtype, packed shape, slot shapes, devices), and
@@ -266,3 +352,33 @@ def quant_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor |
     if eager(device.type, x, qweight.data, qweight.scale, qweight.zero_point, bias, input_scale):
         return QuantLinearFunction.apply(*args, True) if needs_grad(x, bias) else _linear_kernel(*args)
     return quant_linear_op(*args)
+
+
+def quant_lora_linear(x: torch.Tensor, qweight: QuantizedTensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                      lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, training: bool = False, *,
+                      seed: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """LoRA (Hu et al., 2021) on a frozen weight-only quantized base, its forward fused:
+    y = x @ dequantize(qweight)^T + bias + scaling * (dropout(x) A^T) B^T, in x's dtype.
+
+    x, qweight, bias as ``quant_linear`` (x stays 16-bit: no int8 activations); lora_A [r, in],
+    lora_B [out, r] (another float dtype than x's: the update computes in x's dtype, the
+    gradients come back in theirs). Dropout (``dropout_p`` when ``training``):
+    fastpeft.lora_linear's counter-based mask and seed. The triton backend (where its kernel takes
+    the group size) is two launches: U = dropout(x) A^T in float32 by the LoRA shrink kernel, then
+    ``quant_linear``'s kernel (or its decode GEMV) with scaling * U B^T in its accumulator; y is
+    rounded once from float32. dx is fused the same way (V = dy B by the shrink, then the
+    transposed dequantize-GEMM starting from scaling * dropout'(V A)). The torch backend computes
+    the unfused layer. Gradients for x, bias, lora_A and lora_B, as the unfused layer's. Runs as
+    the registered op ``torch.ops.fastpeft.quant_lora_linear``; no host sync.
+    """
+    from . import lora as lora_ops
+    device, axis = _validate(x, qweight, bias)
+    N = qweight.shape[0]
+    A, B, scaling, p = _qlora.check_adapter(x, lora_A, lora_B, N, scaling, dropout_p, training, device)
+    if backend is not None:
+        _backend.check_name(backend)
+    args = (x, qweight.data, qweight.scale, qweight.zero_point, qweight.bits, qweight.scheme, axis,
+            qweight.group_size, bias, A, B, scaling, p, lora_ops._dropout_seed(device, p, seed), backend)
+    if eager(device.type, x, qweight.data, qweight.scale, qweight.zero_point, bias, A, B):
+        return QuantLoRALinearFunction.apply(*args, True) if needs_grad(x, bias, A, B) else _lora_kernel(*args)
+    return quant_lora_linear_op(*args)
