@@ -941,8 +941,8 @@ def _extra_tensors(model: nn.Module, config: dict, names: list[str], keys: list[
     modules_to_save selects, missing keys, unexpected keys).
 
     modules_to_save selects whole module names (``fastpeft.prompt_tuning.modules_to_save_names``),
-    the config's entries and PEFT's task heads for its task_type ("classifier", "score" for SEQ_CLS
-    and TOKEN_CLS, "qa_outputs" for QUESTION_ANS, which PEFT adds when it loads); a key
+    the config's entries and PEFT's task heads for its task_type ("classifier", "score",
+    "pre_classifier" for SEQ_CLS and TOKEN_CLS, "qa_outputs" for QUESTION_ANS, which PEFT adds when it loads); a key
     "base_model.model.<module>.<tensor>" must name a parameter or persistent buffer of one of them,
     and every tensor of the modules the config names must be in the file (PEFT writes each whole).
     PEFT's bias "all" also writes a head's biases under its in-memory names (``_wrapper_bias``); they are

@@ -38,8 +38,10 @@ from .nn.prompt import PromptTuning
 PROMPT_ATTR = "prompt_tuning"
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 PER_TOKEN_LABELS = ("CAUSAL_LM", "TOKEN_CLS", "FEATURE_EXTRACTION")
-# PEFT's task heads, trained (and saved) next to the prompt: its modules_to_save defaults.
-DEFAULT_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+# PEFT's task heads, trained (and saved) next to the prompt: its modules_to_save defaults (PEFT >=
+# 0.22 lists DistilBERT's pre_classifier too: a random layer of the new head; older PEFT does not).
+_CLASSIFIER_HEADS = ("classifier", "score", "pre_classifier")
+DEFAULT_MODULES_TO_SAVE = {"SEQ_CLS": _CLASSIFIER_HEADS, "TOKEN_CLS": _CLASSIFIER_HEADS,
                            "QUESTION_ANS": ("qa_outputs",)}
 IGNORE_INDEX = -100
 _CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5 / < 5
@@ -145,7 +147,7 @@ def modules_to_save_names(model: nn.Module, spec: Sequence[str]) -> list[str]:
     to keep modules_to_save out of LoRA's targets). PEFT's own ``_set_trainable`` tests a raw
     string suffix (``name.endswith(entry)``), under which "j" selects every q_proj ... down_proj:
     from an untrusted file that would let a one-letter entry overwrite and unfreeze them. The
-    entries PEFT writes (its task heads "classifier", "score", "qa_outputs", the names users
+    entries PEFT writes (its task heads "classifier", "score", "pre_classifier", "qa_outputs", the names users
     give) are whole module names, selected alike under both rules."""
     return [n for n, _ in model.named_modules() if n and name_matches(n, list(spec))]
 
@@ -193,7 +195,7 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int = 20,
     how labels are extended; None infers it from the model class. modules_to_save (whole module
     names: a module whose qualified name equals an entry or ends with "." + entry) stay
     trainable and are saved with the prompt; None gives PEFT's default, the task head
-    ["classifier", "score"] for SEQ_CLS and TOKEN_CLS (a new head is random), ["qa_outputs"] for
+    ["classifier", "score", "pre_classifier"] for SEQ_CLS and TOKEN_CLS (a new head is random), ["qa_outputs"] for
     QUESTION_ANS, none otherwise; pass [] to train the prompt alone.
     """
     if not isinstance(model, nn.Module):

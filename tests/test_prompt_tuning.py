@@ -224,7 +224,8 @@ def test_bert_encoder_outputs_and_strip():
 
 def test_bert_sequence_and_token_classification():
     seq = add_prompt_tuning(fresh("bert_seqcls"), T)
-    assert seq.prompt_tuning.task_type == "SEQ_CLS" and seq.prompt_tuning.modules_to_save == ["classifier", "score"]
+    assert seq.prompt_tuning.task_type == "SEQ_CLS"
+    assert seq.prompt_tuning.modules_to_save == ["classifier", "score", "pre_classifier"]  # PEFT >= 0.22's heads
     y = torch.tensor([0, 2])
     out = seq(input_ids=X, attention_mask=MASK, labels=y)  # sequence labels pass unchanged
     assert out.logits.shape == (2, 3) and abs(out.loss.item() - F.cross_entropy(out.logits, y).item()) < 1e-6
@@ -377,8 +378,8 @@ def test_our_prompt_loads_in_peft(kind, tmp_path):
     written.pop("peft_version")
     assert set(mine) == set(written)
     for key, value in written.items():
-        if key == "modules_to_save" and value:
-            assert set(mine[key]) == set(value)
+        if key == "modules_to_save" and value:  # (PEFT < 0.22 does not list DistilBERT's pre_classifier)
+            assert set(value) <= set(mine[key]) <= set(value) | {"pre_classifier"}
         else:
             assert mine[key] == value, key
 
