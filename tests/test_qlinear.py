@@ -252,6 +252,31 @@ def test_bad_inputs():
             fastpeft.quant_linear(x, dataclasses.replace(qw, data=bad))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_registered_ops_check_the_quant_state(backend):
+    """torch.ops.fastpeft.quant_linear and quant_linear_grad_input are public too: a quant state that
+    does not match the codes (the kernels index scales, zero points and bias by the codes' shape)
+    fails with the field named, in the kernel and in the fake (torch.compile) alike."""
+    if backend == "triton" and not fastpeft._backend.interpreter_active() and DEVICE == "cpu":
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+    qw = make_qweight(OUT, 64, 4, "zeropoint", 32, None)
+    x, dy = make_x(3, 64, torch.float32), make_x(3, OUT, torch.float32)
+    op, grad = torch.ops.fastpeft.quant_linear, torch.ops.fastpeft.quant_linear_grad_input
+    w = (qw.data, qw.scale, qw.zero_point, 4, "zeropoint", None, 32)
+    for run in (lambda f: f(), lambda f: torch.compile(f, backend="aot_eager", fullgraph=True)()):
+        with pytest.raises(Exception, match="scale has shape"):
+            run(lambda: op(x, qw.data, qw.scale[:, :1], qw.zero_point, 4, "zeropoint", None, 32, None, None, None,
+                           backend))
+        with pytest.raises(Exception, match="zero_point has shape"):
+            run(lambda: grad(dy, qw.data, qw.scale, qw.zero_point[:2], 4, "zeropoint", None, 32, 64, backend))
+        with pytest.raises(Exception, match="bias shape"):
+            run(lambda: op(x, *w, torch.zeros(OUT + 1, device=DEVICE), None, None, backend))
+        with pytest.raises(Exception, match="data has shape"):  # in_features the codes do not hold
+            run(lambda: grad(dy, *w, 128, backend))
+    with pytest.raises(ValueError, match="input_scale"):
+        op(x, *w, None, "static", None, backend)
+
+
 def test_group_size_not_power_of_two():
     qw = make_qweight(OUT, 96, 4, "zeropoint", 48, None)
     x = make_x(3, 96, torch.float32)

@@ -101,8 +101,24 @@ def _choose(device, group_size, activations, backend) -> str:
     return name
 
 
+def _check_op_weight(op, data, scale, zero_point, bits, scheme, axis, group_size, K, dtype, bias=None) -> None:
+    """The fields of an op's [out, K] weight as fastpeft.quantize makes them, with per-row,
+    per-group or per-tensor scales, and the bias [out]: the registered ops are public too
+    (torch.ops.fastpeft.*), and the kernels index the codes, scales and bias by these shapes.
+    Reads no value."""
+    _, axis = check_fields(data, scale, zero_point, bits, scheme, axis, group_size,
+                           (data.shape[0] if data.dim() else 0, K), dtype)
+    if axis not in (None, 0):
+        raise ValueError(f"{op} supports per-output-row (axis=0), per-group or per-tensor scales; got axis={axis}")
+    if bias is not None and tuple(bias.shape) != (data.shape[0],):
+        raise ValueError(f"{op}: bias shape {tuple(bias.shape)} does not match {data.shape[0]} output features")
+
+
 def _linear_kernel(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, activations, input_scale,
                    backend):
+    _check_op_weight("quant_linear", data, scale, zero_point, bits, scheme, axis, group_size, x.shape[-1], x.dtype,
+                     bias)
+    _validate_activations(activations, input_scale, x.device)
     N = data.shape[0]
     x2 = rows(x)
     name = _choose(x.device, group_size, activations, backend)
@@ -127,14 +143,22 @@ def _linear_kernel(x, data, scale, zero_point, bits, scheme, axis, group_size, b
 quant_linear_op = define(
     "quant_linear(Tensor x, Tensor data, Tensor scale, Tensor zero_point, int bits, str scheme, int? axis, "
     "int? group_size, Tensor? bias, str? activations, Tensor? input_scale, str? backend) -> Tensor",
-    _linear_kernel, lambda x, data, *rest: x.new_empty((*x.shape[:-1], data.shape[0])),
+    _linear_kernel, lambda *a: _linear_fake(*a),
     autocast=(0, 8))  # x and bias; codes, scales and the static step stay
+
+
+def _linear_fake(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, activations, input_scale, backend):
+    _check_op_weight("quant_linear", data, scale, zero_point, bits, scheme, axis, group_size, x.shape[-1], x.dtype,
+                     bias)
+    return x.new_empty((*x.shape[:-1], data.shape[0]))
 
 
 def _grad_input_kernel(dy, data, scale, zero_point, bits, scheme, axis, group_size, in_features, backend):
     """dx = dy @ W_deq [..., in] in dy's dtype. Triton (where its kernel takes the group size):
     kernels/qlinear.py ``quant_linear_dx``, the weight never materialized; else W_deq in dy's
     dtype by fastpeft::dequantize's kernel for the backend, and a matmul."""
+    _check_op_weight("quant_linear_grad_input", data, scale, zero_point, bits, scheme, axis, group_size, in_features,
+                     dy.dtype)
     N = data.shape[0]
     dy2 = rows(dy)
     name = _choose(dy.device, group_size, None, backend)
@@ -154,7 +178,9 @@ def _grad_input_kernel(dy, data, scale, zero_point, bits, scheme, axis, group_si
 quant_linear_grad_input_op = define(
     "quant_linear_grad_input(Tensor dy, Tensor data, Tensor scale, Tensor zero_point, int bits, str scheme, "
     "int? axis, int? group_size, SymInt in_features, str? backend) -> Tensor",
-    _grad_input_kernel, lambda dy, data, *rest: dy.new_empty((*dy.shape[:-1], rest[-2])))
+    _grad_input_kernel, lambda dy, data, scale, zero_point, bits, scheme, axis, group_size, in_features, backend: (
+        _check_op_weight("quant_linear_grad_input", data, scale, zero_point, bits, scheme, axis, group_size,
+                         in_features, dy.dtype), dy.new_empty((*dy.shape[:-1], in_features)))[1])
 
 
 class QuantLinearFunction(torch.autograd.Function):
@@ -205,21 +231,11 @@ register_autograd(quant_linear_op, QuantLinearFunction)
 # int8 GEMMs (kernels/qlinear.py ``_qlinear_kernel``, the decode GEMV and ``_qlinear_dx_kernel``,
 # HAS_LORA) where the triton kernel takes the group size, else the torch composition.
 
-def _check_op_weight(data, scale, zero_point, bits, scheme, axis, group_size, K, dtype) -> None:
-    """The fields of an op's [out, K] weight, as fastpeft.quantize makes them (the ops are public
-    too: torch.ops.fastpeft.*), with per-row, per-group or per-tensor scales; reads no value."""
-    _, axis = check_fields(data, scale, zero_point, bits, scheme, axis, group_size,
-                           (data.shape[0] if data.dim() else 0, K), dtype)
-    if axis not in (None, 0):
-        raise ValueError(f"quant_lora_linear supports per-output-row (axis=0), per-group or per-tensor scales; "
-                         f"got axis={axis}")
-
-
 def _lora_forward(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, lora_A, lora_B, scaling,
                   dropout_p, seed, backend):
     """(y [..., out] in x's dtype, U = dropout(x) A^T float32 [M, r])."""
     w_args = (data, scale, zero_point, bits, scheme, axis, group_size)
-    _check_op_weight(*w_args, x.shape[-1], x.dtype)
+    _check_op_weight("quant_lora_linear", *w_args, x.shape[-1], x.dtype, bias)
     use_kernel = _choose(x.device, group_size, None, backend) != "torch"
 
     def fused(x2, lora):
@@ -234,12 +250,14 @@ def _lora_kernel(*args):
 
 
 def _lora_fake(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, lora_A, *rest):
-    _check_op_weight(data, scale, zero_point, bits, scheme, axis, group_size, x.shape[-1], x.dtype)
+    _check_op_weight("quant_lora_linear", data, scale, zero_point, bits, scheme, axis, group_size, x.shape[-1], x.dtype,
+                     bias)
     return _qlora.forward_fake(x, lora_A, data.shape[0])
 
 
 def _lora_grad_input_fake(dy, data, scale, zero_point, bits, scheme, axis, group_size, in_features, lora_A, *rest):
-    _check_op_weight(data, scale, zero_point, bits, scheme, axis, group_size, in_features, dy.dtype)
+    _check_op_weight("quant_lora_linear", data, scale, zero_point, bits, scheme, axis, group_size, in_features,
+                     dy.dtype)
     return _qlora.grad_input_fake(dy, lora_A, in_features)
 
 
@@ -255,7 +273,8 @@ quant_lora_linear_fwd_op = define(f"quant_lora_linear_fwd({_LORA_ARGS}) -> (Tens
 def _lora_grad_input(dy, data, scale, zero_point, bits, scheme, axis, group_size, in_features, lora_A, lora_B,
                      scaling, dropout_p, seed, backend):
     """(dx = dy W_deq + scaling * dropout'((dy B) A) [..., in] in dy's dtype, V = dy B float32 [M, r])."""
-    _check_op_weight(data, scale, zero_point, bits, scheme, axis, group_size, in_features, dy.dtype)
+    _check_op_weight("quant_lora_linear", data, scale, zero_point, bits, scheme, axis, group_size, in_features,
+                     dy.dtype)
     use_kernel = _choose(dy.device, group_size, None, backend) != "torch"
 
     def fused(dy2, lora):
