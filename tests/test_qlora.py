@@ -475,6 +475,18 @@ def test_fused_functions_reject_bad_adapters_and_weights(scheme):
         fn(rnd(3, K + 1, seed=1), q, None, A, B, 1.0)
     with pytest.raises(ValueError, match="bias shape"):
         fn(x, q, rnd(N + 1, seed=4), A, B, 1.0)
+    if scheme == "nf4":
+        op, grad = torch.ops.fastpeft.nf4_lora_linear, torch.ops.fastpeft.nf4_lora_linear_grad_input
+        w = (q.data, q.scale, q.nested_scale, q.nested_offset, q.scheme, q.group_size)
+        fwd_w = (*w, N)
+    else:
+        op, grad = torch.ops.fastpeft.quant_lora_linear, torch.ops.fastpeft.quant_lora_linear_grad_input
+        w = fwd_w = (q.data, q.scale, q.zero_point, q.bits, q.scheme, q.axis, q.group_size)
+    # the registered ops (public too) check the adapters' shapes: the kernels index them
+    with pytest.raises(ValueError, match=r"must be \[r, 64\] and \[6, r\]"):
+        op(x, *fwd_w, None, A, B[:-1], 1.0, 0.0, None, None)
+    with pytest.raises(ValueError, match=r"must be \[r, 64\] and \[6, r\]"):
+        grad(rnd(3, N, seed=5), *w, K, A[:, :-1], B, 1.0, 0.0, None, None)
     if scheme == "zeropoint":
         op = torch.ops.fastpeft.quant_lora_linear
         w = (q.data, q.scale, q.zero_point, q.bits, q.scheme, q.axis, q.group_size)

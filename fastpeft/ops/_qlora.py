@@ -30,11 +30,23 @@ from ._common import building_graph, on_device, rows, vjp_with_graph
 from ._library import below_autograd, call, still_eager
 
 
+def check_shapes(lora_A, lora_B, in_features, out_features) -> None:
+    """lora_A [r, in] and lora_B [out, r], r > 0: the registered ops are public too
+    (torch.ops.fastpeft.*), and the kernels index the adapters by these shapes."""
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        _checks.tensor(name, t, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    r = lora_A.shape[0]
+    if r == 0 or lora_A.shape[1] != in_features or tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} must be [r, "
+                         f"{in_features}] and [{out_features}, r] with r > 0")
+
+
 def forward(x, lora_A, lora_B, scaling, dropout_p, seed, out_features, base: Callable, fused: Callable | None):
     """(y [..., out] in x's dtype, U = dropout(x) A^T float32 [M, r]). ``base(x2)``: the torch
     layer's x2 @ W_deq^T + bias [M, out]; ``fused(x2, (U, B, scaling))``: the format's kernel with
     the update in its accumulator, or None (the torch backend)."""
     from . import lora as lora_ops
+    check_shapes(lora_A, lora_B, x.shape[-1], out_features)
     x2 = rows(x)
     if fused is None or x2.shape[0] == 0 or x2.shape[1] == 0 or out_features == 0:
         u = F.linear(lora_ops.dropout_rows(x2, dropout_p, seed), lora_A)
@@ -49,7 +61,8 @@ def forward(x, lora_A, lora_B, scaling, dropout_p, seed, out_features, base: Cal
     return y.reshape(*x.shape[:-1], out_features), u
 
 
-def forward_fake(x, lora_A, out_features):
+def forward_fake(x, lora_A, lora_B, out_features):
+    check_shapes(lora_A, lora_B, x.shape[-1], out_features)
     return (x.new_empty((*x.shape[:-1], out_features)),
             x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]), dtype=torch.float32))
 
@@ -61,6 +74,7 @@ def grad_input(dy, lora_A, lora_B, scaling, dropout_p, seed, in_features, weight
     seed))``: the format's transposed kernel with the update in its accumulator, or None."""
     from . import lora as lora_ops
     N = dy.shape[-1]
+    check_shapes(lora_A, lora_B, in_features, N)
     dy2 = rows(dy)
     A, B = lora_A.to(dy.dtype), lora_B.to(dy.dtype)
     if fused is None or dy2.shape[0] == 0 or N == 0 or in_features == 0:
@@ -75,7 +89,8 @@ def grad_input(dy, lora_A, lora_B, scaling, dropout_p, seed, in_features, weight
     return dx.reshape(*dy.shape[:-1], in_features), v
 
 
-def grad_input_fake(dy, lora_A, in_features):
+def grad_input_fake(dy, lora_A, lora_B, in_features):
+    check_shapes(lora_A, lora_B, in_features, dy.shape[-1])
     return (dy.new_empty((*dy.shape[:-1], in_features)),
             dy.new_empty((math.prod(dy.shape[:-1]), lora_A.shape[0]), dtype=torch.float32))
 
@@ -149,12 +164,7 @@ def check_adapter(x, lora_A, lora_B, out_features, scaling, dropout_p, training,
     """The public fused functions' adapter checks: (A, B cast as the layer computes, scaling, p).
     A [r, in] and B [out, r] float, r > 0, on x's device; outside autocast they compute in x's
     dtype (the gradients come back in theirs)."""
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        _checks.tensor(name, t, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    r = lora_A.shape[0]
-    if r == 0 or lora_A.shape[1] != x.shape[-1] or tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} must be [r, "
-                         f"{x.shape[-1]}] and [{out_features}, r] with r > 0")
+    check_shapes(lora_A, lora_B, x.shape[-1], out_features)
     _checks.same_device(x=x, lora_A=lora_A, lora_B=lora_B)
     scaling = _checks.finite_float("scaling", scaling)
     p = _checks.probability("dropout_p", dropout_p)

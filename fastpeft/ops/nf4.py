@@ -694,7 +694,7 @@ def _lora_kernel(*args):
 def _lora_fake(x, data, scale, nested_scale, nested_offset, scheme, block_size, out_features, bias,
                lora_A, lora_B, scaling, dropout_p, seed, backend):
     check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (out_features, x.shape[-1]), x.dtype)
-    return _qlora.forward_fake(x, lora_A, out_features)
+    return _qlora.forward_fake(x, lora_A, lora_B, out_features)
 
 
 _LORA_ARGS = ("Tensor x, Tensor data, Tensor scale, Tensor? nested_scale, Tensor? nested_offset, str scheme, "
@@ -726,7 +726,7 @@ def _lora_grad_input(dy, data, scale, nested_scale, nested_offset, scheme, block
 def _lora_grad_input_fake(dy, data, scale, nested_scale, nested_offset, scheme, block_size, in_features, lora_A,
                           lora_B, scaling, dropout_p, seed, backend):
     check_fields(data, scale, nested_scale, nested_offset, scheme, block_size, (dy.shape[-1], in_features), dy.dtype)
-    return _qlora.grad_input_fake(dy, lora_A, in_features)
+    return _qlora.grad_input_fake(dy, lora_A, lora_B, in_features)
 
 
 nf4_lora_linear_grad_input_op = define(

@@ -249,16 +249,17 @@ def _lora_kernel(*args):
     return _lora_forward(*args)[0]
 
 
-def _lora_fake(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, lora_A, *rest):
+def _lora_fake(x, data, scale, zero_point, bits, scheme, axis, group_size, bias, lora_A, lora_B, *rest):
     _check_op_weight("quant_lora_linear", data, scale, zero_point, bits, scheme, axis, group_size, x.shape[-1], x.dtype,
                      bias)
-    return _qlora.forward_fake(x, lora_A, data.shape[0])
+    return _qlora.forward_fake(x, lora_A, lora_B, data.shape[0])
 
 
-def _lora_grad_input_fake(dy, data, scale, zero_point, bits, scheme, axis, group_size, in_features, lora_A, *rest):
+def _lora_grad_input_fake(dy, data, scale, zero_point, bits, scheme, axis, group_size, in_features, lora_A, lora_B,
+                          *rest):
     _check_op_weight("quant_lora_linear", data, scale, zero_point, bits, scheme, axis, group_size, in_features,
                      dy.dtype)
-    return _qlora.grad_input_fake(dy, lora_A, in_features)
+    return _qlora.grad_input_fake(dy, lora_A, lora_B, in_features)
 
 
 _LORA_ARGS = ("Tensor x, Tensor data, Tensor scale, Tensor zero_point, int bits, str scheme, int? axis, "
