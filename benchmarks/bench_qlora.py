@@ -11,6 +11,10 @@ forward+backward (dx, dA, dB):
   peft      PEFT's LoRA layer on bitsandbytes' Linear4bit (nf4, compress_statistics), where both
             are installed (the peer: fwd+bwd >= 1.5x faster at M = 2048)
   fastpeft  LoRALinear.from_linear(QuantLinear nf4): the module a QLoRA user trains (auto)
+  fastpeft[int4]  LoRA on fastpeft's int4 zero-point base of the same float weight (groups of
+            64 where K allows, else per row): fastpeft.ops.qlinear.quant_lora_linear's fused
+            path (role "other": other codes than the rest, so its output is not checked here,
+            tests/test_qlora.py checks it; and it is not a variant auto could pick)
 Every implementation reads the same 4-bit codes (bitsandbytes quantizes, fastpeft reads its codes
 with QuantizedTensor.from_bnb; fastpeft quantizes itself where bitsandbytes is absent), so all are
 checked against one fp32 computation on the dequantized weight. Adapters are fp32, as PEFT keeps
@@ -151,6 +155,17 @@ class Problem:
             self.layer.lora_B.copy_(self.B)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (q.data, q.scale, q.nested_scale,
                                                                        q.nested_offset) if t is not None)
+        lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        base4 = fastpeft.QuantLinear.from_linear(lin, bits=4, scheme="zeropoint",
+                                                 group_size=64 if K % 64 == 0 else None)
+        self.layer_int4 = fastpeft.LoRALinear.from_linear(base4, r=R, lora_alpha=ALPHA)
+        with torch.no_grad():
+            self.layer_int4.lora_A.copy_(self.A)
+            self.layer_int4.lora_B.copy_(self.B)
+        q4 = base4.qweight
+        self.int4_bytes = sum(t.numel() * t.element_size() for t in (q4.data, q4.scale, q4.zero_point))
         self.xg = self.x.clone().requires_grad_(True)
         self.Ag, self.Bg = self.A.clone().requires_grad_(True), self.B.clone().requires_grad_(True)
         self.A16 = self.A.to(dtype).requires_grad_(True)
@@ -161,6 +176,8 @@ class Problem:
             return [self.xg, self.peft.lora_A["default"].weight, self.peft.lora_B["default"].weight]
         if impl == "base":
             return [self.xg, self.A16, self.B16]
+        if impl == "fastpeft[int4]":
+            return [self.xg, self.layer_int4.lora_A, self.layer_int4.lora_B]
         if impl.startswith("fastpeft"):
             return [self.xg, self.layer.lora_A, self.layer.lora_B]
         return [self.xg, self.Ag, self.Bg]
@@ -188,6 +205,7 @@ def _impls(mode: str, shape: dict, p0: Problem, elt: int, cuda: bool) -> list[co
     fwd = mode == "fwd"
     f, b = flops_bytes(mode, M, K, N, elt, p0.weight_bytes)
     f16, b16 = flops_bytes(mode, M, K, N, elt, elt * N * K)
+    f4, b4 = flops_bytes(mode, M, K, N, elt, p0.int4_bytes)
     target = target_for(mode, M) if cuda else None
 
     def grads(name):
@@ -206,6 +224,8 @@ def _impls(mode: str, shape: dict, p0: Problem, elt: int, cuda: bool) -> list[co
                     grads=grads("peft"), flops=f, bytes=b, capturable=False),
         common.Impl("fastpeft[auto]", "auto", call(lambda p: p.layer(p.x if fwd else p.xg)),
                     grads=grads("fastpeft[auto]"), flops=f, bytes=b, target=target),
+        common.Impl("fastpeft[int4]", "other", call(lambda p: p.layer_int4(p.x if fwd else p.xg)),
+                    grads=grads("fastpeft[int4]"), flops=f4, bytes=b4, check=False),
     ]
 
 

@@ -17,7 +17,8 @@ Record schema (one dict per measurement; see benchmarks/README.md):
   shape      dict, e.g. {"M": 2048, "K": 4096, "N": 4096, "r": 16}; shape_str its text
   dtype      "bf16" | "fp16" | "fp32"
   impl       "base" | "unfused" | "peft" | "fastpeft[...]"
-  role       "base" | "unfused" | "peer" | "variant" | "auto" (the one the summary shows)
+  role       "base" | "unfused" | "peer" | "variant" | "auto" (the one the summary shows) | "other"
+             (another way to the job, e.g. another weight format: timed, never the "fastest" variant)
   ms         median milliseconds (None when it did not run; see error)
   timing     "cudagraph" | "do_bench" | "torch.utils.benchmark"; ms_eager: do_bench without graphs
   flops, bytes; tflops, gbps, sol (fraction of the roofline from the measured ceilings;
@@ -376,7 +377,7 @@ class Impl:
     too and returns the output); without ``grads`` it runs under torch.no_grad.
     """
     name: str                                   # "base", "unfused", "peft", "fastpeft[triton]", ...
-    role: str                                   # "base" | "unfused" | "peer" | "variant" | "auto"
+    role: str                                   # "base" | "unfused" | "peer" | "variant" | "auto" | "other"
     fn: Callable[[Any], Any] | None = None
     error: str | None = None                    # why it cannot run here (recorded instead of a time)
     grads: Callable[[Any], list] | None = None  # the leaves whose .grad a call sets, in ``want``'s order

@@ -147,6 +147,9 @@ def test_qlora_gpu_path(gpu_ctx, monkeypatch):
     names = ["unfused", "fastpeft[auto]"] + (["peft"] if peer else [])
     for name in names:
         assert {(name, "fwd"), (name, "fwdbwd")} <= ok, name
+    # the int4 variant (other codes: timed, not compared; tests/test_qlora.py checks it) ran both modes
+    assert {r["mode"] for r in timings if r["impl"] == "fastpeft[int4]" and not r["error"] and r["ms"]} == \
+        {"fwd", "fwdbwd"}
     grads = [r for r in timings if r["mode"] == "fwdbwd" and r.get("rel_errs")]
     assert grads and all(set(r["rel_errs"]) == {"dx", "dA", "dB"} for r in grads)
     steps = {r["impl"]: r for r in timings if r["op"] == bench_qlora.TRAIN_OP and not r["error"]}
