@@ -106,7 +106,7 @@ def update_dx_start(acc, DY, V, AL, offs_m, offs_k, mask_m, mask_k, R, s_vm, s_v
     (DROPOUT): acc^T = A^T [BLOCK_K, BLOCK_R] @ (s V)^T [BLOCK_R, BLOCK_M], masked (acc zero on entry)."""
     dt = DY.dtype.element_ty
     offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):  # pipelined: unstaged, kernels/nf4.py's unaligned dx spilled on sm_90
+    for r0 in range(0, R, BLOCK_R):  # left pipelined: with num_stages=1 kernels/nf4.py's unaligned dx spilled
         rr = r0 + offs_r
         mask_r = rr < R
         v = tl.load(V + offs_m[None, :].to(tl.int64) * s_vm + rr[:, None] * s_vr,

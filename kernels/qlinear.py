@@ -649,10 +649,10 @@ def quant_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, zero_
         y.zero_()
         return y if bias is None else y.add_(bias)
     per_row, s_sn, s_sg, num_groups, g = _scale_layout(scale, group_size, "quant_linear")
-    u, b, s, R, lora_strides = _update_args(lora, scale)
     if M <= GEMV_MAX_M:
         return _quant_linear_gemv(x, data, scale, zero_point, bits, scheme, per_row, g, s_sn, s_sg, num_groups,
                                   bias, y, lora)
+    u, b, s, R, lora_strides = _update_args(lora, scale)
     cfg = _fixed_config(M, x.dtype)
     kp = data.shape[1]
     args = (x, data, scale, zero_point, bias if bias is not None else scale, y, u, b,

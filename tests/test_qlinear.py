@@ -125,7 +125,7 @@ def test_kernel_grad_input(poison_outputs, monkeypatch, bits, scheme, K, group_s
     qw = make_qweight(OUT, K, bits, scheme, group_size, axis)
     calls = []
     launch = k.quant_linear_dx
-    monkeypatch.setattr(k, "quant_linear_dx", lambda *a: (calls.append(a[0].shape), launch(*a))[1])
+    monkeypatch.setattr(k, "quant_linear_dx", lambda *a, **kw: (calls.append(a[0].shape), launch(*a, **kw))[1])
     for M in (1, 33):
         x = make_x(M, K, dtype).requires_grad_(True)
         dy = torch.randn(OUT, M, generator=_gen(9 + M)).to(DEVICE, dtype).t()  # a transposed view: strided rows
@@ -140,7 +140,7 @@ def test_grad_input_double_backward_and_torch_fallback(monkeypatch):
     kernel; a group size the kernel does not take (48) falls back to dequantize and a matmul."""
     calls = []
     launch = k.quant_linear_dx
-    monkeypatch.setattr(k, "quant_linear_dx", lambda *a: (calls.append(1), launch(*a))[1])
+    monkeypatch.setattr(k, "quant_linear_dx", lambda *a, **kw: (calls.append(1), launch(*a, **kw))[1])
     qw = make_qweight(OUT, 64, 4, "zeropoint", 32, None)
     x = make_x(3, 64, torch.float32).requires_grad_(True)
     dy = torch.randn(3, OUT, generator=_gen(3)).to(DEVICE).requires_grad_(True)

@@ -6,8 +6,8 @@ zero point) supplies its fused GEMMs and its dense weight; this module holds wha
 for all of them:
 
 * ``forward``: U = dropout(x) A^T (float32 [M, r]) by the LoRA shrink (kernels/lora.py
-  ``shrink``, as fastpeft::lora_linear's split path), then the format's dequantize-GEMM whose
-  accumulator starts with scaling * U B^T (kernels/lora.py ``update_start``): two launches
+  ``shrink``, as fastpeft::lora_linear's split path), then the format's dequantize-GEMM with
+  scaling * U B^T in its fp32 accumulator (kernels/lora.py ``update_start``): two launches
   instead of the GEMM, the shrink, the expand and an add over y. The torch backend computes the
   unfused layer.
 * ``grad_input``: V = dy B (float32 [M, r]) by the shrink, then the format's transposed

@@ -69,6 +69,14 @@ def _kernel_linear(x2, data, scale, zp, bits, scheme, group_size, bias, lora=Non
     return k.quant_linear(x2, data, scale, zp, bits, scheme, group_size, bias, lora=lora)
 
 
+def _kernel_dx(dy2, data, scale, zp, bits, scheme, group_size, in_features, lora=None):
+    """dx by kernels/qlinear.py's transposed dequantize-GEMM (``lora``: its fused update)."""
+    from ..kernels import qlinear as k
+    data = data if data.stride(-1) == 1 else data.contiguous()
+    return k.quant_linear_dx(dy2, dense(data), dense(scale), dense(zp), bits, scheme, group_size, in_features,
+                             lora=lora)
+
+
 def _kernel_linear_a8(x2, data, scale, zp, bits, scheme, group_size, bias, activations, input_scale):
     from ..kernels import int8 as kint8
     from ..kernels import qlinear as k
@@ -167,11 +175,8 @@ def _grad_input_kernel(dy, data, scale, zero_point, bits, scheme, axis, group_si
                                 backend)
         dx = dy2 @ w
     else:
-        from ..kernels import qlinear as k
-        data = data if data.stride(-1) == 1 else data.contiguous()
         with on_device(dy2):
-            dx = k.quant_linear_dx(dy2, dense(data), dense(scale), dense(zero_point), bits, scheme, group_size,
-                                   in_features)
+            dx = _kernel_dx(dy2, data, scale, zero_point, bits, scheme, group_size, in_features)
     return dx.reshape(*dy.shape[:-1], in_features)
 
 
@@ -279,10 +284,7 @@ def _lora_grad_input(dy, data, scale, zero_point, bits, scheme, axis, group_size
     use_kernel = _choose(dy.device, group_size, None, backend) != "torch"
 
     def fused(dy2, lora):
-        from ..kernels import qlinear as k
-        d = data if data.stride(-1) == 1 else data.contiguous()
-        return k.quant_linear_dx(dy2, dense(d), dense(scale), dense(zero_point), bits, scheme, group_size,
-                                 in_features, lora=lora)
+        return _kernel_dx(dy2, data, scale, zero_point, bits, scheme, group_size, in_features, lora)
     return _qlora.grad_input(dy, lora_A, lora_B, scaling, dropout_p, seed, in_features, lambda dtype: _weight(
         data, scale, zero_point, bits, scheme, axis, group_size, in_features, dtype), fused if use_kernel else None)
 
